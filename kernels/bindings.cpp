@@ -1,7 +1,89 @@
+// pybind11 bindings of the CPU gate: numpy in, numpy out, no copies of contiguous inputs.
+// Validation with friendly messages lives in medfedpure.ops; the checks here are the last line of
+// defence for direct callers (they raise ValueError / TypeError too).
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <string>
+
 #include "patch_gate.h"
 
+namespace py = pybind11;
+using medfedpure::DType;
+
+namespace {
+
+DType dtype_of(const py::array& a, const char* name) {
+  if (a.dtype().is(py::dtype::of<float>())) return DType::kFloat32;
+  if (a.dtype().kind() == 'f' && a.dtype().itemsize() == 2) return DType::kFloat16;
+  throw py::type_error(std::string(name) + " must be float32 or float16, got " +
+                       std::string(py::str(a.dtype())));
+}
+
+void require_c_contiguous(const py::array& a, const char* name) {
+  if (!(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be C-contiguous (np.ascontiguousarray)");
+}
+
+py::tuple patch_gate(const py::array& x, const py::array& recon, const py::array& visible,
+                     int patch, int stat, int topk, bool norm_pix, double tau, double tau_high,
+                     int t_min, int t_max, bool floor, int num_threads) {
+  require_c_contiguous(x, "x");
+  require_c_contiguous(recon, "recon");
+  require_c_contiguous(visible, "visible");
+  if (x.ndim() != 3 || x.shape(1) != x.shape(2))
+    throw py::value_error("x must have shape [B, S, S]");
+  if (recon.ndim() != 4 || recon.shape(0) != x.shape(0) || recon.shape(2) != x.shape(1) ||
+      recon.shape(3) != x.shape(2))
+    throw py::value_error("recon must have shape [B, K, S, S] matching x [B, S, S]");
+  if (visible.ndim() != 2 || visible.itemsize() != 1 || visible.shape(0) != recon.shape(1))
+    throw py::value_error("visible must be a bool/uint8 array of shape [K, Np]");
+  const DType xd = dtype_of(x, "x"), rd = dtype_of(recon, "recon");
+
+  medfedpure::GateParams p{};
+  p.batch = static_cast<int32_t>(x.shape(0));
+  p.sets = static_cast<int32_t>(recon.shape(1));
+  p.size = static_cast<int32_t>(x.shape(1));
+  p.patch = patch;
+  p.stat = static_cast<medfedpure::GateStat>(stat);
+  p.topk = topk;
+  p.norm_pix = norm_pix;
+  p.tau = static_cast<float>(tau);
+  p.tau_high = static_cast<float>(tau_high);
+  p.t_min = t_min;
+  p.t_max = t_max;
+  p.floor = floor;
+  if (const char* msg = medfedpure::check_params(p)) throw py::value_error(msg);
+  const py::ssize_t side = p.size / p.patch, np = side * side;
+  if (visible.shape(1) != np)
+    throw py::value_error("visible has " + std::to_string(visible.shape(1)) +
+                          " patches per set, expected Np = (S/patch)^2 = " + std::to_string(np));
+
+  py::array_t<float> score(p.batch);
+  py::array_t<bool> flag(p.batch);
+  py::array_t<int32_t> t_star(p.batch);
+  py::array_t<float> patch_err({static_cast<py::ssize_t>(p.batch), np});
+  medfedpure::GateOutputs out{score.mutable_data(), reinterpret_cast<uint8_t*>(flag.mutable_data()),
+                              t_star.mutable_data(), patch_err.mutable_data()};
+  {
+    py::gil_scoped_release release;
+    medfedpure::patch_gate_cpu(x.data(), xd, recon.data(), rd,
+                               static_cast<const uint8_t*>(visible.data()), p, out, num_threads);
+  }
+  return py::make_tuple(score, flag, t_star, patch_err);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "medfedpure CPU kernels";
-  m.def("build_info", &medfedpure::build_info);
+  m.doc() = "medfedpure CPU kernels: the fused patch gate (see medfedpure.ops.patch_gate)";
+  m.def("patch_gate", &patch_gate, py::arg("x"), py::arg("recon"), py::arg("visible"),
+        py::kw_only(), py::arg("patch"), py::arg("stat"), py::arg("topk"), py::arg("norm_pix"),
+        py::arg("tau"), py::arg("tau_high"), py::arg("t_min"), py::arg("t_max"), py::arg("floor"),
+        py::arg("num_threads") = 0,
+        "x [B,S,S], recon [B,K,S,S] float32/float16 C-contiguous, visible [K,Np] bool; stat code "
+        "0 = mean, 1 = topk. Returns (score [B] f32, flag [B] bool, t_star [B] i32, patch_err "
+        "[B,Np] f32).");
+  m.attr("STAT_MEAN") = static_cast<int>(medfedpure::GateStat::kMean);
+  m.attr("STAT_TOPK") = static_cast<int>(medfedpure::GateStat::kTopK);
 }

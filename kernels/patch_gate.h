@@ -1,11 +1,127 @@
-// The fused patch gate: one operation, one signature for the CPU and CUDA implementations.
-// Semantics: shared/DESIGN.md section 5 and medfedpure.ops.patch_gate_reference (the oracle).
+// The fused patch gate: one operation, one signature for the CPU and the CUDA implementation.
+//
+// Semantics: shared/DESIGN.md section 5; the oracle is medfedpure.ops.patch_gate_reference, which
+// mirrors the arithmetic below step for step so that all three implementations agree BIT FOR BIT
+// on patch errors and scores (and therefore exactly on flags and t*, ties at tau included):
+//
+//   * every operation is a single IEEE-754 float32 operation, rounded to nearest (no FMA
+//     contraction: the CPU build uses -ffp-contract=off, the CUDA code the __f*_rn intrinsics);
+//   * a patch sum runs row by row: row partial = ((d(r,0)^2 + d(r,1)^2) + ...) left to right,
+//     patch sum = ((row 0 + row 1) + row 2) + ... top to bottom;
+//   * norm_pix target: mean = sum(x)/P^2, var = sum((x-mean)^2)/P^2 (population, two-pass, same
+//     patch-sum order), target = (x - mean) / sqrtf(var + 1e-6f);
+//   * e[b,p] = (((m_k0 + m_k1) + ...) over the hiding sets k in increasing k) / n_hiding,
+//     m_k = patch sum of (recon[b,k] - target)^2 / P^2;
+//   * score = lane32_sum(v) / n with v = e (stat mean, n = Np) or v = e with the non-selected
+//     patches set to 0 (stat topk, n = topk; selection = the topk largest e, ties broken by the
+//     lower patch index). lane32_sum: partial[j] = sequential sum of v[j], v[j+32], v[j+64], ...;
+//     then partial[j] += partial[j+w] for w = 16, 8, 4, 2, 1; the result is partial[0]
+//     (exactly a warp's shuffle-down reduction);
+//   * decision (gate_decide below): see its comment.
 #pragma once
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define MFP_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define MFP_HD inline
+#endif
+
 namespace medfedpure {
 
-// Placeholder kept only until the gate lands; see kernels/README in the gate issue.
-const char* build_info();
+// Element types of x and recon. Values match medfedpure.ops._DTYPE_CODES.
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1 };
+
+// The score statistic. Values match medfedpure.ops._STAT_CODES. A new statistic gets a value here,
+// a branch in patch_gate_cpu.cpp, patch_gate_cuda.cu and patch_gate_reference, and the same tests.
+enum class GateStat : int32_t { kMean = 0, kTopK = 1 };
+
+struct GateParams {
+  int32_t batch;     // B >= 1
+  int32_t sets;      // K >= 1 mask sets
+  int32_t size;      // S: scans are S x S
+  int32_t patch;     // P: divides S; Np = (S / P)^2 patches in row-major order
+  GateStat stat;
+  int32_t topk;      // 1 <= topk <= Np for GateStat::kTopK, ignored otherwise
+  bool norm_pix;     // normalise each target patch (MAE normalised-pixel target)
+  float tau;         // flag threshold (float32)
+  float tau_high;    // > tau: score at which t* reaches t_max
+  int32_t t_min;     // 0 <= t_min <= t_max
+  int32_t t_max;
+  bool floor;        // unflagged scans get t_min instead of 0
+};
+
+// Outputs (host pointers for the CPU version, device pointers for the CUDA version).
+struct GateOutputs {
+  float* score;      // [B]
+  uint8_t* flag;     // [B] 0 / 1
+  int32_t* t_star;   // [B]
+  float* patch_err;  // [B, Np]
+};
+
+// Decision from a float32 score, identical on host and device:
+//   flag = score >= tau (float32 comparison);
+//   unflagged: t* = floor ? t_min : 0;
+//   flagged:   frac = clip((score - tau) / (tau_high - tau), 0, 1) in float64 from the float32 values,
+//              v = t_min + (t_max - t_min) * frac in float64 (no FMA),
+//              t* = floor(v + 0.5)   (round half up; v >= 0, so this is round half away from zero).
+MFP_HD void gate_decide(float score, const GateParams& p, uint8_t* flag, int32_t* t_star) {
+  const bool flagged = score >= p.tau;
+  *flag = flagged ? 1 : 0;
+  if (!flagged) {
+    *t_star = p.floor ? p.t_min : 0;
+    return;
+  }
+#if defined(__CUDA_ARCH__)
+  double frac = __ddiv_rn(__dsub_rn(static_cast<double>(score), static_cast<double>(p.tau)),
+                          __dsub_rn(static_cast<double>(p.tau_high), static_cast<double>(p.tau)));
+  frac = fmin(fmax(frac, 0.0), 1.0);
+  const double v = __dadd_rn(static_cast<double>(p.t_min),
+                             __dmul_rn(static_cast<double>(p.t_max - p.t_min), frac));
+  *t_star = static_cast<int32_t>(floor(__dadd_rn(v, 0.5)));
+#else
+  double frac = (static_cast<double>(score) - static_cast<double>(p.tau)) /
+                (static_cast<double>(p.tau_high) - static_cast<double>(p.tau));
+  frac = std::fmin(std::fmax(frac, 0.0), 1.0);
+  const double span = static_cast<double>(p.t_max - p.t_min);
+  const double scaled = span * frac;
+  const double v = static_cast<double>(p.t_min) + scaled;
+  *t_star = static_cast<int32_t>(std::floor(v + 0.5));
+#endif
+}
+
+// CPU: x [B,S,S] and recon [B,K,S,S] C-contiguous of the given dtypes (float16 as IEEE half bits),
+// visible [K,Np] uint8 (nonzero = shown to the encoder). Every patch must be hidden by some set.
+// num_threads <= 0 picks a count from the work size. Throws std::invalid_argument on bad params.
+void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
+                    const uint8_t* visible, const GateParams& params, const GateOutputs& out,
+                    int num_threads);
+
+// CUDA: the same with device pointers, enqueued as ONE kernel launch on `stream` (a cudaStream_t;
+// nullptr = legacy default stream). `counters` is a device array of B uint32 that must be zero
+// before the launch and is zero again when the kernel completes (the last block of each scan resets
+// it); use one counters buffer per stream. Never synchronises; returns the cudaError_t of the
+// launch (0 = enqueued), or -1 when params exceed the kernel's limits (see patch_gate_cuda.cu).
+int patch_gate_cuda(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
+                    const uint8_t* visible, const GateParams& params, const GateOutputs& out,
+                    uint32_t* counters, void* stream);
+
+// Validates params (shapes, ranges, thresholds); returns nullptr when fine, else a message that
+// names the problem. Shared by both modules (the Python layer checks the same things first).
+inline const char* check_params(const GateParams& p) {
+  if (p.batch < 1) return "batch must be >= 1";
+  if (p.sets < 1) return "recon must have K >= 1 mask sets";
+  if (p.patch < 1 || p.size < 1) return "size and patch must be >= 1";
+  if (p.size % p.patch != 0) return "patch must divide the scan size S";
+  const int64_t side = p.size / p.patch;
+  const int64_t np = side * side;
+  if (p.stat != GateStat::kMean && p.stat != GateStat::kTopK) return "unknown stat code";
+  if (p.stat == GateStat::kTopK && (p.topk < 1 || p.topk > np)) return "topk must be in [1, Np]";
+  if (!(p.tau_high > p.tau)) return "tau_high must be > tau (after rounding both to float32)";
+  if (!(p.tau == p.tau) || !(p.tau_high == p.tau_high)) return "tau and tau_high must not be NaN";
+  if (p.t_min < 0 || p.t_min > p.t_max) return "need 0 <= t_min <= t_max";
+  return nullptr;
+}
 
 }  // namespace medfedpure

@@ -1,5 +1,233 @@
+// The fused patch gate on the CPU. Arithmetic order: see patch_gate.h (it is the contract that the
+// numpy oracle and the CUDA kernel follow too). Scans are independent, so the batch is split
+// across std::threads; inside a scan the loops walk image rows left to right (contiguous loads)
+// while each patch keeps its own running sums, which keeps the prescribed per-patch order.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
 #include "patch_gate.h"
 
 namespace medfedpure {
-const char* build_info() { return "medfedpure._C (C++17)"; }
+namespace {
+
+// IEEE binary16 bits -> float32 (exact; subnormals, inf and NaN included).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {
+      exp = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Rows [row0, row0 + rows) of an S-wide image as float32: a direct pointer for float32 data, a
+// converted copy in `buf` for float16.
+const float* rows_as_float(const void* img, DType dtype, int64_t offset, int64_t count,
+                           std::vector<float>& buf) {
+  if (dtype == DType::kFloat32) return static_cast<const float*>(img) + offset;
+  const uint16_t* h = static_cast<const uint16_t*>(img) + offset;
+  for (int64_t i = 0; i < count; ++i) buf[i] = half_to_float(h[i]);
+  return buf.data();
+}
+
+// lane32_sum (patch_gate.h): 32 strided sequential partial sums, then a halving tree.
+float lane32_sum(const float* v, int64_t n) {
+  float part[32] = {0.0f};
+  for (int64_t i = 0; i < n; ++i) part[i & 31] = part[i & 31] + v[i];
+  for (int w = 16; w >= 1; w >>= 1)
+    for (int j = 0; j < w; ++j) part[j] = part[j] + part[j + w];
+  return part[0];
+}
+
+struct Scratch {
+  std::vector<float> target, recon_buf, x_buf, sums, acc, mean, inv_std, sel;
+  std::vector<float> order;
+};
+
+void gate_one_scan(const void* x, DType xd, const void* recon, DType rd, const uint8_t* visible,
+                   const std::vector<int32_t>& n_hiding, const GateParams& p, int64_t b,
+                   const GateOutputs& out, Scratch& s) {
+  const int64_t S = p.size, P = p.patch, K = p.sets, side = S / P, np = side * side;
+  const int64_t strip = P * S;  // elements in one row of patches
+  const float p2 = static_cast<float>(P * P);
+  float* err = out.patch_err + b * np;
+  s.target.resize(strip);
+  s.recon_buf.resize(strip);
+  s.x_buf.resize(strip);
+  s.sums.resize(side);
+  s.acc.resize(side);
+  s.mean.resize(side);
+  s.inv_std.resize(side);
+
+  for (int64_t pr = 0; pr < side; ++pr) {
+    const float* xs = rows_as_float(x, xd, b * S * S + pr * strip, strip, s.x_buf);
+    float* tg = s.target.data();
+    if (p.norm_pix) {
+      // mean: patch sum of x in the prescribed order, then / P^2
+      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
+      for (int64_t r = 0; r < P; ++r)
+        for (int64_t pc = 0; pc < side; ++pc) {
+          const float* row = xs + r * S + pc * P;
+          float acc = 0.0f;
+          for (int64_t c = 0; c < P; ++c) acc = acc + row[c];
+          s.sums[pc] = s.sums[pc] + acc;
+        }
+      for (int64_t pc = 0; pc < side; ++pc) s.mean[pc] = s.sums[pc] / p2;
+      // population variance, second pass
+      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
+      for (int64_t r = 0; r < P; ++r)
+        for (int64_t pc = 0; pc < side; ++pc) {
+          const float* row = xs + r * S + pc * P;
+          const float m = s.mean[pc];
+          float acc = 0.0f;
+          for (int64_t c = 0; c < P; ++c) {
+            const float dv = row[c] - m;
+            const float sq = dv * dv;
+            acc = acc + sq;
+          }
+          s.sums[pc] = s.sums[pc] + acc;
+        }
+      for (int64_t pc = 0; pc < side; ++pc)
+        s.inv_std[pc] = std::sqrt(s.sums[pc] / p2 + 1e-6f);  // holds the std (divided by below)
+      for (int64_t r = 0; r < P; ++r)
+        for (int64_t pc = 0; pc < side; ++pc) {
+          const float m = s.mean[pc], sd = s.inv_std[pc];
+          for (int64_t c = 0; c < P; ++c) {
+            const int64_t i = r * S + pc * P + c;
+            tg[i] = (xs[i] - m) / sd;
+          }
+        }
+    } else {
+      std::copy(xs, xs + strip, tg);
+    }
+
+    std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t* vis = visible + k * np + pr * side;
+      bool any_hidden = false;
+      for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+      if (!any_hidden) continue;
+      const float* rs =
+          rows_as_float(recon, rd, (b * K + k) * S * S + pr * strip, strip, s.recon_buf);
+      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
+      for (int64_t r = 0; r < P; ++r) {
+        const float* rrow = rs + r * S;
+        const float* trow = tg + r * S;
+        for (int64_t pc = 0; pc < side; ++pc) {
+          if (vis[pc]) continue;
+          const float* rp = rrow + pc * P;
+          const float* tp = trow + pc * P;
+          float acc = 0.0f;
+          for (int64_t c = 0; c < P; ++c) {
+            const float d = rp[c] - tp[c];
+            const float sq = d * d;
+            acc = acc + sq;
+          }
+          s.sums[pc] = s.sums[pc] + acc;
+        }
+      }
+      for (int64_t pc = 0; pc < side; ++pc)
+        if (!vis[pc]) s.acc[pc] = s.acc[pc] + s.sums[pc] / p2;
+    }
+    for (int64_t pc = 0; pc < side; ++pc)
+      err[pr * side + pc] = s.acc[pc] / static_cast<float>(n_hiding[pr * side + pc]);
+  }
+
+  float score;
+  if (p.stat == GateStat::kTopK) {
+    // The topk largest e, ties broken by the lower patch index; the others count as 0.
+    s.order.assign(err, err + np);
+    const int64_t k = p.topk;
+    std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(),
+                     [](float a, float c) { return a > c; });
+    const float kth = s.order[k - 1];
+    int64_t greater = 0;
+    for (int64_t i = 0; i < np; ++i) greater += err[i] > kth;
+    int64_t ties_left = k - greater;
+    s.sel.resize(np);
+    for (int64_t i = 0; i < np; ++i) {
+      bool take = err[i] > kth;
+      if (!take && err[i] == kth && ties_left > 0) {
+        take = true;
+        --ties_left;
+      }
+      s.sel[i] = take ? err[i] : 0.0f;
+    }
+    score = lane32_sum(s.sel.data(), np) / static_cast<float>(k);
+  } else {
+    score = lane32_sum(err, np) / static_cast<float>(np);
+  }
+  out.score[b] = score;
+  gate_decide(score, p, out.flag + b, out.t_star + b);
+}
+
+}  // namespace
+
+void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
+                    const uint8_t* visible, const GateParams& params, const GateOutputs& out,
+                    int num_threads) {
+  if (const char* msg = check_params(params)) throw std::invalid_argument(msg);
+  const int64_t side = params.size / params.patch, np = side * side;
+  std::vector<int32_t> n_hiding(np, 0);
+  for (int64_t k = 0; k < params.sets; ++k)
+    for (int64_t i = 0; i < np; ++i) n_hiding[i] += visible[k * np + i] == 0;
+  for (int64_t i = 0; i < np; ++i)
+    if (n_hiding[i] == 0)
+      throw std::invalid_argument("patch " + std::to_string(i) +
+                                  " is visible in every mask set: each patch must be hidden by at "
+                                  "least one set (visible[k, p] False for some k)");
+
+  const int64_t B = params.batch;
+  if (num_threads <= 0) {
+    // One thread per ~4 M pixel-sets (~4 ms of work at ~1 ns each), so that thread start-up
+    // (~50 us) never matters. Measured on the shared 2-core dev box (load ~7), a second thread
+    // only waited for a core: batches up to 32 x 224 px ran fastest on one (benchmarks/RESULTS.md).
+    const int64_t work = B * (params.sets + 1) * int64_t(params.size) * params.size;
+    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    num_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(hw, work >> 22)));
+  }
+  num_threads = static_cast<int>(std::min<int64_t>(num_threads, B));
+
+  auto run = [&](int64_t b0, int64_t b1) {
+    Scratch s;
+    for (int64_t b = b0; b < b1; ++b)
+      gate_one_scan(x, x_dtype, recon, recon_dtype, visible, n_hiding, params, b, out, s);
+  };
+  if (num_threads <= 1) {
+    run(0, B);
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(num_threads - 1);
+  const int64_t chunk = (B + num_threads - 1) / num_threads;
+  for (int t = 1; t < num_threads; ++t) {
+    const int64_t b0 = t * chunk, b1 = std::min(B, b0 + chunk);
+    if (b0 < b1) pool.emplace_back(run, b0, b1);
+  }
+  run(0, std::min(B, chunk));
+  for (auto& th : pool) th.join();
+}
+
 }  // namespace medfedpure

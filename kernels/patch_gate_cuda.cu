@@ -1,7 +1,256 @@
+// The fused patch gate as ONE CUDA launch per batch. Arithmetic order: patch_gate.h (shared with
+// the CPU version and the numpy oracle: results are bit-identical, so flags and t* agree exactly).
+//
+// Grid (S/P, B): block (pr, b) owns row pr of patches of scan b. One thread per (set k, patch row
+// r, patch column pc), K*S items, reads P contiguous pixels of recon[b, k] and of x with wide loads
+// (float4, or 4 halves as one 8-byte load, when P % 4 == 0 and the pointers are aligned) and keeps
+// the row partial in float32 in shared memory; one thread per patch then adds the rows and the sets
+// in the prescribed order (with norm_pix, two barrier-separated passes first give each patch's mean
+// and std). Each block writes its patches' errors; the last block of the scan to finish
+// (threadfence + atomic ticket, CUDA's threadFenceReduction pattern) computes the score, the top-k
+// selection, the flag and t*, and resets its ticket to zero.
+//
+// No device synchronisation anywhere; all calls are asynchronous on the caller's stream.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-extern "C" int medfedpure_cuda_runtime_version() {
+#include <cstdint>
+
+#include "patch_gate.h"
+
+namespace medfedpure {
+namespace {
+
+// Limits of this kernel (checked on the host; -1 is returned when exceeded).
+constexpr int kMaxSharedFloats = 12 * 1024;  // 48 KiB: the default dynamic shared memory limit
+constexpr int kMaxThreads = 1024;
+constexpr int kMinThreads = 256;  // the last block does the top-k ranking: keep it wide
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+
+// V consecutive elements as float32. V == 4 needs 16-byte (float) / 8-byte (half) alignment.
+template <int V, typename T>
+struct Loader;
+template <typename T>
+struct Loader<1, T> {
+  __device__ __forceinline__ static void load(const T* p, float* o) { o[0] = to_f32<T>(p[0]); }
+};
+template <>
+struct Loader<4, float> {
+  __device__ __forceinline__ static void load(const float* p, float* o) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+  }
+};
+template <>
+struct Loader<4, __half> {
+  __device__ __forceinline__ static void load(const __half* p, float* o) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+    const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+    o[0] = a.x; o[1] = a.y; o[2] = c.x; o[3] = c.y;
+  }
+};
+
+// Row partial of x (pass 0), of (x - mean)^2 (pass 1), left to right.
+template <int V, typename TX>
+__device__ float row_sum_x(const TX* xp, int P, bool centred, float mean) {
+  float s = 0.0f;
+  for (int c = 0; c < P; c += V) {
+    float xv[V];
+    Loader<V, TX>::load(xp + c, xv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      if (centred) {
+        const float dv = __fsub_rn(xv[j], mean);
+        s = __fadd_rn(s, __fmul_rn(dv, dv));
+      } else {
+        s = __fadd_rn(s, xv[j]);
+      }
+    }
+  }
+  return s;
+}
+
+// Row partial of (recon - target)^2, left to right.
+template <int V, typename TX, typename TR>
+__device__ float row_sq_err(const TR* rp, const TX* xp, int P, bool norm, float mean, float sd) {
+  float s = 0.0f;
+  for (int c = 0; c < P; c += V) {
+    float rv[V], xv[V];
+    Loader<V, TR>::load(rp + c, rv);
+    Loader<V, TX>::load(xp + c, xv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float t = norm ? __fdiv_rn(__fsub_rn(xv[j], mean), sd) : xv[j];
+      const float d = __fsub_rn(rv[j], t);
+      s = __fadd_rn(s, __fmul_rn(d, d));
+    }
+  }
+  return s;
+}
+
+template <typename TX, typename TR, int V>
+__global__ void __launch_bounds__(kMaxThreads) patch_gate_kernel(const TX* __restrict__ x, const TR* __restrict__ recon,
+                                  const uint8_t* __restrict__ visible, GateParams p,
+                                  GateOutputs out, uint32_t* __restrict__ counters) {
+  extern __shared__ float smem[];
+  __shared__ int is_last;
+  const int S = p.size, P = p.patch, K = p.sets, side = S / P, np = side * side;
+  const int pr = blockIdx.x;
+  const int64_t b = blockIdx.y;
+  const float p2 = static_cast<float>(P * P);
+  float* rows = smem;          // [K][P][side] row partials (index k * S + r * side + pc)
+  float* mean = rows + K * S;  // [side]
+  float* sd = mean + side;     // [side]
+  const TX* xs = x + (b * S + static_cast<int64_t>(pr) * P) * S;
+
+  if (p.norm_pix) {
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int t = threadIdx.x; t < S; t += blockDim.x) {
+        const int r = t / side, pc = t - r * side;
+        rows[t] = row_sum_x<V, TX>(xs + r * S + pc * P, P, pass == 1, pass == 1 ? mean[pc] : 0.f);
+      }
+      __syncthreads();
+      for (int pc = threadIdx.x; pc < side; pc += blockDim.x) {
+        float s = 0.0f;
+        for (int r = 0; r < P; ++r) s = __fadd_rn(s, rows[r * side + pc]);
+        if (pass == 0) mean[pc] = __fdiv_rn(s, p2);
+        else sd[pc] = __fsqrt_rn(__fadd_rn(__fdiv_rn(s, p2), 1e-6f));
+      }
+      __syncthreads();
+    }
+  }
+  // Row partials of every (set k, patch row r, patch column pc) at once: K * S independent items
+  // with no barrier between the sets, so all their loads are in flight together.
+  for (int t = threadIdx.x; t < K * S; t += blockDim.x) {
+    const int k = t / S, rt = t - k * S, r = rt / side, pc = rt - r * side;
+    if (!visible[static_cast<int64_t>(k) * np + pr * side + pc]) {
+      const TR* rs = recon + ((b * K + k) * S + static_cast<int64_t>(pr) * P + r) * S + pc * P;
+      const bool norm = p.norm_pix;
+      rows[t] = row_sq_err<V, TX, TR>(rs, xs + r * S + pc * P, P, norm, norm ? mean[pc] : 0.f,
+                                       norm ? sd[pc] : 1.f);
+    }
+  }
+  __syncthreads();
+  // Patch errors in the prescribed order: sets in increasing k, rows top to bottom.
+  for (int pc = threadIdx.x; pc < side; pc += blockDim.x) {
+    const int pi = pr * side + pc;
+    float acc = 0.0f;
+    int n_hiding = 0;
+    for (int k = 0; k < K; ++k) {
+      if (visible[static_cast<int64_t>(k) * np + pi]) continue;
+      float s = 0.0f;
+      for (int r = 0; r < P; ++r) s = __fadd_rn(s, rows[k * S + r * side + pc]);
+      acc = __fadd_rn(acc, __fdiv_rn(s, p2));
+      ++n_hiding;
+    }
+    out.patch_err[b * np + pi] = __fdiv_rn(acc, static_cast<float>(n_hiding));
+  }
+
+  // Last block of scan b: everything below runs once per scan.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(counters + b, 1u) == static_cast<uint32_t>(side - 1);
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+
+  float* vals = smem;  // [np] (the row buffers are dead now)
+  for (int i = threadIdx.x; i < np; i += blockDim.x) vals[i] = __ldcg(out.patch_err + b * np + i);
+  __syncthreads();
+  const float* src = vals;
+  float denom = static_cast<float>(np);
+  if (p.stat == GateStat::kTopK) {
+    // Selection = rank < topk, rank = #larger + #equal with a lower index (stable descending
+    // order); non-selected patches contribute 0 to the same lane32 sum. O(np^2 / threads).
+    float* sel = vals + np;
+    for (int i = threadIdx.x; i < np; i += blockDim.x) {
+      const float v = vals[i];
+      int rank = 0;
+      for (int j = 0; j < np; ++j) {
+        const float u = vals[j];
+        rank += (u > v) | ((u == v) & (j < i));
+      }
+      sel[i] = rank < p.topk ? v : 0.0f;
+    }
+    __syncthreads();
+    src = sel;
+    denom = static_cast<float>(p.topk);
+  }
+  if (threadIdx.x < 32) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < np; i += 32) s = __fadd_rn(s, src[i]);
+#pragma unroll
+    for (int w = 16; w >= 1; w >>= 1) s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, w));
+    if (threadIdx.x == 0) {
+      const float score = __fdiv_rn(s, denom);
+      out.score[b] = score;
+      gate_decide(score, p, out.flag + b, out.t_star + b);
+      counters[b] = 0u;  // ready for the next launch on this stream
+    }
+  }
+}
+
+__global__ void empty_kernel() {}
+
+template <typename TX, typename TR>
+int launch(const void* x, const void* recon, const uint8_t* visible, const GateParams& p,
+           const GateOutputs& out, uint32_t* counters, cudaStream_t stream) {
+  const int S = p.size, side = S / p.patch, np = side * side;
+  const bool topk = p.stat == GateStat::kTopK;
+  const int main_floats = p.sets * S + 2 * side, final_floats = (topk ? 2 : 1) * np;
+  const int floats = main_floats > final_floats ? main_floats : final_floats;
+  if (floats > kMaxSharedFloats || p.batch > 65535 || side > 65535) return -1;
+  int threads = ((p.sets * S + 31) / 32) * 32;
+  threads = threads < kMinThreads ? kMinThreads : (threads > kMaxThreads ? kMaxThreads : threads);
+  const dim3 grid(side, p.batch);
+  const size_t shmem = static_cast<size_t>(floats) * sizeof(float);
+  const auto aligned = [](const void* ptr, size_t bytes) {
+    return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+  };
+  const bool wide = p.patch % 4 == 0 && aligned(x, 4 * sizeof(TX)) && aligned(recon, 4 * sizeof(TR));
+  const TX* xt = static_cast<const TX*>(x);
+  const TR* rt = static_cast<const TR*>(recon);
+  if (wide)
+    patch_gate_kernel<TX, TR, 4><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
+  else
+    patch_gate_kernel<TX, TR, 1><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int patch_gate_cuda(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
+                    const uint8_t* visible, const GateParams& params, const GateOutputs& out,
+                    uint32_t* counters, void* stream) {
+  if (check_params(params) != nullptr) return -1;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const bool xh = x_dtype == DType::kFloat16, rh = recon_dtype == DType::kFloat16;
+  if (!xh && !rh) return launch<float, float>(x, recon, visible, params, out, counters, st);
+  if (!xh && rh) return launch<float, __half>(x, recon, visible, params, out, counters, st);
+  if (xh && !rh) return launch<__half, float>(x, recon, visible, params, out, counters, st);
+  return launch<__half, __half>(x, recon, visible, params, out, counters, st);
+}
+
+int empty_launch(void* stream) {
+  empty_kernel<<<1, 1, 0, static_cast<cudaStream_t>(stream)>>>();
+  return static_cast<int>(cudaGetLastError());
+}
+
+int cuda_runtime_version() {
   int v = 0;
   cudaRuntimeGetVersion(&v);
   return v;
 }
+
+const char* cuda_error_string(int code) {
+  return cudaGetErrorString(static_cast<cudaError_t>(code));
+}
+
+}  // namespace medfedpure

@@ -1,0 +1,411 @@
+"""The fused patch gate: hand-computed semantics, C++ and CUDA against the numpy oracle, validation.
+
+The implementations follow one arithmetic contract (kernels/patch_gate.h), so patch errors and
+scores must be bit-identical, and flags / t* identical even with τ placed exactly on a score.
+The issue's tolerance (score to 1e-5 relative) is asserted as well, as the weaker public promise.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from medfedpure import ops
+from medfedpure.ops import patch_gate, patch_gate_reference, patch_gate_torch
+
+BASE = dict(tau=0.5, tau_high=1.0, t_min=10, t_max=100)
+
+
+def make_visible(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
+    """Random mask sets [K, Np] in which every patch is hidden by at least one set."""
+    vis = rng.random((k, n)) < 0.6
+    never = np.flatnonzero(vis.all(axis=0))
+    vis[rng.integers(0, k, never.size), never] = False
+    return vis
+
+
+def make_case(seed: int, b: int, k: int, s: int, dtype_x: str, dtype_r: str, scale: float = 0.3):
+    """x [B,S,S] in [0, 1) and recon = x + noise (so errors look like an MAE's, with some spread)."""
+    rng = np.random.default_rng(seed)
+    x = rng.random((b, s, s), dtype=np.float32)
+    noise = rng.standard_normal((b, k, s, s), dtype=np.float32) * np.float32(scale)
+    noise *= rng.random((b, k, 1, 1), dtype=np.float32)  # scans differ in error level
+    recon = x[:, None] + noise
+    return x.astype(dtype_x), recon.astype(dtype_r), rng
+
+
+def thresholds(score: float, mode: str, rng: np.random.Generator) -> tuple[float, float]:
+    """τ and τ_high placed at, just around, or well away from a computed (float32) score."""
+    s32 = np.float32(score)
+    tau = {
+        "at": s32,
+        "ulp_above": np.nextafter(s32, np.float32(np.inf)),
+        "ulp_below": np.nextafter(s32, np.float32(0)),
+        "below": s32 * np.float32(0.7),
+        "above": s32 * np.float32(1.3) + np.float32(1e-3),
+    }[mode]
+    spread = {0: np.float32(0), 1: s32 * np.float32(0.25) + np.float32(1e-6), 2: s32 * np.float32(3)}[int(rng.integers(0, 3))]
+    tau_high = max(np.float32(tau + spread), np.nextafter(tau, np.float32(np.inf)))
+    return float(tau), float(tau_high)
+
+
+def assert_same(got: ops.GateResult, ref: ops.GateResult, context: str = "") -> None:
+    g = [a.cpu().numpy() if hasattr(a, "cpu") else np.asarray(a) for a in got]
+    r = list(ref)
+    np.testing.assert_allclose(g[0], r[0], rtol=1e-5, atol=0, err_msg=f"score {context}")
+    np.testing.assert_array_equal(g[0], r[0], err_msg=f"score not bit-identical {context}")
+    np.testing.assert_array_equal(g[3], r[3], err_msg=f"patch_err not bit-identical {context}")
+    np.testing.assert_array_equal(g[1], r[1], err_msg=f"flag {context}")
+    np.testing.assert_array_equal(g[2], r[2], err_msg=f"t_star {context}")
+    assert g[1].dtype == np.bool_ and g[2].dtype == np.int32 and g[0].dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# semantics on hand-computed cases (the oracle itself is checked here, not only agreement)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "torch"])
+def test_patch_errors_by_hand(backend: str) -> None:
+    # S = 4, P = 2: patches 0 1 / 2 3. Target x = 0; recon[k] is constant c_k,p on patch p.
+    x = np.zeros((1, 4, 4), np.float32)
+    c = np.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]], np.float32)  # [K, Np]
+    recon = np.kron(c.reshape(2, 2, 2), np.ones((2, 2), np.float32))[None]  # [1, 2, 4, 4]
+    visible = np.array([[False, True, False, True], [False, False, True, True]])
+    visible[1, 3] = False  # patch 3 hidden by set 1 only; patch 0 by both
+    expected = np.array([(1 + 25) / 2, 36, 9, 64], np.float32)
+    xin, rin = (torch.from_numpy(x), torch.from_numpy(recon)) if backend == "torch" else (x, recon)
+    got = patch_gate(xin, rin, visible, patch=2, return_patch_err=True, backend=backend, **BASE)
+    np.testing.assert_array_equal(np.asarray(got.patch_err), expected[None])
+    np.testing.assert_allclose(np.asarray(got.score), [expected.mean()], rtol=1e-7)
+    top2 = patch_gate(xin, rin, visible, patch=2, stat="topk", topk=2, backend=backend, **BASE)
+    np.testing.assert_allclose(np.asarray(top2.score), [(64 + 36) / 2], rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "torch"])
+def test_norm_pix_target_by_hand(backend: str) -> None:
+    # One 2x2 patch [0 1; 2 3]: mean 1.5, population variance 1.25; recon 0 → error = var/(var+1e-6).
+    x = np.array([[[0.0, 1.0], [2.0, 3.0]]], np.float32)
+    recon = np.zeros((1, 1, 2, 2), np.float32)
+    vis = np.zeros((1, 1), bool)
+    xin, rin = (torch.from_numpy(x), torch.from_numpy(recon)) if backend == "torch" else (x, recon)
+    got = patch_gate(xin, rin, vis, patch=2, norm_pix=True, backend=backend, **BASE)
+    np.testing.assert_allclose(np.asarray(got.score), [1.25 / (1.25 + 1e-6)], rtol=1e-6)
+    raw = patch_gate(xin, rin, vis, patch=2, norm_pix=False, backend=backend, **BASE)
+    np.testing.assert_allclose(np.asarray(raw.score), [(0 + 1 + 4 + 9) / 4], rtol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize(
+    ("score", "tau", "tau_high", "t_min", "t_max", "floor", "flag", "t_star"),
+    [
+        (1.0, 0.0, 2.0, 0, 1, False, True, 1),  # v = 0.5 exactly: round half up
+        (1.0, 0.0, 2.0, 0, 3, False, True, 2),  # v = 1.5 → 2
+        (1.0, 0.0, 2.0, 10, 12, False, True, 11),  # v = 11.0
+        (1.0, 1.0, 2.0, 10, 100, False, True, 10),  # score == tau: flagged, t* = t_min
+        (1.0, 1.0, 2.0, 10, 100, True, True, 10),
+        (4.0, 1.0, 2.0, 10, 100, False, True, 100),  # above tau_high: clipped to t_max
+        (1.0, 1.5, 2.0, 10, 100, False, False, 0),  # below tau
+        (1.0, 1.5, 2.0, 10, 100, True, False, 10),  # below tau, floor policy
+        (0.25, 0.0, 1.0, 0, 6, False, True, 2),  # v = 1.5 → 2
+        (0.75, 0.0, 1.0, 0, 2, False, True, 2),  # v = 1.5 → 2 (half up, not half even)
+    ],
+)
+def test_decision_exact(backend, score, tau, tau_high, t_min, t_max, floor, flag, t_star) -> None:
+    # x = 0, recon = sqrt(score) everywhere → every e and the score equal `score` exactly.
+    x = np.zeros((1, 8, 8), np.float32)
+    recon = np.full((1, 1, 8, 8), np.sqrt(score), np.float32)
+    vis = np.zeros((1, 4), bool)
+    got = patch_gate(x, recon, vis, patch=4, tau=tau, tau_high=tau_high, t_min=t_min, t_max=t_max, floor=floor, backend=backend)
+    assert float(got.score[0]) == score
+    assert bool(got.flag[0]) is flag
+    assert int(got.t_star[0]) == t_star
+
+
+def test_topk_ties_and_full() -> None:
+    # Errors with ties; topk = Np equals the mean; topk = 1 is the max.
+    x = np.zeros((2, 16, 16), np.float32)
+    vals = np.array([1, 3, 3, 2] * 4, np.float32).reshape(4, 4)
+    recon = np.kron(np.sqrt(vals), np.ones((4, 4), np.float32))[None, None].repeat(2, 0)
+    vis = np.zeros((1, 16), bool)
+    for topk, expected in ((1, 3.0), (3, 3.0), (9, (8 * 3 + 2) / 9), (16, vals.mean())):
+        for backend in ("reference", "cpp"):
+            got = patch_gate(x, recon, vis, patch=4, stat="topk", topk=topk, backend=backend, **BASE)
+            np.testing.assert_allclose(got.score, [expected] * 2, rtol=1e-6, err_msg=f"{backend} topk={topk}")
+
+
+# ------------------------------------------------------------------------------------------------
+# C++ against the oracle on drawn inputs
+# ------------------------------------------------------------------------------------------------
+
+case_strategy = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "b": st.integers(1, 3),
+        "k": st.sampled_from([1, 2, 4]),
+        "patch": st.sampled_from([4, 8, 16]),
+        "side_mult": st.integers(2, 8),  # S = patch * side, within 32..128 below
+        "dtype_x": st.sampled_from(["float32", "float16"]),
+        "dtype_r": st.sampled_from(["float32", "float16"]),
+        "stat": st.sampled_from(["mean", "topk"]),
+        "norm_pix": st.booleans(),
+        "floor": st.booleans(),
+        "mode": st.sampled_from(["at", "ulp_above", "ulp_below", "below", "above"]),
+        "t_range": st.sampled_from([(0, 0), (0, 1), (10, 100), (50, 999)]),
+    }
+)
+
+
+def _size(c: dict) -> int:
+    s = c["patch"] * c["side_mult"]
+    while s < 32:
+        s *= 2
+    return min(s, 128)
+
+
+def _run_case(c: dict, backend: str, to_device=None):
+    s = _size(c)
+    x, recon, rng = make_case(c["seed"], c["b"], c["k"], s, c["dtype_x"], c["dtype_r"])
+    n = (s // c["patch"]) ** 2
+    vis = make_visible(rng, c["k"], n)
+    topk = int(rng.integers(1, n + 1)) if c["stat"] == "topk" else 0
+    kw = dict(patch=c["patch"], stat=c["stat"], topk=topk, norm_pix=c["norm_pix"], floor=c["floor"],
+              t_min=c["t_range"][0], t_max=c["t_range"][1], return_patch_err=True)
+    probe = patch_gate_reference(x, recon, vis, tau=0.0, tau_high=1.0, **kw)
+    pick = int(rng.integers(0, c["b"]))
+    tau, tau_high = thresholds(float(probe.score[pick]), c["mode"], rng)
+    ref = patch_gate_reference(x, recon, vis, tau=tau, tau_high=tau_high, **kw)
+    xin, rin = (x, recon) if to_device is None else (to_device(x), to_device(recon))
+    got = patch_gate(xin, rin, vis, tau=tau, tau_high=tau_high, backend=backend, **kw)
+    return got, ref, f"case={c} S={s} topk={topk} tau={tau!r} tau_high={tau_high!r}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=case_strategy)
+def test_cpp_matches_reference(c: dict) -> None:
+    got, ref, ctx = _run_case(c, "cpp")
+    assert_same(got, ref, ctx)
+    if c["mode"] == "at":  # τ on the score of the probed scan: flagged, exactly t_min
+        assert ref.flag.any()
+
+
+@settings(max_examples=15, deadline=None)
+@given(c=case_strategy)
+def test_torch_cpu_tensors_go_to_cpp(c: dict) -> None:
+    got, ref, ctx = _run_case(c, "auto", to_device=torch.from_numpy)
+    assert isinstance(got.score, torch.Tensor) and got.score.device.type == "cpu"
+    assert_same(got, ref, ctx)
+
+
+def test_cpp_threads_agree() -> None:
+    x, recon, rng = make_case(1, 9, 4, 128, "float32", "float16")
+    vis = make_visible(rng, 4, 256)
+    kw = dict(patch=8, stat="topk", topk=20, norm_pix=True, return_patch_err=True, **BASE)
+    one = patch_gate(x, recon, vis, num_threads=1, **kw)
+    for n in (2, 4, 16):
+        many = patch_gate(x, recon, vis, num_threads=n, **kw)
+        for a, b in zip(one, many, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_torch_chain_agrees_to_rounding() -> None:
+    x, recon, rng = make_case(3, 4, 4, 64, "float32", "float32")
+    vis = make_visible(rng, 4, 64)
+    for stat, topk in (("mean", 0), ("topk", 7)):
+        for norm in (False, True):
+            kw = dict(patch=8, stat=stat, topk=topk, norm_pix=norm, return_patch_err=True, t_min=5, t_max=50)
+            ref = patch_gate_reference(x, recon, vis, tau=0.0, tau_high=1.0, **kw)
+            tau = float(np.median(ref.score))
+            tau = tau * 1.01 if np.isclose(ref.score, tau, rtol=1e-4).any() else tau  # keep away from ties
+            ref = patch_gate_reference(x, recon, vis, tau=tau, tau_high=2 * tau, **kw)
+            got = patch_gate_torch(torch.from_numpy(x), torch.from_numpy(recon), vis, tau=tau, tau_high=2 * tau, **kw)
+            np.testing.assert_allclose(got.score.numpy(), ref.score, rtol=1e-5)
+            np.testing.assert_allclose(got.patch_err.numpy(), ref.patch_err, rtol=1e-5)
+            np.testing.assert_array_equal(got.flag.numpy(), ref.flag)
+            assert np.abs(got.t_star.numpy() - ref.t_star).max() <= 1
+
+
+def test_results_only_on_request_and_inputs_untouched() -> None:
+    x, recon, rng = make_case(5, 2, 2, 32, "float16", "float32")
+    vis = make_visible(rng, 2, 16)
+    x0, r0, v0 = x.copy(), recon.copy(), vis.copy()
+    xs = np.asfortranarray(x)  # non-contiguous input is accepted (copied, never modified)
+    got = patch_gate(xs, recon, vis, patch=8, **BASE)
+    assert got.patch_err is None
+    assert got.score.shape == (2,) and got.flag.shape == (2,) and got.t_star.shape == (2,)
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(recon, r0)
+    np.testing.assert_array_equal(vis, v0)
+    ref = patch_gate_reference(x, recon, vis, patch=8, **BASE)
+    np.testing.assert_array_equal(got.score, ref.score)
+
+
+def test_fallback_to_reference_warns_only_without_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, recon, rng = make_case(2, 2, 2, 32, "float32", "float32")
+    vis = make_visible(rng, 2, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        built = patch_gate(x, recon, vis, patch=8, **BASE)
+    monkeypatch.setattr(ops, "_C", None)
+    with pytest.warns(RuntimeWarning, match="not built"):
+        fallback = patch_gate(x, recon, vis, patch=8, **BASE)
+    np.testing.assert_array_equal(fallback.score, built.score)
+    with pytest.raises(RuntimeError, match="needs medfedpure._C"):
+        patch_gate(x, recon, vis, patch=8, backend="cpp", **BASE)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+X = np.zeros((2, 32, 32), np.float32)
+R = np.zeros((2, 2, 32, 32), np.float32)
+V = np.zeros((2, 16), bool)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(patch=7), ValueError, "patch 7 does not divide the scan size S = 32"),
+        (dict(patch=0), ValueError, "patch must be a positive int"),
+        (dict(x=np.zeros((2, 32, 31), np.float32)), ValueError, r"expected \[B, S, S\]"),
+        (dict(x=np.zeros((32, 32), np.float32)), ValueError, r"expected \[B, S, S\]"),
+        (dict(recon=np.zeros((2, 32, 32), np.float32)), ValueError, r"expected \[B, K, S, S\]"),
+        (dict(recon=np.zeros((3, 2, 32, 32), np.float32)), ValueError, r"recon has shape \(3, 2, 32, 32\)"),
+        (dict(x=np.zeros((2, 32, 32), np.float64)), TypeError, "x has dtype float64: expected float32 or float16"),
+        (dict(recon=np.zeros((2, 2, 32, 32), np.int32)), TypeError, "recon has dtype int32"),
+        (dict(visible=np.zeros((3, 16), bool)), ValueError, r"expected \[K, Np\] = \[2, 16\]"),
+        (dict(visible=np.zeros((2, 64), bool)), ValueError, r"Np = \(S/patch\)\^2"),
+        (dict(visible=np.array([[True] + [False] * 15] * 2)), ValueError, r"patches \[0\] are visible in every mask set"),
+        (dict(visible=np.full((2, 16), 0.5)), TypeError, "visible must be a bool array"),
+        (dict(stat="median"), ValueError, "stat 'median' is unknown"),
+        (dict(stat="topk", topk=0), ValueError, r"1 <= topk <= Np = 16"),
+        (dict(stat="topk", topk=17), ValueError, r"1 <= topk <= Np = 16"),
+        (dict(tau=1.0, tau_high=1.0), ValueError, "tau_high = 1.0 must be > tau"),
+        (dict(tau=1.0, tau_high=1.0 + 1e-12), ValueError, "after rounding both to float32"),
+        (dict(tau=float("nan")), ValueError, "must be finite"),
+        (dict(t_min=5, t_max=4), ValueError, "0 <= t_min <= t_max"),
+        (dict(t_min=-1), ValueError, "0 <= t_min <= t_max"),
+        (dict(t_min=1.5), ValueError, "t_min must be an int"),
+        (dict(backend="tpu"), ValueError, "backend 'tpu' is unknown"),
+        (dict(backend="cuda"), ValueError, "needs torch CUDA tensors"),
+        (dict(recon=torch.zeros(2, 2, 32, 32)), TypeError, "must both be numpy arrays or both torch tensors"),
+    ],
+)
+def test_bad_input_is_refused(kwargs: dict, error: type, match: str) -> None:
+    args = dict(x=X, recon=R, visible=V, patch=8, tau=0.5, tau_high=1.0, t_min=0, t_max=10)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        patch_gate(**args)
+
+
+def test_reference_validates_too() -> None:
+    with pytest.raises(ValueError, match="does not divide"):
+        patch_gate_reference(X, R, V, patch=5, tau=0.5, tau_high=1.0, t_min=0, t_max=10)
+
+
+def test_cpp_binding_checks_direct_calls() -> None:
+    kw = dict(patch=8, stat=0, topk=0, norm_pix=False, tau=0.5, tau_high=1.0, t_min=0, t_max=10, floor=False)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops._C.patch_gate(np.asfortranarray(np.zeros((2, 32, 32), np.float32)), R, V, **kw)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        ops._C.patch_gate(X.astype(np.float64), R, V, **kw)
+    with pytest.raises(ValueError, match="patch must divide"):
+        ops._C.patch_gate(X, R, V, **{**kw, "patch": 5})
+    with pytest.raises(ValueError, match="hidden by at least one set"):
+        ops._C.patch_gate(X, R, np.ones((2, 16), bool), **kw)
+    with pytest.raises(ValueError, match="tau_high must be > tau"):
+        ops._C.patch_gate(X, R, V, **{**kw, "tau_high": 0.5})
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (run by benchmarks/gpu_check.sh on a lent GPU; skipped here)
+# ------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or ops._C_cuda is None, reason="needs a CUDA GPU and medfedpure._C_cuda"
+)
+
+
+def _cuda(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).cuda()
+
+
+@pytest.mark.cuda
+@needs_cuda
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=case_strategy)
+def test_cuda_matches_reference(c: dict) -> None:
+    got, ref, ctx = _run_case(c, "auto", to_device=_cuda)
+    assert got.score.is_cuda and got.flag.dtype == torch.bool and got.t_star.dtype == torch.int32
+    assert_same(got, ref, ctx)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_unaligned_and_strided_inputs(dtype: str) -> None:
+    # An odd element offset defeats the wide loads (scalar path); a transposed view is copied.
+    x, recon, rng = make_case(11, 3, 2, 64, dtype, dtype)
+    vis = make_visible(rng, 2, 64)
+    kw = dict(patch=8, stat="topk", topk=9, norm_pix=True, return_patch_err=True, **BASE)
+    ref = patch_gate_reference(x, recon, vis, **kw)
+    flat_x = torch.zeros(x.size + 1, dtype=getattr(torch, dtype), device="cuda")
+    flat_x[1:] = _cuda(x).flatten()
+    xu = flat_x[1:].view(x.shape)
+    assert xu.data_ptr() % 16 != 0
+    assert_same(patch_gate(xu, _cuda(recon), vis, **kw), ref, "unaligned x")
+    xt = _cuda(np.ascontiguousarray(x.transpose(0, 2, 1))).transpose(1, 2)
+    assert_same(patch_gate(xt, _cuda(recon), vis, **kw), ref, "transposed x")
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_side_stream_repeat_and_large_batch() -> None:
+    x, recon, rng = make_case(12, 70, 4, 128, "float16", "float16")
+    vis = make_visible(rng, 4, 256)
+    kw = dict(patch=8, stat="mean", norm_pix=False, return_patch_err=True, **BASE)
+    ref = patch_gate_reference(x, recon, vis, **kw)
+    xd, rd = _cuda(x), _cuda(recon)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        runs = [patch_gate(xd, rd, vis, **kw) for _ in range(3)]  # tickets reset between launches
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    for got in runs:
+        assert_same(got, ref, "side stream")
+    assert int(ops._COUNTERS[(xd.device.index, side.cuda_stream)].abs().sum()) == 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_module_entry_points() -> None:
+    stream = torch.cuda.current_stream().cuda_stream
+    assert ops._C_cuda.empty_launch(stream) == 0
+    assert ops._C_cuda.runtime_version() >= 12000
+    x = torch.zeros(1, 512, 512, device="cuda")
+    r = torch.zeros(1, 1, 512, 512, device="cuda")
+    with pytest.raises(ValueError, match="shared memory"):
+        patch_gate(x, r, np.zeros((1, 128 * 128), bool), patch=4, **BASE)
+
+
+def test_cuda_module_imports_without_a_gpu() -> None:
+    # The static CUDA runtime makes the module importable anywhere; without a driver its calls
+    # return an error code (35 = cudaErrorInsufficientDriver) instead of crashing.
+    if ops._C_cuda is None:
+        pytest.skip("medfedpure._C_cuda was not built (no nvcc)")
+    if torch.cuda.is_available():
+        assert ops._C_cuda.empty_launch(0) == 0
+    else:
+        code = ops._C_cuda.empty_launch(0)
+        assert code != 0 and isinstance(ops._C_cuda.error_string(code), str)
+        # the gate's launch reports the same error code (positional arguments, null pointers)
+        args = (0, 0, 0, 0, 0, 1, 1, 32, 8, 0, 0, False, 0.5, 1.0, 0, 10, False, 0, 0, 0, 0, 0, 0)
+        assert ops._C_cuda.patch_gate(*args) == code
+        with pytest.raises(ValueError, match="patch must divide"):
+            ops._C_cuda.patch_gate(*args[:8], 5, *args[9:])
