@@ -1,0 +1,7 @@
+"""Attacks and the differentiable defended pipeline used to attack it (EVALUATION.md)."""
+
+from __future__ import annotations
+
+from medfedpure.attacks.pgd import attack_loss, fgsm, pgd_l2, pgd_linf
+
+__all__ = ["fgsm", "pgd_linf", "pgd_l2", "attack_loss"]

@@ -1,0 +1,175 @@
+"""Gradient attacks against a classifier: FGSM, PGD ℓ∞ and PGD ℓ2 (rung 1 of EVALUATION.md).
+
+Functions, not stateful objects: ``attack(model, x, y, eps, ..., generator=g) -> x_adv``. The model
+is any callable ``[B,1,S,S] -> [B,C]``; the loss is the cross-entropy of the true label computed
+from the model's log-probabilities:
+
+- if the model has a ``log_probs`` method (``MoEClassifier`` does) it is used, so the gradient is
+  exact even where a probability underflows (no gradient masking from ``log(0)``);
+- otherwise ``output="probs"`` (the default: our models return probabilities) takes the log of the
+  clamped probabilities, and ``output="logits"`` a log-softmax.
+
+Inputs and outputs are in the model's input space, float32 in [0, 1]; ε is stated in that space
+(e.g. ``8 / 255``). The model's train/eval mode is left as the caller set it (use eval).
+The caller's tensors are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["fgsm", "pgd_linf", "pgd_l2", "attack_loss"]
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, eps: float) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"x has shape {tuple(x.shape)}: expected [B, C, H, W]")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y has shape {tuple(y.shape)}: expected [{x.shape[0]}] class indices")
+    if not eps >= 0:
+        raise ValueError(f"eps={eps}: must be >= 0 (state it in input space, e.g. 8/255)")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("x has values outside [0, 1]: attack the preprocessed scans")
+
+
+def attack_loss(model: Model, x: torch.Tensor, y: torch.Tensor, output: str = "probs") -> torch.Tensor:
+    """Summed cross-entropy of labels ``y`` ``[B]`` under ``model(x)``; summed so that each
+    sample's gradient does not depend on the batch size."""
+    log_probs_fn = getattr(model, "log_probs", None)
+    if callable(log_probs_fn):
+        lp = log_probs_fn(x)
+    elif output == "probs":
+        lp = torch.log(model(x).clamp_min(1e-30))
+    elif output == "logits":
+        lp = F.log_softmax(model(x), dim=1)
+    else:
+        raise ValueError(f"output={output!r}: use 'probs' or 'logits'")
+    return F.nll_loss(lp, y, reduction="sum")
+
+
+def _grad(model: Model, x: torch.Tensor, y: torch.Tensor, output: str) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    loss = attack_loss(model, x, y, output)
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+def fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, output: str = "probs") -> torch.Tensor:
+    r"""FGSM (Goodfellow et al., "Explaining and Harnessing Adversarial Examples", ICLR 2015).
+
+    Distance: ℓ∞.  ``x_adv = clip(x + ε · sign(∇ₓ L(x, y)), 0, 1)``.
+
+    Args:
+        model: callable ``[B,C,H,W] -> [B,K]`` (probabilities unless ``output="logits"``).
+        x: ``[B,C,H,W]`` float in [0, 1].   y: ``[B]`` int64 true labels.
+        eps: maximum perturbation (ℓ∞) in input space.
+
+    Returns: ``x_adv`` ``[B,C,H,W]`` in [0, 1], detached.
+
+    Example::
+
+        x_adv = fgsm(model, x, y, eps=8 / 255)
+    """
+    _check(x, y, eps)
+    g = _grad(model, x, y, output)
+    return (x + eps * g.sign()).clamp(0.0, 1.0).detach()
+
+
+def pgd_linf(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
+             alpha: float | None = None, random_start: bool = True,
+             generator: torch.Generator | None = None, output: str = "probs") -> torch.Tensor:
+    r"""PGD with ℓ∞ bound (Madry et al., "Towards Deep Learning Models Resistant to Adversarial
+    Attacks", ICLR 2018).
+
+    Distance: ℓ∞.  ``x_{i+1} = Π_{B∞(x, ε) ∩ [0,1]}(x_i + α · sign(∇ L(x_i, y)))``, starting from
+    ``x + U(−ε, ε)`` when ``random_start``.
+
+    Args:
+        model: callable ``[B,C,H,W] -> [B,K]``.
+        x: ``[B,C,H,W]`` float in [0, 1].   y: ``[B]`` int64 true labels.
+        eps: ℓ∞ radius in input space.   steps: iterations (≥ 1).
+        alpha: step size; default ``2.5 · ε / steps`` (Madry et al.), so the ball can be crossed.
+        random_start: uniform start in the ε-ball, drawn from ``generator`` (required then).
+        generator: ``torch.Generator`` on ``x``'s device (or CPU): the only randomness used.
+
+    Returns: ``x_adv`` ``[B,C,H,W]`` in [0, 1] with ``‖x_adv − x‖∞ ≤ ε``, detached.
+
+    Example::
+
+        g = torch.Generator().manual_seed(0)
+        x_adv = pgd_linf(model, x, y, eps=8 / 255, steps=10, generator=g)
+    """
+    _check(x, y, eps)
+    if steps < 1:
+        raise ValueError(f"steps={steps}: must be >= 1")
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    x0 = x.detach()
+    if random_start:
+        if generator is None:
+            raise ValueError("random_start=True needs an explicit generator (torch.Generator().manual_seed(s))")
+        u = torch.rand(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        xa = (x0 + (2 * u - 1) * eps).clamp(0.0, 1.0)
+    else:
+        xa = x0.clone()
+    for _ in range(steps):
+        g = _grad(model, xa, y, output)
+        xa = xa + alpha * g.sign()
+        xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0.0, 1.0).detach()
+    return xa
+
+
+def pgd_l2(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
+           alpha: float | None = None, random_start: bool = True,
+           generator: torch.Generator | None = None, output: str = "probs") -> torch.Tensor:
+    r"""PGD with ℓ2 bound (Madry et al., ICLR 2018), as ``torchattacks.PGDL2``.
+
+    Distance: ℓ2 per sample.  ``x_{i+1} = Π(x_i + α · ∇L / ‖∇L‖₂)``, the projection scaling
+    ``δ`` back onto the ε-sphere and clipping to [0, 1]. The random start draws a direction
+    uniformly on the sphere and a radius ``ε · u`` (u ~ U(0,1)), as torchattacks does.
+
+    Args:
+        model: callable ``[B,C,H,W] -> [B,K]``.
+        x: ``[B,C,H,W]`` float in [0, 1].   y: ``[B]`` int64 true labels.
+        eps: ℓ2 radius in input space (e.g. 0.5 on 128×128 scans).  steps: iterations (≥ 1).
+        alpha: step size; default ``2.5 · ε / steps``.
+        random_start / generator: as in ``pgd_linf``.
+
+    Returns: ``x_adv`` ``[B,C,H,W]`` in [0, 1] with ``‖x_adv − x‖₂ ≤ ε`` per sample, detached.
+
+    Example::
+
+        x_adv = pgd_l2(model, x, y, eps=0.5, steps=10, generator=torch.Generator().manual_seed(0))
+    """
+    _check(x, y, eps)
+    if steps < 1:
+        raise ValueError(f"steps={steps}: must be >= 1")
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    tiny = 1e-12
+    x0 = x.detach()
+    b = x0.shape[0]
+
+    def norms(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(b, -1).norm(dim=1).reshape(b, *([1] * (t.dim() - 1)))
+
+    if random_start:
+        if generator is None:
+            raise ValueError("random_start=True needs an explicit generator (torch.Generator().manual_seed(s))")
+        d = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        r = torch.rand((b,) + (1,) * (x0.dim() - 1), generator=generator, device=generator.device,
+                       dtype=x0.dtype).to(x0.device)
+        delta = d / (norms(d) + tiny) * r * eps
+        xa = (x0 + delta).clamp(0.0, 1.0)
+    else:
+        xa = x0.clone()
+    for _ in range(steps):
+        g = _grad(model, xa, y, output)
+        xa = xa + alpha * g / (norms(g) + tiny)
+        delta = xa - x0
+        factor = torch.clamp(eps / (norms(delta) + tiny), max=1.0)
+        xa = (x0 + delta * factor).clamp(0.0, 1.0).detach()
+    return xa

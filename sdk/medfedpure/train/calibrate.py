@@ -1,0 +1,164 @@
+"""Per-site calibration of the gate (DESIGN.md §5, EVALUATION.md threat model).
+
+On the site's clean **validation** scans — no labels, no attacks — the MAE scorer's reconstructions
+are scored with the chosen statistic, and:
+
+- ``tau``: the smallest threshold whose false-flag rate on those scans is at most the target
+  (``flag = score ≥ tau``): with n scans and target f, the ``⌊f·n⌋`` highest scores are flagged,
+  ``tau`` sits just above the next one (rounded to float32 as the gate compares in float32);
+- ``tau_high = tau + tau_high_k · (tau − median)``: the score at which purification reaches
+  ``t_max``. The spread ``tau − median`` is the clean scores' own upper half-width, so ``tau_high``
+  is ``tau_high_k`` clean spreads beyond the threshold (default 2) — calibrated without attacks;
+- ``t_min`` / ``t_max`` / ``steps``: from the distilled student's checkpoint metadata when
+  ``RUN/student.safetensors`` exists and names them, else from the options.
+
+The result is ``RUN/site_k/calibration.json`` with the fields listed in docs/interfaces.md, plus
+the score quantiles and the provenance of each number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfedpure.models.mae import MAEScorer, MaskedAutoencoder
+from medfedpure.train.scores import STATS, gate_scores
+
+__all__ = ["CalibrationConfig", "score_scans", "threshold_at_ffr", "calibrate_gate", "student_schedule"]
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Options of a gate calibration.
+
+    Attributes:
+        target_ffr: target false-flag rate on clean validation scans (0 < f < 1).
+        stat: gate statistic (``train.scores.STATS``). ``topk``: k for ``stat="topk"``; for
+            ``"hfratio"`` the number m of tissue patches scored (0: half the patches).
+        tau_high_k: ``tau_high = tau + k · (tau − median)`` (> 0).
+        t_min / t_max / steps: purification range and student steps when the student's
+            checkpoint does not give them.
+        policy: ``"adaptive"`` (unflagged scans skip purification) or ``"floor"``.
+    """
+
+    target_ffr: float = 0.05
+    stat: str = "hfratio"
+    topk: int = 0
+    tau_high_k: float = 2.0
+    t_min: int = 20
+    t_max: int = 150
+    steps: int = 2
+    policy: str = "adaptive"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_ffr < 1:
+            raise ValueError(f"target_ffr={self.target_ffr}: must be in (0, 1), e.g. 0.05")
+        if self.stat not in STATS:
+            raise ValueError(f"stat={self.stat!r}: expected one of {STATS}")
+        if self.stat == "topk" and self.topk < 1:
+            raise ValueError("stat='topk' needs topk >= 1")
+        if self.topk < 0:
+            raise ValueError(f"topk={self.topk}: must be >= 0")
+        if not self.tau_high_k > 0:
+            raise ValueError(f"tau_high_k={self.tau_high_k}: must be > 0")
+        if not 0 <= self.t_min <= self.t_max:
+            raise ValueError(f"t_min={self.t_min}, t_max={self.t_max}: need 0 <= t_min <= t_max")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps}: must be >= 1")
+        if self.policy not in ("adaptive", "floor"):
+            raise ValueError(f"policy={self.policy!r}: use 'adaptive' or 'floor'")
+
+
+@torch.no_grad()
+def score_scans(mae: MaskedAutoencoder, x: Any, *, stat: str, topk: int = 0, batch_size: int = 16) -> np.ndarray:
+    """Gate scores ``[N]`` float32 of scans ``x`` ``[N,1,S,S]`` in [0,1] under the MAE's scoring masks."""
+    scorer = MAEScorer(mae).eval()
+    xt = torch.as_tensor(np.asarray(x, np.float32) if not isinstance(x, torch.Tensor) else x, dtype=torch.float32)
+    s = mae.cfg.image_size
+    if xt.dim() != 4 or tuple(xt.shape[1:]) != (1, s, s):
+        raise ValueError(f"x has shape {tuple(xt.shape)}: expected [N, 1, {s}, {s}]")
+    out = []
+    for i in range(0, len(xt), batch_size):
+        xb = xt[i:i + batch_size]
+        score, _ = gate_scores(xb, scorer(xb), scorer.visible, patch=mae.cfg.patch, stat=stat, topk=topk,
+                               norm_pix=mae.cfg.norm_pix)
+        out.append(np.asarray(score, np.float32))
+    return np.concatenate(out)
+
+
+def threshold_at_ffr(scores: np.ndarray, target_ffr: float) -> tuple[float, float]:
+    """``(tau, achieved_ffr)``: the smallest float32 ``tau`` flagging at most ``⌊f·n⌋`` of ``scores``."""
+    s = np.sort(np.asarray(scores, np.float32))[::-1]
+    n = len(s)
+    if n == 0:
+        raise ValueError("no calibration scores: the site's validation split is empty")
+    if not np.isfinite(s).all():
+        raise ValueError("calibration scores contain NaN/inf: check the MAE checkpoint and the scans")
+    k = int(np.floor(target_ffr * n))
+    tau = np.nextafter(s[k], np.float32(np.inf), dtype=np.float32)
+    return float(tau), float((s >= tau).mean())
+
+
+def student_schedule(run: Path) -> dict[str, Any] | None:
+    """``{"t_min", "t_max", "steps"}`` from ``RUN/student.safetensors`` metadata, if it names them.
+
+    Looked up at the top level of the metadata, then in ``config``, then one level deeper (e.g. the
+    distillation options the purifier stores under ``distill``); integral floats are accepted.
+    """
+    path = Path(run) / "student.safetensors"
+    if not path.is_file():
+        return None
+    from medfedpure.train.checkpoint import read_metadata
+
+    meta = read_metadata(path)
+    sources = [meta, meta.get("config", {})]
+    sources += [v for src in list(sources) if isinstance(src, dict) for v in src.values() if isinstance(v, dict)]
+    found: dict[str, int] = {}
+    for src in sources:
+        if not isinstance(src, dict):
+            continue
+        for key in ("t_min", "t_max", "steps"):
+            v = src.get(key)
+            if key not in found and isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer():
+                found[key] = int(v)
+    return found if {"t_min", "t_max", "steps"} <= set(found) else None
+
+
+def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *, run: Path | None = None,
+                   batch_size: int = 16) -> dict[str, Any]:
+    """Calibrate one site's gate on its clean validation scans ``x_val`` ``[N,1,S,S]``.
+
+    Returns the ``calibration.json`` content (docs/interfaces.md) plus ``score_quantiles``,
+    ``tau_high_rule`` and ``schedule_source``.
+    """
+    topk = cfg.topk
+    if cfg.stat == "hfratio" and topk == 0:  # m, the tissue patches scored: half of them by default
+        topk = mae.cfg.num_patches // 2
+    scores = score_scans(mae, x_val, stat=cfg.stat, topk=topk, batch_size=batch_size)
+    tau, ffr = threshold_at_ffr(scores, cfg.target_ffr)
+    med = float(np.median(scores))
+    spread = max(tau - med, 1e-6 * max(abs(tau), 1.0))
+    tau_high = float(np.float32(tau + cfg.tau_high_k * spread))
+    sched = student_schedule(run) if run is not None else None
+    t_min, t_max, steps = (sched["t_min"], sched["t_max"], sched["steps"]) if sched else (cfg.t_min, cfg.t_max, cfg.steps)
+    return {
+        "stat": cfg.stat, "topk": int(topk), "norm_pix": bool(mae.cfg.norm_pix), "patch": int(mae.cfg.patch),
+        "tau": tau, "tau_high": tau_high, "t_min": int(t_min), "t_max": int(t_max), "policy": cfg.policy,
+        "steps": int(steps), "target_false_flag_rate": cfg.target_ffr, "num_val_scans": int(len(scores)),
+        "val_false_flag_rate": ffr,
+        "tau_high_rule": f"tau + {cfg.tau_high_k} * (tau - median of clean val scores)",
+        "schedule_source": "student checkpoint" if sched else "options",
+        "score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.05", "0.25", "0.5", "0.75", "0.95")},
+        "config": asdict(cfg),
+    }
+
+
+def write_calibration(path: Path, calib: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(calib, indent=2))
+    return path

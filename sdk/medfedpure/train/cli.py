@@ -1,0 +1,237 @@
+"""``medfedpure train …``: one command per model. Argument handling only; the loops live beside.
+
+Every command takes ``--data DIR --site K --out RUN --config tiny|small`` plus ``--seed``,
+``--epochs``, ``--resume``, ``--threads`` and ``--dry-run`` (print the resolved options and exit).
+It writes the resolved options into ``RUN/config.json`` and the results into ``RUN/metrics.json``
+(one section per job, merged into what other jobs wrote), the model checkpoint, and per-epoch
+resumption state under ``RUN/train_state/``.
+
+To add a model: write ``train/<model>.py`` with a loop and a config preset, then a command here
+that calls ``_common_setup`` / ``_finish`` like ``classifier`` and ``mae`` do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(help="Train one model on one site's data.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+
+CONFIGS = ("tiny", "small")
+# Image side of each preset: tiny runs on 32 px scans (tests), small on 128 px (the default bundle).
+IMAGE_SIZE = {"tiny": 32, "small": 128}
+
+DATA = typer.Option(..., "--data", help="Data root (site_k/yes|no + splits.json).", exists=True, file_okay=False)
+SITE = typer.Option(0, "--site", min=0, help="Site index k.")
+OUT = typer.Option(..., "--out", help="Run folder (created).")
+CONFIG = typer.Option("small", "--config", help="Preset: tiny (tests) or small (default bundle).")
+SEED = typer.Option(0, "--seed", help="Seeds initialisation and every generator of the job.")
+EPOCHS = typer.Option(None, "--epochs", min=1, help="Override the preset's maximum epochs.")
+RESUME = typer.Option(False, "--resume", help="Continue from RUN/train_state/ (pass the same options: the LR schedule depends on --epochs).")
+THREADS = typer.Option(1, "--threads", min=1, help="torch CPU threads.")
+DRY = typer.Option(False, "--dry-run", help="Print the resolved options and exit.")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def load_site_split(data: Path, site: int, split: str, size: int):
+    """``(x [N,1,S,S] float32, y [N] int64)`` of one split of one site (``medfedpure.data.load_split``)."""
+    from medfedpure.data import load_split
+
+    return load_split(data, site, split, size)
+
+
+def update_json(path: Path, section: str, value: Any) -> None:
+    """Merge ``{section: value}`` into the JSON object at ``path`` (created if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cur = json.loads(path.read_text()) if path.is_file() else {}
+    cur[section] = value
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(cur, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def _common_setup(config: str, threads: int, seed: int) -> None:
+    import torch
+
+    if config not in CONFIGS:
+        raise typer.BadParameter(f"--config {config!r}: use one of {CONFIGS}")
+    torch.set_num_threads(threads)
+    # Parameter initialisation of torch modules draws from the global generator: seed it once here.
+    torch.manual_seed(seed)
+
+
+def _finish(out: Path, section: str, resolved: dict, metrics: dict) -> None:
+    update_json(out / "config.json", section, resolved)
+    update_json(out / "metrics.json", section, metrics)
+    typer.echo(json.dumps({section: {k: v for k, v in metrics.items() if k != "history"}}, indent=1))
+
+
+@app.command()
+def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
+               epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
+               progress: bool = PROGRESS) -> None:
+    """Train the personalized MoE classifier on site K → RUN/site_K/classifier.safetensors."""
+    _common_setup(config, threads, seed)
+    from medfedpure.models.moe import MoEClassifier, MoEConfig
+    from medfedpure.train.checkpoint import save_model
+    from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
+
+    mcfg = MoEConfig.preset(config)
+    tcfg = ClassifierTrainConfig.preset(config, seed=seed, epochs=epochs)
+    section = f"classifier/site_{site}"
+    resolved = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site}
+    if dry_run:
+        typer.echo(json.dumps(resolved, indent=1))
+        return
+    size = mcfg.image_size
+    train, val, test = (load_site_split(data, site, s, size) for s in ("train", "val", "test"))
+    model = MoEClassifier(mcfg)
+    t0 = time.perf_counter()
+    hist = train_classifier(model, train, val, tcfg, progress=progress, checkpoint_dir=out / "train_state" / f"site_{site}",
+                            resume=resume)
+    wall = time.perf_counter() - t0
+    test_m = evaluate_classifier(model, *test)
+    save_model(out / f"site_{site}" / "classifier.safetensors", model, mcfg, "moe",
+               extra={"site": site, "val": hist["val"], "test": test_m, "train_config": tcfg.to_dict()})
+    _finish(out, section, resolved, {**hist, "test": test_m, "wall_s_this_invocation": wall,
+                                     "threads": threads})
+
+
+@app.command()
+def mae(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
+        epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
+        progress: bool = PROGRESS, norm_pix: bool = typer.Option(False, "--norm-pix/--pixels",
+                                                                 help="Normalised-pixel targets.")) -> None:
+    """Train the MAE detector on site K's scans (labels unused) → RUN/mae.safetensors."""
+    _common_setup(config, threads, seed)
+    from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
+    from medfedpure.train.checkpoint import save_model
+    from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
+
+    base = MAEConfig.preset(config)
+    mcfg = MAEConfig(**{**base.to_dict(), "norm_pix": norm_pix})
+    tcfg = MAETrainConfig.preset(config, seed=seed, epochs=epochs)
+    resolved = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site}
+    if dry_run:
+        typer.echo(json.dumps(resolved, indent=1))
+        return
+    size = mcfg.image_size
+    (xt, _), (xv, _), (xs, _) = (load_site_split(data, site, s, size) for s in ("train", "val", "test"))
+    model = MaskedAutoencoder(mcfg)
+    t0 = time.perf_counter()
+    hist = train_mae(model, xt, xv, tcfg, progress=progress, checkpoint_dir=out / "train_state", resume=resume)
+    wall = time.perf_counter() - t0
+    test_m = evaluate_mae(model, xs)
+    save_model(out / "mae.safetensors", model, mcfg, "mae",
+               extra={"site": site, "val": hist["val"], "test": test_m, "train_config": tcfg.to_dict()})
+    _finish(out, "mae", resolved, {**hist, "test": test_m, "wall_s_this_invocation": wall, "threads": threads})
+
+
+def calibrate_command(
+    data: Path = DATA,
+    site: int = SITE,
+    run: Path = typer.Option(..., "--run", help="Run folder holding mae.safetensors.", exists=True, file_okay=False),
+    target_ffr: float = typer.Option(0.05, "--target-ffr", min=0.0, max=1.0, help="False-flag rate on clean val scans."),
+    stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk."),
+    topk: int = typer.Option(0, "--topk", min=0, help="k for --stat topk."),
+    tau_high_k: float = typer.Option(2.0, "--tau-high-k", help="tau_high = tau + k * (tau - median)."),
+    t_min: int = typer.Option(20, "--t-min", min=0, help="Used when the student checkpoint does not name it."),
+    t_max: int = typer.Option(150, "--t-max", min=0, help="Used when the student checkpoint does not name it."),
+    steps: int = typer.Option(2, "--steps", min=1, help="Used when the student checkpoint does not name it."),
+    policy: str = typer.Option("adaptive", "--policy", help="adaptive or floor."),
+    threads: int = THREADS,
+) -> None:
+    """Calibrate site K's gate on its clean validation scans → RUN/site_K/calibration.json."""
+    import torch
+
+    from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate, write_calibration
+    from medfedpure.train.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    try:
+        cfg = CalibrationConfig(target_ffr=target_ffr, stat=stat, topk=topk, tau_high_k=tau_high_k, t_min=t_min,
+                                t_max=t_max, steps=steps, policy=policy)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    mae_model, mcfg, _ = load_model(run / "mae.safetensors")
+    xv, _ = load_site_split(data, site, "val", mcfg.image_size)
+    calib = calibrate_gate(mae_model, xv, cfg, run=run)
+    path = write_calibration(run / f"site_{site}" / "calibration.json", calib)
+    typer.echo(f"{path}: tau={calib['tau']:.6g} tau_high={calib['tau_high']:.6g} stat={calib['stat']} "
+               f"val_false_flag_rate={calib['val_false_flag_rate']:.3f} (n={calib['num_val_scans']})")
+
+
+PURIFY_T = typer.Option((20, 150), "--purify-range", help="t* range [t_min, t_max] (of T = 1000) recorded "
+                        "in the student checkpoint for the gate's calibration.")
+
+
+@app.command()
+def purifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
+             epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
+             progress: bool = PROGRESS) -> None:
+    """Train the diffusion teacher (x0-denoiser, many-step DDIM) on site K's scans → RUN/teacher.safetensors."""
+    _common_setup(config, threads, seed)
+    from medfedpure.models.unet import UNet, UNetConfig
+    from medfedpure.train.checkpoint import save_model
+    from medfedpure.train.purifier import DenoiserTrainConfig, train_denoiser
+
+    ucfg = UNetConfig.preset(config)
+    tcfg = DenoiserTrainConfig.preset(config, seed=seed, epochs=epochs)
+    resolved = {"model": ucfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site}
+    if dry_run:
+        typer.echo(json.dumps(resolved, indent=1))
+        return
+    (xt, _), (xv, _) = (load_site_split(data, site, s, ucfg.image_size) for s in ("train", "val"))
+    model = UNet(ucfg)
+    t0 = time.perf_counter()
+    hist = train_denoiser(model, model.schedule, xt, xv, tcfg, progress=progress,
+                          checkpoint_dir=out / "train_state", resume=resume, name="teacher")
+    wall = time.perf_counter() - t0
+    save_model(out / "teacher.safetensors", model, ucfg, "unet",
+               extra={"role": "teacher", "site": site, "val": hist["val"], "train_config": tcfg.to_dict()})
+    _finish(out, "purifier", resolved, {**hist, "wall_s_this_invocation": wall, "threads": threads})
+
+
+@app.command()
+def distill(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
+            teacher: Path = typer.Option(..., "--teacher", help="Run folder holding teacher.safetensors.",
+                                         exists=True, file_okay=False),
+            steps: int = typer.Option(2, "--steps", help="K: the student's sampling steps (1, 2 or 4)."),
+            purify_range: tuple[int, int] = PURIFY_T,
+            epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
+            progress: bool = PROGRESS) -> None:
+    """Distil the teacher into a K-step student → RUN/student.safetensors (steps, t_min, t_max in metadata)."""
+    _common_setup(config, threads, seed)
+    from medfedpure.models.unet import UNet
+    from medfedpure.train.checkpoint import load_model, save_model
+    from medfedpure.train.distill import DistillConfig, distill_student
+
+    try:
+        dcfg = DistillConfig.preset(config, seed=seed, epochs=epochs, val_steps=steps)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    t_min, t_max = purify_range
+    if not 0 <= t_min <= t_max <= dcfg.t_max:
+        raise typer.BadParameter(f"--purify-range {t_min} {t_max}: need 0 <= t_min <= t_max <= {dcfg.t_max} "
+                                 "(the distillation range)")
+    resolved = {"distill": dcfg.to_dict(), "teacher": str(teacher / "teacher.safetensors"), "data": str(data),
+                "site": site, "steps": steps, "t_min": t_min, "t_max": t_max}
+    if dry_run:
+        typer.echo(json.dumps(resolved, indent=1))
+        return
+    teacher_model, ucfg, _ = load_model(teacher / "teacher.safetensors")
+    (xt, _), (xv, _) = (load_site_split(data, site, s, ucfg.image_size) for s in ("train", "val"))
+    student = UNet(ucfg)
+    t0 = time.perf_counter()
+    hist = distill_student(teacher_model, student, teacher_model.schedule, xt, xv, dcfg, progress=progress,
+                           checkpoint_dir=out / "train_state", resume=resume, name="student")
+    wall = time.perf_counter() - t0
+    save_model(out / "student.safetensors", student, ucfg, "unet",
+               extra={"role": "student", "site": site, "steps": steps, "t_min": t_min, "t_max": t_max,
+                      "val": hist["val"], "distill_config": dcfg.to_dict()})
+    _finish(out, "distill", resolved, {**hist, "wall_s_this_invocation": wall, "threads": threads})

@@ -1,0 +1,150 @@
+"""The epoch loop shared by the training jobs: validation each epoch, early stopping, resumption.
+
+Each job supplies ``train_epoch(epoch) -> dict`` and ``validate() -> dict``; this module keeps the
+best weights (in memory, and on disk when a checkpoint folder is given), stops after ``patience``
+epochs without improvement, and — with ``checkpoint_dir`` — writes after every epoch:
+
+- ``{name}.last.safetensors``  the model (safetensors, config in metadata)
+- ``{name}.optim.safetensors`` the optimizer's tensors
+- ``{name}.state.json``        epoch, best metric/epoch, patience counter, history, optimizer scalars
+- ``{name}.best.safetensors``  the best model so far
+
+``resume=True`` restarts from those files. Per-epoch randomness comes from generators seeded by
+``(seed, epoch)``, so a resumed run continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medfedpure.train.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_tensors,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_model,
+    save_tensors,
+)
+
+__all__ = ["fit", "epoch_generator", "cosine_lr"]
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for one epoch's randomness, a pure function of (seed, epoch, stream)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + epoch * 7919 + stream * 104_729) % (2**63))
+
+
+def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up for ``warmup`` steps, then cosine decay to 1 % of ``base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def _is_better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def fit(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    train_epoch: Callable[[int], dict[str, float]],
+    validate: Callable[[], dict[str, float]],
+    epochs: int,
+    patience: int,
+    monitor: str,
+    mode: str,
+    model_cfg: Any,
+    kind: str,
+    name: str,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    min_delta: float = 0.0,
+) -> dict[str, Any]:
+    """Run epochs with validation and early stopping; leaves ``model`` holding the best weights.
+
+    Returns ``{"history": [per-epoch dicts], "best_epoch", "best": {monitor: value},
+    "stopped_early", "epochs_run", "wall_s"}``.
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode={mode!r}: use 'max' or 'min'")
+    ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [],
+                             "wall_s": 0.0}
+    best_sd: dict[str, torch.Tensor] | None = None
+    if resume:
+        if ckdir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        state_path = ckdir / f"{name}.state.json"
+        if not state_path.is_file():
+            raise CheckpointError(f"cannot resume: {state_path} does not exist (start without --resume)")
+        state = json.loads(state_path.read_text())
+        last, _, _ = load_model(ckdir / f"{name}.last.safetensors")
+        model.load_state_dict(last.state_dict())
+        optimizer_from_tensors(optimizer, load_tensors(ckdir / f"{name}.optim.safetensors"), state.pop("optim"))
+        if (ckdir / f"{name}.best.safetensors").is_file():
+            best_sd = load_model(ckdir / f"{name}.best.safetensors")[0].state_dict()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, initial=state["epoch"], desc=name, unit="epoch", dynamic_ncols=True)
+    stopped_early = False
+    t_start = time.perf_counter() - state["wall_s"]
+    while state["epoch"] < epochs:
+        epoch = state["epoch"]
+        if state["bad_epochs"] >= patience:
+            stopped_early = True
+            break
+        t0 = time.perf_counter()
+        model.train()
+        tr = train_epoch(epoch)
+        model.eval()
+        with torch.no_grad():
+            va = validate()
+        row = {"epoch": epoch, **{f"train_{k}": float(v) for k, v in tr.items()},
+               **{f"val_{k}": float(v) for k, v in va.items()}, "epoch_s": time.perf_counter() - t0}
+        state["history"].append(row)
+        value = float(va[monitor])
+        if _is_better(value, state["best"], mode, min_delta):
+            state.update(best=value, best_epoch=epoch, bad_epochs=0)
+            best_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if ckdir is not None:
+                save_model(ckdir / f"{name}.best.safetensors", model, model_cfg, kind,
+                           extra={"epoch": epoch, monitor: value})
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        state["wall_s"] = time.perf_counter() - t_start
+        if ckdir is not None:
+            save_model(ckdir / f"{name}.last.safetensors", model, model_cfg, kind, extra={"epoch": epoch})
+            tensors, scalars = optimizer_to_tensors(optimizer)
+            save_tensors(ckdir / f"{name}.optim.safetensors", tensors)
+            (ckdir / f"{name}.state.json").write_text(json.dumps({**state, "optim": scalars}, indent=1))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith(("train_loss", "val_"))})
+    if bar is not None:
+        bar.close()
+    if state["bad_epochs"] >= patience and state["epoch"] < epochs:
+        stopped_early = True
+    if best_sd is not None:
+        model.load_state_dict(best_sd)
+    model.eval()
+    return {"history": state["history"], "best_epoch": state["best_epoch"], "best": {monitor: state["best"]},
+            "stopped_early": stopped_early, "epochs_run": state["epoch"],
+            "wall_s": time.perf_counter() - t_start}

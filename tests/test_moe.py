@@ -1,0 +1,94 @@
+"""MoE classifier: shapes, probabilities, parameter groups, determinism, config errors, ONNX export."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from medfedpure.models.moe import MoEClassifier, MoEConfig
+from medfedpure.train.checkpoint import CheckpointError, load_model, read_metadata, save_model
+
+
+def _model(seed: int = 0) -> MoEClassifier:
+    torch.manual_seed(seed)  # parameter init only; tests compare two models built the same way
+    return MoEClassifier(MoEConfig.preset("tiny")).eval()
+
+
+def test_forward_shapes_and_probabilities():
+    m = _model()
+    x = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    p = m(x)
+    assert p.shape == (5, 2)
+    assert torch.allclose(p.sum(1), torch.ones(5), atol=1e-6)
+    assert (p >= 0).all()
+    assert torch.allclose(m.log_probs(x).exp(), p, atol=1e-6)
+    g = m.gate_value(x)
+    assert g.shape == (5,) and ((g > 0) & (g < 1)).all()
+
+
+def test_mixture_is_the_gated_average_of_the_experts():
+    m = _model()
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    g_lp, l_lp, gate_logit = m._mixture(x)
+    g = torch.sigmoid(gate_logit)
+    expected = g * g_lp.exp() + (1 - g) * l_lp.exp()
+    assert torch.allclose(m(x), expected, atol=1e-7)
+
+
+def test_param_groups_partition_state_dict_and_global_roundtrip():
+    m = _model(0)
+    groups = m.param_groups()
+    keys = set(m.state_dict())
+    assert set(groups["global"]) | set(groups["local"]) == keys
+    assert not set(groups["global"]) & set(groups["local"])
+    assert all(k.startswith("global_expert.") for k in groups["global"])
+    assert not any("norm" in k for k in groups["global"])  # FedBN: norms stay local
+    assert any(k.startswith("gate.") for k in groups["local"])
+    other = _model(1)
+    other.load_global_state_dict(m.global_state_dict())
+    for k in groups["global"]:
+        assert torch.equal(other.state_dict()[k], m.state_dict()[k])
+    assert not torch.equal(other.state_dict()["local_expert.head.weight"], m.state_dict()["local_expert.head.weight"])
+    with pytest.raises(ValueError, match="mismatch"):
+        other.load_global_state_dict({})
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(num_classes=1), dict(global_widths=()), dict(image_size=30), dict(dropout=1.0), dict(gate_hidden=0)],
+)
+def test_bad_config_raises(kwargs):
+    with pytest.raises(ValueError):
+        MoEConfig(**{**MoEConfig.preset("tiny").to_dict(), **kwargs})
+
+
+def test_bad_input_shape_raises():
+    with pytest.raises(ValueError, match="expected"):
+        _model()(torch.rand(2, 3, 32, 32))
+
+
+def test_checkpoint_roundtrip(tmp_path):
+    m = _model()
+    path = save_model(tmp_path / "c.safetensors", m, m.cfg, "moe", extra={"val_accuracy": 0.5})
+    m2, cfg2, meta = load_model(path)
+    assert cfg2 == m.cfg and meta["kind"] == "moe" and meta["val_accuracy"] == 0.5
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(m(x), m2(x))
+    assert read_metadata(path)["config"]["global_widths"] == list(m.cfg.global_widths)
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.slow  # the dynamo exporter takes several seconds
+def test_onnx_export_matches_onnxruntime(tmp_path):
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    ort = pytest.importorskip("onnxruntime")
+    m = _model()
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(4))
+    path = tmp_path / "moe.onnx"
+    torch.onnx.export(m, (x,), str(path), dynamo=True, opset_version=20, external_data=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, m(x).detach().numpy(), atol=1e-5)

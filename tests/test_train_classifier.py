@@ -1,0 +1,187 @@
+"""Classifier and MAE training loops: configs, augmentation, loss decrease, determinism, resumption, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
+from medfedpure.models.moe import MoEClassifier, MoEConfig
+from medfedpure.train.classifier import (
+    ClassifierTrainConfig,
+    _loss,
+    augment_batch,
+    evaluate_classifier,
+    train_classifier,
+)
+from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
+
+
+def _blobs(n: int, seed: int, s: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Separable toy scans: class 1 has a bright disc at a random place."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    x = 0.3 + 0.05 * rng.standard_normal((n, 1, s, s))
+    yy, xx = np.mgrid[:s, :s]
+    for i in np.flatnonzero(y):
+        cy, cx = rng.integers(8, s - 8, 2)
+        x[i, 0][(yy - cy) ** 2 + (xx - cx) ** 2 < 16] = 0.9
+    return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
+
+
+def _model(seed: int = 0) -> MoEClassifier:
+    torch.manual_seed(seed)  # parameter init only
+    return MoEClassifier(MoEConfig.preset("tiny"))
+
+
+@pytest.mark.parametrize("kw", [dict(epochs=0), dict(lr=0), dict(gamma=0.5), dict(noise_std=-1), dict(aug_prob=2),
+                                dict(label_smoothing=1.0), dict(batch_size=0)])
+def test_bad_config_raises(kw):
+    with pytest.raises(ValueError):
+        ClassifierTrainConfig.preset("tiny", **kw)
+    with pytest.raises(ValueError, match="unknown preset"):
+        ClassifierTrainConfig.preset("huge")
+
+
+def test_augment_batch_deterministic_in_range_and_pure():
+    x = torch.from_numpy(_blobs(6, 0)[0])
+    x0 = x.clone()
+    cfg = ClassifierTrainConfig.preset("tiny")
+    a = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    b = augment_batch(x, cfg, torch.Generator().manual_seed(3))
+    c = augment_batch(x, cfg, torch.Generator().manual_seed(4))
+    assert torch.equal(x, x0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    off = ClassifierTrainConfig.preset("tiny", flip=False, shift_px=0, gamma=1.0, contrast=0.0, noise_std=0.0)
+    assert torch.equal(augment_batch(x, off, torch.Generator().manual_seed(3)), x)
+
+
+def test_one_step_lowers_the_loss():
+    m = _model()
+    x, y = (torch.from_numpy(a) for a in _blobs(16, 1))
+    cfg = ClassifierTrainConfig.preset("tiny")
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    m.train()
+    before = float(_loss(m, x, y, cfg).detach())
+    for _ in range(3):
+        loss = _loss(m, x, y, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(_loss(m, x, y, cfg).detach()) < before
+
+
+def test_evaluate_classifier_numbers():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):  # predicts class 1 with p = 0.75 for every scan
+            return torch.tensor([[0.25, 0.75]]).expand(x.shape[0], 2)
+
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    m = evaluate_classifier(Fixed(), x, np.array([1, 1, 1, 0]))
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["loss"] == pytest.approx((3 * -np.log(0.75) - np.log(0.25)) / 4, rel=1e-6)
+
+
+def test_train_classifier_learns_is_deterministic_and_calls_hook():
+    tr, va = _blobs(48, 2), _blobs(16, 3)
+    calls = []
+
+    def hook(x, g):
+        calls.append(x.shape[0])
+        return x
+
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=4, patience=4)
+    m1 = _model()
+    h1 = train_classifier(m1, tr, va, cfg, progress=False, augment=hook)
+    m2 = _model()
+    train_classifier(m2, tr, va, cfg, progress=False)
+    assert len(h1["history"]) == 4 and sum(calls) == 4 * 48
+    assert h1["val"]["accuracy"] >= 0.75  # the disc is easy to see
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """A run killed in epoch 2 and resumed ends with the same weights as an uninterrupted run."""
+    tr, va = _blobs(24, 4), _blobs(8, 5)
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=2, patience=5)  # batch 8: 3 steps per epoch
+    full = _model()
+    train_classifier(full, tr, va, cfg, progress=False, checkpoint_dir=tmp_path / "a")
+    calls = []
+
+    def crash_in_epoch_2(x, g):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        train_classifier(_model(), tr, va, cfg, progress=False, checkpoint_dir=tmp_path / "b",
+                         augment=crash_in_epoch_2)
+    assert json.loads((tmp_path / "b" / "classifier.state.json").read_text())["epoch"] == 1
+    resumed = _model(seed=9)  # weights come from the checkpoint, not from init
+    h = train_classifier(resumed, tr, va, cfg, progress=False, checkpoint_dir=tmp_path / "b", resume=True)
+    assert [r["epoch"] for r in h["history"]] == [0, 1]
+    from medfedpure.train.checkpoint import load_model
+
+    a = load_model(tmp_path / "a" / "classifier.last.safetensors")[0].state_dict()
+    b = load_model(tmp_path / "b" / "classifier.last.safetensors")[0].state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_without_state_raises(tmp_path):
+    from medfedpure.train.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        train_classifier(_model(), _blobs(8, 0), _blobs(4, 1), ClassifierTrainConfig.preset("tiny"), progress=False,
+                         checkpoint_dir=tmp_path, resume=True)
+
+
+def test_bad_data_raises():
+    with pytest.raises(ValueError, match="expected"):
+        train_classifier(_model(), (np.zeros((4, 3, 32, 32), np.float32), np.zeros(4)), _blobs(4, 1),
+                         ClassifierTrainConfig.preset("tiny"), progress=False)
+
+
+def test_train_mae_lowers_validation_error():
+    torch.manual_seed(0)  # parameter init only
+    m = MaskedAutoencoder(MAEConfig.preset("tiny"))
+    x, _ = _blobs(32, 6)
+    xv, _ = _blobs(8, 7)
+    before = evaluate_mae(m, xv)["masked_mse"]
+    h = train_mae(m, x, xv, MAETrainConfig.preset("tiny", epochs=3, lr=3e-3), progress=False)
+    assert len(h["history"]) == 3
+    assert h["val"]["masked_mse"] < before
+    with pytest.raises(ValueError, match="expected"):
+        train_mae(m, x[:, :, :16, :16], xv, MAETrainConfig.preset("tiny"), progress=False)
+
+
+def test_cli_train_classifier_and_mae_tiny(tmp_path, monkeypatch):
+    from medfedpure.cli import app
+    from medfedpure.train import cli as tcli
+    from typer.testing import CliRunner
+
+    def fake_split(data, site, split, size):
+        return _blobs({"train": 24, "val": 8, "test": 8}[split], {"train": 0, "val": 1, "test": 2}[split], size)
+
+    monkeypatch.setattr(tcli, "load_site_split", fake_split)
+    run = tmp_path / "run"
+    data = tmp_path / "data"
+    data.mkdir()
+    r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--site", "1", "--out", str(run),
+                                 "--config", "tiny", "--epochs", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (run / "site_1" / "classifier.safetensors").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classifier/site_1"]["epochs_run"] == 1 and "accuracy" in metrics["classifier/site_1"]["test"]
+    r = CliRunner().invoke(app, ["train", "mae", "--data", str(data), "--out", str(run), "--config", "tiny",
+                                 "--epochs", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert set(cfg) == {"classifier/site_1", "mae"} and cfg["mae"]["train"]["epochs"] == 1
+    r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--config", "big"])
+    assert r.exit_code != 0
