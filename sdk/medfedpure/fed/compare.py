@@ -1,0 +1,148 @@
+"""Personalisation comparison on non-IID sites: local-only, FedAvg, FedBN-style and the personalised MoE.
+
+All four train the same ``MoEClassifier`` architecture from the same seeded initialisation with the
+same local compute (``rounds × local_epochs`` epochs per site); they differ only in what is shared:
+
+============== ==================================================================================
+local-only     nothing: each site trains alone (``train_classifier`` for rounds × local_epochs
+               epochs, the preset's warm-up + cosine schedule, best epoch by validation).
+FedAvg         everything: one global model, averaged each round (split "all").
+FedBN-style    all but the normalisation layers (their affine parameters and statistics stay local;
+               Li et al., ICLR 2021) (split "fedbn").
+personalised   only the global expert; local expert, gate and all normalisation stay local
+MoE            (split "moe": the product's scheme).
+============== ==================================================================================
+
+The federated three run on the Flower simulation runtime (``sim.run_sim``) with FedAvg
+aggregation. Reported: per-site **test** accuracy of each site's final model (for the federated
+methods: the last round's global part combined with the site's local part), and its mean ± std
+over sites (std: population std over the sites). Writes ``OUT/compare.json``, ``OUT/compare.md``
+and ``OUT/compare.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfedpure.fed import tasks
+from medfedpure.fed.config import FedConfig
+from medfedpure.fed.sim import run_sim
+
+METHODS = (("local", "local-only", "none"), ("fedavg", "FedAvg", "all"), ("fedbn", "FedBN-style", "fedbn"),
+           ("moe", "personalised MoE", "moe"))
+
+
+def _final_test_accuracy(metrics: dict[str, Any], rounds: int) -> dict[int, float]:
+    rows = metrics["phases"]["classifier"]["per_site"]
+    return {int(r["site"]): float(r["test_accuracy"]) for r in rows
+            if r["kind"] == "evaluate" and int(r["round"]) == rounds}
+
+
+def local_only(base: FedConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train one MoE per site on its own data only; returns per-site test accuracy and wall time."""
+    import torch
+
+    from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
+
+    torch.set_num_threads(base.threads)
+    acc: dict[int, float] = {}
+    t0 = time.perf_counter()
+    for site in range(base.num_sites):
+        data = tasks.load_site(base.data_dir, site, tasks.image_size(base.preset, base.image_size), base.max_train)
+        model, _ = tasks.build_model("classifier", base.preset, seed=base.seed, size=base.image_size)
+        cfg = ClassifierTrainConfig.preset(base.preset, epochs=base.rounds * base.local_epochs,
+                                           seed=base.seed + 104_729 * site, patience=base.rounds * base.local_epochs + 1)
+        train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=progress)
+        acc[site] = float(evaluate_classifier(model, data.x_test, data.y_test)["accuracy"])
+    return {"per_site": acc, "wall_s": time.perf_counter() - t0}
+
+
+def run_compare(base: FedConfig, out: Path, *, methods: tuple[str, ...] = ("local", "fedavg", "fedbn", "moe"),
+                progress: bool = True, timeout_s: float = 7200.0) -> dict[str, Any]:
+    """Run the comparison; ``base`` gives data, preset, rounds, local epochs, sites and seed."""
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "config": base.to_dict(),
+        "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine()},
+        "methods": {},
+    }
+    order = {k: i for i, (k, _, _) in enumerate(METHODS)}
+    for key in methods:  # run in the caller's order (partial results are written after each method)
+        if key not in order:
+            raise ValueError(f"unknown method {key!r}: choose from {', '.join(order)}")
+        _, label, split = METHODS[order[key]]
+        if key == "local":
+            res = local_only(base, progress=progress)
+        else:
+            cfg = replace(base, out_dir=str(out / key), phases=("classifier",), calibrate=False,
+                          classifier_split=split, strategy="fedavg")
+            m = run_sim(cfg, progress=progress, timeout_s=timeout_s)
+            res = {"per_site": _final_test_accuracy(m, cfg.rounds), "wall_s": m["sim_wall_s"],
+                   "rejected": len(m["phases"]["classifier"]["rejected"])}
+        accs = np.array([res["per_site"][s] for s in sorted(res["per_site"])])
+        if len(accs) != base.num_sites:
+            raise RuntimeError(f"{label}: got test accuracy for {len(accs)} of {base.num_sites} sites")
+        res.update(label=label, split=split, mean=float(accs.mean()), std=float(accs.std()))
+        results["methods"][key] = res
+        (out / "compare.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    results["methods"] = dict(sorted(results["methods"].items(), key=lambda kv: order[kv[0]]))
+    (out / "compare.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (out / "compare.md").write_text(markdown_table(results))
+    plot_compare(results, out / "compare.png")
+    return results
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per method, per-site test accuracy and mean ± std."""
+    cfg = results["config"]
+    n = cfg["num_sites"]
+    head = "| method | what is shared | " + " | ".join(f"site {k}" for k in range(n)) + " | mean ± std | wall (s) |"
+    sep = "|" + "---|" * (n + 4)
+    rows = [head, sep]
+    shared = {"none": "nothing", "all": "all weights", "fedbn": "all but norm layers", "moe": "global expert only"}
+    for res in results["methods"].values():
+        per = " | ".join(f"{res['per_site'][s] if s in res['per_site'] else res['per_site'][str(s)]:.3f}"
+                         for s in range(n))
+        rows.append(f"| {res['label']} | {shared[res['split']]} | {per} | {res['mean']:.3f} ± {res['std']:.3f} | "
+                    f"{res['wall_s']:.0f} |")
+    size = cfg["image_size"] or "preset"
+    rows.append("")
+    rows.append(f"Per-site test accuracy; preset {cfg['preset']}, image size {size}, {cfg['rounds']} rounds × "
+                f"{cfg['local_epochs']} local epoch(s) (local-only: the same number of epochs), seed {cfg['seed']}.")
+    return "\n".join(rows) + "\n"
+
+
+def plot_compare(results: dict[str, Any], path: Path) -> Path:
+    """Bars: mean ± std per method; dots: each site's accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results["methods"].values())
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    xs = np.arange(len(methods))
+    ax.bar(xs, [m["mean"] for m in methods], yerr=[m["std"] for m in methods], capsize=4, color="#9ecae1",
+           edgecolor="#3182bd", label="mean ± std over sites")
+    for i, m in enumerate(methods):
+        vals = [m["per_site"][k] for k in sorted(m["per_site"], key=int)]
+        ax.scatter(np.full(len(vals), i) + np.linspace(-0.15, 0.15, len(vals)), vals, color="k", s=14, zorder=3,
+                   label="a site" if i == 0 else None)
+    ax.set_xticks(xs, [m["label"] for m in methods])
+    ax.set_ylabel("per-site test accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    cfg = results["config"]
+    ax.set_title(f"non-IID sites: {cfg['num_sites']}, {cfg['rounds']} rounds, preset {cfg['preset']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

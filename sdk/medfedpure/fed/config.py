@@ -1,0 +1,153 @@
+"""The federated run's configuration: one frozen dataclass, flowing CLI → run folder → Flower run config.
+
+The same object reaches the ServerApp on both runtimes: ``fed sim`` passes it in-process; the
+deployment runtime gets it as the app's ``[tool.flwr.app.config]`` (``to_run_config`` /
+``from_run_config``: flat keys with dashes, as Flower's run config requires).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from medfedpure.fed.params import SPLITS
+from medfedpure.fed.strategies import STRATEGIES
+from medfedpure.fed.tasks import PHASES, PRESETS
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Options of one federated run.
+
+    data_dir: the data set root (``dataset.json``, ``splits.json``, ``site_k/``).
+    out_dir: the run folder RUN (layout in docs/interfaces.md "Run folder").
+    rounds: federated rounds per phase.   local_epochs: local epochs per round.
+    preset: "tiny" (tests, 32 px) or "small" (the default bundle, 128 px).
+    image_size: override the preset's image side (0: the preset's; a multiple of 16, e.g. 64).
+    strategy: aggregation rule for every phase (fedavg | fedmedian | fedtrimmedavg | krum).
+    num_sites: sites (= nodes); every round waits for all of them.
+    phases: which phases to run, in order (subset of classifier, mae, teacher, student).
+    calibrate: finish with each site calibrating its own gate (needs mae + student).
+    classifier_split: what travels for the classifier: "moe" (global expert only; the
+        personalised MoE), "all" (FedAvg of one model), "fedbn" (all but normalisation layers).
+    max_update_norm / max_relative_norm: update validation bounds (validation.py).
+    trim_beta: FedTrimmedAvg's trimmed fraction per side.  krum_f: Krum's assumed number of
+        malicious sites (-1: max(0, (n-3)//2)).
+    max_train: keep at most this many training scans per site (0: all; for quick runs).
+    poison_site / poison_scale: robustness experiments only — site ``poison_site`` (-1: none)
+        sends ``w + poison_scale · Δ`` instead of ``w + Δ``.
+    student_steps / purify_t_min / purify_t_max: the student's sampling steps K and the t* range
+        recorded in the student checkpoints (the gate calibration reads them).
+    seed: seeds model initialisation and every local training job.
+    threads: torch threads per client process.
+    round_timeout_s: how long the server waits for a round's replies.
+    """
+
+    data_dir: str
+    out_dir: str
+    rounds: int = 3
+    local_epochs: int = 1
+    preset: str = "tiny"
+    image_size: int = 0
+    strategy: str = "fedavg"
+    num_sites: int = 4
+    phases: tuple[str, ...] = PHASES
+    calibrate: bool = True
+    classifier_split: str = "moe"
+    max_update_norm: float = math.inf
+    max_relative_norm: float = 1.0
+    trim_beta: float = 0.25
+    krum_f: int = -1
+    max_train: int = 0
+    poison_site: int = -1
+    poison_scale: float = -10.0
+    student_steps: int = 2
+    purify_t_min: int = 20
+    purify_t_max: int = 150
+    seed: int = 0
+    threads: int = 1
+    round_timeout_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.phases, str):
+            object.__setattr__(self, "phases", tuple(p for p in self.phases.split(",") if p))
+        object.__setattr__(self, "phases", tuple(self.phases))
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise ValueError(f"rounds={self.rounds}, local_epochs={self.local_epochs}: both must be >= 1")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: use 'tiny' or 'small'")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.num_sites < 1:
+            raise ValueError(f"num_sites={self.num_sites}: need at least one site")
+        bad = [p for p in self.phases if p not in PHASES]
+        if bad or not self.phases:
+            raise ValueError(f"phases={self.phases}: choose a non-empty subset of {', '.join(PHASES)}")
+        order = [PHASES.index(p) for p in self.phases]
+        if order != sorted(order) or len(set(order)) != len(order):
+            raise ValueError(f"phases={self.phases}: list each phase once, in the order {', '.join(PHASES)}")
+        if self.classifier_split not in SPLITS or self.classifier_split == "none":
+            raise ValueError(f"classifier_split={self.classifier_split!r}: use moe, all or fedbn")
+        if not (self.max_update_norm > 0 and self.max_relative_norm > 0):
+            raise ValueError("max_update_norm and max_relative_norm must be > 0 (inf disables)")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ValueError(f"trim_beta={self.trim_beta}: must be in [0, 0.5)")
+        if self.krum_f < -1 or self.krum_f >= self.num_sites:
+            raise ValueError(f"krum_f={self.krum_f}: -1 (auto) or in [0, num_sites)")
+        if self.image_size < 0 or self.image_size % 16:
+            raise ValueError(f"image_size={self.image_size}: 0 (the preset's) or a positive multiple of 16")
+        if self.max_train < 0 or self.threads < 1 or self.round_timeout_s <= 0:
+            raise ValueError("max_train must be >= 0, threads >= 1, round_timeout_s > 0")
+        if self.student_steps not in (1, 2, 4) or not 0 <= self.purify_t_min <= self.purify_t_max:
+            raise ValueError(f"student_steps={self.student_steps} (1, 2 or 4), purify range "
+                             f"[{self.purify_t_min}, {self.purify_t_max}] (0 <= t_min <= t_max)")
+        if self.poison_site >= self.num_sites:
+            raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
+
+    # --- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["phases"] = list(self.phases)
+        return d
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fed": self.to_dict()}, indent=2, sort_keys=True, default=str))
+
+    @classmethod
+    def load(cls, path: Path) -> FedConfig:
+        return cls(**json.loads(Path(path).read_text())["fed"])
+
+    def to_run_config(self) -> dict[str, str | int | float | bool]:
+        """Flat Flower run config (``[tool.flwr.app.config]``): keys with dashes, infinities as strings."""
+        out: dict[str, str | int | float | bool] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "phases":
+                v = ",".join(v)
+            elif isinstance(v, float) and not math.isfinite(v):
+                v = str(v)
+            out[f.name.replace("_", "-")] = v
+        return out
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> FedConfig:
+        """Inverse of :meth:`to_run_config` (unknown keys are an error: they would be silently ignored)."""
+        names = {f.name: f for f in fields(cls)}
+        kw: dict[str, Any] = {}
+        for key, v in rc.items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise ValueError(f"unknown run config key {key!r}: known keys are {sorted(k.replace('_', '-') for k in names)}")
+            ftype = str(names[name].type)
+            if ftype == "float" and isinstance(v, str):
+                v = float(v)
+            elif ftype == "float":
+                v = float(v)
+            elif ftype == "int":
+                v = int(v)
+            kw[name] = v
+        return cls(**kw)

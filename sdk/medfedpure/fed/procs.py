@@ -1,0 +1,124 @@
+"""Processes a federated run starts, found again and stopped — nothing is left behind.
+
+Every process a run starts (the simulation worker, Ray's raylet / GCS / workers, SuperLink,
+SuperNodes, their ClientApp and ServerApp subprocesses) inherits the environment variable
+``MEDFEDPURE_FED_RUN=<token>`` with a fresh random token. After the run, :func:`stop_marked` finds
+every process of this user whose environment carries that token (``/proc/<pid>/environ``) and
+stops it (SIGTERM, then SIGKILL after a grace period). Processes that re-parent themselves to
+init (Ray daemons do) are found all the same; processes of other runs are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MARKER = "MEDFEDPURE_FED_RUN"
+
+# Environment for every Flower / Ray process of a run (shared/FACTS.md "Flower 1.42").
+QUIET_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "ORT_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def run_env(token: str, flwr_home: Path) -> dict[str, str]:
+    """``os.environ`` plus the quiet settings, ``FLWR_HOME`` and the run's marker."""
+    env = dict(os.environ)
+    env.update(QUIET_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env[MARKER] = token
+    return env
+
+
+def marked_pids(token: str, cmd_contains: str = "") -> list[int]:
+    """PIDs of this user's live processes whose environment carries ``MARKER=token``
+    (and whose command line contains ``cmd_contains``, when given)."""
+    needle = f"{MARKER}={token}".encode()
+    me = os.getpid()
+    uid = os.getuid()
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        pid = int(d.name)
+        if pid == me:
+            continue
+        try:
+            if d.stat().st_uid != uid:
+                continue
+            env = (d / "environ").read_bytes()
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":  # a zombie holds nothing; its parent reaps it
+            continue
+        if needle in env.split(b"\0"):
+            if cmd_contains:
+                try:
+                    if cmd_contains.encode() not in (d / "cmdline").read_bytes():
+                        continue
+                except OSError:
+                    continue
+            pids.append(pid)
+    return sorted(pids)
+
+
+def stop_marked(token: str, grace_s: float = 5.0) -> list[int]:
+    """Stop every process carrying the token; returns the PIDs still alive afterwards (normally [])."""
+    pids = marked_pids(token)
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            pids = marked_pids(token)
+            if not pids:
+                break
+            time.sleep(0.1)
+    return marked_pids(token)
+
+
+@contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """Turn SIGTERM / SIGHUP into ``SystemExit`` while the block runs (the shell's ``trap``).
+
+    Python's default SIGTERM action ends the process without running ``finally`` blocks, which
+    would orphan the SuperLink, SuperNodes or Ray daemons of a run; as an exception, the caller's
+    cleanup runs. Only installed from the main thread (signal handlers cannot be set elsewhere).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = {sig: signal.signal(sig, _raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

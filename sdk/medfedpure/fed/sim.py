@@ -1,0 +1,148 @@
+"""Simulation runtime: the federation on one machine, in a child process that leaves nothing behind.
+
+``run_sim(cfg)`` writes ``RUN/config.json``, starts ``python -m medfedpure.fed.sim RUN/config.json``
+in a new session with the run's marker in its environment (``procs.py``), shows progress from the
+run's metrics, waits, then stops every marked process that is still alive (Ray daemons included)
+and checks that none is left. The worker calls ``flwr.simulation.run_simulation`` with the
+in-process ServerApp bound to ``cfg`` and the ClientApp of ``client_app.py``, on the Ray backend
+with one CPU: one client at a time, the fastest setting on a small machine (asking Ray for more
+CPUs than exist hangs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medfedpure.fed import procs
+from medfedpure.fed.config import FedConfig
+
+
+class FederationError(RuntimeError):
+    """The federated run failed; the message carries the tail of its log."""
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def _rounds_done(progress_path: Path) -> int:
+    """Rounds finished so far, over all phases (the server writes RUN/progress.json after each round)."""
+    try:
+        return int(json.loads(progress_path.read_text())["rounds_done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True) -> dict[str, Any]:
+    """Run the simulation for ``cfg``; returns ``RUN/metrics.json`` plus ``sim_wall_s`` and ``leftover_pids``.
+
+    Raises :class:`FederationError` when the run fails or times out (after stopping its processes).
+    """
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    for stale in ("metrics.json", "server_error.txt", "progress.json"):  # a stale file would pass for this run's result
+        (out / stale).unlink(missing_ok=True)
+    log_path = out / "fed_sim.log"
+    token = procs.new_token()
+    env = procs.run_env(token, out / ".flwr")
+    total_rounds = cfg.rounds * len(cfg.phases)
+    t0 = time.perf_counter()
+    rc: int | None = None
+    with open(log_path, "w") as log, procs.exit_on_signals():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "medfedpure.fed.sim", str(out / "config.json")],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total_rounds, desc="federated rounds", unit="round", dynamic_ncols=True)
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if bar is not None:
+                    bar.n = _rounds_done(out / "progress.json")
+                    bar.refresh()
+                if time.perf_counter() - t0 > timeout_s:
+                    break
+            if bar is not None:
+                bar.n = _rounds_done(out / "progress.json")
+                bar.close()
+        finally:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, 15)
+                except ProcessLookupError:
+                    pass
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+            stragglers = procs.marked_pids(token)
+            leftover = procs.stop_marked(token)
+    wall = time.perf_counter() - t0
+    if rc is None:
+        raise FederationError(f"simulation exceeded {timeout_s:.0f} s and was stopped; log {log_path}:\n{_tail(log_path)}")
+    if rc != 0:
+        raise FederationError(f"simulation failed (exit {rc}); log {log_path}:\n{_tail(log_path)}")
+    if leftover:
+        raise FederationError(f"processes {leftover} of the run survived SIGKILL")
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["sim_wall_s"] = wall
+    metrics["leftover_pids"] = leftover
+    metrics["proc_token"] = token
+    metrics["stragglers_stopped"] = len(stragglers)  # alive after the run ended; stopped by marker
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    return metrics
+
+
+def _worker(config_path: str) -> int:
+    """Child-process entry: run the simulation for the config at ``config_path``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import torch
+    from flwr.simulation import run_simulation
+
+    from medfedpure.fed.client_app import app as client_app
+    from medfedpure.fed.server_app import make_server_app
+
+    torch.set_num_threads(1)
+    cfg = FedConfig.load(Path(config_path))
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "logging_level": "warning"},
+    }
+    run_simulation(
+        server_app=make_server_app(cfg), client_app=client_app, num_supernodes=cfg.num_sites,
+        backend_name="ray", backend_config=backend_config,
+    )
+    # run_simulation logs ServerApp exceptions instead of raising them: the metrics decide.
+    metrics_path = Path(cfg.out_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        return 2
+    m = json.loads(metrics_path.read_text())
+    done = [p for p in cfg.phases if p in m.get("phases", {})]
+    if done != list(cfg.phases) or (cfg.calibrate and "calibration" not in m) or "wall_s" not in m:
+        print(f"federation incomplete: phases done {done} of {list(cfg.phases)}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))

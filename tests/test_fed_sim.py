@@ -1,0 +1,179 @@
+"""Federated runs end to end: the simulation runtime and the deployment runtime (SuperLink + SuperNodes)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from medfedpure.fed import procs
+from medfedpure.fed.config import FedConfig
+from medfedpure.fed.deploy import write_app
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def _other_run(pid: int, token: str) -> bool:
+    """True when ``pid`` belongs to another federated run (it carries a different run marker)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    marks = [e for e in env if e.startswith(procs.MARKER.encode() + b"=")]
+    return bool(marks) and marks[0] != f"{procs.MARKER}={token}".encode()
+
+
+def _new_flower_ray_pids(before: set[int], token: str) -> set[int]:
+    """Ray / Flower processes that appeared since ``before``, other federated runs excepted."""
+    return {p for p in _flower_ray_pids() - before if not _other_run(p, token)}
+
+
+def _flower_ray_pids() -> set[int]:
+    """This user's live ray / flower processes (by command line)."""
+    out = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "pid=,stat=,args="],
+                         capture_output=True, text=True).stdout
+    pids = set()
+    for line in out.splitlines():
+        pid, stat, args = line.strip().split(None, 2)
+        if "Z" not in stat and any(w in args for w in ("raylet", "gcs_server", "ray::", "flower-", "flwr-")):
+            pids.add(int(pid))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
+
+    root = tmp_path_factory.mktemp("fed_sim_data") / "synth"
+    generate_synthetic(root, SynthConfig(sites=2, per_site=20, size=32, seed=0), workers=1, progress=False)
+    make_splits(root, seed=0)
+    return root
+
+
+def test_config_validation_and_run_config_roundtrip(tmp_path: Path) -> None:
+    cfg = FedConfig(data_dir="d", out_dir="o", rounds=2, strategy="krum", phases="classifier,mae",
+                    max_update_norm=math.inf, num_sites=3)
+    assert cfg.phases == ("classifier", "mae")
+    back = FedConfig.from_run_config(cfg.to_run_config())
+    assert back == cfg
+    for bad, match in (({"strategy": "fedsgd"}, "strategy"), ({"phases": ("mae", "classifier")}, "order"),
+                       ({"preset": "large"}, "preset"), ({"rounds": 0}, "rounds"), ({"classifier_split": "none"}, "split"),
+                       ({"poison_site": 5}, "poison_site"), ({"image_size": 50}, "image_size")):
+        with pytest.raises(ValueError, match=match):
+            FedConfig(data_dir="d", out_dir="o", **bad)
+    with pytest.raises(ValueError, match="unknown run config key 'round'"):
+        FedConfig.from_run_config({"round": 3, "data-dir": "d", "out-dir": "o"})
+    # The generated Flower App carries the same config.
+    app = write_app(cfg, tmp_path / "app")
+    toml = tomllib.loads((app / "pyproject.toml").read_text())
+    comps = toml["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "medfedpure_fedapp.server:app", "clientapp": "medfedpure_fedapp.client:app"}
+    assert FedConfig.from_run_config(toml["tool"]["flwr"]["app"]["config"]) == cfg
+
+
+@pytest.mark.slow
+def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
+    """All phases + calibration on 2 tiny sites, 2 rounds: run folder, finite metrics, no process left."""
+    from medfedpure.fed.sim import run_sim
+    from medfedpure.train.checkpoint import load_model
+
+    before = _flower_ray_pids()
+    out = tmp_path / "run"
+    cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=2, num_sites=2, max_train=8)
+    m = run_sim(cfg, progress=False, timeout_s=900)
+
+    for name in ("config.json", "metrics.json", "fed_metrics.png", "mae.safetensors", "teacher.safetensors",
+                 "student.safetensors", "classifier_global.safetensors"):
+        assert (out / name).is_file(), name
+    for k in range(2):
+        assert (out / f"site_{k}" / "classifier.safetensors").is_file()
+        calib = json.loads((out / f"site_{k}" / "calibration.json").read_text())
+        assert math.isfinite(calib["tau"]) and calib["tau_high"] > calib["tau"] and calib["schedule_source"] == "student checkpoint"
+    assert set(m["phases"]) == {"classifier", "mae", "teacher", "student"} and set(m["calibration"]) == {"0", "1"}
+    for phase, p in m["phases"].items():
+        rows = p["per_site"]
+        assert {(r["round"], r["kind"], r["site"]) for r in rows} == {
+            (r, k, s) for r in (1, 2) for k in ("train", "evaluate") for s in (0, 1)}, phase
+        assert not p["rejected"] and not p["errors"]
+        for r in rows:
+            vals = [v for k, v in r.items() if isinstance(v, float)]
+            assert vals and all(math.isfinite(v) for v in vals), (phase, r)
+    acc = [r["test_accuracy"] for r in m["phases"]["classifier"]["per_site"] if r["kind"] == "evaluate"]
+    assert all(0.0 <= a <= 1.0 for a in acc)
+
+    # Per-site classifiers share the global expert exactly and differ in their local parts.
+    m0, _, meta0 = load_model(out / "site_0" / "classifier.safetensors")
+    m1, _, _ = load_model(out / "site_1" / "classifier.safetensors")
+    g0, g1 = m0.global_state_dict(), m1.global_state_dict()
+    assert all(np.array_equal(g0[k].numpy(), g1[k].numpy()) for k in g0)
+    assert not np.array_equal(m0.state_dict()["gate.0.weight"].numpy(), m1.state_dict()["gate.0.weight"].numpy())
+    assert meta0["site"] == 0 and meta0["federated"] is True
+    student_meta = load_model(out / "student.safetensors")[2]
+    assert (student_meta["steps"], student_meta["t_min"], student_meta["t_max"]) == (2, 20, 150)
+
+    assert m["leftover_pids"] == [] and procs.marked_pids(m["proc_token"]) == []
+    assert _new_flower_ray_pids(before, m["proc_token"]) == set()
+
+
+@pytest.mark.slow
+def test_deployment_runtime_two_sites_one_round(tiny_data: Path, tmp_path: Path) -> None:
+    """SuperLink + 2 SuperNodes on 127.0.0.1, `flwr run`, 1 round of the classifier; everything stopped."""
+    from medfedpure.fed.deploy import run_deployment
+
+    before = _flower_ray_pids()
+    out = tmp_path / "dep"
+    cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=1, num_sites=2, max_train=8,
+                    phases=("classifier",), calibrate=False)
+    m = run_deployment(cfg, timeout_s=400)
+    p = m["phases"]["classifier"]
+    assert sorted((r["kind"], r["site"]) for r in p["per_site"]) == [("evaluate", 0), ("evaluate", 1),
+                                                                      ("train", 0), ("train", 1)]
+    assert not p["rejected"] and not p["errors"]
+    for k in range(2):
+        assert (out / f"site_{k}" / "classifier.safetensors").is_file()
+        assert (out / f"site_{k}" / "classifier_local.safetensors").is_file()
+    assert (out / "classifier_global.safetensors").is_file() and not (out / "server_error.txt").exists()
+    assert m["deploy_wall_s"] > 0 and m["leftover_pids"] == [] and procs.marked_pids(m["proc_token"]) == []
+    assert _new_flower_ray_pids(before, m["proc_token"]) == set()
+
+
+def test_sigterm_runs_cleanup_and_stops_marked_processes(tmp_path: Path) -> None:
+    """A run killed with SIGTERM still stops every process carrying its marker (the `trap`)."""
+    import signal
+    import sys
+    import time
+
+    token = procs.new_token()
+    script = tmp_path / "runner.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "from pathlib import Path\n"
+        "from medfedpure.fed import procs\n"
+        f"token = {token!r}\n"
+        "env = procs.run_env(token, Path(sys.argv[1]))\n"
+        "with procs.exit_on_signals():\n"
+        "    try:\n"
+        "        subprocess.Popen(['sleep', '120'], env=env, start_new_session=True)\n"
+        "        print('ready', flush=True)\n"
+        "        time.sleep(120)\n"
+        "    finally:\n"
+        "        print('left', procs.stop_marked(token), flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / ".flwr")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 10
+    while not procs.marked_pids(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(procs.marked_pids(token)) == 1  # the detached `sleep`
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert out.strip() == "left []"
+    assert procs.marked_pids(token) == []
