@@ -166,7 +166,7 @@ def calibrate_command(
                f"val_false_flag_rate={calib['val_false_flag_rate']:.3f} (n={calib['num_val_scans']})")
 
 
-PURIFY_T = typer.Option((20, 150), "--purify-range", help="t* range [t_min, t_max] (of T = 1000) recorded "
+PURIFY_T = typer.Option((60, 200), "--purify-range", help="t* range [t_min, t_max] (of T = 1000) recorded "
                         "in the student checkpoint for the gate's calibration.")
 
 
