@@ -57,13 +57,16 @@ step "benchmark: GPU part"
 "$PY" benchmarks/kernel.py --device cuda --out "$OUT/kernel_gpu.json" || echo "GPU benchmark FAILED"
 "$PY" benchmarks/kernel.py --device cuda --stat topk --topk 16 --dtypes float16 --sizes 224 \
   --out "$OUT/kernel_gpu_topk.json" || echo "GPU topk benchmark FAILED"
+"$PY" benchmarks/kernel.py --device cuda --stat hfratio --patch 8 --dtypes float16 float32 --sizes 128 224 \
+  --batches 1 4 8 --out "$OUT/kernel_gpu_hfratio.json" || echo "GPU hfratio benchmark FAILED"
 
 step "compute-sanitizer memcheck + racecheck (a few launches)"
 cat > /tmp/mfp_sanitize.py <<'EOF'
 import numpy as np, torch
 from medfedpure import ops
 rng = np.random.default_rng(0)
-for dtype, s, p, stat, norm in (("float16", 224, 16, "topk", True), ("float32", 64, 8, "mean", False), ("float32", 36, 4, "topk", True)):
+for dtype, s, p, stat, norm in (("float16", 224, 16, "topk", True), ("float32", 64, 8, "mean", False), ("float32", 36, 4, "topk", True),
+                                   ("float16", 224, 8, "hfratio", False), ("float32", 35, 5, "hfratio", False)):
     x = torch.from_numpy(rng.random((3, s, s), dtype=np.float32)).to("cuda", getattr(torch, dtype))
     r = x[:, None].repeat(1, 2, 1, 1) + 0.1
     vis = np.zeros((2, (s // p) ** 2), bool); vis[0, ::2] = True

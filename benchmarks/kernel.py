@@ -4,7 +4,9 @@ CPU (default): the C++ kernel (bare binding, and through ``medfedpure.ops.patch_
 validation) against the numpy oracle and against the same computation as a chain of torch ops,
 batch 1/4/8/32 at 128 and 224 px, K = 4 complementary mask sets (each patch hidden by 3 of 4, an
 MAE at 75 % masking). The methods run round-robin inside every repetition, so a noisy, shared
-machine slows them alike; the table reports medians and the ratios of one run.
+machine slows them alike; the table reports medians and the ratios of one run. The same table
+then gets the ``stat="hfratio"`` rows (batch 1/4/8 at 128 px, patch 8, m = Np/2; ``--no-hfratio``
+leaves them out).
 
 GPU (``--device cuda``): the CUDA kernel (bare launch with preallocated outputs, and through
 ``patch_gate``), the torch-op chain and an empty kernel launch (the floor), each timed with CUDA
@@ -88,48 +90,50 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     many = min(os.cpu_count() or 1, 16)  # the C++ kernel splits the batch over std::threads
     rows = []
-    for size in args.sizes:
-        for batch in args.batches:
-            x, recon, vis = make_inputs(batch, size, args.sets, args.patch, "float32", seed=batch * 1000 + size)
-            kw = gate_kwargs(args.patch, args.stat, args.topk)
-            xt, rt, vt = torch.from_numpy(x), torch.from_numpy(recon), torch.from_numpy(vis)
-            code = ops.STATS[args.stat]
+    configs = [(size, batch, args.stat, args.patch, args.topk) for size in args.sizes for batch in args.batches]
+    if not args.no_hfratio:
+        configs += [(128, batch, "hfratio", 8, 0) for batch in (1, 4, 8)]
+    for size, batch, stat, patch, topk in configs:
+        x, recon, vis = make_inputs(batch, size, args.sets, patch, "float32", seed=batch * 1000 + size)
+        kw = gate_kwargs(patch, stat, topk)
+        xt, rt, vt = torch.from_numpy(x), torch.from_numpy(recon), torch.from_numpy(vis)
+        code = ops.STATS[stat]
 
-            def bare(x=x, recon=recon, vis=vis, kw=kw, code=code, threads=args.threads):
-                return ops._C.patch_gate(x, recon, vis, patch=kw["patch"], stat=code, topk=kw["topk"], norm_pix=False,
-                                         tau=kw["tau"], tau_high=kw["tau_high"], t_min=10, t_max=100, floor=False,
-                                         num_threads=threads)
+        def bare(x=x, recon=recon, vis=vis, kw=kw, code=code, threads=args.threads):
+            return ops._C.patch_gate(x, recon, vis, patch=kw["patch"], stat=code, topk=kw["topk"], norm_pix=False,
+                                     tau=kw["tau"], tau_high=kw["tau_high"], t_min=10, t_max=100, floor=False,
+                                     num_threads=threads)
 
-            methods = {
-                "cpp_kernel": bare,
-                f"cpp_kernel_{many}_threads": lambda bare=bare: bare(threads=many),
-                "cpp_patch_gate": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate(x, recon, vis, num_threads=args.threads, **kw),
-                "torch_chain": lambda xt=xt, rt=rt, vt=vt, kw=kw: ops.patch_gate_torch(xt, rt, vt, validate=False, **kw),
-                "numpy_reference": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate_reference(x, recon, vis, **kw),
-            }
-            reps = args.reps if size * size * batch <= 224 * 224 * 8 else max(5, args.reps // 4)
-            med = time_round_robin(methods, reps=reps, warmup=args.warmup)
-            ref = methods["numpy_reference"]()
-            got = bare()
-            tch = methods["torch_chain"]()
-            rows.append({
-                "size": size, "batch": batch, "sets": args.sets, "patch": args.patch, "stat": args.stat, "reps": reps,
-                "us": med,
-                "torch_over_cpp_kernel": med["torch_chain"] / med["cpp_kernel"],
-                "cpp_threads_speedup": med["cpp_kernel"] / med[f"cpp_kernel_{many}_threads"],
-                "torch_over_cpp_patch_gate": med["torch_chain"] / med["cpp_patch_gate"],
-                "reference_over_cpp_kernel": med["numpy_reference"] / med["cpp_kernel"],
-                "cpp_equals_reference_bitwise": bool(np.array_equal(got[0], ref.score)),
-                "torch_max_rel_err": float(np.max(np.abs(tch.score.numpy() / ref.score - 1))),
-            })
-            console.log(f"S={size} B={batch}: " + ", ".join(f"{k} {v:.0f} us" for k, v in med.items()))
-    table = Table(title=f"patch gate on CPU ({args.threads} thread(s); K={args.sets}, patch={args.patch}, stat={args.stat})")
-    for col in ("S", "B", "C++ kernel µs", f"C++ {many} thr µs", "patch_gate() µs", "torch chain µs", "numpy ref µs",
+        methods = {
+            "cpp_kernel": bare,
+            f"cpp_kernel_{many}_threads": lambda bare=bare: bare(threads=many),
+            "cpp_patch_gate": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate(x, recon, vis, num_threads=args.threads, **kw),
+            "torch_chain": lambda xt=xt, rt=rt, vt=vt, kw=kw: ops.patch_gate_torch(xt, rt, vt, validate=False, **kw),
+            "numpy_reference": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate_reference(x, recon, vis, **kw),
+        }
+        reps = args.reps if size * size * batch <= 224 * 224 * 8 else max(5, args.reps // 4)
+        med = time_round_robin(methods, reps=reps, warmup=args.warmup)
+        ref = methods["numpy_reference"]()
+        got = bare()
+        tch = methods["torch_chain"]()
+        rows.append({
+            "size": size, "batch": batch, "sets": args.sets, "patch": patch, "stat": stat, "reps": reps,
+            "us": med,
+            "torch_over_cpp_kernel": med["torch_chain"] / med["cpp_kernel"],
+            "cpp_threads_speedup": med["cpp_kernel"] / med[f"cpp_kernel_{many}_threads"],
+            "torch_over_cpp_patch_gate": med["torch_chain"] / med["cpp_patch_gate"],
+            "reference_over_cpp_kernel": med["numpy_reference"] / med["cpp_kernel"],
+            "cpp_equals_reference_bitwise": bool(np.array_equal(got[0], ref.score)),
+            "torch_max_rel_err": float(np.max(np.abs(tch.score.numpy() / ref.score - 1))),
+        })
+        console.log(f"{stat} P={patch} S={size} B={batch}: " + ", ".join(f"{k} {v:.0f} us" for k, v in med.items()))
+    table = Table(title=f"patch gate on CPU ({args.threads} thread(s); K={args.sets})")
+    for col in ("stat", "P", "S", "B", "C++ kernel µs", f"C++ {many} thr µs", "patch_gate() µs", "torch chain µs", "numpy ref µs",
                 "torch / C++", "torch / patch_gate()", "ref / C++", "bit-equal"):
         table.add_column(col, justify="right")
     for r in rows:
         u = r["us"]
-        table.add_row(str(r["size"]), str(r["batch"]), f"{u['cpp_kernel']:.0f}", f"{u[f'cpp_kernel_{many}_threads']:.0f}",
+        table.add_row(r["stat"], str(r["patch"]), str(r["size"]), str(r["batch"]), f"{u['cpp_kernel']:.0f}", f"{u[f'cpp_kernel_{many}_threads']:.0f}",
                       f"{u['cpp_patch_gate']:.0f}",
                       f"{u['torch_chain']:.0f}", f"{u['numpy_reference']:.0f}", f"{r['torch_over_cpp_kernel']:.1f}×",
                       f"{r['torch_over_cpp_patch_gate']:.1f}×", f"{r['reference_over_cpp_kernel']:.0f}×",
@@ -200,6 +204,7 @@ def bench_cuda(args: argparse.Namespace) -> dict:
                 t_star = torch.empty(batch, dtype=torch.int32, device=dev)
                 err = torch.empty(batch, n, device=dev)
                 counters = torch.zeros(batch, dtype=torch.int32, device=dev)
+                work = torch.empty(batch, n, device=dev)  # hfratio's scratch (unused by the other stats)
                 stream = torch.cuda.current_stream().cuda_stream
                 dcode = 1 if dtype == "float16" else 0
                 ptrs = (xd.data_ptr(), rd.data_ptr(), vis_u8.data_ptr())
@@ -207,7 +212,7 @@ def bench_cuda(args: argparse.Namespace) -> dict:
                 call = (ptrs[0], dcode, ptrs[1], dcode, ptrs[2], batch, args.sets, size, kw["patch"],
                         ops.STATS[kw["stat"]], kw["topk"], False, kw["tau"], kw["tau_high"], 10, 100, False,
                         score.data_ptr(), flag.data_ptr(), t_star.data_ptr(), err.data_ptr(),
-                        counters.data_ptr(), stream)
+                        counters.data_ptr(), stream, work.data_ptr())
 
                 def bare(call=call):
                     code = ops._C_cuda.patch_gate(*call)
@@ -222,7 +227,7 @@ def bench_cuda(args: argparse.Namespace) -> dict:
                 med = {k: cuda_time(f, args.inner, args.reps, args.warmup) for k, f in methods.items()}
 
                 def bare_on(stream: int, call=call) -> None:
-                    code = ops._C_cuda.patch_gate(*call[:-1], stream)
+                    code = ops._C_cuda.patch_gate(*call[:-2], stream, call[-1])
                     assert code == 0, ops._C_cuda.error_string(code)
 
                 graph = {
@@ -278,6 +283,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--inner", type=int, default=50, help="GPU: calls per CUDA-event sample")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch and C++ threads")
+    p.add_argument("--no-hfratio", action="store_true", help="CPU: leave out the stat='hfratio' rows")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.stat == "topk" and args.topk < 1:

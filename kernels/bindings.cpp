@@ -64,7 +64,7 @@ py::tuple patch_gate(const py::array& x, const py::array& recon, const py::array
   py::array_t<int32_t> t_star(p.batch);
   py::array_t<float> patch_err({static_cast<py::ssize_t>(p.batch), np});
   medfedpure::GateOutputs out{score.mutable_data(), reinterpret_cast<uint8_t*>(flag.mutable_data()),
-                              t_star.mutable_data(), patch_err.mutable_data()};
+                              t_star.mutable_data(), patch_err.mutable_data(), nullptr};
   {
     py::gil_scoped_release release;
     medfedpure::patch_gate_cpu(x.data(), xd, recon.data(), rd,
@@ -82,8 +82,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tau"), py::arg("tau_high"), py::arg("t_min"), py::arg("t_max"), py::arg("floor"),
         py::arg("num_threads") = 0,
         "x [B,S,S], recon [B,K,S,S] float32/float16 C-contiguous, visible [K,Np] bool; stat code "
-        "0 = mean, 1 = topk. Returns (score [B] f32, flag [B] bool, t_star [B] i32, patch_err "
+        "0 = mean, 1 = topk, 2 = hfratio (topk = m, 0 = Np/2; patch_err = the ratios e). Returns (score [B] f32, flag [B] bool, t_star [B] i32, patch_err "
         "[B,Np] f32).");
   m.attr("STAT_MEAN") = static_cast<int>(medfedpure::GateStat::kMean);
   m.attr("STAT_TOPK") = static_cast<int>(medfedpure::GateStat::kTopK);
+  m.attr("STAT_HFRATIO") = static_cast<int>(medfedpure::GateStat::kHfRatio);
 }

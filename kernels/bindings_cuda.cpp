@@ -22,7 +22,7 @@ int patch_gate(uintptr_t x, int x_dtype, uintptr_t recon, int recon_dtype, uintp
                int batch, int sets, int size, int patch, int stat, int topk, bool norm_pix,
                double tau, double tau_high, int t_min, int t_max, bool floor, uintptr_t score,
                uintptr_t flag, uintptr_t t_star, uintptr_t patch_err, uintptr_t counters,
-               uintptr_t stream) {
+               uintptr_t stream, uintptr_t work) {
   medfedpure::GateParams p{};
   p.batch = batch;
   p.sets = sets;
@@ -41,7 +41,7 @@ int patch_gate(uintptr_t x, int x_dtype, uintptr_t recon, int recon_dtype, uintp
     throw py::value_error("dtype codes: 0 = float32, 1 = float16");
   medfedpure::GateOutputs out{reinterpret_cast<float*>(score), reinterpret_cast<uint8_t*>(flag),
                               reinterpret_cast<int32_t*>(t_star),
-                              reinterpret_cast<float*>(patch_err)};
+                              reinterpret_cast<float*>(patch_err), reinterpret_cast<float*>(work)};
   return medfedpure::patch_gate_cuda(
       reinterpret_cast<const void*>(x), static_cast<medfedpure::DType>(x_dtype),
       reinterpret_cast<const void*>(recon), static_cast<medfedpure::DType>(recon_dtype),
@@ -58,17 +58,20 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("sets"), py::arg("size"), py::arg("patch"), py::arg("stat"), py::arg("topk"),
         py::arg("norm_pix"), py::arg("tau"), py::arg("tau_high"), py::arg("t_min"),
         py::arg("t_max"), py::arg("floor"), py::arg("score"), py::arg("flag"), py::arg("t_star"),
-        py::arg("patch_err"), py::arg("counters"), py::arg("stream"),
+        py::arg("patch_err"), py::arg("counters"), py::arg("stream"), py::arg("work") = 0,
         "Enqueue the gate on `stream` (arguments may be positional: keyword parsing costs host "
         "time per launch). Device pointers: x [B,S,S], recon [B,K,S,S] (dtype code 0 = "
         "float32, 1 = float16), visible [K,Np] uint8, score [B] f32, flag [B] u8, t_star [B] i32, "
-        "patch_err [B,Np] f32, counters [B] u32 (zero before, zero after). Returns the "
-        "cudaError_t of the launch (0 = enqueued) or -1 when the sizes exceed the kernel's limits "
-        "(shared memory: max(K S + 2 S/P, (2 for topk, else 1) Np) floats <= 12288; B <= 65535).");
+        "patch_err [B,Np] f32, counters [B] u32 (zero before, zero after), work [B,Np] f32 scratch "
+        "(stat 2 = hfratio only; else 0). Returns the cudaError_t of the launch (0 = enqueued) or "
+        "-1 when the sizes exceed the kernel's limits (shared memory: max(K S + 2 S/P, (2 for topk, "
+        "else 1) Np) floats, hfratio max(K S + (2P-3) S/P, 3 Np), <= 12288; B <= 65535) or hfratio "
+        "has no work buffer.");
   m.def("empty_launch", [](uintptr_t stream) { return medfedpure::empty_launch(reinterpret_cast<void*>(stream)); },
         py::arg("stream"), "Launch an empty kernel <<<1,1>>> on `stream` (the timing floor).");
   m.def("runtime_version", &medfedpure::cuda_runtime_version);
   m.def("error_string", &medfedpure::cuda_error_string, py::arg("code"));
   m.attr("STAT_MEAN") = static_cast<int>(medfedpure::GateStat::kMean);
   m.attr("STAT_TOPK") = static_cast<int>(medfedpure::GateStat::kTopK);
+  m.attr("STAT_HFRATIO") = static_cast<int>(medfedpure::GateStat::kHfRatio);
 }

@@ -18,6 +18,21 @@
 //     then partial[j] += partial[j+w] for w = 16, 8, 4, 2, 1; the result is partial[0]
 //     (exactly a warp's shuffle-down reduction);
 //   * decision (gate_decide below): see its comment.
+//
+// stat hfratio (pixel-space MAE only: norm_pix is refused; P >= 3). z = x as float32; per patch:
+//   * a(r,j) = (z(r,j) - 2*z(r,j+1)) + z(r,j+2)                  r in [0,P), j in [0,P-2)
+//     l(i,j) = ((a(i,j) - 2*a(i+1,j)) + a(i+2,j)) / 4            i, j in [0,P-2)
+//     h = patch sum of l^2 (row partials left to right, rows top to bottom) / (P-2)^2
+//   * g(i,j) = (((z(i,j) - z(i,j+1)) - z(i+1,j)) + z(i+1,j+1)) / 2   i, j in [0,P-1)
+//     d = patch sum of g^2 (same order) / (P-1)^2
+//   * e[b,p] = h / (d + 1e-6f)                                  -> patch_err
+//   * w[p] = (((r_k0 + r_k1) + ...) over the hiding sets in increasing k) / n_hiding,
+//     r_k = patch sum of recon[b,k] (same order) / P^2          (the MAE's tissue level)
+//   * m = topk, or max(1, Np / 2) when topk == 0; selected = the m patches of largest w (rank by
+//     #larger + #equal with a lower index < m, as for topk);
+//   * lo, hi = the ((m-1)/2)-th and (m/2)-th smallest e among the selected (0-based);
+//     score = lo when m is odd, else (lo + hi) / 2. Exact for finite values; a NaN in the
+//     selection voids the contract for that scan (order statistics of NaN are undefined).
 #pragma once
 #include <cstdint>
 
@@ -33,9 +48,9 @@ namespace medfedpure {
 // Element types of x and recon. Values match medfedpure.ops._DTYPE_CODES.
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1 };
 
-// The score statistic. Values match medfedpure.ops._STAT_CODES. A new statistic gets a value here,
+// The score statistic. Values match medfedpure.ops.STATS. A new statistic gets a value here,
 // a branch in patch_gate_cpu.cpp, patch_gate_cuda.cu and patch_gate_reference, and the same tests.
-enum class GateStat : int32_t { kMean = 0, kTopK = 1 };
+enum class GateStat : int32_t { kMean = 0, kTopK = 1, kHfRatio = 2 };
 
 struct GateParams {
   int32_t batch;     // B >= 1
@@ -43,7 +58,7 @@ struct GateParams {
   int32_t size;      // S: scans are S x S
   int32_t patch;     // P: divides S; Np = (S / P)^2 patches in row-major order
   GateStat stat;
-  int32_t topk;      // 1 <= topk <= Np for GateStat::kTopK, ignored otherwise
+  int32_t topk;      // 1 <= topk <= Np for kTopK; m in [0, Np] for kHfRatio (0 = Np / 2); else ignored
   bool norm_pix;     // normalise each target patch (MAE normalised-pixel target)
   float tau;         // flag threshold (float32)
   float tau_high;    // > tau: score at which t* reaches t_max
@@ -57,8 +72,15 @@ struct GateOutputs {
   float* score;      // [B]
   uint8_t* flag;     // [B] 0 / 1
   int32_t* t_star;   // [B]
-  float* patch_err;  // [B, Np]
+  float* patch_err;  // [B, Np]: e (the hfratio ratios for kHfRatio)
+  float* work;       // [B, Np] scratch, needed by the CUDA version for kHfRatio only (else unused;
+                     // may be nullptr); the CPU version never uses it
 };
+
+// m of stat hfratio: the number of tissue patches whose median is the score.
+MFP_HD int32_t hfratio_m(const GateParams& p, int32_t np) {
+  return p.topk > 0 ? p.topk : (np / 2 > 0 ? np / 2 : 1);
+}
 
 // Decision from a float32 score, identical on host and device:
 //   flag = score >= tau (float32 comparison);
@@ -116,8 +138,14 @@ inline const char* check_params(const GateParams& p) {
   if (p.size % p.patch != 0) return "patch must divide the scan size S";
   const int64_t side = p.size / p.patch;
   const int64_t np = side * side;
-  if (p.stat != GateStat::kMean && p.stat != GateStat::kTopK) return "unknown stat code";
+  if (p.stat != GateStat::kMean && p.stat != GateStat::kTopK && p.stat != GateStat::kHfRatio)
+    return "unknown stat code";
   if (p.stat == GateStat::kTopK && (p.topk < 1 || p.topk > np)) return "topk must be in [1, Np]";
+  if (p.stat == GateStat::kHfRatio) {
+    if (p.topk < 0 || p.topk > np) return "hfratio: topk (m) must be in [0, Np]";
+    if (p.patch < 3) return "hfratio needs patch >= 3 (3x3 corner-band filter)";
+    if (p.norm_pix) return "hfratio needs a pixel-space MAE (norm_pix must be false)";
+  }
   if (!(p.tau_high > p.tau)) return "tau_high must be > tau (after rounding both to float32)";
   if (!(p.tau == p.tau) || !(p.tau_high == p.tau_high)) return "tau and tau_high must not be NaN";
   if (p.t_min < 0 || p.t_min > p.t_max) return "need 0 <= t_min <= t_max";

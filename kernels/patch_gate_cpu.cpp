@@ -63,12 +63,127 @@ float lane32_sum(const float* v, int64_t n) {
 
 struct Scratch {
   std::vector<float> target, recon_buf, x_buf, sums, acc, mean, inv_std, sel;
-  std::vector<float> order;
+  std::vector<float> order, w, a;
 };
+
+// stat hfratio for scan b (patch_gate.h spells out the order): e -> patch_err, w -> s.w, then the
+// median of e over the m patches of largest w.
+void hfratio_one_scan(const void* x, DType xd, const void* recon, DType rd, const uint8_t* visible,
+                      const std::vector<int32_t>& n_hiding, const GateParams& p, int64_t b,
+                      const GateOutputs& out, Scratch& s) {
+  const int64_t S = p.size, P = p.patch, K = p.sets, side = S / P, np = side * side;
+  const int64_t strip = P * S, P2 = P - 2, P1 = P - 1;
+  const float p2 = static_cast<float>(P * P);
+  const float nh = static_cast<float>(P2 * P2), nd = static_cast<float>(P1 * P1);
+  float* err = out.patch_err + b * np;
+  s.x_buf.resize(strip);
+  s.recon_buf.resize(strip);
+  s.sums.resize(side);
+  s.acc.resize(side);
+  s.w.resize(np);
+  s.a.resize(P * P2);
+  float* a = s.a.data();
+
+  for (int64_t pr = 0; pr < side; ++pr) {
+    const float* xs = rows_as_float(x, xd, b * S * S + pr * strip, strip, s.x_buf);
+    for (int64_t pc = 0; pc < side; ++pc) {
+      const float* z = xs + pc * P;  // z(r, c) = z[r * S + c]
+      for (int64_t r = 0; r < P; ++r)
+        for (int64_t j = 0; j < P2; ++j) {
+          const float* zr = z + r * S + j;
+          const float t = zr[0] - 2.0f * zr[1];
+          a[r * P2 + j] = t + zr[2];
+        }
+      float hs = 0.0f;
+      for (int64_t i = 0; i < P2; ++i) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < P2; ++j) {
+          const float t = a[i * P2 + j] - 2.0f * a[(i + 1) * P2 + j];
+          const float l = (t + a[(i + 2) * P2 + j]) / 4.0f;
+          const float sq = l * l;
+          acc = acc + sq;
+        }
+        hs = hs + acc;
+      }
+      float ds = 0.0f;
+      for (int64_t i = 0; i < P1; ++i) {
+        const float* z0 = z + i * S;
+        const float* z1 = z0 + S;
+        float acc = 0.0f;
+        for (int64_t j = 0; j < P1; ++j) {
+          const float t = (z0[j] - z0[j + 1]) - z1[j];
+          const float g = (t + z1[j + 1]) / 2.0f;
+          const float sq = g * g;
+          acc = acc + sq;
+        }
+        ds = ds + acc;
+      }
+      const float h = hs / nh, d = ds / nd;
+      err[pr * side + pc] = h / (d + 1e-6f);
+    }
+
+    // tissue level w: mean over the hiding sets of the patch mean of recon[b, k]
+    std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t* vis = visible + k * np + pr * side;
+      bool any_hidden = false;
+      for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+      if (!any_hidden) continue;
+      const float* rs =
+          rows_as_float(recon, rd, (b * K + k) * S * S + pr * strip, strip, s.recon_buf);
+      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
+      for (int64_t r = 0; r < P; ++r)
+        for (int64_t pc = 0; pc < side; ++pc) {
+          if (vis[pc]) continue;
+          const float* rp = rs + r * S + pc * P;
+          float acc = 0.0f;
+          for (int64_t c = 0; c < P; ++c) acc = acc + rp[c];
+          s.sums[pc] = s.sums[pc] + acc;
+        }
+      for (int64_t pc = 0; pc < side; ++pc)
+        if (!vis[pc]) s.acc[pc] = s.acc[pc] + s.sums[pc] / p2;
+    }
+    for (int64_t pc = 0; pc < side; ++pc)
+      s.w[pr * side + pc] = s.acc[pc] / static_cast<float>(n_hiding[pr * side + pc]);
+  }
+
+  // The m patches of largest w (ties: lower index), their e in s.sel; then the median.
+  const int64_t m = hfratio_m(p, static_cast<int32_t>(np));
+  s.order.assign(s.w.begin(), s.w.end());
+  std::nth_element(s.order.begin(), s.order.begin() + (m - 1), s.order.end(),
+                   [](float u, float v) { return u > v; });
+  const float kth = s.order[m - 1];
+  int64_t greater = 0;
+  for (int64_t i = 0; i < np; ++i) greater += s.w[i] > kth;
+  int64_t ties_left = m - greater;
+  s.sel.clear();
+  for (int64_t i = 0; i < np; ++i) {
+    bool take = s.w[i] > kth;
+    if (!take && s.w[i] == kth && ties_left > 0) {
+      take = true;
+      --ties_left;
+    }
+    if (take) s.sel.push_back(err[i]);
+  }
+  const int64_t mid = (m - 1) / 2;
+  std::nth_element(s.sel.begin(), s.sel.begin() + mid, s.sel.end());
+  const float lo = s.sel[mid];
+  float score = lo;
+  if (m % 2 == 0) {
+    const float hi = *std::min_element(s.sel.begin() + mid + 1, s.sel.end());
+    score = (lo + hi) / 2.0f;
+  }
+  out.score[b] = score;
+  gate_decide(score, p, out.flag + b, out.t_star + b);
+}
 
 void gate_one_scan(const void* x, DType xd, const void* recon, DType rd, const uint8_t* visible,
                    const std::vector<int32_t>& n_hiding, const GateParams& p, int64_t b,
                    const GateOutputs& out, Scratch& s) {
+  if (p.stat == GateStat::kHfRatio) {
+    hfratio_one_scan(x, xd, recon, rd, visible, n_hiding, p, b, out, s);
+    return;
+  }
   const int64_t S = p.size, P = p.patch, K = p.sets, side = S / P, np = side * side;
   const int64_t strip = P * S;  // elements in one row of patches
   const float p2 = static_cast<float>(P * P);

@@ -151,7 +151,7 @@ case_strategy = st.fixed_dictionaries(
         "side_mult": st.integers(2, 8),  # S = patch * side, within 32..128 below
         "dtype_x": st.sampled_from(["float32", "float16"]),
         "dtype_r": st.sampled_from(["float32", "float16"]),
-        "stat": st.sampled_from(["mean", "topk"]),
+        "stat": st.sampled_from(["mean", "topk", "hfratio"]),
         "norm_pix": st.booleans(),
         "floor": st.booleans(),
         "mode": st.sampled_from(["at", "ulp_above", "ulp_below", "below", "above"]),
@@ -172,8 +172,9 @@ def _run_case(c: dict, backend: str, to_device=None):
     x, recon, rng = make_case(c["seed"], c["b"], c["k"], s, c["dtype_x"], c["dtype_r"])
     n = (s // c["patch"]) ** 2
     vis = make_visible(rng, c["k"], n)
-    topk = int(rng.integers(1, n + 1)) if c["stat"] == "topk" else 0
-    kw = dict(patch=c["patch"], stat=c["stat"], topk=topk, norm_pix=c["norm_pix"], floor=c["floor"],
+    topk = {"topk": int(rng.integers(1, n + 1)), "hfratio": int(rng.integers(0, n + 1))}.get(c["stat"], 0)
+    norm_pix = c["norm_pix"] and c["stat"] != "hfratio"  # hfratio: pixel-space MAE only
+    kw = dict(patch=c["patch"], stat=c["stat"], topk=topk, norm_pix=norm_pix, floor=c["floor"],
               t_min=c["t_range"][0], t_max=c["t_range"][1], return_patch_err=True)
     probe = patch_gate_reference(x, recon, vis, tau=0.0, tau_high=1.0, **kw)
     pick = int(rng.integers(0, c["b"]))
@@ -184,7 +185,7 @@ def _run_case(c: dict, backend: str, to_device=None):
     return got, ref, f"case={c} S={s} topk={topk} tau={tau!r} tau_high={tau_high!r}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=case_strategy)
 def test_cpp_matches_reference(c: dict) -> None:
     got, ref, ctx = _run_case(c, "cpp")
@@ -259,6 +260,144 @@ def test_fallback_to_reference_warns_only_without_cpp(monkeypatch: pytest.Monkey
 
 
 # ------------------------------------------------------------------------------------------------
+# stat "hfratio": semantics by hand, ties, C++ on drawn inputs, agreement with the research code
+# ------------------------------------------------------------------------------------------------
+
+
+def hfratio_hand_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """S = 6, P = 3, Np = 4. Patch p of x = checkerboard (−1)^(r+c) + β_p·r·c: the corner-band filter
+    sees only the checkerboard, l = ±4 → h = 16; the diagonal difference is ±2 + β/2 → d = 4 + β²/4;
+    so e = 16 / (4 + β²/4 + 1e-6) = 4, 2, 0.8, 0.4 for β = 0, 4, 8, 12. recon is constant per
+    (set, patch); with the mask sets below the tissue levels are w = [3, 1, 2, 4]."""
+    r, c = np.mgrid[0:3, 0:3].astype(np.float64)
+    betas = np.array([0.0, 4.0, 8.0, 12.0])
+    blocks = [(-1.0) ** (r + c) + bt * r * c for bt in betas]
+    x = np.block([[blocks[0], blocks[1]], [blocks[2], blocks[3]]]).astype(np.float32)[None]
+    consts = np.array([[2.0, 100.0, 2.0, 4.0], [4.0, 1.0, 2.0, 100.0]])  # [K, Np]
+    recon = np.stack([np.kron(k.reshape(2, 2), np.ones((3, 3))) for k in consts]).astype(np.float32)[None]
+    visible = np.array([[False, True, False, False], [False, False, False, True]])
+    # w: p0 = (2 + 4)/2 = 3 (both sets), p1 = 1 (set 1 only), p2 = 2, p3 = 4 (set 0 only)
+    e = 16.0 / (4.0 + betas**2 / 4 + 1e-6)
+    return x, recon, visible, e
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "torch"])
+def test_hfratio_by_hand(backend: str) -> None:
+    x, recon, vis, e = hfratio_hand_case()
+    xin, rin = (torch.from_numpy(x), torch.from_numpy(recon)) if backend == "torch" else (x, recon)
+    # selection by w descending: p3 (4), p0 (3), p2 (2), p1 (1)
+    for m, expected in ((1, e[3]), (2, (e[3] + e[0]) / 2), (3, e[2]), (4, (e[2] + e[1]) / 2), (0, (e[3] + e[0]) / 2)):
+        got = patch_gate(xin, rin, vis, patch=3, stat="hfratio", topk=m, return_patch_err=True, backend=backend, **BASE)
+        np.testing.assert_allclose(np.asarray(got.patch_err)[0], e, rtol=1e-6, err_msg=f"{backend} m={m}")
+        np.testing.assert_allclose(np.asarray(got.score), [expected], rtol=1e-6, err_msg=f"{backend} m={m}")
+        assert bool(np.asarray(got.flag)[0]) is bool(expected >= BASE["tau"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_hfratio_ties_in_w_take_the_lower_patch_index(backend: str) -> None:
+    x, recon, vis, e = hfratio_hand_case()
+    recon = np.ones_like(recon)  # every w = 1: the m selected patches are 0 .. m-1
+    for m in (1, 2, 3):
+        got = patch_gate(x, recon, vis, patch=3, stat="hfratio", topk=m, backend=backend, **BASE)
+        np.testing.assert_allclose(got.score, [np.median(e[:m])], rtol=1e-6, err_msg=f"m={m}")
+
+
+def smooth_scans(seed: int, b: int, s: int, k: int, attack: float = 0.0):
+    """Realistic gate inputs: a smooth image plus band-limited 'scanner' noise (k-space truncated to
+    the central ~half, as an MR reconstruction does), recon = x + a small white MAE error; with
+    `attack`, x gets ±attack sign noise (an ℓ∞ FGSM-like perturbation) after recon is made."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:s, 0:s] / s
+    base = 0.2 + 0.6 * np.exp(-((xx - 0.5) ** 2 + (yy - 0.5) ** 2) / 0.08) * (1 + 0.2 * np.sin(9 * xx) * np.cos(7 * yy))
+    f = np.abs(np.fft.fftfreq(s))
+    keep = (f[:, None] < 0.26) & (f[None, :] < 0.26)
+    noise = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((b, s, s))) * keep))
+    x = base[None] + 0.03 * noise / noise.std()
+    recon = x[:, None] + 0.04 * rng.standard_normal((b, k, s, s))
+    if attack:
+        x = x + attack * np.sign(rng.standard_normal(x.shape))
+    n = (s // 8) ** 2
+    vis = np.zeros((k, n), bool)
+    for kk, group in enumerate(np.array_split(rng.permutation(n), k)):
+        vis[kk, group] = True
+    return x.astype(np.float32), recon.astype(np.float32), vis
+
+
+def test_hfratio_reference_agrees_with_research_code_and_detects_sign_noise() -> None:
+    from medfedpure.train.scores import gate_scores, hfratio_scores
+
+    scores = {}
+    for attack in (0.0, 8 / 255):
+        x, recon, vis = smooth_scans(7, 4, 128, 4, attack)
+        for m in (0, 10, 256):
+            ref = patch_gate_reference(x, recon, vis, patch=8, stat="hfratio", topk=m, return_patch_err=True, **BASE)
+            research, e = gate_scores(x, recon, vis, patch=8, stat="hfratio", topk=m)
+            np.testing.assert_allclose(ref.score, research, rtol=1e-5, atol=0, err_msg=f"attack={attack} m={m}")
+            np.testing.assert_allclose(ref.patch_err, e, rtol=1e-5, atol=0)
+            assert_same(patch_gate(x, recon, vis, patch=8, stat="hfratio", topk=m, return_patch_err=True, **BASE), ref)
+        direct, _ = hfratio_scores(x, recon, vis, patch=8)  # the research default: tissue half, median
+        np.testing.assert_allclose(patch_gate_reference(x, recon, vis, patch=8, stat="hfratio", **BASE).score, direct, rtol=1e-5)
+        scores[attack] = direct
+    clean, attacked = scores[0.0], scores[8 / 255]
+    assert clean.max() < 0.8 and attacked.min() > 1.5, (clean, attacked)  # band-limited ≪ 2.25 ≈ white
+    assert attacked.min() > 2.5 * clean.max()
+
+
+def test_torch_chain_hfratio_agrees_to_rounding() -> None:
+    x, recon, vis = smooth_scans(3, 3, 64, 4, 2 / 255)
+    for m in (0, 7, 64):
+        kw = dict(patch=8, stat="hfratio", topk=m, return_patch_err=True, t_min=5, t_max=50, tau=0.5, tau_high=1.0)
+        ref = patch_gate_reference(x, recon, vis, **kw)
+        got = patch_gate_torch(torch.from_numpy(x), torch.from_numpy(recon), vis, **kw)
+        np.testing.assert_allclose(got.score.numpy(), ref.score, rtol=1e-5)
+        np.testing.assert_allclose(got.patch_err.numpy(), ref.patch_err, rtol=1e-5)
+
+
+hf_strategy = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "b": st.integers(1, 3),
+        "k": st.sampled_from([1, 2, 4]),
+        "patch": st.sampled_from([3, 4, 5, 7, 8, 16]),
+        "side": st.integers(1, 8),
+        "dtype_x": st.sampled_from(["float32", "float16"]),
+        "dtype_r": st.sampled_from(["float32", "float16"]),
+        "levels": st.sampled_from([0, 2, 5]),  # 0: continuous; else quantised x and recon → ties in e and w
+        "floor": st.booleans(),
+        "mode": st.sampled_from(["at", "ulp_above", "ulp_below", "below", "above"]),
+    }
+)
+
+
+def _run_hf_case(c: dict, backend: str, to_device=None):
+    s = c["patch"] * c["side"]
+    rng = np.random.default_rng(c["seed"])
+    x = rng.random((c["b"], s, s), dtype=np.float32)
+    recon = x[:, None] + np.float32(0.2) * rng.standard_normal((c["b"], c["k"], s, s), dtype=np.float32)
+    if c["levels"]:
+        x = np.floor(x * c["levels"]) / np.float32(c["levels"])
+        recon = np.floor(np.clip(recon, 0, 1) * c["levels"]) / np.float32(c["levels"])
+    x, recon = x.astype(c["dtype_x"]), recon.astype(c["dtype_r"])
+    n = c["side"] ** 2
+    vis = make_visible(rng, c["k"], n)
+    kw = dict(patch=c["patch"], stat="hfratio", topk=int(rng.integers(0, n + 1)), floor=c["floor"], t_min=10, t_max=100,
+              return_patch_err=True)
+    probe = patch_gate_reference(x, recon, vis, tau=0.0, tau_high=1.0, **kw)
+    tau, tau_high = thresholds(float(probe.score[int(rng.integers(0, c["b"]))]), c["mode"], rng)
+    ref = patch_gate_reference(x, recon, vis, tau=tau, tau_high=tau_high, **kw)
+    xin, rin = (x, recon) if to_device is None else (to_device(x), to_device(recon))
+    got = patch_gate(xin, rin, vis, tau=tau, tau_high=tau_high, backend=backend, **kw)
+    return got, ref, f"case={c} S={s} m={kw['topk']} tau={tau!r}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=hf_strategy)
+def test_cpp_hfratio_matches_reference(c: dict) -> None:
+    got, ref, ctx = _run_hf_case(c, "cpp")
+    assert_same(got, ref, ctx)
+
+
+# ------------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------------
 
@@ -285,6 +424,10 @@ V = np.zeros((2, 16), bool)
         (dict(stat="median"), ValueError, "stat 'median' is unknown"),
         (dict(stat="topk", topk=0), ValueError, r"1 <= topk <= Np = 16"),
         (dict(stat="topk", topk=17), ValueError, r"1 <= topk <= Np = 16"),
+        (dict(stat="hfratio", topk=17), ValueError, r"with stat 'hfratio'.*0 <= topk <= Np = 16"),
+        (dict(stat="hfratio", topk=-1), ValueError, r"with stat 'hfratio'"),
+        (dict(stat="hfratio", norm_pix=True), ValueError, "needs a pixel-space MAE: norm_pix=True is not supported"),
+        (dict(stat="hfratio", patch=2, visible=np.zeros((2, 256), bool)), ValueError, "at least 3x3 pixels"),
         (dict(tau=1.0, tau_high=1.0), ValueError, "tau_high = 1.0 must be > tau"),
         (dict(tau=1.0, tau_high=1.0 + 1e-12), ValueError, "after rounding both to float32"),
         (dict(tau=float("nan")), ValueError, "must be finite"),
@@ -320,6 +463,14 @@ def test_cpp_binding_checks_direct_calls() -> None:
         ops._C.patch_gate(X, R, np.ones((2, 16), bool), **kw)
     with pytest.raises(ValueError, match="tau_high must be > tau"):
         ops._C.patch_gate(X, R, V, **{**kw, "tau_high": 0.5})
+    hf = {**kw, "stat": ops._C.STAT_HFRATIO}
+    assert ops._C.STAT_HFRATIO == ops.STATS["hfratio"]
+    with pytest.raises(ValueError, match="hfratio needs a pixel-space MAE"):
+        ops._C.patch_gate(X, R, V, **{**hf, "norm_pix": True})
+    with pytest.raises(ValueError, match="hfratio needs patch >= 3"):
+        ops._C.patch_gate(X, R, np.zeros((2, 256), bool), **{**hf, "patch": 2})
+    with pytest.raises(ValueError, match=r"hfratio: topk \(m\) must be in \[0, Np\]"):
+        ops._C.patch_gate(X, R, V, **{**hf, "topk": 17})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +488,7 @@ def _cuda(a: np.ndarray) -> torch.Tensor:
 
 @pytest.mark.cuda
 @needs_cuda
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=case_strategy)
 def test_cuda_matches_reference(c: dict) -> None:
     got, ref, ctx = _run_case(c, "auto", to_device=_cuda)
@@ -347,12 +498,36 @@ def test_cuda_matches_reference(c: dict) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=hf_strategy)
+def test_cuda_hfratio_matches_reference(c: dict) -> None:
+    got, ref, ctx = _run_hf_case(c, "auto", to_device=_cuda)
+    assert got.score.is_cuda
+    assert_same(got, ref, ctx)
+
+
+@pytest.mark.cuda
+@needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_cuda_unaligned_and_strided_inputs(dtype: str) -> None:
+def test_cuda_hfratio_224px_patch8_and_research_agreement(dtype: str) -> None:
+    # The largest selection: Np = 784 patches, m = 392 (even: mean of the two middle values).
+    x, recon, vis = smooth_scans(5, 4, 224, 4, 4 / 255)
+    x, recon = x.astype(dtype), recon.astype(dtype)
+    for m in (0, 391, 784):
+        kw = dict(patch=8, stat="hfratio", topk=m, return_patch_err=True, **BASE)
+        ref = patch_gate_reference(x, recon, vis, **kw)
+        assert_same(patch_gate(_cuda(x), _cuda(recon), vis, **kw), ref, f"224 px m={m}")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("stat", ["topk", "hfratio"])
+def test_cuda_unaligned_and_strided_inputs(dtype: str, stat: str) -> None:
     # An odd element offset defeats the wide loads (scalar path); a transposed view is copied.
     x, recon, rng = make_case(11, 3, 2, 64, dtype, dtype)
     vis = make_visible(rng, 2, 64)
-    kw = dict(patch=8, stat="topk", topk=9, norm_pix=True, return_patch_err=True, **BASE)
+    kw = dict(patch=8, stat=stat, topk=9, norm_pix=stat == "topk", return_patch_err=True, **BASE)
     ref = patch_gate_reference(x, recon, vis, **kw)
     flat_x = torch.zeros(x.size + 1, dtype=getattr(torch, dtype), device="cuda")
     flat_x[1:] = _cuda(x).flatten()

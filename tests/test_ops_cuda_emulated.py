@@ -6,7 +6,7 @@ a time in a shuffled order, each CUDA thread is an OS thread, __syncthreads is a
 shuffle a barrier-synchronised exchange). Three textual rewrites make it C++: dynamic shared
 memory becomes a global buffer, __shared__ becomes static, and `k<<<grid, block, shmem, stream>>>(a)`
 becomes `emu::launch(grid, block, [&] { k(a); })`. It checks indexing, barriers, the last-block
-ticket, the top-k selection and the arithmetic order (bit-identical to the oracle); it does not
+ticket, the top-k selection, hfratio's selection and median and the arithmetic order (bit-identical to the oracle); it does not
 check the GPU memory model, coalescing or speed — tests marked `cuda` do that on a GPU.
 """
 
@@ -34,12 +34,12 @@ namespace medfedpure { namespace { alignas(16) float emu_smem[1 << 14]; } }
 extern "C" int emu_gate(const void* x, int xd, const void* r, int rd, const uint8_t* vis, int b, int k,
                         int s, int p, int stat, int topk, int norm, float tau, float tau_high, int t_min,
                         int t_max, int floor, float* score, uint8_t* flag, int32_t* t_star, float* err,
-                        uint32_t* counters) {
+                        uint32_t* counters, float* work) {
   medfedpure::GateParams q{};
   q.batch = b; q.sets = k; q.size = s; q.patch = p; q.stat = static_cast<medfedpure::GateStat>(stat);
   q.topk = topk; q.norm_pix = norm; q.tau = tau; q.tau_high = tau_high; q.t_min = t_min;
   q.t_max = t_max; q.floor = floor;
-  medfedpure::GateOutputs o{score, flag, t_star, err};
+  medfedpure::GateOutputs o{score, flag, t_star, err, work};
   emu::protocol_error = 0;
   const int code = medfedpure::patch_gate_cuda(x, static_cast<medfedpure::DType>(xd), r,
                                                static_cast<medfedpure::DType>(rd), vis, q, o, counters,
@@ -60,7 +60,7 @@ def _emulated_source() -> str:
         ),
         src,
     )
-    assert n_smem == 1 and n_launch == 3, (n_smem, n_launch)  # the kernel changed: update the rewrites
+    assert n_smem == 2 and n_launch == 5, (n_smem, n_launch)  # the kernel changed: update the rewrites
     return src
 
 
@@ -96,12 +96,13 @@ def run_emulated(so, x, recon, vis, *, patch, stat, topk, norm_pix, tau, tau_hig
     score, flag = np.zeros(b, np.float32), np.zeros(b, np.uint8)
     t_star, err = np.zeros(b, np.int32), np.zeros((b, n), np.float32)
     counters = np.zeros(b, np.uint32)
+    work = np.full((b, n), np.nan, np.float32)  # hfratio's scratch (garbage-filled: it must be written first)
     ptr = ctypes.c_void_p
     code = so.emu_gate(
         ptr(xs.ctypes.data), int(x.dtype == np.float16), ptr(rs.ctypes.data), int(recon.dtype == np.float16),
         ptr(vis_u8.ctypes.data), b, k, s, patch, STATS[stat], topk, int(norm_pix), ctypes.c_float(tau),
         ctypes.c_float(tau_high), t_min, t_max, int(floor), ptr(score.ctypes.data), ptr(flag.ctypes.data),
-        ptr(t_star.ctypes.data), ptr(err.ctypes.data), ptr(counters.ctypes.data),
+        ptr(t_star.ctypes.data), ptr(err.ctypes.data), ptr(counters.ctypes.data), ptr(work.ctypes.data),
     )
     assert code != 1000, "ticket protocol broken: each scan needs tickets 0..S/P-1, one finalising block"
     assert code == 0
@@ -109,16 +110,20 @@ def run_emulated(so, x, recon, vis, *, patch, stat, topk, norm_pix, tau, tau_hig
     return score, flag.astype(bool), t_star, err
 
 
-def _case(seed, b, k, s, patch, dx, dr, stat, norm_pix, floor, mode):
+def _case(seed, b, k, s, patch, dx, dr, stat, norm_pix, floor, mode, levels=0):
     rng = np.random.default_rng(seed)
-    x = rng.random((b, s, s), dtype=np.float32).astype(dx)
+    x = rng.random((b, s, s), dtype=np.float32)
     recon = (x[:, None].astype(np.float32) + np.float32(0.3) * rng.standard_normal((b, k, s, s), dtype=np.float32)
-             * rng.random((b, k, 1, 1), dtype=np.float32)).astype(dr)
+             * rng.random((b, k, 1, 1), dtype=np.float32))
+    if levels:  # quantised: ties in hfratio's w and e
+        x = np.floor(x * levels) / np.float32(levels)
+        recon = np.floor(np.clip(recon, 0, 1) * levels) / np.float32(levels)
+    x, recon = x.astype(dx), recon.astype(dr)
     n = (s // patch) ** 2
     vis = rng.random((k, n)) < 0.6
     never = np.flatnonzero(vis.all(axis=0))
     vis[rng.integers(0, k, never.size), never] = False
-    topk = int(rng.integers(1, n + 1)) if stat == "topk" else 0
+    topk = {"topk": int(rng.integers(1, n + 1)), "hfratio": int(rng.integers(0, n + 1))}.get(stat, 0)
     kw = dict(patch=patch, stat=stat, topk=topk, norm_pix=norm_pix, floor=floor, t_min=10, t_max=100)
     probe = patch_gate_reference(x, recon, vis, tau=0.0, tau_high=1.0, **kw)
     s0 = np.float32(probe.score[int(rng.integers(0, b))])
@@ -145,11 +150,17 @@ def _check(emu, x, recon, vis, kw, offset=0):
         (224, 16, "mean", True, ("float16", "float32")),  # 224-thread rows in 256-thread blocks
         (36, 6, "topk", True, ("float32", "float32")),  # patch % 4 != 0: scalar loads only
         (288, 16, "topk", True, ("float16", "float16")),  # K*S = 1152 items > 1024 threads: strided
+        (32, 8, "hfratio", False, ("float32", "float32")),
+        (30, 3, "hfratio", False, ("float16", "float32")),  # the smallest patch: one corner-band row
+        (35, 5, "hfratio", False, ("float32", "float16")),  # odd patch, scalar loads only
+        (224, 8, "hfratio", False, ("float16", "float16")),  # Np = 784: the largest selection; 1260 items
     ],
 )
 def test_emulated_cuda_kernel_matches_reference(emu, s, patch, stat, norm_pix, dtypes) -> None:
     b = 1 if s >= 224 else 2
     x, recon, vis, kw = _case(s * patch, b, 4, s, patch, dtypes[0], dtypes[1], stat, norm_pix, False, "at")
+    if stat == "hfratio":
+        kw["topk"] = 0 if s >= 224 else kw["topk"]  # 224 px: the default m = Np // 2 = 392 (even)
     _check(emu, x, recon, vis, kw)
     _check(emu, x, recon, vis, kw, offset=1)  # misaligned: the scalar-load instantiation
 
@@ -163,12 +174,29 @@ def test_emulated_cuda_kernel_matches_reference(emu, s, patch, stat, norm_pix, d
     mult=st.integers(2, 4),
     dx=st.sampled_from(["float32", "float16"]),
     dr=st.sampled_from(["float32", "float16"]),
-    stat=st.sampled_from(["mean", "topk"]),
+    stat=st.sampled_from(["mean", "topk", "hfratio"]),
     norm_pix=st.booleans(),
     floor=st.booleans(),
     mode=st.sampled_from(["at", "ulp_above", "below"]),
 )
 def test_emulated_cuda_kernel_drawn_inputs(emu, seed, b, k, patch, mult, dx, dr, stat, norm_pix, floor, mode) -> None:
     s = max(32, patch * mult)
-    x, recon, vis, kw = _case(seed, b, k, s, patch, dx, dr, stat, norm_pix, floor, mode)
+    x, recon, vis, kw = _case(seed, b, k, s, patch, dx, dr, stat, norm_pix and stat != "hfratio", floor, mode)
+    _check(emu, x, recon, vis, kw)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    b=st.integers(1, 2),
+    k=st.sampled_from([1, 2, 4]),
+    patch=st.sampled_from([3, 4, 6, 8]),
+    side=st.integers(1, 6),
+    levels=st.sampled_from([2, 5]),
+    mode=st.sampled_from(["at", "ulp_above", "below"]),
+)
+def test_emulated_cuda_hfratio_ties(emu, seed, b, k, patch, side, levels, mode) -> None:
+    # Quantised inputs: equal tissue levels (selection by the lower index) and equal ratios (median).
+    s = patch * side
+    x, recon, vis, kw = _case(seed, b, k, s, patch, "float32", "float32", "hfratio", False, False, mode, levels=levels)
     _check(emu, x, recon, vis, kw)

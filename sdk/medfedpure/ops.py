@@ -21,18 +21,34 @@ Symbols (DESIGN.md §5):
                         pixels against the target (x, or with ``norm_pix`` the patch minus its
                         mean over sqrt(population variance + 1e-6))
 ``score[b]``            mean of e over p (``stat="mean"``) or of the ``topk`` largest e
-                        (``stat="topk"``; ties broken by the lower patch index)
+                        (``stat="topk"``; ties broken by the lower patch index), or for
+                        ``stat="hfratio"`` the median spectral ratio below
 ``flag[b]``             score ≥ τ
 ``t_star[b]``           0 (or t_min with ``floor=True``) when not flagged, else
                         round(t_min + (t_max − t_min)·clip((score − τ)/(τ_high − τ), 0, 1))
 ======================  =====================================================================
+
+``stat="hfratio"`` (the detector statistic of benchmarks/RESULTS.md, "Classifier and detector";
+research code: ``medfedpure.train.scores.hfratio_scores``, which this agrees with to float rounding).
+Pixel-space MAE only (``norm_pix`` is refused), patch ≥ 3. Per patch p, on the pixels of x alone:
+
+    h[p] = mean over the (P−2)² valid positions of (L x)²,  L = [1,−2,1]ᵀ[1,−2,1] / 4
+    d[p] = mean over the (P−1)² valid positions of (D x)²,  D = [[1,−1],[−1,1]] / 2
+    e[p] = h[p] / (d[p] + 1e-6)                      (returned as ``patch_err``)
+    w[p] = mean over the sets hiding p of the mean of recon[b, k] over the patch (tissue level)
+
+score = median of e over the m patches with the largest w (ties: lower patch index first; the
+mean of the two middle values when m is even), m = ``topk``, or Np // 2 (at least 1) when
+``topk`` is 0 — equal to the research code's round(Np / 2), since Np is a perfect square.
 
 Exactness contract (kernels/patch_gate.h): every step is one float32 IEEE operation in a fixed
 order (row partials left to right, rows top to bottom, sets in increasing k, scores through the
 ``lane32`` sum), so all three implementations return identical patch errors and scores. τ and
 τ_high are rounded to float32 first; ``flag`` is a float32 comparison; ``t_star`` is computed in
 float64 and rounded half up (``floor(v + 0.5)``; v ≥ 0, so half away from zero). Ties at τ
-therefore give the same flag everywhere.
+therefore give the same flag everywhere. The hfratio steps are spelled out in patch_gate.h too;
+its selection and median are exact for finite inputs (a NaN or inf in x or recon voids the
+contract for that scan's hfratio score).
 """
 
 from __future__ import annotations
@@ -63,7 +79,7 @@ __all__ = [
     "cuda_kernel_limits_ok",
 ]
 
-STATS: dict[str, int] = {"mean": 0, "topk": 1}  # codes of medfedpure::GateStat
+STATS: dict[str, int] = {"mean": 0, "topk": 1, "hfratio": 2}  # codes of medfedpure::GateStat
 _DTYPES: dict[str, int] = {"float32": 0, "float16": 1}  # codes of medfedpure::DType
 BACKENDS = ("auto", "reference", "cpp", "cuda", "torch")
 _NORM_EPS = np.float32(1e-6)
@@ -77,7 +93,8 @@ class GateResult(NamedTuple):
     score      [B] float32, ≥ 0
     flag       [B] bool
     t_star     [B] int32 in {0} ∪ [t_min, t_max]
-    patch_err  [B, Np] float32, ≥ 0 — only with ``return_patch_err=True``, else None
+    patch_err  [B, Np] float32, ≥ 0 — only with ``return_patch_err=True``, else None: the patch
+               errors e, or for ``stat="hfratio"`` the spectral ratios e = h / (d + 1e-6)
     """
 
     score: Any
@@ -162,6 +179,7 @@ def _validate(
     tau_high: float,
     t_min: int,
     t_max: int,
+    norm_pix: bool = False,
 ) -> _Spec:
     xs, rs = tuple(x.shape), tuple(recon.shape)
     if len(xs) != 3 or xs[1] != xs[2]:
@@ -197,7 +215,15 @@ def _validate(
         raise ValueError(f"topk must be an int, got {topk!r}")
     if stat == "topk" and not 1 <= topk <= num_patches:
         raise ValueError(f"topk = {topk} with stat 'topk': expected 1 <= topk <= Np = {num_patches}")
-    if stat != "topk" and not 0 <= topk <= num_patches:
+    if stat == "hfratio":
+        if not 0 <= topk <= num_patches:
+            raise ValueError(f"topk = {topk} with stat 'hfratio' (m, the tissue patches scored): expected "
+                             f"0 <= topk <= Np = {num_patches} (0 = Np // 2)")
+        if patch < 3:
+            raise ValueError(f"patch {patch} with stat 'hfratio': the 3x3 corner-band filter needs patches of at least 3x3 pixels")
+        if norm_pix:
+            raise ValueError("stat 'hfratio' needs a pixel-space MAE: norm_pix=True is not supported with it (use norm_pix=False)")
+    elif stat != "topk" and not 0 <= topk <= num_patches:
         raise ValueError(f"topk = {topk}: expected 0 <= topk <= Np = {num_patches} (it is ignored unless stat='topk')")
     if not (math.isfinite(tau) and math.isfinite(tau_high)):
         raise ValueError(f"tau = {tau!r} and tau_high = {tau_high!r} must be finite numbers")
@@ -209,7 +235,10 @@ def _validate(
             raise ValueError(f"{name} must be an int (a diffusion timestep), got {t!r}")
     if not 0 <= t_min <= t_max <= 2**31 - 1:
         raise ValueError(f"t_min = {t_min}, t_max = {t_max}: expected 0 <= t_min <= t_max < 2^31")
-    return _Spec(b, k, s, patch, side, num_patches, stat, int(topk), tau32, tau_high32, int(t_min), int(t_max))
+    topk = int(topk)
+    if stat == "hfratio" and topk == 0:
+        topk = max(1, num_patches // 2)  # = the research code's round(Np/2): Np is a perfect square
+    return _Spec(b, k, s, patch, side, num_patches, stat, topk, tau32, tau_high32, int(t_min), int(t_max))
 
 
 _SPECS: dict[tuple, _Spec] = {}
@@ -272,6 +301,34 @@ def _decide(score: np.ndarray, spec: _Spec, floor: bool) -> tuple[np.ndarray, np
     return flag, t_star
 
 
+def _hidden_mean_seq(v: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """[B, K, Np] → [B, Np]: sum over the hiding sets in increasing k, / their count (float32)."""
+    hidden = ~visible
+    acc = np.zeros((v.shape[0], v.shape[2]), np.float32)
+    for kk in range(v.shape[1]):
+        acc = np.where(hidden[kk], acc + v[:, kk], acc)
+    return acc / hidden.sum(axis=0).astype(np.float32)
+
+
+def _hfratio_numpy(xp: np.ndarray, rp: np.ndarray, visible: np.ndarray, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
+    """stat "hfratio" in the contract's float32 order: xp [B, Np, P, P], rp [B, K, Np, P, P] →
+    (score [B], e [B, Np]). Mirrors patch_gate.h step for step."""
+    p, m = spec.patch, spec.topk
+    two, four = np.float32(2), np.float32(4)
+    a = (xp[..., :, :-2] - two * xp[..., :, 1:-1]) + xp[..., :, 2:]  # [B, Np, P, P-2]
+    lap = ((a[..., :-2, :] - two * a[..., 1:-1, :]) + a[..., 2:, :]) / four  # [B, Np, P-2, P-2]
+    h = _patch_sum(lap * lap) / np.float32((p - 2) * (p - 2))
+    dia = (((xp[..., :-1, :-1] - xp[..., :-1, 1:]) - xp[..., 1:, :-1]) + xp[..., 1:, 1:]) / two
+    d = _patch_sum(dia * dia) / np.float32((p - 1) * (p - 1))
+    e = (h / (d + _NORM_EPS)).astype(np.float32)
+    w = _hidden_mean_seq(_patch_sum(rp) / np.float32(p * p), visible)  # [B, Np] tissue level
+    order = np.argsort(-w, axis=1, kind="stable")[:, :m]  # the m largest w, ties: lower index
+    srt = np.sort(np.take_along_axis(e, order, axis=1), axis=1)
+    lo, hi = srt[:, (m - 1) // 2], srt[:, m // 2]
+    score = lo if m % 2 else (lo + hi) / two
+    return score.astype(np.float32), e
+
+
 def _reference_numpy(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, spec: _Spec, norm_pix: bool, floor: bool):
     b, k, p, side, n = spec.batch, spec.sets, spec.patch, spec.side, spec.num_patches
     p2 = np.float32(p * p)
@@ -279,6 +336,10 @@ def _reference_numpy(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, spec
     rf = np.asarray(recon, np.float32)
     xp = xf.reshape(b, side, p, side, p).transpose(0, 1, 3, 2, 4).reshape(b, n, p, p)
     rp = rf.reshape(b, k, side, p, side, p).transpose(0, 1, 2, 4, 3, 5).reshape(b, k, n, p, p)
+    if spec.stat == "hfratio":
+        score, err = _hfratio_numpy(xp, rp, visible, spec)
+        flag, t_star = _decide(score, spec, floor)
+        return score, flag, t_star, err
     if norm_pix:
         mean = (_patch_sum(xp) / p2)[..., None, None]
         dev = xp - mean
@@ -287,12 +348,7 @@ def _reference_numpy(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, spec
     else:
         target = xp
     d = rp - target[:, None]
-    m = _patch_sum(d * d) / p2  # [B, K, Np]
-    hidden = ~visible
-    acc = np.zeros((b, n), np.float32)
-    for kk in range(k):
-        acc = np.where(hidden[kk], acc + m[:, kk], acc)
-    err = acc / hidden.sum(axis=0).astype(np.float32)
+    err = _hidden_mean_seq(_patch_sum(d * d) / p2, visible)  # [B, Np]
     if spec.stat == "topk":
         order = np.argsort(-err, axis=1, kind="stable")[:, : spec.topk]
         keep = np.zeros_like(err, dtype=bool)
@@ -327,7 +383,8 @@ def patch_gate_reference(
     """
     vis = _visible_numpy(visible)
     xa, ra = (_to_numpy(a) for a in (x, recon))
-    spec = _validate(xa, ra, vis, patch=patch, stat=stat, topk=topk, tau=tau, tau_high=tau_high, t_min=t_min, t_max=t_max)
+    spec = _validate(xa, ra, vis, patch=patch, stat=stat, topk=topk, tau=tau, tau_high=tau_high, t_min=t_min, t_max=t_max,
+                     norm_pix=bool(norm_pix))
     score, flag, t_star, err = _reference_numpy(xa, ra, vis, spec, bool(norm_pix), bool(floor))
     return GateResult(score, flag, t_star, err if return_patch_err else None)
 
@@ -371,24 +428,37 @@ def patch_gate_torch(
 
     if validate:
         spec = _validate(x, recon, _visible_numpy(visible), patch=patch, stat=stat, topk=topk, tau=tau,
-                         tau_high=tau_high, t_min=t_min, t_max=t_max)
+                         tau_high=tau_high, t_min=t_min, t_max=t_max, norm_pix=bool(norm_pix))
         b, k, p, side, n = spec.batch, spec.sets, spec.patch, spec.side, spec.num_patches
     else:
         b, k = recon.shape[0], recon.shape[1]
         p, side = patch, recon.shape[2] // patch
         n = side * side
+    if stat == "hfratio" and topk == 0:
+        topk = max(1, n // 2)
     if not (_is_torch(visible) and visible.device == x.device and visible.dtype == torch.bool):
         visible = torch.as_tensor(_visible_numpy(visible), device=x.device)
     xp = x.float().reshape(b, side, p, side, p).permute(0, 1, 3, 2, 4).reshape(b, n, p * p)
     rp = recon.float().reshape(b, k, side, p, side, p).permute(0, 1, 2, 4, 3, 5).reshape(b, k, n, p * p)
-    if norm_pix:
-        mean = xp.mean(dim=-1, keepdim=True)
-        var = xp.var(dim=-1, unbiased=False, keepdim=True)
-        xp = (xp - mean) / torch.sqrt(var + 1e-6)
-    m = (rp - xp.unsqueeze(1)).square().mean(dim=-1)  # [B, K, Np]
     hidden = (~visible).float()
-    err = (m * hidden).sum(dim=1) / hidden.sum(dim=0)
-    score = err.topk(topk, dim=1).values.mean(dim=1) if stat == "topk" else err.mean(dim=1)
+    if stat == "hfratio":
+        z = xp.reshape(b, n, p, p)
+        a = z[..., :, :-2] - 2 * z[..., :, 1:-1] + z[..., :, 2:]
+        lap = (a[..., :-2, :] - 2 * a[..., 1:-1, :] + a[..., 2:, :]) / 4
+        dia = (z[..., :-1, :-1] - z[..., :-1, 1:] - z[..., 1:, :-1] + z[..., 1:, 1:]) / 2
+        err = lap.square().mean(dim=(-1, -2)) / (dia.square().mean(dim=(-1, -2)) + 1e-6)  # e [B, Np]
+        w = (rp.mean(dim=-1) * hidden).sum(dim=1) / hidden.sum(dim=0)
+        idx = torch.sort(w, dim=1, descending=True, stable=True).indices[:, :topk]
+        srt = err.gather(1, idx).sort(dim=1).values
+        score = (srt[:, (topk - 1) // 2] + srt[:, topk // 2]) / 2
+    else:
+        if norm_pix:
+            mean = xp.mean(dim=-1, keepdim=True)
+            var = xp.var(dim=-1, unbiased=False, keepdim=True)
+            xp = (xp - mean) / torch.sqrt(var + 1e-6)
+        m = (rp - xp.unsqueeze(1)).square().mean(dim=-1)  # [B, K, Np]
+        err = (m * hidden).sum(dim=1) / hidden.sum(dim=0)
+        score = err.topk(topk, dim=1).values.mean(dim=1) if stat == "topk" else err.mean(dim=1)
     tau32, tau_high32 = float(np.float32(tau)), float(np.float32(tau_high))
     flag = score >= tau32
     frac = ((score.double() - tau32) / (tau_high32 - tau32)).clamp(0.0, 1.0)
@@ -406,10 +476,14 @@ _COUNTERS: dict[tuple[int, int], Any] = {}
 
 
 def cuda_kernel_limits_ok(size: int, patch: int, stat: str, sets: int) -> bool:
-    """Whether the CUDA kernel's shared memory holds this problem: max(K·S + 2·S/P, (2|1)·Np) floats
-    (patch_gate_cuda.cu) within 48 KiB — e.g. S = 224 with P ≥ 4, or S = 512 with P ≥ 8 and K ≤ 8."""
+    """Whether the CUDA kernel's shared memory holds this problem (patch_gate_cuda.cu, 48 KiB):
+    max(K·S + 2·S/P, (2|1)·Np) floats for mean/topk, max(K·S + (2P−3)·S/P, 3·Np) for hfratio —
+    e.g. S = 224 with P ≥ 4, or S = 512 with P ≥ 8 and K ≤ 8."""
     side = size // patch
-    need = max(sets * size + 2 * side, (2 if stat == "topk" else 1) * side * side)
+    if stat == "hfratio":
+        need = max(sets * size + (2 * patch - 3) * side, 3 * side * side)
+    else:
+        need = max(sets * size + 2 * side, (2 if stat == "topk" else 1) * side * side)
     return need <= _CUDA_MAX_SHARED_FLOATS
 
 
@@ -459,6 +533,8 @@ def _run_cuda(x: Any, recon: Any, vis: np.ndarray, spec: _Spec, norm_pix: bool, 
     flag = torch.empty(spec.batch, dtype=torch.bool, device=dev)
     t_star = torch.empty(spec.batch, dtype=torch.int32, device=dev)
     err = torch.empty(spec.batch, spec.num_patches, dtype=torch.float32, device=dev)
+    # hfratio: the blocks of a scan leave the tissue levels w [B, Np] here for the scan's last block
+    work = torch.empty_like(err) if spec.stat == "hfratio" else None
     counters = _counters_for(dev, stream, spec.batch)
     with torch.cuda.device(dev):
         code = _C_cuda.patch_gate(
@@ -467,6 +543,7 @@ def _run_cuda(x: Any, recon: Any, vis: np.ndarray, spec: _Spec, norm_pix: bool, 
             topk=spec.topk, norm_pix=norm_pix, tau=float(spec.tau), tau_high=float(spec.tau_high),
             t_min=spec.t_min, t_max=spec.t_max, floor=floor, score=score.data_ptr(), flag=flag.data_ptr(),
             t_star=t_star.data_ptr(), patch_err=err.data_ptr(), counters=counters.data_ptr(), stream=stream,
+            work=0 if work is None else work.data_ptr(),
         )
     if code != 0:
         raise RuntimeError(f"patch_gate CUDA launch failed with error {code}: {_C_cuda.error_string(code)}")
@@ -518,11 +595,14 @@ def patch_gate(
             hidden by at least one set. Best passed from the host (numpy): it is validated there and
             uploaded once per device and content.
         patch: patch side P (divides S; Np = (S/P)², row-major).
-        stat: "mean" or "topk"; topk: the number of largest patch errors averaged (1..Np).
-        norm_pix: compare with per-patch normalised targets (MAE normalised-pixel loss).
+        stat: "mean", "topk" or "hfratio" (module docstring). topk: for "topk" the number of
+            largest patch errors averaged (1..Np); for "hfratio" m, the number of tissue patches
+            whose median ratio is the score (0..Np, 0 = Np // 2); ignored for "mean".
+        norm_pix: compare with per-patch normalised targets (MAE normalised-pixel loss); not
+            with "hfratio".
         tau, tau_high: flag threshold and the score at which t* reaches t_max (float32, τ_high > τ).
         t_min, t_max: purification timesteps (0 ≤ t_min ≤ t_max); floor: unflagged scans get t_min.
-        return_patch_err: also return e [B, Np].
+        return_patch_err: also return e [B, Np] (the hfratio ratios for stat "hfratio").
         backend: "auto" (CUDA tensors → CUDA kernel, else C++), "cpp", "cuda", "reference" (numpy
             oracle) or "torch" (torch-op chain).
         num_threads: C++ worker threads over the batch (0: chosen from the work size).
@@ -540,7 +620,7 @@ def patch_gate(
     on_cuda = _is_torch(x) and x.device.type == "cuda"
     vis = _visible_numpy(visible)
     spec = _validate_cached(x, recon, vis, patch=patch, stat=stat, topk=topk, tau=tau, tau_high=tau_high,
-                            t_min=t_min, t_max=t_max)
+                            t_min=t_min, t_max=t_max, norm_pix=bool(norm_pix))
     norm_pix, floor = bool(norm_pix), bool(floor)
     if backend == "auto":
         if on_cuda:

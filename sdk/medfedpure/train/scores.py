@@ -112,7 +112,10 @@ def gate_scores(x: Any, recon: Any, visible: Any, *, patch: int, stat: str = "me
     x, recon, visible = np_(x), np_(recon), np_(visible).astype(bool)
     if x.ndim == 4 and x.shape[1] == 1:
         x = x[:, 0]
-    if stat in ("mean", "topk"):
+    research_variant = stat == "hfratio" and (kw.get("aggregate", "median") != "median" or kw.get("residual", False)
+                                              or "tissue_fraction" in kw)
+    if stat in ("mean", "topk") or (stat == "hfratio" and not research_variant):
+        # The gate's own oracle, so that calibration and deployment agree bit for bit.
         from medfedpure.ops import patch_gate_reference
 
         r = patch_gate_reference(x.astype(np.float32), recon.astype(np.float32), visible, patch=patch, stat=stat,
