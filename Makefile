@@ -31,5 +31,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check sdk export benchmarks tests
 
+# The embedded default bundle: synthetic data → training → calibration → export (scripts/make_bundle.sh).
+bundle: $(STAMP)
+	scripts/make_bundle.sh
+
 clean:
 	rm -rf build $(VENV)

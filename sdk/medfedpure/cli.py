@@ -11,6 +11,10 @@ import typer
 
 from medfedpure import __version__
 from medfedpure.data.cli import app as data_app
+from medfedpure.fed.cli import app as fed_app
+from medfedpure.runtime_cli import register as register_runtime_commands
+from medfedpure.train.cli import app as train_app
+from medfedpure.train.cli import calibrate_command
 
 app = typer.Typer(
     name="medfedpure",
@@ -21,6 +25,10 @@ app = typer.Typer(
 )
 
 app.add_typer(data_app, name="data", help="Generate, split and inspect data sets (synthetic or Br35H).")
+app.add_typer(train_app, name="train", help="Train the classifier, the MAE detector and the purifier on one site.")
+app.command("calibrate")(calibrate_command)
+app.add_typer(fed_app, name="fed", help="Federated training with Flower: sim (one machine), deploy (SuperLink + SuperNodes), compare.")
+register_runtime_commands(app)  # run, demo, export, verify-bundle
 
 
 def _version_callback(value: bool) -> None:

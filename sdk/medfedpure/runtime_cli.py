@@ -1,0 +1,178 @@
+"""Runtime commands: ``medfedpure run``, ``demo``, ``export`` and ``verify-bundle`` (argument handling only).
+
+Registered on the root app by ``medfedpure/cli.py``; the work lives in :mod:`medfedpure.defender`,
+:mod:`medfedpure.bundle`, :mod:`medfedpure.demo` and :mod:`medfedpure.export.pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+BACKEND_HELP = "auto, onnxruntime, torch or tensorrt."
+DEVICE_HELP = "auto, cpu or cuda."
+
+
+def _load(bundle: Path | None, backend: str, device: str, threads: int):
+    from medfedpure.bundle import BundleError
+    from medfedpure.defender import Defender
+    from medfedpure.engines import EngineError
+
+    try:
+        if bundle is None:
+            return Defender.default(backend, device, threads=threads)
+        return Defender.load(bundle, backend, device, threads=threads)
+    except (BundleError, EngineError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+def run_command(
+    scans: list[str] = typer.Argument(..., help="Scan files (DICOM, PNG, JPEG, TIFF, BMP)."),
+    bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle folder (default: the embedded one)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    seed: int | None = typer.Option(None, min=0, help="Purification RNG key (default: a fresh one per scan)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON Result per line (the audit format)."),
+    threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
+) -> None:
+    """Classify scans with the guarded pipeline; exit code 1 if any scan is unverified, 2 on bad input."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfedpure.scan import ScanError
+
+    d = _load(bundle, backend, device, threads)
+    table = Table(title=f"medfedpure · bundle {d.bundle.short_id} · {d.engine.describe()['backend']}")
+    for col in ("scan", "label", "p(tumor)", "flagged", "score", "t*", "status", "ms"):
+        table.add_column(col)
+    any_unverified = False
+    for s in scans:
+        try:
+            r = d.run(s, seed=seed)
+        except ScanError as e:
+            typer.echo(f"error: {s}: {e}", err=True)
+            raise typer.Exit(2) from e
+        any_unverified |= not r.ok
+        if as_json:
+            typer.echo(json.dumps({"scan": s, **r.to_dict()}, allow_nan=False))
+        else:
+            table.add_row(s, str(r.label), f"{r.probabilities.get('tumor', float('nan')):.3f}", str(r.flagged),
+                          f"{r.score:.4g}" if r.score is not None else "-", str(r.t_star),
+                          r.status if r.ok else f"{r.status}: {r.reason}", f"{r.latency_ms['total']:.1f}")
+    if not as_json:
+        Console().print(table)
+    if any_unverified:
+        raise typer.Exit(1)
+
+
+def demo_command(
+    out: Path = typer.Option(Path("demo_out"), "--out", "-o", help="Folder for the figures and demo.json."),
+    bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle folder (default: the embedded one)."),
+    n: int = typer.Option(4, min=2, max=32, help="Number of synthetic scans."),
+    eps: float = typer.Option(8 / 255, help="PGD ℓ∞ radius in [0,1] units."),
+    steps: int = typer.Option(10, min=1, max=200, help="PGD steps."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
+) -> None:
+    """Run the embedded bundle on synthetic scans, clean and PGD-attacked; print a table, write figures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfedpure.demo import DemoConfig, run_demo
+
+    d = _load(bundle, backend, device, threads)
+    try:
+        cfg = DemoConfig(n=n, eps=eps, steps=steps)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    rows = run_demo(d, out, cfg)
+    t = Table(title=f"medfedpure demo · bundle {d.bundle.short_id} · {d.engine.describe()['backend']} · "
+                    f"PGD ℓ∞ ε={eps:.4f}, {steps} steps (synthetic scans)")
+    for col in ("scan", "input", "true", "label", "flagged", "score", "t*", "ms"):
+        t.add_column(col)
+    for r in rows:
+        lab = r["label"] if r["status"] == "ok" else "unverified"
+        mark = "" if r["correct"] else " ✗"
+        t.add_row(str(r["scan"]), r["input"], r["true"], f"{lab}{mark}", str(r["flagged"]),
+                  f"{r['score']:.4g}" if r["score"] is not None else "-", str(r["t_star"]), f"{r['latency_ms']:.1f}")
+    Console().print(t)
+    acc = {k: sum(r["correct"] for r in rows if r["input"] == k) / n for k in ("clean", "pgd")}
+    typer.echo(f"accuracy clean {acc['clean']:.2f} · under PGD (defended) {acc['pgd']:.2f} · figures in {out}/")
+
+
+def verify_bundle_command(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    expected_id: str | None = typer.Option(None, "--expected-id", help="Pin the bundle id (sha256 of manifest.json)."),
+) -> None:
+    """Verify a bundle (manifest, every sha256, no unlisted files or links); exit code 2 if it fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from medfedpure.bundle import BundleError, verify_bundle
+
+    try:
+        vb = verify_bundle(bundle, expected_id=expected_id)
+    except BundleError as e:
+        typer.echo(f"REFUSED: {e}", err=True)
+        raise typer.Exit(2) from e
+    t = Table(title=f"bundle {vb.bundle_id}")
+    for col in ("artefact", "path", "role", "format", "precision", "bytes", "sha256"):
+        t.add_column(col)
+    for a in vb.artefacts.values():
+        t.add_row(a.name, a.path, a.role, a.format, a.precision, f"{a.bytes:,}", a.sha256[:16] + "…")
+    Console().print(t)
+    prov = vb.manifest["provenance"]
+    g = vb.gate
+    typer.echo(f"OK · format {vb.manifest['format_version']} · {vb.image_size} px · gate {g.get('stat')} "
+               f"τ={g['tau']:.4g} policy={g.get('policy')} t*∈[{g['t_min']}, {g['t_max']}] · "
+               f"purifier K={vb.purifier['steps']} · run {prov.get('run')} site {prov.get('site')} "
+               f"commit {str(prov.get('code_commit'))[:10]}")
+
+
+def export_command(
+    run: Path = typer.Option(..., "--run", help="Training run folder (docs/interfaces.md 'Run folder')."),
+    site: int = typer.Option(..., "--site", min=0, help="Site index k (RUN/site_k)."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
+    data: Path | None = typer.Option(None, "--data", help="Data root for validation scans (default: from RUN/config.json)."),
+    num_val: int = typer.Option(64, min=2, help="Validation scans used to verify torch vs onnxruntime."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle at --out."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT plans (batch 1-8) for this GPU."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file."),
+) -> None:
+    """Export a site's models to a verified bundle: ONNX FP32 + FP16, torch weights, manifest with sha256."""
+    from medfedpure.export.pipeline import ExportVerificationError, export_run
+
+    try:
+        vb, report = export_run(run, site, out, data=data, num_val=num_val, overwrite=overwrite,
+                                progress=lambda m: typer.echo(f"· {m}"))
+    except (ExportVerificationError, FileNotFoundError, FileExistsError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
+    f32, f16 = report["fp32"], report["fp16"]
+    typer.echo(f"verified on {report['num_scans']} val scans: FP32 classifier max|Δp| "
+               f"{f32['classifier']['max_abs']:.2e} top-1 {f32['classifier']['top1']:.3f}; FP16 top-1 "
+               f"{f16['classifier']['top1']:.3f}, mae max|Δ| {f16['mae']['max_abs']:.2e}, gate flags "
+               f"{f16['gate_flag_agreement']:.3f}; FP16 purifier → classifier top-1 {report['purifier_fp16_top1']}")
+    typer.echo(f"bundle {vb.bundle_id} written to {out}")
+    if tensorrt:
+        from medfedpure.export.tensorrt import TensorRTUnavailable, add_tensorrt_plans
+
+        trt_out = out.with_name(out.name + "-tensorrt")
+        try:
+            vb = add_tensorrt_plans(out, trt_out, timing_cache=timing_cache, overwrite=overwrite)
+        except (TensorRTUnavailable, RuntimeError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from e
+        typer.echo(f"bundle with TensorRT plans {vb.bundle_id} written to {trt_out}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the runtime commands to the root app."""
+    app.command("run")(run_command)
+    app.command("demo")(demo_command)
+    app.command("export")(export_command)
+    app.command("verify-bundle")(verify_bundle_command)
