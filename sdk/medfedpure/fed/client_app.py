@@ -11,6 +11,11 @@ Handlers (the server's message config names the ``phase``):
   after a restart, if that file carries this run's ``run-token``; else a fresh, seeded init), load the server's travelling tensors, run the
   phase's training loop for ``local-epochs``, store the local tensors again (state + disk) and
   reply with the travelling tensors and metrics (``num-examples``, ``site``, losses).
+  Classifier phase: the site's AdamW state is kept across rounds the same way
+  (``context.state["classifier.optim"]`` and ``SITE/classifier_optim.safetensors``, same run-token
+  rule), and round ``r`` of ``R`` trains global epochs ``(r−1)·E … r·E − 1`` of one warm-up + cosine
+  schedule over ``R·E`` epochs (``tasks.train_local_stateful``): the site's rounds continue one
+  long local run instead of restarting AdamW and the schedule every round.
 - ``evaluate``: same restore, evaluate on val and test; in the last round also write the site's
   final artefacts: ``SITE/classifier.safetensors`` (global + this site's local expert, gate and
   normalisation) or ``SITE/global/<phase>.safetensors`` (the federated MAE / teacher / student, the
@@ -76,6 +81,45 @@ class _Site:
     def state_key(self) -> str:
         return f"{self.phase}.local"
 
+    @property
+    def optim_path(self) -> Path:
+        return self.site_dir / f"{self.phase}_optim.safetensors"
+
+    @property
+    def optim_key(self) -> str:
+        return f"{self.phase}.optim"
+
+    @property
+    def stateful(self) -> bool:
+        """Whether this phase carries optimizer state and a federation-wide schedule (classifier)."""
+        return self.phase == "classifier" and self.round >= 1 and self.num_rounds >= self.round
+
+    def optimizer_state(self, context: Context) -> dict[str, torch.Tensor] | None:
+        """This site's optimizer state from last round (state → this run's disk file → ``None``)."""
+        if self.round <= 1:
+            return None
+        if self.optim_key in context.state:
+            return params.from_arrayrecord(context.state[self.optim_key])
+        if self.optim_path.is_file():
+            tensors, meta = params.load_local(self.optim_path)
+            if meta.get("run-token") == self.run_token and meta.get("split") == self.split \
+                    and int(meta.get("round", -1)) == self.round - 1:
+                LOG.info("site %d: restoring %s optimizer state from %s", self.site, self.phase, self.optim_path)
+                return tensors
+        LOG.warning("site %d round %d: no optimizer state from round %d, starting AdamW afresh",
+                    self.site, self.round, self.round - 1)
+        return None
+
+    def store_optimizer_state(self, state: dict[str, torch.Tensor] | None, context: Context) -> None:
+        if state is None:
+            return
+        context.state[self.optim_key] = params.to_arrayrecord(state)
+        params.save_local(
+            self.optim_path, state,
+            {"phase": self.phase, "split": self.split, "round": self.round, "site": self.site,
+             "run-token": self.run_token, "kind": "adamw-state"},
+        )
+
     def data(self) -> tasks.SiteData:
         return tasks.load_site(self.data_dir, self.site, tasks.image_size(self.preset, self.size), self.max_train)
 
@@ -117,11 +161,21 @@ def train(msg: Message, context: Context) -> Message:
     sent: ArrayRecord = msg.content["arrays"]
     params.set_travelling(model, sent, s.split)
     data = s.data()
-    metrics = tasks.train_local(
-        s.phase, model, data, preset=s.preset, epochs=s.local_epochs,
-        seed=s.seed + 7919 * s.round + 104_729 * s.site, site_dir=s.site_dir,
-        lr_scale=tasks.round_lr_scale(s.round, s.num_rounds),
-    )
+    if s.stateful:
+        # One schedule over the whole federation; per-epoch generators keyed by the global epoch,
+        # so the site's seed is fixed for the run (the local-only baseline's seed).
+        metrics, opt_state = tasks.train_local_stateful(
+            s.phase, model, data, preset=s.preset, epochs=s.local_epochs, seed=s.seed + 104_729 * s.site,
+            site_dir=s.site_dir, optimizer_state=s.optimizer_state(context),
+            schedule=((s.round - 1) * s.local_epochs, s.num_rounds * s.local_epochs),
+        )
+        s.store_optimizer_state(opt_state, context)
+    else:
+        metrics = tasks.train_local(
+            s.phase, model, data, preset=s.preset, epochs=s.local_epochs,
+            seed=s.seed + 7919 * s.round + 104_729 * s.site, site_dir=s.site_dir,
+            lr_scale=tasks.round_lr_scale(s.round, s.num_rounds),
+        )
     s.store_local(model, context)
     reply_arrays = params.get_travelling(model, s.split)
     if s.site == s.poison_site:

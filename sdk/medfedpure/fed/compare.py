@@ -14,7 +14,11 @@ MoE            (split "moe": the product's scheme).
 ============== ==================================================================================
 
 The federated three run on the Flower simulation runtime (``sim.run_sim``) with FedAvg
-aggregation. Reported: per-site **test** accuracy of each site's final model (for the federated
+aggregation. Their sites train as the local-only run does, only interrupted by aggregation: each
+site keeps its AdamW state across rounds and round ``r`` continues one warm-up + cosine schedule
+over ``rounds × local_epochs`` epochs with the same per-epoch generators (``client_app``,
+``tasks.train_local_stateful``) — without averaging a site's rounds would be the local-only run.
+Difference left: local-only keeps its best epoch by validation, the federated arms the last round. Reported: per-site **test** accuracy of each site's final model (for the federated
 methods: the last round's global part combined with the site's local part), and its mean ± std
 over sites (std: population std over the sites). Writes ``OUT/compare.json``, ``OUT/compare.md``
 and ``OUT/compare.png``.

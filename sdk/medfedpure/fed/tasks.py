@@ -136,17 +136,52 @@ def train_local(
     site_dir: Path | None = None,
     lr_scale: float = 1.0,
 ) -> dict[str, float]:
-    """Train ``model`` in place on the site's training split for ``epochs`` epochs.
+    """Train ``model`` in place on the site's training split for ``epochs`` epochs (stateless round).
 
     One federated round is a short, complete run of the phase's own training loop: warm-up is
     disabled (the server's model is already warm after round 1) and early stopping cannot trigger
-    (patience > epochs). The loop builds a fresh AdamW each round (its moments are not carried
-    across rounds, as with stateless FedAvg clients) and runs its cosine schedule within the round:
-    with one local epoch per round this is much noisier than one long local run — prefer a few
-    local epochs per round (benchmarks/RESULTS.md, "Federated"). ``lr_scale`` multiplies the
-    preset's learning rate: the server's cosine envelope over rounds (:func:`round_lr_scale`).
-    Returns scalar metrics for the server (``train_loss`` and the loop's validation metrics,
-    prefixed ``val_``).
+    (patience > epochs). The loop builds a fresh AdamW each round and runs its cosine schedule
+    within the round — with one local epoch per round this trains much worse than one long local
+    run (benchmarks/RESULTS.md, "Federated"); the client uses :func:`train_local_stateful` for the
+    classifier instead. ``lr_scale`` multiplies the preset's learning rate: the server's cosine
+    envelope over rounds (:func:`round_lr_scale`). Returns scalar metrics for the server
+    (``train_loss`` and the loop's validation metrics, prefixed ``val_``).
+    """
+    return train_local_stateful(phase, model, data, preset=preset, epochs=epochs, seed=seed, site_dir=site_dir,
+                                lr_scale=lr_scale)[0]
+
+
+def train_local_stateful(
+    phase: str,
+    model: torch.nn.Module,
+    data: SiteData,
+    *,
+    preset: str,
+    epochs: int,
+    seed: int,
+    site_dir: Path | None = None,
+    lr_scale: float = 1.0,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    schedule: tuple[int, int] | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
+    """:func:`train_local` with the site's optimizer state and a federation-wide schedule.
+
+    ``schedule = (offset, total)`` in epochs (classifier only): this round's epochs are global
+    epochs ``offset … offset + epochs − 1`` of one warm-up + cosine schedule of ``total`` epochs
+    (the preset's warm-up, as a local run has), and ``seed`` is then the site's seed for the whole
+    federation (per-epoch generators are keyed by the global epoch). ``optimizer_state`` is the
+    AdamW state this site returned last round (``None`` in round 1). With both, a site's rounds
+    continue one long local run instead of restarting it: for a site whose weights nobody replaces,
+    R one-epoch rounds equal one R-epoch run bit for bit (tests/test_fed_optim_state.py).
+
+    The moments of the travelling (global) parameters are kept too, although FedAvg replaces those
+    weights between rounds: a "stateful client" keeps its whole optimizer state locally (the
+    aggregated weights move little per round, so the site's moment estimates stay a good
+    preconditioner; resetting them every round is the restart that cost accuracy). Nothing of it
+    leaves the site, and aggregation is unchanged.
+
+    Returns ``(metrics, new optimizer state)``; the state is ``None`` for the other phases, which
+    ignore ``optimizer_state`` and ``schedule`` (stateless rounds, as :func:`train_local`).
     """
     _check(phase, preset)
     if epochs < 1:
@@ -156,25 +191,32 @@ def train_local(
     if phase == "classifier":
         from medfedpure.train.classifier import ClassifierTrainConfig, train_classifier
 
-        cfg = ClassifierTrainConfig.preset(preset, epochs=epochs, seed=seed, warmup_epochs=0, patience=epochs + 1)
+        if schedule is None:
+            cfg = ClassifierTrainConfig.preset(preset, epochs=epochs, seed=seed, warmup_epochs=0, patience=epochs + 1)
+            offset, total = 0, None
+        else:
+            offset, total = int(schedule[0]), int(schedule[1])
+            cfg = ClassifierTrainConfig.preset(preset, epochs=epochs, seed=seed, patience=epochs + 1)
         cfg = replace(cfg, lr=cfg.lr * lr_scale)
-        out = train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=False)
-        return {"train_loss": _last(out, "train_loss"), "val_loss": float(out["val"]["loss"]),
-                "val_accuracy": float(out["val"]["accuracy"])}
+        out = train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=False,
+                               optimizer_state=optimizer_state, schedule_offset=offset, schedule_total=total,
+                               return_optimizer_state=True)
+        return ({"train_loss": _last(out, "train_loss"), "val_loss": float(out["val"]["loss"]),
+                 "val_accuracy": float(out["val"]["accuracy"])}, out["optimizer_state"])
     if phase == "mae":
         from medfedpure.train.mae import MAETrainConfig, train_mae
 
         cfg_m = MAETrainConfig.preset(preset, epochs=epochs, seed=seed, warmup_epochs=0, patience=epochs + 1)
         cfg_m = replace(cfg_m, lr=cfg_m.lr * lr_scale)
         out = train_mae(model, data.x_train, data.x_val, cfg_m, progress=False)
-        return {"train_loss": _last(out, "train_loss"), **{f"val_{k}": float(v) for k, v in out["val"].items()}}
+        return {"train_loss": _last(out, "train_loss"), **{f"val_{k}": float(v) for k, v in out["val"].items()}}, None
     if phase == "teacher":
         from medfedpure.train.purifier import DenoiserTrainConfig, train_denoiser
 
         cfg_d = DenoiserTrainConfig.preset(preset, epochs=epochs, seed=seed, warmup_steps=0, patience=epochs + 1)
         cfg_d = replace(cfg_d, lr=cfg_d.lr * lr_scale)
         out = train_denoiser(model, model.schedule, data.x_train, data.x_val, cfg_d, progress=False)
-        return {"train_loss": _last(out, "train_loss"), **{f"val_{k}": float(v) for k, v in out["val"].items()}}
+        return {"train_loss": _last(out, "train_loss"), **{f"val_{k}": float(v) for k, v in out["val"].items()}}, None
     # student: distil from this site's copy of the final federated teacher.
     from medfedpure.train.checkpoint import load_model
     from medfedpure.train.distill import DistillConfig, distill_student
@@ -190,7 +232,7 @@ def train_local(
         teacher, model, teacher.schedule, data.x_train, data.x_val, cfg_s, progress=False, init_from_teacher=False
     )
     val = out.get("val", {}) if isinstance(out, dict) else {}
-    return {"train_loss": _last(out, "train_loss"), **{f"val_{k}": float(v) for k, v in val.items()}}
+    return {"train_loss": _last(out, "train_loss"), **{f"val_{k}": float(v) for k, v in val.items()}}, None
 
 
 def round_lr_scale(server_round: int, num_rounds: int) -> float:

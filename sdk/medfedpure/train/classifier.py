@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medfedpure.train.loop import cosine_lr, epoch_generator, fit
+from medfedpure.train.loop import cosine_lr, epoch_generator, fit, load_optimizer_state
+from medfedpure.train.loop import optimizer_state as optimizer_state_of
 
 __all__ = ["ClassifierTrainConfig", "train_classifier", "evaluate_classifier", "augment_batch"]
 
@@ -199,6 +200,10 @@ def train_classifier(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     name: str = "classifier",
+    optimizer_state: dict[str, torch.Tensor] | None = None,
+    schedule_offset: int = 0,
+    schedule_total: int | None = None,
+    return_optimizer_state: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` on ``train = (x, y)``, select the epoch with the best ``val`` accuracy.
 
@@ -208,21 +213,45 @@ def train_classifier(
         cfg: ``ClassifierTrainConfig``.
         augment: optional hook ``(x [B,1,S,S], generator) -> x`` applied after the built-in ones.
         checkpoint_dir / resume / name: per-epoch checkpoints for resumption (``train.loop.fit``).
+        optimizer_state: AdamW state from a previous call's ``out["optimizer_state"]`` (same model
+            layout), loaded into the fresh AdamW; ``None`` starts with empty moments.
+        schedule_offset: epochs of the whole schedule already run by earlier calls; this call's
+            epoch ``e`` is global epoch ``schedule_offset + e`` for the warm-up + cosine learning
+            rate and for the per-epoch generator (batch order, augmentation).
+        schedule_total: length in epochs of the whole schedule (default ``cfg.epochs``); must be
+            ``>= schedule_offset + cfg.epochs``.
+        return_optimizer_state: add ``"optimizer_state"`` to the result (off by default, so the
+            result stays JSON-serialisable for callers that dump it).
+
+    With the defaults this is one self-contained run. Calls with ``epochs=k``, offsets ``0, k, 2k, …``,
+    one ``schedule_total`` and the returned optimizer state carried from call to call reproduce one
+    continuous run (bit for bit when each call's best epoch is its last, e.g. ``k = 1``; tested).
 
     Model selection: the epoch with the best validation ``accuracy − 1e-3 · loss``.
 
-    Returns: the history dict of ``fit`` plus ``"val": evaluate_classifier(best model, val)``.
-    The model ends in eval mode holding the best weights.
+    Returns: the history dict of ``fit`` plus ``"val": evaluate_classifier(best model, val)`` and,
+    with ``return_optimizer_state``, ``"optimizer_state"``: ``dict[str, Tensor]`` keyed
+    ``"{param_index}.{exp_avg|exp_avg_sq|step}"``, the AdamW state after the last step (of the last
+    epoch, even when an earlier epoch's weights are kept as the best). The model ends in eval mode holding the best weights.
     """
     xt, yt = _as_tensors(train, "train")
     xv, yv = _as_tensors(val, "val")
+    total_epochs = cfg.epochs if schedule_total is None else int(schedule_total)
+    if schedule_offset < 0:
+        raise ValueError(f"schedule_offset={schedule_offset}: must be >= 0 (epochs already run)")
+    if total_epochs < schedule_offset + cfg.epochs:
+        raise ValueError(f"schedule_total={total_epochs} < schedule_offset + epochs = {schedule_offset + cfg.epochs}: "
+                         "the whole schedule must cover this call")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        load_optimizer_state(opt, optimizer_state)
     steps_per_epoch = (len(xt) + cfg.batch_size - 1) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
+    total = steps_per_epoch * total_epochs
     warmup = steps_per_epoch * cfg.warmup_epochs
     model_cfg = getattr(model, "cfg", None)
 
-    def train_epoch(epoch: int) -> dict[str, float]:
+    def train_epoch(local_epoch: int) -> dict[str, float]:
+        epoch = schedule_offset + local_epoch  # position in the whole schedule
         g = epoch_generator(cfg.seed, epoch)
         perm = torch.randperm(len(xt), generator=g)
         tot, n = 0.0, 0
@@ -252,4 +281,6 @@ def train_classifier(
               patience=cfg.patience, monitor="selection", mode="max", model_cfg=model_cfg, kind="moe",
               name=name, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     out["val"] = evaluate_classifier(model, xv, yv)
+    if return_optimizer_state:
+        out["optimizer_state"] = optimizer_state_of(opt)
     return out

@@ -11,6 +11,12 @@ epochs without improvement, and — with ``checkpoint_dir`` — writes after eve
 
 ``resume=True`` restarts from those files. Per-epoch randomness comes from generators seeded by
 ``(seed, epoch)``, so a resumed run continues exactly as an uninterrupted one would.
+
+Carried optimizer state (federated rounds): :func:`optimizer_state` / :func:`load_optimizer_state`
+move an optimizer's per-parameter tensors (AdamW: ``exp_avg``, ``exp_avg_sq``, ``step``) out of and
+into a freshly built optimizer, as a flat ``dict[str, Tensor]`` keyed ``"{param_index}.{name}"``
+(safetensors-ready, no pickle). Together with a schedule position (global epoch offset and total,
+see ``train.classifier.train_classifier``), successive short calls continue one long run.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from medfedpure.train.checkpoint import (
     save_tensors,
 )
 
-__all__ = ["fit", "epoch_generator", "cosine_lr"]
+__all__ = ["fit", "epoch_generator", "cosine_lr", "optimizer_state", "load_optimizer_state"]
 
 
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
@@ -48,6 +54,48 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as detached copies, keyed ``"{param_index}.{name}"``.
+
+    Hyper-parameters (``param_groups``) are not included: the caller rebuilds the optimizer from its
+    config and the loop sets the learning rate every step. Raises ``ValueError`` if the optimizer
+    keeps non-tensor per-parameter state (it could not travel as safetensors).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            if not isinstance(v, torch.Tensor):
+                raise ValueError(f"optimizer state {idx}.{name} is a {type(v).__name__}, not a tensor: "
+                                 "this optimizer's state cannot be carried as safetensors")
+            tensors[f"{idx}.{name}"] = v.detach().clone()
+    return tensors
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Load :func:`optimizer_state` output into a freshly built ``opt`` over the same parameters.
+
+    The tensors are copied (the caller's dict is not modified nor aliased). Raises ``ValueError``
+    when a key names a parameter index the optimizer does not have, or a moment's shape differs
+    from its parameter's (state saved for another model).
+    """
+    sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        idx_s, _, name = key.partition(".")
+        if not idx_s.isdigit() or not name:
+            raise ValueError(f"optimizer state key {key!r}: expected '<param_index>.<name>'")
+        idx = int(idx_s)
+        if idx >= len(params):
+            raise ValueError(f"optimizer state for parameter {idx}, but the optimizer has {len(params)}: "
+                             "the state was saved for another model")
+        if v.dim() > 0 and tuple(v.shape) != tuple(params[idx].shape):
+            raise ValueError(f"optimizer state {key} has shape {tuple(v.shape)}, parameter {idx} has "
+                             f"{tuple(params[idx].shape)}: the state was saved for another model")
+        state.setdefault(idx, {})[name] = v.detach().clone()
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
 def _is_better(value: float, best: float | None, mode: str, min_delta: float) -> bool:
