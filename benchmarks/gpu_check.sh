@@ -53,6 +53,14 @@ TEST_RC=$?
 set -e
 echo "pytest exit code: $TEST_RC"
 
+step "tests: pytest -m cuda on the runtime (torch CUDA engine: FP16, CUDA graphs, CUDA gate on device tensors)"
+set +e
+"$PY" -m pytest tests/test_engines.py tests/test_defender.py -m cuda -q -p no:cacheprovider -o addopts="" -rs \
+  --junitxml="$OUT/pytest_runtime_cuda.xml"
+RT_RC=$?
+set -e
+echo "runtime cuda pytest exit code: $RT_RC"
+
 step "benchmark: GPU part"
 "$PY" benchmarks/kernel.py --device cuda --out "$OUT/kernel_gpu.json" || echo "GPU benchmark FAILED"
 "$PY" benchmarks/kernel.py --device cuda --stat topk --topk 16 --dtypes float16 --sizes 224 \

@@ -89,6 +89,7 @@ def interp_alphas_cumprod(table: Tensor, t: Tensor) -> Tensor:
     Export-clean: floor, gather and lerp only (no data-dependent branches, no ``.item()``).
     """
     num_timesteps = table.shape[0] - 1
+    table = table.to(t.device)  # the schedule's table lives on the CPU; t may be a CUDA tensor
     t = t.to(table.dtype).clamp(0, num_timesteps)
     lo = torch.floor(t).clamp(max=num_timesteps - 1)
     frac = t - lo
