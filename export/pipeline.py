@@ -316,13 +316,19 @@ def export_run(run: str | Path, site: int, out: str | Path, *, data: str | Path 
         data_fp = fingerprint(data)
     except Exception:  # noqa: BLE001 - provenance is best effort, recorded as unknown
         data_fp = None
+    dataset = {}
+    ds_path = Path(data) / "dataset.json"
+    if ds_path.is_file():  # the data set's kind and, for synthetic data, how to render more of the same site
+        ds = json.loads(ds_path.read_text())
+        dataset = {k: ds[k] for k in ("kind", "seed", "num_sites", "size", "generator_version", "config")
+                   if k in ds}
     extra_notes = {}
     for name in ("purifier_note.json", "metrics_purifier.json"):  # written by scripts/make_bundle.sh
         if (run / name).is_file():
             extra_notes[name.removesuffix(".json")] = json.loads((run / name).read_text())
     provenance = {"run": run.name, "site": int(site), "training_config_sha256": sha256_json_file(cfg_path),
                   **extra_notes,
-                  "dataset_fingerprint": data_fp, "metrics": metrics,
+                  "dataset_fingerprint": data_fp, "dataset": dataset, "metrics": metrics,
                   "calibration_sha256": sha256_json_file(paths["calibration"]),
                   "weights_sha256": {k: sha256_json_file(p) for k, p in paths.items() if k != "calibration"}}
     weights = {k: p.read_bytes() for k, p in paths.items() if k != "calibration"}

@@ -42,16 +42,36 @@ class DemoConfig:
             raise ValueError(f"steps={self.steps}: expected 1..200")
 
 
-def synthetic_scans(n: int, size: int, seed: int, site: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` fresh synthetic scans (balanced labels) as uint8 [n, S, S] PNG-range images, labels [n]."""
+def synthetic_scans(n: int, size: int, seed: int, site: int = 0,
+                    dataset: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` fresh synthetic scans (balanced labels) as uint8 [n, S, S] PNG-range images, labels [n].
+
+    With ``dataset`` (the bundle's provenance of a synthetic training set: seed, num_sites,
+    generator_version, config) the scans come from the bundle site's own simulated scanner — the
+    gate is calibrated per site, so that is the scanner it is meant for — at scan indices far past
+    the training set's (``1_000_000 + seed·1000 + i``), so they are unseen. Without it, a fresh
+    scanner profile drawn from ``seed`` is used.
+    """
     from medfedpure.data.anatomy import load_anatomy
     from medfedpure.data.synth import SynthConfig, make_site_profiles, render_scan
 
-    cfg = SynthConfig(sites=max(site + 1, 1), per_site=max(n, 2), size=size, seed=seed)
-    profile = make_site_profiles(cfg.sites, seed)[site]
+    if dataset and dataset.get("kind") == "synthetic" and "seed" in dataset:
+        dcfg = dict(dataset.get("config") or {})
+        num_sites = int(dataset.get("num_sites", dcfg.get("sites", site + 1)))
+        cfg = SynthConfig(sites=num_sites, per_site=int(dcfg.get("per_site", max(n, 2))), size=size,
+                          seed=int(dataset["seed"]),
+                          tumor_fraction=float(dcfg.get("tumor_fraction", 0.5)),
+                          subtle_fraction=float(dcfg.get("subtle_fraction", 0.2)),
+                          z_range_mm=tuple(dcfg.get("z_range_mm", (-4.0, 56.0))),
+                          version=int(dataset.get("generator_version", 1)))
+        first = 1_000_000 + 1000 * seed
+    else:
+        cfg = SynthConfig(sites=max(site + 1, 1), per_site=max(n, 2), size=size, seed=seed)
+        first = 0
+    profile = make_site_profiles(cfg.sites, cfg.seed)[site]
     anat = load_anatomy()
     labels = np.array([i % 2 for i in range(n)], dtype=np.int64)
-    imgs = np.stack([render_scan(anat, profile, cfg, site, i, int(labels[i])).png for i in range(n)])
+    imgs = np.stack([render_scan(anat, profile, cfg, site, first + i, int(labels[i])).png for i in range(n)])
     return imgs, labels
 
 
@@ -107,8 +127,9 @@ def run_demo(defender: Defender, out: str | Path, cfg: DemoConfig = DemoConfig()
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    site = int(defender.bundle.manifest.get("provenance", {}).get("site", 0) or 0)
-    imgs, y = synthetic_scans(cfg.n, defender.image_size, cfg.seed, site=site)
+    provenance = defender.bundle.manifest.get("provenance", {})
+    site = int(provenance.get("site", 0) or 0)
+    imgs, y = synthetic_scans(cfg.n, defender.image_size, cfg.seed, site=site, dataset=provenance.get("dataset"))
     x = np.stack([preprocess(im, defender.image_size) for im in imgs]).astype(np.float32)
     x_adv = attack(defender, x, y, cfg)
     seeds = [cfg.seed + i for i in range(cfg.n)]
