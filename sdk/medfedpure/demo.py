@@ -91,7 +91,8 @@ def attack(defender: Defender, x: np.ndarray, y: np.ndarray, cfg: DemoConfig) ->
     return x_adv.numpy().astype(np.float32)
 
 
-def _figure(path: Path, x: np.ndarray, x_adv: np.ndarray, r_adv: Result, patch: int, title: str) -> None:
+def _figure(path: Path, x: np.ndarray, x_adv: np.ndarray, r_adv: Result, patch: int, title: str,
+            stat: str = "mean") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +107,8 @@ def _figure(path: Path, x: np.ndarray, x_adv: np.ndarray, r_adv: Result, patch: 
     for a, img, name, kw in [
         (ax[0], x[0], "input", {"cmap": "gray", "vmin": 0, "vmax": 1}),
         (ax[1], x_adv[0], f"attacked (|δ|∞ = {np.abs(x_adv - x).max():.3f})", {"cmap": "gray", "vmin": 0, "vmax": 1}),
-        (ax[2], err, f"MAE patch error (score {r_adv.score:.3g})" if r_adv.score is not None else "MAE patch error",
+        (ax[2], err, f"gate per-patch statistic ({stat}; score {r_adv.score:.3g})" if r_adv.score is not None
+         else f"gate per-patch statistic ({stat})",
          {"cmap": "magma"}),
         (ax[3], pur, f"purified (t* = {r_adv.t_star})", {"cmap": "gray", "vmin": 0, "vmax": 1}),
     ]:
@@ -148,7 +150,7 @@ def run_demo(defender: Defender, out: str | Path, cfg: DemoConfig = DemoConfig()
         fig = out / f"scan_{i:02d}.png"
         _figure(fig, x[i], x_adv[i], adv[i], int(defender.bundle.gate["patch"]),
                 f"scan {i}: true {classes[int(y[i])]} · clean → {clean[i].label} · PGD → {adv[i].label} "
-                f"(flagged {adv[i].flagged})")
+                f"(flagged {adv[i].flagged})", stat=str(defender.bundle.gate.get("stat", "mean")))
     summary = {"bundle_id": defender.bundle.bundle_id, "backend": defender.engine.describe(),
                "config": {"n": cfg.n, "eps": cfg.eps, "steps": cfg.steps, "seed": cfg.seed},
                "note": "synthetic scans (not Br35H); PGD against the undefended classifier", "rows": rows}
