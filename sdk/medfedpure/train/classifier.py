@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit, load_optimizer_state
 from medfedpure.train.loop import optimizer_state as optimizer_state_of
+from medfedpure.train.validate import require_at_least, require_non_negative, require_positive
 
 __all__ = ["ClassifierTrainConfig", "train_classifier", "evaluate_classifier", "augment_batch"]
 
@@ -68,15 +69,9 @@ class ClassifierTrainConfig:
     aug_prob: float = 0.8
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr}: must be > 0")
-        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.shift_px < 0:
-            raise ValueError("weight_decay, warmup_epochs and shift_px must be >= 0")
-        if self.expert_loss_weight < 0:
-            raise ValueError(f"expert_loss_weight={self.expert_loss_weight}: must be >= 0")
+        require_at_least(self, ("epochs", "batch_size", "patience"))
+        require_positive(self, ("lr",))
+        require_non_negative(self, ("weight_decay", "warmup_epochs", "shift_px", "expert_loss_weight"))
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing={self.label_smoothing}: must be in [0, 1)")
         if self.gamma < 1:

@@ -38,6 +38,7 @@ import torch
 from medfedpure.models.diffusion import DiffusionSchedule, ddim_sample, to_model_space
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit
 from medfedpure.train.purifier import as_images, psnr, random_crops
+from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
 
 __all__ = ["DistillConfig", "distill_student", "make_trajectory_cache", "evaluate_student"]
 
@@ -78,14 +79,11 @@ class DistillConfig:
     val_steps: int = 2
 
     def __post_init__(self) -> None:
-        for f in ("student_steps", "val_times"):
-            if isinstance(getattr(self, f), list):
-                object.__setattr__(self, f, tuple(getattr(self, f)))
-        for name in ("epochs", "steps_per_epoch", "batch_size", "patience", "num_trajectories", "val_scans"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not self.lr > 0 or self.warmup_steps < 0:
-            raise ValueError(f"lr={self.lr}, warmup_steps={self.warmup_steps}: need lr > 0, warm-up >= 0")
+        freeze_tuples(self, ("student_steps", "val_times"))
+        require_at_least(self, ("epochs", "steps_per_epoch", "batch_size", "patience", "num_trajectories",
+                                "val_scans"))
+        require_positive(self, ("lr",))
+        require_non_negative(self, ("warmup_steps",))
         if not self.student_steps or any(k not in (1, 2, 4) for k in self.student_steps):
             raise ValueError(f"student_steps={self.student_steps}: choose from 1, 2, 4")
         if self.val_steps not in (1, 2, 4):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from medfedpure.models.mae import MAEScorer, MaskedAutoencoder, patchify
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit
+from medfedpure.train.validate import require_at_least, require_non_negative, require_positive
 
 __all__ = ["MAETrainConfig", "train_mae", "evaluate_mae"]
 
@@ -47,13 +48,9 @@ class MAETrainConfig:
     masks_per_scan: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "patience", "masks_per_scan"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr}: must be > 0")
-        if self.weight_decay < 0 or self.warmup_epochs < 0 or self.shift_px < 0:
-            raise ValueError("weight_decay, warmup_epochs and shift_px must be >= 0")
+        require_at_least(self, ("epochs", "batch_size", "patience", "masks_per_scan"))
+        require_positive(self, ("lr",))
+        require_non_negative(self, ("weight_decay", "warmup_epochs", "shift_px"))
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MAETrainConfig:

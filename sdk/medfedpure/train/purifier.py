@@ -32,6 +32,7 @@ import torch
 
 from medfedpure.models.diffusion import DiffusionSchedule, to_model_space
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit
+from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
 
 __all__ = ["DenoiserTrainConfig", "train_denoiser", "denoiser_loss", "as_images", "random_crops",
            "psnr"]
@@ -70,14 +71,10 @@ class DenoiserTrainConfig:
     val_times: tuple[float, ...] = (25.0, 75.0, 150.0)
 
     def __post_init__(self) -> None:
-        if isinstance(self.val_times, list):
-            object.__setattr__(self, "val_times", tuple(self.val_times))
-        for name in ("epochs", "steps_per_epoch", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
-        if not self.lr > 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError(f"lr={self.lr}, weight_decay={self.weight_decay}, warmup_steps={self.warmup_steps}: "
-                             "need lr > 0 and non-negative weight decay / warm-up")
+        freeze_tuples(self, ("val_times",))
+        require_at_least(self, ("epochs", "steps_per_epoch", "batch_size", "patience"))
+        require_positive(self, ("lr",))
+        require_non_negative(self, ("weight_decay", "warmup_steps"))
         if not 0 <= self.t_lo < self.t_hi:
             raise ValueError(f"t range [{self.t_lo}, {self.t_hi}]: need 0 <= t_lo < t_hi")
         if not 0 <= self.p_full_range <= 1:
