@@ -23,7 +23,9 @@ SIZE=${SIZE:-128}
 SITE=${SITE:-0}
 CONFIG=${CONFIG:-small}
 SEED=${SEED:-0}
-STEPS=${STEPS:-2}
+STEPS=${STEPS:-1}
+T_MIN=${T_MIN:-60}                    # purification range t* ∈ [T_MIN, T_MAX] (of T = 1000) when the
+T_MAX=${T_MAX:-200}                   # student checkpoint does not name one
 THREADS=${THREADS:-2}
 TRAINING=${TRAINING:-auto}
 EPOCHS_CLS=${EPOCHS_CLS:-}
@@ -85,23 +87,25 @@ elif [ "$TRAINING" = fed ]; then
     step fed "$MF" fed sim --data "$DATA" --out "$RUN" --config "$CONFIG" --rounds "$ROUNDS" \
       --local-epochs "$LOCAL_EPOCHS" --max-train "$MAX_TRAIN" --seed "$SEED" --timeout "$FED_TIMEOUT" --no-calibrate $FED_ARGS
   else
-    # Two federations with their own budgets — classifier + MAE, then the purifier — merged into one
+    # Two federations with their own budgets — the purifier, then classifier + MAE — merged into one
     # run folder (fed sim runs every phase with the same rounds and local epochs). With REUSE_RUN=1 a
     # federation whose outputs already exist is not rerun.
+    # The purifier federation first: it does not depend on the classifier, so a long classifier
+    # federation can be re-tuned and rerun (REUSE_RUN=1) without retraining the purifier.
+    if [ "${REUSE_RUN:-0}" = 1 ] && [ -f "$RUN.purifier/teacher.safetensors" ] && [ -f "$RUN.purifier/student.safetensors" ]; then
+      echo "== REUSE_RUN=1: keeping the federated purifier in $RUN.purifier"
+    else
+      # shellcheck disable=SC2086
+      step fed_purifier "$MF" fed sim --data "$DATA" --out "$RUN.purifier" --config "$CONFIG" --phases "$PURIFIER_PHASES" \
+        --rounds "$ROUNDS_PUR" --local-epochs "$LOCAL_EPOCHS_PUR" --max-train "$MAX_TRAIN_PUR" --seed "$SEED" \
+        --timeout "$FED_TIMEOUT" --no-calibrate $FED_ARGS
+    fi
     if [ "${REUSE_RUN:-0}" = 1 ] && [ -f "$RUN/mae.safetensors" ] && [ -f "$RUN/site_$SITE/classifier.safetensors" ]; then
       echo "== REUSE_RUN=1: keeping the federated classifier + MAE in $RUN"
     else
       # shellcheck disable=SC2086
       step fed_cls_mae "$MF" fed sim --data "$DATA" --out "$RUN" --config "$CONFIG" --phases classifier,mae \
         --rounds "$ROUNDS" --local-epochs "$LOCAL_EPOCHS" --max-train "$MAX_TRAIN" --seed "$SEED" \
-        --timeout "$FED_TIMEOUT" --no-calibrate $FED_ARGS
-    fi
-    if [ "${REUSE_RUN:-0}" = 1 ] && [ -f "$RUN.purifier/teacher.safetensors" ]; then
-      echo "== REUSE_RUN=1: keeping the federated purifier in $RUN.purifier"
-    else
-      # shellcheck disable=SC2086
-      step fed_purifier "$MF" fed sim --data "$DATA" --out "$RUN.purifier" --config "$CONFIG" --phases "$PURIFIER_PHASES" \
-        --rounds "$ROUNDS_PUR" --local-epochs "$LOCAL_EPOCHS_PUR" --max-train "$MAX_TRAIN_PUR" --seed "$SEED" \
         --timeout "$FED_TIMEOUT" --no-calibrate $FED_ARGS
     fi
     cp "$RUN.purifier/teacher.safetensors" "$RUN/"
@@ -133,7 +137,8 @@ fi
 if [ ! -f "$RUN/config.json" ]; then
   printf '{"data": "%s", "note": "written by scripts/make_bundle.sh"}\n' "$(realpath "$DATA")" > "$RUN/config.json"
 fi
-step calibrate "$MF" calibrate --data "$DATA" --site "$SITE" --run "$RUN" --threads "$THREADS"
+step calibrate "$MF" calibrate --data "$DATA" --site "$SITE" --run "$RUN" --threads "$THREADS" \
+  --t-min "$T_MIN" --t-max "$T_MAX" --steps "$STEPS"
 
 STAGE="$WORK/bundle"
 step export "$MF" export --run "$RUN" --site "$SITE" --out "$STAGE" --data "$DATA" --overwrite

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
 from medfedpure.models.moe import MoEClassifier, MoEConfig
 from medfedpure.train.classifier import (
@@ -14,6 +15,7 @@ from medfedpure.train.classifier import (
     _loss,
     augment_batch,
     evaluate_classifier,
+    fgsm_rs_batch,
     train_classifier,
 )
 from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
@@ -37,7 +39,8 @@ def _model(seed: int = 0) -> MoEClassifier:
 
 
 @pytest.mark.parametrize("kw", [dict(epochs=0), dict(lr=0), dict(gamma=0.5), dict(noise_std=-1), dict(aug_prob=2),
-                                dict(label_smoothing=1.0), dict(batch_size=0)])
+                                dict(label_smoothing=1.0), dict(batch_size=0), dict(adv_eps=-0.01),
+                                dict(adv_eps=0.2), dict(adv_frac=0.0), dict(adv_frac=1.5)])
 def test_bad_config_raises(kw):
     with pytest.raises(ValueError):
         ClassifierTrainConfig.preset("tiny", **kw)
@@ -72,6 +75,44 @@ def test_one_step_lowers_the_loss():
         loss.backward()
         opt.step()
     assert float(_loss(m, x, y, cfg).detach()) < before
+
+
+def test_fgsm_rs_batch_stays_in_the_ball_and_raises_the_loss():
+    x_np, y_np = _blobs(16, 3)
+    x, y = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    m = _model(1)
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=3, noise_std=0.0, aug_prob=0.0, shift_px=0, flip=False)
+    train_classifier(m, (x_np, y_np), (x_np, y_np), cfg, progress=False)
+    m.train()
+    eps = 8 / 255
+    before = x.clone()
+    xa = fgsm_rs_batch(m, x, y, eps, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(x, before)  # the caller's batch is not modified
+    assert m.training  # mode restored
+    assert xa.shape == x.shape and float(xa.min()) >= 0.0 and float(xa.max()) <= 1.0
+    assert float((xa[:8] - x[:8]).abs().max()) <= eps + 1e-6
+    assert torch.equal(xa[8:], x[8:])  # the clean half is untouched
+    assert float((xa[:8] - x[:8]).abs().max()) > 0.5 * eps
+    same = fgsm_rs_batch(m, x, y, eps, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(xa, same)  # seeded
+    m.eval()
+    with torch.no_grad():
+        nll = lambda z: float(F.nll_loss(torch.log(m(z[:8]).clamp_min(1e-12)), y[:8]))  # noqa: E731
+        assert nll(xa) > nll(x)
+
+
+def test_adversarial_training_runs_and_is_deterministic():
+    x, y = _blobs(24, 4)
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=2, adv_eps=4 / 255)
+    a, b = _model(2), _model(2)
+    ha = train_classifier(a, (x, y), (x, y), cfg, progress=False)
+    hb = train_classifier(b, (x, y), (x, y), cfg, progress=False)
+    assert ha["history"][-1]["train_loss"] == hb["history"][-1]["train_loss"]
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    plain = _model(2)
+    hp = train_classifier(plain, (x, y), (x, y), ClassifierTrainConfig.preset("tiny", epochs=2), progress=False)
+    assert hp["history"][-1]["train_loss"] != ha["history"][-1]["train_loss"]
 
 
 def test_evaluate_classifier_numbers():

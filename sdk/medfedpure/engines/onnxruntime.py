@@ -64,6 +64,10 @@ class OnnxRuntimeEngine(Engine):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        # Three sessions run one after another on the same cores: an idle session's spinning
+        # intra-op threads would steal those cores from the next one (measured on 2 cores: the
+        # UNet ran at half speed inside the pipeline), so idle threads sleep instead of spinning.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions: dict[str, Any] = {}
         for role in _ROLES:
             art = bundle.find(role, "onnx", precision)

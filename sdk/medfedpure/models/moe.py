@@ -42,12 +42,17 @@ class MoEConfig:
         dropout: dropout before each expert's linear head (0, the default, disables it). Dropout
             draws from torch's global generator (``nn.Dropout`` takes none), so a non-zero value
             makes training depend on global RNG state and breaks exact resumption.
+
+    The defaults are the ``small`` preset (203 k parameters, 0.9 ms per scan in onnxruntime on 2 CPU
+    cores at 128 px). On site 0 of the synthetic set, 60 epochs from scratch gave 97.8 % test
+    accuracy (the earlier 381 k-parameter widths 16…128 / 8…64 needed 40 + 20 continued epochs for
+    the same), at 4.5 s per epoch on one quiet core; half these widths gave 95.6 % (benchmarks/RESULTS.md).
     """
 
     image_size: int = 128
     num_classes: int = 2
-    global_widths: tuple[int, ...] = (16, 32, 64, 128)
-    local_widths: tuple[int, ...] = (8, 16, 32, 64)
+    global_widths: tuple[int, ...] = (12, 24, 48, 96)
+    local_widths: tuple[int, ...] = (8, 16, 24, 32)
     gate_hidden: int = 32
     dropout: float = 0.0
 

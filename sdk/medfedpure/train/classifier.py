@@ -29,7 +29,7 @@ from medfedpure.train.loop import cosine_lr, epoch_generator, fit, load_optimize
 from medfedpure.train.loop import optimizer_state as optimizer_state_of
 from medfedpure.train.validate import require_at_least, require_non_negative, require_positive
 
-__all__ = ["ClassifierTrainConfig", "train_classifier", "evaluate_classifier", "augment_batch"]
+__all__ = ["ClassifierTrainConfig", "train_classifier", "evaluate_classifier", "augment_batch", "fgsm_rs_batch"]
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -50,6 +50,10 @@ class ClassifierTrainConfig:
         contrast: contrast scale range [1 − c, 1 + c] (0 disables).
         noise_std: maximum σ of the additive Gaussian noise (0 disables).
         aug_prob: probability that a scan gets the intensity and noise augmentation.
+        adv_eps: ℓ∞ radius ([0, 1] scan units) of FGSM-with-random-start adversarial training
+            (Wong et al. 2020, step 1.25·ε); 0, the default, disables it.
+        adv_frac: fraction of each batch replaced by its adversarial version (the rest stays
+            clean, which keeps clean accuracy).
     """
 
     epochs: int = 60
@@ -67,6 +71,8 @@ class ClassifierTrainConfig:
     contrast: float = 0.15
     noise_std: float = 0.03
     aug_prob: float = 0.8
+    adv_eps: float = 0.0
+    adv_frac: float = 0.5
 
     def __post_init__(self) -> None:
         require_at_least(self, ("epochs", "batch_size", "patience"))
@@ -82,6 +88,10 @@ class ClassifierTrainConfig:
             raise ValueError(f"noise_std={self.noise_std}: must be in [0, 0.5]")
         if not 0 <= self.aug_prob <= 1:
             raise ValueError(f"aug_prob={self.aug_prob}: must be in [0, 1]")
+        if not 0 <= self.adv_eps <= 0.1:
+            raise ValueError(f"adv_eps={self.adv_eps}: must be in [0, 0.1] (scan units; 8/255 = 0.031)")
+        if not 0 < self.adv_frac <= 1:
+            raise ValueError(f"adv_frac={self.adv_frac}: must be in (0, 1]")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ClassifierTrainConfig:
@@ -166,6 +176,29 @@ def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Classif
     if cfg.expert_loss_weight > 0:
         loss = loss + cfg.expert_loss_weight * 0.5 * (ce(g_lp) + ce(l_lp))
     return loss
+
+
+def fgsm_rs_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, frac: float,
+                  generator: torch.Generator) -> torch.Tensor:
+    """``x`` with its first ``round(frac·B)`` scans replaced by FGSM-RS adversarial versions.
+
+    Random start δ ~ U[−ε, ε], one signed-gradient step of 1.25·ε on the mixture's cross-entropy,
+    projection onto the ε-ball and [0, 1]. The gradient is taken in eval mode (running BatchNorm
+    statistics, which the attack must not update); the model's mode is restored. A new tensor.
+    """
+    n = max(1, int(round(frac * x.shape[0])))
+    xa = x[:n]
+    delta = ((torch.rand(xa.shape, generator=generator) * 2 - 1) * eps).requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        p = model((xa + delta).clamp(0.0, 1.0))
+        loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), y[:n])
+        (grad,) = torch.autograd.grad(loss, delta)
+    finally:
+        model.train(was_training)
+    delta = (delta.detach() + 1.25 * eps * grad.sign()).clamp(-eps, eps)
+    return torch.cat([(xa + delta).clamp(0.0, 1.0), x[n:]])
 
 
 @torch.no_grad()
@@ -257,6 +290,8 @@ def train_classifier(
             xb = augment_batch(xt[idx], cfg, g)
             if augment is not None:
                 xb = augment(xb, g)
+            if cfg.adv_eps > 0:
+                xb = fgsm_rs_batch(model, xb, yt[idx], cfg.adv_eps, cfg.adv_frac, g)
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(epoch * steps_per_epoch + i, total, cfg.lr, warmup)
             loss = _loss(model, xb, yt[idx], cfg)
