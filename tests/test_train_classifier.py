@@ -40,7 +40,8 @@ def _model(seed: int = 0) -> MoEClassifier:
 
 @pytest.mark.parametrize("kw", [dict(epochs=0), dict(lr=0), dict(gamma=0.5), dict(noise_std=-1), dict(aug_prob=2),
                                 dict(label_smoothing=1.0), dict(batch_size=0), dict(adv_eps=-0.01),
-                                dict(adv_eps=0.2), dict(adv_frac=0.0), dict(adv_frac=1.5)])
+                                dict(adv_eps=0.2), dict(adv_frac=0.0), dict(adv_frac=1.5),
+                                dict(adv_start_epoch=-1)])
 def test_bad_config_raises(kw):
     with pytest.raises(ValueError):
         ClassifierTrainConfig.preset("tiny", **kw)
@@ -113,6 +114,16 @@ def test_adversarial_training_runs_and_is_deterministic():
     plain = _model(2)
     hp = train_classifier(plain, (x, y), (x, y), ClassifierTrainConfig.preset("tiny", epochs=2), progress=False)
     assert hp["history"][-1]["train_loss"] != ha["history"][-1]["train_loss"]
+    # Adversarial batches only from adv_start_epoch on: starting after the last epoch is plain training.
+    late = _model(2)
+    hl = train_classifier(late, (x, y), (x, y), ClassifierTrainConfig.preset("tiny", epochs=2, adv_eps=4 / 255,
+                                                                             adv_start_epoch=2), progress=False)
+    assert [h["train_loss"] for h in hl["history"]] == [h["train_loss"] for h in hp["history"]]
+    one = _model(2)
+    h1 = train_classifier(one, (x, y), (x, y), ClassifierTrainConfig.preset("tiny", epochs=2, adv_eps=4 / 255,
+                                                                            adv_start_epoch=1), progress=False)
+    assert h1["history"][0]["train_loss"] == hp["history"][0]["train_loss"]
+    assert h1["history"][1]["train_loss"] != hp["history"][1]["train_loss"]
 
 
 def test_evaluate_classifier_numbers():
