@@ -85,7 +85,8 @@ elif [ "$TRAINING" = fed ]; then
   if [ -z "$ROUNDS_PUR" ]; then
     # shellcheck disable=SC2086
     step fed "$MF" fed sim --data "$DATA" --out "$RUN" --config "$CONFIG" --rounds "$ROUNDS" \
-      --local-epochs "$LOCAL_EPOCHS" --max-train "$MAX_TRAIN" --seed "$SEED" --timeout "$FED_TIMEOUT" --no-calibrate $FED_ARGS
+      --local-epochs "$LOCAL_EPOCHS" --max-train "$MAX_TRAIN" --seed "$SEED" --timeout "$FED_TIMEOUT" --no-calibrate \
+      --student-steps "$STEPS" --purify-range "$T_MIN" "$T_MAX" $FED_ARGS
   else
     # Two federations with their own budgets — the purifier, then classifier + MAE — merged into one
     # run folder (fed sim runs every phase with the same rounds and local epochs). With REUSE_RUN=1 a
@@ -98,6 +99,7 @@ elif [ "$TRAINING" = fed ]; then
       # shellcheck disable=SC2086
       step fed_purifier "$MF" fed sim --data "$DATA" --out "$RUN.purifier" --config "$CONFIG" --phases "$PURIFIER_PHASES" \
         --rounds "$ROUNDS_PUR" --local-epochs "$LOCAL_EPOCHS_PUR" --max-train "$MAX_TRAIN_PUR" --seed "$SEED" \
+        --student-steps "$STEPS" --purify-range "$T_MIN" "$T_MAX" \
         --timeout "$FED_TIMEOUT" --no-calibrate $FED_ARGS
     fi
     if [ "${REUSE_RUN:-0}" = 1 ] && [ -f "$RUN/mae.safetensors" ] && [ -f "$RUN/site_$SITE/classifier.safetensors" ]; then

@@ -35,7 +35,8 @@ def test_threshold_at_ffr_exact():
 
 
 @pytest.mark.parametrize("kw", [dict(target_ffr=0), dict(target_ffr=1.5), dict(stat="median"), dict(stat="topk"),
-                                dict(tau_high_k=0), dict(t_min=5, t_max=2), dict(policy="always")])
+                                dict(tau_high_k=0), dict(t_min=5, t_max=2), dict(policy="always"),
+                                dict(schedule_from="checkpoint")])
 def test_bad_calibration_config(kw):
     with pytest.raises(ValueError):
         CalibrationConfig(**kw)
@@ -155,3 +156,21 @@ def test_cli_calibrate(tmp_path, monkeypatch):
     assert c["stat"] == "hfratio" and c["num_val_scans"] == 20 and c["val_false_flag_rate"] <= 0.1
     r = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path), "--run", str(run), "--stat", "nope"])
     assert r.exit_code != 0
+
+    # A student checkpoint naming its schedule: used by default; explicit options replace it.
+    from medfedpure.models.unet import UNet, UNetConfig
+
+    unet = UNet(UNetConfig.preset("tiny"))
+    save_model(run / "student.safetensors", unet, unet.cfg, "unet", extra={"steps": 2, "t_min": 20, "t_max": 150})
+    r = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path), "--run", str(run)])
+    assert r.exit_code == 0, r.output
+    c = json.loads((run / "site_0" / "calibration.json").read_text())
+    assert (c["steps"], c["t_min"], c["t_max"], c["schedule_source"]) == (2, 20, 150, "student checkpoint")
+    r = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path), "--run", str(run), "--steps", "1",
+                                 "--t-min", "60", "--t-max", "200"])
+    assert r.exit_code == 0, r.output
+    c = json.loads((run / "site_0" / "calibration.json").read_text())
+    assert (c["steps"], c["t_min"], c["t_max"], c["schedule_source"]) == (1, 60, 200, "options")
+    r = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path), "--run", str(run), "--steps", "4"])
+    c = json.loads((run / "site_0" / "calibration.json").read_text())
+    assert (c["steps"], c["t_min"], c["t_max"]) == (4, 20, 150)  # the others at their defaults

@@ -116,7 +116,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert not np.array_equal(m0.state_dict()["gate.0.weight"].numpy(), m1.state_dict()["gate.0.weight"].numpy())
     assert meta0["site"] == 0 and meta0["federated"] is True
     student_meta = load_model(out / "student.safetensors")[2]
-    assert (student_meta["steps"], student_meta["t_min"], student_meta["t_max"]) == (2, 20, 150)
+    assert (student_meta["steps"], student_meta["t_min"], student_meta["t_max"]) == (2, 60, 200)
 
     assert m["leftover_pids"] == [] and procs.marked_pids(m["proc_token"]) == []
     assert _new_flower_ray_pids(before, m["proc_token"]) == set()

@@ -19,6 +19,8 @@ SITES = typer.Option(0, "--sites", min=0, help="Number of sites (0: all sites of
 IMAGE_SIZE = typer.Option(0, "--image-size", min=0, help="Override the preset's image side (0: the preset's).")
 SEED = typer.Option(0, "--seed", min=0, help="Seed of initialisation and local training.")
 MAX_TRAIN = typer.Option(0, "--max-train", min=0, help="At most this many training scans per site (0: all).")
+STUDENT_STEPS = typer.Option(2, "--student-steps", help="K: the student's sampling steps (1, 2 or 4), recorded in it.")
+PURIFY_RANGE = typer.Option((60, 200), "--purify-range", help="t* range [t_min, t_max] (of T = 1000) recorded in the student.")
 TIMEOUT = typer.Option(7200.0, "--timeout", min=1.0, help="Stop the run (and all its processes) after this many seconds.")
 
 
@@ -70,13 +72,15 @@ def sim(data: Path = DATA, out: Path = OUT, config: str = CONFIG, rounds: int = 
         sites: int = SITES, strategy: str = STRATEGY, phases: str = PHASES, calibrate: bool = CALIBRATE,
         classifier_split: str = SPLIT, image_size: int = IMAGE_SIZE, max_update_norm: float = MAX_NORM,
         max_relative_norm: float = MAX_REL, poison_site: int = POISON, poison_scale: float = POISON_SCALE,
-        seed: int = SEED, max_train: int = MAX_TRAIN, timeout: float = TIMEOUT) -> None:
+        seed: int = SEED, max_train: int = MAX_TRAIN, student_steps: int = STUDENT_STEPS,
+        purify_range: tuple[int, int] = PURIFY_RANGE, timeout: float = TIMEOUT) -> None:
     """Federated training on the simulation runtime (Ray; one machine) → RUN folder with per-site checkpoints."""
     from medfedpure.fed.sim import run_sim
 
     cfg = _config(data, out, config, rounds, local_epochs, sites, image_size, seed, max_train,
                   **_run_options(strategy, phases, calibrate, classifier_split, max_update_norm, max_relative_norm,
-                                 poison_site, poison_scale))
+                                 poison_site, poison_scale),
+                  student_steps=student_steps, purify_t_min=purify_range[0], purify_t_max=purify_range[1])
     metrics = run_sim(cfg, timeout_s=timeout)
     _summary(metrics, "sim_wall_s")
     typer.echo(f"wrote {out}/metrics.json, {out}/fed_metrics.png, {out}/site_k/")
@@ -87,13 +91,15 @@ def deploy(data: Path = DATA, out: Path = OUT, config: str = CONFIG, rounds: int
            local_epochs: int = LOCAL_EPOCHS, sites: int = SITES, strategy: str = STRATEGY, phases: str = PHASES,
            calibrate: bool = CALIBRATE, classifier_split: str = SPLIT, image_size: int = IMAGE_SIZE,
            max_update_norm: float = MAX_NORM, max_relative_norm: float = MAX_REL, seed: int = SEED,
-           max_train: int = MAX_TRAIN, timeout: float = TIMEOUT) -> None:
+           max_train: int = MAX_TRAIN, student_steps: int = STUDENT_STEPS,
+           purify_range: tuple[int, int] = PURIFY_RANGE, timeout: float = TIMEOUT) -> None:
     """The same app on the deployment runtime: SuperLink + one SuperNode per site on 127.0.0.1, then stop all."""
     from medfedpure.fed.deploy import run_deployment
 
     cfg = _config(data, out, config, rounds, local_epochs, sites, image_size, seed, max_train,
                   **_run_options(strategy, phases, calibrate, classifier_split, max_update_norm, max_relative_norm,
-                                 -1, -10.0))
+                                 -1, -10.0),
+                  student_steps=student_steps, purify_t_min=purify_range[0], purify_t_max=purify_range[1])
     metrics = run_deployment(cfg, timeout_s=timeout)
     _summary(metrics, "deploy_wall_s")
     typer.echo(f"wrote {out}/metrics.json; logs in {out}/deploy_logs/")

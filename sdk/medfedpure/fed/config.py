@@ -65,8 +65,8 @@ class FedConfig:
     poison_site: int = -1
     poison_scale: float = -10.0
     student_steps: int = 2
-    purify_t_min: int = 20
-    purify_t_max: int = 150
+    purify_t_min: int = 60
+    purify_t_max: int = 200
     seed: int = 0
     threads: int = 1
     round_timeout_s: float = 3600.0

@@ -42,7 +42,10 @@ class CalibrationConfig:
             ``"hfratio"`` the number m of tissue patches scored (0: half the patches).
         tau_high_k: ``tau_high = tau + k · (tau − median)`` (> 0).
         t_min / t_max / steps: purification range and student steps when the student's
-            checkpoint does not give them.
+            checkpoint does not give them (or always, with ``schedule_from="options"``).
+        schedule_from: ``"student"`` (the student checkpoint's schedule when it names one) or
+            ``"options"`` (these options whatever the checkpoint says: e.g. a student distilled for
+            t ∈ [10, 250] and K ∈ {1, 2, 4} run at K = 1 on [60, 200]).
         policy: ``"adaptive"`` (unflagged scans skip purification) or ``"floor"``.
     """
 
@@ -54,8 +57,11 @@ class CalibrationConfig:
     t_max: int = 150
     steps: int = 2
     policy: str = "adaptive"
+    schedule_from: str = "student"
 
     def __post_init__(self) -> None:
+        if self.schedule_from not in ("student", "options"):
+            raise ValueError(f"schedule_from={self.schedule_from!r}: expected 'student' or 'options'")
         if not 0 < self.target_ffr < 1:
             raise ValueError(f"target_ffr={self.target_ffr}: must be in (0, 1), e.g. 0.05")
         if self.stat not in STATS:
@@ -144,7 +150,7 @@ def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *
     med = float(np.median(scores))
     spread = max(tau - med, 1e-6 * max(abs(tau), 1.0))
     tau_high = float(np.float32(tau + cfg.tau_high_k * spread))
-    sched = student_schedule(run) if run is not None else None
+    sched = student_schedule(run) if run is not None and cfg.schedule_from == "student" else None
     t_min, t_max, steps = (sched["t_min"], sched["t_max"], sched["steps"]) if sched else (cfg.t_min, cfg.t_max, cfg.steps)
     return {
         "stat": cfg.stat, "topk": int(topk), "norm_pix": bool(mae.cfg.norm_pix), "patch": int(mae.cfg.patch),

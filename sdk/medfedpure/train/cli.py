@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -34,6 +34,8 @@ SEED = typer.Option(0, "--seed", help="Seeds initialisation and every generator 
 EPOCHS = typer.Option(None, "--epochs", min=1, help="Override the preset's maximum epochs.")
 RESUME = typer.Option(False, "--resume", help="Continue from RUN/train_state/ (pass the same options: the LR schedule depends on --epochs).")
 THREADS = typer.Option(1, "--threads", min=1, help="torch CPU threads.")
+SCHEDULE_HELP = ("Purification schedule: given, --t-min/--t-max/--steps replace the student checkpoint's "
+                 "(any not given takes its default). Default: the checkpoint's, else {}.")
 DRY = typer.Option(False, "--dry-run", help="Print the resolved options and exit.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 
@@ -140,9 +142,9 @@ def calibrate_command(
     stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk."),
     topk: int = typer.Option(0, "--topk", min=0, help="k for --stat topk."),
     tau_high_k: float = typer.Option(2.0, "--tau-high-k", help="tau_high = tau + k * (tau - median)."),
-    t_min: int = typer.Option(20, "--t-min", min=0, help="Used when the student checkpoint does not name it."),
-    t_max: int = typer.Option(150, "--t-max", min=0, help="Used when the student checkpoint does not name it."),
-    steps: int = typer.Option(2, "--steps", min=1, help="Used when the student checkpoint does not name it."),
+    t_min: Optional[int] = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format(20)),
+    t_max: Optional[int] = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format(150)),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format(2)),
     policy: str = typer.Option("adaptive", "--policy", help="adaptive or floor."),
     threads: int = THREADS,
 ) -> None:
@@ -154,8 +156,9 @@ def calibrate_command(
 
     torch.set_num_threads(threads)
     try:
-        cfg = CalibrationConfig(target_ffr=target_ffr, stat=stat, topk=topk, tau_high_k=tau_high_k, t_min=t_min,
-                                t_max=t_max, steps=steps, policy=policy)
+        given = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps)) if v is not None}
+        cfg = CalibrationConfig(target_ffr=target_ffr, stat=stat, topk=topk, tau_high_k=tau_high_k, policy=policy,
+                                schedule_from="options" if given else "student", **given)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     mae_model, mcfg, _ = load_model(run / "mae.safetensors")
