@@ -237,3 +237,14 @@ def test_cli_train_classifier_and_mae_tiny(tmp_path, monkeypatch):
     assert set(cfg) == {"classifier/site_1", "mae"} and cfg["mae"]["train"]["epochs"] == 1
     r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--config", "big"])
     assert r.exit_code != 0
+    # --adv-eps is in 1/255 units; the preset's adversarial settings otherwise.
+    r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--adv-eps", "4",
+                                 "--adv-start-epoch", "3", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    train = json.loads(r.output)["train"]
+    assert train["adv_eps"] == pytest.approx(4 / 255) and train["adv_start_epoch"] == 3
+    r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--dry-run"])
+    train = json.loads(r.output)["train"]
+    assert train["adv_eps"] == pytest.approx(2 / 255) and train["adv_start_epoch"] == 40 and train["epochs"] == 60
+    r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--adv-eps", "30"])
+    assert r.exit_code != 0

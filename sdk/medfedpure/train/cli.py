@@ -76,7 +76,13 @@ def _finish(out: Path, section: str, resolved: dict, metrics: dict) -> None:
 @app.command()
 def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
                epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
-               progress: bool = PROGRESS) -> None:
+               progress: bool = PROGRESS,
+               adv_eps: Optional[float] = typer.Option(
+                   None, "--adv-eps", min=0.0, max=25.5,
+                   help="FGSM-RS adversarial-training radius in 1/255 units (0 disables; default: the preset's)."),
+               adv_start_epoch: Optional[int] = typer.Option(
+                   None, "--adv-start-epoch", min=0, help="First epoch with adversarial batches (default: the preset's)."),
+               ) -> None:
     """Train the personalized MoE classifier on site K → RUN/site_K/classifier.safetensors."""
     _common_setup(config, threads, seed)
     from medfedpure.models.moe import MoEClassifier, MoEConfig
@@ -84,7 +90,12 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
     from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 
     mcfg = MoEConfig.preset(config)
-    tcfg = ClassifierTrainConfig.preset(config, seed=seed, epochs=epochs)
+    try:
+        tcfg = ClassifierTrainConfig.preset(config, seed=seed, epochs=epochs,
+                                            adv_eps=None if adv_eps is None else adv_eps / 255,
+                                            adv_start_epoch=adv_start_epoch)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     section = f"classifier/site_{site}"
     resolved = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site}
     if dry_run:
