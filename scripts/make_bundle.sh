@@ -18,9 +18,9 @@ MF=${MF:-.venv/bin/medfedpure}
 PY=${PY:-.venv/bin/python}
 WORK=${WORK:-runs/default_bundle}
 SITES=${SITES:-2}
-PER_SITE=${PER_SITE:-400}
+PER_SITE=${PER_SITE:-600}
 SIZE=${SIZE:-128}
-SITE=${SITE:-0}
+SITE=${SITE:-1}                  # the bundle's site (benchmarks/RESULTS.md: why 1)
 CONFIG=${CONFIG:-small}
 SEED=${SEED:-0}
 STEPS=${STEPS:-1}
@@ -32,13 +32,13 @@ EPOCHS_CLS=${EPOCHS_CLS:-}
 EPOCHS_MAE=${EPOCHS_MAE:-}
 EPOCHS_PUR=${EPOCHS_PUR:-}
 EPOCHS_DIS=${EPOCHS_DIS:-}
-ROUNDS=${ROUNDS:-3}
-LOCAL_EPOCHS=${LOCAL_EPOCHS:-1}
+ROUNDS=${ROUNDS:-30}
+LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
 MAX_TRAIN=${MAX_TRAIN:-0}
-FED_TIMEOUT=${FED_TIMEOUT:-3000}
+FED_TIMEOUT=${FED_TIMEOUT:-5400}
 FED_ARGS=${FED_ARGS:-}
-ROUNDS_PUR=${ROUNDS_PUR:-}            # set: train the purifier in a second federation with these budgets
-LOCAL_EPOCHS_PUR=${LOCAL_EPOCHS_PUR:-1}
+ROUNDS_PUR=${ROUNDS_PUR:-5}           # set: train the purifier in a second federation with these budgets
+LOCAL_EPOCHS_PUR=${LOCAL_EPOCHS_PUR:-2}
 MAX_TRAIN_PUR=${MAX_TRAIN_PUR:-0}
 PURIFIER_PHASES=${PURIFIER_PHASES:-teacher,student}   # "teacher": skip distillation (student := teacher)
 DEST=${DEST:-sdk/medfedpure/bundles/default}
@@ -50,7 +50,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 mkdir -p "$WORK"
 LOG="$WORK/make_bundle.log"
 TIMES="$WORK/step_times.tsv"
-: > "$TIMES"
+[ "${REUSE_RUN:-0}" = 1 ] || : > "$TIMES"   # a resumed run keeps the timings of the steps it reuses
 exec > >(tee -a "$LOG") 2>&1
 echo "== make_bundle $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo none)"
 echo "   sites=$SITES per_site=$PER_SITE size=$SIZE config=$CONFIG steps=$STEPS site=$SITE training=$TRAINING"

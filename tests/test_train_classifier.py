@@ -124,6 +124,11 @@ def test_adversarial_training_runs_and_is_deterministic():
                                                                             adv_start_epoch=1), progress=False)
     assert h1["history"][0]["train_loss"] == hp["history"][0]["train_loss"]
     assert h1["history"][1]["train_loss"] != hp["history"][1]["train_loss"]
+    # Patience 1 would stop a plain run early; it never stops before the adversarial epochs start,
+    # and the model kept is an adversarial epoch's.
+    pat = ClassifierTrainConfig.preset("tiny", epochs=6, patience=1, adv_eps=4 / 255, adv_start_epoch=4)
+    hpat = train_classifier(_model(3), (x, y), (x, y), pat, progress=False)
+    assert hpat["epochs_run"] >= 5 and hpat["best_epoch"] >= 4
 
 
 def test_evaluate_classifier_numbers():

@@ -313,6 +313,11 @@ def train_classifier(
         return {"loss": tot / max(n, 1)}
 
     last_epoch = [schedule_offset - 1]
+    # Early stopping must not end the run before its adversarial epochs: the first of them becomes
+    # the best at once (pre-adversarial epochs are never selected), so patience counts from there.
+    patience = cfg.patience
+    if cfg.adv_eps > 0:
+        patience = max(patience, cfg.adv_start_epoch - schedule_offset + 1)
 
     def validate() -> dict[str, float]:
         m = evaluate_classifier(model, xv, yv)
@@ -323,7 +328,7 @@ def train_classifier(
         return {**m, "selection": m["accuracy"] - 1e-3 * m["loss"] - (2.0 if pre_adv else 0.0)}
 
     out = fit(model, opt, train_epoch=train_epoch, validate=validate, epochs=cfg.epochs,
-              patience=cfg.patience, monitor="selection", mode="max", model_cfg=model_cfg, kind="moe",
+              patience=patience, monitor="selection", mode="max", model_cfg=model_cfg, kind="moe",
               name=name, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
     out["val"] = evaluate_classifier(model, xv, yv)
     if return_optimizer_state:
