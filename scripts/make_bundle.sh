@@ -71,6 +71,17 @@ DATA="$WORK/data"
 RUN="$WORK/run"
 if [ ! -f "$DATA/dataset.json" ]; then
   step data "$MF" data synth --out "$DATA" --sites "$SITES" --per-site "$PER_SITE" --size "$SIZE" --seed "$SEED"
+else
+  # Reuse existing data only if it is what this invocation asks for.
+  "$PY" - "$DATA/dataset.json" "$SITES" "$PER_SITE" "$SIZE" "$SEED" <<'EOF_PY'
+import json, sys
+c = json.load(open(sys.argv[1]))["config"]
+want = dict(zip(("sites", "per_site", "size", "seed"), map(int, sys.argv[2:6])))
+have = {k: c.get(k) for k in want}
+if have != want:
+    sys.exit(f"!! {sys.argv[1]} was made with {have}, this run asks for {want}: remove that folder or set WORK")
+print(f"== reusing data {sys.argv[1]} ({have})")
+EOF_PY
 fi
 
 if [ "$TRAINING" = auto ]; then
