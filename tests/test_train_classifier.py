@@ -250,6 +250,6 @@ def test_cli_train_classifier_and_mae_tiny(tmp_path, monkeypatch):
     assert train["adv_eps"] == pytest.approx(4 / 255) and train["adv_start_epoch"] == 3
     r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--dry-run"])
     train = json.loads(r.output)["train"]
-    assert train["adv_eps"] == pytest.approx(2 / 255) and train["adv_start_epoch"] == 40 and train["epochs"] == 60
+    assert train["adv_eps"] == pytest.approx(4 / 255) and train["adv_start_epoch"] == 40 and train["epochs"] == 60
     r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--adv-eps", "30"])
     assert r.exit_code != 0
