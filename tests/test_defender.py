@@ -290,3 +290,41 @@ def test_embedded_default_bundle_verifies() -> None:
     assert vb.image_size == 128 and vb.classes == ("no_tumor", "tumor")
     r = Defender.default(threads=1).run(_image(), seed=0)
     assert r.status == "ok" and r.bundle_id == vb.bundle_id
+
+
+def test_overlap_gives_the_same_results(bundle_path: Path, split) -> None:
+    """Speculative classification alongside the detector changes nothing in the Results."""
+    x, flagged, _ = split
+    on = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1)
+    off = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1, overlap=False)
+    assert on.overlap and not off.overlap
+    clean = x[~flagged][:4]
+    for batch in (x, clean, clean[:1], x[flagged][:1]):  # mixed, unflagged, one unflagged, one flagged
+        a = on.run_array(batch, seeds=list(range(len(batch))))
+        b = off.run_array(batch, seeds=list(range(len(batch))))
+        for ra, rb in zip(a, b, strict=True):
+            assert (ra.label, ra.probabilities, ra.flagged, ra.score, ra.t_star, ra.status) == \
+                   (rb.label, rb.probabilities, rb.flagged, rb.score, rb.t_star, rb.status)
+
+
+def test_overlap_uses_the_speculative_answer_only_without_purification(bundle_path: Path, split,
+                                                                       monkeypatch) -> None:
+    x, flagged, _ = split
+    d = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1)
+    seen: list[int] = []
+    orig = d.engine.classify
+    monkeypatch.setattr(d.engine, "classify", lambda xb: (seen.append(len(xb)), orig(xb))[1])
+    d.run_array(x[~flagged][:3], seeds=[0] * 3)
+    assert seen == [3]  # one (speculative) run, used
+    seen.clear()
+    mixed = np.concatenate([x[~flagged][:2], x[flagged][:1]])
+    rs = d.run_array(mixed, seeds=[0] * 3)
+    assert rs[2].t_star > 0 and sorted(seen) == [3, 3]  # the speculative run is discarded, purified batch reclassified
+
+
+def test_overlap_needs_an_engine_that_allows_it(bundle_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot run two stages at once"):
+        Defender.load(bundle_path, backend="torch", device="cpu", overlap=True)
+    with pytest.raises(TypeError, match="overlap"):
+        Defender.load(bundle_path, backend="onnxruntime", device="cpu", overlap="yes")
+    assert not Defender.load(bundle_path, backend="torch", device="cpu").overlap

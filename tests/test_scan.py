@@ -569,3 +569,21 @@ def test_multipage_tiff_needs_frame(tmp_path) -> None:
         img.seek(1)
         np.testing.assert_array_equal(load_scan(img, frame=0).pixels, pages[0])
         assert img.tell() == 1
+
+
+@pytest.mark.parametrize("kind", ["normal", "integers", "background", "huge"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_robust_percentiles_equal_numpy_bit_for_bit(kind, dtype):
+    """The sort-based percentiles of preprocessing are np.percentile's values exactly."""
+    from medfedpure.scan import robust_percentiles
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 201, 4096, 65536):
+        a = {"normal": lambda: rng.standard_normal(n),
+             "integers": lambda: np.round(rng.random(n) * 255),
+             "background": lambda: np.where(rng.random(n) < 0.6, 0.0, rng.random(n) * 4095),
+             "huge": lambda: rng.random(n) * 3e38}[kind]().astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = tuple(float(v) for v in np.percentile(a, (0.5, 99.5)))
+            got = robust_percentiles(a.reshape(-1, 1) if n % 2 else a)
+        assert got == want, (n, got, want)

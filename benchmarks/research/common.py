@@ -7,14 +7,16 @@ as .npy under ``runs/dev/cache`` so that every script reads the same scans.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "data" / "synth128"
-CACHE = ROOT / "runs" / "dev" / "cache"
+# MEDFEDPURE_DATA picks another generated data set (its arrays are cached in their own folder).
+DATA = Path(os.environ.get("MEDFEDPURE_DATA", ROOT / "data" / "synth128")).resolve()
+CACHE = ROOT / "runs" / "dev" / ("cache" if DATA.name == "synth128" else f"cache_{DATA.name}")
 
 
 def load(site: int, split: str, size: int = 128) -> tuple[np.ndarray, np.ndarray]:

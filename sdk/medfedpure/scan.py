@@ -789,12 +789,35 @@ def _grey(px: np.ndarray) -> np.ndarray:
     return grey.astype(np.float32)
 
 
+def robust_percentiles(a: np.ndarray, q: tuple[float, ...] = PERCENTILES) -> tuple[float, ...]:
+    """``np.percentile(a, q)`` (method "linear") for a finite float array, bit for bit, about 2× faster.
+
+    numpy's percentile selects with ``np.partition``, which is slow on scans (many equal
+    background values); a full ``np.sort`` is faster there. The order statistics and the
+    interpolation (numpy's ``_lerp``, including its ``t ≥ 0.5`` branch) are numpy's, so the result is
+    identical (tested against ``np.percentile`` on random and scan-like arrays).
+    """
+    s = np.sort(a, axis=None)
+    n = s.size
+    virtual = (n - 1) * (np.asarray(q, dtype=np.float64) / 100)
+    prev = np.floor(virtual)
+    gamma = virtual - prev
+    i = prev.astype(np.intp)
+    j = np.minimum(i + 1, n - 1)
+    i = np.where(virtual >= n - 1, n - 1, i)
+    lo, hi = s[i], s[j]
+    diff = hi - lo
+    out = np.add(lo, diff * gamma)
+    np.subtract(hi, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe")
+    return tuple(float(v) for v in out)
+
+
 def _normalise(grey: np.ndarray) -> np.ndarray:
     """(grey - p0.5) / (p99.5 - p0.5) clipped to [0, 1]; float32 (H, W)."""
     with np.errstate(over="ignore", invalid="ignore"):
-        lo, hi = (float(v) for v in np.percentile(grey, PERCENTILES))
+        lo, hi = robust_percentiles(grey)
     if not (np.isfinite(lo) and np.isfinite(hi)):  # float32 interpolation overflowed near ±3.4e38
-        lo, hi = (float(v) for v in np.percentile(grey.astype(np.float64), PERCENTILES))
+        lo, hi = robust_percentiles(grey.astype(np.float64))
     if not hi > lo:
         raise ScanConstantError(
             f"scan is nearly constant: its {PERCENTILES[0]} and {PERCENTILES[1]} percentiles are both "

@@ -146,6 +146,10 @@ class Engine(ABC):
     name: str = "engine"
     device: str = "cpu"
     precision: str = "fp32"
+    #: ``classify`` may run in a second thread while ``mae`` runs (the runtime releases the GIL and
+    #: its sessions are safe to call from two threads); the Defender then classifies every scan
+    #: speculatively alongside the detector and keeps that answer when nothing is purified.
+    overlap_classify: bool = False
 
     def __init__(self, gate: Mapping[str, Any], visible: np.ndarray, alphas_cumprod: np.ndarray, steps: int) -> None:
         self.gate_cfg = dict(gate)

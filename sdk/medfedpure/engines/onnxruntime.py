@@ -40,6 +40,7 @@ class OnnxRuntimeEngine(Engine):
     """
 
     name = "onnxruntime"
+    overlap_classify = True  # InferenceSession.run is thread-safe and releases the GIL
 
     def __init__(self, bundle: VerifiedBundle, *, device: str = "auto", precision: str = "auto",
                  threads: int = 0) -> None:

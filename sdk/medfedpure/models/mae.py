@@ -285,9 +285,16 @@ class MaskedAutoencoder(nn.Module):
 
     def encode(self, patches: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encode the visible patches. ``patches [B,Np,P²]``, ``ids_keep [B,Nv]`` → latent ``[B,Nv,D]``."""
-        tokens = self.patch_embed(patches) + self.pos_embed
+        tokens = self.embed(patches)
         idx = ids_keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
-        h = torch.gather(tokens, 1, idx)
+        return self.encode_tokens(torch.gather(tokens, 1, idx))
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """Patch embedding plus position: ``[B,Np,P²]`` → tokens ``[B,Np,D]``."""
+        return self.patch_embed(patches) + self.pos_embed
+
+    def encode_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """The encoder blocks and norm on already embedded visible tokens ``[B,Nv,D]``."""
         for blk in self.blocks:
             h = blk(h)
         return self.norm(h)
@@ -378,8 +385,12 @@ class MAEScorer(nn.Module):
         s = cfg.image_size
         patches = patchify(x.reshape(b, 1, s, s), cfg.patch)                  # [B, Np, P²]
         np_, p2 = patches.shape[1], patches.shape[2]
-        rep = patches.unsqueeze(1).expand(b, k, np_, p2).reshape(b * k, np_, p2)
-        ids_keep = self.ids_keep.unsqueeze(0).expand(b, -1, -1).reshape(b * k, -1)
+        # Embed the patches once, then take every set's visible tokens with one gather: the same
+        # maths as encode() on K copies of the patches, with K× less patch embedding (and no
+        # [B·K, Np, P²] copy); tested equal to that path.
+        tokens = self.mae.embed(patches)                                      # [B, Np, D]
+        nv = self.ids_keep.shape[1]
+        visible = tokens[:, self.ids_keep.reshape(-1)].reshape(b * k, nv, tokens.shape[-1])
         ids_restore = self.ids_restore.unsqueeze(0).expand(b, -1, -1).reshape(b * k, -1)
-        pred = self.mae.decode(self.mae.encode(rep, ids_keep), ids_restore)  # [B*K, Np, P²]
+        pred = self.mae.decode(self.mae.encode_tokens(visible), ids_restore)  # [B*K, Np, P²]
         return unpatchify(pred.reshape(b, k, np_, p2), cfg.patch)
