@@ -1,6 +1,6 @@
 """Defender latency per stage and end to end, per backend, early-exit and purified paths separately.
 
-    .venv/bin/python benchmarks/latency.py [--bundle B] [--backends onnxruntime,torch] [--batches 1,4,8]
+    .venv/bin/python benchmarks/latency.py [--bundle B] [--backends onnxruntime,onnxruntime/seq,torch] [--batches 1,4,8]
                                            [--iters 50] [--threads 2] [--out benchmarks/out/latency]
 
 Paths: the gate's decision is what separates them, so each path is measured with the bundle's gate
@@ -8,7 +8,9 @@ forced one way — ``early_exit``: τ = +∞ (nothing flagged: MAE + gate + clas
 τ = −∞ (everything flagged at t* = t_max: MAE + gate + K-step purifier + classifier). The work per
 stage does not depend on the data (static shapes; K network calls whatever t*), so this measures
 exactly the cost of each path. Inputs are 256×256 uint8 scans (so ``load`` and ``preprocess`` include
-validation and the resize to the bundle's size).
+validation and the resize to the bundle's size). The backends are called in turn, one call each per
+iteration, so that they share the machine's load. ``BACKEND/seq`` runs a backend with the Defender's
+speculative overlap turned off (``Defender(overlap=False)``: the stages strictly one after another).
 
 Output: a table (p50/p90/p99 ms per stage and total; ratio of each backend's p50 total against torch
 eager FP32 on the same path and batch), ``latency.json`` and ``latency.png``.
@@ -44,22 +46,30 @@ def _force(defender, path: str) -> None:
         g.update(tau=-3.0e38, tau_high=-2.9e38, policy="adaptive")  # t* saturates at t_max
 
 
-def measure(defender, path: str, batch: int, iters: int, warmup: int) -> dict[str, dict[str, float]]:
-    _force(defender, path)
+def measure(defenders: dict, path: str, batch: int, iters: int, warmup: int) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-stage latency of each Defender on one path and batch, the Defenders called in turn.
+
+    Interleaving (one call of each per iteration) puts every backend under the same machine load,
+    so that the ratios between them hold on a shared, noisy machine.
+    """
     scans = _scans(batch)
-    lat: dict[str, list[float]] = {k: [] for k in STAGES}
+    lat = {name: {k: [] for k in STAGES} for name in defenders}
+    for d in defenders.values():
+        _force(d, path)
     for i in range(warmup + iters):
-        rs = defender.run_batch(scans, seeds=list(range(batch)))
-        if not all(r.ok for r in rs):
-            raise RuntimeError(f"{path}: unverified results: {rs[0].reason}")
-        want_flag = path == "purified"
-        if any(r.flagged != want_flag for r in rs):
-            raise RuntimeError(f"{path}: the forced gate did not take")
-        if i >= warmup:
-            for k in STAGES:
-                lat[k].append(rs[0].latency_ms.get(k, 0.0))
-    return {k: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
-                "p99": float(np.percentile(v, 99)), "mean": float(np.mean(v))} for k, v in lat.items()}
+        for name, d in defenders.items():
+            rs = d.run_batch(scans, seeds=list(range(batch)))
+            if not all(r.ok for r in rs):
+                raise RuntimeError(f"{name} {path}: unverified results: {rs[0].reason}")
+            want_flag = path == "purified"
+            if any(r.flagged != want_flag for r in rs):
+                raise RuntimeError(f"{name} {path}: the forced gate did not take")
+            if i >= warmup:
+                for k in STAGES:
+                    lat[name][k].append(rs[0].latency_ms.get(k, 0.0))
+    return {name: {k: {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)),
+                       "p99": float(np.percentile(v, 99)), "mean": float(np.mean(v))} for k, v in st.items()}
+            for name, st in lat.items()}
 
 
 def _machine() -> dict[str, object]:
@@ -213,29 +223,33 @@ def main() -> None:
     paths = args.paths.split(",")
     res: dict[str, dict] = {}
     describe: dict[str, dict] = {}
+    defenders: dict = {}
     for spec in args.backends.split(","):
+        spec, seq = (spec[:-4], True) if spec.endswith("/seq") else (spec, False)
         backend, _, precision = spec.partition(":")
         opts = {"threads": args.threads}
         if precision:
             opts["precision"] = precision
         try:
-            d = Defender.load(bundle, backend, args.device, **opts)
+            d = Defender.load(bundle, backend, args.device, overlap=False if seq else None, **opts)
         except Exception as e:  # noqa: BLE001 - report what could not run and go on
             print(f"skip {spec}: {e}")
             continue
-        info = d.engine.describe()
-        name = f"{info['backend']} {info['device']} {info['precision']}"
+        info = {**d.engine.describe(), "overlap": d.overlap}
+        name = f"{info['backend']} {info['device']} {info['precision']}" + (" sequential" if seq else "")
         describe[name] = info
-        res[name] = {}
-        for path in paths:
-            res[name][path] = {}
-            for b in batches:
-                t0 = time.perf_counter()
-                res[name][path][str(b)] = measure(d, path, b, args.iters, args.warmup)
-                print(f"{name:28s} {path:10s} batch {b}: p50 {res[name][path][str(b)]['total']['p50']:.2f} ms "
-                      f"({time.perf_counter() - t0:.0f} s)")
+        defenders[name] = d
+        res[name] = {path: {} for path in paths}
+    for path in paths:
+        for b in batches:
+            t0 = time.perf_counter()
+            m = measure(defenders, path, b, args.iters, args.warmup)
+            for name in defenders:
+                res[name][path][str(b)] = m[name]
+            print(f"{path:10s} batch {b}: " + ", ".join(f"{n} p50 {m[n]['total']['p50']:.2f} ms" for n in m)
+                  + f" ({time.perf_counter() - t0:.0f} s)")
     base = next((k for k in res if k.startswith("torch") and k.endswith("fp32")), None)
-    console = Console()
+    console = Console(width=max(160, Console().width))
     for path in paths:
         t = Table(title=f"{path} — ms per call (p50 / p99); ratio = torch eager FP32 p50 ÷ this p50")
         t.add_column("backend")
