@@ -46,18 +46,25 @@ def _force(defender, path: str) -> None:
         g.update(tau=-3.0e38, tau_high=-2.9e38, policy="adaptive")  # t* saturates at t_max
 
 
-def measure(defenders: dict, path: str, batch: int, iters: int, warmup: int) -> dict[str, dict[str, dict[str, float]]]:
+def measure(defenders: dict, path: str, batch: int, iters: int, warmup: int,
+            gap_ms: float = 5.0) -> dict[str, dict[str, dict[str, float]]]:
     """Per-stage latency of each Defender on one path and batch, the Defenders called in turn.
 
     Interleaving (one call of each per iteration) puts every backend under the same machine load,
-    so that the ratios between them hold on a shared, noisy machine.
+    so that the ratios between them hold on a shared, noisy machine. The order rotates every
+    iteration and the calls are ``gap_ms`` apart, so that no backend always runs right after
+    another one's still-spinning worker threads (torch's OpenMP pool spins for a while after a call);
+    scans also reach a scanner workstation one by one, not back to back.
     """
     scans = _scans(batch)
     lat = {name: {k: [] for k in STAGES} for name in defenders}
     for d in defenders.values():
         _force(d, path)
+    names = list(defenders)
     for i in range(warmup + iters):
-        for name, d in defenders.items():
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            d = defenders[name]
+            time.sleep(gap_ms / 1e3)
             rs = d.run_batch(scans, seeds=list(range(batch)))
             if not all(r.ok for r in rs):
                 raise RuntimeError(f"{name} {path}: unverified results: {rs[0].reason}")
@@ -194,6 +201,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gap-ms", type=float, default=5.0, help="idle time before each call (scans arrive one by one)")
     ap.add_argument("--out", default="benchmarks/out/latency")
     ap.add_argument("--agreement-data", default=None,
                     help="data root: instead of latency, measure torch-vs-onnxruntime and FP16-vs-FP32 agreement")
@@ -243,7 +251,7 @@ def main() -> None:
     for path in paths:
         for b in batches:
             t0 = time.perf_counter()
-            m = measure(defenders, path, b, args.iters, args.warmup)
+            m = measure(defenders, path, b, args.iters, args.warmup, args.gap_ms)
             for name in defenders:
                 res[name][path][str(b)] = m[name]
             print(f"{path:10s} batch {b}: " + ", ".join(f"{n} p50 {m[n]['total']['p50']:.2f} ms" for n in m)
@@ -263,7 +271,7 @@ def main() -> None:
                 ratio = (res[base][path][str(b)]["total"]["p50"] / r["total"]["p50"]) if base else float("nan")
                 t.add_row(name, str(b), *[f"{r[s]['p50']:.2f}/{r[s]['p99']:.2f}" for s in STAGES], f"{ratio:.2f}×")
         console.print(t)
-    report = {"bundle": bundle, "machine": _machine(), "threads": args.threads, "iters": args.iters,
+    report = {"bundle": bundle, "machine": _machine(), "threads": args.threads, "iters": args.iters, "gap_ms": args.gap_ms,
               "warmup": args.warmup, "engines": describe, "baseline": base, "results": res}
     if base:
         report["speedup_vs_torch_eager_fp32_p50"] = {
