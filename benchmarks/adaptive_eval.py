@@ -29,21 +29,23 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from medfedpure import Defender
+from medfedpure.attacks.pgd import pgd_linf
+from medfedpure.engines.torch_engine import TorchEngine
+from medfedpure.models.diffusion import purify
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from medfedpure import Defender
-from medfedpure.attacks.pgd import pgd_linf
-from medfedpure.data.loader import load_split
-from medfedpure.engines.torch_engine import TorchEngine
-from medfedpure.models.diffusion import purify
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from defended_eval import add_eval_args, open_eval  # noqa: E402 - the sibling script's shared options
 
 
 def gate_t_star(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -98,29 +100,14 @@ def defended(d: Defender, x: np.ndarray, y: np.ndarray, repeats: int, seed: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--site", type=int, default=0)
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--bundle", default=None, help="bundle folder (default: the embedded one)")
-    ap.add_argument("--backend", default="onnxruntime", help="engine of the evaluated Defender")
-    ap.add_argument("--eps", default="8", help="ℓ∞ radii in /255 of the [0,1] model input (255: the sanity check)")
-    ap.add_argument("--steps", type=int, default=100, help="PGD steps (EVALUATION.md: ≥ 100)")
+    add_eval_args(ap, eps="8", steps=100)  # EVALUATION.md: ≥ 100 steps
     ap.add_argument("--eot", type=int, default=10, help="noise draws per step (EVALUATION.md: ≥ 10)")
     ap.add_argument("--repeats", type=int, default=5, help="Defender runs per adversarial scan (fresh keys)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="first N scans only (0: all)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    d = Defender.load(a.bundle, backend=a.backend, threads=a.threads) if a.bundle else \
-        Defender.default(backend=a.backend, threads=a.threads)
+    d, x, y = open_eval(a)
     ref = TorchEngine(d.bundle, device="cpu", threads=a.threads)
     for m in ref.models.values():
         m.eval().requires_grad_(False)
-    x, y = load_split(a.data, a.site, a.split, size=d.image_size)
-    if a.limit:
-        x, y = x[:a.limit], y[:a.limit]
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     clf = ref.models["classifier"]
     t0 = time.perf_counter()

@@ -30,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
-
 from medfedpure import Defender
 from medfedpure.attacks.pgd import fgsm, pgd_linf
 from medfedpure.data.loader import load_split
 from medfedpure.engines.torch_engine import model_from_bytes
+from rich.console import Console
+from rich.table import Table
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -71,25 +70,35 @@ def defend(d: Defender, x: np.ndarray, seed: int, batch: int = 16) -> dict[str, 
             "t_star": np.array(t_star), "ok": np.array(ok)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_eval_args(ap: argparse.ArgumentParser, *, eps: str, steps: int) -> None:
+    """The options every evaluation script shares: data split, bundle, backend, radii, budget, output."""
     ap.add_argument("--data", required=True)
     ap.add_argument("--site", type=int, default=0)
     ap.add_argument("--split", default="test")
     ap.add_argument("--bundle", default=None, help="bundle folder (default: the embedded one)")
-    ap.add_argument("--backend", default="onnxruntime")
-    ap.add_argument("--eps", default="2,4,8", help="ℓ∞ radii in /255 of the [0,1] model input")
-    ap.add_argument("--steps", type=int, default=10, help="PGD steps")
+    ap.add_argument("--backend", default="onnxruntime", help="engine of the evaluated Defender")
+    ap.add_argument("--eps", default=eps, help="ℓ∞ radii in /255 of the [0,1] model input (255: unbounded)")
+    ap.add_argument("--steps", type=int, default=steps, help="PGD steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="first N scans only (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
-    a = ap.parse_args()
+
+
+def open_eval(a: argparse.Namespace) -> tuple[Defender, np.ndarray, np.ndarray]:
+    """(Defender, x [N,1,S,S], y [N]) for parsed :func:`add_eval_args` options."""
     torch.set_num_threads(a.threads)
-    d = Defender.load(a.bundle, backend=a.backend) if a.bundle else Defender.default(backend=a.backend)
+    d = Defender.load(a.bundle, backend=a.backend, threads=a.threads) if a.bundle else \
+        Defender.default(backend=a.backend, threads=a.threads)
     x, y = load_split(a.data, a.site, a.split, size=d.image_size)
-    if a.limit:
-        x, y = x[:a.limit], y[:a.limit]
+    return (d, x[:a.limit], y[:a.limit]) if a.limit else (d, x, y)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_eval_args(ap, eps="2,4,8", steps=10)
+    a = ap.parse_args()
+    d, x, y = open_eval(a)
     art = d.bundle.find("classifier", "safetensors", "fp32")
     if art is None:
         sys.exit("the bundle has no torch classifier weights to attack")

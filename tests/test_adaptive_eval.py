@@ -7,7 +7,6 @@ import importlib.util
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from medfedpure import Defender
