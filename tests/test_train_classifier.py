@@ -109,7 +109,7 @@ def test_adversarial_training_runs_and_is_deterministic():
     ha = train_classifier(a, (x, y), (x, y), cfg, progress=False)
     hb = train_classifier(b, (x, y), (x, y), cfg, progress=False)
     assert ha["history"][-1]["train_loss"] == hb["history"][-1]["train_loss"]
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     plain = _model(2)
     hp = train_classifier(plain, (x, y), (x, y), ClassifierTrainConfig.preset("tiny", epochs=2), progress=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -77,10 +77,10 @@ def _finish(out: Path, section: str, resolved: dict, metrics: dict) -> None:
 def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
                epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
                progress: bool = PROGRESS,
-               adv_eps: Optional[float] = typer.Option(
+               adv_eps: float | None = typer.Option(
                    None, "--adv-eps", min=0.0, max=25.5,
                    help="FGSM-RS adversarial-training radius in 1/255 units (0 disables; default: the preset's)."),
-               adv_start_epoch: Optional[int] = typer.Option(
+               adv_start_epoch: int | None = typer.Option(
                    None, "--adv-start-epoch", min=0, help="First epoch with adversarial batches (default: the preset's)."),
                ) -> None:
     """Train the personalized MoE classifier on site K → RUN/site_K/classifier.safetensors."""
@@ -153,9 +153,9 @@ def calibrate_command(
     stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk."),
     topk: int = typer.Option(0, "--topk", min=0, help="k for --stat topk."),
     tau_high_k: float = typer.Option(2.0, "--tau-high-k", help="tau_high = tau + k * (tau - median)."),
-    t_min: Optional[int] = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format(20)),
-    t_max: Optional[int] = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format(150)),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format(2)),
+    t_min: int | None = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format(20)),
+    t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format(150)),
+    steps: int | None = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format(2)),
     policy: str = typer.Option("adaptive", "--policy", help="adaptive or floor."),
     threads: int = THREADS,
 ) -> None:
