@@ -45,7 +45,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from defended_eval import add_eval_args, open_eval  # noqa: E402 - the sibling script's shared options
+from defended_eval import add_eval_args, defend, open_eval  # noqa: E402 - the sibling script's helpers
 
 
 def gate_t_star(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -84,18 +84,12 @@ def pipeline_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor
 
 def defended(d: Defender, x: np.ndarray, y: np.ndarray, repeats: int, seed: int) -> dict[str, float]:
     """Accuracy of the real Defender over ``repeats`` runs with fresh keys: mean, worst case per scan."""
-    correct = np.zeros((repeats, len(x)), bool)
-    flagged = np.zeros((repeats, len(x)), bool)
-    classes = list(d.bundle.classes)
-    for r in range(repeats):
-        for i in range(0, len(x), 32):
-            rs = d.run_array(x[i:i + 32], seeds=[seed + 1_000_003 * r + j for j in range(i, min(i + 32, len(x)))])
-            for j, res in enumerate(rs):
-                correct[r, i + j] = res.status == "ok" and classes.index(res.label) == y[i + j]
-                flagged[r, i + j] = bool(res.flagged)
+    runs = [defend(d, x, seed + 1_000_003 * r) for r in range(repeats)]
+    correct = np.stack([r["ok"] & (r["label"] == y) for r in runs])
     acc = correct.mean(axis=1)
     return {"defended_acc_mean": float(acc.mean()), "defended_acc_std": float(acc.std(ddof=1)) if repeats > 1 else 0.0,
-            "defended_acc_worst_of_repeats": float(correct.all(axis=0).mean()), "flag_rate": float(flagged.mean())}
+            "defended_acc_worst_of_repeats": float(correct.all(axis=0).mean()),
+            "flag_rate": float(np.mean([r["flag"] for r in runs]))}
 
 
 def main() -> None:

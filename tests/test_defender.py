@@ -328,3 +328,17 @@ def test_overlap_needs_an_engine_that_allows_it(bundle_path: Path) -> None:
     with pytest.raises(TypeError, match="overlap"):
         Defender.load(bundle_path, backend="onnxruntime", device="cpu", overlap="yes")
     assert not Defender.load(bundle_path, backend="torch", device="cpu").overlap
+
+
+def test_close_stops_the_overlap_thread_and_is_idempotent(bundle_path: Path, split) -> None:
+    import threading
+
+    x = split[0][:2]
+    with Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1) as d:
+        a = d.run_array(x, seeds=[3, 4])
+        assert any(t.name.startswith("medfedpure-classify") for t in threading.enumerate())
+    assert d._pool is None
+    d.close()  # twice is fine
+    b = d.run_array(x, seeds=[3, 4])  # usable again after close
+    assert [r.probabilities for r in a] == [r.probabilities for r in b]
+    d.close()

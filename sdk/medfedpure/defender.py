@@ -193,6 +193,18 @@ class Defender:
             raise FileNotFoundError(f"the embedded default bundle is missing at {path}: run `make bundle`")
         return cls.load(path, backend, device, **kwargs)
 
+    def close(self) -> None:
+        """Stop the speculative-classification thread (idempotent; a later run starts it again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __enter__(self) -> Defender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ------------------------------------------------------------------------------------------
     def run(self, scan: Any, *, seed: int | None = None, return_purified: bool = False,
             return_patch_error: bool = False) -> Result:
