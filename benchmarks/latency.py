@@ -46,6 +46,32 @@ def _force(defender, path: str) -> None:
         g.update(tau=-3.0e38, tau_high=-2.9e38, policy="adaptive")  # t* saturates at t_max
 
 
+def parse_spec(spec: str, default_device: str) -> tuple[str, str, dict[str, object], bool]:
+    """``backend[:precision][@device][/seq][/eager]`` → (backend, device, engine options, sequential).
+
+    ``/seq`` turns the Defender's speculative overlap off; ``/eager`` turns CUDA graphs off (torch).
+    """
+    head, *flags = spec.strip().split("/")
+    head, _, device = head.partition("@")
+    backend, _, precision = head.partition(":")
+    opts: dict[str, object] = {"precision": precision} if precision else {}
+    unknown = set(flags) - {"seq", "eager"}
+    if unknown or not backend:
+        raise ValueError(f"backend spec {spec!r}: expected backend[:precision][@device][/seq][/eager]")
+    if "eager" in flags:
+        opts["cuda_graphs"] = False
+    return backend, device or default_device, opts, "seq" in flags
+
+
+def baseline_for(name: str, names: list[str]) -> str | None:
+    """The row a speed-up is measured against: torch eager FP32 on the same device, else on the CPU."""
+    device = name.split()[1]
+    for want in (f"torch {device} fp32", "torch cpu fp32"):
+        if want in names:
+            return want
+    return None
+
+
 def measure(defenders: dict, path: str, batch: int, iters: int, warmup: int,
             gap_ms: float = 5.0) -> dict[str, dict[str, dict[str, float]]]:
     """Per-stage latency of each Defender on one path and batch, the Defenders called in turn.
@@ -194,8 +220,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", default=None, help="bundle folder (default: the embedded one)")
     ap.add_argument("--backends", default="onnxruntime,torch",
-                    help="comma list of backend[:precision] (onnxruntime, onnxruntime:fp16, torch, torch:fp16, tensorrt)")
-    ap.add_argument("--device", default="cpu")
+                    help="comma list of backend[:precision][@device][/seq][/eager], e.g. onnxruntime, "
+                         "onnxruntime/seq, torch@cpu, torch:fp16@cuda, torch:fp32@cuda/eager, tensorrt@cuda")
+    ap.add_argument("--device", default="cpu", help="device of the backends whose spec names none")
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--paths", default="early_exit,purified")
     ap.add_argument("--iters", type=int, default=50)
@@ -233,18 +260,18 @@ def main() -> None:
     describe: dict[str, dict] = {}
     defenders: dict = {}
     for spec in args.backends.split(","):
-        spec, seq = (spec[:-4], True) if spec.endswith("/seq") else (spec, False)
-        backend, _, precision = spec.partition(":")
-        opts = {"threads": args.threads}
-        if precision:
-            opts["precision"] = precision
         try:
-            d = Defender.load(bundle, backend, args.device, overlap=False if seq else None, **opts)
+            backend, device, opts, seq = parse_spec(spec, args.device)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        try:
+            d = Defender.load(bundle, backend, device, overlap=False if seq else None, threads=args.threads, **opts)
         except Exception as e:  # noqa: BLE001 - report what could not run and go on
             print(f"skip {spec}: {e}")
             continue
         info = {**d.engine.describe(), "overlap": d.overlap}
-        name = f"{info['backend']} {info['device']} {info['precision']}" + (" sequential" if seq else "")
+        name = (f"{info['backend']} {info['device']} {info['precision']}" + (" graphs" if info.get("cuda_graphs") else "")
+                + (" sequential" if seq else ""))
         describe[name] = info
         defenders[name] = d
         res[name] = {path: {} for path in paths}
@@ -256,10 +283,10 @@ def main() -> None:
                 res[name][path][str(b)] = m[name]
             print(f"{path:10s} batch {b}: " + ", ".join(f"{n} p50 {m[n]['total']['p50']:.2f} ms" for n in m)
                   + f" ({time.perf_counter() - t0:.0f} s)")
-    base = next((k for k in res if k.startswith("torch") and k.endswith("fp32")), None)
+    base = {name: baseline_for(name, list(res)) for name in res}
     console = Console(width=max(160, Console().width))
     for path in paths:
-        t = Table(title=f"{path} — ms per call (p50 / p99); ratio = torch eager FP32 p50 ÷ this p50")
+        t = Table(title=f"{path} — ms per call (p50 / p99); speed-up = torch eager FP32 p50 (same device) ÷ this p50")
         t.add_column("backend")
         t.add_column("batch")
         for s in STAGES:
@@ -268,15 +295,14 @@ def main() -> None:
         for name in res:
             for b in batches:
                 r = res[name][path][str(b)]
-                ratio = (res[base][path][str(b)]["total"]["p50"] / r["total"]["p50"]) if base else float("nan")
+                ratio = (res[base[name]][path][str(b)]["total"]["p50"] / r["total"]["p50"]) if base[name] else float("nan")
                 t.add_row(name, str(b), *[f"{r[s]['p50']:.2f}/{r[s]['p99']:.2f}" for s in STAGES], f"{ratio:.2f}×")
         console.print(t)
     report = {"bundle": bundle, "machine": _machine(), "threads": args.threads, "iters": args.iters, "gap_ms": args.gap_ms,
               "warmup": args.warmup, "engines": describe, "baseline": base, "results": res}
-    if base:
-        report["speedup_vs_torch_eager_fp32_p50"] = {
-            name: {path: {str(b): res[base][path][str(b)]["total"]["p50"] / res[name][path][str(b)]["total"]["p50"]
-                          for b in batches} for path in paths} for name in res}
+    report["speedup_vs_torch_eager_fp32_p50"] = {
+        name: {path: {str(b): res[base[name]][path][str(b)]["total"]["p50"] / res[name][path][str(b)]["total"]["p50"]
+                      for b in batches} for path in paths} for name in res if base[name]}
     (out / "latency.json").write_text(json.dumps(report, indent=2))
     _plot(res, out / "latency.png")
     print(f"wrote {out / 'latency.json'} and {out / 'latency.png'}")
