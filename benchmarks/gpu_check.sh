@@ -118,27 +118,34 @@ fi
 if want sanitizer; then
   step "compute-sanitizer memcheck + racecheck (a few launches)"
   cat > "$WORK/mfp_sanitize.py" <<'EOF'
+import sys
 import numpy as np, torch
 from medfedpure import ops
+CASES = (("float16", 224, 16, "topk", True), ("float32", 64, 8, "mean", False), ("float32", 36, 4, "topk", True),
+         ("float32", 36, 4, "mean", True), ("float16", 224, 8, "hfratio", False), ("float32", 35, 5, "hfratio", False))
 rng = np.random.default_rng(0)
-for dtype, s, p, stat, norm in (("float16", 224, 16, "topk", True), ("float32", 64, 8, "mean", False), ("float32", 36, 4, "topk", True),
-                                   ("float16", 224, 8, "hfratio", False), ("float32", 35, 5, "hfratio", False)):
+for dtype, s, p, stat, norm in (CASES[int(a)] for a in sys.argv[1:]) if sys.argv[1:] else CASES:
     x = torch.from_numpy(rng.random((3, s, s), dtype=np.float32)).to("cuda", getattr(torch, dtype))
     r = x[:, None].repeat(1, 2, 1, 1) + 0.1
     vis = np.zeros((2, (s // p) ** 2), bool); vis[0, ::2] = True
-    out = ops.patch_gate(x, r, vis, patch=p, stat=stat, topk=5 if stat == "topk" else 0, norm_pix=norm,
-                         tau=0.01, tau_high=0.02, t_min=1, t_max=9, return_patch_err=True)
-    ref = ops.patch_gate_reference(x.cpu().numpy(), r.cpu().numpy(), vis, patch=p, stat=stat, topk=5 if stat == "topk" else 0,
-                                   norm_pix=norm, tau=0.01, tau_high=0.02, t_min=1, t_max=9)
+    kw = dict(patch=p, stat=stat, topk=5 if stat == "topk" else 0, norm_pix=norm, tau=0.01, tau_high=0.02, t_min=1, t_max=9)
+    out = ops.patch_gate(x, r, vis, return_patch_err=True, **kw)
+    ref = ops.patch_gate_reference(x.cpu().numpy(), r.cpu().numpy(), vis, **kw)
     assert np.array_equal(out.score.cpu().numpy(), ref.score), (dtype, s, p)
+    print("case", dtype, s, p, stat, norm, "ok")
 torch.cuda.synchronize(); print("sanitizer script ok")
 EOF
-  for tool in memcheck racecheck; do
-    run 90 "sanitizer $tool" compute-sanitizer --tool "$tool" --error-exitcode 3 "$PY" "$WORK/mfp_sanitize.py" \
-      > "$WORK/sanitizer_$tool.log" 2>&1
-    tail -n 4 "$WORK/sanitizer_$tool.log"
+  run 90 "sanitizer memcheck" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" "$WORK/mfp_sanitize.py" \
+    > "$WORK/sanitizer_memcheck.log" 2>&1
+  tail -n 3 "$WORK/sanitizer_memcheck.log"
+  for c in 0 1 2 3 4 5; do  # one process per case: a hazard names its case
+    run 60 "sanitizer racecheck case $c" compute-sanitizer --tool racecheck --racecheck-report hazard --print-limit 6 \
+      --error-exitcode 3 "$PY" "$WORK/mfp_sanitize.py" "$c" > "$WORK/sanitizer_racecheck_$c.log" 2>&1
+    grep -E "^case|SUMMARY" "$WORK/sanitizer_racecheck_$c.log"
   done
+  grep -h -A4 "Error\|Warning" "$WORK"/sanitizer_racecheck_*.log | head -n 60
 fi
+
 if want kernel; then
   step "benchmark: CUDA gate kernel"
   run 60 "kernel bench" "$PY" benchmarks/kernel.py --device cuda --out "$WORK/kernel_gpu.json"
