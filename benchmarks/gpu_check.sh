@@ -122,7 +122,8 @@ import sys
 import numpy as np, torch
 from medfedpure import ops
 CASES = (("float16", 224, 16, "topk", True), ("float32", 64, 8, "mean", False), ("float32", 36, 4, "topk", True),
-         ("float32", 36, 4, "mean", True), ("float16", 224, 8, "hfratio", False), ("float32", 35, 5, "hfratio", False))
+         ("float32", 36, 4, "mean", True), ("float16", 224, 8, "hfratio", False), ("float32", 35, 5, "hfratio", False),
+         ("float32", 64, 2, "topk", False))  # the last: Np = 1024 > 256 threads (several ranked per thread)
 rng = np.random.default_rng(0)
 for dtype, s, p, stat, norm in (CASES[int(a)] for a in sys.argv[1:]) if sys.argv[1:] else CASES:
     x = torch.from_numpy(rng.random((3, s, s), dtype=np.float32)).to("cuda", getattr(torch, dtype))
@@ -138,7 +139,7 @@ EOF
   run 90 "sanitizer memcheck" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" "$WORK/mfp_sanitize.py" \
     > "$WORK/sanitizer_memcheck.log" 2>&1
   tail -n 3 "$WORK/sanitizer_memcheck.log"
-  for c in 0 1 2 3 4 5; do  # one process per case: a hazard names its case
+  for c in 0 1 2 3 4 5 6; do  # one process per case: a hazard names its case
     run 60 "sanitizer racecheck case $c" compute-sanitizer --tool racecheck --racecheck-report hazard --print-limit 6 \
       --error-exitcode 3 "$PY" "$WORK/mfp_sanitize.py" "$c" > "$WORK/sanitizer_racecheck_$c.log" 2>&1
     grep -E "^case|SUMMARY" "$WORK/sanitizer_racecheck_$c.log"

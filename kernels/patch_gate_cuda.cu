@@ -179,18 +179,25 @@ __global__ void __launch_bounds__(kMaxThreads) patch_gate_kernel(const TX* __res
   if (p.stat == GateStat::kTopK) {
     // Selection = rank < topk, rank = #larger + #equal with a lower index (stable descending
     // order); non-selected patches contribute 0 to the same lane32 sum. O(np^2 / threads).
-    float* sel = vals + np;
-    for (int i = threadIdx.x; i < np; i += blockDim.x) {
+    // Every thread ranks its patches (i = tid, tid + blockDim, ...: at most 32 of them, checked on
+    // the host) into a register bit mask while all threads still read vals; only after a barrier
+    // are the non-selected values zeroed in place. (Writing them to a second buffer during the
+    // ranking raced with the ranking's reads under compute-sanitizer racecheck.)
+    uint32_t keep = 0u;
+    for (int i = threadIdx.x, n = 0; i < np; i += blockDim.x, ++n) {
       const float v = vals[i];
       int rank = 0;
       for (int j = 0; j < np; ++j) {
         const float u = vals[j];
         rank += (u > v) | ((u == v) & (j < i));
       }
-      sel[i] = rank < p.topk ? v : 0.0f;
+      keep |= static_cast<uint32_t>(rank < p.topk) << n;
     }
     __syncthreads();
-    src = sel;
+    for (int i = threadIdx.x, n = 0; i < np; i += blockDim.x, ++n) {
+      if (!((keep >> n) & 1u)) vals[i] = 0.0f;
+    }
+    __syncthreads();
     denom = static_cast<float>(p.topk);
   }
   if (threadIdx.x < 32) {
@@ -359,12 +366,13 @@ int launch(const void* x, const void* recon, const uint8_t* visible, const GateP
   const bool topk = p.stat == GateStat::kTopK, hf = p.stat == GateStat::kHfRatio;
   const int items = hf ? p.sets * S + (2 * p.patch - 3) * side : p.sets * S;
   const int main_floats = hf ? items : p.sets * S + 2 * side;
-  const int final_floats = (hf ? 3 : (topk ? 2 : 1)) * np;
+  const int final_floats = (hf ? 3 : 1) * np;
   const int floats = main_floats > final_floats ? main_floats : final_floats;
   if (floats > kMaxSharedFloats || p.batch > 65535 || side > 65535) return -1;
   if (hf && out.work == nullptr) return -1;
   int threads = ((items + 31) / 32) * 32;
   threads = threads < kMinThreads ? kMinThreads : (threads > kMaxThreads ? kMaxThreads : threads);
+  if (topk && np > 32 * threads) return -1;  // the top-k keep mask holds 32 patches per thread
   const dim3 grid(side, p.batch);
   const size_t shmem = static_cast<size_t>(floats) * sizeof(float);
   const auto aligned = [](const void* ptr, size_t bytes) {

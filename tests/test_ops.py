@@ -540,6 +540,29 @@ def test_cuda_unaligned_and_strided_inputs(dtype: str, stat: str) -> None:
 
 @pytest.mark.cuda
 @needs_cuda
+@pytest.mark.parametrize(("s", "patch", "sets"), [(64, 2, 4), (96, 2, 4), (92, 1, 1), (224, 4, 1)])
+def test_cuda_topk_ranks_several_patches_per_thread(s: int, patch: int, sets: int) -> None:
+    # Np > threads: each thread ranks several patches into its keep mask (Np = 8464 > 32 * 256 is refused).
+    x, recon, rng = make_case(13, 2, sets, s, "float32", "float32")
+    np_ = (s // patch) ** 2
+    vis = make_visible(rng, sets, np_)
+    kw = dict(patch=patch, stat="topk", topk=np_ // 3, norm_pix=False, return_patch_err=True, **BASE)
+    if not ops.cuda_kernel_limits_ok(s, patch, "topk", sets):
+        with pytest.raises(ValueError, match="exceeds the CUDA kernel"):
+            patch_gate(_cuda(x), _cuda(recon), vis, **kw)
+        return
+    assert_same(patch_gate(_cuda(x), _cuda(recon), vis, **kw), patch_gate_reference(x, recon, vis, **kw), f"{s}/{patch}")
+
+
+def test_cuda_kernel_limits() -> None:
+    assert ops.cuda_kernel_limits_ok(224, 8, "hfratio", 4) and ops.cuda_kernel_limits_ok(224, 4, "topk", 1)
+    assert not ops.cuda_kernel_limits_ok(512, 4, "mean", 4)  # Np = 16384 floats of shared memory
+    assert not ops.cuda_kernel_limits_ok(92, 1, "topk", 1)  # Np = 8464 > 32 patches x 256 threads
+    assert ops.cuda_kernel_limits_ok(92, 1, "mean", 1) and ops.cuda_kernel_limits_ok(90, 1, "topk", 1)
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_side_stream_repeat_and_large_batch() -> None:
     x, recon, rng = make_case(12, 70, 4, 128, "float16", "float16")
     vis = make_visible(rng, 4, 256)

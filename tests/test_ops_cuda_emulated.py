@@ -150,6 +150,8 @@ def _check(emu, x, recon, vis, kw, offset=0):
         (224, 16, "mean", True, ("float16", "float32")),  # 224-thread rows in 256-thread blocks
         (36, 6, "topk", True, ("float32", "float32")),  # patch % 4 != 0: scalar loads only
         (288, 16, "topk", True, ("float16", "float16")),  # K*S = 1152 items > 1024 threads: strided
+        (64, 2, "topk", True, ("float32", "float32")),  # Np = 1024 on 256 threads: 4 ranked per thread
+        (96, 2, "topk", False, ("float16", "float32")),  # Np = 2304 on 384 threads: 6 per thread
         (32, 8, "hfratio", False, ("float32", "float32")),
         (30, 3, "hfratio", False, ("float16", "float32")),  # the smallest patch: one corner-band row
         (35, 5, "hfratio", False, ("float32", "float16")),  # odd patch, scalar loads only

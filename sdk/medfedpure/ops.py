@@ -476,15 +476,18 @@ _COUNTERS: dict[tuple[int, int], Any] = {}
 
 
 def cuda_kernel_limits_ok(size: int, patch: int, stat: str, sets: int) -> bool:
-    """Whether the CUDA kernel's shared memory holds this problem (patch_gate_cuda.cu, 48 KiB):
-    max(K·S + 2·S/P, (2|1)·Np) floats for mean/topk, max(K·S + (2P−3)·S/P, 3·Np) for hfratio —
+    """Whether the CUDA kernel holds this problem (patch_gate_cuda.cu): its shared memory (48 KiB),
+    max(K·S + 2·S/P, Np) floats for mean/topk, max(K·S + (2P−3)·S/P, 3·Np) for hfratio, and for
+    topk at most 32 patches per thread (threads = K·S rounded up to 32, within [256, 1024]) —
     e.g. S = 224 with P ≥ 4, or S = 512 with P ≥ 8 and K ≤ 8."""
     side = size // patch
+    np_ = side * side
     if stat == "hfratio":
-        need = max(sets * size + (2 * patch - 3) * side, 3 * side * side)
+        need = max(sets * size + (2 * patch - 3) * side, 3 * np_)
     else:
-        need = max(sets * size + 2 * side, (2 if stat == "topk" else 1) * side * side)
-    return need <= _CUDA_MAX_SHARED_FLOATS
+        need = max(sets * size + 2 * side, np_)
+    threads = min(max(-(-sets * size // 32) * 32, 256), 1024)
+    return need <= _CUDA_MAX_SHARED_FLOATS and not (stat == "topk" and np_ > 32 * threads)
 
 
 def _visible_on(device: Any, vis: np.ndarray) -> Any:
