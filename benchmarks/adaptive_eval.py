@@ -1,4 +1,4 @@
-"""Rung 2 of EVALUATION.md: full-pipeline PGD with EOT against a bundle's whole defended pipeline.
+"""Rungs 2 and 3 of EVALUATION.md: full-pipeline PGD with EOT, and detector-aware evasion.
 
 The attacked function is the shipped one, computed on the torch reference path from the bundle's own
 weights and calibration:
@@ -13,6 +13,17 @@ within the step (no gradient through the threshold — the attacker still profit
 flagged region, since unflagged rows go to the classifier unpurified). Loss: cross-entropy of the
 mixture's probabilities, maximised; ℓ∞ PGD with random start, step 2.5·ε/steps.
 
+Rung 3 (a), detector-aware evasion (``--rungs`` includes 3): fool the classifier while staying under
+the flag threshold, so that the scan skips the purifier. The gate's statistic is rebuilt in torch
+(:func:`hfratio_torch`: the deployed score as a function of x, given the tissue patches that the
+deployed MAE selects, recomputed every step); the perturbation is band-limited (bilinearly upsampled
+from a grid ``--evasion-factor`` times coarser: sign steps on full-resolution pixels are broadband,
+which is what the gate detects); each step follows the gradient that lowers the score for scans still
+above 0.95 τ and the classifier's loss otherwise (both normalised, sign step, no random start). A scan's final iterate is the
+last one that was both under 0.95 τ and misclassified, else the last. Rung 3 (b), flagged and fooled
+after purification, is rung 2's objective; the "rung 3 worst" row counts a scan correct in a run only
+when the Defender is right on both its rung-2 and its rung-3a scan in that run.
+
 Evaluation: the real Defender (``--backend``, onnxruntime by default) on the final adversarial scans,
 ``--repeats`` times with fresh purification keys: mean defended accuracy and the worst case per scan
 over the repeats (rung 5). The same scans attacked with rung-1 PGD (classifier only) are reported beside
@@ -20,7 +31,7 @@ it. Sanity check of EVALUATION.md: ``--eps 255`` (unbounded) must drive defended
 
 Usage:
     python benchmarks/adaptive_eval.py --data D --site K --bundle B [--eps 8] [--steps 100] [--eot 10]
-        [--limit N] [--repeats 5] --out DIR
+        [--limit N] [--repeats 5] [--rungs 1,2,3] --out DIR
 Writes DIR/adaptive_eval.json and prints a table.
 """
 
@@ -40,6 +51,7 @@ from medfedpure import Defender
 from medfedpure.attacks.pgd import pgd_linf
 from medfedpure.engines.torch_engine import TorchEngine
 from medfedpure.models.diffusion import purify
+from medfedpure.train.scores import _hidden_mean, _patches
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -82,14 +94,103 @@ def pipeline_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor
     return x_adv, {"flagged_at_last_step": float((t_star > 0).mean())}
 
 
+def tissue_patches(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Indices [N, m] of the patches the deployed hfratio gate scores: the m with the largest tissue level
+    w (the deployed MAE's reconstruction, mean over the sets hiding each patch), ties to the lower index."""
+    g = d.engine.gate_cfg
+    vis = d.engine.visible
+    m = int(g.get("topk", 0)) or vis.shape[1] // 2
+    out = []
+    for i in range(0, len(x), batch):
+        xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+        recon = d.engine.to_numpy(d.engine.mae(d.engine.to_native(xb)))
+        w = _hidden_mean(_patches(recon, int(g["patch"])).mean(axis=(-1, -2)), vis)
+        out.append(np.argsort(-w, axis=1, kind="stable")[:, :m])
+    return np.concatenate(out)
+
+
+def hfratio_torch(x: torch.Tensor, sel: torch.Tensor, patch: int) -> torch.Tensor:
+    """The gate's ``hfratio`` score of x [B,1,S,S] (``medfedpure.train.scores``: median over the patches
+    ``sel`` [B,m] of corner-band / high-band energy), differentiable in x."""
+    b = x.shape[0]
+    z = x[:, 0].unfold(1, patch, patch).unfold(2, patch, patch).reshape(b, -1, patch, patch)  # [B,Np,P,P]
+    a = z[..., :, :-2] - 2 * z[..., :, 1:-1] + z[..., :, 2:]
+    lap = (a[..., :-2, :] - 2 * a[..., 1:-1, :] + a[..., 2:, :]) / 4
+    dia = (z[..., :-1, :-1] - z[..., :-1, 1:] - z[..., 1:, :-1] + z[..., 1:, 1:]) / 2
+    e = (lap * lap).mean(dim=(-1, -2)) / ((dia * dia).mean(dim=(-1, -2)) + 1e-6)
+    v = torch.gather(e, 1, sel).sort(dim=1).values
+    m = v.shape[1]
+    return v[:, m // 2] if m % 2 else (v[:, m // 2 - 1] + v[:, m // 2]) / 2
+
+
+def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
+                factor: int = 2, margin: float = 0.05, progress: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rung 3 (a): fool the classifier while the gate's score stays under (1 − margin) τ (module docstring).
+
+    The perturbation is band-limited by construction: δ = bilinear upsampling (× ``factor``) of a coarse
+    η with ‖η‖∞ ≤ ε, so ‖δ‖∞ ≤ ε too (a convex combination). ℓ∞ PGD's sign steps on the full-resolution
+    image are broadband whatever the gradient, which is exactly what the hfratio gate detects; an adaptive
+    attacker against that gate perturbs only low frequencies. ``factor`` 1 gives plain pixel-space PGD.
+    """
+    g = d.engine.gate_cfg
+    if g.get("stat") != "hfratio":
+        raise SystemExit(f"rung 3 models the gate's statistic in torch for 'hfratio' only, not {g.get('stat')!r}")
+    clf, patch, limit = ref.models["classifier"], int(g["patch"]), float(g["tau"]) * (1 - margin)
+    s = x.shape[-1]
+    if s % factor:
+        raise SystemExit(f"--evasion-factor {factor} must divide the image size {s}")
+
+    def delta(eta: torch.Tensor) -> torch.Tensor:
+        if factor == 1:
+            return eta
+        return F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)
+
+    alpha = 2.5 * eps / steps
+    eta = torch.zeros(len(x), 1, s // factor, s // factor)
+    best = x.clone()
+    found = torch.zeros(len(x), dtype=torch.bool)
+    bar = tqdm(range(steps + 1), desc=f"evasion PGD ε={eps * 255:g}/255 ×{factor}", disable=not progress)
+    for step in bar:
+        with torch.no_grad():
+            x_adv = (x + delta(eta)).clamp(0, 1)
+        sel = torch.from_numpy(tissue_patches(d, x_adv.numpy()))
+        ev = eta.clone().requires_grad_(True)
+        xv = (x + delta(ev)).clamp(0, 1)
+        ce = F.nll_loss(torch.log(clf(xv).clamp_min(1e-12)), y, reduction="none")
+        score = hfratio_torch(xv, sel, patch)
+        g_ce, = torch.autograd.grad(ce.sum(), ev, retain_graph=True)
+        g_sc, = torch.autograd.grad(score.sum(), ev)
+        with torch.no_grad():
+            under = score < limit
+            hit = under & (clf(x_adv).argmax(1) != y)
+            best[hit], found = x_adv[hit], found | hit
+            bar.set_postfix(under=f"{under.float().mean():.2f}", evading_and_wrong=f"{found.float().mean():.2f}")
+            if step == steps:
+                break
+
+            def unit(v: torch.Tensor) -> torch.Tensor:
+                return v / v.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+
+            direction = torch.where(under[:, None, None, None], unit(g_ce), -unit(g_sc) + 0.5 * unit(g_ce))
+            eta = (eta + alpha * direction.sign()).clamp(-eps, eps)
+    final = torch.where(found[:, None, None, None], best, x_adv)
+    return final, {"evading_and_wrong_during_attack": float(found.float().mean()), "evasion_factor": factor}
+
+
 def defended(d: Defender, x: np.ndarray, y: np.ndarray, repeats: int, seed: int) -> dict[str, float]:
-    """Accuracy of the real Defender over ``repeats`` runs with fresh keys: mean, worst case per scan."""
+    """Accuracy of the real Defender over ``repeats`` runs with fresh keys: mean, worst case per scan.
+    ``_correct`` ([repeats, N] bool, not serialised) lets rows be combined per scan and run."""
     runs = [defend(d, x, seed + 1_000_003 * r) for r in range(repeats)]
     correct = np.stack([r["ok"] & (r["label"] == y) for r in runs])
+    return {**summarise(correct), "flag_rate": float(np.mean([r["flag"] for r in runs])), "_correct": correct}
+
+
+def summarise(correct: np.ndarray) -> dict[str, float]:
+    """[repeats, N] correctness → mean ± std over runs, and the worst case over runs per scan."""
     acc = correct.mean(axis=1)
-    return {"defended_acc_mean": float(acc.mean()), "defended_acc_std": float(acc.std(ddof=1)) if repeats > 1 else 0.0,
-            "defended_acc_worst_of_repeats": float(correct.all(axis=0).mean()),
-            "flag_rate": float(np.mean([r["flag"] for r in runs]))}
+    return {"defended_acc_mean": float(acc.mean()),
+            "defended_acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "defended_acc_worst_of_repeats": float(correct.all(axis=0).mean())}
 
 
 def main() -> None:
@@ -97,7 +198,13 @@ def main() -> None:
     add_eval_args(ap, eps="8", steps=100)  # EVALUATION.md: ≥ 100 steps
     ap.add_argument("--eot", type=int, default=10, help="noise draws per step (EVALUATION.md: ≥ 10)")
     ap.add_argument("--repeats", type=int, default=5, help="Defender runs per adversarial scan (fresh keys)")
+    ap.add_argument("--rungs", default="1,2,3", help="which rungs to run (comma list of 1, 2, 3)")
+    ap.add_argument("--evasion-factor", type=int, default=2,
+                    help="rung 3a: the perturbation is bilinearly upsampled from a grid this many times coarser")
     a = ap.parse_args()
+    rungs = {int(r) for r in a.rungs.split(",")}
+    if not rungs or not rungs <= {1, 2, 3}:
+        raise SystemExit(f"--rungs {a.rungs!r}: expected a comma list of 1, 2 and 3")
     d, x, y = open_eval(a)
     ref = TorchEngine(d.bundle, device="cpu", threads=a.threads)
     for m in ref.models.values():
@@ -110,17 +217,35 @@ def main() -> None:
         rows["clean"]["undefended_acc"] = float((clf(xt).argmax(1) == yt).float().mean())
     for eps_255 in [float(e) for e in a.eps.split(",")]:
         eps = eps_255 / 255
-        xa1 = pgd_linf(clf, xt, yt, eps, steps=10, generator=torch.Generator().manual_seed(a.seed))
-        with torch.no_grad():
-            und1 = float((clf(xa1).argmax(1) == yt).float().mean())
-        rows[f"rung1 pgd-10 {eps_255:g}"] = {"undefended_acc": und1, **defended(d, xa1.numpy(), y, a.repeats, a.seed)}
-        ts = time.perf_counter()
-        xa2, st = pipeline_pgd(d, ref, xt, yt, eps, steps=a.steps, eot=a.eot, seed=a.seed)
-        with torch.no_grad():
-            und2 = float((clf(xa2).argmax(1) == yt).float().mean())
-        rows[f"rung2 pipeline pgd-{a.steps} eot-{a.eot} {eps_255:g}"] = {
-            "undefended_acc": und2, **defended(d, xa2.numpy(), y, a.repeats, a.seed), **st,
-            "attack_s": time.perf_counter() - ts}
+        if 1 in rungs:
+            xa1 = pgd_linf(clf, xt, yt, eps, steps=10, generator=torch.Generator().manual_seed(a.seed))
+            with torch.no_grad():
+                und1 = float((clf(xa1).argmax(1) == yt).float().mean())
+            rows[f"rung1 pgd-10 {eps_255:g}"] = {"undefended_acc": und1,
+                                                 **defended(d, xa1.numpy(), y, a.repeats, a.seed)}
+        if 2 in rungs:
+            ts = time.perf_counter()
+            xa2, st = pipeline_pgd(d, ref, xt, yt, eps, steps=a.steps, eot=a.eot, seed=a.seed)
+            with torch.no_grad():
+                und2 = float((clf(xa2).argmax(1) == yt).float().mean())
+            r2 = rows[f"rung2 pipeline pgd-{a.steps} eot-{a.eot} {eps_255:g}"] = {
+                "undefended_acc": und2, **defended(d, xa2.numpy(), y, a.repeats, a.seed), **st,
+                "attack_s": time.perf_counter() - ts}
+        if 3 in rungs:
+            ts = time.perf_counter()
+            xa3, st = evasion_pgd(d, ref, xt, yt, eps, steps=a.steps, factor=a.evasion_factor)
+            with torch.no_grad():
+                und3 = float((clf(xa3).argmax(1) == yt).float().mean())
+            r3 = rows[f"rung3a evasion pgd-{a.steps} {eps_255:g}"] = {
+                "undefended_acc": und3, **defended(d, xa3.numpy(), y, a.repeats, a.seed), **st,
+                "attack_s": time.perf_counter() - ts}
+            if 2 in rungs:  # per scan and run: correct only if right on both its rung-2 and rung-3a scans
+                both = r2["_correct"] & r3["_correct"]
+                rows[f"rung3 worst of (a) and (b) = rung 2, per scan {eps_255:g}"] = {
+                    "undefended_acc": min(und2, und3), **summarise(both),
+                    "flag_rate": None, "_correct": both}
+    for v in rows.values():
+        v.pop("_correct", None)
     res = {"bundle_id": d.bundle.bundle_id, "backend": a.backend, "data": str(Path(a.data).resolve()), "site": a.site,
            "split": a.split, "n": int(len(y)), "steps": a.steps, "eot": a.eot, "repeats": a.repeats, "seed": a.seed,
            "gate": d.bundle.gate, "purifier_steps": ref.steps, "rows": rows, "wall_s": time.perf_counter() - t0,
@@ -128,14 +253,15 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adaptive_eval.json").write_text(json.dumps(res, indent=1))
-    tab = Table(title=f"rungs 1–2 · site {a.site} {a.split} · n = {len(y)} · bundle {d.bundle.short_id} · "
+    tab = Table(title=f"rungs {a.rungs} · site {a.site} {a.split} · n = {len(y)} · bundle {d.bundle.short_id} · "
                       f"{a.repeats} Defender runs per scan")
     for c in ("input", "undefended acc", "defended acc (mean ± std)", "worst of runs", "flagged"):
         tab.add_column(c, justify="right")
     for k, v in rows.items():
         tab.add_row(k, f"{100 * v['undefended_acc']:.1f} %",
                     f"{100 * v['defended_acc_mean']:.1f} ± {100 * v['defended_acc_std']:.1f} %",
-                    f"{100 * v['defended_acc_worst_of_repeats']:.1f} %", f"{100 * v['flag_rate']:.1f} %")
+                    f"{100 * v['defended_acc_worst_of_repeats']:.1f} %",
+                    "–" if v["flag_rate"] is None else f"{100 * v['flag_rate']:.1f} %")
     Console(width=max(120, Console().width)).print(tab)
     print(f"wrote {out / 'adaptive_eval.json'} ({res['wall_s']:.0f} s)")
 

@@ -1,5 +1,6 @@
-"""benchmarks/adaptive_eval.py (rung 2): the full-pipeline attack stays in its ball, is reproducible,
-and the unbounded sanity check of EVALUATION.md breaks the defence on the tiny bundle."""
+"""benchmarks/adaptive_eval.py: the full-pipeline attack (rung 2) stays in its ball, is reproducible, and
+the unbounded sanity check of EVALUATION.md breaks the defence on the tiny bundle; the evasion attack
+(rung 3a) uses the deployed gate statistic, stays in its ball and reports exactly the scans that evade."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from medfedpure import Defender
@@ -58,3 +60,52 @@ def test_unbounded_attack_breaks_the_defence(ae, setup) -> None:
     r = ae.defended(d, xa.numpy(), y.numpy(), repeats=2, seed=0)
     assert r["defended_acc_mean"] <= 0.2, r
     assert 0 <= r["defended_acc_worst_of_repeats"] <= r["defended_acc_mean"] + 1e-9
+
+
+# rung 3 (a): detector-aware evasion --------------------------------------------------------------
+
+def test_hfratio_torch_equals_the_gate_oracle(ae) -> None:
+    """The attack's differentiable gate statistic is the deployed one (oracle of medfedpure.ops)."""
+    from medfedpure.train.scores import _hidden_mean, _patches, gate_scores
+
+    rng = np.random.default_rng(3)
+    s, p, k = 64, 8, 4
+    vis = rng.random((k, (s // p) ** 2)) < 0.3
+    vis[0, vis.all(axis=0)] = False
+    x = rng.random((5, 1, s, s), dtype=np.float32)
+    recon = np.clip(x + 0.1 * rng.standard_normal((5, k, s, s), dtype=np.float32), 0, 1).astype(np.float32)
+    for m in (1, 25, 32, 64):
+        ref, _ = gate_scores(x, recon, vis, patch=p, stat="hfratio", topk=m)
+        w = _hidden_mean(_patches(recon, p).mean(axis=(-1, -2)), vis)
+        sel = torch.from_numpy(np.argsort(-w, axis=1, kind="stable")[:, :m])
+        got = ae.hfratio_torch(torch.from_numpy(x), sel, p).numpy()
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"m={m}")
+
+
+def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> None:
+    _, ref, x, y = setup
+    d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1)
+    with pytest.raises(SystemExit, match="hfratio"):
+        ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, progress=False)
+    # the tiny bundle's gate made an hfratio gate, τ above every clean score
+    g = d.engine.gate_cfg
+    g.update(stat="hfratio", topk=8)
+    sel = torch.from_numpy(ae.tissue_patches(d, x.numpy()))
+    clean = ae.hfratio_torch(x, sel, int(g["patch"]))
+    g.update(tau=float(clean.max()) * 1.3, tau_high=float(clean.max()) * 2)
+    eps = 32 / 255  # the tiny model's scans are noise-like: a large ε so that some evade
+    a, st = ae.evasion_pgd(d, ref, x, y, eps, steps=8, factor=2, progress=False)
+    b, _ = ae.evasion_pgd(d, ref, x, y, eps, steps=8, factor=2, progress=False)
+    assert torch.equal(a, b) and a.shape == x.shape  # deterministic (no random start)
+    assert float((a - x).abs().max()) <= eps + 1e-6 and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert float((a - x).abs().max()) > eps / 4  # it moved
+    assert st["evasion_factor"] == 2 and 0 <= st["evading_and_wrong_during_attack"] <= 1
+    # exactly the scans the attack reports as evading are, by the deployed gate, under 0.95 τ and misclassified
+    gate = d.engine.gate(d.engine.to_native(a.numpy()), d.engine.mae(d.engine.to_native(a.numpy())))
+    score = d.engine.to_numpy(gate.score)
+    with torch.no_grad():
+        wrong = (ref.models["classifier"](a).argmax(1) != y).numpy()
+    evading = (score < 0.95 * g["tau"]) & wrong
+    assert 0 < evading.sum() == round(st["evading_and_wrong_during_attack"] * len(x))
+    with pytest.raises(SystemExit, match="divide"):
+        ae.evasion_pgd(d, ref, x, y, eps, steps=1, factor=5, progress=False)
