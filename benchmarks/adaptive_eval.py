@@ -19,7 +19,8 @@ the flag threshold, so that the scan skips the purifier. The gate's statistic is
 deployed MAE selects, recomputed every step); the perturbation is band-limited (bilinearly upsampled
 from a grid ``--evasion-factor`` times coarser: sign steps on full-resolution pixels are broadband,
 which is what the gate detects); each step follows the gradient that lowers the score for scans still
-above 0.95 τ and the classifier's loss otherwise (both normalised, sign step, no random start). A scan's final iterate is the
+above 0.95 τ and the pipeline's loss otherwise (both normalised, sign step, no random start; the loss
+goes through the purifier wherever the deployed gate's t* > 0, as under ``--policy floor``). A scan's final iterate is the
 last one that was both under 0.95 τ and misclassified, else the last. Rung 3 (b), flagged and fooled
 after purification, is rung 2's objective; the "rung 3 worst" row counts a scan correct in a run only
 when the Defender is right on both its rung-2 and its rung-3a scan in that run.
@@ -124,18 +125,25 @@ def hfratio_torch(x: torch.Tensor, sel: torch.Tensor, patch: int) -> torch.Tenso
 
 
 def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
-                factor: int = 2, margin: float = 0.05, progress: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-    """Rung 3 (a): fool the classifier while the gate's score stays under (1 − margin) τ (module docstring).
+                eot: int = 1, seed: int = 0, factor: int = 2, margin: float = 0.05,
+                progress: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rung 3 (a): fool the pipeline while the gate's score stays under (1 − margin) τ (module docstring).
 
     The perturbation is band-limited by construction: δ = bilinear upsampling (× ``factor``) of a coarse
     η with ‖η‖∞ ≤ ε, so ‖δ‖∞ ≤ ε too (a convex combination). ℓ∞ PGD's sign steps on the full-resolution
     image are broadband whatever the gradient, which is exactly what the hfratio gate detects; an adaptive
     attacker against that gate perturbs only low frequencies. ``factor`` 1 gives plain pixel-space PGD.
+
+    The loss is the pipeline's: the deployed gate's t*(x) each step (0 for unflagged scans under the
+    ``adaptive`` policy, at least t_min under ``floor``), the purifier at t* with ``eot`` noise draws where
+    t* > 0, then the classifier — so under ``floor`` the evading scan must also survive the weakest
+    purification.
     """
     g = d.engine.gate_cfg
     if g.get("stat") != "hfratio":
         raise SystemExit(f"rung 3 models the gate's statistic in torch for 'hfratio' only, not {g.get('stat')!r}")
-    clf, patch, limit = ref.models["classifier"], int(g["patch"]), float(g["tau"]) * (1 - margin)
+    clf, den, sched, k = ref.models["classifier"], ref.models["denoiser"], ref.schedule, ref.steps
+    patch, limit = int(g["patch"]), float(g["tau"]) * (1 - margin)
     s = x.shape[-1]
     if s % factor:
         raise SystemExit(f"--evasion-factor {factor} must divide the image size {s}")
@@ -145,6 +153,13 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
             return eta
         return F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)
 
+    def probs(xv: torch.Tensor, ts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Mean over ``eot`` purifier draws of the classifier's probabilities (no draw when no t* > 0)."""
+        if not bool((ts > 0).any()):
+            return clf(xv)
+        return sum(clf(purify(den, xv, ts, k, generator=gen, schedule=sched)) for _ in range(eot)) / eot
+
+    gen = torch.Generator().manual_seed(seed)
     alpha = 2.5 * eps / steps
     eta = torch.zeros(len(x), 1, s // factor, s // factor)
     best = x.clone()
@@ -153,16 +168,19 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     for step in bar:
         with torch.no_grad():
             x_adv = (x + delta(eta)).clamp(0, 1)
-        sel = torch.from_numpy(tissue_patches(d, x_adv.numpy()))
+        xa_np = x_adv.numpy()
+        sel = torch.from_numpy(tissue_patches(d, xa_np))
+        ts = torch.from_numpy(gate_t_star(d, xa_np))
         ev = eta.clone().requires_grad_(True)
         xv = (x + delta(ev)).clamp(0, 1)
-        ce = F.nll_loss(torch.log(clf(xv).clamp_min(1e-12)), y, reduction="none")
+        p = probs(xv, ts, gen)
+        ce = F.nll_loss(torch.log(p.clamp_min(1e-12)), y, reduction="none")
         score = hfratio_torch(xv, sel, patch)
         g_ce, = torch.autograd.grad(ce.sum(), ev, retain_graph=True)
         g_sc, = torch.autograd.grad(score.sum(), ev)
         with torch.no_grad():
             under = score < limit
-            hit = under & (clf(x_adv).argmax(1) != y)
+            hit = under & (p.argmax(1) != y)
             best[hit], found = x_adv[hit], found | hit
             bar.set_postfix(under=f"{under.float().mean():.2f}", evading_and_wrong=f"{found.float().mean():.2f}")
             if step == steps:
@@ -199,6 +217,8 @@ def main() -> None:
     ap.add_argument("--eot", type=int, default=10, help="noise draws per step (EVALUATION.md: ≥ 10)")
     ap.add_argument("--repeats", type=int, default=5, help="Defender runs per adversarial scan (fresh keys)")
     ap.add_argument("--rungs", default="1,2,3", help="which rungs to run (comma list of 1, 2, 3)")
+    ap.add_argument("--policy", choices=["bundle", "adaptive", "floor"], default="bundle",
+                    help="gate policy of the evaluated Defender (bundle: the one it was calibrated with)")
     ap.add_argument("--evasion-factor", type=int, default=2,
                     help="rung 3a: the perturbation is bilinearly upsampled from a grid this many times coarser")
     a = ap.parse_args()
@@ -206,6 +226,8 @@ def main() -> None:
     if not rungs or not rungs <= {1, 2, 3}:
         raise SystemExit(f"--rungs {a.rungs!r}: expected a comma list of 1, 2 and 3")
     d, x, y = open_eval(a)
+    if a.policy != "bundle":  # evaluate the bundle under the other gate policy (DESIGN.md §7)
+        d.engine.gate_cfg["policy"] = a.policy
     ref = TorchEngine(d.bundle, device="cpu", threads=a.threads)
     for m in ref.models.values():
         m.eval().requires_grad_(False)
@@ -233,7 +255,8 @@ def main() -> None:
                 "attack_s": time.perf_counter() - ts}
         if 3 in rungs:
             ts = time.perf_counter()
-            xa3, st = evasion_pgd(d, ref, xt, yt, eps, steps=a.steps, factor=a.evasion_factor)
+            xa3, st = evasion_pgd(d, ref, xt, yt, eps, steps=a.steps, eot=a.eot, seed=a.seed,
+                                  factor=a.evasion_factor)
             with torch.no_grad():
                 und3 = float((clf(xa3).argmax(1) == yt).float().mean())
             r3 = rows[f"rung3a evasion pgd-{a.steps} {eps_255:g}"] = {
@@ -248,12 +271,14 @@ def main() -> None:
         v.pop("_correct", None)
     res = {"bundle_id": d.bundle.bundle_id, "backend": a.backend, "data": str(Path(a.data).resolve()), "site": a.site,
            "split": a.split, "n": int(len(y)), "steps": a.steps, "eot": a.eot, "repeats": a.repeats, "seed": a.seed,
-           "gate": d.bundle.gate, "purifier_steps": ref.steps, "rows": rows, "wall_s": time.perf_counter() - t0,
+           "gate": d.bundle.gate, "policy": d.engine.gate_cfg.get("policy", "adaptive"),
+           "purifier_steps": ref.steps, "rows": rows, "wall_s": time.perf_counter() - t0,
            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": a.threads}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adaptive_eval.json").write_text(json.dumps(res, indent=1))
     tab = Table(title=f"rungs {a.rungs} · site {a.site} {a.split} · n = {len(y)} · bundle {d.bundle.short_id} · "
+                      f"policy {res['policy']} · "
                       f"{a.repeats} Defender runs per scan")
     for c in ("input", "undefended acc", "defended acc (mean ± std)", "worst of runs", "flagged"):
         tab.add_column(c, justify="right")
