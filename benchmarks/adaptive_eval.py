@@ -225,9 +225,7 @@ def main() -> None:
     rungs = {int(r) for r in a.rungs.split(",")}
     if not rungs or not rungs <= {1, 2, 3}:
         raise SystemExit(f"--rungs {a.rungs!r}: expected a comma list of 1, 2 and 3")
-    d, x, y = open_eval(a)
-    if a.policy != "bundle":  # evaluate the bundle under the other gate policy (DESIGN.md §7)
-        d.engine.gate_cfg["policy"] = a.policy
+    d, x, y = open_eval(a)  # with --policy: the bundle under that gate policy (Defender(policy=…))
     ref = TorchEngine(d.bundle, device="cpu", threads=a.threads)
     for m in ref.models.values():
         m.eval().requires_grad_(False)
@@ -271,7 +269,7 @@ def main() -> None:
         v.pop("_correct", None)
     res = {"bundle_id": d.bundle.bundle_id, "backend": a.backend, "data": str(Path(a.data).resolve()), "site": a.site,
            "split": a.split, "n": int(len(y)), "steps": a.steps, "eot": a.eot, "repeats": a.repeats, "seed": a.seed,
-           "gate": d.bundle.gate, "policy": d.engine.gate_cfg.get("policy", "adaptive"),
+           "gate": d.bundle.gate, "policy": d.policy,
            "purifier_steps": ref.steps, "rows": rows, "wall_s": time.perf_counter() - t0,
            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": a.threads}}
     out = Path(a.out)

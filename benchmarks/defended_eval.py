@@ -88,8 +88,9 @@ def add_eval_args(ap: argparse.ArgumentParser, *, eps: str, steps: int) -> None:
 def open_eval(a: argparse.Namespace) -> tuple[Defender, np.ndarray, np.ndarray]:
     """(Defender, x [N,1,S,S], y [N]) for parsed :func:`add_eval_args` options."""
     torch.set_num_threads(a.threads)
-    d = Defender.load(a.bundle, backend=a.backend, threads=a.threads) if a.bundle else \
-        Defender.default(backend=a.backend, threads=a.threads)
+    policy = None if getattr(a, "policy", "bundle") == "bundle" else a.policy
+    d = Defender.load(a.bundle, backend=a.backend, threads=a.threads, policy=policy) if a.bundle else \
+        Defender.default(backend=a.backend, threads=a.threads, policy=policy)
     x, y = load_split(a.data, a.site, a.split, size=d.image_size)
     return (d, x[:a.limit], y[:a.limit]) if a.limit else (d, x, y)
 

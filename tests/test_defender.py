@@ -342,3 +342,51 @@ def test_close_stops_the_overlap_thread_and_is_idempotent(bundle_path: Path, spl
     b = d.run_array(x, seeds=[3, 4])  # usable again after close
     assert [r.probabilities for r in a] == [r.probabilities for r in b]
     d.close()
+
+
+def test_policy_override(bundle_path: Path, split) -> None:
+    """policy="floor" purifies every scan (t* ≥ t_min); "adaptive" lets unflagged scans through untouched."""
+    x, flagged, _ = split
+    base = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1)
+    assert base.policy == base.bundle.gate["policy"] == "adaptive"
+    t_min = int(base.bundle.gate["t_min"])
+    floor = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1, policy="floor")
+    assert floor.policy == "floor"
+    seeds = list(range(len(x)))
+    rf = floor.run_array(x, seeds=seeds, return_purified=True)
+    ra = base.run_array(x, seeds=seeds, return_purified=True)
+    assert [r.flagged for r in rf] == [r.flagged for r in ra] == list(flagged)  # the flag itself is unchanged
+    for a, f, xi in zip(ra, rf, x, strict=True):
+        assert a.ok and f.ok
+        if a.flagged:
+            assert f.t_star == a.t_star >= t_min
+            np.testing.assert_array_equal(f.purified, a.purified)  # same key, same strength
+        else:
+            assert a.t_star == 0 and f.t_star == t_min
+            np.testing.assert_array_equal(a.purified, xi)
+            assert np.abs(f.purified - xi).max() > 1e-3  # purified at t_min
+    back = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1, policy="adaptive")
+    assert [r.t_star for r in back.run_array(x, seeds=seeds)] == [r.t_star for r in ra]
+
+
+def test_policy_refused_before_any_backend_is_built(bundle_path: Path, monkeypatch) -> None:
+    import medfedpure.defender as dmod
+
+    monkeypatch.setattr(dmod, "create_engine", lambda *a, **k: pytest.fail("backend built"))
+    for bad in ("Floor", "none", 1):
+        with pytest.raises(ValueError, match="policy="):
+            Defender.load(bundle_path, policy=bad)
+
+
+def test_cli_run_policy_floor(bundle_path: Path, tmp_path: Path) -> None:
+    from medfedpure.cli import app
+    from typer.testing import CliRunner
+
+    png = tmp_path / "scan.png"
+    Image.fromarray(_image()).save(png)
+    runner = CliRunner()
+    args = ["run", str(png), "--bundle", str(bundle_path), "--json", "--seed", "5", "--threads", "1"]
+    row = json.loads(runner.invoke(app, [*args, "--policy", "floor"]).output.strip().splitlines()[-1])
+    assert row["status"] == "ok" and row["t_star"] >= 40
+    res = runner.invoke(app, [*args, "--policy", "sometimes"])
+    assert res.exit_code == 2 and "policy=" in res.output

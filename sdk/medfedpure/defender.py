@@ -49,6 +49,7 @@ from medfedpure.engines import Engine, create_engine
 STAGES = ("load", "preprocess", "mae", "gate", "purify", "classify")
 STATUS_OK = "ok"
 STATUS_UNVERIFIED = "unverified"
+POLICIES = ("adaptive", "floor")  # gate policies (DESIGN.md §7)
 _SEED_MAX = (1 << 63) - 1
 
 
@@ -122,6 +123,11 @@ def _check_seed(seed: Any) -> int:
     return int(seed)
 
 
+def _check_policy(policy: Any) -> None:
+    if policy is not None and policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: expected None (the bundle's), {' or '.join(map(repr, POLICIES))}")
+
+
 class _Failures:
     """Per-row failure reasons (first one wins)."""
 
@@ -149,16 +155,22 @@ class Defender:
             about max(detector, classifier) instead of their sum). ``None``: on when the engine
             allows it (``Engine.overlap_classify``: onnxruntime). The Results are the same either
             way (tested); ``latency_ms["classify"]`` is then the wait for the classifier after the gate.
+        policy: the gate policy. ``None`` keeps the bundle's (recorded at calibration). ``"adaptive"``
+            lets unflagged scans skip the purifier. ``"floor"`` purifies every scan at t_min or more,
+            and a flag raises t* further. Against an attacker who shapes perturbations to stay under
+            τ, ``floor`` is the safer choice, at the latency of the purified path
+            (benchmarks/RESULTS.md, "Rung 3 (a)"). Set on the engine, which applies the gate.
     """
 
     def __init__(self, bundle: VerifiedBundle, engine: Engine, *, timeout_s: float | None = 30.0,
-                 overlap: bool | None = None) -> None:
+                 overlap: bool | None = None, policy: str | None = None) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s}: expected a positive number of seconds or None")
         if overlap is not None and not isinstance(overlap, bool):
             raise TypeError(f"overlap={overlap!r}: expected True, False or None")
         if overlap and not engine.overlap_classify:
             raise ValueError(f"overlap=True, but the {engine.name} engine cannot run two stages at once")
+        _check_policy(policy)
         self.bundle = bundle
         self.engine = engine
         self.timeout_s = timeout_s
@@ -166,24 +178,27 @@ class Defender:
         self._pool: ThreadPoolExecutor | None = None
         self.classes = bundle.classes
         self.image_size = bundle.image_size
-        self.policy = bundle.gate.get("policy", "adaptive")
+        if policy is not None:
+            engine.gate_cfg["policy"] = policy
+        self.policy = engine.gate_cfg.get("policy", "adaptive")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "auto", *,
              expected_id: str | None = None, timeout_s: float | None = 30.0, overlap: bool | None = None,
-             **engine_options: Any) -> Defender:
+             policy: str | None = None, **engine_options: Any) -> Defender:
         """Verify the bundle at ``path`` (every hash, before any parser) and build a backend.
 
         Args:
             backend: ``"auto"`` / ``"onnxruntime"`` / ``"torch"`` / ``"tensorrt"``.
             device: ``"auto"`` / ``"cpu"`` / ``"cuda"``.
             expected_id: pin the bundle (sha256 of its manifest, or a ≥ 16-digit prefix).
-            timeout_s, overlap: as in :class:`Defender`.
+            timeout_s, overlap, policy: as in :class:`Defender`.
             engine_options: ``precision``, ``threads``, ``cuda_graphs`` (torch).
         """
         bundle = verify_bundle(path, expected_id=expected_id)
+        _check_policy(policy)  # before any backend is built
         return cls(bundle, create_engine(bundle, backend, device, **engine_options), timeout_s=timeout_s,
-                   overlap=overlap)
+                   overlap=overlap, policy=policy)
 
     @classmethod
     def default(cls, backend: str = "auto", device: str = "auto", **kwargs: Any) -> Defender:

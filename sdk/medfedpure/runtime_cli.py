@@ -15,15 +15,15 @@ BACKEND_HELP = "auto, onnxruntime, torch or tensorrt."
 DEVICE_HELP = "auto, cpu or cuda."
 
 
-def _load(bundle: Path | None, backend: str, device: str, threads: int):
+def _load(bundle: Path | None, backend: str, device: str, threads: int, policy: str | None = None):
     from medfedpure.bundle import BundleError
     from medfedpure.defender import Defender
     from medfedpure.engines import EngineError
 
     try:
         if bundle is None:
-            return Defender.default(backend, device, threads=threads)
-        return Defender.load(bundle, backend, device, threads=threads)
+            return Defender.default(backend, device, threads=threads, policy=policy)
+        return Defender.load(bundle, backend, device, threads=threads, policy=policy)
     except (BundleError, EngineError, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
@@ -37,6 +37,8 @@ def run_command(
     seed: int | None = typer.Option(None, min=0, help="Purification RNG key (default: a fresh one per scan)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON Result per line (the audit format)."),
     threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
+    policy: str | None = typer.Option(None, help="Gate policy: adaptive (unflagged scans skip the purifier) or "
+                                                 "floor (every scan purified); default: the bundle's."),
 ) -> None:
     """Classify scans with the guarded pipeline; exit code 1 if any scan is unverified, 2 on bad input."""
     from rich.console import Console
@@ -44,8 +46,9 @@ def run_command(
 
     from medfedpure.scan import ScanError
 
-    d = _load(bundle, backend, device, threads)
-    table = Table(title=f"medfedpure · bundle {d.bundle.short_id} · {d.engine.describe()['backend']}")
+    d = _load(bundle, backend, device, threads, policy)
+    table = Table(title=f"medfedpure · bundle {d.bundle.short_id} · {d.engine.describe()['backend']} · "
+                        f"policy {d.policy}")
     for col in ("scan", "label", "p(tumor)", "flagged", "score", "t*", "status", "ms"):
         table.add_column(col)
     any_unverified = False
