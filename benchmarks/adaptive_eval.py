@@ -25,6 +25,11 @@ last one that was both under 0.95 τ and misclassified, else the last. Rung 3 (b
 after purification, is rung 2's objective; the "rung 3 worst" row counts a scan correct in a run only
 when the Defender is right on both its rung-2 and its rung-3a scan in that run.
 
+Rung 6, transfer (``--surrogate W.safetensors``, a classifier trained independently, e.g. another seed
+of the same recipe): (a) PGD on the surrogate alone, (b) the band-limited evasion with the surrogate's
+gradients and the tissue patches taken from the image itself (no deployed weights at all). EVALUATION.md's
+sanity check: the white-box rungs must be at least as strong as these.
+
 Evaluation: the real Defender (``--backend``, onnxruntime by default) on the final adversarial scans,
 ``--repeats`` times with fresh purification keys: mean defended accuracy and the worst case per scan
 over the repeats (rung 5). The same scans attacked with rung-1 PGD (classifier only) are reported beside
@@ -32,7 +37,7 @@ it. Sanity check of EVALUATION.md: ``--eps 255`` (unbounded) must drive defended
 
 Usage:
     python benchmarks/adaptive_eval.py --data D --site K --bundle B [--eps 8] [--steps 100] [--eot 10]
-        [--limit N] [--repeats 5] [--rungs 1,2,3] --out DIR
+        [--limit N] [--repeats 5] [--rungs 1,2,3,6 --surrogate W.safetensors] [--policy floor] --out DIR
 Writes DIR/adaptive_eval.json and prints a table.
 """
 
@@ -195,6 +200,35 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     return final, {"evading_and_wrong_during_attack": float(found.float().mean()), "evasion_factor": factor}
 
 
+def transfer_evasion(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
+                     patch: int, m: int, tau: float, factor: int = 2, margin: float = 0.05) -> torch.Tensor:
+    """Rung 6 (b): :func:`evasion_pgd` with no deployed weights — the surrogate's gradients, the gate's
+    statistic on the m patches of highest image intensity (the attacker's stand-in for the MAE's tissue map)
+    and τ as published in the bundle's manifest."""
+    s = x.shape[-1]
+    alpha = 2.5 * eps / steps
+    eta = torch.zeros(len(x), 1, s // factor, s // factor)
+    level = x[:, 0].unfold(1, patch, patch).unfold(2, patch, patch).mean(dim=(-1, -2)).reshape(len(x), -1)
+    sel = torch.from_numpy(np.argsort(-level.numpy(), axis=1, kind="stable")[:, :m])
+
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+
+    for _ in range(steps):
+        ev = eta.clone().requires_grad_(True)
+        xv = (x + F.interpolate(ev, scale_factor=float(factor), mode="bilinear", align_corners=False)).clamp(0, 1)
+        ce = F.nll_loss(torch.log(surrogate(xv).clamp_min(1e-12)), y, reduction="none")
+        score = hfratio_torch(xv, sel, patch)
+        g_ce, = torch.autograd.grad(ce.sum(), ev, retain_graph=True)
+        g_sc, = torch.autograd.grad(score.sum(), ev)
+        with torch.no_grad():
+            under = score < tau * (1 - margin)
+            direction = torch.where(under[:, None, None, None], unit(g_ce), -unit(g_sc) + 0.5 * unit(g_ce))
+            eta = (eta + alpha * direction.sign()).clamp(-eps, eps)
+    with torch.no_grad():
+        return (x + F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)).clamp(0, 1)
+
+
 def defended(d: Defender, x: np.ndarray, y: np.ndarray, repeats: int, seed: int) -> dict[str, float]:
     """Accuracy of the real Defender over ``repeats`` runs with fresh keys: mean, worst case per scan.
     ``_correct`` ([repeats, N] bool, not serialised) lets rows be combined per scan and run."""
@@ -216,15 +250,19 @@ def main() -> None:
     add_eval_args(ap, eps="8", steps=100)  # EVALUATION.md: ≥ 100 steps
     ap.add_argument("--eot", type=int, default=10, help="noise draws per step (EVALUATION.md: ≥ 10)")
     ap.add_argument("--repeats", type=int, default=5, help="Defender runs per adversarial scan (fresh keys)")
-    ap.add_argument("--rungs", default="1,2,3", help="which rungs to run (comma list of 1, 2, 3)")
+    ap.add_argument("--rungs", default="1,2,3", help="which rungs to run (comma list of 1, 2, 3, 6)")
+    ap.add_argument("--surrogate", default=None,
+                    help="rung 6: safetensors weights of an independently trained classifier (the transfer source)")
     ap.add_argument("--policy", choices=["bundle", "adaptive", "floor"], default="bundle",
                     help="gate policy of the evaluated Defender (bundle: the one it was calibrated with)")
     ap.add_argument("--evasion-factor", type=int, default=2,
                     help="rung 3a: the perturbation is bilinearly upsampled from a grid this many times coarser")
     a = ap.parse_args()
     rungs = {int(r) for r in a.rungs.split(",")}
-    if not rungs or not rungs <= {1, 2, 3}:
-        raise SystemExit(f"--rungs {a.rungs!r}: expected a comma list of 1, 2 and 3")
+    if not rungs or not rungs <= {1, 2, 3, 6}:
+        raise SystemExit(f"--rungs {a.rungs!r}: expected a comma list of 1, 2, 3 and 6")
+    if (6 in rungs) != (a.surrogate is not None):
+        raise SystemExit("rung 6 (transfer) and --surrogate go together")
     d, x, y = open_eval(a)  # with --policy: the bundle under that gate policy (Defender(policy=…))
     ref = TorchEngine(d.bundle, device="cpu", threads=a.threads)
     for m in ref.models.values():
@@ -265,10 +303,28 @@ def main() -> None:
                 rows[f"rung3 worst of (a) and (b) = rung 2, per scan {eps_255:g}"] = {
                     "undefended_acc": min(und2, und3), **summarise(both),
                     "flag_rate": None, "_correct": both}
+        if 6 in rungs:
+            from medfedpure.engines.torch_engine import model_from_bytes
+
+            sur = model_from_bytes(Path(a.surrogate).read_bytes())[0].eval().requires_grad_(False)
+            g = d.engine.gate_cfg
+            with torch.no_grad():
+                sur_clean = float((sur(xt).argmax(1) == yt).float().mean())
+            xa6 = pgd_linf(sur, xt, yt, eps, steps=a.steps, generator=torch.Generator().manual_seed(a.seed))
+            xb6 = transfer_evasion(sur, xt, yt, eps, steps=a.steps, patch=int(g["patch"]),
+                                   m=int(g.get("topk", 0)) or d.engine.visible.shape[1] // 2, tau=float(g["tau"]),
+                                   factor=a.evasion_factor)
+            for name, xa in ((f"rung6a transfer pgd-{a.steps} {eps_255:g}", xa6),
+                             (f"rung6b transfer evasion pgd-{a.steps} {eps_255:g}", xb6)):
+                with torch.no_grad():
+                    und = float((clf(xa).argmax(1) == yt).float().mean())
+                rows[name] = {"undefended_acc": und, **defended(d, xa.numpy(), y, a.repeats, a.seed),
+                              "surrogate_clean_acc": sur_clean}
     for v in rows.values():
         v.pop("_correct", None)
     res = {"bundle_id": d.bundle.bundle_id, "backend": a.backend, "data": str(Path(a.data).resolve()), "site": a.site,
            "split": a.split, "n": int(len(y)), "steps": a.steps, "eot": a.eot, "repeats": a.repeats, "seed": a.seed,
+           "surrogate": a.surrogate,
            "gate": d.bundle.gate, "policy": d.policy,
            "purifier_steps": ref.steps, "rows": rows, "wall_s": time.perf_counter() - t0,
            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": a.threads}}

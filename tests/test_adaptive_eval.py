@@ -126,3 +126,17 @@ def test_evasion_under_the_floor_policy_goes_through_the_purifier(ae, setup) -> 
     g["policy"] = "adaptive"  # nothing flagged → no purification in the loss → another attack
     c, _ = ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, eot=2, seed=3, progress=False)
     assert not torch.equal(a, c)
+
+
+def test_transfer_evasion_uses_only_the_surrogate(ae, setup) -> None:
+    """Rung 6 (b): in the ball, deterministic, and a function of the surrogate alone (no Defender)."""
+    _, ref, x, y = setup
+    sur = ref.models["classifier"]
+    kw = dict(steps=4, patch=8, m=8, tau=1.0, factor=2)
+    a = ae.transfer_evasion(sur, x, y, 8 / 255, **kw)
+    assert torch.equal(a, ae.transfer_evasion(sur, x, y, 8 / 255, **kw))
+    assert float((a - x).abs().max()) <= 8 / 255 + 1e-6 and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert float((a - x).abs().max()) > 8 / 255 / 4
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2), torch.nn.Softmax(dim=1))
+    torch.nn.init.constant_(other[1].weight, 0.01)
+    assert not torch.equal(a, ae.transfer_evasion(other, x, y, 8 / 255, **kw))  # another surrogate, another attack
