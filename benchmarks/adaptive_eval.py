@@ -159,10 +159,13 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
         return F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)
 
     def probs(xv: torch.Tensor, ts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Mean over ``eot`` purifier draws of the classifier's probabilities (no draw when no t* > 0)."""
-        if not bool((ts > 0).any()):
+        """The classifier's probabilities, averaged over ``eot`` purifier draws for the rows with t* > 0."""
+        rows = torch.nonzero(ts > 0).flatten()
+        if len(rows) == 0:
             return clf(xv)
-        return sum(clf(purify(den, xv, ts, k, generator=gen, schedule=sched)) for _ in range(eot)) / eot
+        xp = xv[rows]
+        pur = sum(clf(purify(den, xp, ts[rows], k, generator=gen, schedule=sched)) for _ in range(eot)) / eot
+        return clf(xv).index_put((rows,), pur)
 
     gen = torch.Generator().manual_seed(seed)
     alpha = 2.5 * eps / steps
