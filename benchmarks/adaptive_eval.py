@@ -25,6 +25,11 @@ last one that was both under 0.95 τ and misclassified, else the last. Rung 3 (b
 after purification, is rung 2's objective; the "rung 3 worst" row counts a scan correct in a run only
 when the Defender is right on both its rung-2 and its rung-3a scan in that run.
 
+Rung 4 (``--rungs`` includes 4): APGD-CE with EOT from ``torchattacks`` (an independent implementation)
+on the whole pipeline, wrapped as one module (:class:`PipelineModule`). AutoAttack's randomized-defence
+version would add APGD-DLR and APGD-T, whose DLR loss needs at least three classes; this classifier
+has two, so APGD-CE with EOT is what it reduces to here.
+
 Rung 6, transfer (``--surrogate W.safetensors``, a classifier trained independently, e.g. another seed
 of the same recipe): (a) PGD on the surrogate alone, (b) the band-limited evasion with the surrogate's
 gradients and the tissue patches taken from the image itself (no deployed weights at all). EVALUATION.md's
@@ -37,7 +42,7 @@ it. Sanity check of EVALUATION.md: ``--eps 255`` (unbounded) must drive defended
 
 Usage:
     python benchmarks/adaptive_eval.py --data D --site K --bundle B [--eps 8] [--steps 100] [--eot 10]
-        [--limit N] [--repeats 5] [--rungs 1,2,3,6 --surrogate W.safetensors] [--policy floor] --out DIR
+        [--limit N] [--repeats 5] [--rungs 1,2,3,4,6 --surrogate W.safetensors] [--policy floor] --out DIR
 Writes DIR/adaptive_eval.json and prints a table.
 """
 
@@ -203,6 +208,38 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     return final, {"evading_and_wrong_during_attack": float(found.float().mean()), "evasion_factor": factor}
 
 
+class PipelineModule(torch.nn.Module):
+    """The defended pipeline as one torch module for attack libraries: log-probabilities of
+    classifier(purify(x, t*(x))), t* from the deployed gate (held constant, no gradient through it),
+    fresh purifier noise on every call (so a library's EOT averages over it)."""
+
+    def __init__(self, d: Defender, ref: TorchEngine, seed: int) -> None:
+        super().__init__()
+        self.d = d
+        self.clf, self.den = ref.models["classifier"], ref.models["denoiser"]
+        self.sched, self.k = ref.schedule, ref.steps
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ts = torch.from_numpy(gate_t_star(self.d, x.detach().numpy()))
+        rows = torch.nonzero(ts > 0).flatten()
+        p = self.clf(x)
+        if len(rows):
+            xp = purify(self.den, x[rows], ts[rows], self.k, generator=self.gen, schedule=self.sched)
+            p = p.index_put((rows,), self.clf(xp))
+        return torch.log(p.clamp_min(1e-12))
+
+
+def apgd_pipeline(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
+                  eot: int, seed: int) -> torch.Tensor:
+    """Rung 4: torchattacks' APGD-CE with ``eot`` draws per step on :class:`PipelineModule`."""
+    import torchattacks
+
+    atk = torchattacks.APGD(PipelineModule(d, ref, seed).eval(), norm="Linf", eps=eps, steps=steps, n_restarts=1,
+                            seed=seed, loss="ce", eot_iter=eot)
+    return atk(x, y).detach()
+
+
 def transfer_evasion(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
                      patch: int, m: int, tau: float, factor: int = 2, margin: float = 0.05) -> torch.Tensor:
     """Rung 6 (b): :func:`evasion_pgd` with no deployed weights — the surrogate's gradients, the gate's
@@ -253,7 +290,7 @@ def main() -> None:
     add_eval_args(ap, eps="8", steps=100)  # EVALUATION.md: ≥ 100 steps
     ap.add_argument("--eot", type=int, default=10, help="noise draws per step (EVALUATION.md: ≥ 10)")
     ap.add_argument("--repeats", type=int, default=5, help="Defender runs per adversarial scan (fresh keys)")
-    ap.add_argument("--rungs", default="1,2,3", help="which rungs to run (comma list of 1, 2, 3, 6)")
+    ap.add_argument("--rungs", default="1,2,3", help="which rungs to run (comma list of 1, 2, 3, 4, 6)")
     ap.add_argument("--surrogate", default=None,
                     help="rung 6: safetensors weights of an independently trained classifier (the transfer source)")
     ap.add_argument("--policy", choices=["bundle", "adaptive", "floor"], default="bundle",
@@ -262,8 +299,8 @@ def main() -> None:
                     help="rung 3a: the perturbation is bilinearly upsampled from a grid this many times coarser")
     a = ap.parse_args()
     rungs = {int(r) for r in a.rungs.split(",")}
-    if not rungs or not rungs <= {1, 2, 3, 6}:
-        raise SystemExit(f"--rungs {a.rungs!r}: expected a comma list of 1, 2, 3 and 6")
+    if not rungs or not rungs <= {1, 2, 3, 4, 6}:
+        raise SystemExit(f"--rungs {a.rungs!r}: expected a comma list of 1, 2, 3, 4 and 6")
     if (6 in rungs) != (a.surrogate is not None):
         raise SystemExit("rung 6 (transfer) and --surrogate go together")
     d, x, y = open_eval(a)  # with --policy: the bundle under that gate policy (Defender(policy=…))
@@ -306,6 +343,15 @@ def main() -> None:
                 rows[f"rung3 worst of (a) and (b) = rung 2, per scan {eps_255:g}"] = {
                     "undefended_acc": min(und2, und3), **summarise(both),
                     "flag_rate": None, "_correct": both}
+        if 4 in rungs:
+            ts = time.perf_counter()
+            xa4 = apgd_pipeline(d, ref, xt, yt, eps, steps=a.steps, eot=a.eot, seed=a.seed)
+            assert float((xa4 - xt).abs().max()) <= eps + 1e-6, "torchattacks left the ℓ∞ ball"
+            with torch.no_grad():
+                und4 = float((clf(xa4).argmax(1) == yt).float().mean())
+            rows[f"rung4 apgd-ce-{a.steps} eot-{a.eot} (torchattacks) {eps_255:g}"] = {
+                "undefended_acc": und4, **defended(d, xa4.numpy(), y, a.repeats, a.seed),
+                "attack_s": time.perf_counter() - ts}
         if 6 in rungs:
             from medfedpure.engines.torch_engine import model_from_bytes
 

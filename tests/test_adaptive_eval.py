@@ -140,3 +140,22 @@ def test_transfer_evasion_uses_only_the_surrogate(ae, setup) -> None:
     other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 2), torch.nn.Softmax(dim=1))
     torch.nn.init.constant_(other[1].weight, 0.01)
     assert not torch.equal(a, ae.transfer_evasion(other, x, y, 8 / 255, **kw))  # another surrogate, another attack
+
+
+def test_pipeline_module_and_torchattacks_apgd(ae, setup) -> None:
+    """Rung 4: the wrapped pipeline gives the classifier's answer on unpurified rows and a purified answer
+    on the others; torchattacks' APGD on it stays in the ℓ∞ ball."""
+    d, ref, x, y = setup
+    mod = ae.PipelineModule(d, ref, seed=0)
+    ts = ae.gate_t_star(d, x.numpy())
+    assert 0 < (ts > 0).sum() < len(ts)  # the tiny bundle's τ sits among these scans' scores: both paths
+    with torch.no_grad():
+        logp = mod(x)
+        plain = torch.log(ref.models["classifier"](x).clamp_min(1e-12))
+    assert logp.shape == (len(x), 2) and torch.allclose(logp.exp().sum(1), torch.ones(len(x)), atol=1e-5)
+    keep = torch.from_numpy(ts == 0)
+    torch.testing.assert_close(logp[keep], plain[keep])
+    assert not torch.allclose(logp[~keep], plain[~keep])
+    xa = ae.apgd_pipeline(d, ref, x, y, 4 / 255, steps=3, eot=2, seed=0)
+    assert xa.shape == x.shape and float((xa - x).abs().max()) <= 4 / 255 + 1e-6
+    assert float(xa.min()) >= 0 and float(xa.max()) <= 1
