@@ -35,6 +35,8 @@ def session(model: str | bytes, threads: int, level: str = "ORT_ENABLE_ALL", bat
     if batch1:
         so.add_free_dimension_override_by_name("batch", 1)
     so.enable_profiling = profile
+    if profile:  # the profile JSON goes to a temporary folder, not the working directory
+        so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort_profile")
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
