@@ -76,7 +76,7 @@ def gate_t_star(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
     out = []
     for i in range(0, len(x), batch):
         xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
-        g = d.engine.gate(d.engine.to_native(xb), d.engine.mae(d.engine.to_native(xb)))
+        g = d.engine.gate(d.engine.to_native(xb), d.engine.mae(d.engine.to_native(xb)), policy=d.policy)
         out.append(d.engine.to_numpy(g.t_star).astype(np.int64))
     return np.concatenate(out)
 

@@ -113,9 +113,9 @@ def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> Non
 
 def test_evasion_under_the_floor_policy_goes_through_the_purifier(ae, setup) -> None:
     _, ref, x, y = setup
-    d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1)
+    d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1, policy="floor")
     g = d.engine.gate_cfg
-    g.update(stat="hfratio", topk=8, policy="floor", tau=10.0, tau_high=20.0)  # nothing flagged, all purified
+    g.update(stat="hfratio", topk=8, tau=10.0, tau_high=20.0)  # nothing flagged; floor: all purified
     assert (ae.gate_t_star(d, x.numpy()) == int(g["t_min"])).all()
     a, st = ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, eot=2, seed=3, progress=False)
     b, _ = ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, eot=2, seed=3, progress=False)
@@ -123,8 +123,8 @@ def test_evasion_under_the_floor_policy_goes_through_the_purifier(ae, setup) -> 
     assert float((a - x).abs().max()) <= 8 / 255 + 1e-6
     r = ae.defended(d, a.numpy(), y.numpy(), repeats=1, seed=0)
     assert r["flag_rate"] == 0.0 and r["_correct"].shape == (1, len(x))
-    g["policy"] = "adaptive"  # nothing flagged → no purification in the loss → another attack
-    c, _ = ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, eot=2, seed=3, progress=False)
+    adaptive = Defender(d.bundle, d.engine, policy="adaptive")  # nothing flagged → no purification in the loss
+    c, _ = ae.evasion_pgd(adaptive, ref, x, y, 8 / 255, steps=2, eot=2, seed=3, progress=False)
     assert not torch.equal(a, c)
 
 

@@ -367,6 +367,11 @@ def test_policy_override(bundle_path: Path, split) -> None:
             assert np.abs(f.purified - xi).max() > 1e-3  # purified at t_min
     back = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1, policy="adaptive")
     assert [r.t_star for r in back.run_array(x, seeds=seeds)] == [r.t_star for r in ra]
+    # the policy travels with each gate call: an engine shared by two Defenders is not changed
+    shared = Defender(base.bundle, base.engine, policy="floor")
+    assert base.engine.gate_cfg["policy"] == "adaptive" and base.policy == "adaptive" and shared.policy == "floor"
+    assert [r.t_star for r in shared.run_array(x, seeds=seeds)] == [r.t_star for r in rf]
+    assert [r.t_star for r in base.run_array(x, seeds=seeds)] == [r.t_star for r in ra]
 
 
 def test_policy_refused_before_any_backend_is_built(bundle_path: Path, monkeypatch) -> None:

@@ -159,7 +159,7 @@ class Defender:
             lets unflagged scans skip the purifier. ``"floor"`` purifies every scan at t_min or more,
             and a flag raises t* further. Against an attacker who shapes perturbations to stay under
             τ, ``floor`` is the safer choice, at the latency of the purified path
-            (benchmarks/RESULTS.md, "Rung 3 (a)"). Set on the engine, which applies the gate.
+            (benchmarks/RESULTS.md, "Rung 3 (a)"). Passed to every gate call; the engine is not changed.
     """
 
     def __init__(self, bundle: VerifiedBundle, engine: Engine, *, timeout_s: float | None = 30.0,
@@ -178,9 +178,7 @@ class Defender:
         self._pool: ThreadPoolExecutor | None = None
         self.classes = bundle.classes
         self.image_size = bundle.image_size
-        if policy is not None:
-            engine.gate_cfg["policy"] = policy
-        self.policy = engine.gate_cfg.get("policy", "adaptive")
+        self._policy = policy  # None: the engine's calibrated gate policy
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "auto", *,
@@ -207,6 +205,11 @@ class Defender:
         if not (Path(path) / "manifest.json").is_file():
             raise FileNotFoundError(f"the embedded default bundle is missing at {path}: run `make bundle`")
         return cls.load(path, backend, device, **kwargs)
+
+    @property
+    def policy(self) -> str:
+        """The gate policy in force: the one given to the Defender, else the bundle's calibrated one."""
+        return self._policy or self.engine.gate_cfg.get("policy", "adaptive")
 
     def close(self) -> None:
         """Stop the speculative-classification thread (idempotent; a later run starts it again)."""
@@ -311,7 +314,7 @@ class Defender:
         if recon is not None and not timed_out("mae"):
             ts = time.perf_counter()
             try:
-                g = eng.gate(xn, recon, return_patch_err=return_patch_error)
+                g = eng.gate(xn, recon, return_patch_err=return_patch_error, policy=self._policy)
                 t_star_native = g.t_star
                 score = eng.to_numpy(g.score).astype(np.float64)
                 flag = eng.to_numpy(g.flag).astype(bool)

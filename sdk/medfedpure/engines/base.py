@@ -192,14 +192,15 @@ class Engine(ABC):
     def classify(self, x: Any) -> Any:
         """x [B,1,S,S] in [0,1] → probs [B,C]."""
 
-    def gate(self, x: Any, recon: Any, *, return_patch_err: bool = False) -> GateResult:
+    def gate(self, x: Any, recon: Any, *, return_patch_err: bool = False, policy: str | None = None) -> GateResult:
         """The fused gate (medfedpure.ops.patch_gate) with the bundle's calibration.
 
         Statistics that ``medfedpure.ops`` does not (yet) implement as a kernel (e.g. ``hfratio``)
         run on the host through ``medfedpure.train.scores.gate_scores`` — the function the
-        calibration used — with the gate's decision rule (:func:`decide`).
+        calibration used — with the gate's decision rule (:func:`decide`). ``policy`` overrides the
+        calibrated policy for this call (``"adaptive"`` / ``"floor"``; None: the bundle's).
         """
-        g = self.gate_cfg
+        g = self.gate_cfg if policy is None else {**self.gate_cfg, "policy": policy}
         if g.get("stat", "mean") not in OPS_STATS:
             r = host_gate(self.to_numpy(x), self.to_numpy(recon), self.visible, g, return_patch_err=return_patch_err)
             return GateResult(*(None if a is None else self.to_native(a) for a in r))
