@@ -62,7 +62,7 @@ from medfedpure import Defender
 from medfedpure.attacks.pgd import pgd_linf
 from medfedpure.engines.torch_engine import TorchEngine
 from medfedpure.models.diffusion import purify
-from medfedpure.train.scores import _hidden_mean, _patches
+from medfedpure.train import scores
 from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
@@ -115,8 +115,7 @@ def tissue_patches(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
     for i in range(0, len(x), batch):
         xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
         recon = d.engine.to_numpy(d.engine.mae(d.engine.to_native(xb)))
-        w = _hidden_mean(_patches(recon, int(g["patch"])).mean(axis=(-1, -2)), vis)
-        out.append(np.argsort(-w, axis=1, kind="stable")[:, :m])
+        out.append(scores.tissue_patches(recon, vis, patch=int(g["patch"]), m=m))
     return np.concatenate(out)
 
 
@@ -132,6 +131,24 @@ def hfratio_torch(x: torch.Tensor, sel: torch.Tensor, patch: int) -> torch.Tenso
     v = torch.gather(e, 1, sel).sort(dim=1).values
     m = v.shape[1]
     return v[:, m // 2] if m % 2 else (v[:, m // 2 - 1] + v[:, m // 2]) / 2
+
+
+def band_limited(eta: torch.Tensor, factor: int) -> torch.Tensor:
+    """δ = bilinear upsampling (× ``factor``) of the coarse perturbation η; ‖δ‖∞ ≤ ‖η‖∞ (convex weights)."""
+    if factor == 1:
+        return eta
+    return F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)
+
+
+def evasion_step(eta: torch.Tensor, under: torch.Tensor, g_loss: torch.Tensor, g_score: torch.Tensor,
+                 alpha: float, eps: float) -> torch.Tensor:
+    """One sign step on η: lower the gate's score where it is still too high (keeping half the loss
+    direction), raise the loss where the scan is already under the threshold; gradients per-scan normalised."""
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+
+    direction = torch.where(under[:, None, None, None], unit(g_loss), -unit(g_score) + 0.5 * unit(g_loss))
+    return (eta + alpha * direction.sign()).clamp(-eps, eps)
 
 
 def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
@@ -158,11 +175,6 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     if s % factor:
         raise SystemExit(f"--evasion-factor {factor} must divide the image size {s}")
 
-    def delta(eta: torch.Tensor) -> torch.Tensor:
-        if factor == 1:
-            return eta
-        return F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)
-
     def probs(xv: torch.Tensor, ts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The classifier's probabilities, averaged over ``eot`` purifier draws for the rows with t* > 0."""
         rows = torch.nonzero(ts > 0).flatten()
@@ -180,12 +192,12 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     bar = tqdm(range(steps + 1), desc=f"evasion PGD ε={eps * 255:g}/255 ×{factor}", disable=not progress)
     for step in bar:
         with torch.no_grad():
-            x_adv = (x + delta(eta)).clamp(0, 1)
+            x_adv = (x + band_limited(eta, factor)).clamp(0, 1)
         xa_np = x_adv.numpy()
         sel = torch.from_numpy(tissue_patches(d, xa_np))
         ts = torch.from_numpy(gate_t_star(d, xa_np))
         ev = eta.clone().requires_grad_(True)
-        xv = (x + delta(ev)).clamp(0, 1)
+        xv = (x + band_limited(ev, factor)).clamp(0, 1)
         p = probs(xv, ts, gen)
         ce = F.nll_loss(torch.log(p.clamp_min(1e-12)), y, reduction="none")
         score = hfratio_torch(xv, sel, patch)
@@ -198,12 +210,7 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
             bar.set_postfix(under=f"{under.float().mean():.2f}", evading_and_wrong=f"{found.float().mean():.2f}")
             if step == steps:
                 break
-
-            def unit(v: torch.Tensor) -> torch.Tensor:
-                return v / v.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-
-            direction = torch.where(under[:, None, None, None], unit(g_ce), -unit(g_sc) + 0.5 * unit(g_ce))
-            eta = (eta + alpha * direction.sign()).clamp(-eps, eps)
+            eta = evasion_step(eta, under, g_ce, g_sc, alpha, eps)
     final = torch.where(found[:, None, None, None], best, x_adv)
     return final, {"evading_and_wrong_during_attack": float(found.float().mean()), "evasion_factor": factor}
 
@@ -248,25 +255,19 @@ def transfer_evasion(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     s = x.shape[-1]
     alpha = 2.5 * eps / steps
     eta = torch.zeros(len(x), 1, s // factor, s // factor)
-    level = x[:, 0].unfold(1, patch, patch).unfold(2, patch, patch).mean(dim=(-1, -2)).reshape(len(x), -1)
-    sel = torch.from_numpy(np.argsort(-level.numpy(), axis=1, kind="stable")[:, :m])
-
-    def unit(v: torch.Tensor) -> torch.Tensor:
-        return v / v.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-
+    # the image itself as the "reconstruction" of one set hiding every patch
+    sel = torch.from_numpy(scores.tissue_patches(x.numpy(), np.zeros((1, (s // patch) ** 2), bool), patch=patch, m=m))
     for _ in range(steps):
         ev = eta.clone().requires_grad_(True)
-        xv = (x + F.interpolate(ev, scale_factor=float(factor), mode="bilinear", align_corners=False)).clamp(0, 1)
+        xv = (x + band_limited(ev, factor)).clamp(0, 1)
         ce = F.nll_loss(torch.log(surrogate(xv).clamp_min(1e-12)), y, reduction="none")
         score = hfratio_torch(xv, sel, patch)
         g_ce, = torch.autograd.grad(ce.sum(), ev, retain_graph=True)
         g_sc, = torch.autograd.grad(score.sum(), ev)
         with torch.no_grad():
-            under = score < tau * (1 - margin)
-            direction = torch.where(under[:, None, None, None], unit(g_ce), -unit(g_sc) + 0.5 * unit(g_ce))
-            eta = (eta + alpha * direction.sign()).clamp(-eps, eps)
+            eta = evasion_step(eta, score < tau * (1 - margin), g_ce, g_sc, alpha, eps)
     with torch.no_grad():
-        return (x + F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)).clamp(0, 1)
+        return (x + band_limited(eta, factor)).clamp(0, 1)
 
 
 def defended(d: Defender, x: np.ndarray, y: np.ndarray, repeats: int, seed: int) -> dict[str, float]:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["gate_scores", "hfratio_scores", "STATS", "WHITE_RATIO"]
+__all__ = ["gate_scores", "hfratio_scores", "tissue_patches", "STATS", "WHITE_RATIO"]
 
 STATS = ("mean", "topk", "hfratio")
 _EPS = np.float32(1e-6)
@@ -94,13 +94,18 @@ def hfratio_scores(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, *, pat
         h, d = _hidden_mean(h, visible), _hidden_mean(d, visible)
     else:
         h, d = h[:, 0], d[:, 0]
-    w = _hidden_mean(rp.mean(axis=(-1, -2)), visible)
     e = (h / (d + _EPS)).astype(np.float32)
     m = max(1, int(round(tissue_fraction * e.shape[1])))
-    order = np.argsort(-w, axis=1, kind="stable")[:, :m]
-    sel = np.take_along_axis(e, order, axis=1)
+    sel = np.take_along_axis(e, tissue_patches(rf, visible, patch=patch, m=m), axis=1)
     score = np.median(sel, axis=1) if aggregate == "median" else sel.mean(axis=1)
     return score.astype(np.float32), e
+
+
+def tissue_patches(recon: np.ndarray, visible: np.ndarray, *, patch: int, m: int) -> np.ndarray:
+    """Indices ``[B, m]`` of the patches ``hfratio`` scores: the m with the largest tissue level w (mean of
+    ``recon [B,K,S,S]`` over each patch and the sets hiding it), ties to the lower patch index."""
+    w = _hidden_mean(_patches(np.asarray(recon, np.float32), patch).mean(axis=(-1, -2)), np.asarray(visible, bool))
+    return np.argsort(-w, axis=1, kind="stable")[:, :m]
 
 
 def gate_scores(x: Any, recon: Any, visible: Any, *, patch: int, stat: str = "mean", topk: int = 0,
