@@ -412,3 +412,16 @@ def test_large_file_truncation_found_from_header(tmp_path, monkeypatch) -> None:
 def test_dicom_too_small_refused() -> None:
     with pytest.raises(ScanTooSmallError, match="10×10"):
         load_scan(_path("rtdose_1frame.dcm"))  # a 10 x 10 dose grid
+
+
+def test_refuse_a_transfer_syntax_without_any_decoder() -> None:
+    # pydicom's get_decoder raises NotImplementedError for a syntax it has no decoder class for
+    # (here a private UID); load_scan turns that into a typed refusal naming the syntax.
+    from pydicom.uid import UID
+
+    ds = _ds()
+    ds.file_meta.TransferSyntaxUID = UID("1.2.826.0.1.3680043.9.9999.1")
+    with pytest.raises(NotImplementedError):
+        get_decoder(ds.file_meta.TransferSyntaxUID)
+    with pytest.raises(ScanCompressionError, match=r"1\.2\.826\.0\.1\.3680043\.9\.9999\.1.*no pixel data decoder"):
+        load_scan(ds)
