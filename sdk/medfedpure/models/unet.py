@@ -20,6 +20,13 @@ DDPM-style UNet (Ho et al. 2020, App. B) with GroupNorm, SiLU, sinusoidal time e
 every residual block, strided-conv downsampling and nearest-neighbour upsampling. No attention:
 at the noise levels the purifier uses, denoising is local, and convolutions are cheap on CPU.
 
+With ``unshuffle = r > 1`` the UNet works on the scan's r² polyphase sub-images at 1/r resolution
+(pixel unshuffle in, pixel shuffle out), as FFDNet does (Zhang, Zuo & Zhang 2018, "FFDNet: Toward a
+Fast and Flexible Solution for CNN-Based Image Denoising", IEEE TIP 27(9), §III-B). The rearrangement
+is lossless (a permutation of pixels) and quadruples the receptive field per layer; with the same
+channel widths it cuts the convolutions' work by r², which is what the flagged path's latency is made
+of (benchmarks/RESULTS.md: ≈ 2.3× faster in onnxruntime and torch alike at r = 2).
+
 Export-clean: static shapes, no ``.item()``, no data-dependent Python branches; ᾱ(t) comes from a
 buffer by floor/gather/lerp, so ``(x_t, t)`` exports to ONNX (dynamo exporter, opset 20).
 """
@@ -42,12 +49,14 @@ __all__ = ["UNetConfig", "UNet", "timestep_embedding"]
 class UNetConfig:
     """Architecture and noise schedule of the purifier's UNet (teacher and student alike).
 
-    The defaults are the ``small`` preset (375 k parameters; one call ≈ 8 ms in onnxruntime on 2 CPU
-    cores at 128 px, batch 1). Base width 16 (1.43 M parameters) took 23 ms per call, which the
-    flagged-path budget (60 ms for MAE + K denoiser calls + classifier) does not allow.
+    The ``small`` preset (the default bundle's) is these defaults with ``unshuffle = 2``: 375 k
+    parameters, one call ≈ 5 ms in onnxruntime on 2 CPU cores at 128 px, batch 1 (≈ 12 ms at full
+    resolution, ``unshuffle = 1``). Base width 16 at full resolution (1.43 M parameters) took 23 ms
+    per call, which the flagged-path budget (60 ms for MAE + K denoiser calls + classifier) does not
+    allow. ``unshuffle`` defaults to 1 so that configurations saved before it existed load unchanged.
     """
 
-    image_size: int = 128  # S: side of the square input; must divide by 2**(levels − 1)
+    image_size: int = 128  # S: side of the square input; must divide by unshuffle · 2**(levels − 1)
     in_channels: int = 1  # grey scans
     base_channels: int = 8  # channels at full resolution
     channel_mults: tuple[int, ...] = (1, 2, 4, 8)  # one entry per resolution level
@@ -58,6 +67,7 @@ class UNetConfig:
     sigma_data: float = 0.5  # EDM σ_data: std of the data in [−1, 1] space
     schedule: str = "cosine"  # DDPM β schedule the model is trained with
     num_timesteps: int = 1000  # T
+    unshuffle: int = 1  # r: the UNet runs on the r² polyphase sub-images at S / r (FFDNet); 1 = off
 
     def __post_init__(self) -> None:
         if isinstance(self.channel_mults, list):  # JSON round trip gives lists
@@ -73,11 +83,14 @@ class UNetConfig:
             raise ValueError(f"channel_mults={self.channel_mults}: need a non-empty tuple of positive ints")
         if len(self.channel_mults) > 5:
             raise ValueError(f"channel_mults={self.channel_mults}: at most 5 levels")
-        factor = 2 ** (len(self.channel_mults) - 1)
+        if not isinstance(self.unshuffle, int) or self.unshuffle < 1:
+            raise ValueError(f"unshuffle={self.unshuffle!r}: expected an int >= 1 (1 = full resolution)")
+        factor = self.unshuffle * 2 ** (len(self.channel_mults) - 1)
         if self.image_size < factor or self.image_size % factor:
             raise ValueError(
                 f"image_size={self.image_size} must be a positive multiple of {factor} "
-                f"for {len(self.channel_mults)} levels; change image_size or channel_mults"
+                f"for {len(self.channel_mults)} levels at unshuffle={self.unshuffle}; "
+                "change image_size, channel_mults or unshuffle"
             )
         for m in self.channel_mults:
             if (self.base_channels * m) % self.groups:
@@ -93,10 +106,10 @@ class UNetConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> UNetConfig:
-        """``tiny`` (tests: 32 px, ~30 k params) or ``small`` (default bundle: 128 px, ~0.37 M)."""
+        """``tiny`` (tests: 32 px, ~30 k params) or ``small`` (default bundle: 128 px, ~0.37 M, unshuffle 2)."""
         presets: dict[str, dict[str, object]] = {
             "tiny": dict(image_size=32, base_channels=8, channel_mults=(1, 2, 4), groups=4, time_dim=32),
-            "small": dict(),
+            "small": dict(unshuffle=2),
         }
         if name not in presets:
             raise ValueError(f"unknown UNet preset {name!r}: expected one of {sorted(presets)}")
@@ -154,7 +167,8 @@ class UNet(nn.Module):
         chans = [cfg.base_channels * m for m in cfg.channel_mults]
         g, td, dp = cfg.groups, cfg.time_dim, cfg.dropout
         self.time_mlp = nn.Sequential(nn.Linear(td, td), nn.SiLU(), nn.Linear(td, td))
-        self.stem = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        c_io = cfg.in_channels * cfg.unshuffle**2  # channels the UNet body sees and returns
+        self.stem = nn.Conv2d(c_io, chans[0], 3, padding=1)
 
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -187,12 +201,13 @@ class UNet(nn.Module):
                 c = chans[level - 1]
 
         self.out_norm = nn.GroupNorm(g, c)
-        self.out_conv = nn.Conv2d(c, cfg.in_channels, 3, padding=1)
+        self.out_conv = nn.Conv2d(c, c_io, 3, padding=1)
 
     def network(self, x_in: Tensor, t: Tensor) -> Tensor:
         """The raw UNet F_θ(c_in · x̂; t) [B, C, S, S] (EDM eq. 7's F)."""
         emb = self.time_mlp(timestep_embedding(t, self.cfg.time_dim))
-        h = self.stem(x_in)
+        r = self.cfg.unshuffle
+        h = self.stem(F.pixel_unshuffle(x_in, r) if r > 1 else x_in)
         skips: list[Tensor] = []
         for blocks, down in zip(self.down_blocks, self.downsamples, strict=True):
             for block in blocks:
@@ -206,7 +221,8 @@ class UNet(nn.Module):
                 h = block(h, emb)
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.out_conv(F.silu(self.out_norm(h)))
+        out = self.out_conv(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(out, r) if r > 1 else out
 
     def precondition(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(1/√ᾱ, c_skip, c_out, c_in), each [B, 1, 1, 1], at times ``t`` [B]."""
