@@ -37,7 +37,7 @@ LOCAL_EPOCHS=${LOCAL_EPOCHS:-2}
 MAX_TRAIN=${MAX_TRAIN:-0}
 FED_TIMEOUT=${FED_TIMEOUT:-5400}
 FED_ARGS=${FED_ARGS:-}
-ROUNDS_PUR=${ROUNDS_PUR:-5}           # set: train the purifier in a second federation with these budgets
+ROUNDS_PUR=${ROUNDS_PUR:-10}          # set: train the purifier in a second federation with these budgets
 LOCAL_EPOCHS_PUR=${LOCAL_EPOCHS_PUR:-2}
 MAX_TRAIN_PUR=${MAX_TRAIN_PUR:-0}
 PURIFIER_PHASES=${PURIFIER_PHASES:-teacher,student}   # "teacher": skip distillation (student := teacher)

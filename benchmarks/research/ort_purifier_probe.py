@@ -5,6 +5,7 @@ purified path stays below 2×"). Each probe prints medians of interleaved calls 
     .venv/bin/python benchmarks/research/ort_purifier_probe.py variants     # UNet with / without GroupNorm, wider: ORT vs torch
     .venv/bin/python benchmarks/research/ort_purifier_probe.py int8         # static INT8 convolutions vs FP32 (ORT)
     .venv/bin/python benchmarks/research/ort_purifier_probe.py options      # optimisation level, batch fixed to 1
+    .venv/bin/python benchmarks/research/ort_purifier_probe.py unshuffle    # UNet on polyphase sub-images (r = 1, 2, 4)
 
 ``--threads`` (default 2) sets ORT's intra-op threads and torch's threads alike.
 """
@@ -76,10 +77,25 @@ def probe_profile(threads: int) -> None:
     print(f"kernel time {total / n / 1e3:.2f} ms/call")
 
 
+def ort_vs_torch(m, threads: int, iters: int = 60) -> dict[str, float]:
+    """Median ms of the exported UNet ``m`` in onnxruntime and of ``m`` in torch eager, interleaved."""
+    import torch
+    from medfedpure.export.onnx_export import export_denoiser
+
+    s = session(export_denoiser(m, 128).SerializeToString(), threads)
+    f = feeds(s)
+    xt, tt = torch.from_numpy(f["x_t"]), torch.from_numpy(f["t"])
+
+    def run_torch() -> None:
+        with torch.inference_mode():
+            m(xt, tt)
+
+    return interleaved({"ort": lambda: s.run(None, f), "torch": run_torch}, iters=iters)
+
+
 def probe_variants(threads: int) -> None:
     import torch
     import torch.nn as nn
-    from medfedpure.export.onnx_export import export_denoiser
     from medfedpure.models.unet import UNet, UNetConfig
 
     torch.set_num_threads(threads)
@@ -93,16 +109,30 @@ def probe_variants(threads: int) -> None:
                 for k, c in list(mod.named_children()):
                     if isinstance(c, nn.GroupNorm):
                         setattr(mod, k, nn.Identity())
-        s = session(export_denoiser(m, 128).SerializeToString(), threads)
-        f = feeds(s)
-        xt, tt = torch.from_numpy(f["x_t"]), torch.from_numpy(f["t"])
-
-        def run_torch(m=m, xt=xt, tt=tt):
-            with torch.inference_mode():
-                m(xt, tt)
-
-        r = interleaved({"ort": lambda s=s, f=f: s.run(None, f), "torch": run_torch})
+        r = ort_vs_torch(m, threads)
         print(f"{name:32s} ORT {r['ort']:6.2f} ms  torch {r['torch']:6.2f} ms  ratio {r['torch'] / r['ort']:.2f}")
+
+
+def probe_unshuffle(threads: int) -> None:
+    """The UNet body on the r² polyphase sub-images at 128 / r px (``UNetConfig.unshuffle``), random weights."""
+    import torch
+    from medfedpure.models.unet import UNet, UNetConfig
+
+    torch.set_num_threads(threads)
+    variants = (("r = 1, base 8, (1, 2, 4, 8): the previous bundle", dict(unshuffle=1)),
+                ("r = 2, base 8, (1, 2, 4, 8): `small`", dict(unshuffle=2)),
+                ("r = 2, base 8, (1, 2, 4)", dict(unshuffle=2, channel_mults=(1, 2, 4))),
+                ("r = 2, base 16, (1, 2, 4)", dict(unshuffle=2, base_channels=16, channel_mults=(1, 2, 4))),
+                ("r = 4, base 16, (1, 2, 4)", dict(unshuffle=4, base_channels=16, channel_mults=(1, 2, 4))))
+    for name, kw in variants:
+        torch.manual_seed(0)
+        m = UNet(UNetConfig(**kw)).eval()
+        with torch.no_grad():  # non-zero residual branches (a fresh UNet's are zero)
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        r = ort_vs_torch(m, threads, iters=40)
+        print(f"{name:50s} {m.num_parameters() / 1e3:5.0f} k  ORT {r['ort']:6.2f} ms  torch {r['torch']:6.2f} ms"
+              f"  ratio {r['torch'] / r['ort']:.2f}", flush=True)
 
 
 def probe_int8(threads: int) -> None:
@@ -152,7 +182,7 @@ def probe_options(threads: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("probe", choices=["profile", "variants", "int8", "options"])
+    ap.add_argument("probe", choices=["profile", "variants", "int8", "options", "unshuffle"])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     globals()[f"probe_{args.probe}"](args.threads)
