@@ -85,7 +85,7 @@ class UNetConfig:
             raise ValueError(f"channel_mults={self.channel_mults}: at most 5 levels")
         if not isinstance(self.unshuffle, int) or self.unshuffle < 1:
             raise ValueError(f"unshuffle={self.unshuffle!r}: expected an int >= 1 (1 = full resolution)")
-        factor = self.unshuffle * 2 ** (len(self.channel_mults) - 1)
+        factor = self.size_multiple
         if self.image_size < factor or self.image_size % factor:
             raise ValueError(
                 f"image_size={self.image_size} must be a positive multiple of {factor} "
@@ -103,6 +103,11 @@ class UNetConfig:
         if not self.sigma_data > 0:
             raise ValueError(f"sigma_data={self.sigma_data}: must be > 0")
         DiffusionSchedule(self.schedule, self.num_timesteps)  # validates both
+
+    @property
+    def size_multiple(self) -> int:
+        """Every input side must be a multiple of this: ``unshuffle · 2**(levels − 1)``."""
+        return self.unshuffle * 2 ** (len(self.channel_mults) - 1)
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> UNetConfig:

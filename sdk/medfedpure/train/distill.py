@@ -37,7 +37,7 @@ import torch
 
 from medfedpure.models.diffusion import DiffusionSchedule, ddim_sample, to_model_space
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit
-from medfedpure.train.purifier import as_images, psnr, random_crops
+from medfedpure.train.purifier import as_images, check_crop_fits, psnr, random_crops
 from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
 
 __all__ = ["DistillConfig", "distill_student", "make_trajectory_cache", "evaluate_student"]
@@ -193,6 +193,8 @@ def distill_student(
     """
     xt = as_images(x_train, "x_train")
     xv = as_images(x_val, "x_val")[: cfg.val_scans]
+    for m in (teacher, student):
+        check_crop_fits(m, cfg.crop_size, xt.shape[-1])
     if init_from_teacher:
         if getattr(teacher, "cfg", None) != getattr(student, "cfg", None):
             raise ValueError("init_from_teacher=True needs teacher and student with the same UNetConfig")

@@ -116,6 +116,17 @@ def as_images(x: Any, name: str) -> torch.Tensor:
     return t
 
 
+def check_crop_fits(model: torch.nn.Module, crop: int, image_size: int) -> None:
+    """Refuse a training crop the UNet cannot take (its side must divide by ``cfg.size_multiple``)."""
+    cfg = getattr(model, "cfg", None)
+    m = getattr(cfg, "size_multiple", 1)
+    side = image_size if crop == 0 or crop >= image_size else crop
+    if side % m:
+        raise ValueError(f"crop_size={crop} gives {side}-px training inputs, but this UNet needs sides that are "
+                         f"multiples of {m} (unshuffle={cfg.unshuffle}, {len(cfg.channel_mults)} levels): "
+                         f"use a crop_size that is a multiple of {m}, or 0 for whole scans")
+
+
 def random_crops(x: torch.Tensor, idx: torch.Tensor, crop: int, flip: bool, g: torch.Generator) -> torch.Tensor:
     """Crops ``x[idx]`` [B, C, crop, crop] at random offsets (crop 0 or ≥ S: whole scans), random flips."""
     s = x.shape[-1]
@@ -183,6 +194,7 @@ def train_denoiser(
     """
     xt = as_images(x_train, "x_train")
     xv = as_images(x_val, "x_val")
+    check_crop_fits(model, cfg.crop_size, xt.shape[-1])
     if cfg.val_scans:
         xv = xv[: cfg.val_scans]
     T = schedule.num_timesteps
