@@ -70,7 +70,7 @@ def test_bad_data_raises():
 
 
 def test_crop_the_unet_cannot_take_is_refused():
-    # unshuffle 2 with 2 levels needs sides that are multiples of 4; crop 8 → fine, whole 18-px scans → not.
+    # unshuffle 2 with 2 levels needs sides that are multiples of 4: whole 18-px scans are refused.
     torch.manual_seed(0)
     m = UNet(UNetConfig.preset("tiny", image_size=16, channel_mults=(1, 2), unshuffle=2))
     assert m.cfg.size_multiple == 4

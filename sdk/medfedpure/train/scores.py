@@ -96,7 +96,7 @@ def hfratio_scores(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, *, pat
         h, d = h[:, 0], d[:, 0]
     e = (h / (d + _EPS)).astype(np.float32)
     m = max(1, int(round(tissue_fraction * e.shape[1])))
-    sel = np.take_along_axis(e, tissue_patches(rf, visible, patch=patch, m=m), axis=1)
+    sel = np.take_along_axis(e, _tissue_order(rp, visible, m), axis=1)
     score = np.median(sel, axis=1) if aggregate == "median" else sel.mean(axis=1)
     return score.astype(np.float32), e
 
@@ -104,7 +104,12 @@ def hfratio_scores(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, *, pat
 def tissue_patches(recon: np.ndarray, visible: np.ndarray, *, patch: int, m: int) -> np.ndarray:
     """Indices ``[B, m]`` of the patches ``hfratio`` scores: the m with the largest tissue level w (mean of
     ``recon [B,K,S,S]`` over each patch and the sets hiding it), ties to the lower patch index."""
-    w = _hidden_mean(_patches(np.asarray(recon, np.float32), patch).mean(axis=(-1, -2)), np.asarray(visible, bool))
+    return _tissue_order(_patches(np.asarray(recon, np.float32), patch), np.asarray(visible, bool), m)
+
+
+def _tissue_order(rp: np.ndarray, visible: np.ndarray, m: int) -> np.ndarray:
+    """``tissue_patches`` from the reconstruction already cut into patches ``rp [B,K,Np,P,P]``."""
+    w = _hidden_mean(rp.mean(axis=(-1, -2)), visible)
     return np.argsort(-w, axis=1, kind="stable")[:, :m]
 
 
