@@ -1,6 +1,6 @@
 """Benchmark of the fused patch gate (issue 4).
 
-CPU (default): the C++ kernel (bare binding, and through ``medfedpure.ops.patch_gate`` with its
+CPU (default): the C++ kernel (bare binding, and through ``medfedpure.gate.patch_gate`` with its
 validation) against the numpy oracle and against the same computation as a chain of torch ops,
 batch 1/4/8/32 at 128 and 224 px, K = 4 complementary mask sets (each patch hidden by 3 of 4, an
 MAE at 75 % masking). The methods run round-robin inside every repetition, so a noisy, shared

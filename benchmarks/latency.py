@@ -163,7 +163,7 @@ def agreement(bundle: str, data: str, site: str, split: str, threads: int, limit
     FP16 denoiser graph from identical keyed noise, and classifies both with the FP32 classifier.
     """
     from medfedpure.data import load_split
-    from medfedpure.defender import Defender, purification_noise
+    from medfedpure.runtime.defender import Defender, purification_noise
 
     d_ort = Defender.load(bundle, "onnxruntime", "cpu", threads=threads)
     d_t = Defender.load(bundle, "torch", "cpu", threads=threads)
@@ -237,7 +237,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=400)
     args = ap.parse_args()
     if args.agreement_data:
-        from medfedpure.bundle import default_bundle_path
+        from medfedpure.runtime.bundle import default_bundle_path
 
         res = agreement(args.bundle or str(default_bundle_path()), args.agreement_data, args.site, args.split,
                         args.threads, args.limit)
@@ -246,8 +246,8 @@ def main() -> None:
         print(json.dumps(res, indent=2))
         return
 
-    from medfedpure.bundle import default_bundle_path
-    from medfedpure.defender import Defender
+    from medfedpure.runtime.bundle import default_bundle_path
+    from medfedpure.runtime.defender import Defender
     from rich.console import Console
     from rich.table import Table
 

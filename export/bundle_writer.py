@@ -2,7 +2,7 @@
 
 The writer copies artefacts into a fresh directory, hashes them, writes ``manifest.json`` last
 (canonical JSON: sorted keys, 2-space indent, trailing newline) and then runs
-:func:`medfedpure.bundle.verify_bundle` on the result, so a bundle that leaves the writer is a
+:func:`medfedpure.runtime.bundle.verify_bundle` on the result, so a bundle that leaves the writer is a
 bundle the runtime accepts.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfedpure.bundle import (
+from medfedpure.runtime.bundle import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     Artefact,
@@ -79,7 +79,7 @@ def write_bundle(
             removed first — it must itself look like a bundle, holding a manifest.json).
         artefacts: manifest name → :class:`ArtefactSource`.
         classes, image_size, preprocessing, gate, mae, purifier, provenance: manifest sections
-            (see :mod:`medfedpure.bundle`).
+            (see :mod:`medfedpure.runtime.bundle`).
 
     Raises:
         FileExistsError: ``out`` exists and is not empty, without ``overwrite``.

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from medfedpure.bundle import VerifiedBundle
-from medfedpure.engines.base import SAMPLER, host_gate, purify_numpy
+from medfedpure.runtime.bundle import VerifiedBundle
+from medfedpure.runtime.engines.base import SAMPLER, host_gate, purify_numpy
 from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
 from medfedpure.export.fp16 import convert_to_fp16, fp16_summary
 from medfedpure.export.onnx_export import (

@@ -130,9 +130,9 @@ def add_tensorrt_plans(
 
     The plans are built from the bundle's own ONNX graphs of ``precision`` (verified bytes), the
     manifest keeps every other section and gains the plans' sha256 (so the bundle id changes).
-    Returns the new :class:`~medfedpure.bundle.VerifiedBundle`.
+    Returns the new :class:`~medfedpure.runtime.bundle.VerifiedBundle`.
     """
-    from medfedpure.bundle import verify_bundle
+    from medfedpure.runtime.bundle import verify_bundle
     from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
 
     import_tensorrt()  # fail before reading anything when TensorRT is missing

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medfedpure.bundle import VerifiedBundle, verify_bundle
+from medfedpure.runtime.bundle import VerifiedBundle, verify_bundle
 
 TINY_SIZE = 32
 
@@ -51,7 +51,7 @@ def build_tiny_bundle(out: str | Path, *, seed: int = 0, policy: str = "adaptive
     from medfedpure.models.mae import MAEConfig, MAEScorer, MaskedAutoencoder
     from medfedpure.models.moe import MoEClassifier, MoEConfig
     from medfedpure.models.unet import UNet, UNetConfig
-    from medfedpure.ops import patch_gate_reference
+    from medfedpure.gate import patch_gate_reference
 
     # Model constructors draw their initial weights from torch's global generator: fork it so
     # building a bundle neither depends on nor disturbs the caller's RNG state.
@@ -84,8 +84,8 @@ def _code_key(**params: object) -> str:
 
     pkg = Path(medfedpure.__file__).resolve().parent
     here = Path(__file__).resolve().parent
-    files = sorted([*pkg.joinpath("models").glob("*.py"), pkg / "bundle.py", pkg / "ops.py",
-                    pkg / "engines" / "base.py", pkg / "train" / "checkpoint.py", *here.glob("*.py")])
+    # every source file of the package and of the exporter: a cached bundle never outlives the code
+    files = sorted([*pkg.rglob("*.py"), *here.glob("*.py")])
     h = hashlib.sha256(repr(sorted(params.items())).encode())
     h.update(torch.__version__.encode())
     for f in files:

@@ -4,28 +4,24 @@ the unbounded sanity check of EVALUATION.md breaks the defence on the tiny bundl
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from medfedpure import Defender
-from medfedpure.engines.torch_engine import TorchEngine
 from medfedpure.export.tiny import cached_tiny_bundle, tiny_scans
+from medfedpure.runtime.engines.torch_engine import TorchEngine
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive_eval.py"
 
 
 @pytest.fixture(scope="module")
 def ae():
-    spec = importlib.util.spec_from_file_location("adaptive_eval", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from medfedpure.eval import adaptive
+
+    return adaptive
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +61,7 @@ def test_unbounded_attack_breaks_the_defence(ae, setup) -> None:
 # rung 3 (a): detector-aware evasion --------------------------------------------------------------
 
 def test_hfratio_torch_equals_the_gate_oracle(ae) -> None:
-    """The attack's differentiable gate statistic is the deployed one (oracle of medfedpure.ops)."""
+    """The attack's differentiable gate statistic is the deployed one (oracle of medfedpure.gate)."""
     from medfedpure.train.scores import gate_scores, tissue_patches
 
     rng = np.random.default_rng(3)

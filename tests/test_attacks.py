@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medfedpure.attacks import attack_loss, fgsm, pgd_l2, pgd_linf
+from medfedpure.eval.attacks import attack_loss, fgsm, pgd_l2, pgd_linf
 from medfedpure.models.moe import MoEClassifier, MoEConfig
 
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from medfedpure.bundle import FORMAT_VERSION, BundleError, check_relpath, verify_bundle
+from medfedpure.runtime.bundle import FORMAT_VERSION, BundleError, check_relpath, verify_bundle
 from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
 
 PAYLOADS = {

@@ -85,7 +85,7 @@ def test_hfratio_tissue_selection_uses_the_reconstruction():
 
 
 def test_gate_scores_mean_matches_ops_reference_and_rejects_unknown():
-    ops = pytest.importorskip("medfedpure.ops")
+    ops = pytest.importorskip("medfedpure.gate")
     rng = np.random.default_rng(2)
     x = rng.random((3, 32, 32), dtype=np.float32)
     r = rng.random((3, 4, 32, 32), dtype=np.float32)
@@ -134,7 +134,7 @@ def test_student_schedule_from_checkpoint_metadata(tmp_path):
 
 def test_cli_calibrate(tmp_path, monkeypatch):
     from medfedpure.cli import app
-    from medfedpure.train import cli as tcli
+    from medfedpure.cli import train as tcli
     from medfedpure.train.checkpoint import save_model
     from typer.testing import CliRunner
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from medfedpure import Defender, Result, ScanError, load_scan
-from medfedpure.bundle import BundleError
+from medfedpure.runtime.bundle import BundleError
 from medfedpure.export.tiny import cached_tiny_bundle, tiny_scans
 from PIL import Image
 
@@ -281,7 +281,7 @@ def test_cli_run_and_verify_bundle(bundle_path: Path, tmp_path: Path) -> None:
 
 
 def test_embedded_default_bundle_verifies() -> None:
-    from medfedpure.bundle import default_bundle_path, verify_bundle
+    from medfedpure.runtime.bundle import default_bundle_path, verify_bundle
 
     if not (default_bundle_path() / "manifest.json").is_file():
         pytest.skip("no embedded default bundle yet (make bundle)")
@@ -375,7 +375,7 @@ def test_policy_override(bundle_path: Path, split) -> None:
 
 
 def test_policy_refused_before_any_backend_is_built(bundle_path: Path, monkeypatch) -> None:
-    import medfedpure.defender as dmod
+    import medfedpure.runtime.defender as dmod
 
     monkeypatch.setattr(dmod, "create_engine", lambda *a, **k: pytest.fail("backend built"))
     for bad in ("Floor", "none", 1):

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from medfedpure.bundle import verify_bundle
-from medfedpure.engines import EngineError, create_engine
-from medfedpure.engines.base import interp_alpha_bar, purify_numpy
+from medfedpure.runtime.bundle import verify_bundle
+from medfedpure.runtime.engines import EngineError, create_engine
+from medfedpure.runtime.engines.base import interp_alpha_bar, purify_numpy
 from medfedpure.export.tiny import cached_tiny_bundle, tiny_scans
 from medfedpure.models.diffusion import DiffusionSchedule, purify
 from medfedpure.models.unet import UNet, UNetConfig
@@ -163,7 +163,7 @@ def test_tensorrt_engine_builds_and_matches(bundle, tmp_path) -> None:  # pragma
 
 def test_embedded_bundle_denoiser_backends_and_fp16_agree() -> None:
     """The shipped purifier (UNet on 2×2 polyphase sub-images): torch, ONNX FP32 and ONNX FP16 agree."""
-    from medfedpure.bundle import default_bundle_path
+    from medfedpure.runtime.bundle import default_bundle_path
 
     if not (default_bundle_path() / "manifest.json").is_file():
         pytest.skip("no embedded default bundle yet (make bundle)")

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from medfedpure.bundle import verify_bundle
-from medfedpure.engines.base import decide
+from medfedpure.runtime.bundle import verify_bundle
+from medfedpure.runtime.engines.base import decide
 from medfedpure.export.fp16 import FP32_OPS, convert_to_fp16, fp16_summary
 from medfedpure.export.onnx_export import compare_outputs, export_module, ort_session, verify_against_torch
 from medfedpure.export.pipeline import ExportVerificationError, check_report
@@ -142,7 +142,7 @@ def test_tiny_bundle_manifest() -> None:
 
 
 def test_gate_decision_rule_matches_ops() -> None:
-    from medfedpure.ops import patch_gate_reference
+    from medfedpure.gate import patch_gate_reference
 
     rng = np.random.default_rng(0)
     x = rng.random((12, 32, 32), dtype=np.float32)
@@ -164,8 +164,8 @@ def test_gate_decision_rule_matches_ops() -> None:
 def test_hfratio_gate_paths(monkeypatch) -> None:
     """hfratio through the ops kernel agrees with the calibration's train.scores to float rounding; a
     statistic without a kernel runs on the host through train.scores with the same decision rule."""
-    import medfedpure.engines.base as base
-    from medfedpure.engines import create_engine
+    import medfedpure.runtime.engines.base as base
+    from medfedpure.runtime.engines import create_engine
     from medfedpure.train.scores import gate_scores
 
     vb = verify_bundle(cached_tiny_bundle())

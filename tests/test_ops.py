@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from medfedpure import ops
-from medfedpure.ops import patch_gate, patch_gate_reference, patch_gate_torch
+from medfedpure import gate as ops
+from medfedpure.gate import patch_gate, patch_gate_reference, patch_gate_torch
 
 BASE = dict(tau=0.5, tau_high=1.0, t_min=10, t_max=100)
 

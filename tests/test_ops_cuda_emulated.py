@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from medfedpure.ops import STATS, patch_gate_reference
+from medfedpure.gate import STATS, patch_gate_reference
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 pytestmark = pytest.mark.slow  # ~20-40 s on 2 busy cores: g++ build + 256 OS threads per block

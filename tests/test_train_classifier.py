@@ -219,7 +219,7 @@ def test_train_mae_lowers_validation_error():
 
 def test_cli_train_classifier_and_mae_tiny(tmp_path, monkeypatch):
     from medfedpure.cli import app
-    from medfedpure.train import cli as tcli
+    from medfedpure.cli import train as tcli
     from typer.testing import CliRunner
 
     def fake_split(data, site, split, size):

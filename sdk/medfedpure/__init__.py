@@ -19,8 +19,8 @@ _LAZY = {
     "preprocess": "medfedpure.scan",
     "Scan": "medfedpure.scan",
     "ScanError": "medfedpure.scan",
-    "Defender": "medfedpure.defender",
-    "Result": "medfedpure.defender",
+    "Defender": "medfedpure.runtime.defender",
+    "Result": "medfedpure.runtime.defender",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medfedpure.defender import Defender, Result
+from medfedpure.runtime.defender import Defender, Result
 
 DEMO_SEED = 90_210
 
@@ -79,8 +79,8 @@ def attack(defender: Defender, x: np.ndarray, y: np.ndarray, cfg: DemoConfig) ->
     """PGD ℓ∞ against the bundle's classifier (its torch weights), x [B,1,S,S] in [0,1] → x_adv."""
     import torch
 
-    from medfedpure.attacks.pgd import pgd_linf
-    from medfedpure.engines.torch_engine import model_from_bytes
+    from medfedpure.eval.attacks.pgd import pgd_linf
+    from medfedpure.runtime.engines.torch_engine import model_from_bytes
 
     art = defender.bundle.find("classifier", "safetensors", "fp32")
     if art is None:

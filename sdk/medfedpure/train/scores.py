@@ -3,7 +3,7 @@
 ``gate_scores(x, recon, visible, patch=…, stat=…)`` → ``(score [B], patch_values [B, Np])``:
 
 - ``"mean"`` / ``"topk"`` — DESIGN.md §5's masked reconstruction error, computed by the gate's own
-  oracle ``medfedpure.ops.patch_gate_reference`` (so calibration and deployment agree bit for bit);
+  oracle ``medfedpure.gate.patch_gate_reference`` (so calibration and deployment agree bit for bit);
 - ``"hfratio"`` — the statistic this issue's research selected (benchmarks/RESULTS.md, "Classifier
   and detector"): the **spectral shape of the scan in its tissue patches**, referenced to itself.
 
@@ -126,7 +126,7 @@ def gate_scores(x: Any, recon: Any, visible: Any, *, patch: int, stat: str = "me
                                               or "tissue_fraction" in kw)
     if stat in ("mean", "topk") or (stat == "hfratio" and not research_variant):
         # The gate's own oracle, so that calibration and deployment agree bit for bit.
-        from medfedpure.ops import patch_gate_reference
+        from medfedpure.gate import patch_gate_reference
 
         r = patch_gate_reference(x.astype(np.float32), recon.astype(np.float32), visible, patch=patch, stat=stat,
                                  topk=topk, norm_pix=norm_pix, tau=0.0, tau_high=1.0, t_min=0, t_max=0,

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from medfedpure.attacks.pgd import attack_loss, fgsm, pgd_l2, pgd_linf
+from medfedpure.eval.attacks.pgd import attack_loss, fgsm, pgd_l2, pgd_linf
 
 __all__ = ["fgsm", "pgd_linf", "pgd_l2", "attack_loss"]

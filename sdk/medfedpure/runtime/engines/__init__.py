@@ -1,4 +1,4 @@
-"""Inference backends behind one small interface (:class:`~medfedpure.engines.base.Engine`).
+"""Inference backends behind one small interface (:class:`~medfedpure.runtime.engines.base.Engine`).
 
 - ``onnxruntime`` (:mod:`.onnxruntime`): CPU; the CUDA provider when present (checked in use).
 - ``torch`` (:mod:`.torch_engine`): reference maths on CPU/CUDA; FP16, CUDA graphs and the CUDA
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from medfedpure.bundle import VerifiedBundle
-from medfedpure.engines.base import Engine, EngineError
+from medfedpure.runtime.bundle import VerifiedBundle
+from medfedpure.runtime.engines.base import Engine, EngineError
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
@@ -36,15 +36,15 @@ def create_engine(bundle: VerifiedBundle, backend: str = "auto", device: str = "
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if backend in ("auto", "onnxruntime"):
-        from medfedpure.engines.onnxruntime import OnnxRuntimeEngine
+        from medfedpure.runtime.engines.onnxruntime import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(bundle, device=device, **options)
     if backend == "torch":
         try:
-            from medfedpure.engines.torch_engine import TorchEngine
+            from medfedpure.runtime.engines.torch_engine import TorchEngine
         except ImportError as e:
             raise EngineError("the torch backend needs torch: pip install 'medfedpure[torch]'") from e
         return TorchEngine(bundle, device=device, **options)
-    from medfedpure.engines.tensorrt import TensorRTEngine
+    from medfedpure.runtime.engines.tensorrt import TensorRTEngine
 
     return TensorRTEngine(bundle, device=device, **options)

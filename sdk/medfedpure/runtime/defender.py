@@ -1,6 +1,6 @@
 """The guarded classifier a vendor embeds: ``Defender.load(bundle).run(scan) -> Result``.
 
-Orchestration only (no model maths here — that lives in :mod:`medfedpure.engines`)::
+Orchestration only (no model maths here — that lives in :mod:`medfedpure.runtime.engines`)::
 
     load_scan → preprocess → x [B,1,S,S]
       → MAE (K scoring mask sets) → recon [B,K,S,S]
@@ -43,8 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from medfedpure.bundle import VerifiedBundle, default_bundle_path, verify_bundle
-from medfedpure.engines import Engine, create_engine
+from medfedpure.runtime.bundle import VerifiedBundle, default_bundle_path, verify_bundle
+from medfedpure.runtime.engines import Engine, create_engine
 
 STAGES = ("load", "preprocess", "mae", "gate", "purify", "classify")
 STATUS_OK = "ok"
@@ -147,8 +147,8 @@ class Defender:
     """Guarded brain-MRI classification from a verified bundle.
 
     Args:
-        bundle: a verified bundle (:func:`medfedpure.bundle.verify_bundle`).
-        engine: a backend built for it (:func:`medfedpure.engines.create_engine`).
+        bundle: a verified bundle (:func:`medfedpure.runtime.bundle.verify_bundle`).
+        engine: a backend built for it (:func:`medfedpure.runtime.engines.create_engine`).
         timeout_s: budget per call; exceeded between stages → the unfinished scans are unverified.
         overlap: classify the scans speculatively in a second thread while the detector runs, and
             keep that answer when no scan of the call is purified (the early-exit path then costs

@@ -1,7 +1,7 @@
 """Runtime commands: ``medfedpure run``, ``demo``, ``export`` and ``verify-bundle`` (argument handling only).
 
-Registered on the root app by ``medfedpure/cli.py``; the work lives in :mod:`medfedpure.defender`,
-:mod:`medfedpure.bundle`, :mod:`medfedpure.demo` and :mod:`medfedpure.export.pipeline`.
+Registered on the root app by ``medfedpure/cli.py``; the work lives in :mod:`medfedpure.runtime.defender`,
+:mod:`medfedpure.runtime.bundle`, :mod:`medfedpure.demo` and :mod:`medfedpure.export.pipeline`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ DEVICE_HELP = "auto, cpu or cuda."
 
 
 def _load(bundle: Path | None, backend: str, device: str, threads: int, policy: str | None = None):
-    from medfedpure.bundle import BundleError
-    from medfedpure.defender import Defender
-    from medfedpure.engines import EngineError
+    from medfedpure.runtime.bundle import BundleError
+    from medfedpure.runtime.defender import Defender
+    from medfedpure.runtime.engines import EngineError
 
     try:
         if bundle is None:
@@ -115,7 +115,7 @@ def verify_bundle_command(
     from rich.console import Console
     from rich.table import Table
 
-    from medfedpure.bundle import BundleError, verify_bundle
+    from medfedpure.runtime.bundle import BundleError, verify_bundle
 
     try:
         vb = verify_bundle(bundle, expected_id=expected_id)

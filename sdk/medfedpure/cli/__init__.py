@@ -10,11 +10,11 @@ from __future__ import annotations
 import typer
 
 from medfedpure import __version__
-from medfedpure.data.cli import app as data_app
-from medfedpure.fed.cli import app as fed_app
-from medfedpure.runtime_cli import register as register_runtime_commands
-from medfedpure.train.cli import app as train_app
-from medfedpure.train.cli import calibrate_command
+from medfedpure.cli.data import app as data_app
+from medfedpure.cli.fed import app as fed_app
+from medfedpure.cli.runtime import register as register_runtime_commands
+from medfedpure.cli.train import app as train_app
+from medfedpure.cli.train import calibrate_command
 
 app = typer.Typer(
     name="medfedpure",

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from medfedpure.ops import STATS as OPS_STATS
-from medfedpure.ops import GateResult, patch_gate
+from medfedpure.gate import STATS as OPS_STATS
+from medfedpure.gate import GateResult, patch_gate
 
 
 class EngineError(RuntimeError):
@@ -113,7 +113,7 @@ def host_gate(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, gate: Mappi
               return_patch_err: bool = False) -> GateResult:
     """The gate on the host (numpy) for any calibrated statistic.
 
-    ``mean`` / ``topk`` go through :func:`medfedpure.ops.patch_gate` (the C++ kernel); other
+    ``mean`` / ``topk`` go through :func:`medfedpure.gate.patch_gate` (the C++ kernel); other
     statistics (e.g. ``hfratio``) through :func:`medfedpure.train.scores.gate_scores` — the
     function the calibration used — followed by :func:`decide`. ``x``: [B,1,S,S] or [B,S,S].
     """
@@ -193,9 +193,9 @@ class Engine(ABC):
         """x [B,1,S,S] in [0,1] → probs [B,C]."""
 
     def gate(self, x: Any, recon: Any, *, return_patch_err: bool = False, policy: str | None = None) -> GateResult:
-        """The fused gate (medfedpure.ops.patch_gate) with the bundle's calibration.
+        """The fused gate (medfedpure.gate.patch_gate) with the bundle's calibration.
 
-        Statistics that ``medfedpure.ops`` does not (yet) implement as a kernel (e.g. ``hfratio``)
+        Statistics that ``medfedpure.gate`` does not (yet) implement as a kernel (e.g. ``hfratio``)
         run on the host through ``medfedpure.train.scores.gate_scores`` — the function the
         calibration used — with the gate's decision rule (:func:`decide`). ``policy`` overrides the
         calibrated policy for this call (``"adaptive"`` / ``"floor"``; None: the bundle's).

@@ -1,7 +1,7 @@
 """Torch backend: the reference maths, on CPU or CUDA.
 
 On CUDA the intermediate tensors stay on the device (the Defender reads back only flags, scores
-and final probabilities), the gate runs the fused CUDA kernel (``medfedpure.ops.patch_gate`` on
+and final probabilities), the gate runs the fused CUDA kernel (``medfedpure.gate.patch_gate`` on
 CUDA tensors), the networks run under FP16 autocast (which keeps softmax, normalisation and
 reductions in FP32), and with ``cuda_graphs=True`` each network is captured once per batch size
 into a CUDA graph and replayed (static input/output buffers; one launch per network call).
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from medfedpure.bundle import VerifiedBundle
-from medfedpure.engines.base import Engine, EngineError
+from medfedpure.runtime.bundle import VerifiedBundle
+from medfedpure.runtime.engines.base import Engine, EngineError
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

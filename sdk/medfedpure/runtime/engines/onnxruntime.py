@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from medfedpure.bundle import VerifiedBundle
-from medfedpure.engines.base import Engine, EngineError
+from medfedpure.runtime.bundle import VerifiedBundle
+from medfedpure.runtime.engines.base import Engine, EngineError
 
 _ROLES = ("mae", "denoiser", "classifier")
 

@@ -298,4 +298,4 @@ def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = Non
 
 def default_bundle_path() -> Path:
     """Path of the embedded default bundle shipped inside the package."""
-    return Path(__file__).resolve().parent / "bundles" / "default"
+    return Path(__file__).resolve().parents[1] / "bundles" / "default"

@@ -1,0 +1,1 @@
+"""Robustness evaluation: attacks on the classifier and on the whole defended pipeline."""
