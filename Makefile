@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export ORT_DISABLE_TELEMETRY := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test lint bundle clean
+.PHONY: setup demo test lint lint-imports bundle clean
 
 $(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check sdk export benchmarks tests
+
+# The import contracts of .importlinter: imports point down (the runtime never imports training,
+# federation, evaluation or export; models import nothing above them).
+lint-imports: $(STAMP)
+	$(BIN)/lint-imports
 
 # The embedded default bundle: synthetic data → training → calibration → export (scripts/make_bundle.sh).
 bundle: $(STAMP)
