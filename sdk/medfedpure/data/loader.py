@@ -3,7 +3,8 @@
 identically preprocessed scans).
 
 Results are cached, keyed by the sha256 of (resolved root, site, split, size, the bytes of
-``medfedpure/scan.py``, and every listed file's path, byte size and modification time): a
+every source file of the ``medfedpure.scan`` package, and every listed file's path, byte size and
+modification time): a
 rewritten file, a changed split or changed preprocessing code misses the cache.
 
 - in memory, per process (LRU, 2 GiB at most); callers get a fresh copy each time;
@@ -57,7 +58,10 @@ def split_files(root: str | Path, site: int, split: str) -> list[tuple[str, int]
 def _scan_code_hash() -> str:
     import medfedpure.scan
 
-    return hashlib.sha256(Path(medfedpure.scan.__file__).read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    for f in sorted(Path(medfedpure.scan.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _key(root: Path, site: int, split: str, size: int, files: list[tuple[str, int]]) -> str:

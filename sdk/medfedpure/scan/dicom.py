@@ -1,0 +1,270 @@
+"""DICOM reader (pydicom, imported lazily): files, bytes and ``pydicom.Dataset`` objects.
+
+A file is DICOM when its name ends in ``DICOM_EXTENSIONS`` or it has ``DICM`` at byte 128; files
+without the preamble are parsed when their header looks like an image. Rows / Columns / frames are
+checked before the pixel data is read, truncated elements are refused, and compressed transfer
+syntaxes need an installed decoder plugin. Pixels get the modality rescale (slope / intercept or
+Modality LUT) first, then MONOCHROME1 is inverted once; metadata keeps the pixel spacing, modality
+and transfer syntax, never patient identifiers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from medfedpure.scan.errors import (
+    ScanCompressionError,
+    ScanError,
+    ScanNoPixelDataError,
+    ScanNotImageError,
+    ScanTruncatedError,
+)
+from medfedpure.scan.types import Scan, scan_meta
+from medfedpure.scan.validate import check_dims, select_frame, validate_array
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom.dataset import Dataset
+
+__all__ = ["DICOM_EXTENSIONS", "from_dataset", "is_dicom_magic", "read_dicom"]
+
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def is_dicom_magic(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
+def read_dicom(src: Any, origin: str, total_size: int | None, *, path: bool) -> Dataset:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    # Large values (the pixel data) are read only when accessed, i.e. after the header checks.
+    defer = "1 MB" if path else None
+    try:
+        try:
+            ds = pydicom.dcmread(src, defer_size=defer)
+        except InvalidDicomError:
+            if not path:
+                src.seek(0)
+            # A DICOM file without the 128-byte preamble (legal in old files): parse it anyway and
+            # require an image-like header below.
+            ds = pydicom.dcmread(src, defer_size=defer, force=True)
+            if "SOPClassUID" not in ds and "Rows" not in ds:
+                raise ScanNotImageError(
+                    f"{origin} is not a DICOM file (no 'DICM' marker and no DICOM header): check the file"
+                ) from None
+    except ScanError:
+        raise
+    except Exception as exc:  # any parser failure on untrusted input
+        raise ScanNotImageError(f"{origin} cannot be parsed as DICOM ({type(exc).__name__}: {exc})") from exc
+    _check_dicom_truncation(ds, total_size, origin)
+    return ds
+
+
+def _check_dicom_truncation(ds: Dataset, total_size: int | None, origin: str) -> None:
+    """Refuse a dataset whose top-level elements claim more bytes than were read."""
+    from pydicom.dataelem import RawDataElement
+
+    for tag in ds.keys():
+        # keep_deferred: look at the header of a deferred (large) value without reading it
+        elem = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
+            continue
+        if elem.value is None:  # deferred: compare with the file size
+            present = elem.length if total_size is None else max(0, total_size - elem.value_tell)
+        else:
+            present = len(elem.value)
+        if present < elem.length:
+            raise ScanTruncatedError(
+                f"{origin} is truncated: element {elem.tag} declares {elem.length} bytes but the "
+                f"file ends after {present} of them; re-export or re-copy the file"
+            )
+
+
+def _rescale_params(ds: Dataset, frame: int) -> tuple[float, float] | None:
+    """(slope, intercept) from the top level, or the enhanced multi-frame functional groups."""
+    if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        slope = ds.get("RescaleSlope")
+        icpt = ds.get("RescaleIntercept")
+        return (1.0 if slope is None else float(slope), 0.0 if icpt is None else float(icpt))
+    for seq_name, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(seq_name)
+        if seq is None or len(seq) <= i:
+            continue
+        pvt = seq[i].get("PixelValueTransformationSequence")
+        if pvt:
+            item = pvt[0]
+            slope = item.get("RescaleSlope")
+            icpt = item.get("RescaleIntercept")
+            return (1.0 if slope is None else float(slope), 0.0 if icpt is None else float(icpt))
+    return None
+
+
+def _stored_range(ds: Dataset) -> tuple[float, float]:
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+    if int(ds.get("PixelRepresentation") or 0) == 1:
+        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
+    return 0.0, 2.0**bits - 1
+
+
+def _modality_and_invert(raw: np.ndarray, ds: Dataset, frame: int, photometric: str) -> np.ndarray:
+    """Modality LUT / rescale (first), then MONOCHROME1 inversion (exactly once). Returns float64."""
+    from pydicom.pixels import apply_modality_lut
+
+    if ds.get("ModalityLUTSequence"):
+        out = np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+        out_range = None  # a LUT is not affine: invert about the data's own range
+    else:
+        params = _rescale_params(ds, frame)
+        slope, icpt = params if params is not None else (1.0, 0.0)
+        out = raw.astype(np.float64) * slope + icpt
+        s_lo, s_hi = _stored_range(ds)
+        out_range = sorted((s_lo * slope + icpt, s_hi * slope + icpt))
+    if photometric == "MONOCHROME1":
+        # MONOCHROME1: the minimum is displayed white. x -> lo + hi - x maps the representable
+        # range onto itself reversed, so the result reads as MONOCHROME2.
+        lo, hi = out_range if out_range is not None else (float(out.min()), float(out.max()))
+        out = (lo + hi) - out
+    return out
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    def _pair(v: Any) -> tuple[float, float] | None:
+        try:
+            vals = tuple(float(x) for x in v)
+        except (TypeError, ValueError):
+            return None
+        return vals if len(vals) == 2 and all(np.isfinite(vals)) else None
+
+    if ds.get("PixelSpacing") is not None:
+        return _pair(ds.PixelSpacing)
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        pm = shared[0].get("PixelMeasuresSequence")
+        if pm and pm[0].get("PixelSpacing") is not None:
+            return _pair(pm[0].PixelSpacing)
+    return None
+
+
+def _transfer_syntax(ds: Dataset) -> Any:
+    """The dataset's Transfer Syntax UID; for files without file meta (no preamble), the
+    uncompressed syntax pydicom detected while parsing; None if unknown."""
+    from pydicom import uid
+
+    file_meta = getattr(ds, "file_meta", None)
+    tsuid = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if tsuid is not None:
+        return tsuid
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None or little is None:
+        return None
+    if implicit:
+        return uid.ImplicitVRLittleEndian if little else None
+    return uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+
+
+_IMAGE_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def from_dataset(ds: Dataset, kind: str, frame: int | None, origin: str, *, from_file: bool) -> Scan:
+    """Decode one frame of a pydicom Dataset; header limits are checked before decoding."""
+    from pydicom.pixels import apply_color_lut, get_decoder
+
+    sop = ds.get("SOPClassUID")
+    sop_name = getattr(sop, "name", str(sop)) if sop is not None else "unknown SOP class"
+    if not any(t in ds for t in _IMAGE_PIXEL_TAGS):
+        if from_file and ("Rows" in ds or "Image Storage" in str(sop_name)):
+            raise ScanTruncatedError(
+                f"{origin} declares an image ({sop_name}) but ends before its pixel data: the file "
+                "is truncated; re-export or re-copy it"
+            )
+        raise ScanNoPixelDataError(
+            f"{origin} has no pixel data ({sop_name}): it is not an image; pass an image object "
+            "(e.g. MR Image Storage)"
+        )
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        num_frames = int(ds.get("NumberOfFrames") or 1)
+        spp = int(ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ScanNotImageError(
+            f"{origin} has pixel data but no valid Rows / Columns / NumberOfFrames ({exc}): "
+            "the header is corrupt"
+        ) from exc
+    check_dims(rows, cols, origin)
+    idx = select_frame(num_frames, frame, origin)
+
+    tsuid = _transfer_syntax(ds)
+    if tsuid is None:
+        raise ScanNotImageError(
+            f"{origin} has no Transfer Syntax UID: set ds.file_meta.TransferSyntaxUID "
+            "(e.g. pydicom.uid.ExplicitVRLittleEndian) so the pixel data can be read"
+        )
+    ts_desc = f"{tsuid.name} ({tsuid})"
+    try:
+        decoder = get_decoder(tsuid)
+    except NotImplementedError as exc:
+        raise ScanCompressionError(
+            f"{origin} uses transfer syntax {ts_desc}, which has no pixel data decoder: "
+            "convert the file to an uncompressed syntax (e.g. dcmdjpeg / gdcmconv --raw)"
+        ) from exc
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "a decoder plugin"
+        raise ScanCompressionError(
+            f"{origin} is compressed with {ts_desc} and no installed decoder supports it: install "
+            f"one of: {missing}; or convert the file to an uncompressed syntax"
+        )
+    try:
+        raw, dmeta = decoder.as_array(ds, index=0 if idx is None else idx)
+    except ValueError as exc:
+        if "less than expected" in str(exc):
+            raise ScanTruncatedError(
+                f"{origin} is truncated: {exc.args[0].split(' - ')[0]}; re-export or re-copy the file"
+            ) from exc
+        raise ScanNotImageError(f"{origin} pixel data cannot be decoded: {exc}") from exc
+    except Exception as exc:  # plugin failures on untrusted input
+        if tsuid.is_compressed:
+            raise ScanCompressionError(
+                f"{origin} is compressed with {ts_desc} and the installed decoders failed on it "
+                f"({str(exc).splitlines()[0]}): install another decoder ("
+                f"{'; '.join(decoder.missing_dependencies) or 'gdcm or pylibjpeg'}) or convert the file"
+            ) from exc
+        raise ScanNotImageError(f"{origin} pixel data cannot be decoded: {exc}") from exc
+
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
+    original_dtype = raw.dtype.name
+    frame_i = 0 if idx is None else idx
+    try:
+        if spp == 1 and photometric == "PALETTE COLOR":
+            px = np.asarray(apply_color_lut(raw, ds))
+        elif spp == 1:
+            px = _modality_and_invert(raw, ds, frame_i, photometric)
+        else:
+            out_pi = str(dmeta.get("photometric_interpretation", photometric))
+            if out_pi.startswith("YBR"):
+                from pydicom.pixels import convert_color_space
+
+                raw = convert_color_space(raw, out_pi, "RGB")
+            px = raw
+        spacing = _pixel_spacing(ds)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ScanNotImageError(
+            f"{origin} has invalid pixel-value attributes (rescale, LUT or palette: {exc}): "
+            "the header is corrupt; fix or re-export the file"
+        ) from exc
+    shape = (rows, cols) if spp == 1 else (rows, cols, spp)
+    meta = scan_meta(
+        kind,
+        original_shape=((num_frames, *shape) if num_frames > 1 else shape),
+        original_dtype=original_dtype,
+        pixel_spacing=spacing,
+        photometric=photometric,
+        frame=idx,
+        num_frames=num_frames,
+        modality=(str(ds.Modality) if ds.get("Modality") else None),
+        transfer_syntax=str(tsuid.name),
+    )
+    return validate_array(px, meta, strict_dtype=False)
