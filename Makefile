@@ -36,9 +36,10 @@ lint: $(STAMP)
 lint-imports: $(STAMP)
 	$(BIN)/lint-imports
 
-# The embedded default bundle: synthetic data → training → calibration → export (scripts/make_bundle.sh).
+# The embedded default bundle: synthetic data → federated training → calibration → export → install,
+# resumable (`medfedpure bundle build --help`; options through BUNDLE_ARGS, e.g. BUNDLE_ARGS="--dry-run").
 bundle: $(STAMP)
-	scripts/make_bundle.sh
+	$(BIN)/medfedpure bundle build $(BUNDLE_ARGS)
 
 clean:
 	rm -rf build $(VENV)

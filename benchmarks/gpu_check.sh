@@ -12,7 +12,7 @@
 #   4. compute-sanitizer memcheck + racecheck of a few gate launches.
 #
 # From the dev machine (device tool): run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
-#   .whl holds the pure-Python wheels the GPU image lacks (pydicom, nilearn, nibabel): see RESULTS.md.
+#   .whl holds the pure-Python wheels the GPU image lacks (pydicom, nilearn, nibabel).
 # Anywhere else:                      OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 # Only some steps:                    STEPS="build runtime latency" bash benchmarks/gpu_check.sh
 #
@@ -83,7 +83,7 @@ if want build; then
   fi
   run 60 "compiled modules" "$PY" - <<'EOF'
 import torch
-from medfedpure import ops
+from medfedpure.gate import dispatch as ops
 assert ops._C is not None and ops._C_cuda is not None, "compiled modules missing"
 s = torch.cuda.current_stream().cuda_stream
 print("runtime", ops._C_cuda.runtime_version(), "empty_launch ->", ops._C_cuda.empty_launch(s))
@@ -120,7 +120,7 @@ if want sanitizer; then
   cat > "$WORK/mfp_sanitize.py" <<'EOF'
 import sys
 import numpy as np, torch
-from medfedpure import ops
+from medfedpure import gate as ops
 CASES = (("float16", 224, 16, "topk", True), ("float32", 64, 8, "mean", False), ("float32", 36, 4, "topk", True),
          ("float32", 36, 4, "mean", True), ("float16", 224, 8, "hfratio", False), ("float32", 35, 5, "hfratio", False),
          ("float32", 64, 2, "topk", False))  # the last: Np = 1024 > 256 threads (several ranked per thread)

@@ -1,4 +1,5 @@
-"""Benchmark of the fused patch gate (issue 4).
+"""Benchmark of the fused patch gate (docs/design.md, "Gate semantics"; results in
+benchmarks/RESULTS.md, "Gate and detector").
 
 CPU (default): the C++ kernel (bare binding, and through ``medfedpure.gate.patch_gate`` with its
 validation) against the numpy oracle and against the same computation as a chain of torch ops,
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medfedpure import ops
+from medfedpure import gate as ops
+from medfedpure.gate import dispatch
 from rich.console import Console
 from rich.table import Table
 
@@ -66,7 +68,7 @@ def machine() -> dict:
         info["cpu_model"] = platform.processor()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-        info["cuda_runtime_ext"] = ops._C_cuda.runtime_version() if ops._C_cuda else None
+        info["cuda_runtime_ext"] = dispatch._C_cuda.runtime_version() if dispatch._C_cuda else None
     return info
 
 
@@ -100,7 +102,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
         code = ops.STATS[stat]
 
         def bare(x=x, recon=recon, vis=vis, kw=kw, code=code, threads=args.threads):
-            return ops._C.patch_gate(x, recon, vis, patch=kw["patch"], stat=code, topk=kw["topk"], norm_pix=False,
+            return dispatch._C.patch_gate(x, recon, vis, patch=kw["patch"], stat=code, topk=kw["topk"], norm_pix=False,
                                      tau=kw["tau"], tau_high=kw["tau_high"], t_min=10, t_max=100, floor=False,
                                      num_threads=threads)
 
@@ -186,7 +188,7 @@ def graph_time(launch: Callable[[int], object], inner: int, reps: int) -> float 
 
 
 def bench_cuda(args: argparse.Namespace) -> dict:
-    if not torch.cuda.is_available() or ops._C_cuda is None:
+    if not torch.cuda.is_available() or dispatch._C_cuda is None:
         raise SystemExit("--device cuda needs a CUDA GPU and the compiled medfedpure._C_cuda")
     dev = torch.device("cuda")
     rows = []
@@ -215,11 +217,11 @@ def bench_cuda(args: argparse.Namespace) -> dict:
                         counters.data_ptr(), stream, work.data_ptr())
 
                 def bare(call=call):
-                    code = ops._C_cuda.patch_gate(*call)
-                    assert code == 0, ops._C_cuda.error_string(code)
+                    code = dispatch._C_cuda.patch_gate(*call)
+                    assert code == 0, dispatch._C_cuda.error_string(code)
 
                 methods = {
-                    "empty_launch": lambda stream=stream: ops._C_cuda.empty_launch(stream),
+                    "empty_launch": lambda stream=stream: dispatch._C_cuda.empty_launch(stream),
                     "cuda_kernel": bare,
                     "cuda_patch_gate": lambda xd=xd, rd=rd, vis=vis, kw=kw: ops.patch_gate(xd, rd, vis, **kw),
                     "torch_chain": lambda xd=xd, rd=rd, vd=vd, kw=kw: ops.patch_gate_torch(xd, rd, vd, validate=False, **kw),
@@ -227,11 +229,11 @@ def bench_cuda(args: argparse.Namespace) -> dict:
                 med = {k: cuda_time(f, args.inner, args.reps, args.warmup) for k, f in methods.items()}
 
                 def bare_on(stream: int, call=call) -> None:
-                    code = ops._C_cuda.patch_gate(*call[:-2], stream, call[-1])
-                    assert code == 0, ops._C_cuda.error_string(code)
+                    code = dispatch._C_cuda.patch_gate(*call[:-2], stream, call[-1])
+                    assert code == 0, dispatch._C_cuda.error_string(code)
 
                 graph = {
-                    "empty_launch": graph_time(lambda st: ops._C_cuda.empty_launch(st), args.inner, args.reps),
+                    "empty_launch": graph_time(lambda st: dispatch._C_cuda.empty_launch(st), args.inner, args.reps),
                     "cuda_kernel": graph_time(bare_on, args.inner, args.reps),
                     "torch_chain": graph_time(lambda st, f=methods["torch_chain"]: f(), args.inner, args.reps),
                 }

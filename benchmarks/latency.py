@@ -33,17 +33,23 @@ STAGES = ("load", "preprocess", "mae", "gate", "purify", "classify", "total")
 
 
 def _scans(n: int, seed: int = 0) -> list[np.ndarray]:
-    from medfedpure.export.tiny import tiny_scans
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixtures' synthetic scans
+    from tiny_bundle import tiny_scans
 
     return [(im[0] * 255).astype(np.uint8) for im in tiny_scans(n, seed, size=256)]
 
 
 def _force(defender, path: str) -> None:
-    g = defender.engine.gate_cfg
+    import dataclasses
+
+    g = defender.engine.gate_spec
     if path == "early_exit":
-        g.update(tau=3.0e38, tau_high=3.1e38, policy="adaptive")
+        g = dataclasses.replace(g, tau=3.0e38, tau_high=3.1e38, policy="adaptive")
     else:
-        g.update(tau=-3.0e38, tau_high=-2.9e38, policy="adaptive")  # t* saturates at t_max
+        g = dataclasses.replace(g, tau=-3.0e38, tau_high=-2.9e38, policy="adaptive")  # t* saturates at t_max
+    defender.engine.gate_spec = g
 
 
 def parse_spec(spec: str, default_device: str) -> tuple[str, str, dict[str, object], bool]:
@@ -201,8 +207,8 @@ def agreement(bundle: str, data: str, site: str, split: str, threads: int, limit
         out["fp16"] = f"not measured: {e}"
         return out
     noise = np.stack([purification_noise(s, d_ort.image_size) for s in seeds])
-    g = d_ort.bundle.gate
-    for t in sorted({int(g["t_min"]), int(g["t_max"])} - {0}):
+    g = d_ort.bundle.spec.gate
+    for t in sorted({g.t_min, g.t_max} - {0}):
         agree, dp = [], []
         for lo in range(0, len(x), 8):
             xb, nb = x[lo:lo + 8], noise[lo:lo + 8]

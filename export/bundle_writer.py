@@ -1,7 +1,9 @@
-"""Write a bundle directory (DESIGN.md §6) and verify it with the same reader the runtime uses.
+"""Write a bundle directory (docs/design.md, "Bundle format") and verify it with the same reader the
+runtime uses.
 
 The writer copies artefacts into a fresh directory, hashes them, writes ``manifest.json`` last
-(canonical JSON: sorted keys, 2-space indent, trailing newline) and then runs
+(canonical JSON: sorted keys, 2-space indent, trailing newline) from the typed sections of
+:class:`medfedpure.runtime.manifest.BundleSpec`, and then runs
 :func:`medfedpure.runtime.bundle.verify_bundle` on the result, so a bundle that leaves the writer is a
 bundle the runtime accepts.
 """
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 from medfedpure.runtime.bundle import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
     Artefact,
     BundleError,
@@ -28,6 +30,7 @@ from medfedpure.runtime.bundle import (
     check_relpath,
     verify_bundle,
 )
+from medfedpure.runtime.manifest import BundleSpec
 
 
 @dataclass(frozen=True)
@@ -62,14 +65,8 @@ def json_safe(obj: Any) -> Any:
 def write_bundle(
     out: str | os.PathLike[str],
     artefacts: Mapping[str, ArtefactSource],
+    spec: BundleSpec,
     *,
-    classes: tuple[str, ...],
-    image_size: int,
-    preprocessing: Mapping[str, Any],
-    gate: Mapping[str, Any],
-    mae: Mapping[str, Any],
-    purifier: Mapping[str, Any],
-    provenance: Mapping[str, Any],
     overwrite: bool = False,
 ) -> VerifiedBundle:
     """Write a bundle directory and return it verified.
@@ -78,8 +75,8 @@ def write_bundle(
         out: destination directory; must not exist or be empty, unless ``overwrite`` (then it is
             removed first — it must itself look like a bundle, holding a manifest.json).
         artefacts: manifest name → :class:`ArtefactSource`.
-        classes, image_size, preprocessing, gate, mae, purifier, provenance: manifest sections
-            (see :mod:`medfedpure.runtime.bundle`).
+        spec: the manifest's typed sections (:class:`medfedpure.runtime.manifest.BundleSpec`),
+            written with their own ``to_dict`` so the runtime reads back exactly these values.
 
     Raises:
         FileExistsError: ``out`` exists and is not empty, without ``overwrite``.
@@ -111,17 +108,8 @@ def write_bundle(
                              role=src.role, format=src.format, precision=src.precision)
             Artefact.from_dict(name, entry.to_dict())  # validates role/format/precision
             entries[name] = entry.to_dict()
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "classes": list(classes),
-            "image_size": int(image_size),
-            "preprocessing": dict(preprocessing),
-            "gate": dict(gate),
-            "mae": dict(mae),
-            "purifier": dict(purifier),
-            "artefacts": entries,
-            "provenance": json_safe(dict(provenance)),
-        }
+        manifest = {**spec.to_manifest(), "artefacts": entries}
+        manifest["provenance"] = json_safe(manifest["provenance"])
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
         (stage / MANIFEST_NAME).write_text(text, encoding="utf-8")
         verify_bundle(stage)
@@ -135,3 +123,88 @@ def write_bundle(
         return verify_bundle(root)
     except BundleError as e:  # pragma: no cover - would be a writer bug
         raise BundleError(f"the bundle just written to {root} fails verification: {e}") from e
+
+
+def _same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether two graphs hold the same initializers: names, types, shapes and payload bytes."""
+    from onnx import numpy_helper
+
+    def key(m: onnx.ModelProto) -> list[tuple[str, int, tuple[int, ...], bytes]]:
+        return [(t.name, t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in m.graph.initializer]
+
+    return key(a) == key(b)
+
+
+def _onnx_graph_only(m: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``m`` with its metadata stripped (for comparing everything but the metadata)."""
+    from medfedpure.export.onnx_export import strip_metadata
+
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    return strip_metadata(c)
+
+
+def convert_v1_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                      overwrite: bool = False) -> VerifiedBundle:
+    """Convert a format-1 bundle to the current format, changing no weight and no answer.
+
+    Verifies ``src`` as a format-1 bundle would have been verified (every listed file's size and
+    sha256; no unlisted files), then writes ``out`` with: the ONNX graphs' exporter metadata
+    stripped (their initializers checked byte-identical, their nodes unchanged), the safetensors
+    copied unchanged, and the manifest's sections in the typed form (the gate through
+    ``GateSpec.from_legacy_dict``, the mask sets packed). ``provenance.converted_from`` records the
+    old bundle id. ``src`` and ``out`` may be the same folder (then ``overwrite`` is needed).
+
+    Raises:
+        BundleError: ``src`` is not an intact format-1 bundle, or a graph changed beyond its metadata.
+    """
+    import numpy as np
+    from medfedpure.export.onnx_export import strip_metadata
+    from medfedpure.gate import GateSpec
+    from medfedpure.runtime.manifest import MaeSpec, Preprocessing, PurifierSpec
+
+    root = Path(src).resolve()
+    raw = (root / MANIFEST_NAME).read_bytes()
+    old = json.loads(raw.decode("utf-8"))
+    if old.get("format_version") != 1:
+        raise BundleError(f"{root} is format version {old.get('format_version')!r}, not 1: nothing to convert")
+    listed = {d["path"] for d in old["artefacts"].values()}
+    present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} - {MANIFEST_NAME}
+    if present != listed:
+        raise BundleError(f"{root}: files {sorted(present ^ listed)} are unlisted or missing; refusing to convert")
+    arts: dict[str, ArtefactSource] = {}
+    for name, d in old["artefacts"].items():
+        a = Artefact.from_dict(name, d)
+        data = (root / a.path).read_bytes()
+        if len(data) != a.bytes or hashlib.sha256(data).hexdigest() != a.sha256:
+            raise BundleError(f"{root}: artefact {a.path!r} does not match its manifest entry; refusing to convert")
+        if a.format == "onnx":
+            before = onnx.load_from_string(data)
+            after = strip_metadata(onnx.load_from_string(data))
+            if not _same_weights(before, after) or _onnx_graph_only(before) != after:
+                raise BundleError(f"{a.path}: stripping metadata changed the graph")  # pragma: no cover
+            data = after.SerializeToString()
+        arts[name] = ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision, data=data)
+    pre = dict(old["preprocessing"])
+    if pre.get("function") == "medfedpure.preprocess":  # the format-1 name of the same function
+        pre["function"] = "medfedpure.scan.preprocess"
+    mae = old["mae"]
+    pur = old["purifier"]
+    provenance = {**old["provenance"], "converted_from": {"format_version": 1,
+                                                           "bundle_id": hashlib.sha256(raw).hexdigest()}}
+    spec = BundleSpec(
+        classes=tuple(old["classes"]),
+        image_size=int(old["image_size"]),
+        preprocessing=Preprocessing.from_dict(pre),
+        mae=MaeSpec(patch=int(mae["patch"]), k=int(mae["k"]), norm_pix=bool(mae["norm_pix"]),
+                    visible=np.asarray(mae["visible"], dtype=np.int64).astype(bool)),
+        purifier=PurifierSpec(schedule=pur["schedule"], num_timesteps=int(pur["num_timesteps"]),
+                              alphas_cumprod=np.asarray(pur["alphas_cumprod"], dtype=np.float64),
+                              steps=int(pur["steps"]), sampler=pur["sampler"]),
+        gate=GateSpec.from_legacy_dict(old["gate"]),
+        provenance=provenance,
+    )
+    same = Path(out).resolve() == root
+    if same and not overwrite:
+        raise FileExistsError(f"converting {root} in place needs overwrite=True")
+    return write_bundle(out, arts, spec, overwrite=overwrite)

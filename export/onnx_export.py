@@ -12,6 +12,11 @@ mae             ``x`` [B,1,S,S] float32 [0,1]   ``recon`` [B,K,S,S] float32
 denoiser        ``x_t`` [B,1,S,S], ``t`` [B]    ``x0_hat`` [B,1,S,S] float32 ([−1,1] space)
 ==============  ==============================  ===================================
 
+Shipped graphs carry no exporter metadata: :func:`strip_metadata` removes every
+``metadata_props`` entry and doc string (the dynamo exporter records stack traces, FX nodes and
+module paths there, which name the build machine's source files), leaving the computation and
+the weights untouched.
+
 Verification (Polygraphy-style): both runtimes see the same inputs; we report max / mean
 absolute error and, for the classifier, top-1 agreement, with explicit tolerances.
 """
@@ -70,9 +75,85 @@ def export_module(
             module, example_inputs, dynamo=True, opset_version=OPSET, input_names=list(input_names),
             output_names=list(output_names), dynamic_shapes=dyn, external_data=False, verbose=False,
         )
-    model = prog.model_proto
+    model = strip_metadata(prog.model_proto)
     onnx.checker.check_model(model)
     return model
+
+
+def _strip_graph(graph: onnx.GraphProto) -> None:
+    del graph.metadata_props[:]
+    graph.ClearField("doc_string")
+    for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        del v.metadata_props[:]
+        v.ClearField("doc_string")
+    for sp in graph.sparse_initializer:
+        del sp.values.metadata_props[:]
+        sp.values.ClearField("doc_string")
+    for node in graph.node:
+        _strip_node(node)
+
+
+def _strip_node(node: onnx.NodeProto) -> None:
+    del node.metadata_props[:]
+    node.ClearField("doc_string")
+    for attr in node.attribute:  # control-flow subgraphs (If / Loop / Scan bodies)
+        attr.ClearField("doc_string")
+        if attr.HasField("g"):
+            _strip_graph(attr.g)
+        for g in attr.graphs:
+            _strip_graph(g)
+
+
+def strip_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove exporter metadata from ``model`` in place and return it.
+
+    Clears ``metadata_props`` and ``doc_string`` of the model, its graph (and nested control-flow
+    graphs), every node, value info, input, output, initializer and local function. Nodes,
+    tensors and their names are kept, so the graph computes exactly what it did and its
+    initializers are byte-identical.
+    """
+    del model.metadata_props[:]
+    model.ClearField("doc_string")
+    _strip_graph(model.graph)
+    for fn in model.functions:
+        del fn.metadata_props[:]
+        fn.ClearField("doc_string")
+        for node in fn.node:
+            _strip_node(node)
+        for v in fn.value_info:
+            del v.metadata_props[:]
+            v.ClearField("doc_string")
+    return model
+
+
+def metadata_entries(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """Every ``(key, value)`` metadata entry and non-empty doc string left anywhere in ``model``."""
+    found: list[tuple[str, str]] = []
+
+    def props(obj: object, where: str) -> None:
+        found.extend((f"{where}:{p.key}", p.value) for p in getattr(obj, "metadata_props", []))
+        if getattr(obj, "doc_string", ""):
+            found.append((f"{where}:doc_string", obj.doc_string))  # type: ignore[attr-defined]
+
+    def graph(g: onnx.GraphProto) -> None:
+        props(g, "graph")
+        for v in (*g.input, *g.output, *g.value_info, *g.initializer):
+            props(v, f"value {v.name}")
+        for n in (*g.node,):
+            props(n, f"node {n.name}")
+            for a in n.attribute:
+                if a.HasField("g"):
+                    graph(a.g)
+                for sub in a.graphs:
+                    graph(sub)
+
+    props(model, "model")
+    graph(model.graph)
+    for fn in model.functions:
+        props(fn, f"function {fn.name}")
+        for n in fn.node:
+            props(n, f"node {n.name}")
+    return found
 
 
 class _ClassifierGraph(nn.Module):

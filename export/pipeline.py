@@ -29,8 +29,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from medfedpure.runtime.bundle import VerifiedBundle
-from medfedpure.runtime.engines.base import SAMPLER, host_gate, purify_numpy
 from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
 from medfedpure.export.fp16 import convert_to_fp16, fp16_summary
 from medfedpure.export.onnx_export import (
@@ -40,6 +38,11 @@ from medfedpure.export.onnx_export import (
     ort_session,
     verify_against_torch,
 )
+from medfedpure.gate import GateSpec, run_gate
+from medfedpure.models.diffusion import forward_noise
+from medfedpure.runtime.bundle import VerifiedBundle
+from medfedpure.runtime.manifest import BundleSpec, MaeSpec, Preprocessing, PurifierSpec
+from medfedpure.runtime.sampler import SAMPLER, purify_numpy
 
 FP32_TOLERANCE = {"classifier": 1e-4, "mae": 1e-3, "denoiser": 1e-3}  # max abs error, torch vs ORT FP32
 MIN_TOP1_FP32 = 1.0
@@ -59,22 +62,20 @@ def _code_commit() -> str | None:
         return None
 
 
-def _gate_section(calibration: Mapping[str, Any], mae_cfg: Any) -> dict[str, Any]:
+def _gate_section(calibration: Mapping[str, Any], mae_cfg: Any) -> GateSpec:
+    from medfedpure.train.calibrate import calibration_gate_spec
+
     need = ("tau", "tau_high", "t_min", "t_max", "patch")
     missing = [k for k in need if k not in calibration]
     if missing:
         raise ValueError(f"calibration lacks {missing}: run `medfedpure calibrate` for this site")
-    gate = dict(calibration)
-    gate.setdefault("stat", "mean")
-    gate.setdefault("topk", 0)
-    gate.setdefault("policy", "adaptive")
-    gate.setdefault("norm_pix", bool(mae_cfg.norm_pix))
-    if int(gate["patch"]) != int(mae_cfg.patch):
-        raise ValueError(f"calibration patch {gate['patch']} != the MAE's patch {mae_cfg.patch}")
-    if bool(gate["norm_pix"]) != bool(mae_cfg.norm_pix):
+    if "calibration" not in calibration:  # the flat layout of older runs, where norm_pix was optional
+        calibration = {"norm_pix": bool(mae_cfg.norm_pix), **calibration}
+    gate = calibration_gate_spec(calibration)  # ValueError on a bad field or policy
+    if gate.patch != int(mae_cfg.patch):
+        raise ValueError(f"calibration patch {gate.patch} != the MAE's patch {mae_cfg.patch}")
+    if gate.norm_pix != bool(mae_cfg.norm_pix):
         raise ValueError("calibration norm_pix disagrees with the MAE's config")
-    if gate["policy"] not in ("adaptive", "floor"):
-        raise ValueError(f"calibration policy {gate['policy']!r}: expected 'adaptive' or 'floor'")
     return gate
 
 
@@ -83,7 +84,7 @@ def verify_models(
     scorer: torch.nn.Module,
     student: torch.nn.Module,
     graphs: Mapping[str, onnx.ModelProto],
-    gate: Mapping[str, Any],
+    gate: GateSpec,
     steps: int,
     x_val: np.ndarray,
     *,
@@ -99,16 +100,16 @@ def verify_models(
     rng = np.random.Generator(np.random.Philox(key=seed))
     n = x_val.shape[0]
     alphas = student.schedule.alphas_cumprod.numpy()
-    t_lo, t_hi = int(gate["t_min"]), int(gate["t_max"])
+    t_lo, t_hi = gate.t_min, gate.t_max
     t_eval = np.where(np.arange(n) % 2 == 0, t_lo, t_hi).astype(np.float32)
-    ab = np.interp(t_eval, np.arange(alphas.shape[0]), alphas).astype(np.float32).reshape(-1, 1, 1, 1)
     noise = rng.standard_normal(x_val.shape, dtype=np.float32)
-    x_t = (np.sqrt(ab) * (2 * x_val - 1) + np.sqrt(1 - ab) * noise).astype(np.float32)
+    x_t = forward_noise(torch.from_numpy(x_val), torch.from_numpy(t_eval), torch.from_numpy(noise),
+                        student.schedule).numpy()
     report: dict[str, Any] = {"num_scans": int(n)}
     vis = scorer.visible.numpy()
 
     def gate_flags(recon: np.ndarray) -> np.ndarray:
-        return host_gate(x_val, recon, vis, gate).flag
+        return run_gate(gate, x_val[:, 0], recon, vis).flag
 
     with torch.no_grad():
         recon_torch = scorer(torch.from_numpy(x_val)).numpy()
@@ -242,23 +243,18 @@ def build_bundle(
     prov["model_configs"] = {"classifier": _cfg_dict(classifier_cfg), "mae": _cfg_dict(mae_cfg),
                              "denoiser": _cfg_dict(student_cfg)}
     say("writing the bundle")
-    vb = write_bundle(
-        out, arts,
+    spec = BundleSpec(
         classes=("no_tumor", "tumor"),
         image_size=size,
-        preprocessing={"function": "medfedpure.preprocess", "size": size, "grey": "ITU-R 601 luma",
-                       "percentiles": [0.5, 99.5], "resize": "aspect-preserving bilinear, zero-padded square",
-                       "range": [0.0, 1.0]},
+        preprocessing=Preprocessing(size=size),
+        mae=MaeSpec(patch=int(mae_cfg.patch), k=int(scorer.k), norm_pix=bool(mae_cfg.norm_pix),
+                    visible=scorer.visible.numpy()),
+        purifier=PurifierSpec(schedule=sched.schedule, num_timesteps=int(sched.num_timesteps),
+                              alphas_cumprod=sched.alphas_cumprod.numpy(), steps=steps, sampler=SAMPLER),
         gate=gate,
-        mae={"patch": int(mae_cfg.patch), "k": int(scorer.k), "norm_pix": bool(mae_cfg.norm_pix),
-             "visible": scorer.visible.numpy().astype(int).tolist()},
-        purifier={"sampler": SAMPLER, "steps": steps, "schedule": sched.schedule,
-                  "num_timesteps": int(sched.num_timesteps), "space": "y = 2x - 1 (x in [0, 1])",
-                  "step_times": "t_i = t_star * (K - i) / K, i = 0..K",
-                  "alphas_cumprod": [float(v) for v in sched.alphas_cumprod.numpy()]},
         provenance=prov,
-        overwrite=overwrite,
     )
+    vb = write_bundle(out, arts, spec, overwrite=overwrite)
     return vb, report
 
 
@@ -278,6 +274,28 @@ def sha256_json_file(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def run_data_root(run: str | Path) -> Path:
+    """The data root a run folder was trained on, from its ``config.json``.
+
+    Federated runs (``fed sim``/``deploy`` and the bundle build) write ``{"fed": FedConfig}`` with
+    ``data_dir``; per-site training (``medfedpure train …``) writes one section per job, each with
+    ``data``. Raises ValueError naming the file when it names none or names different roots.
+    """
+    cfg_path = Path(run) / "config.json"
+    if not cfg_path.is_file():
+        raise ValueError(f"{cfg_path} does not exist: pass the data root explicitly (--data)")
+    cfg = json.loads(cfg_path.read_text())
+    fed = cfg.get("fed")
+    if isinstance(fed, dict) and fed.get("data_dir"):
+        return Path(fed["data_dir"])
+    roots = {str(sec["data"]) for sec in cfg.values() if isinstance(sec, dict) and sec.get("data")}
+    if len(roots) == 1:
+        return Path(roots.pop())
+    if roots:
+        raise ValueError(f"{cfg_path} names several data roots {sorted(roots)}: pass --data")
+    raise ValueError(f"{cfg_path} names no data root (neither fed.data_dir nor a job's data): pass --data")
+
+
 def export_run(run: str | Path, site: int, out: str | Path, *, data: str | Path | None = None,
                num_val: int = 64, overwrite: bool = False,
                progress: Callable[[str], None] | None = None) -> tuple[VerifiedBundle, dict[str, Any]]:
@@ -285,7 +303,7 @@ def export_run(run: str | Path, site: int, out: str | Path, *, data: str | Path 
 
     Args:
         run: the run folder. site: the site index k (``RUN/site_k``).
-        data: the data root for validation scans (default: ``config.json``'s ``data`` entry).
+        data: the data root for validation scans (default: the run's, :func:`run_data_root`).
         num_val: number of the site's validation scans used for verification.
     """
     from medfedpure.data import fingerprint, load_split
@@ -299,11 +317,8 @@ def export_run(run: str | Path, site: int, out: str | Path, *, data: str | Path 
     if missing:
         raise FileNotFoundError(f"run folder {run} lacks {missing}: train and calibrate site {site} first")
     cfg_path = run / "config.json"
-    run_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     if data is None:
-        data = run_cfg.get("data") or run_cfg.get("data_root")
-        if data is None:
-            raise ValueError(f"{cfg_path} names no data root: pass --data")
+        data = run_data_root(run)
     classifier, ccfg, _ = load_model(paths["classifier"])
     mae, mcfg, _ = load_model(paths["mae"])
     student, scfg, _ = load_model(paths["denoiser"])
@@ -322,12 +337,7 @@ def export_run(run: str | Path, site: int, out: str | Path, *, data: str | Path 
         ds = json.loads(ds_path.read_text())
         dataset = {k: ds[k] for k in ("kind", "seed", "num_sites", "size", "generator_version", "config")
                    if k in ds}
-    extra_notes = {}
-    for name in ("purifier_note.json", "metrics_purifier.json"):  # written by scripts/make_bundle.sh
-        if (run / name).is_file():
-            extra_notes[name.removesuffix(".json")] = json.loads((run / name).read_text())
     provenance = {"run": run.name, "site": int(site), "training_config_sha256": sha256_json_file(cfg_path),
-                  **extra_notes,
                   "dataset_fingerprint": data_fp, "dataset": dataset, "metrics": metrics,
                   "calibration_sha256": sha256_json_file(paths["calibration"]),
                   "weights_sha256": {k: sha256_json_file(p) for k, p in paths.items() if k != "calibration"}}

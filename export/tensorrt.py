@@ -18,7 +18,7 @@ reused across the three networks and across rebuilds on the same GPU).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,8 +132,8 @@ def add_tensorrt_plans(
     manifest keeps every other section and gains the plans' sha256 (so the bundle id changes).
     Returns the new :class:`~medfedpure.runtime.bundle.VerifiedBundle`.
     """
-    from medfedpure.runtime.bundle import verify_bundle
     from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
+    from medfedpure.runtime.bundle import verify_bundle
 
     import_tensorrt()  # fail before reading anything when TensorRT is missing
     vb = verify_bundle(bundle)
@@ -148,10 +148,6 @@ def add_tensorrt_plans(
         arts[f"{role}.trt.{arch}.{precision}"] = ArtefactSource(
             path=f"tensorrt/{arch}/{role}.{precision}.plan", role=role, format="tensorrt", precision=precision,
             data=plan)
-    m = vb.manifest
-    prov = dict(m["provenance"])
-    prov["tensorrt"] = {"arch": arch, "version": import_tensorrt().__version__,
-                        "profile": [profile.min_batch, profile.opt_batch, profile.max_batch]}
-    return write_bundle(out, arts, classes=tuple(m["classes"]), image_size=m["image_size"],
-                        preprocessing=m["preprocessing"], gate=m["gate"], mae=m["mae"], purifier=m["purifier"],
-                        provenance=prov, overwrite=overwrite)
+    prov = {**vb.spec.provenance, "tensorrt": {"arch": arch, "version": import_tensorrt().__version__,
+                                               "profile": [profile.min_batch, profile.opt_batch, profile.max_batch]}}
+    return write_bundle(out, arts, replace(vb.spec, provenance=prov), overwrite=overwrite)

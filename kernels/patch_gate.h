@@ -1,6 +1,6 @@
 // The fused patch gate: one operation, one signature for the CPU and the CUDA implementation.
 //
-// Semantics: shared/DESIGN.md section 5; the oracle is medfedpure.ops.patch_gate_reference, which
+// Semantics: docs/design.md, "Gate semantics"; the oracle is medfedpure.gate.patch_gate_reference, which
 // mirrors the arithmetic below step for step so that all three implementations agree BIT FOR BIT
 // on patch errors and scores (and therefore exactly on flags and t*, ties at tau included):
 //

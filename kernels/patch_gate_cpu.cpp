@@ -316,9 +316,9 @@ void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon
 
   const int64_t B = params.batch;
   if (num_threads <= 0) {
-    // One thread per ~4 M pixel-sets (~4 ms of work at ~1 ns each), so that thread start-up
-    // (~50 us) never matters. Measured on the shared 2-core dev box (load ~7), a second thread
-    // only waited for a core: batches up to 32 x 224 px ran fastest on one (benchmarks/RESULTS.md).
+    // One thread per ~4 M pixel-sets of work, so that thread start-up
+    // never matters. On a loaded 2-core box a second thread only waits for a core, so the common
+    // batch sizes run on one thread (benchmarks/RESULTS.md, "Gate and detector").
     const int64_t work = B * (params.sets + 1) * int64_t(params.size) * params.size;
     const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
     num_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(hw, work >> 22)));

@@ -15,10 +15,10 @@
 // the (P-1)*side diagonal row partials of x; one thread per patch combines them into e (written to
 // patch_err) and w (written to the `work` scratch); the last block ranks w to select the m tissue
 // patches (compacted into shared memory in rank order) and rank-counts their e to find the two
-// middle values: O(Np^2 / threads) comparisons, Np <= 784 at 224 px patch 8. Measured on an H200
-// (K = 4, patch 8, B = 1, fp16): 11.5 us at 128 px, 32 us at 224 px; a shared-memory bitonic sort
-// of (w, index) and then of e took 20 / 34 us (its ~100 barrier-separated stages cost more than
-// the comparisons), the rank loop before splitting it at i (two compares per j) 12.5 / 53 us.
+// middle values: O(Np^2 / threads) comparisons, Np <= 784 at 224 px patch 8. This split rank loop
+// was faster than a shared-memory bitonic sort of (w, index) and then of e (whose many
+// barrier-separated stages cost more than the comparisons) and than the unsplit rank loop (two
+// compares per j); timings in benchmarks/RESULTS.md, "Gate and detector", and docs/history.md.
 //
 // No device synchronisation anywhere; all calls are asynchronous on the caller's stream.
 #include <cuda_fp16.h>

@@ -1,17 +1,18 @@
 """benchmarks/adaptive_eval.py: the full-pipeline attack (rung 2) stays in its ball, is reproducible, and
-the unbounded sanity check of EVALUATION.md breaks the defence on the tiny bundle; the evasion attack
+the unbounded sanity check of docs/evaluation.md breaks the defence on the tiny bundle; the evasion attack
 (rung 3a) uses the deployed gate statistic, stays in its ball and reports exactly the scans that evade."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 import torch
 from medfedpure import Defender
-from medfedpure.export.tiny import cached_tiny_bundle, tiny_scans
 from medfedpure.runtime.engines.torch_engine import TorchEngine
+from tiny_bundle import cached_tiny_bundle, tiny_scans
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
@@ -48,7 +49,7 @@ def test_pipeline_pgd_stays_in_the_ball_and_is_reproducible(ae, setup) -> None:
 
 
 def test_unbounded_attack_breaks_the_defence(ae, setup) -> None:
-    """EVALUATION.md's sanity check: with ε = 1 the defended accuracy falls to ~0."""
+    """The sanity check of docs/evaluation.md: with ε = 1 the defended accuracy falls to ~0."""
     d, ref, x, y = setup
     clean = ae.defended(d, x.numpy(), y.numpy(), repeats=2, seed=0)
     assert clean["defended_acc_mean"] > 0.5
@@ -60,9 +61,10 @@ def test_unbounded_attack_breaks_the_defence(ae, setup) -> None:
 
 # rung 3 (a): detector-aware evasion --------------------------------------------------------------
 
-def test_hfratio_torch_equals_the_gate_oracle(ae) -> None:
-    """The attack's differentiable gate statistic is the deployed one (oracle of medfedpure.gate)."""
-    from medfedpure.train.scores import gate_scores, tissue_patches
+def test_attack_statistic_equals_the_gate_oracle(ae) -> None:
+    """The attack's differentiable gate statistic (the gate's torch version, as rung 3 calls it) is the
+    deployed one: the oracle of medfedpure.gate, to float rounding."""
+    from medfedpure.gate import GateSpec, run_gate
 
     rng = np.random.default_rng(3)
     s, p, k = 64, 8, 4
@@ -71,10 +73,13 @@ def test_hfratio_torch_equals_the_gate_oracle(ae) -> None:
     x = rng.random((5, 1, s, s), dtype=np.float32)
     recon = np.clip(x + 0.1 * rng.standard_normal((5, k, s, s), dtype=np.float32), 0, 1).astype(np.float32)
     for m in (1, 25, 32, 64):
-        ref, _ = gate_scores(x, recon, vis, patch=p, stat="hfratio", topk=m)
-        sel = torch.from_numpy(tissue_patches(recon, vis, patch=p, m=m))
-        got = ae.hfratio_torch(torch.from_numpy(x), sel, p).numpy()
-        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=f"m={m}")
+        spec = GateSpec(stat="hfratio", patch=p, topk=m, norm_pix=False, tau=1.0, tau_high=2.0, t_min=0, t_max=10)
+        ref = run_gate(spec, x[:, 0], recon, vis, backend="reference").score
+        xt = torch.from_numpy(x).requires_grad_(True)
+        got = run_gate(spec, xt[:, 0], torch.from_numpy(recon), vis, backend="torch").score
+        np.testing.assert_allclose(got.detach().numpy(), ref, rtol=1e-5, err_msg=f"m={m}")
+        (grad,) = torch.autograd.grad(got.sum(), xt)
+        assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
 
 
 def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> None:
@@ -83,11 +88,11 @@ def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> Non
     with pytest.raises(SystemExit, match="hfratio"):
         ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, progress=False)
     # the tiny bundle's gate made an hfratio gate, τ above every clean score
-    g = d.engine.gate_cfg
-    g.update(stat="hfratio", topk=8)
-    sel = torch.from_numpy(ae.tissue_patches(d, x.numpy()))
-    clean = ae.hfratio_torch(x, sel, int(g["patch"]))
-    g.update(tau=float(clean.max()) * 1.3, tau_high=float(clean.max()) * 2)
+    eng = d.engine
+    eng.gate_spec = dataclasses.replace(eng.gate_spec, stat="hfratio", topk=8)
+    clean = eng.to_numpy(eng.gate(eng.to_native(x.numpy()), eng.mae(eng.to_native(x.numpy()))).score)
+    eng.gate_spec = dataclasses.replace(eng.gate_spec, tau=float(clean.max()) * 1.3, tau_high=float(clean.max()) * 2)
+    g = eng.gate_spec
     eps = 32 / 255  # the tiny model's scans are noise-like: a large ε so that some evade
     a, st = ae.evasion_pgd(d, ref, x, y, eps, steps=8, factor=2, progress=False)
     b, _ = ae.evasion_pgd(d, ref, x, y, eps, steps=8, factor=2, progress=False)
@@ -100,7 +105,7 @@ def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> Non
     score = d.engine.to_numpy(gate.score)
     with torch.no_grad():
         wrong = (ref.models["classifier"](a).argmax(1) != y).numpy()
-    evading = (score < 0.95 * g["tau"]) & wrong
+    evading = (score < 0.95 * g.tau) & wrong
     assert 0 < evading.sum() == round(st["evading_and_wrong_during_attack"] * len(x))
     with pytest.raises(SystemExit, match="divide"):
         ae.evasion_pgd(d, ref, x, y, eps, steps=1, factor=5, progress=False)
@@ -109,9 +114,9 @@ def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> Non
 def test_evasion_under_the_floor_policy_goes_through_the_purifier(ae, setup) -> None:
     _, ref, x, y = setup
     d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1, policy="floor")
-    g = d.engine.gate_cfg
-    g.update(stat="hfratio", topk=8, tau=10.0, tau_high=20.0)  # nothing flagged; floor: all purified
-    assert (ae.gate_t_star(d, x.numpy()) == int(g["t_min"])).all()
+    d.engine.gate_spec = dataclasses.replace(d.engine.gate_spec, stat="hfratio", topk=8, tau=10.0, tau_high=20.0)
+    # nothing flagged; floor: all purified
+    assert (ae.gate_t_star(d, x.numpy()) == d.engine.gate_spec.t_min).all()
     a, st = ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, eot=2, seed=3, progress=False)
     b, _ = ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, eot=2, seed=3, progress=False)
     assert torch.equal(a, b)  # the purifier's noise comes from the seeded generator
@@ -127,7 +132,10 @@ def test_transfer_evasion_uses_only_the_surrogate(ae, setup) -> None:
     """Rung 6 (b): in the ball, deterministic, and a function of the surrogate alone (no Defender)."""
     _, ref, x, y = setup
     sur = ref.models["classifier"]
-    kw = dict(steps=4, patch=8, m=8, tau=1.0, factor=2)
+    from medfedpure.gate import GateSpec
+
+    gate = GateSpec(stat="hfratio", patch=8, topk=8, norm_pix=False, tau=1.0, tau_high=2.0, t_min=0, t_max=10)
+    kw = dict(steps=4, gate=gate, factor=2)
     a = ae.transfer_evasion(sur, x, y, 8 / 255, **kw)
     assert torch.equal(a, ae.transfer_evasion(sur, x, y, 8 / 255, **kw))
     assert float((a - x).abs().max()) <= 8 / 255 + 1e-6 and float(a.min()) >= 0 and float(a.max()) <= 1

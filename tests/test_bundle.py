@@ -7,9 +7,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
-from medfedpure.runtime.bundle import FORMAT_VERSION, BundleError, check_relpath, verify_bundle
 from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
+from medfedpure.runtime.bundle import FORMAT_VERSION, BundleError, check_relpath, verify_bundle
+from medfedpure.runtime.manifest import BundleSpec, MaeSpec, Preprocessing, PurifierSpec
 
 PAYLOADS = {
     "classifier": ("classifier.onnx", "classifier", "onnx", "fp32", b"\x08\x07classifier-graph" * 10),
@@ -18,13 +20,28 @@ PAYLOADS = {
 }
 
 
+LEGACY_GATE = {"stat": "mean", "topk": 0, "norm_pix": False, "patch": 8, "tau": 0.1, "tau_high": 0.2,
+               "t_min": 40, "t_max": 200, "policy": "adaptive", "steps": 2}
+
+
+def small_spec(provenance: dict | None = None) -> BundleSpec:
+    """A valid 32 px spec: 16 patches of 8 px, two mask sets (each hides half the patches)."""
+    from medfedpure.gate import GateSpec
+
+    visible = np.array([[True, False] * 8, [False, True] * 8])
+    table = np.cos(np.linspace(0, 1.4, 11)) ** 2
+    return BundleSpec(classes=("no_tumor", "tumor"), image_size=32, preprocessing=Preprocessing(size=32),
+                      mae=MaeSpec(patch=8, k=2, norm_pix=False, visible=visible),
+                      purifier=PurifierSpec(schedule="cosine", num_timesteps=10, alphas_cumprod=table / table[0],
+                                            steps=2, sampler="ddim_eta0_uniform"),
+                      gate=GateSpec.from_legacy_dict(LEGACY_GATE),
+                      provenance={"code_commit": "abc"} if provenance is None else provenance)
+
+
 def _write(root: Path) -> None:
     arts = {n: ArtefactSource(path=p, role=r, format=f, precision=pr, data=d)
             for n, (p, r, f, pr, d) in PAYLOADS.items()}
-    write_bundle(root, arts, classes=("no_tumor", "tumor"), image_size=32,
-                 preprocessing={"function": "medfedpure.preprocess"},
-                 gate={"tau": 0.1}, mae={"patch": 8}, purifier={"steps": 2},
-                 provenance={"code_commit": "abc"})
+    write_bundle(root, arts, small_spec())
 
 
 @pytest.fixture()
@@ -40,6 +57,8 @@ def test_round_trip(bundle: Path) -> None:
     assert vb.bundle_id == hashlib.sha256(raw).hexdigest()
     assert vb.manifest["format_version"] == FORMAT_VERSION
     assert vb.classes == ("no_tumor", "tumor") and vb.image_size == 32
+    assert vb.spec.to_manifest() == {k: v for k, v in json.loads(raw).items() if k != "artefacts"}
+    np.testing.assert_array_equal(vb.spec.mae.visible, small_spec().mae.visible)
     for name, (_, role, fmt, prec, data) in PAYLOADS.items():
         assert vb.read_bytes(name) == data
         a = vb.artefacts[name]
@@ -141,8 +160,16 @@ def test_manifest_problems_refused(bundle: Path, tmp_path: Path) -> None:
     _edit_manifest(bundle, lambda d: d.__setitem__("format_version", 99))
     with pytest.raises(BundleError, match="format version"):
         verify_bundle(bundle)
+    _edit_manifest(bundle, lambda d: d.__setitem__("format_version", 1))
+    with pytest.raises(BundleError, match="version 1 is not supported.*convert"):
+        verify_bundle(bundle)
+    _edit_manifest(bundle, lambda d: d.__setitem__("format_version", FORMAT_VERSION))
     _edit_manifest(bundle, lambda d: d.pop("gate"))
     with pytest.raises(BundleError, match="lacks"):
+        verify_bundle(bundle)
+    _edit_manifest(bundle, lambda d: d.__setitem__("gate", {}))
+    _edit_manifest(bundle, lambda d: d.__setitem__("extra_section", {}))
+    with pytest.raises(BundleError, match="unknown sections"):
         verify_bundle(bundle)
     (bundle / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="JSON"):
@@ -166,15 +193,14 @@ def test_check_relpath_accepts_plain_paths() -> None:
 
 def test_writer_makes_provenance_strict_json(tmp_path: Path) -> None:
     arts = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32", data=b"x")}
-    vb = write_bundle(tmp_path / "b", arts, classes=("no_tumor", "tumor"), image_size=32, preprocessing={},
-                      gate={}, mae={}, purifier={},
-                      provenance={"metrics": {"max_update_norm": float("inf"), "x": [float("nan"), 1.0]}})
+    spec = small_spec({"metrics": {"max_update_norm": float("inf"), "x": [float("nan"), 1.0]}})
+    vb = write_bundle(tmp_path / "b", arts, spec)
     assert vb.manifest["provenance"]["metrics"] == {"max_update_norm": "inf", "x": ["nan", 1.0]}
+    assert vb.spec.provenance["metrics"]["x"] == ("nan", 1.0)  # read-only view
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     arts = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32", data=b"x")}
     with pytest.raises(TypeError, match="JSON serializable"):
-        write_bundle(tmp_path / "b", arts, classes=("no_tumor", "tumor"), image_size=32, preprocessing={},
-                     gate={"bad": object()}, mae={}, purifier={}, provenance={})
+        write_bundle(tmp_path / "b", arts, small_spec({"bad": object()}))
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -7,10 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from medfedpure.gate import WHITE_RATIO, GateSpec, gate_scores, tissue_patches
+from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 from medfedpure.models.mae import MAEConfig, MaskedAutoencoder, scoring_masks
-from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate, student_schedule, threshold_at_ffr
+from medfedpure.train.calibrate import (
+    CalibrationConfig,
+    calibrate_gate,
+    calibration_gate_spec,
+    student_schedule,
+    threshold_at_ffr,
+)
 from medfedpure.train.checkpoint import save_tensors
-from medfedpure.train.scores import WHITE_RATIO, gate_scores, hfratio_scores
 
 VIS = scoring_masks(16, 4)  # 32 px scans, 8 px patches
 
@@ -42,27 +49,47 @@ def test_bad_calibration_config(kw):
         CalibrationConfig(**kw)
 
 
+def test_purify_schedule_defaults_and_validation():
+    assert PURIFY_DEFAULTS == PurifySchedule(t_min=60, t_max=200, steps=1)
+    assert PURIFY_DEFAULTS.to_dict() == {"t_min": 60, "t_max": 200, "steps": 1}
+    c = CalibrationConfig()
+    assert (c.t_min, c.t_max, c.steps) == (60, 200, 1) and c.schedule == PURIFY_DEFAULTS
+    for kw, msg in ((dict(t_min=-1), "t_min"), (dict(t_min=201), "t_min"), (dict(t_max=1001), "T = 1000"),
+                    (dict(steps=3), "K = 1, 2 or 4"), (dict(steps=0), "steps"), (dict(t_min=60.5), "int")):
+        with pytest.raises(ValueError, match=msg):
+            PurifySchedule(**kw)
+    with pytest.raises(ValueError, match="steps"):
+        CalibrationConfig(steps=3)
+    with pytest.raises(ValueError, match="T = 1000"):
+        CalibrationConfig(t_max=1500)
+
+
+def _hfratio(x: np.ndarray, recon: np.ndarray, vis: np.ndarray, *, patch: int, m: int):
+    """The gate's hfratio statistic over the m tissue patches (the oracle, as calibration scores it)."""
+    return gate_scores(x, recon, vis, patch=patch, stat="hfratio", topk=m)
+
+
 def test_hfratio_white_vs_band_limited_and_scale_invariance():
     rng = np.random.default_rng(0)
     s = 32
     recon = np.repeat(np.full((8, 1, s, s), 0.5, np.float32), 4, axis=1)
     white = (0.5 + 0.02 * rng.standard_normal((8, s, s))).astype(np.float32)
-    sw, e = hfratio_scores(white, recon, VIS, patch=8, tissue_fraction=1.0)
+    sw, e = _hfratio(white, recon, VIS, patch=8, m=16)
     assert e.shape == (8, 16) and sw.shape == (8,)
     assert abs(float(sw.mean()) - WHITE_RATIO) < 0.15  # flat spectrum: 36/16 (L gain) over 1 (D gain)
     bl = _band_limited(rng, 8, s, 0.5)
     bl = (0.5 + 0.02 * bl / bl.std()).astype(np.float32)
-    sb, _ = hfratio_scores(bl, recon, VIS, patch=8, tissue_fraction=1.0)
+    sb, _ = _hfratio(bl, recon, VIS, patch=8, m=16)
     assert sb.max() < 0.5 * WHITE_RATIO  # no energy near Nyquist: a far lower ratio
     # adding a ±eps sign pattern (what l_inf PGD does to every pixel) raises it
     signs = rng.choice([-1.0, 1.0], size=bl.shape).astype(np.float32)
-    sa, _ = hfratio_scores(bl + 0.02 * signs, recon, VIS, patch=8, tissue_fraction=1.0)
+    sa, _ = _hfratio(bl + 0.02 * signs, recon, VIS, patch=8, m=16)
     assert (sa > sb).all()
     # the ratio does not depend on the noise level: scaling the residual leaves it unchanged
     # (up to the 1e-6 guard in the denominator, negligible at these levels)
     big = (0.5 + 0.1 * (bl - 0.5) / 0.02).astype(np.float32)
-    s1, _ = hfratio_scores(big, recon, VIS, patch=8, tissue_fraction=1.0)
-    s2, _ = hfratio_scores(0.5 + 3 * (big - 0.5), recon, VIS, patch=8, tissue_fraction=1.0)
+    s1, _ = _hfratio(big, recon, VIS, patch=8, m=16)
+    s2, _ = _hfratio(0.5 + 3 * (big - 0.5), recon, VIS, patch=8, m=16)
     np.testing.assert_allclose(s2, s1, rtol=2e-3)
 
 
@@ -72,14 +99,15 @@ def test_hfratio_tissue_selection_uses_the_reconstruction():
     x[0, :16] += 0.05 * rng.choice([-1.0, 1.0], size=(16, 32)).astype(np.float32)  # white top half
     recon = np.zeros((1, 4, 32, 32), np.float32)
     recon[:, :, :16] = 0.8  # the MAE says: tissue on top, air below
-    top, e = hfratio_scores(x, recon, VIS, patch=8, tissue_fraction=0.5)
+    top, e = _hfratio(x, recon, VIS, patch=8, m=8)
     assert top[0] == pytest.approx(np.median(e[0, :8]), rel=1e-6)
     recon2 = recon[:, :, ::-1].copy()  # tissue below: the smooth half is scored
-    bottom, _ = hfratio_scores(x, recon2, VIS, patch=8, tissue_fraction=0.5)
+    bottom, _ = _hfratio(x, recon2, VIS, patch=8, m=8)
     assert bottom[0] < 0.01 < top[0]
-    # through gate_scores, m travels as topk
-    via_gate, _ = gate_scores(x, recon, VIS, patch=8, stat="hfratio", topk=8)
-    assert via_gate[0] == top[0]
+    # the scored patches are the gate's tissue selection: the top half of the scan
+    sel = tissue_patches(recon, VIS, patch=8, m=8)
+    assert sorted(sel[0].tolist()) == list(range(8))
+    assert top[0] == np.float32(np.median(e[0, sel[0]]))
     with pytest.raises(ValueError, match="topk"):
         gate_scores(x, recon, VIS, patch=8, stat="hfratio", topk=17)
 
@@ -110,10 +138,17 @@ def test_calibrate_gate_fields_and_rates(tmp_path):
     xv = np.clip(0.5 + 0.05 * rng.standard_normal((40, 1, 32, 32)), 0, 1).astype(np.float32)
     for stat in ("mean", "hfratio"):
         c = calibrate_gate(mae, xv, CalibrationConfig(stat=stat, target_ffr=0.1, t_min=10, t_max=90, steps=4))
-        for key in ("stat", "topk", "norm_pix", "patch", "tau", "tau_high", "t_min", "t_max", "policy", "steps",
-                    "target_false_flag_rate", "num_val_scans", "val_false_flag_rate"):
+        for key in ("stat", "topk", "norm_pix", "patch", "tau", "tau_high", "t_min", "t_max", "policy", "steps"):
             assert key in c
-        assert c["num_val_scans"] == 40 and c["val_false_flag_rate"] <= 0.1
+        cal = c["calibration"]
+        for key in ("target_false_flag_rate", "num_val_scans", "val_false_flag_rate", "score_quantiles",
+                    "tau_high_rule"):
+            assert key in cal
+        assert cal["num_val_scans"] == 40 and cal["val_false_flag_rate"] <= 0.1 and cal["target_false_flag_rate"] == 0.1
+        # the file is the manifest's gate section plus the purifier's K and the schedule's source
+        spec = calibration_gate_spec(c)
+        assert {**spec.to_dict(), "steps": 4, "schedule_source": "options"} == c
+        assert GateSpec.from_legacy_dict(spec.to_legacy_dict()) == spec
         assert c["tau_high"] > c["tau"] and (c["t_min"], c["t_max"], c["steps"]) == (10, 90, 4)
         assert c["schedule_source"] == "options"
         assert c["topk"] == (8 if stat == "hfratio" else 0)  # hfratio: m = Np / 2 tissue patches
@@ -153,7 +188,8 @@ def test_cli_calibrate(tmp_path, monkeypatch):
                                  "--target-ffr", "0.1"])
     assert r.exit_code == 0, r.output
     c = json.loads((run / "site_2" / "calibration.json").read_text())
-    assert c["stat"] == "hfratio" and c["num_val_scans"] == 20 and c["val_false_flag_rate"] <= 0.1
+    assert c["stat"] == "hfratio" and c["calibration"]["num_val_scans"] == 20
+    assert c["calibration"]["val_false_flag_rate"] <= 0.1
     r = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path), "--run", str(run), "--stat", "nope"])
     assert r.exit_code != 0
 
@@ -173,4 +209,5 @@ def test_cli_calibrate(tmp_path, monkeypatch):
     assert (c["steps"], c["t_min"], c["t_max"], c["schedule_source"]) == (1, 60, 200, "options")
     r = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path), "--run", str(run), "--steps", "4"])
     c = json.loads((run / "site_0" / "calibration.json").read_text())
-    assert (c["steps"], c["t_min"], c["t_max"]) == (4, 20, 150)  # the others at their defaults
+    assert (c["steps"], c["t_min"], c["t_max"]) == (4, 60, 200)  # the others at their defaults
+    assert (c["t_min"], c["t_max"]) == (PURIFY_DEFAULTS.t_min, PURIFY_DEFAULTS.t_max)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from medfedpure import Defender, Result, ScanError, load_scan
 from medfedpure.runtime.bundle import BundleError
-from medfedpure.export.tiny import cached_tiny_bundle, tiny_scans
 from PIL import Image
+from tiny_bundle import cached_tiny_bundle, tiny_scans
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 torch.set_num_threads(1)
@@ -108,8 +108,8 @@ def test_early_exit_vs_purified(d_ort: Defender, split) -> None:
     np.testing.assert_array_equal(r.purified, x[i_clean])  # the classifier saw the scan itself
     assert r.patch_error.shape == (16,) and np.all(r.patch_error >= 0)
     r = d_ort.run_array(x[i_flag:i_flag + 1], seeds=[3], return_purified=True)[0]
-    gate = d_ort.bundle.gate
-    assert r.flagged and gate["t_min"] <= r.t_star <= gate["t_max"] and r.latency_ms["purify"] > 0
+    gate = d_ort.bundle.spec.gate
+    assert r.flagged and gate.t_min <= r.t_star <= gate.t_max and r.latency_ms["purify"] > 0
     assert np.abs(r.purified - x[i_flag]).mean() > 1e-3
 
 
@@ -137,9 +137,9 @@ def test_mixed_batch_purifies_only_flagged(d_ort: Defender, split, monkeypatch) 
 
 def test_floor_policy_purifies_everything(d_ort: Defender, split) -> None:
     x, flagged, _ = split
-    d_ort.engine.gate_cfg["policy"] = "floor"
+    d_ort.engine.gate_spec = d_ort.engine.gate_spec.with_policy("floor")
     rs = d_ort.run_array(x[:8], seeds=[0] * 8)
-    t_min = d_ort.bundle.gate["t_min"]
+    t_min = d_ort.bundle.spec.gate.t_min
     assert all(r.t_star >= t_min for r in rs)
     assert [r.flagged for r in rs] == flagged[:8].tolist()
     assert all(r.t_star == t_min for r, f in zip(rs, flagged[:8], strict=True) if not f)
@@ -270,7 +270,7 @@ def test_cli_run_and_verify_bundle(bundle_path: Path, tmp_path: Path) -> None:
     row = json.loads(res.output.strip().splitlines()[-1])
     assert row["scan"] == str(png) and row["status"] == "ok" and row["seed"] == 5
     res = runner.invoke(app, ["verify-bundle", str(bundle_path)])
-    assert res.exit_code == 0 and "OK · format 1" in res.output
+    assert res.exit_code == 0 and "OK · format 2" in res.output
     bad = tmp_path / "bad"
     shutil.copytree(bundle_path, bad)
     (bad / "extra.txt").write_text("x")
@@ -348,8 +348,8 @@ def test_policy_override(bundle_path: Path, split) -> None:
     """policy="floor" purifies every scan (t* ≥ t_min); "adaptive" lets unflagged scans through untouched."""
     x, flagged, _ = split
     base = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1)
-    assert base.policy == base.bundle.gate["policy"] == "adaptive"
-    t_min = int(base.bundle.gate["t_min"])
+    assert base.policy == base.bundle.spec.gate.policy == "adaptive"
+    t_min = base.bundle.spec.gate.t_min
     floor = Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1, policy="floor")
     assert floor.policy == "floor"
     seeds = list(range(len(x)))
@@ -369,7 +369,7 @@ def test_policy_override(bundle_path: Path, split) -> None:
     assert [r.t_star for r in back.run_array(x, seeds=seeds)] == [r.t_star for r in ra]
     # the policy travels with each gate call: an engine shared by two Defenders is not changed
     shared = Defender(base.bundle, base.engine, policy="floor")
-    assert base.engine.gate_cfg["policy"] == "adaptive" and base.policy == "adaptive" and shared.policy == "floor"
+    assert base.engine.gate_spec.policy == "adaptive" and base.policy == "adaptive" and shared.policy == "floor"
     assert [r.t_star for r in shared.run_array(x, seeds=seeds)] == [r.t_star for r in rf]
     assert [r.t_star for r in base.run_array(x, seeds=seeds)] == [r.t_star for r in ra]
 

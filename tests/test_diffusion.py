@@ -9,6 +9,7 @@ import torch
 from medfedpure.models.diffusion import (
     DiffusionSchedule,
     ddim_sample,
+    forward_noise,
     make_alphas_cumprod,
     make_purification_augment,
     purify,
@@ -140,6 +141,24 @@ def test_purify_bad_inputs(model):
         purify(model, x, torch.full((4,), 1001), 2, generator=g)
     with pytest.raises(ValueError, match="expected \\[B, C, S, S\\]"):
         purify(model, x[0], torch.zeros(1), 2, generator=g)
+
+
+def test_purify_noise_input_equals_generator_draw(model):
+    """k-diffusion style: the noise may be given; then it is exactly the generator's draw."""
+    x = _images()
+    t = torch.tensor([0, 30, 90, 200])
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        drawn = purify(model, x, t, 2, generator=torch.Generator().manual_seed(4))
+        given = purify(model, x, t, 2, noise=noise)
+        x_t = forward_noise(x, t, noise, SCH)
+    assert torch.equal(drawn, given)
+    torch.testing.assert_close(x_t, SCH.q_sample(to_model_space(x), t.float(), noise), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="both noise= and generator="):
+        purify(model, x, t, 2, noise=noise, generator=torch.Generator())
+    with pytest.raises(ValueError, match="noise has shape"):
+        purify(model, x, t, 2, noise=noise[:2])
+    assert purify(model, x[:0], t[:0], 2, noise=noise[:0]).shape == (0, 1, 16, 16)
 
 
 def test_purify_is_differentiable(model):

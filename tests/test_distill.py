@@ -99,7 +99,7 @@ def test_unshuffled_teacher_trains_and_distils():
     out = distill_student(teacher, student, teacher.schedule, x[:10], x[10:],
                           DistillConfig.preset("tiny", epochs=1, steps_per_epoch=5, val_steps=1, crop_size=8),
                           progress=False)
-    # Measured: one-step PSNR vs the teacher's trajectory 48.6 dB before distillation, 52.1 dB after.
+    # Distillation must raise the one-step PSNR against the teacher's trajectory by a clear margin.
     assert out["val"]["psnr_k1"] > out["init_val"]["psnr_k1"] + 1.5
 
 
@@ -149,8 +149,9 @@ def test_trajectory_cache_with_oracle_is_exact():
 def test_student_matches_teacher_on_tiny_fitted_example():
     """Fit a teacher on 16 tiny disc images for ~2 s, distil, compare one-step student to 8-step DDIM.
 
-    Measured here (3 seeds, validation t_s = 40): teacher run with 1 step 47.2–48.4 dB vs its own
-    8-step result; the distilled student with 1 step 55.6–56.5 dB. Asserted with ~3 dB margin.
+    The distilled one-step student must beat the teacher run with one step against the teacher's own
+    8-step result (validation t_s = 40); the thresholds leave a margin of a few dB below what the
+    fit reaches over several seeds.
     """
     x = blobs(20, 16, 0)
     torch.manual_seed(0)  # weight init only
@@ -174,7 +175,7 @@ def test_student_matches_teacher_on_tiny_fitted_example():
         base = ddim_sample(teacher, x_t, t_s, 1)
     got = psnr((one.clamp(-1, 1) + 1) / 2, (ref.clamp(-1, 1) + 1) / 2)
     got_base = psnr((base.clamp(-1, 1) + 1) / 2, (ref.clamp(-1, 1) + 1) / 2)
-    # Measured: student-1 59.1 / 48.2 / 39.5 / 33.5 dB, teacher-1 57.6 / 40.5 / 34.5 / 30.2 dB.
+    # The one-step student stays above the one-step teacher at every start time; the bounds keep a margin.
     assert float(got.mean()) > 42.0
     assert float(got.mean()) > float(got_base.mean()) + 2.0
     assert bool((got > got_base - 0.5).all())

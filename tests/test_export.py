@@ -8,12 +8,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from medfedpure.runtime.bundle import verify_bundle
-from medfedpure.runtime.engines.base import decide
 from medfedpure.export.fp16 import FP32_OPS, convert_to_fp16, fp16_summary
 from medfedpure.export.onnx_export import compare_outputs, export_module, ort_session, verify_against_torch
 from medfedpure.export.pipeline import ExportVerificationError, check_report
-from medfedpure.export.tiny import cached_tiny_bundle, tiny_scans
+from medfedpure.runtime.bundle import verify_bundle
+from tiny_bundle import cached_tiny_bundle, tiny_scans
 from torch import nn
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -128,9 +127,13 @@ def test_tiny_bundle_manifest() -> None:
     assert {(a.role, a.format, a.precision) for a in vb.artefacts.values()} == {
         (r, f, p) for r in ("classifier", "mae", "denoiser") for f, p in (("onnx", "fp32"), ("onnx", "fp16"),
                                                                           ("safetensors", "fp32"))}
-    np.testing.assert_array_equal(np.array(m["mae"]["visible"], bool), scoring_masks(16, 4))
-    np.testing.assert_array_equal(np.array(m["purifier"]["alphas_cumprod"]),
-                                  make_alphas_cumprod(m["purifier"]["schedule"], m["purifier"]["num_timesteps"]).numpy())
+    spec = vb.spec
+    np.testing.assert_array_equal(spec.mae.visible, scoring_masks(16, 4))
+    assert m["mae"]["visible"]["encoding"] == "packbits-base64" and m["mae"]["visible"]["shape"] == [4, 16]
+    np.testing.assert_array_equal(spec.purifier.alphas_cumprod,
+                                  make_alphas_cumprod(spec.purifier.schedule, spec.purifier.num_timesteps).numpy())
+    assert spec.preprocessing.size == 32 and spec.purifier.sampler == "ddim_eta0_uniform"
+    assert m["format_version"] == 2
     v = m["provenance"]["verification"]
     assert v["fp32"]["classifier"]["top1"] == 1.0 and v["fp32"]["classifier"]["max_abs"] < 1e-5
     assert v["fp32"]["mae"]["max_abs"] < 1e-4 and v["fp32"]["denoiser"]["max_abs"] < 1e-4
@@ -141,8 +144,43 @@ def test_tiny_bundle_manifest() -> None:
         assert [i.name for i in model.graph.input][0] in ("x", "x_t")
 
 
+def _names_a_source_path(text: str) -> bool:
+    return ".py" in text or "/work/" in text or "site-packages" in text or "File \"" in text
+
+
+@pytest.mark.parametrize("name", ["classifier", "classifier.fp16", "mae", "mae.fp16", "denoiser", "denoiser.fp16"])
+def test_shipped_graphs_hold_no_exporter_metadata(name: str) -> None:
+    """Neither the exported tiny bundle's graphs nor the default bundle's carry metadata or paths."""
+    from medfedpure.export.onnx_export import metadata_entries
+    from medfedpure.runtime.bundle import default_bundle_path
+
+    for root in (cached_tiny_bundle(), default_bundle_path()):
+        data = verify_bundle(root).read_bytes(name)
+        assert metadata_entries(onnx.load_from_string(data)) == []
+        assert b"stack_trace" not in data and b"site-packages" not in data and b"/work/" not in data
+
+
+def test_strip_metadata_keeps_the_graph(standin) -> None:
+    """A fresh dynamo export has stack traces naming source files; stripping leaves only the computation."""
+    from medfedpure.export.onnx_export import metadata_entries, strip_metadata
+
+    module, exported = standin
+    g = torch.Generator().manual_seed(1)
+    inputs = (torch.rand(2, 1, 16, 16, generator=g), torch.rand(2, generator=g))
+    raw = torch.onnx.export(module.eval(), inputs, dynamo=True, opset_version=20, input_names=["x", "t"],
+                            output_names=["probs"], external_data=False, verbose=False).model_proto
+    assert any(_names_a_source_path(v) for _, v in metadata_entries(raw))
+    before = [(i.name, i.raw_data) for i in raw.graph.initializer]
+    ops = [(n.op_type, list(n.input), list(n.output)) for n in raw.graph.node]
+    clean = strip_metadata(raw)
+    assert metadata_entries(clean) == []
+    assert [(i.name, i.raw_data) for i in clean.graph.initializer] == before
+    assert [(n.op_type, list(n.input), list(n.output)) for n in clean.graph.node] == ops
+    assert metadata_entries(exported) == []  # export_module strips on the way out
+
+
 def test_gate_decision_rule_matches_ops() -> None:
-    from medfedpure.gate import patch_gate_reference
+    from medfedpure.gate import GateSpec, patch_gate_reference
 
     rng = np.random.default_rng(0)
     x = rng.random((12, 32, 32), dtype=np.float32)
@@ -155,35 +193,35 @@ def test_gate_decision_rule_matches_ops() -> None:
     for floor in (False, True):
         ref = patch_gate_reference(x, recon, vis, patch=8, tau=tau, tau_high=tau_high, t_min=20, t_max=150,
                                    floor=floor)
-        flag, t_star = decide(ref.score, {"tau": tau, "tau_high": tau_high, "t_min": 20, "t_max": 150,
-                                          "policy": "floor" if floor else "adaptive"})
+        spec = GateSpec(stat="mean", patch=8, topk=0, norm_pix=False, tau=tau, tau_high=tau_high, t_min=20, t_max=150,
+                        policy="floor" if floor else "adaptive")
+        flag, t_star = spec.decide(ref.score)
         np.testing.assert_array_equal(flag, ref.flag)
         np.testing.assert_array_equal(t_star, ref.t_star)
 
 
-def test_hfratio_gate_paths(monkeypatch) -> None:
-    """hfratio through the ops kernel agrees with the calibration's train.scores to float rounding; a
-    statistic without a kernel runs on the host through train.scores with the same decision rule."""
-    import medfedpure.runtime.engines.base as base
+def test_hfratio_gate_through_the_engine() -> None:
+    """hfratio through the engine's gate (the C++ kernel) equals the calibration's scores (the gate's
+    oracle) bit for bit, with the spec's decision rule."""
+    import dataclasses
+
+    from medfedpure.gate import gate_scores
     from medfedpure.runtime.engines import create_engine
-    from medfedpure.train.scores import gate_scores
 
     vb = verify_bundle(cached_tiny_bundle())
     eng = create_engine(vb, "onnxruntime", "cpu", threads=1)
     x = tiny_scans(6, 8)
     recon = eng.mae(x)
     score, err = gate_scores(x[:, 0], recon, eng.visible, patch=8, stat="hfratio", topk=8)
-    score = np.asarray(score, np.float32)
-    eng.gate_cfg.update(stat="hfratio", topk=8, tau=float(np.median(score)), tau_high=float(np.max(score)) + 1)
-    paths = {}
-    if "hfratio" in base.OPS_STATS:
-        paths["kernel"] = eng.gate(x, recon, return_patch_err=True)
-        np.testing.assert_allclose(paths["kernel"].score, score, rtol=1e-5)
-    monkeypatch.setattr(base, "OPS_STATS", {"mean": 0, "topk": 1})
-    paths["host"] = eng.gate(x, recon, return_patch_err=True)
-    np.testing.assert_array_equal(paths["host"].score, score)
-    for g in paths.values():
-        assert g.flag.sum() >= 3 and g.patch_err.shape == err.shape
+    eng.gate_spec = dataclasses.replace(eng.gate_spec, stat="hfratio", topk=8, tau=float(np.median(score)),
+                                        tau_high=float(np.max(score)) + 1)
+    g = eng.gate(x, recon, return_patch_err=True)
+    np.testing.assert_array_equal(g.score, score)
+    np.testing.assert_array_equal(g.patch_err, err)
+    flag, t_star = eng.gate_spec.decide(score)
+    np.testing.assert_array_equal(g.flag, flag)
+    np.testing.assert_array_equal(g.t_star, t_star)
+    assert g.flag.sum() >= 3 and g.patch_err.shape == err.shape
 
 
 @pytest.mark.tensorrt

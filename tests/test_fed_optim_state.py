@@ -16,6 +16,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from medfedpure.fed import client_app, params, tasks
+from medfedpure.fed.config import FedConfig
+from medfedpure.fed.phases import PHASES, build_model
 from medfedpure.models.moe import MoEClassifier, MoEConfig
 from medfedpure.train.checkpoint import load_model
 from medfedpure.train.classifier import ClassifierTrainConfig, train_classifier
@@ -30,7 +32,7 @@ def _data(n: int = 16, s: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarr
 
 
 def _model(seed: int = 0) -> MoEClassifier:
-    model, _ = tasks.build_model("classifier", "tiny", seed=seed, size=16)
+    model, _ = build_model("classifier", "tiny", seed=seed, size=16)
     return model
 
 
@@ -144,7 +146,7 @@ def test_one_epoch_calls_with_carried_state_equal_one_run_bit_for_bit(tmp_path: 
 
 
 def test_site_rounds_equal_local_run() -> None:
-    """``tasks.train_local_stateful`` over R one-epoch rounds = the local-only R-epoch run (no averaging)."""
+    """The classifier phase's rounds (carried state, one schedule) = the local-only R-epoch run (no averaging)."""
     x, y = _data(24)  # 16 train scans: 2 steps per epoch
     data = tasks.SiteData(x[:16], y[:16], x[16:], y[16:], x[16:], y[16:])
     ref = _model()
@@ -152,16 +154,16 @@ def test_site_rounds_equal_local_run() -> None:
                      ClassifierTrainConfig.preset("tiny", epochs=2, seed=5, patience=3), progress=False)
     m, st = _model(), None
     for r in range(1, 3):
-        _, st = tasks.train_local_stateful("classifier", m, data, preset="tiny", epochs=1, seed=5,
-                                           optimizer_state=st, schedule=(r - 1, 2))
+        _, st = PHASES["classifier"].train(m, data, tasks.LocalJob("tiny", 1, seed=5, schedule=(r - 1, 2)), st)
     # local-only selects its best epoch; compare where that is the last one, else the test is moot
     assert all(torch.equal(m.state_dict()[k], v) for k, v in ref.state_dict().items()) or \
         pytest.fail("site rounds diverged from the continuous local run")
     x32, _ = _data(12, s=32)
     data32 = tasks.SiteData(x32[:8], y[:8], x32[8:], y[8:12], x32[8:], y[8:12])
-    metrics, none_state = tasks.train_local_stateful("mae", tasks.build_model("mae", "tiny", seed=0)[0], data32,
-                                                     preset="tiny", epochs=1, seed=0)
+    metrics, none_state = PHASES["mae"].train(build_model("mae", "tiny", seed=0)[0], data32,
+                                              tasks.LocalJob("tiny", 1, seed=0), None)
     assert none_state is None and np.isfinite(metrics["train_loss"])
+    assert PHASES["classifier"].stateful and not any(PHASES[p].stateful for p in ("mae", "teacher", "student"))
 
 
 def _message(conf: dict, arrays: ArrayRecord, monkeypatch: pytest.MonkeyPatch) -> Message:
@@ -185,10 +187,13 @@ def test_client_keeps_optimizer_state_across_rounds_and_restarts(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sent = params.get_travelling(_model(), "moe")
-    conf = {"phase": "classifier", "preset": "tiny", "split": "moe", "data-dir": str(tiny_data),
-            "run-dir": str(tmp_path), "local-epochs": 1, "num-rounds": 3, "server-round": 1, "seed": 0,
-            "max-train": 8, "run-token": "run-A"}
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    conf = {"phase": "classifier", "split": "moe", "server-round": 1, "run-token": "run-A"}
+
+    def run_config(rounds: int) -> dict:
+        return FedConfig(data_dir=str(tiny_data), out_dir=str(tmp_path), preset="tiny", local_epochs=1, rounds=rounds,
+                         seed=0, max_train=8, num_sites=1).to_run_config()
+
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config(3))
     path = tmp_path / "site_0" / "classifier_optim.safetensors"
     for r in (1, 2):
         client_app.train(_message({**conf, "server-round": r}, sent, monkeypatch), ctx)
@@ -198,11 +203,12 @@ def test_client_keeps_optimizer_state_across_rounds_and_restarts(
         assert all(torch.equal(disk[k], st[k]) for k in st)
         assert float(st["0.step"]) == r * 1  # max-train 8, batch 8: one step per epoch, carried
     # a restarted SuperNode (empty context.state) picks the state up from disk in round 3 ...
-    fresh = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    fresh = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config(3))
     site = client_app._Site(_message({**conf, "server-round": 3}, sent, monkeypatch), fresh)
-    restored = site.optimizer_state(fresh)
+    restored = site.optimizer_state()
     assert restored is not None and all(torch.equal(restored[k], disk[k]) for k in disk)
     # ... but not another run's file, nor a stale one (not from the previous round), nor in round 1
+    four = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config(4))
     for other in ({"run-token": "run-B", "server-round": 3}, {"server-round": 4}, {"server-round": 1}):
-        site = client_app._Site(_message({**conf, "num-rounds": 4, **other}, sent, monkeypatch), fresh)
-        assert site.optimizer_state(fresh) is None
+        site = client_app._Site(_message({**conf, **other}, sent, monkeypatch), four)
+        assert site.optimizer_state() is None

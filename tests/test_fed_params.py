@@ -9,12 +9,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from medfedpure.fed import client_app, params, tasks
+from medfedpure.fed import client_app, params
+from medfedpure.fed.config import FedConfig
+from medfedpure.fed.phases import build_model
 from medfedpure.models.moe import MoEClassifier, MoEConfig
 
 
 def _moe(seed: int = 0) -> MoEClassifier:
-    model, _ = tasks.build_model("classifier", "tiny", seed=seed)
+    model, _ = build_model("classifier", "tiny", seed=seed)
     return model
 
 
@@ -92,6 +94,35 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _run_config(data_dir: Path, run_dir: Path, **kw: object) -> dict:
+    """The run's constants as the ClientApp reads them (``context.run_config``)."""
+    return FedConfig(data_dir=str(data_dir), out_dir=str(run_dir), num_sites=2, **kw).to_run_config()
+
+
+def _context(run_config: dict, site: int) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": site}, state=RecordDict(), run_config=run_config)
+
+
+def test_message_carries_only_per_round_values() -> None:
+    from medfedpure.fed.server_app import round_config
+
+    assert dict(round_config("classifier", "moe", "tok")) == {"phase": "classifier", "split": "moe", "run-token": "tok"}
+
+
+def test_client_refuses_an_empty_run_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _message(ArrayRecord(), {"phase": "classifier", "split": "moe"}, monkeypatch)
+    with pytest.raises(ValueError, match="run config is empty"):
+        client_app._Site(msg, _context({}, 0))
+
+
+def test_bound_run_config_fills_an_empty_context_and_runtime_keys_win() -> None:
+    mod = client_app.bind_run_config({"rounds": 3, "seed": 1})
+    ctx = _context({"seed": 5}, 0)
+    seen = mod(None, ctx, lambda msg, context: context)  # type: ignore[arg-type]
+    assert dict(seen.run_config) == {"rounds": 3, "seed": 5} and dict(ctx.run_config) == {"seed": 5}
+    assert seen.state is ctx.state and seen.node_config == ctx.node_config  # site state persists
+
+
 def _message(arrays: ArrayRecord, conf: dict, monkeypatch: pytest.MonkeyPatch, kind: str = MessageType.TRAIN) -> Message:
     for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, attr, value)
@@ -104,10 +135,9 @@ def test_client_train_sends_only_global_and_persists_local(
 ) -> None:
     server_model = _moe(seed=0)
     sent = params.get_travelling(server_model, "moe")
-    conf = {"phase": "classifier", "preset": "tiny", "split": "moe", "data-dir": str(tiny_data),
-            "run-dir": str(tmp_path), "local-epochs": 1, "num-rounds": 2, "server-round": 1, "seed": 0,
-            "max-train": 8, "run-token": "run-A"}
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+    conf = {"phase": "classifier", "split": "moe", "server-round": 1, "run-token": "run-A"}
+    run_config = _run_config(tiny_data, tmp_path, preset="tiny", local_epochs=1, rounds=2, seed=0, max_train=8)
+    ctx = _context(run_config, 1)
     reply = client_app.train(_message(sent, conf, monkeypatch), ctx)
 
     arrays = reply.content["arrays"]
@@ -123,15 +153,15 @@ def test_client_train_sends_only_global_and_persists_local(
     disk, meta = params.load_local(tmp_path / "site_1" / "classifier_local.safetensors")
     assert meta["run-token"] == "run-A" and meta["round"] == 1
     assert all(torch.equal(disk[k], state_local[k]) for k in disk)
-    fresh_local = params.get_local(tasks.build_model("classifier", "tiny", seed=0 + 1000 * 2)[0], "moe")
+    fresh_local = params.get_local(build_model("classifier", "tiny", seed=0 + 1000 * 2)[0], "moe")
     assert not torch.equal(disk["gate.0.weight"], fresh_local["gate.0.weight"])  # the gate trained locally
 
     # A restarted site (empty context.state) resumes from disk within the same run ...
-    restarted = Context(run_id=1, node_id=7, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
-    model = client_app._Site(_message(sent, {**conf, "server-round": 2}, monkeypatch), restarted).model(restarted)
+    restarted = _context(run_config, 1)
+    model = client_app._Site(_message(sent, {**conf, "server-round": 2}, monkeypatch), restarted).model()
     assert all(torch.equal(model.state_dict()[k], disk[k]) for k in disk)
     # ... but a new run starts afresh instead of inheriting another run's local expert.
-    model = client_app._Site(_message(sent, {**conf, "run-token": "run-B"}, monkeypatch), restarted).model(restarted)
+    model = client_app._Site(_message(sent, {**conf, "run-token": "run-B"}, monkeypatch), restarted).model()
     assert torch.equal(model.state_dict()["gate.0.weight"], fresh_local["gate.0.weight"])
 
 
@@ -139,14 +169,13 @@ def test_client_train_sends_only_global_and_persists_local(
 def test_client_poisoned_reply_is_scaled_update(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With poison-site = this site, the reply is w + s·Δ: checked against an honest site-0 run."""
     sent = params.get_travelling(_moe(seed=0), "moe")
-    conf = {"phase": "classifier", "preset": "tiny", "split": "moe", "data-dir": str(tiny_data), "run-dir": str(tmp_path),
-            "local-epochs": 1, "num-rounds": 1, "server-round": 1, "seed": 0, "max-train": 8, "run-token": "x"}
+    conf = {"phase": "classifier", "split": "moe", "server-round": 1, "run-token": "x"}
+    run = {"preset": "tiny", "local_epochs": 1, "rounds": 1, "seed": 0, "max_train": 8}
     honest = client_app.train(_message(sent, conf, monkeypatch),
-                              Context(1, 1, {"partition-id": 0}, RecordDict(), {})).content["arrays"]
+                              _context(_run_config(tiny_data, tmp_path, **run), 0)).content["arrays"]
     # A separate run folder: the second call must not resume from the first call's local state.
-    conf2 = {**conf, "run-dir": str(tmp_path / "second"), "poison-site": 0, "poison-scale": -10.0}
-    poisoned = client_app.train(_message(sent, conf2, monkeypatch),
-                                Context(1, 1, {"partition-id": 0}, RecordDict(), {})).content["arrays"]
+    poison = _run_config(tiny_data, tmp_path / "second", poison_site=0, poison_scale=-10.0, **run)
+    poisoned = client_app.train(_message(sent, conf, monkeypatch), _context(poison, 0)).content["arrays"]
     for k in sent:
         d_h = honest[k].numpy() - sent[k].numpy()
         d_p = poisoned[k].numpy() - sent[k].numpy()

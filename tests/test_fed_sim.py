@@ -68,6 +68,10 @@ def test_config_validation_and_run_config_roundtrip(tmp_path: Path) -> None:
                        ({"poison_site": 5}, "poison_site"), ({"image_size": 50}, "image_size")):
         with pytest.raises(ValueError, match=match):
             FedConfig(data_dir="d", out_dir="o", **bad)
+    with pytest.raises(ValueError, match="student_steps=3"):
+        FedConfig(data_dir="d", out_dir="o", student_steps=3)
+    with pytest.raises(ValueError, match="purify range"):
+        FedConfig(data_dir="d", out_dir="o", purify_t_min=300, purify_t_max=200)
     with pytest.raises(ValueError, match="unknown run config key 'round'"):
         FedConfig.from_run_config({"round": 3, "data-dir": "d", "out-dir": "o"})
     # The generated Flower App carries the same config.
@@ -86,7 +90,8 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
 
     before = _flower_ray_pids()
     out = tmp_path / "run"
-    cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=2, num_sites=2, max_train=8)
+    # K = 2 is not the default: it reaches the student's metadata only through the run config.
+    cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=2, num_sites=2, max_train=8, student_steps=2)
     m = run_sim(cfg, progress=False, timeout_s=900)
 
     for name in ("config.json", "metrics.json", "fed_metrics.png", "mae.safetensors", "teacher.safetensors",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from medfedpure import Defender
-from medfedpure.export.tiny import cached_tiny_bundle, tiny_scans
+from tiny_bundle import cached_tiny_bundle, tiny_scans
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
@@ -60,7 +60,7 @@ def test_cuda_defender_agrees_with_onnxruntime_cpu(d_gpu: Defender, d_ref: Defen
     rg, rr = d_gpu.run_array(scans, seeds=seeds), d_ref.run_array(scans, seeds=seeds)
     assert 0 < sum(r.flagged for r in rr) < len(rr), "both paths should be exercised"
     assert {r.device for r in rg} == {"cuda"} and {r.precision for r in rg} == {"fp16"}
-    _assert_agree(rg, rr, float(d_ref.bundle.gate["tau"]), dp=5e-2)
+    _assert_agree(rg, rr, float(d_ref.bundle.spec.gate.tau), dp=5e-2)
 
 
 def test_cuda_fp32_eager_matches_cpu_closely(bundle_path, d_ref: Defender, scans) -> None:
@@ -68,7 +68,7 @@ def test_cuda_fp32_eager_matches_cpu_closely(bundle_path, d_ref: Defender, scans
     seeds = list(range(len(scans)))
     rg, rr = d.run_array(scans, seeds=seeds), d_ref.run_array(scans, seeds=seeds)
     # FP32 on the GPU (cuDNN may use TF32 convolutions): near-identical, flags may differ only at τ
-    _assert_agree(rg, rr, float(d_ref.bundle.gate["tau"]), dp=5e-3)
+    _assert_agree(rg, rr, float(d_ref.bundle.spec.gate.tau), dp=5e-3)
 
 
 def test_cuda_same_seed_identical_result(d_gpu: Defender, scans) -> None:
@@ -131,4 +131,4 @@ def test_default_bundle_on_cuda_agrees_with_onnxruntime(tmp_path) -> None:
     d_cpu = Defender.default(backend="onnxruntime", device="cpu", threads=2)
     rg, rr = d_gpu.run_array(x, seeds=seeds), d_cpu.run_array(x, seeds=seeds)
     assert rg[0].bundle_id == rr[0].bundle_id
-    _assert_agree(rg, rr, float(d_cpu.bundle.gate["tau"]), dp=5e-2)
+    _assert_agree(rg, rr, float(d_cpu.bundle.spec.gate.tau), dp=5e-2)

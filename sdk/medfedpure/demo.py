@@ -7,7 +7,7 @@ error map of the attacked scan, purified image) goes to the output folder, with 
 
 The scans are rendered in-process by the synthetic generator (``medfedpure.data.synth``) with a
 seed far from the training seeds, so they are unseen. This is a demonstration on synthetic data,
-not a robustness evaluation (that is ``medfedpure evaluate``, EVALUATION.md).
+not a robustness evaluation (that is :mod:`medfedpure.eval`, following docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -148,9 +148,9 @@ def run_demo(defender: Defender, out: str | Path, cfg: DemoConfig = DemoConfig()
                          "t_star": r.t_star, "status": r.status, "latency_ms": r.latency_ms["total"],
                          "seed": r.seed})
         fig = out / f"scan_{i:02d}.png"
-        _figure(fig, x[i], x_adv[i], adv[i], int(defender.bundle.gate["patch"]),
+        _figure(fig, x[i], x_adv[i], adv[i], defender.bundle.spec.mae.patch,
                 f"scan {i}: true {classes[int(y[i])]} · clean → {clean[i].label} · PGD → {adv[i].label} "
-                f"(flagged {adv[i].flagged})", stat=str(defender.bundle.gate.get("stat", "mean")))
+                f"(flagged {adv[i].flagged})", stat=defender.bundle.spec.gate.stat)
     summary = {"bundle_id": defender.bundle.bundle_id, "backend": defender.engine.describe(),
                "config": {"n": cfg.n, "eps": cfg.eps, "steps": cfg.steps, "seed": cfg.seed},
                "note": "synthetic scans (not Br35H); PGD against the undefended classifier", "rows": rows}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from medfedpure import __version__
+from medfedpure.cli.bundle import app as bundle_app
 from medfedpure.cli.data import app as data_app
 from medfedpure.cli.fed import app as fed_app
 from medfedpure.cli.runtime import register as register_runtime_commands
@@ -29,6 +30,7 @@ app.add_typer(train_app, name="train", help="Train the classifier, the MAE detec
 app.command("calibrate")(calibrate_command)
 app.add_typer(fed_app, name="fed", help="Federated training with Flower: sim (one machine), deploy (SuperLink + SuperNodes), compare.")
 register_runtime_commands(app)  # run, demo, export, verify-bundle
+app.add_typer(bundle_app, name="bundle", help="Build the default bundle: data, federated training, calibration, export, install.")
 
 
 def _version_callback(value: bool) -> None:

@@ -1,62 +1,121 @@
-"""``medfedpure fed sim | deploy | compare``: argument handling only (the work is in sim / deploy / compare)."""
+"""``medfedpure fed sim | deploy | compare``: argument handling only (the work is in sim / deploy / compare).
+
+The run's options are declared once, in :data:`RUN_OPTIONS` (what every command shares) and
+:data:`FEDERATION_OPTIONS` (what a federated run adds); :func:`fed_options` gives a command those
+options and hands it the :class:`~medfedpure.fed.config.FedConfig` they build. An option left out
+takes ``FedConfig``'s default, so the defaults have one source (the purification schedule's is
+``models.diffusion.PURIFY_DEFAULTS``). Heavy imports (torch, flwr) happen inside the commands.
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
-DATA = typer.Option(..., "--data", exists=True, file_okay=False, help="Data folder (dataset.json, splits.json, site_k/).")
-OUT = typer.Option(..., "--out", file_okay=False, help="Run folder to write (docs/interfaces.md 'Run folder').")
-CONFIG = typer.Option("tiny", "--config", help="Model/training preset: tiny (tests, 32 px) or small (default bundle).")
-ROUNDS = typer.Option(3, "--rounds", min=1, help="Federated rounds per phase.")
-LOCAL_EPOCHS = typer.Option(1, "--local-epochs", min=1, help="Local epochs per round.")
-SITES = typer.Option(0, "--sites", min=0, help="Number of sites (0: all sites of the data set).")
-IMAGE_SIZE = typer.Option(0, "--image-size", min=0, help="Override the preset's image side (0: the preset's).")
-SEED = typer.Option(0, "--seed", min=0, help="Seed of initialisation and local training.")
-MAX_TRAIN = typer.Option(0, "--max-train", min=0, help="At most this many training scans per site (0: all).")
-STUDENT_STEPS = typer.Option(2, "--student-steps", help="K: the student's sampling steps (1, 2 or 4), recorded in it.")
-PURIFY_RANGE = typer.Option((60, 200), "--purify-range", help="t* range [t_min, t_max] (of T = 1000) recorded in the student.")
+_DEFAULT = "from FedConfig"
+
+
+def _option(name: str, annotation: Any, default: Any, *decls: str, help: str, **kw: Any) -> inspect.Parameter:
+    """One command-line option as a keyword parameter (``default`` None: FedConfig's default)."""
+    shown = kw.pop("show_default", _DEFAULT if default is None else True)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *decls, help=help, show_default=shown, **kw))
+
+
+RUN_OPTIONS: tuple[inspect.Parameter, ...] = (
+    _option("data", Path, ..., "--data", exists=True, file_okay=False,
+            help="Data folder (dataset.json, splits.json, site_k/)."),
+    _option("out", Path, ..., "--out", file_okay=False, help="Run folder to write (docs/interfaces.md 'Run folder')."),
+    _option("config", str | None, None, "--config",
+            help="Model/training preset: tiny (tests, 32 px) or small (default bundle)."),
+    _option("rounds", int | None, None, "--rounds", min=1, help="Federated rounds per phase."),
+    _option("local_epochs", int | None, None, "--local-epochs", min=1, help="Local epochs per round."),
+    _option("sites", int, 0, "--sites", min=0, help="Number of sites (0: all sites of the data set)."),
+    _option("image_size", int | None, None, "--image-size", min=0,
+            help="Override the preset's image side (0: the preset's)."),
+    _option("seed", int | None, None, "--seed", min=0, help="Seed of initialisation and local training."),
+    _option("max_train", int | None, None, "--max-train", min=0,
+            help="At most this many training scans per site (0: all)."),
+)
+
+FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
+    _option("strategy", str | None, None, "--strategy", help="fedavg | fedmedian | fedtrimmedavg | krum (every phase)."),
+    _option("phases", str | None, None, "--phases",
+            help="Comma-separated phases, in order (subset of classifier,mae,teacher,student)."),
+    _option("calibrate", bool, True, "--calibrate/--no-calibrate", help="End with per-site gate calibration."),
+    _option("classifier_split", str | None, None, "--classifier-split", help="moe (global expert only) | fedbn | all."),
+    _option("max_update_norm", float | None, None, "--max-update-norm", min=0.0,
+            help="Drop updates with ‖Δ‖₂ above this (0: no bound)."),
+    _option("max_relative_norm", float | None, None, "--max-relative-norm", min=0.0,
+            help="Drop updates with ‖Δ‖/‖w‖ above this (0: no bound)."),
+    _option("poison_site", int | None, None, "--poison-site", min=-1,
+            help="Robustness experiments: this site sends poisoned updates (-1: none)."),
+    _option("poison_scale", float | None, None, "--poison-scale",
+            help="The poisoned site sends w + scale·Δ (−10: sign-flipped ×10)."),
+    _option("student_steps", int | None, None, "--student-steps",
+            help="K: the student's sampling steps (1, 2 or 4), recorded in it."),
+    _option("purify_range", tuple[int, int] | None, None, "--purify-range",
+            help="t* range: t_min t_max (of T = 1000), recorded in the student."),
+)
+
 TIMEOUT = typer.Option(7200.0, "--timeout", min=1.0, help="Stop the run (and all its processes) after this many seconds.")
 
 
-def _config(data: Path, out: Path, config: str, rounds: int, local_epochs: int, sites: int, image_size: int,
-            seed: int, max_train: int, **kw: object):
+def _config(data: Path, out: Path, sites: int, config: str | None = None, purify_range: tuple[int, int] | None = None,
+            max_update_norm: float | None = None, max_relative_norm: float | None = None, **given: Any) -> Any:
+    """The ``FedConfig`` of the options given on the command line (the rest: FedConfig's defaults)."""
     from medfedpure.data import num_sites
     from medfedpure.fed.config import FedConfig
 
-    n = sites or num_sites(data)
+    fields: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if config is not None:
+        fields["preset"] = config
+    if purify_range is not None:
+        fields["purify_t_min"], fields["purify_t_max"] = (int(v) for v in purify_range)
+    for name, value in (("max_update_norm", max_update_norm), ("max_relative_norm", max_relative_norm)):
+        if value is not None:
+            fields[name] = value if value > 0 else math.inf
     try:
-        return FedConfig(data_dir=str(data), out_dir=str(out), rounds=rounds, local_epochs=local_epochs,
-                         preset=config, num_sites=n, image_size=image_size, seed=seed, max_train=max_train, **kw)
+        return FedConfig(data_dir=str(data), out_dir=str(out), num_sites=sites or num_sites(data), **fields)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
 
-def _run_options(strategy: str, phases: str, calibrate: bool, split: str, max_update_norm: float,
-                 max_relative_norm: float, poison_site: int, poison_scale: float) -> dict[str, object]:
-    return {"strategy": strategy, "phases": phases, "calibrate": calibrate, "classifier_split": split,
-            "max_update_norm": max_update_norm if max_update_norm > 0 else math.inf,
-            "max_relative_norm": max_relative_norm if max_relative_norm > 0 else math.inf,
-            "poison_site": poison_site, "poison_scale": poison_scale}
+def fed_options(*groups: tuple[inspect.Parameter, ...]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the options of ``groups``; it is called with ``cfg`` (a FedConfig) in their place.
+
+    The command's own parameters (after ``cfg``) stay its own options.
+    """
+    shared = [p for group in groups for p in group]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for p in inspect.signature(command).parameters.values() if p.name != "cfg"]
+
+        def run(**values: Any) -> None:
+            cfg = _config(**{p.name: values.pop(p.name) for p in shared})
+            command(cfg, **values)
+
+        run.__name__, run.__qualname__, run.__doc__ = command.__name__, command.__qualname__, command.__doc__
+        run.__module__ = command.__module__
+        run.__signature__ = inspect.Signature(shared + own)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in shared + own}
+        return run
+
+    return decorate
 
 
-STRATEGY = typer.Option("fedavg", "--strategy", help="fedavg | fedmedian | fedtrimmedavg | krum (every phase).")
-PHASES = typer.Option("classifier,mae,teacher,student", "--phases", help="Comma-separated phases, in order.")
-CALIBRATE = typer.Option(True, "--calibrate/--no-calibrate", help="End with per-site gate calibration.")
-SPLIT = typer.Option("moe", "--classifier-split", help="moe (global expert only) | fedbn | all.")
-MAX_NORM = typer.Option(0.0, "--max-update-norm", min=0.0, help="Drop updates with ‖Δ‖₂ above this (0: no bound).")
-MAX_REL = typer.Option(1.0, "--max-relative-norm", min=0.0, help="Drop updates with ‖Δ‖/‖w‖ above this (0: no bound).")
-POISON = typer.Option(-1, "--poison-site", min=-1, help="Robustness experiments: this site sends poisoned updates.")
-POISON_SCALE = typer.Option(-10.0, "--poison-scale", help="The poisoned site sends w + scale·Δ (−10: sign-flipped ×10).")
-
-
-def _summary(metrics: dict, wall_key: str) -> None:
-    from medfedpure.fed.tasks import PHASES
+def _summary(metrics: dict, wall_key: str, wrote: str) -> None:
+    """Per phase the last round's test metrics per site and the dropped updates; then what was written."""
+    from medfedpure.fed.phases import PHASES
 
     for phase in (ph for ph in PHASES if ph in metrics["phases"]):
         p = metrics["phases"][phase]
@@ -65,50 +124,32 @@ def _summary(metrics: dict, wall_key: str) -> None:
                 for r in p["per_site"] if r["kind"] == "evaluate" and int(r["round"]) == last}
         typer.echo(f"{phase}: round {last} per site {json.dumps(dict(sorted(vals.items())))}; dropped updates {len(p['rejected'])}")
     typer.echo(f"{wall_key}: {metrics[wall_key]:.1f} s; leftover processes: {metrics['leftover_pids']}")
+    typer.echo(wrote)
 
 
 @app.command()
-def sim(data: Path = DATA, out: Path = OUT, config: str = CONFIG, rounds: int = ROUNDS, local_epochs: int = LOCAL_EPOCHS,
-        sites: int = SITES, strategy: str = STRATEGY, phases: str = PHASES, calibrate: bool = CALIBRATE,
-        classifier_split: str = SPLIT, image_size: int = IMAGE_SIZE, max_update_norm: float = MAX_NORM,
-        max_relative_norm: float = MAX_REL, poison_site: int = POISON, poison_scale: float = POISON_SCALE,
-        seed: int = SEED, max_train: int = MAX_TRAIN, student_steps: int = STUDENT_STEPS,
-        purify_range: tuple[int, int] = PURIFY_RANGE, timeout: float = TIMEOUT) -> None:
+@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS)
+def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
     """Federated training on the simulation runtime (Ray; one machine) → RUN folder with per-site checkpoints."""
     from medfedpure.fed.sim import run_sim
 
-    cfg = _config(data, out, config, rounds, local_epochs, sites, image_size, seed, max_train,
-                  **_run_options(strategy, phases, calibrate, classifier_split, max_update_norm, max_relative_norm,
-                                 poison_site, poison_scale),
-                  student_steps=student_steps, purify_t_min=purify_range[0], purify_t_max=purify_range[1])
-    metrics = run_sim(cfg, timeout_s=timeout)
-    _summary(metrics, "sim_wall_s")
-    typer.echo(f"wrote {out}/metrics.json, {out}/fed_metrics.png, {out}/site_k/")
+    out = cfg.out_dir
+    _summary(run_sim(cfg, timeout_s=timeout), "sim_wall_s", f"wrote {out}/metrics.json, {out}/fed_metrics.png, {out}/site_k/")
 
 
 @app.command()
-def deploy(data: Path = DATA, out: Path = OUT, config: str = CONFIG, rounds: int = ROUNDS,
-           local_epochs: int = LOCAL_EPOCHS, sites: int = SITES, strategy: str = STRATEGY, phases: str = PHASES,
-           calibrate: bool = CALIBRATE, classifier_split: str = SPLIT, image_size: int = IMAGE_SIZE,
-           max_update_norm: float = MAX_NORM, max_relative_norm: float = MAX_REL, seed: int = SEED,
-           max_train: int = MAX_TRAIN, student_steps: int = STUDENT_STEPS,
-           purify_range: tuple[int, int] = PURIFY_RANGE, timeout: float = TIMEOUT) -> None:
+@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS)
+def deploy(cfg: Any, timeout: float = TIMEOUT) -> None:
     """The same app on the deployment runtime: SuperLink + one SuperNode per site on 127.0.0.1, then stop all."""
     from medfedpure.fed.deploy import run_deployment
 
-    cfg = _config(data, out, config, rounds, local_epochs, sites, image_size, seed, max_train,
-                  **_run_options(strategy, phases, calibrate, classifier_split, max_update_norm, max_relative_norm,
-                                 -1, -10.0),
-                  student_steps=student_steps, purify_t_min=purify_range[0], purify_t_max=purify_range[1])
-    metrics = run_deployment(cfg, timeout_s=timeout)
-    _summary(metrics, "deploy_wall_s")
-    typer.echo(f"wrote {out}/metrics.json; logs in {out}/deploy_logs/")
+    out = cfg.out_dir
+    _summary(run_deployment(cfg, timeout_s=timeout), "deploy_wall_s", f"wrote {out}/metrics.json; logs in {out}/deploy_logs/")
 
 
 @app.command()
-def compare(data: Path = DATA, out: Path = OUT, config: str = CONFIG, rounds: int = ROUNDS,
-            local_epochs: int = LOCAL_EPOCHS, sites: int = SITES, image_size: int = IMAGE_SIZE, seed: int = SEED,
-            max_train: int = MAX_TRAIN,
+@fed_options(RUN_OPTIONS)
+def compare(cfg: Any,
             methods: str = typer.Option("local,fedavg,fedbn,moe", "--methods", help="Subset of local,fedavg,fedbn,moe."),
             timeout: float = TIMEOUT) -> None:
     """Per-site test accuracy (mean ± std): local-only vs FedAvg vs FedBN-style vs personalised MoE."""
@@ -118,7 +159,7 @@ def compare(data: Path = DATA, out: Path = OUT, config: str = CONFIG, rounds: in
     unknown = set(chosen) - {k for k, _, _ in METHODS}
     if unknown or not chosen:
         raise typer.BadParameter(f"--methods {methods!r}: choose from local, fedavg, fedbn, moe")
-    cfg = _config(data, out, config, rounds, local_epochs, sites, image_size, seed, max_train)
+    out = Path(cfg.out_dir)
     results = run_compare(cfg, out, methods=chosen, timeout_s=timeout)
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"wrote {out}/compare.json, compare.md, compare.png ({len(results['methods'])} methods)")

@@ -129,10 +129,10 @@ def verify_bundle_command(
         t.add_row(a.name, a.path, a.role, a.format, a.precision, f"{a.bytes:,}", a.sha256[:16] + "…")
     Console().print(t)
     prov = vb.manifest["provenance"]
-    g = vb.gate
+    g = vb.spec.gate.to_dict()
     typer.echo(f"OK · format {vb.manifest['format_version']} · {vb.image_size} px · gate {g.get('stat')} "
                f"τ={g['tau']:.4g} policy={g.get('policy')} t*∈[{g['t_min']}, {g['t_max']}] · "
-               f"purifier K={vb.purifier['steps']} · run {prov.get('run')} site {prov.get('site')} "
+               f"purifier K={vb.spec.purifier.steps} · run {prov.get('run')} site {prov.get('site')} "
                f"commit {str(prov.get('code_commit'))[:10]}")
 
 

@@ -34,8 +34,17 @@ SEED = typer.Option(0, "--seed", help="Seeds initialisation and every generator 
 EPOCHS = typer.Option(None, "--epochs", min=1, help="Override the preset's maximum epochs.")
 RESUME = typer.Option(False, "--resume", help="Continue from RUN/train_state/ (pass the same options: the LR schedule depends on --epochs).")
 THREADS = typer.Option(1, "--threads", min=1, help="torch CPU threads.")
+# The schedule's defaults live in one place, medfedpure.models.diffusion.PURIFY_DEFAULTS; the options
+# default to None and are resolved inside the commands, so that importing the CLI does not import torch.
+DEFAULTS_NOTE = "medfedpure.models.diffusion.PURIFY_DEFAULTS.{}"
 SCHEDULE_HELP = ("Purification schedule: given, --t-min/--t-max/--steps replace the student checkpoint's "
-                 "(any not given takes its default). Default: the checkpoint's, else {}.")
+                 "(any not given takes its default). Default: the checkpoint's, else " + DEFAULTS_NOTE + ".")
+T_MIN = typer.Option(None, "--t-min", min=0, help="t* of a scan scoring at tau (DDPM step of T = 1000), recorded "
+                     "in the student for the gate's calibration. Default: " + DEFAULTS_NOTE.format("t_min") + ".")
+T_MAX = typer.Option(None, "--t-max", min=0, help="t* at tau_high and above (DDPM step of T = 1000), recorded "
+                     "in the student. Default: " + DEFAULTS_NOTE.format("t_max") + ".")
+STEPS = typer.Option(None, "--steps", min=1, help="K: the student's sampling steps (1, 2 or 4). Default: "
+                     + DEFAULTS_NOTE.format("steps") + ".")
 DRY = typer.Option(False, "--dry-run", help="Print the resolved options and exit.")
 PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
 
@@ -153,9 +162,9 @@ def calibrate_command(
     stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk."),
     topk: int = typer.Option(0, "--topk", min=0, help="k for --stat topk."),
     tau_high_k: float = typer.Option(2.0, "--tau-high-k", help="tau_high = tau + k * (tau - median)."),
-    t_min: int | None = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format(20)),
-    t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format(150)),
-    steps: int | None = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format(2)),
+    t_min: int | None = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format("t_min")),
+    t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format("t_max")),
+    steps: int | None = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format("steps")),
     policy: str = typer.Option("adaptive", "--policy", help="adaptive or floor."),
     threads: int = THREADS,
 ) -> None:
@@ -177,11 +186,8 @@ def calibrate_command(
     calib = calibrate_gate(mae_model, xv, cfg, run=run)
     path = write_calibration(run / f"site_{site}" / "calibration.json", calib)
     typer.echo(f"{path}: tau={calib['tau']:.6g} tau_high={calib['tau_high']:.6g} stat={calib['stat']} "
-               f"val_false_flag_rate={calib['val_false_flag_rate']:.3f} (n={calib['num_val_scans']})")
-
-
-PURIFY_T = typer.Option((60, 200), "--purify-range", help="t* range [t_min, t_max] (of T = 1000) recorded "
-                        "in the student checkpoint for the gate's calibration.")
+               f"val_false_flag_rate={calib['calibration']['val_false_flag_rate']:.3f} "
+               f"(n={calib['calibration']['num_val_scans']})")
 
 
 @app.command()
@@ -215,23 +221,27 @@ def purifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str =
 def distill(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
             teacher: Path = typer.Option(..., "--teacher", help="Run folder holding teacher.safetensors.",
                                          exists=True, file_okay=False),
-            steps: int = typer.Option(2, "--steps", help="K: the student's sampling steps (1, 2 or 4)."),
-            purify_range: tuple[int, int] = PURIFY_T,
+            steps: int | None = STEPS, t_min: int | None = T_MIN, t_max: int | None = T_MAX,
             epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
             progress: bool = PROGRESS) -> None:
     """Distil the teacher into a K-step student → RUN/student.safetensors (steps, t_min, t_max in metadata)."""
     _common_setup(config, threads, seed)
+    from dataclasses import replace
+
+    from medfedpure.models.diffusion import PURIFY_DEFAULTS
     from medfedpure.models.unet import UNet
     from medfedpure.train.checkpoint import load_model, save_model
     from medfedpure.train.distill import DistillConfig, distill_student
 
     try:
-        dcfg = DistillConfig.preset(config, seed=seed, epochs=epochs, val_steps=steps)
+        given = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps)) if v is not None}
+        sched = replace(PURIFY_DEFAULTS, **given)
+        dcfg = DistillConfig.preset(config, seed=seed, epochs=epochs, val_steps=sched.steps)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    t_min, t_max = purify_range
+    t_min, t_max, steps = sched.t_min, sched.t_max, sched.steps
     if not 0 <= t_min <= t_max <= dcfg.t_max:
-        raise typer.BadParameter(f"--purify-range {t_min} {t_max}: need 0 <= t_min <= t_max <= {dcfg.t_max} "
+        raise typer.BadParameter(f"--t-min {t_min} --t-max {t_max}: need 0 <= t_min <= t_max <= {dcfg.t_max} "
                                  "(the distillation range)")
     resolved = {"distill": dcfg.to_dict(), "teacher": str(teacher / "teacher.safetensors"), "data": str(data),
                 "site": site, "steps": steps, "t_min": t_min, "t_max": t_max}

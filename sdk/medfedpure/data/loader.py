@@ -12,8 +12,8 @@ rewritten file, a changed split or changed preprocessing code misses the cache.
   written atomically, so fresh processes (federated clients start one per round) skip decoding.
   Skipped silently when the folder is read-only.
 
-Measured on the 4 × 600 synthetic set at 128 px (one site's train split, 420 PNGs, shared 2-core
-machine, CPU time): decoding 0.74 s, disk cache 0.08 s, memory cache 0.01 s.
+The disk cache is about an order of magnitude faster than decoding the PNGs again, and the memory
+cache another order faster than the disk cache.
 """
 
 from __future__ import annotations

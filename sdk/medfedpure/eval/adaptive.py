@@ -1,4 +1,5 @@
-"""Rungs 2 and 3 of EVALUATION.md: full-pipeline PGD with EOT, and detector-aware evasion.
+"""Rungs 2–6 of the attack ladder (docs/evaluation.md): full-pipeline PGD with EOT, detector-aware evasion,
+an independent APGD, repeated runs and transfer.
 
 The attacked function is the shipped one, computed on the torch reference path from the bundle's own
 weights and calibration:
@@ -14,9 +15,9 @@ flagged region, since unflagged rows go to the classifier unpurified). Loss: cro
 mixture's probabilities, maximised; ℓ∞ PGD with random start, step 2.5·ε/steps.
 
 Rung 3 (a), detector-aware evasion (``--rungs`` includes 3): fool the classifier while staying under
-the flag threshold, so that the scan skips the purifier. The gate's statistic is rebuilt in torch
-(:func:`hfratio_torch`: the deployed score as a function of x, given the tissue patches that the
-deployed MAE selects, recomputed every step); the perturbation is band-limited (bilinearly upsampled
+the flag threshold, so that the scan skips the purifier. The gate's statistic is the gate's own torch
+version (``medfedpure.gate.patch_gate_torch``: the deployed score as a function of x, with the deployed
+MAE's reconstruction of the current iterate, recomputed every step); the perturbation is band-limited (bilinearly upsampled
 from a grid ``--evasion-factor`` times coarser: sign steps on full-resolution pixels are broadband,
 which is what the gate detects); each step follows the gradient that lowers the score for scans still
 above 0.95 τ and the pipeline's loss otherwise (both normalised, sign step, no random start; the loss
@@ -32,13 +33,13 @@ has two, so APGD-CE with EOT is what it reduces to here.
 
 Rung 6, transfer (``--surrogate W.safetensors``, a classifier trained independently, e.g. another seed
 of the same recipe): (a) PGD on the surrogate alone, (b) the band-limited evasion with the surrogate's
-gradients and the tissue patches taken from the image itself (no deployed weights at all). EVALUATION.md's
-sanity check: the white-box rungs must be at least as strong as these.
+gradients and the tissue patches taken from the image itself (no deployed weights at all). The
+sanity check of docs/evaluation.md: the white-box rungs must be at least as strong as these.
 
 Evaluation: the real Defender (``--backend``, onnxruntime by default) on the final adversarial scans,
 ``--repeats`` times with fresh purification keys: mean defended accuracy and the worst case per scan
 over the repeats (rung 5). The same scans attacked with rung-1 PGD (classifier only) are reported beside
-it. Sanity check of EVALUATION.md: ``--eps 255`` (unbounded) must drive defended accuracy to ~0.
+it. Sanity check of docs/evaluation.md: ``--eps 255`` (unbounded) must drive defended accuracy to ~0.
 
 Usage:
     python benchmarks/adaptive_eval.py --data D --site K --bundle B [--eps 8] [--steps 100] [--eot 10]
@@ -64,9 +65,9 @@ from tqdm.auto import tqdm
 from medfedpure import Defender
 from medfedpure.eval.attacks.pgd import pgd_linf
 from medfedpure.eval.defended import add_eval_args, defend, open_eval
+from medfedpure.gate import GateSpec, run_gate
 from medfedpure.models.diffusion import purify
 from medfedpure.runtime.engines.torch_engine import TorchEngine
-from medfedpure.train import scores
 
 
 def gate_t_star(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -103,32 +104,14 @@ def pipeline_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor
     return x_adv, {"flagged_at_last_step": float((t_star > 0).mean())}
 
 
-def tissue_patches(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    """Indices [N, m] of the patches the deployed hfratio gate scores: the m with the largest tissue level
-    w (the deployed MAE's reconstruction, mean over the sets hiding each patch), ties to the lower index."""
-    g = d.engine.gate_cfg
-    vis = d.engine.visible
-    m = int(g.get("topk", 0)) or vis.shape[1] // 2
+def mae_recon(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """recon [N, K, S, S] float32: the deployed MAE's reconstructions of x [N, 1, S, S] under its K scoring
+    mask sets (what the deployed gate takes its tissue map from)."""
     out = []
     for i in range(0, len(x), batch):
         xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
-        recon = d.engine.to_numpy(d.engine.mae(d.engine.to_native(xb)))
-        out.append(scores.tissue_patches(recon, vis, patch=int(g["patch"]), m=m))
+        out.append(d.engine.to_numpy(d.engine.mae(d.engine.to_native(xb))).astype(np.float32))
     return np.concatenate(out)
-
-
-def hfratio_torch(x: torch.Tensor, sel: torch.Tensor, patch: int) -> torch.Tensor:
-    """The gate's ``hfratio`` score of x [B,1,S,S] (``medfedpure.train.scores``: median over the patches
-    ``sel`` [B,m] of corner-band / high-band energy), differentiable in x."""
-    b = x.shape[0]
-    z = x[:, 0].unfold(1, patch, patch).unfold(2, patch, patch).reshape(b, -1, patch, patch)  # [B,Np,P,P]
-    a = z[..., :, :-2] - 2 * z[..., :, 1:-1] + z[..., :, 2:]
-    lap = (a[..., :-2, :] - 2 * a[..., 1:-1, :] + a[..., 2:, :]) / 4
-    dia = (z[..., :-1, :-1] - z[..., :-1, 1:] - z[..., 1:, :-1] + z[..., 1:, 1:]) / 2
-    e = (lap * lap).mean(dim=(-1, -2)) / ((dia * dia).mean(dim=(-1, -2)) + 1e-6)
-    v = torch.gather(e, 1, sel).sort(dim=1).values
-    m = v.shape[1]
-    return v[:, m // 2] if m % 2 else (v[:, m // 2 - 1] + v[:, m // 2]) / 2
 
 
 def band_limited(eta: torch.Tensor, factor: int) -> torch.Tensor:
@@ -164,11 +147,11 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     t* > 0, then the classifier — so under ``floor`` the evading scan must also survive the weakest
     purification.
     """
-    g = d.engine.gate_cfg
-    if g.get("stat") != "hfratio":
-        raise SystemExit(f"rung 3 models the gate's statistic in torch for 'hfratio' only, not {g.get('stat')!r}")
+    g = d.engine.gate_spec
+    if g.stat != "hfratio":
+        raise SystemExit(f"rung 3 models the gate's statistic in torch for 'hfratio' only, not {g.stat!r}")
     clf, den, sched, k = ref.models["classifier"], ref.models["denoiser"], ref.schedule, ref.steps
-    patch, limit = int(g["patch"]), float(g["tau"]) * (1 - margin)
+    limit = g.tau * (1 - margin)
     s = x.shape[-1]
     if s % factor:
         raise SystemExit(f"--evasion-factor {factor} must divide the image size {s}")
@@ -192,13 +175,13 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
         with torch.no_grad():
             x_adv = (x + band_limited(eta, factor)).clamp(0, 1)
         xa_np = x_adv.numpy()
-        sel = torch.from_numpy(tissue_patches(d, xa_np))
+        recon = torch.from_numpy(mae_recon(d, xa_np))
         ts = torch.from_numpy(gate_t_star(d, xa_np))
         ev = eta.clone().requires_grad_(True)
         xv = (x + band_limited(ev, factor)).clamp(0, 1)
         p = probs(xv, ts, gen)
         ce = F.nll_loss(torch.log(p.clamp_min(1e-12)), y, reduction="none")
-        score = hfratio_torch(xv, sel, patch)
+        score = run_gate(g, xv[:, 0], recon, d.engine.visible, backend="torch").score
         g_ce, = torch.autograd.grad(ce.sum(), ev, retain_graph=True)
         g_sc, = torch.autograd.grad(score.sum(), ev)
         with torch.no_grad():
@@ -246,24 +229,26 @@ def apgd_pipeline(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tenso
 
 
 def transfer_evasion(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
-                     patch: int, m: int, tau: float, factor: int = 2, margin: float = 0.05) -> torch.Tensor:
+                     gate: GateSpec, factor: int = 2, margin: float = 0.05) -> torch.Tensor:
     """Rung 6 (b): :func:`evasion_pgd` with no deployed weights — the surrogate's gradients, the gate's
-    statistic on the m patches of highest image intensity (the attacker's stand-in for the MAE's tissue map)
-    and τ as published in the bundle's manifest."""
+    statistic (``gate``, as published in the bundle's manifest: patch, m = ``topk`` and τ) on the m
+    patches of highest image intensity (the attacker's stand-in for the MAE's tissue map)."""
+    if gate.stat != "hfratio":
+        raise SystemExit(f"rung 6 (b) models the gate's statistic in torch for 'hfratio' only, not {gate.stat!r}")
     s = x.shape[-1]
     alpha = 2.5 * eps / steps
     eta = torch.zeros(len(x), 1, s // factor, s // factor)
     # the image itself as the "reconstruction" of one set hiding every patch
-    sel = torch.from_numpy(scores.tissue_patches(x.numpy(), np.zeros((1, (s // patch) ** 2), bool), patch=patch, m=m))
+    recon, vis = x.detach().clone(), np.zeros((1, (s // gate.patch) ** 2), bool)
     for _ in range(steps):
         ev = eta.clone().requires_grad_(True)
         xv = (x + band_limited(ev, factor)).clamp(0, 1)
         ce = F.nll_loss(torch.log(surrogate(xv).clamp_min(1e-12)), y, reduction="none")
-        score = hfratio_torch(xv, sel, patch)
+        score = run_gate(gate, xv[:, 0], recon, vis, backend="torch").score
         g_ce, = torch.autograd.grad(ce.sum(), ev, retain_graph=True)
         g_sc, = torch.autograd.grad(score.sum(), ev)
         with torch.no_grad():
-            eta = evasion_step(eta, score < tau * (1 - margin), g_ce, g_sc, alpha, eps)
+            eta = evasion_step(eta, score < gate.tau * (1 - margin), g_ce, g_sc, alpha, eps)
     with torch.no_grad():
         return (x + band_limited(eta, factor)).clamp(0, 1)
 
@@ -286,8 +271,8 @@ def summarise(correct: np.ndarray) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_eval_args(ap, eps="8", steps=100)  # EVALUATION.md: ≥ 100 steps
-    ap.add_argument("--eot", type=int, default=10, help="noise draws per step (EVALUATION.md: ≥ 10)")
+    add_eval_args(ap, eps="8", steps=100)  # the full budget (docs/evaluation.md): ≥ 100 steps
+    ap.add_argument("--eot", type=int, default=10, help="noise draws per step (full budget: ≥ 10)")
     ap.add_argument("--repeats", type=int, default=5, help="Defender runs per adversarial scan (fresh keys)")
     ap.add_argument("--rungs", default="1,2,3", help="which rungs to run (comma list of 1, 2, 3, 4, 6)")
     ap.add_argument("--surrogate", default=None,
@@ -355,12 +340,10 @@ def main() -> None:
             from medfedpure.runtime.engines.torch_engine import model_from_bytes
 
             sur = model_from_bytes(Path(a.surrogate).read_bytes())[0].eval().requires_grad_(False)
-            g = d.engine.gate_cfg
             with torch.no_grad():
                 sur_clean = float((sur(xt).argmax(1) == yt).float().mean())
             xa6 = pgd_linf(sur, xt, yt, eps, steps=a.steps, generator=torch.Generator().manual_seed(a.seed))
-            xb6 = transfer_evasion(sur, xt, yt, eps, steps=a.steps, patch=int(g["patch"]),
-                                   m=int(g.get("topk", 0)) or d.engine.visible.shape[1] // 2, tau=float(g["tau"]),
+            xb6 = transfer_evasion(sur, xt, yt, eps, steps=a.steps, gate=d.engine.gate_spec,
                                    factor=a.evasion_factor)
             for name, xa in ((f"rung6a transfer pgd-{a.steps} {eps_255:g}", xa6),
                              (f"rung6b transfer evasion pgd-{a.steps} {eps_255:g}", xb6)):
@@ -373,7 +356,7 @@ def main() -> None:
     res = {"bundle_id": d.bundle.bundle_id, "backend": a.backend, "data": str(Path(a.data).resolve()), "site": a.site,
            "split": a.split, "n": int(len(y)), "steps": a.steps, "eot": a.eot, "repeats": a.repeats, "seed": a.seed,
            "surrogate": a.surrogate,
-           "gate": d.bundle.gate, "policy": d.policy,
+           "gate": d.bundle.spec.gate.to_dict(), "policy": d.policy,
            "purifier_steps": ref.steps, "rows": rows, "wall_s": time.perf_counter() - t0,
            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": a.threads}}
     out = Path(a.out)

@@ -1,4 +1,5 @@
-"""Rung 1 of EVALUATION.md on a bundle: FGSM and PGD against the classifier alone, then the whole
+"""Rung 1 of the attack ladder (docs/evaluation.md) on a bundle: FGSM and PGD against the classifier
+alone, then the whole
 Defender (gate, purifier, classifier) on the clean and the attacked scans.
 
 Reports, for one site's split of a synthetic data set (labels are used only for accuracy):
@@ -133,7 +134,7 @@ def main() -> None:
             }
     wall = time.perf_counter() - t0
     res = {"bundle_id": d.bundle.bundle_id, "backend": a.backend, "data": str(Path(a.data).resolve()), "site": a.site,
-           "split": a.split, "n": int(len(y)), "steps": a.steps, "seed": a.seed, "gate": d.bundle.gate,
+           "split": a.split, "n": int(len(y)), "steps": a.steps, "seed": a.seed, "gate": d.bundle.spec.gate.to_dict(),
            "attack": "against the classifier alone (rung 1, not adaptive)", "rows": rows, "wall_s": wall,
            "machine": {"platform": platform.platform(), "processor": platform.processor(),
                        "torch": torch.__version__}}

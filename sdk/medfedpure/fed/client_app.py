@@ -1,30 +1,36 @@
-"""The Flower ClientApp: one site = one node; a thin adapter over ``fed.tasks`` (Message API).
+"""The Flower ClientApp: one site = one node; a thin adapter over ``fed.phases`` (Message API).
 
-Identity and data come from the node config — ``partition-id`` (the site index, required),
-optionally ``data-dir`` and ``site-dir`` (deployment runtime: each SuperNode names its own) — with
-the server's message config (``data-dir``, ``run-dir``) as the fallback used by the simulation
-runtime, whose node config holds only ``partition-id`` / ``num-partitions``.
+What a handler knows comes from three places:
 
-Handlers (the server's message config names the ``phase``):
+- the node config: ``partition-id`` (the site index, required), optionally ``data-dir`` and
+  ``site-dir`` (deployment runtime: each SuperNode names its own);
+- ``context.run_config``: the run's constants (``FedConfig.to_run_config()``: preset, seed, data
+  and run folders, local epochs, rounds, poisoning, purification schedule, …), the same for every
+  message of the run;
+- the message config: the per-round values, ``phase``, ``split``, ``run-token`` and Flower's
+  ``server-round``.
+
+Handlers (the phase's registry entry, ``phases.PHASES[phase]``, says what to do):
 
 - ``train``: restore this site's local tensors (``context.state``; else ``SITE/<phase>_local.safetensors``
-  after a restart, if that file carries this run's ``run-token``; else a fresh, seeded init), load the server's travelling tensors, run the
-  phase's training loop for ``local-epochs``, store the local tensors again (state + disk) and
-  reply with the travelling tensors and metrics (``num-examples``, ``site``, losses).
-  Classifier phase: the site's AdamW state is kept across rounds the same way
-  (``context.state["classifier.optim"]`` and ``SITE/classifier_optim.safetensors``, same run-token
-  rule), and round ``r`` of ``R`` trains global epochs ``(r−1)·E … r·E − 1`` of one warm-up + cosine
-  schedule over ``R·E`` epochs (``tasks.train_local_stateful``): the site's rounds continue one
-  long local run instead of restarting AdamW and the schedule every round.
+  after a restart, if that file carries this run's ``run-token``; else a fresh, seeded init), load
+  the server's travelling tensors, run the phase's local training for ``local-epochs``, store the
+  local tensors again (state + disk) and reply with the travelling tensors and metrics
+  (``num-examples``, ``site``, losses). A stateful phase (the classifier) also keeps the site's
+  AdamW state across rounds the same way (``context.state["<phase>.optim"]`` and
+  ``SITE/<phase>_optim.safetensors``, same run-token rule), and round ``r`` of ``R`` trains global
+  epochs ``(r−1)·E … r·E − 1`` of one warm-up + cosine schedule over ``R·E`` epochs: the site's
+  rounds continue one long local run instead of restarting AdamW and the schedule every round.
 - ``evaluate``: same restore, evaluate on val and test; in the last round also write the site's
-  final artefacts: ``SITE/classifier.safetensors`` (global + this site's local expert, gate and
-  normalisation) or ``SITE/global/<phase>.safetensors`` (the federated MAE / teacher / student, the
-  site's copy used for distillation and gate calibration — no data leaves the site).
+  final model ``SITE/<Phase.site_file>``: ``SITE/classifier.safetensors`` (global + this site's
+  local expert, gate and normalisation) or ``SITE/global/<phase>.safetensors`` (the federated MAE /
+  teacher / student, the site's copy used for distillation and gate calibration — no data leaves
+  the site).
 - ``query`` with ``phase = "calibrate"``: calibrate this site's gate on its own clean validation
   scans and write ``SITE/calibration.json``.
 
-Attack injection for robustness experiments: when message config ``poison-site`` equals this site,
-the reply is ``w_sent + poison-scale · (w_trained − w_sent)`` (e.g. −10: sign-flipped ×10).
+Attack injection for robustness experiments: when the run config's ``poison-site`` equals this
+site, the reply is ``w_sent + poison-scale · (w_trained − w_sent)`` (e.g. −10: sign-flipped ×10).
 """
 
 from __future__ import annotations
@@ -32,157 +38,155 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from medfedpure.fed import params, tasks
+from medfedpure.fed.config import FedConfig
+from medfedpure.fed.phases import Phase, image_size, lookup
 
 LOG = logging.getLogger("medfedpure.fed")
 
-app = ClientApp()
-
 
 class _Site:
-    """Everything a handler needs to know about this site and this message."""
+    """Everything a handler needs to know about this site, this run and this message."""
 
     def __init__(self, msg: Message, context: Context) -> None:
-        cfg = msg.content["config"]
         node = context.node_config
         if "partition-id" not in node:
             raise ValueError("node config has no 'partition-id': start the SuperNode with --node-config 'partition-id=K'")
+        if not context.run_config:
+            raise ValueError("the run config is empty: start the run from the app's pyproject.toml "
+                             "(medfedpure fed deploy) or bind it with make_client_app(run_config)")
+        self.context = context
+        self.run = FedConfig.from_run_config(dict(context.run_config))
+        msg_cfg = msg.content["config"]
         self.site = int(node["partition-id"])
-        self.phase = str(cfg["phase"])
-        self.preset = str(cfg["preset"])
-        self.size = int(cfg.get("image-size", 0))
-        self.split = str(cfg.get("split", "all"))
-        self.data_dir = str(node.get("data-dir", cfg["data-dir"]))
-        run_dir = Path(str(cfg["run-dir"]))
-        self.site_dir = Path(str(node["site-dir"])) if "site-dir" in node else run_dir / f"site_{self.site}"
-        self.round = int(cfg.get("server-round", 0))
-        self.run_token = str(cfg.get("run-token", ""))
-        self.num_rounds = int(cfg.get("num-rounds", 0))
-        self.local_epochs = int(cfg.get("local-epochs", 1))
-        self.seed = int(cfg.get("seed", 0))
-        self.max_train = int(cfg.get("max-train", 0))
-        self.poison_site = int(cfg.get("poison-site", -1))
-        self.poison_scale = float(cfg.get("poison-scale", -10.0))
-        self.schedule = {k.replace("-", "_"): int(cfg[k]) for k in ("student-steps", "t-min", "t-max") if k in cfg}
-        torch.set_num_threads(int(cfg.get("threads", 1)))
+        self.phase_name = str(msg_cfg["phase"])
+        self.split = str(msg_cfg.get("split", "all"))
+        self.round = int(msg_cfg.get("server-round", 0))
+        self.run_token = str(msg_cfg.get("run-token", ""))
+        self.data_dir = str(node.get("data-dir", self.run.data_dir))
+        self.site_dir = Path(str(node["site-dir"])) if "site-dir" in node else Path(self.run.out_dir) / f"site_{self.site}"
+        torch.set_num_threads(self.run.threads)
 
     @property
-    def local_path(self) -> Path:
-        return self.site_dir / f"{self.phase}_local.safetensors"
+    def phase(self) -> Phase:
+        return lookup(self.phase_name)
 
-    @property
-    def state_key(self) -> str:
-        return f"{self.phase}.local"
+    def _meta(self, **extra: object) -> dict[str, object]:
+        """Metadata of the site's saved state: restored only within the same run (and split)."""
+        return {"phase": self.phase_name, "split": self.split, "round": self.round, "site": self.site,
+                "run-token": self.run_token, **extra}
 
-    @property
-    def optim_path(self) -> Path:
-        return self.site_dir / f"{self.phase}_optim.safetensors"
+    def state_key(self, part: str) -> str:
+        """``context.state`` key of this phase's saved ``part`` ("local" tensors or "optim" state)."""
+        return f"{self.phase_name}.{part}"
 
-    @property
-    def optim_key(self) -> str:
-        return f"{self.phase}.optim"
+    def state_path(self, part: str) -> Path:
+        """File of this phase's saved ``part``: ``SITE/<phase>_<part>.safetensors``."""
+        return self.site_dir / f"{self.phase_name}_{part}.safetensors"
+
+    def _restore(self, part: str, round_: int | None = None) -> dict[str, torch.Tensor] | None:
+        """Saved tensors of this site: ``context.state`` → this run's file → ``None``.
+
+        The file counts only when it carries this run's token and split (a SuperNode restarted mid-run
+        resumes; a new run starts afresh), and, with ``round_``, when it was written in that round.
+        """
+        key, path = self.state_key(part), self.state_path(part)
+        if key in self.context.state:
+            return params.from_arrayrecord(self.context.state[key])
+        if path.is_file():
+            tensors, meta = params.load_local(path)
+            if meta.get("run-token") == self.run_token and meta.get("split") == self.split \
+                    and (round_ is None or int(meta.get("round", -1)) == round_):
+                LOG.info("site %d: restoring %s %s state from %s", self.site, self.phase_name, part, path)
+                return tensors
+        return None
+
+    def _store(self, part: str, tensors: dict[str, torch.Tensor], **extra: object) -> None:
+        self.context.state[self.state_key(part)] = params.to_arrayrecord(tensors)
+        params.save_local(self.state_path(part), tensors, self._meta(**extra))
 
     @property
     def stateful(self) -> bool:
-        """Whether this phase carries optimizer state and a federation-wide schedule (classifier)."""
-        return self.phase == "classifier" and self.round >= 1 and self.num_rounds >= self.round
+        """Whether this round carries optimizer state and a federation-wide schedule."""
+        return self.phase.stateful and self.round >= 1 and self.run.rounds >= self.round
 
-    def optimizer_state(self, context: Context) -> dict[str, torch.Tensor] | None:
+    def optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """This site's optimizer state from last round (state → this run's disk file → ``None``)."""
         if self.round <= 1:
             return None
-        if self.optim_key in context.state:
-            return params.from_arrayrecord(context.state[self.optim_key])
-        if self.optim_path.is_file():
-            tensors, meta = params.load_local(self.optim_path)
-            if meta.get("run-token") == self.run_token and meta.get("split") == self.split \
-                    and int(meta.get("round", -1)) == self.round - 1:
-                LOG.info("site %d: restoring %s optimizer state from %s", self.site, self.phase, self.optim_path)
-                return tensors
-        LOG.warning("site %d round %d: no optimizer state from round %d, starting AdamW afresh",
-                    self.site, self.round, self.round - 1)
-        return None
-
-    def store_optimizer_state(self, state: dict[str, torch.Tensor] | None, context: Context) -> None:
+        state = self._restore("optim", self.round - 1)
         if state is None:
-            return
-        context.state[self.optim_key] = params.to_arrayrecord(state)
-        params.save_local(
-            self.optim_path, state,
-            {"phase": self.phase, "split": self.split, "round": self.round, "site": self.site,
-             "run-token": self.run_token, "kind": "adamw-state"},
-        )
+            LOG.warning("site %d round %d: no optimizer state from round %d, starting AdamW afresh",
+                        self.site, self.round, self.round - 1)
+        return state
+
+    def store_optimizer_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        if state is not None:
+            self._store("optim", state, kind="adamw-state")
 
     def data(self) -> tasks.SiteData:
-        return tasks.load_site(self.data_dir, self.site, tasks.image_size(self.preset, self.size), self.max_train)
+        return tasks.load_site(self.data_dir, self.site, image_size(self.run.preset, self.run.image_size),
+                               self.run.max_train)
 
-    def model(self, context: Context) -> torch.nn.Module:
+    def model(self) -> torch.nn.Module:
         """The phase's model with this site's local tensors restored (state → disk → fresh init)."""
         # Local parts start from a site-specific seed; the travelling part is overwritten by the server's.
-        model, _ = tasks.build_model(
-            self.phase, self.preset, seed=self.seed + 1000 * (self.site + 1), size=self.size
-        )
+        model, _ = self.phase.build(self.run.preset, seed=self.run.seed + tasks.LOCAL_INIT_STRIDE * (self.site + 1),
+                                    size=self.run.image_size)
         if not params.local_names(model, self.split):
             return model
-        if self.state_key in context.state:
-            params.set_local(model, params.from_arrayrecord(context.state[self.state_key]), self.split)
-        elif self.local_path.is_file():
-            tensors, meta = params.load_local(self.local_path)
-            # Only this run's file: a SuperNode restarted mid-run resumes; a new run starts afresh.
-            if meta.get("run-token") == self.run_token and meta.get("split") == self.split:
-                LOG.info("site %d: restoring %s local tensors from %s", self.site, self.phase, self.local_path)
-                params.set_local(model, tensors, self.split)
+        local = self._restore("local")
+        if local is not None:
+            params.set_local(model, local, self.split)
         return model
 
-    def store_local(self, model: torch.nn.Module, context: Context) -> None:
+    def store_local(self, model: torch.nn.Module) -> None:
         local = params.get_local(model, self.split)
-        if not local:
-            return
-        context.state[self.state_key] = params.to_arrayrecord(local)
-        params.save_local(
-            self.local_path, local,
-            {"phase": self.phase, "split": self.split, "round": self.round, "site": self.site, "run-token": self.run_token},
-        )
+        if local:
+            self._store("local", local)
+
+    def job(self) -> tasks.LocalJob:
+        """This round's local training job (seed, schedule position or learning-rate envelope)."""
+        run, epochs = self.run, self.run.local_epochs
+        if self.stateful:
+            # One schedule over the whole federation; per-epoch generators keyed by the global epoch,
+            # so the site's seed is fixed for the run (the local-only baseline's seed).
+            return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.SITE_STRIDE * self.site, site_dir=self.site_dir,
+                                  schedule=((self.round - 1) * epochs, run.rounds * epochs))
+        return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.ROUND_STRIDE * self.round + tasks.SITE_STRIDE * self.site,
+                              site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds))
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training; reply with the travelling tensors."""
     t0 = time.perf_counter()
     s = _Site(msg, context)
-    model = s.model(context)
+    model = s.model()
     sent: ArrayRecord = msg.content["arrays"]
     params.set_travelling(model, sent, s.split)
     data = s.data()
+    carried = s.optimizer_state() if s.stateful else None
+    metrics, opt_state = s.phase.train(model, data, s.job(), carried)
     if s.stateful:
-        # One schedule over the whole federation; per-epoch generators keyed by the global epoch,
-        # so the site's seed is fixed for the run (the local-only baseline's seed).
-        metrics, opt_state = tasks.train_local_stateful(
-            s.phase, model, data, preset=s.preset, epochs=s.local_epochs, seed=s.seed + 104_729 * s.site,
-            site_dir=s.site_dir, optimizer_state=s.optimizer_state(context),
-            schedule=((s.round - 1) * s.local_epochs, s.num_rounds * s.local_epochs),
-        )
-        s.store_optimizer_state(opt_state, context)
-    else:
-        metrics = tasks.train_local(
-            s.phase, model, data, preset=s.preset, epochs=s.local_epochs,
-            seed=s.seed + 7919 * s.round + 104_729 * s.site, site_dir=s.site_dir,
-            lr_scale=tasks.round_lr_scale(s.round, s.num_rounds),
-        )
-    s.store_local(model, context)
+        s.store_optimizer_state(opt_state)
+    s.store_local(model)
     reply_arrays = params.get_travelling(model, s.split)
-    if s.site == s.poison_site:
+    if s.site == s.run.poison_site:
+        scale = s.run.poison_scale
         reply_arrays = ArrayRecord(
             {
                 k: torch.from_numpy(
-                    np.asarray(sent[k].numpy() + s.poison_scale * (v.numpy() - sent[k].numpy()), dtype=v.numpy().dtype)
+                    np.asarray(sent[k].numpy() + scale * (v.numpy() - sent[k].numpy()), dtype=v.numpy().dtype)
                 )
                 for k, v in reply_arrays.items()
             }
@@ -193,15 +197,14 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": reply_arrays, "metrics": record}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's model combined with this site's local part; save artefacts in the last round."""
     s = _Site(msg, context)
-    model = s.model(context)
+    model = s.model()
     params.set_travelling(model, msg.content["arrays"], s.split)
     data = s.data()
-    metrics = tasks.evaluate_local(s.phase, model, data, seed=s.seed)
-    if s.num_rounds and s.round == s.num_rounds:
+    metrics = s.phase.evaluate(model, data, s.run.seed)
+    if s.run.rounds and s.round == s.run.rounds:
         _save_final(s, model)
     record = MetricRecord({"num-examples": len(data.x_val), "site": s.site, **metrics})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
@@ -210,37 +213,55 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _save_final(s: _Site, model: torch.nn.Module) -> None:
     from medfedpure.train.checkpoint import save_model
 
-    cfg = tasks.model_config(s.phase, s.preset, s.size)
-    extra: dict[str, object] = {"site": s.site, "rounds": s.num_rounds, "split": s.split, "federated": True,
-                                "role": s.phase}
-    if s.phase == "student" and s.schedule:
-        extra.update(steps=s.schedule["student_steps"], t_min=s.schedule["t_min"], t_max=s.schedule["t_max"])
-    if s.phase == "classifier":
-        save_model(s.site_dir / "classifier.safetensors", model, cfg, tasks.KINDS[s.phase], extra=extra)
-    else:
-        save_model(s.site_dir / "global" / f"{s.phase}.safetensors", model, cfg, tasks.KINDS[s.phase], extra=extra)
+    phase = s.phase
+    extra: dict[str, object] = {"site": s.site, "rounds": s.run.rounds, "split": s.split, "federated": True,
+                                "role": phase.name, **phase.metadata(s.run)}
+    save_model(s.site_dir / phase.site_file, model, phase.config(s.run.preset, s.run.image_size), phase.kind,
+               extra=extra)
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """``phase = "calibrate"``: calibrate this site's gate on its clean validation scans."""
-    cfg = msg.content["config"]
-    if str(cfg.get("phase", "")) != "calibrate":
-        raise ValueError(f"unknown query phase {cfg.get('phase')!r}: only 'calibrate' is served")
-    node = context.node_config
-    site = int(node["partition-id"])
-    run_dir = Path(str(cfg["run-dir"]))
-    site_dir = Path(str(node["site-dir"])) if "site-dir" in node else run_dir / f"site_{site}"
-    data_dir = str(node.get("data-dir", cfg["data-dir"]))
-    preset = str(cfg["preset"])
-    torch.set_num_threads(int(cfg.get("threads", 1)))
-    data = tasks.load_site(
-        data_dir, site, tasks.image_size(preset, int(cfg.get("image-size", 0))), int(cfg.get("max-train", 0))
-    )
-    calib = tasks.calibrate_site(site_dir, data, preset=preset, seed=int(cfg.get("seed", 0)))
-    (site_dir / "calibration.json").write_text(json.dumps(calib, indent=2, sort_keys=True))
+    phase = str(msg.content["config"].get("phase", ""))
+    if phase != "calibrate":
+        raise ValueError(f"unknown query phase {phase!r}: only 'calibrate' is served")
+    s = _Site(msg, context)
+    calib = tasks.calibrate_site(s.site_dir, s.data())
+    (s.site_dir / "calibration.json").write_text(json.dumps(calib, indent=2, sort_keys=True))
     numeric = {k: float(v) for k, v in calib.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return Message(
-        RecordDict({"metrics": MetricRecord({"site": site, **numeric}), "calibration": ConfigRecord({"json": json.dumps(calib)})}),
+        RecordDict({"metrics": MetricRecord({"site": s.site, **numeric}),
+                    "calibration": ConfigRecord({"json": json.dumps(calib)})}),
         reply_to=msg,
     )
+
+
+def bind_run_config(run_config: Mapping[str, Any]) -> Mod:
+    """A mod that shows the handlers ``run_config`` as ``context.run_config`` (keys the runtime sets win).
+
+    The simulation runtime of ``flwr.simulation.run_simulation`` hands in-process apps an empty run
+    config; binding the run's ``FedConfig.to_run_config()`` gives the handlers what the deployment
+    runtime reads from the app's ``pyproject.toml``. Flower forbids changing a context's run config,
+    so the handlers get a view of the context that shares its node config and ``state``.
+    """
+    bound = dict(run_config)
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        view = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                       state=context.state, run_config={**bound, **dict(context.run_config)})
+        return call_next(msg, view)
+
+    return mod
+
+
+def make_client_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
+    """The ClientApp with the train / evaluate / query handlers; ``run_config`` as :func:`bind_run_config`."""
+    client = ClientApp(mods=[bind_run_config(run_config)] if run_config else None)
+    client.train()(train)
+    client.evaluate()(evaluate)
+    client.query()(query)
+    return client
+
+
+# The deployment runtime's ClientApp: the run config comes from the app's pyproject.toml.
+app = make_client_app()

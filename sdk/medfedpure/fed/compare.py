@@ -17,7 +17,7 @@ The federated three run on the Flower simulation runtime (``sim.run_sim``) with 
 aggregation. Their sites train as the local-only run does, only interrupted by aggregation: each
 site keeps its AdamW state across rounds and round ``r`` continues one warm-up + cosine schedule
 over ``rounds × local_epochs`` epochs with the same per-epoch generators (``client_app``,
-``tasks.train_local_stateful``) — without averaging a site's rounds would be the local-only run.
+``tasks.train_classifier_round``) — without averaging a site's rounds would be the local-only run.
 Difference left: local-only keeps its best epoch by validation, the federated arms the last round. Reported: per-site **test** accuracy of each site's final model (for the federated
 methods: the last round's global part combined with the site's local part), and its mean ± std
 over sites (std: population std over the sites). Writes ``OUT/compare.json``, ``OUT/compare.md``
@@ -37,6 +37,7 @@ import numpy as np
 
 from medfedpure.fed import tasks
 from medfedpure.fed.config import FedConfig
+from medfedpure.fed.phases import PHASES, image_size
 from medfedpure.fed.sim import run_sim
 
 METHODS = (("local", "local-only", "none"), ("fedavg", "FedAvg", "all"), ("fedbn", "FedBN-style", "fedbn"),
@@ -59,10 +60,10 @@ def local_only(base: FedConfig, *, progress: bool = True) -> dict[str, Any]:
     acc: dict[int, float] = {}
     t0 = time.perf_counter()
     for site in range(base.num_sites):
-        data = tasks.load_site(base.data_dir, site, tasks.image_size(base.preset, base.image_size), base.max_train)
-        model, _ = tasks.build_model("classifier", base.preset, seed=base.seed, size=base.image_size)
+        data = tasks.load_site(base.data_dir, site, image_size(base.preset, base.image_size), base.max_train)
+        model, _ = PHASES["classifier"].build(base.preset, seed=base.seed, size=base.image_size)
         cfg = ClassifierTrainConfig.preset(base.preset, epochs=base.rounds * base.local_epochs,
-                                           seed=base.seed + 104_729 * site, patience=base.rounds * base.local_epochs + 1)
+                                           seed=base.seed + tasks.SITE_STRIDE * site, patience=base.rounds * base.local_epochs + 1)
         train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=progress)
         acc[site] = float(evaluate_classifier(model, data.x_test, data.y_test)["accuracy"])
     return {"per_site": acc, "wall_s": time.perf_counter() - t0}

@@ -1,8 +1,11 @@
 """The federated run's configuration: one frozen dataclass, flowing CLI → run folder → Flower run config.
 
-The same object reaches the ServerApp on both runtimes: ``fed sim`` passes it in-process; the
-deployment runtime gets it as the app's ``[tool.flwr.app.config]`` (``to_run_config`` /
-``from_run_config``: flat keys with dashes, as Flower's run config requires).
+Its fields are the run's constants, and they reach the ServerApp and every ClientApp as Flower's
+``context.run_config`` on both runtimes (``to_run_config`` / ``from_run_config``: flat keys with
+dashes, as Flower's run config requires): the deployment runtime reads them from the generated
+app's ``[tool.flwr.app.config]`` (overridable with ``flwr run --run-config``), the simulation
+runtime binds the same mapping to its in-process apps. Messages carry only per-round values
+(phase, round, split, run token).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from medfedpure.fed.params import SPLITS
+from medfedpure.fed.phases import PHASES, PRESETS
 from medfedpure.fed.strategies import STRATEGIES
-from medfedpure.fed.tasks import PHASES, PRESETS
+from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,8 @@ class FedConfig:
     poison_site / poison_scale: robustness experiments only — site ``poison_site`` (-1: none)
         sends ``w + poison_scale · Δ`` instead of ``w + Δ``.
     student_steps / purify_t_min / purify_t_max: the student's sampling steps K and the t* range
-        recorded in the student checkpoints (the gate calibration reads them).
+        recorded in the student checkpoints (the gate calibration reads them); defaults
+        ``models.diffusion.PURIFY_DEFAULTS``.
     seed: seeds model initialisation and every local training job.
     threads: torch threads per client process.
     round_timeout_s: how long the server waits for a round's replies.
@@ -54,7 +59,7 @@ class FedConfig:
     image_size: int = 0
     strategy: str = "fedavg"
     num_sites: int = 4
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = tuple(PHASES)
     calibrate: bool = True
     classifier_split: str = "moe"
     max_update_norm: float = math.inf
@@ -64,9 +69,9 @@ class FedConfig:
     max_train: int = 0
     poison_site: int = -1
     poison_scale: float = -10.0
-    student_steps: int = 2
-    purify_t_min: int = 60
-    purify_t_max: int = 200
+    student_steps: int = PURIFY_DEFAULTS.steps
+    purify_t_min: int = PURIFY_DEFAULTS.t_min
+    purify_t_max: int = PURIFY_DEFAULTS.t_max
     seed: int = 0
     threads: int = 1
     round_timeout_s: float = 3600.0
@@ -86,7 +91,7 @@ class FedConfig:
         bad = [p for p in self.phases if p not in PHASES]
         if bad or not self.phases:
             raise ValueError(f"phases={self.phases}: choose a non-empty subset of {', '.join(PHASES)}")
-        order = [PHASES.index(p) for p in self.phases]
+        order = [list(PHASES).index(p) for p in self.phases]
         if order != sorted(order) or len(set(order)) != len(order):
             raise ValueError(f"phases={self.phases}: list each phase once, in the order {', '.join(PHASES)}")
         if self.classifier_split not in SPLITS or self.classifier_split == "none":
@@ -101,11 +106,18 @@ class FedConfig:
             raise ValueError(f"image_size={self.image_size}: 0 (the preset's) or a positive multiple of 16")
         if self.max_train < 0 or self.threads < 1 or self.round_timeout_s <= 0:
             raise ValueError("max_train must be >= 0, threads >= 1, round_timeout_s > 0")
-        if self.student_steps not in (1, 2, 4) or not 0 <= self.purify_t_min <= self.purify_t_max:
-            raise ValueError(f"student_steps={self.student_steps} (1, 2 or 4), purify range "
-                             f"[{self.purify_t_min}, {self.purify_t_max}] (0 <= t_min <= t_max)")
+        try:
+            _ = self.purify_schedule  # validates student_steps and the t* range
+        except ValueError as exc:
+            raise ValueError(f"student_steps={self.student_steps}, purify range [{self.purify_t_min}, "
+                             f"{self.purify_t_max}]: {exc}") from exc
         if self.poison_site >= self.num_sites:
             raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
+
+    @property
+    def purify_schedule(self) -> PurifySchedule:
+        """The purification schedule recorded in the federated student (``ValueError`` if invalid)."""
+        return PurifySchedule(t_min=self.purify_t_min, t_max=self.purify_t_max, steps=self.student_steps)
 
     # --- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

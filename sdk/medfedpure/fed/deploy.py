@@ -4,7 +4,9 @@ The same ClientApp / ServerApp as the simulation, packaged as a Flower App (FAB)
 builds from a project folder. ``run_deployment(cfg)``:
 
 1. writes ``RUN/app/`` — ``pyproject.toml`` (``[tool.flwr.app]`` components and the run's
-   ``FedConfig`` as ``[tool.flwr.app.config]``) and a two-module package re-exporting
+   ``FedConfig`` as ``[tool.flwr.app.config]``: the run config that the ServerApp and every
+   ClientApp read from ``context.run_config``; ``flwr run RUN/app --run-config 'key=value'``
+   overrides single keys) and a two-module package re-exporting
    ``medfedpure.fed.server_app:app`` and ``medfedpure.fed.client_app:app`` — and
    ``RUN/.flwr/config.toml`` (``FLWR_HOME``: the SuperLink connection);
 2. starts ``flower-superlink --insecure`` on a free port and one ``flower-supernode --insecure``
@@ -30,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +41,7 @@ from typing import Any
 
 from medfedpure.fed import procs
 from medfedpure.fed.config import FedConfig
-from medfedpure.fed.sim import FederationError, _tail
+from medfedpure.fed.sim import FederationError, finish_metrics, log_tail, prepare_run_folder
 
 APP_PACKAGE = "medfedpure_fedapp"
 
@@ -115,7 +116,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout_s: float, log: Path) -
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise FederationError(f"flower-superlink exited with code {proc.returncode}; log {log}:\n{_tail(log)}")
+            raise FederationError(f"flower-superlink exited with code {proc.returncode}; log {log}:\n{log_tail(log)}")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
             if s.connect_ex(("127.0.0.1", port)) == 0:
@@ -155,12 +156,8 @@ def run_deployment(cfg: FedConfig, *, timeout_s: float = 1800.0) -> dict[str, An
 
 
 def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
-    out = Path(cfg.out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = FedConfig(**{**cfg.to_dict(), "out_dir": str(out), "data_dir": str(Path(cfg.data_dir).resolve())})
-    cfg.save(out / "config.json")
-    for stale in ("metrics.json", "server_error.txt", "progress.json"):  # a stale file would pass for this run's result
-        (out / stale).unlink(missing_ok=True)
+    cfg = prepare_run_folder(cfg)
+    out = Path(cfg.out_dir)
     app_dir = write_app(cfg, out / "app")
     home = out / ".flwr"
     link_port = _free_port()
@@ -211,7 +208,7 @@ def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
                 if p.poll() is not None:
                     raise FederationError(f"{p.args[0]} exited early with code {p.returncode}; logs in {logs}")
             if err.is_file():
-                raise FederationError(f"the ServerApp failed; logs in {logs}\n{_tail(err)}")
+                raise FederationError(f"the ServerApp failed; logs in {logs}\n{log_tail(err)}")
             if time.perf_counter() - t0 > timeout_s:
                 raise FederationError(f"deployment run exceeded {timeout_s:.0f} s; logs in {logs}")
             if time.perf_counter() - last_poll > 30.0:
@@ -219,7 +216,7 @@ def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
                 status = _run_status(bin_dir, env)
                 if status.startswith("finished") and not _finished(out / "metrics.json", cfg):
                     raise FederationError(f"the run ended with status {status!r} before finishing; logs in {logs}\n"
-                                          + (_tail(err) if err.is_file() else _tail(logs / "superlink.log")))
+                                          + (log_tail(err) if err.is_file() else log_tail(logs / "superlink.log")))
             time.sleep(0.5)
         wall = time.perf_counter() - t0
         # Let the ServerApp process finish on its own (it reports the run's end to the SuperLink).
@@ -227,28 +224,11 @@ def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
         while procs.marked_pids(token, "serverapp") and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
-        for p in reversed(started):
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for p in started:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        procs.stop_groups(reversed(started))
         stragglers = procs.marked_pids(token)
         leftover = procs.stop_marked(token)
         for fh in handles:
             fh.close()
     if leftover:
         raise FederationError(f"processes {leftover} of the deployment survived SIGKILL")
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["deploy_wall_s"] = wall
-    metrics["leftover_pids"] = leftover
-    metrics["proc_token"] = token
-    metrics["stragglers_stopped"] = len(stragglers)  # alive after the run ended; stopped by marker
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
-    return metrics
+    return finish_metrics(out, "deploy_wall_s", wall, token, stragglers, leftover)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
+
+from medfedpure.models.weights import load_tensors, read_metadata, save_tensors
 
 SPLITS = ("all", "fedbn", "moe", "none")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -124,17 +124,13 @@ def set_local(model: nn.Module, tensors: dict[str, torch.Tensor], split: str) ->
 
 def save_local(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, object]) -> None:
     """Write local tensors as safetensors (metadata: JSON under "medfedpure"), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"medfedpure": json.dumps(meta, sort_keys=True)})
-    tmp.replace(path)
+    save_tensors(path, tensors, {"medfedpure": json.dumps(meta, sort_keys=True)})
 
 
 def load_local(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     """Read tensors written by :func:`save_local` → (tensors, metadata dict)."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("medfedpure", "{}")
-    return load_file(str(path)), json.loads(raw)
+    raw = read_metadata(path).get("medfedpure", "{}")
+    return load_tensors(path), json.loads(raw)
 
 
 def to_arrayrecord(tensors: dict[str, torch.Tensor]) -> ArrayRecord:

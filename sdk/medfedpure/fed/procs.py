@@ -13,15 +13,16 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 MARKER = "MEDFEDPURE_FED_RUN"
 
-# Environment for every Flower / Ray process of a run (shared/FACTS.md "Flower 1.42").
+# Environment for every Flower / Ray process of a run: no runtime dependency installs, quiet logs.
 QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -122,3 +123,24 @@ def exit_on_signals() -> Iterator[None]:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def stop_groups(procs: Iterable[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """Stop the process groups of ``procs`` (each started with ``start_new_session=True``).
+
+    SIGTERM to every group still running, in the given order, then wait for each; a group that
+    outlives ``grace_s`` gets SIGKILL. Processes that left their group are for :func:`stop_marked`.
+    """
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

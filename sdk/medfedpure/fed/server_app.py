@@ -1,17 +1,21 @@
 """The Flower ServerApp: runs the phases in order, each with a validated strategy, then calibration.
 
-``run_federation(grid, cfg)`` is the whole server; ``app`` (deployment runtime, reads the run config
-that ``flwr run`` delivers) and ``make_server_app(cfg)`` (simulation runtime, in-process) both call it.
+``run_federation(grid, cfg)`` is the whole server. The ServerApp reads ``cfg`` from Flower's
+``context.run_config`` on both runtimes: ``app`` (deployment runtime: the generated app's
+``[tool.flwr.app.config]``) and ``make_server_app(run_config)`` (simulation runtime: the same
+mapping bound in-process).
 
-Per phase (classifier → mae → teacher → student):
+Per phase (in the order of ``phases.PHASES``; what differs between phases is in its registry entry):
 
-1. build the phase's model from ``cfg.seed``; the initial travelling tensors go to every site (the
-   student starts from the final federated teacher, as distillation requires);
+1. build the phase's model from ``cfg.seed`` (or from the final model of ``Phase.init_from``: the
+   student starts from the federated teacher, as distillation requires); the initial travelling
+   tensors go to every site;
 2. ``strategy.start`` for ``cfg.rounds`` rounds (train on every site, validate and aggregate,
-   federated evaluation on every site);
-3. save the result into the run folder: ``RUN/{mae,teacher,student}.safetensors`` (full models);
-   for the classifier only the global expert is global: ``RUN/classifier_global.safetensors``
-   (each site writes its full personalised ``site_k/classifier.safetensors``).
+   federated evaluation on every site); each message carries only the per-round values (phase,
+   split, run token; Flower adds the round);
+3. save the result into the run folder, ``RUN/<Phase.server_file>``: the full model
+   (``RUN/{mae,teacher,student}.safetensors``), or for a personalised phase only what travels
+   (``RUN/classifier_global.safetensors``; each site writes its full ``site_k/classifier.safetensors``).
 
 Then each site calibrates its gate (a QUERY message; the data never leaves the site). Metrics —
 per site, per round, per phase, plus every dropped update with its reason — go to
@@ -32,50 +36,34 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from medfedpure.fed import params, tasks
+from medfedpure.fed import params
 from medfedpure.fed.config import FedConfig
+from medfedpure.fed.phases import PHASES, Phase
 from medfedpure.fed.strategies import make_strategy
 from medfedpure.fed.validation import UpdateValidationConfig
 
 LOG = logging.getLogger("medfedpure.fed")
 
 
-def _message_config(cfg: FedConfig, phase: str, split: str, run_token: str) -> ConfigRecord:
-    return ConfigRecord(
-        {
-            "run-token": run_token,
-            "phase": phase,
-            "preset": cfg.preset,
-            "image-size": cfg.image_size,
-            "split": split,
-            "data-dir": str(Path(cfg.data_dir).resolve()),
-            "run-dir": str(Path(cfg.out_dir).resolve()),
-            "local-epochs": cfg.local_epochs,
-            "num-rounds": cfg.rounds,
-            "seed": cfg.seed,
-            "max-train": cfg.max_train,
-            "threads": cfg.threads,
-            "poison-site": cfg.poison_site,
-            "poison-scale": cfg.poison_scale,
-            "student-steps": cfg.student_steps,
-            "t-min": cfg.purify_t_min,
-            "t-max": cfg.purify_t_max,
-        }
-    )
+def round_config(phase: str, split: str, run_token: str) -> ConfigRecord:
+    """The per-round message config; the run's constants travel as ``context.run_config`` instead."""
+    return ConfigRecord({"phase": phase, "split": split, "run-token": run_token})
 
 
-def _initial_model(cfg: FedConfig, phase: str, finals: dict[str, Any]):
-    model, mcfg = tasks.build_model(phase, cfg.preset, seed=cfg.seed, size=cfg.image_size)
-    if phase == "student":
-        teacher = finals.get("teacher")
-        path = Path(cfg.out_dir) / "teacher.safetensors"
-        if teacher is None and path.is_file():
+def _initial_model(cfg: FedConfig, phase: Phase, finals: dict[str, Any]) -> tuple[Any, Any]:
+    """The phase's starting model: seeded fresh, or the final model of ``phase.init_from``."""
+    model, mcfg = phase.build(cfg.preset, seed=cfg.seed, size=cfg.image_size)
+    if phase.init_from is not None:
+        source = finals.get(phase.init_from)
+        path = Path(cfg.out_dir) / PHASES[phase.init_from].server_file
+        if source is None and path.is_file():
             from medfedpure.train.checkpoint import load_model
 
-            teacher = load_model(path)[0]
-        if teacher is None:
-            raise FileNotFoundError(f"the student phase needs the teacher: {path} is missing; run phase 'teacher' first")
-        model.load_state_dict(teacher.state_dict())
+            source = load_model(path)[0]
+        if source is None:
+            raise FileNotFoundError(f"the {phase.name} phase needs the {phase.init_from}: {path} is missing; "
+                                    f"run phase {phase.init_from!r} first")
+        model.load_state_dict(source.state_dict())
     return model, mcfg
 
 
@@ -97,16 +85,16 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     metrics["run_token"] = run_token
     validation = UpdateValidationConfig(cfg.max_update_norm, cfg.max_relative_norm)
     t_run = time.perf_counter()
-    for index, phase in enumerate(cfg.phases):
-        split = cfg.classifier_split if phase == "classifier" else "all"
+    for index, phase in enumerate(PHASES[name] for name in cfg.phases):
+        split = phase.split(cfg)
         model, mcfg = _initial_model(cfg, phase, finals)
         strategy = make_strategy(
-            cfg.strategy, cfg.num_sites, validation=validation, phase=phase, trim_beta=cfg.trim_beta,
+            cfg.strategy, cfg.num_sites, validation=validation, phase=phase.name, trim_beta=cfg.trim_beta,
             krum_f=None if cfg.krum_f < 0 else cfg.krum_f,
         )
-        conf = _message_config(cfg, phase, split, run_token)
+        conf = round_config(phase.name, split, run_token)
 
-        def _progress(rnd: int, phase: str = phase, index: int = index) -> None:
+        def _progress(rnd: int, phase: str = phase.name, index: int = index) -> None:
             (out / "progress.json").write_text(json.dumps({"phase": phase, "round": rnd, "rounds_done": index * cfg.rounds + rnd}))
 
         strategy.on_evaluated = _progress
@@ -119,24 +107,23 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
         n_ok = sum(1 for h in strategy.history if h["kind"] == "train")
         if n_ok == 0:
             raise RuntimeError(
-                f"phase {phase!r}: no site returned a valid update in {cfg.rounds} round(s); "
+                f"phase {phase.name!r}: no site returned a valid update in {cfg.rounds} round(s); "
                 f"errors: {strategy.errors[:3]}; dropped: {strategy.rejected[:3]}"
             )
         params.set_travelling(model, result.arrays, split)
         extra: dict[str, Any] = {"rounds": cfg.rounds, "strategy": cfg.strategy, "num_sites": cfg.num_sites,
-                                 "federated": True, "role": phase}
-        if phase == "student":
-            extra.update(steps=cfg.student_steps, t_min=cfg.purify_t_min, t_max=cfg.purify_t_max)
-        if phase == "classifier":
+                                 "federated": True, "role": phase.name, **phase.metadata(cfg)}
+        if phase.personalised:  # only what travels is global; each site saves its full model
             save_tensors(
-                out / "classifier_global.safetensors",
-                {k: v for k, v in result.arrays.to_torch_state_dict().items()},
-                {"kind": "moe-global", "config": json.dumps(mcfg.to_dict()), "split": split, **{k: json.dumps(v) for k, v in extra.items()}},
+                out / phase.server_file,
+                dict(result.arrays.to_torch_state_dict()),
+                {"kind": f"{phase.kind}-global", "config": json.dumps(mcfg.to_dict()), "split": split,
+                 **{k: json.dumps(v) for k, v in extra.items()}},
             )
         else:
-            save_model(out / f"{phase}.safetensors", model, mcfg, tasks.KINDS[phase], extra=extra)
-            finals[phase] = model
-        metrics["phases"][phase] = {
+            save_model(out / phase.server_file, model, mcfg, phase.kind, extra=extra)
+            finals[phase.name] = model
+        metrics["phases"][phase.name] = {
             "split": split,
             "wall_s": wall,
             "rounds": cfg.rounds,
@@ -165,7 +152,7 @@ def _calibrate(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     missing = [p for p in ("mae", "student") if not (Path(cfg.out_dir) / f"{p}.safetensors").is_file()]
     if missing:
         raise FileNotFoundError(f"calibration needs the federated {missing}: run those phases (or pass --no-calibrate)")
-    conf = _message_config(cfg, "calibrate", "all", "")
+    conf = round_config("calibrate", "all", "")
     node_ids = list(grid.get_node_ids())
     msgs = [Message(RecordDict({"config": conf}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
@@ -188,28 +175,34 @@ def _write(out: Path, metrics: dict[str, Any]) -> None:
     tmp.replace(out / "metrics.json")
 
 
-def make_server_app(cfg: FedConfig) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (simulation runtime, in-process)."""
+def _serve(grid: Grid, run_config: dict[str, Any]) -> None:
+    """Run the federation configured by ``run_config``; a failure leaves ``RUN/server_error.txt``."""
+    cfg = FedConfig.from_run_config(run_config)
+    try:
+        run_federation(grid, cfg)
+    except BaseException:
+        # On the deployment runtime the ServerApp runs in a SuperLink subprocess: leave the reason
+        # where the operator (and the runner's poll) looks.
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "server_error.txt").write_text(traceback.format_exc())
+        raise
+
+
+def make_server_app(run_config: dict[str, Any] | None = None) -> ServerApp:
+    """The ServerApp; ``run_config`` (``FedConfig.to_run_config()``) is bound for the simulation runtime.
+
+    The simulation runtime of ``flwr.simulation.run_simulation`` hands its apps an empty
+    ``context.run_config``; the bound mapping fills it (keys the runtime sets win).
+    """
+    bound = dict(run_config or {})
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg)
+        _serve(grid, {**bound, **dict(context.run_config)})
 
     return server
 
 
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Deployment runtime: the configuration comes from the app's run config."""
-    cfg = FedConfig.from_run_config(dict(context.run_config))
-    try:
-        run_federation(grid, cfg)
-    except BaseException:
-        # The ServerApp runs in a SuperLink subprocess: leave the reason where the operator looks.
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out_dir) / "server_error.txt").write_text(traceback.format_exc())
-        raise
+# The deployment runtime's ServerApp: the run config comes from the app's pyproject.toml.
+app = make_server_app()

@@ -4,19 +4,20 @@
 in a new session with the run's marker in its environment (``procs.py``), shows progress from the
 run's metrics, waits, then stops every marked process that is still alive (Ray daemons included)
 and checks that none is left. The worker calls ``flwr.simulation.run_simulation`` with the
-in-process ServerApp bound to ``cfg`` and the ClientApp of ``client_app.py``, on the Ray backend
-with one CPU: one client at a time, the fastest setting on a small machine (asking Ray for more
-CPUs than exist hangs).
+ServerApp and ClientApp of ``server_app.py`` / ``client_app.py`` bound to ``cfg.to_run_config()``
+(the deployment runtime reads the same mapping from the app's ``pyproject.toml``), on the Ray
+backend with one CPU: one client at a time, the fastest setting on a small machine (asking Ray for
+more CPUs than exist hangs).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class FederationError(RuntimeError):
     """The federated run failed; the message carries the tail of its log."""
 
 
-def _tail(path: Path, n: int = 40) -> str:
+def log_tail(path: Path, n: int = 40) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
@@ -43,16 +44,40 @@ def _rounds_done(progress_path: Path) -> int:
         return 0
 
 
+def prepare_run_folder(cfg: FedConfig) -> FedConfig:
+    """Create RUN, write ``RUN/config.json`` and clear the previous run's result files.
+
+    Returns ``cfg`` with absolute data and run folders: every process of the run (Ray workers,
+    SuperNodes) reads them from the run config, whatever its working directory.
+    """
+    out = Path(cfg.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()))
+    cfg.save(out / "config.json")
+    for stale in ("metrics.json", "server_error.txt", "progress.json"):  # a stale file would pass for this run's result
+        (out / stale).unlink(missing_ok=True)
+    return cfg
+
+
+def finish_metrics(out: Path, wall_key: str, wall: float, token: str, stragglers: list[int],
+                   leftover: list[int]) -> dict[str, Any]:
+    """``RUN/metrics.json`` plus the runner's wall time and process accounting, written back."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics[wall_key] = wall
+    metrics["leftover_pids"] = leftover
+    metrics["proc_token"] = token
+    metrics["stragglers_stopped"] = len(stragglers)  # alive after the run ended; stopped by marker
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    return metrics
+
+
 def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True) -> dict[str, Any]:
     """Run the simulation for ``cfg``; returns ``RUN/metrics.json`` plus ``sim_wall_s`` and ``leftover_pids``.
 
     Raises :class:`FederationError` when the run fails or times out (after stopping its processes).
     """
+    cfg = prepare_run_folder(cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.json")
-    for stale in ("metrics.json", "server_error.txt", "progress.json"):  # a stale file would pass for this run's result
-        (out / stale).unlink(missing_ok=True)
     log_path = out / "fed_sim.log"
     token = procs.new_token()
     env = procs.run_env(token, out / ".flwr")
@@ -85,32 +110,17 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
                 bar.n = _rounds_done(out / "progress.json")
                 bar.close()
         finally:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, 15)
-                except ProcessLookupError:
-                    pass
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
+            procs.stop_groups([proc])
             stragglers = procs.marked_pids(token)
             leftover = procs.stop_marked(token)
     wall = time.perf_counter() - t0
     if rc is None:
-        raise FederationError(f"simulation exceeded {timeout_s:.0f} s and was stopped; log {log_path}:\n{_tail(log_path)}")
+        raise FederationError(f"simulation exceeded {timeout_s:.0f} s and was stopped; log {log_path}:\n{log_tail(log_path)}")
     if rc != 0:
-        raise FederationError(f"simulation failed (exit {rc}); log {log_path}:\n{_tail(log_path)}")
+        raise FederationError(f"simulation failed (exit {rc}); log {log_path}:\n{log_tail(log_path)}")
     if leftover:
         raise FederationError(f"processes {leftover} of the run survived SIGKILL")
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["sim_wall_s"] = wall
-    metrics["leftover_pids"] = leftover
-    metrics["proc_token"] = token
-    metrics["stragglers_stopped"] = len(stragglers)  # alive after the run ended; stopped by marker
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
-    return metrics
+    return finish_metrics(out, "sim_wall_s", wall, token, stragglers, leftover)
 
 
 def _worker(config_path: str) -> int:
@@ -119,17 +129,18 @@ def _worker(config_path: str) -> int:
     import torch
     from flwr.simulation import run_simulation
 
-    from medfedpure.fed.client_app import app as client_app
+    from medfedpure.fed.client_app import make_client_app
     from medfedpure.fed.server_app import make_server_app
 
     torch.set_num_threads(1)
     cfg = FedConfig.load(Path(config_path))
+    run_config = cfg.to_run_config()
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "logging_level": "warning"},
     }
     run_simulation(
-        server_app=make_server_app(cfg), client_app=client_app, num_supernodes=cfg.num_sites,
+        server_app=make_server_app(run_config), client_app=make_client_app(run_config), num_supernodes=cfg.num_sites,
         backend_name="ray", backend_config=backend_config,
     )
     # run_simulation logs ServerApp exceptions instead of raising them: the metrics decide.

@@ -37,10 +37,13 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "PURIFY_DEFAULTS",
+    "PurifySchedule",
     "DiffusionSchedule",
     "make_alphas_cumprod",
     "interp_alphas_cumprod",
     "ddim_sample",
+    "forward_noise",
     "purify",
     "make_purification_augment",
     "to_model_space",
@@ -48,6 +51,47 @@ __all__ = [
 ]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class PurifySchedule:
+    """The purification schedule: the t* range and the student's sampling steps.
+
+    A flagged scan is noised to ``t* ∈ [t_min, t_max]`` (DDPM step index of T = ``num_timesteps``)
+    and denoised in ``steps`` DDIM steps (K). The same three names are used from training (recorded
+    in the student checkpoint) through calibration to the bundle manifest's gate section.
+
+    Attributes:
+        t_min: t* of a scan scoring at the threshold τ (0 ≤ t_min ≤ t_max).
+        t_max: t* reached at ``tau_high`` and above (t_max ≤ T).
+        steps: K, the distilled student's sampling steps (1, 2 or 4).
+        num_timesteps: T of the diffusion schedule the range refers to (1000).
+    """
+
+    t_min: int = 60
+    t_max: int = 200
+    steps: int = 1
+    num_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("t_min", "t_max", "steps", "num_timesteps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name}={v!r}: must be an int")
+        if not 0 <= self.t_min <= self.t_max <= self.num_timesteps:
+            raise ValueError(f"t_min={self.t_min}, t_max={self.t_max}: need 0 <= t_min <= t_max <= "
+                             f"T = {self.num_timesteps}")
+        if self.steps not in PURIFY_STEPS:
+            raise ValueError(f"steps={self.steps}: the student samples in K = 1, 2 or 4 steps")
+
+    def to_dict(self) -> dict[str, int]:
+        """``{"t_min", "t_max", "steps"}``: the keys of the calibration and the manifest's gate."""
+        return {"t_min": self.t_min, "t_max": self.t_max, "steps": self.steps}
+
+
+PURIFY_STEPS = (1, 2, 4)
+# The one source of the purification schedule's defaults (calibration, federated and bundle build).
+PURIFY_DEFAULTS = PurifySchedule()
 
 
 def make_alphas_cumprod(schedule: str = "cosine", num_timesteps: int = 1000) -> Tensor:
@@ -87,6 +131,7 @@ def interp_alphas_cumprod(table: Tensor, t: Tensor) -> Tensor:
     """ᾱ at fractional times ``t`` [B] (clamped to [0, T]) by linear interpolation in ``table``.
 
     Export-clean: floor, gather and lerp only (no data-dependent branches, no ``.item()``).
+    :func:`medfedpure.runtime.sampler.interp_alpha_bar` is its numpy mirror (same float64 maths).
     """
     num_timesteps = table.shape[0] - 1
     table = table.to(t.device)  # the schedule's table lives on the CPU; t may be a CUDA tensor
@@ -225,28 +270,55 @@ def ddim_sample(
     return (x, traj) if return_trajectory else x
 
 
+def forward_noise(x: Tensor, t: Tensor, noise: Tensor, schedule: DiffusionSchedule) -> Tensor:
+    """Noise scans to their times: ``x_t = √ᾱ_t · (2x − 1) + √(1 − ᾱ_t) · noise`` (DDPM eq. 4).
+
+    The forward half of purification, in one place for every caller (the purifier, export
+    verification, attacks).
+
+    Args:
+        x: [B, C, S, S] scans in [0, 1].
+        t: [B] times in [0, T] (int or float; fractional times interpolate ᾱ).
+        noise: [B, C, S, S] standard normal noise.
+        schedule: the diffusion schedule.
+
+    Returns:
+        [B, C, S, S] x_t in diffusion space ([−1, 1] scaled by √ᾱ_t, plus noise).
+    """
+    return schedule.q_sample(to_model_space(x), t.to(torch.float32), noise.to(x))
+
+
 def purify(
     model: Denoiser,
     x: Tensor,
     t_star: Tensor,
     steps: int,
     *,
-    generator: torch.Generator | None,
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
     schedule: DiffusionSchedule | None = None,
 ) -> Tensor:
     """Diffusion purification (Nie et al. 2022 "DiffPure", eq. 3–4, with a DDIM reverse process).
 
-    Each scan is noised to its own ``t_star`` with noise drawn from ``generator``, then denoised
-    by ``steps`` DDIM steps of ``model`` (the distilled student with its K, or the teacher).
-    Scans with ``t_star == 0`` are returned unchanged (bit-exact). Differentiable in ``x``.
+    Each scan is noised to its own ``t_star`` (:func:`forward_noise`), then denoised by ``steps``
+    DDIM steps of ``model`` (the distilled student with its K, or the teacher). Scans with
+    ``t_star == 0`` are returned unchanged (bit-exact). Differentiable in ``x``.
+
+    The noise is an input, as in k-diffusion's samplers: the runtime passes the keyed noise it
+    drew for each scan, so every backend purifies with identical noise. With ``noise=None`` it is
+    drawn here from ``generator`` (always, even when every t* is 0, so the generator advances the
+    same way whatever the gate decided). :func:`medfedpure.runtime.sampler.purify_numpy` is the
+    numpy mirror of this function for the torch-free runtime; a test pins their agreement.
 
     Args:
-        model: x0-predictor (``UNet``), in eval mode.
+        model: x0-predictor ``(x_t [B,C,S,S], t [B] float32) -> x0_hat`` (``UNet``, eval mode).
         x: [B, 1, S, S] scans in [0, 1].
         t_star: [B] integer (or float) start times in [0, T].
         steps: sampling steps K (≥ 1).
+        noise: [B, 1, S, S] standard normal noise; None: drawn from ``generator``.
+        generator: RNG for the noise when ``noise`` is None (same seed → identical output);
+            giving both is an error.
         schedule: the model's schedule (default: ``model.schedule``).
-        generator: keyed RNG for the forward noise; same seed → identical output.
 
     Returns:
         [B, 1, S, S] purified scans in [0, 1].
@@ -256,14 +328,21 @@ def purify(
         raise ValueError(f"x has shape {tuple(x.shape)}: expected [B, C, S, S]")
     if t_star.shape != (x.shape[0],):
         raise ValueError(f"t_star has shape {tuple(t_star.shape)}: expected one t* per scan, ({x.shape[0]},)")
-    if bool((t_star < 0).any()) or bool((t_star > schedule.num_timesteps).any()):
-        raise ValueError(f"t_star must lie in [0, {schedule.num_timesteps}]")
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if not bool((t_star > 0).any()):
-        return x.clone()  # nothing to purify (noise still drawn: the generator advances the same way)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif generator is not None:
+        raise ValueError("purify got both noise= and generator=: pass the noise, or a generator to draw it")
+    elif tuple(noise.shape) != tuple(x.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}: expected x's shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        return x.clone()
+    lo, hi = torch.stack([t_star.min(), t_star.max()]).tolist()  # one host sync for both checks
+    if lo < 0 or hi > schedule.num_timesteps:
+        raise ValueError(f"t_star must lie in [0, {schedule.num_timesteps}]; got values in [{lo}, {hi}]")
+    if hi == 0:
+        return x.clone()  # nothing to purify
     t = t_star.to(torch.float32)
-    x_t = schedule.q_sample(to_model_space(x), t, noise)
-    y0 = ddim_sample(model, x_t, t, steps, schedule=schedule)
+    y0 = ddim_sample(model, forward_noise(x, t, noise, schedule), t, steps, schedule=schedule)
     keep = _bcast(t_star == 0, x)
     return torch.where(keep, x, to_image_space(y0))
 

@@ -1,4 +1,4 @@
-"""Single-channel ViT masked autoencoder: the attack detector's reconstructor (DESIGN.md §4).
+"""Single-channel ViT masked autoencoder: the attack detector's reconstructor (docs/design.md).
 
 After He et al., "Masked Autoencoders Are Scalable Vision Learners" (CVPR 2022), and the layout of
 facebookresearch/mae ``models_mae.py``, with two changes: patchify handles one channel, and the
@@ -57,11 +57,10 @@ class MAEConfig:
             masked-only loss). A positive weight teaches the decoder to copy what it sees.
         score_sets: K, the number of fixed scoring mask sets.
 
-    The defaults are the ``small`` preset (84 k parameters). It is sized for the latency budget
-    (one K = 4 scoring pass ≈ 4 ms in onnxruntime on 2 CPU cores at 128 px, benchmarks/RESULTS.md):
-    the gate's statistic uses the reconstruction only to find the tissue half of the patches, which
-    this size does about as well as the earlier 618 k-parameter one (site 0, PGD at ε = 2 / 4 / 8 /255:
-    AUROC 0.989 / 1.000 / 1.000 against 0.999 / 1.000 / 1.000, with different classifiers; RESULTS.md).
+    The defaults are the ``small`` preset (84 k parameters). It is sized for the latency budget of
+    the unflagged path (benchmarks/RESULTS.md, "Runtime: CPU"): the gate's statistic uses the
+    reconstruction only to find the tissue half of the patches, which this size does about as well
+    as a much larger MAE (docs/history.md, "Latency-sized small widths").
     """
 
     image_size: int = 128
@@ -170,7 +169,7 @@ def unpatchify(p: torch.Tensor, patch: int) -> torch.Tensor:
 def normalize_patches(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The MAE paper's normalised-pixel target: each patch minus its mean over sqrt(var + eps).
 
-    Variance is the biased (population) variance, as in DESIGN.md §5 and the gate kernel.
+    Variance is the biased (population) variance, as in the gate (docs/design.md, "Gate semantics").
     """
     mean = p.mean(dim=-1, keepdim=True)
     var = p.var(dim=-1, keepdim=True, unbiased=False)

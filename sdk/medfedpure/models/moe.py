@@ -1,4 +1,4 @@
-"""Personalized mixture-of-experts classifier (DESIGN.md §4).
+"""Personalized mixture-of-experts classifier (docs/design.md).
 
 ``p(x) = g(x) · softmax(global(x)) + (1 − g(x)) · softmax(local(x))``
 
@@ -43,10 +43,9 @@ class MoEConfig:
             draws from torch's global generator (``nn.Dropout`` takes none), so a non-zero value
             makes training depend on global RNG state and breaks exact resumption.
 
-    The defaults are the ``small`` preset (203 k parameters, 0.9 ms per scan in onnxruntime on 2 CPU
-    cores at 128 px). On site 0 of the synthetic set, 60 epochs from scratch gave 97.8 % test
-    accuracy (the earlier 381 k-parameter widths 16…128 / 8…64 needed 40 + 20 continued epochs for
-    the same), at 4.5 s per epoch on one quiet core; half these widths gave 95.6 % (benchmarks/RESULTS.md).
+    The defaults are the ``small`` preset (203 k parameters), sized for the runtime's latency budget;
+    wider experts trained slower without being more accurate on the synthetic set, and half these
+    widths were less accurate (benchmarks/RESULTS.md, "Models"; the trials in docs/history.md).
     """
 
     image_size: int = 128
@@ -113,8 +112,8 @@ class CNNExpert(nn.Module):
     """A plain CNN expert: stride-2 stages, global average *and* max pool, linear head.
 
     The max pool matters: a tumour is a small bright region, and an average over the whole
-    8×8 feature map dilutes it (with average pooling alone, training stalled at chance for 10
-    epochs on the synthetic data).
+    8×8 feature map dilutes it (with average pooling alone, training stalled at chance on the
+    synthetic data).
 
     ``forward(x [B,1,S,S]) -> (logits [B,C], features [B, 2·widths[-1]])``.
     """
@@ -133,7 +132,7 @@ class CNNExpert(nn.Module):
 
 
 class MoEClassifier(nn.Module):
-    """Personalized MoE: a global expert, a local expert and a per-sample gate (DESIGN.md §4).
+    """Personalized MoE: a global expert, a local expert and a per-sample gate (docs/design.md).
 
     Input ``x``: float32 ``[B, 1, S, S]`` in [0, 1]. Inputs are centred (``x − 0.5``) inside the
     model, so callers pass preprocessed scans unchanged.

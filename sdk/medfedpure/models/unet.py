@@ -25,7 +25,7 @@ With ``unshuffle = r > 1`` the UNet works on the scan's r² polyphase sub-images
 Fast and Flexible Solution for CNN-Based Image Denoising", IEEE TIP 27(9), §III-B). The rearrangement
 is lossless (a permutation of pixels) and quadruples the receptive field per layer; with the same
 channel widths it cuts the convolutions' work by r², which is what the flagged path's latency is made
-of (benchmarks/RESULTS.md: ≈ 2.3× faster in onnxruntime and torch alike at r = 2).
+of (docs/history.md, "The purifier on 2×2 polyphase sub-images").
 
 Export-clean: static shapes, no ``.item()``, no data-dependent Python branches; ᾱ(t) comes from a
 buffer by floor/gather/lerp, so ``(x_t, t)`` exports to ONNX (dynamo exporter, opset 20).
@@ -34,7 +34,9 @@ buffer by floor/gather/lerp, so ``(x_t, t)`` exports to ONNX (dynamo exporter, o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,10 +52,10 @@ class UNetConfig:
     """Architecture and noise schedule of the purifier's UNet (teacher and student alike).
 
     The ``small`` preset (the default bundle's) is these defaults with ``unshuffle = 2``: 375 k
-    parameters, one call ≈ 5 ms in onnxruntime on 2 CPU cores at 128 px, batch 1 (≈ 12 ms at full
-    resolution, ``unshuffle = 1``). Base width 16 at full resolution (1.43 M parameters) took 23 ms
-    per call, which the flagged-path budget (60 ms for MAE + K denoiser calls + classifier) does not
-    allow. ``unshuffle`` defaults to 1 so that configurations saved before it existed load unchanged.
+    parameters, sized so that the flagged path (MAE + K denoiser calls + classifier) stays within
+    its latency budget on 2 CPU cores (benchmarks/RESULTS.md, "Runtime: CPU"); a wider UNet at full
+    resolution does not. ``unshuffle`` defaults to 1 so that configurations saved before it existed
+    load unchanged.
     """
 
     image_size: int = 128  # S: side of the square input; must divide by unshuffle · 2**(levels − 1)
@@ -122,6 +124,11 @@ class UNetConfig:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
+        """Inverse of :meth:`to_dict` (JSON lists become tuples; unknown keys raise TypeError)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

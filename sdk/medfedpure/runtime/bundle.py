@@ -1,4 +1,4 @@
-"""The model bundle: the unit a vendor ships (DESIGN.md §6).
+"""The model bundle: the unit a vendor ships (docs/design.md, "Bundle format").
 
 A bundle is a directory holding ``manifest.json`` and the artefacts it lists::
 
@@ -8,9 +8,11 @@ A bundle is a directory holding ``manifest.json`` and the artefacts it lists::
     BUNDLE/*.safetensors                                     the torch weights the graphs came from
     BUNDLE/tensorrt/<arch>/*.plan                            optional TensorRT engines
 
-The manifest (``FORMAT_VERSION`` 1) holds the classes, image size and preprocessing, the site's
-gate calibration, the purifier schedule and step rule, each artefact's sha256 / size / role /
+The manifest (``FORMAT_VERSION`` 2) holds the classes, image size and preprocessing, the site's
+gate calibration, the purifier schedule and sampler, each artefact's sha256 / size / role /
 precision, and provenance (code commit, training-config hash, data-set fingerprint, metrics).
+Its sections are parsed once, on load, into the typed values of :mod:`medfedpure.runtime.manifest`
+(:attr:`VerifiedBundle.spec`); the runtime reads them from there, never from the JSON.
 
 Security model: :func:`verify_bundle` checks *everything* before anything else looks at an
 artefact — the directory may hold only ``manifest.json`` and listed files (no unlisted files, no
@@ -33,17 +35,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-FORMAT_VERSION = 1
+from medfedpure.runtime.manifest import FORMAT_VERSION, BundleError, BundleSpec
+
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Artefact", "BundleError", "BundleSpec", "VerifiedBundle",
+           "check_relpath", "default_bundle_path", "sha256_file", "verify_bundle"]
+
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 ROLES = ("classifier", "mae", "denoiser")
 FORMATS = ("onnx", "safetensors", "tensorrt")
 PRECISIONS = ("fp32", "fp16")
 _HASH_CHUNK = 1 << 20
-
-
-class BundleError(ValueError):
-    """A bundle is malformed, tampered with, or does not hold what was asked for."""
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -168,15 +170,18 @@ class VerifiedBundle:
 
     Attributes:
         root: the bundle directory (resolved).
-        manifest: the parsed manifest (treat as read-only).
+        manifest: the manifest's JSON as read (treat as read-only; use ``spec``).
         bundle_id: sha256 (hex) of ``manifest.json``'s bytes.
         artefacts: manifest entries by name.
+        spec: the typed, validated sections (classes, image size, preprocessing, MAE, gate,
+            purifier, provenance).
     """
 
     root: Path
     manifest: dict[str, Any]
     bundle_id: str
     artefacts: dict[str, Artefact]
+    spec: BundleSpec
 
     @property
     def short_id(self) -> str:
@@ -205,26 +210,15 @@ class VerifiedBundle:
             raise BundleError(f"artefact {a.path!r} changed after verification (sha256 mismatch): refusing it")
         return data
 
-    # Convenience views of the manifest -------------------------------------------------------
     @property
     def classes(self) -> tuple[str, ...]:
-        return tuple(self.manifest["classes"])
+        """``spec.classes``."""
+        return self.spec.classes
 
     @property
     def image_size(self) -> int:
-        return int(self.manifest["image_size"])
-
-    @property
-    def gate(self) -> dict[str, Any]:
-        return dict(self.manifest["gate"])
-
-    @property
-    def purifier(self) -> dict[str, Any]:
-        return dict(self.manifest["purifier"])
-
-    @property
-    def mae(self) -> dict[str, Any]:
-        return dict(self.manifest["mae"])
+        """``spec.image_size``."""
+        return self.spec.image_size
 
 
 _REQUIRED_KEYS = ("format_version", "classes", "image_size", "preprocessing", "gate", "mae", "purifier",
@@ -243,9 +237,10 @@ def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = Non
         A :class:`VerifiedBundle`.
 
     Raises:
-        BundleError: missing or malformed manifest, unsupported format version, unlisted file,
-            symbolic link, special file, path leaving the bundle, missing file, size or sha256
-            mismatch, or a bundle id different from ``expected_id``.
+        BundleError: missing or malformed manifest, unsupported format version, a section the
+            runtime does not implement, unlisted file, symbolic link, special file, path leaving
+            the bundle, missing file, size or sha256 mismatch, or a bundle id different from
+            ``expected_id``.
     """
     root_in = Path(path)
     if not root_in.exists():
@@ -259,12 +254,16 @@ def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = Non
         e = expected_id.lower()
         if len(e) < 16 or not bundle_id.startswith(e):
             raise BundleError(f"bundle id {bundle_id} does not match the pinned id {expected_id}")
+    if "format_version" in manifest and manifest["format_version"] != FORMAT_VERSION:
+        BundleSpec.from_manifest(manifest)  # raises, saying how to convert or re-export
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"manifest lacks {missing}: rebuild the bundle with `medfedpure export`")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise BundleError(f"bundle format version {manifest['format_version']!r} is not supported "
-                          f"(this medfedpure reads version {FORMAT_VERSION}); re-export the bundle")
+    unknown = sorted(set(manifest) - set(_REQUIRED_KEYS))
+    if unknown:
+        raise BundleError(f"manifest has unknown sections {unknown}: this runtime does not implement them; "
+                          "update medfedpure or re-export the bundle")
+    spec = BundleSpec.from_manifest(manifest)
     if not isinstance(manifest["artefacts"], dict) or not manifest["artefacts"]:
         raise BundleError("manifest 'artefacts' must be a non-empty object")
     artefacts = {name: Artefact.from_dict(name, d) for name, d in manifest["artefacts"].items()}
@@ -293,7 +292,7 @@ def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = Non
         if digest != a.sha256:
             raise BundleError(f"artefact {a.path!r} has sha256 {digest[:16]}…; the manifest says "
                               f"{a.sha256[:16]}…: the file was modified — refusing the bundle")
-    return VerifiedBundle(root=root, manifest=manifest, bundle_id=bundle_id, artefacts=artefacts)
+    return VerifiedBundle(root=root, manifest=manifest, bundle_id=bundle_id, artefacts=artefacts, spec=spec)
 
 
 def default_bundle_path() -> Path:

@@ -49,7 +49,7 @@ from medfedpure.runtime.engines import Engine, create_engine
 STAGES = ("load", "preprocess", "mae", "gate", "purify", "classify")
 STATUS_OK = "ok"
 STATUS_UNVERIFIED = "unverified"
-POLICIES = ("adaptive", "floor")  # gate policies (DESIGN.md §7)
+POLICIES = ("adaptive", "floor")  # gate policies (docs/design.md, "Policies")
 _SEED_MAX = (1 << 63) - 1
 
 
@@ -159,7 +159,7 @@ class Defender:
             lets unflagged scans skip the purifier. ``"floor"`` purifies every scan at t_min or more,
             and a flag raises t* further. Against an attacker who shapes perturbations to stay under
             τ, ``floor`` is the safer choice, at the latency of the purified path
-            (benchmarks/RESULTS.md, "Rung 3 (a)"). Passed to every gate call; the engine is not changed.
+            (benchmarks/RESULTS.md, "Robustness"). Passed to every gate call; the engine is not changed.
     """
 
     def __init__(self, bundle: VerifiedBundle, engine: Engine, *, timeout_s: float | None = 30.0,
@@ -177,7 +177,10 @@ class Defender:
         self.overlap = engine.overlap_classify if overlap is None else overlap
         self._pool: ThreadPoolExecutor | None = None
         self.classes = bundle.classes
-        self.image_size = bundle.image_size
+        # The bundle's preprocessing section, validated on load: a bundle asking for a
+        # preprocessing other than medfedpure.scan.preprocess's is refused before this point.
+        self.preprocessing = bundle.spec.preprocessing
+        self.image_size = self.preprocessing.size
         self._policy = policy  # None: the engine's calibrated gate policy
 
     @classmethod
@@ -209,7 +212,7 @@ class Defender:
     @property
     def policy(self) -> str:
         """The gate policy in force: the one given to the Defender, else the bundle's calibrated one."""
-        return self._policy or self.engine.gate_cfg.get("policy", "adaptive")
+        return self._policy or self.engine.gate_spec.policy
 
     def close(self) -> None:
         """Stop the speculative-classification thread (idempotent; a later run starts it again)."""
@@ -242,7 +245,7 @@ class Defender:
         loaded = [load_scan(s) for s in scans]
         lat["load"] = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
-        x = np.stack([preprocess(s, self.image_size) for s in loaded]) if loaded else None
+        x = np.stack([preprocess(s, self.preprocessing.size) for s in loaded]) if loaded else None
         lat["preprocess"] = (time.perf_counter() - t1) * 1e3
         if x is None:
             return []

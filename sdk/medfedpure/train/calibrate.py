@@ -1,4 +1,4 @@
-"""Per-site calibration of the gate (DESIGN.md §5, EVALUATION.md threat model).
+"""Per-site calibration of the gate (docs/design.md: the gate; docs/evaluation.md: the threat model).
 
 On the site's clean **validation** scans — no labels, no attacks — the MAE scorer's reconstructions
 are scored with the chosen statistic, and:
@@ -10,7 +10,8 @@ are scored with the chosen statistic, and:
   ``t_max``. The spread ``tau − median`` is the clean scores' own upper half-width, so ``tau_high``
   is ``tau_high_k`` clean spreads beyond the threshold (default 2) — calibrated without attacks;
 - ``t_min`` / ``t_max`` / ``steps``: from the distilled student's checkpoint metadata when
-  ``RUN/student.safetensors`` exists and names them, else from the options.
+  ``RUN/student.safetensors`` exists and names them, else from the options (whose defaults are
+  :data:`medfedpure.models.diffusion.PURIFY_DEFAULTS`).
 
 The result is ``RUN/site_k/calibration.json`` with the fields listed in docs/interfaces.md, plus
 the score quantiles and the provenance of each number.
@@ -19,17 +20,22 @@ the score quantiles and the provenance of each number.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from medfedpure.gate import STATS, GateCalibration, GateSpec, gate_scores
+from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 from medfedpure.models.mae import MAEScorer, MaskedAutoencoder
-from medfedpure.train.scores import STATS, gate_scores
 
-__all__ = ["CalibrationConfig", "score_scans", "threshold_at_ffr", "calibrate_gate", "student_schedule"]
+__all__ = ["CalibrationConfig", "score_scans", "threshold_at_ffr", "calibrate_gate", "student_schedule",
+           "calibration_gate_spec"]
+
+# Keys of calibration.json beside the gate section: the purifier's K and where the schedule came from.
+PURIFIER_KEYS = ("steps", "schedule_source")
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,12 @@ class CalibrationConfig:
 
     Attributes:
         target_ffr: target false-flag rate on clean validation scans (0 < f < 1).
-        stat: gate statistic (``train.scores.STATS``). ``topk``: k for ``stat="topk"``; for
+        stat: gate statistic (``medfedpure.gate.STATS``). ``topk``: k for ``stat="topk"``; for
             ``"hfratio"`` the number m of tissue patches scored (0: half the patches).
         tau_high_k: ``tau_high = tau + k · (tau − median)`` (> 0).
         t_min / t_max / steps: purification range and student steps when the student's
-            checkpoint does not give them (or always, with ``schedule_from="options"``).
+            checkpoint does not give them (or always, with ``schedule_from="options"``); validated
+            as a :class:`~medfedpure.models.diffusion.PurifySchedule`, defaults ``PURIFY_DEFAULTS``.
         schedule_from: ``"student"`` (the student checkpoint's schedule when it names one) or
             ``"options"`` (these options whatever the checkpoint says: e.g. a student distilled for
             t ∈ [10, 250] and K ∈ {1, 2, 4} run at K = 1 on [60, 200]).
@@ -53,9 +60,9 @@ class CalibrationConfig:
     stat: str = "hfratio"
     topk: int = 0
     tau_high_k: float = 2.0
-    t_min: int = 20
-    t_max: int = 150
-    steps: int = 2
+    t_min: int = PURIFY_DEFAULTS.t_min
+    t_max: int = PURIFY_DEFAULTS.t_max
+    steps: int = PURIFY_DEFAULTS.steps
     policy: str = "adaptive"
     schedule_from: str = "student"
 
@@ -65,19 +72,21 @@ class CalibrationConfig:
         if not 0 < self.target_ffr < 1:
             raise ValueError(f"target_ffr={self.target_ffr}: must be in (0, 1), e.g. 0.05")
         if self.stat not in STATS:
-            raise ValueError(f"stat={self.stat!r}: expected one of {STATS}")
+            raise ValueError(f"stat={self.stat!r}: expected one of {sorted(STATS)}")
         if self.stat == "topk" and self.topk < 1:
             raise ValueError("stat='topk' needs topk >= 1")
         if self.topk < 0:
             raise ValueError(f"topk={self.topk}: must be >= 0")
         if not self.tau_high_k > 0:
             raise ValueError(f"tau_high_k={self.tau_high_k}: must be > 0")
-        if not 0 <= self.t_min <= self.t_max:
-            raise ValueError(f"t_min={self.t_min}, t_max={self.t_max}: need 0 <= t_min <= t_max")
-        if self.steps < 1:
-            raise ValueError(f"steps={self.steps}: must be >= 1")
+        PurifySchedule(t_min=self.t_min, t_max=self.t_max, steps=self.steps)  # ValueError naming the bad one
         if self.policy not in ("adaptive", "floor"):
             raise ValueError(f"policy={self.policy!r}: use 'adaptive' or 'floor'")
+
+    @property
+    def schedule(self) -> PurifySchedule:
+        """The options' purification schedule (used when the student checkpoint names none)."""
+        return PurifySchedule(t_min=self.t_min, t_max=self.t_max, steps=self.steps)
 
 
 @torch.no_grad()
@@ -139,8 +148,10 @@ def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *
                    batch_size: int = 16) -> dict[str, Any]:
     """Calibrate one site's gate on its clean validation scans ``x_val`` ``[N,1,S,S]``.
 
-    Returns the ``calibration.json`` content (docs/interfaces.md) plus ``score_quantiles``,
-    ``tau_high_rule`` and ``schedule_source``.
+    Returns the ``calibration.json`` content: the manifest's gate section
+    (:meth:`medfedpure.gate.GateSpec.to_dict`, with the calibration record: target and achieved
+    false-flag rate, number of scans, score quantiles, the τ_high rule) plus ``steps`` (the purifier's
+    K) and ``schedule_source`` (``"student checkpoint"`` or ``"options"``).
     """
     topk = cfg.topk
     if cfg.stat == "hfratio" and topk == 0:  # m, the tissue patches scored: half of them by default
@@ -152,16 +163,21 @@ def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *
     tau_high = float(np.float32(tau + cfg.tau_high_k * spread))
     sched = student_schedule(run) if run is not None and cfg.schedule_from == "student" else None
     t_min, t_max, steps = (sched["t_min"], sched["t_max"], sched["steps"]) if sched else (cfg.t_min, cfg.t_max, cfg.steps)
-    return {
-        "stat": cfg.stat, "topk": int(topk), "norm_pix": bool(mae.cfg.norm_pix), "patch": int(mae.cfg.patch),
-        "tau": tau, "tau_high": tau_high, "t_min": int(t_min), "t_max": int(t_max), "policy": cfg.policy,
-        "steps": int(steps), "target_false_flag_rate": cfg.target_ffr, "num_val_scans": int(len(scores)),
-        "val_false_flag_rate": ffr,
-        "tau_high_rule": f"tau + {cfg.tau_high_k} * (tau - median of clean val scores)",
-        "schedule_source": "student checkpoint" if sched else "options",
-        "score_quantiles": {q: float(np.quantile(scores, float(q))) for q in ("0.05", "0.25", "0.5", "0.75", "0.95")},
-        "config": asdict(cfg),
-    }
+    calibration = GateCalibration(
+        target_false_flag_rate=cfg.target_ffr, val_false_flag_rate=ffr, num_val_scans=int(len(scores)),
+        score_quantiles={q: float(np.quantile(scores, float(q))) for q in ("0.05", "0.25", "0.5", "0.75", "0.95")},
+        tau_high_rule=f"tau + {cfg.tau_high_k} * (tau - median of clean val scores)")
+    spec = GateSpec(stat=cfg.stat, patch=int(mae.cfg.patch), topk=int(topk), norm_pix=bool(mae.cfg.norm_pix), tau=tau,
+                    tau_high=tau_high, t_min=int(t_min), t_max=int(t_max), policy=cfg.policy, calibration=calibration)
+    return {**spec.to_dict(), "steps": int(steps), "schedule_source": "student checkpoint" if sched else "options"}
+
+
+def calibration_gate_spec(calib: Any) -> GateSpec:
+    """The :class:`~medfedpure.gate.GateSpec` of a ``calibration.json`` record: this module's layout
+    (the gate section plus :data:`PURIFIER_KEYS`), or the flat layout of older runs."""
+    if "calibration" in calib:
+        return GateSpec.from_dict({k: v for k, v in calib.items() if k not in PURIFIER_KEYS})
+    return GateSpec.from_legacy_dict(calib)
 
 
 def write_calibration(path: Path, calib: dict[str, Any]) -> Path:

@@ -56,7 +56,7 @@ class ClassifierTrainConfig:
             clean, which keeps clean accuracy).
         adv_start_epoch: first (global) epoch with adversarial batches. From scratch at 4/255 the
             small classifier never left chance on the synthetic set; started once the clean task is
-            learnt, it trains (benchmarks/RESULTS.md).
+            learnt, it trains (docs/history.md, "Classifier and detector").
     """
 
     epochs: int = 60
@@ -103,15 +103,15 @@ class ClassifierTrainConfig:
         """``tiny`` (tests: 2 epochs) or ``small`` (the default bundle), with field overrides.
 
         ``small``: 60 epochs at lr 3e-3, the last 20 with FGSM-RS adversarial batches (ε = 4/255).
-        Measured on site 0 (benchmarks/RESULTS.md): 60 clean epochs 97.8 % test accuracy at lr 3e-3;
-        with the adversarial epochs 95.6 % (4/255) or 96.7 % (2/255), for much higher robust accuracy.
+        The adversarial epochs cost about a point of clean accuracy and buy much higher robust
+        accuracy (benchmarks/RESULTS.md, "Models"; the trials in docs/history.md).
         """
         if name == "tiny":
             base = cls(epochs=2, batch_size=8, patience=2, shift_px=2, lr=3e-3)
         elif name == "small":
-            # FGSM-RS at 4/255 over the last 20 epochs. On site 0 through the whole Defender
-            # (benchmarks/RESULTS.md, "The small config end to end"): PGD-8/255 accuracy 86.5 ± 1.5 %
-            # over five attack seeds at 95.6 % clean, against 77.6 ± 2.9 % at 96.7 % clean for 2/255.
+            # FGSM-RS at 4/255 over the last 20 epochs: through the whole Defender it is clearly more
+            # robust at 8/255 than 2/255 for about a point of clean accuracy (docs/history.md,
+            # "The small config end to end on one site").
             base = cls(adv_eps=4 / 255, adv_start_epoch=40)
         else:
             raise ValueError(f"unknown preset {name!r}: use 'tiny' or 'small'")

@@ -5,18 +5,21 @@ best weights (in memory, and on disk when a checkpoint folder is given), stops a
 epochs without improvement, and — with ``checkpoint_dir`` — writes after every epoch:
 
 - ``{name}.last.safetensors``  the model (safetensors, config in metadata)
-- ``{name}.optim.safetensors`` the optimizer's tensors
-- ``{name}.state.json``        epoch, best metric/epoch, patience counter, history, optimizer scalars
+- ``{name}.optim.safetensors`` the optimizer's per-parameter state (:func:`optimizer_state`)
+- ``{name}.state.json``        epoch, best metric/epoch, patience counter, history
 - ``{name}.best.safetensors``  the best model so far
 
 ``resume=True`` restarts from those files. Per-epoch randomness comes from generators seeded by
 ``(seed, epoch)``, so a resumed run continues exactly as an uninterrupted one would.
 
-Carried optimizer state (federated rounds): :func:`optimizer_state` / :func:`load_optimizer_state`
-move an optimizer's per-parameter tensors (AdamW: ``exp_avg``, ``exp_avg_sq``, ``step``) out of and
-into a freshly built optimizer, as a flat ``dict[str, Tensor]`` keyed ``"{param_index}.{name}"``
-(safetensors-ready, no pickle). Together with a schedule position (global epoch offset and total,
-see ``train.classifier.train_classifier``), successive short calls continue one long run.
+Optimizer state, the one codec for it: :func:`optimizer_state` / :func:`load_optimizer_state` move
+an optimizer's per-parameter tensors (AdamW: ``exp_avg``, ``exp_avg_sq``, ``step``) out of and into
+a freshly built optimizer, as a flat ``dict[str, Tensor]`` keyed ``"{param_index}.{name}"``
+(safetensors-ready, no pickle). Resumption saves it beside the model; federated rounds carry it from
+round to round. Hyper-parameters are not part of it: the job rebuilds its optimizer from its config
+and sets the learning rate every step (:func:`cosine_lr`). Together with a schedule position (global
+epoch offset and total, see ``train.classifier.train_classifier``), successive short calls continue
+one long run.
 """
 
 from __future__ import annotations
@@ -34,8 +37,6 @@ from medfedpure.train.checkpoint import (
     CheckpointError,
     load_model,
     load_tensors,
-    optimizer_from_tensors,
-    optimizer_to_tensors,
     save_model,
     save_tensors,
 )
@@ -49,7 +50,11 @@ def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up for ``warmup`` steps, then cosine decay to 1 % of ``base`` at ``total``."""
+    """Linear warm-up for ``warmup`` steps, then cosine decay to 1 % of ``base`` at ``total``.
+
+    The one cosine envelope of the project: the training jobs call it per optimizer step, and the
+    federation scales its rounds' learning rates with it (``base = 1``, no warm-up, one step a round).
+    """
     if step < warmup:
         return base * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -142,7 +147,8 @@ def fit(
         state = json.loads(state_path.read_text())
         last, _, _ = load_model(ckdir / f"{name}.last.safetensors")
         model.load_state_dict(last.state_dict())
-        optimizer_from_tensors(optimizer, load_tensors(ckdir / f"{name}.optim.safetensors"), state.pop("optim"))
+        state.pop("optim", None)  # optimizer scalars written by older versions: the config rebuilds them
+        load_optimizer_state(optimizer, load_tensors(ckdir / f"{name}.optim.safetensors"))
         if (ckdir / f"{name}.best.safetensors").is_file():
             best_sd = load_model(ckdir / f"{name}.best.safetensors")[0].state_dict()
 
@@ -180,9 +186,8 @@ def fit(
         state["wall_s"] = time.perf_counter() - t_start
         if ckdir is not None:
             save_model(ckdir / f"{name}.last.safetensors", model, model_cfg, kind, extra={"epoch": epoch})
-            tensors, scalars = optimizer_to_tensors(optimizer)
-            save_tensors(ckdir / f"{name}.optim.safetensors", tensors)
-            (ckdir / f"{name}.state.json").write_text(json.dumps({**state, "optim": scalars}, indent=1))
+            save_tensors(ckdir / f"{name}.optim.safetensors", optimizer_state(optimizer))
+            (ckdir / f"{name}.state.json").write_text(json.dumps(state, indent=1))
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k.startswith(("train_loss", "val_"))})

@@ -81,8 +81,8 @@ def evaluate_mae(mae: MaskedAutoencoder, x: Any, *, batch_size: int = 32) -> dic
     """Scoring-mode error on ``x`` ``[N,1,S,S]``: ``{"masked_mse", "psnr"}``.
 
     ``masked_mse`` is the mean over scans, hidden (patch, set) pairs and pixels of
-    ``(recon − target)²`` — DESIGN.md §5's patch error averaged; ``psnr`` is ``−10 log10`` of it
-    (meaningful in pixel space, i.e. without ``norm_pix``).
+    ``(recon − target)²`` — the gate's patch error (docs/design.md, "Gate semantics") averaged;
+    ``psnr`` is ``−10 log10`` of it (meaningful in pixel space, i.e. without ``norm_pix``).
     """
     xt = _as_images(x, "x", mae.cfg.image_size)
     scorer = MAEScorer(mae).eval()

@@ -13,7 +13,7 @@ Choices made for the purifier and for 2 CPU cores:
   on the cosine schedule, σ ≈ 0.43 in [−1, 1] units; t* ≤ 200 ⇔ σ ≤ 0.34); a fraction
   ``p_full_range`` of draws covers [t_lo, T] so that the model degrades gracefully outside.
 - **Random crops.** The UNet is convolutional and at these noise levels denoising is local, so
-  training on ``crop_size`` crops (64 of 128 px) costs ~5× less per scan; the network sees both
+  training on ``crop_size`` crops (64 of 128 px) costs several times less per scan; the network sees both
   brain and background crops, and GroupNorm statistics of full scans lie inside that range. The
   validation metric runs on full-size scans, so any mismatch would show there.
 - **Left-right flips** (brains are roughly symmetric).
@@ -93,7 +93,7 @@ class DenoiserTrainConfig:
             "tiny": dict(epochs=2, steps_per_epoch=5, batch_size=8, warmup_steps=2, crop_size=0,
                          val_scans=8, val_times=(20.0, 100.0)),
             # 16 epochs: the small UNet on 2×2 polyphase sub-images costs half as much per epoch as the
-            # full-resolution one did with 8, and 8 left it 4.5 points short under PGD-8/255 (RESULTS.md).
+            # full-resolution one did with 8, and 8 left it less robust under PGD-8/255 (docs/history.md).
             "small": dict(epochs=16),
         }
         if name not in presets:

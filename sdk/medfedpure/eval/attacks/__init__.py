@@ -1,4 +1,4 @@
-"""Attacks and the differentiable defended pipeline used to attack it (EVALUATION.md)."""
+"""Attacks and the differentiable defended pipeline used to attack it (docs/evaluation.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gradient attacks against a classifier: FGSM, PGD ℓ∞ and PGD ℓ2 (rung 1 of EVALUATION.md).
+"""Gradient attacks against a classifier: FGSM, PGD ℓ∞ and PGD ℓ2 (rung 1 of docs/evaluation.md).
 
 Functions, not stateful objects: ``attack(model, x, y, eps, ..., generator=g) -> x_adv``. The model
 is any callable ``[B,1,S,S] -> [B,C]``; the loss is the cross-entropy of the true label computed

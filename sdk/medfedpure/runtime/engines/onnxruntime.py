@@ -44,9 +44,8 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, bundle: VerifiedBundle, *, device: str = "auto", precision: str = "auto",
                  threads: int = 0) -> None:
-        super().__init__(bundle.gate, np.asarray(bundle.mae["visible"], dtype=bool),
-                         np.asarray(bundle.purifier["alphas_cumprod"], dtype=np.float64),
-                         int(bundle.purifier["steps"]))
+        spec = bundle.spec
+        super().__init__(spec.gate, spec.mae.visible, spec.purifier.alphas_cumprod, spec.purifier.steps)
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={device!r}: expected 'auto', 'cpu' or 'cuda'")
         if precision not in ("auto", "fp32", "fp16"):
@@ -66,8 +65,8 @@ class OnnxRuntimeEngine(Engine):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         # Three sessions run one after another on the same cores: an idle session's spinning
-        # intra-op threads would steal those cores from the next one (measured on 2 cores: the
-        # UNet ran at half speed inside the pipeline), so idle threads sleep instead of spinning.
+        # intra-op threads would steal those cores from the next one (on 2 cores the UNet ran far
+        # slower inside the pipeline), so idle threads sleep instead of spinning.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions: dict[str, Any] = {}
         for role in _ROLES:

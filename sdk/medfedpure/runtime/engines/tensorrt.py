@@ -38,9 +38,8 @@ class TensorRTEngine(Engine):
     def __init__(self, bundle: VerifiedBundle, *, device: str = "auto", precision: str = "auto",
                  threads: int = 0) -> None:
         del threads
-        super().__init__(bundle.gate, np.asarray(bundle.mae["visible"], dtype=bool),
-                         np.asarray(bundle.purifier["alphas_cumprod"], dtype=np.float64),
-                         int(bundle.purifier["steps"]))
+        spec = bundle.spec
+        super().__init__(spec.gate, spec.mae.visible, spec.purifier.alphas_cumprod, spec.purifier.steps)
         if device not in ("auto", "cuda"):
             raise EngineError("the tensorrt backend runs on CUDA only")
         trt, torch = _import()

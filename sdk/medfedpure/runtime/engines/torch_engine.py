@@ -7,53 +7,35 @@ reductions in FP32), and with ``cuda_graphs=True`` each network is captured once
 into a CUDA graph and replayed (static input/output buffers; one launch per network call).
 
 Weights come from the bundle's safetensors artefacts as verified bytes: the models are rebuilt
-from the config JSON in the safetensors metadata (``medfedpure.train.checkpoint`` format), never
-from a pickle and never from a path.
+from the config JSON in the safetensors metadata (:mod:`medfedpure.models.weights`, kinds from
+:mod:`medfedpure.models.registry`), never from a pickle and never from a path. Purification is
+:func:`medfedpure.models.diffusion.purify` itself, fed the Defender's keyed noise.
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 
+from medfedpure.models import weights
+from medfedpure.models.diffusion import DiffusionSchedule, purify
+from medfedpure.models.mae import MAEScorer
 from medfedpure.runtime.bundle import VerifiedBundle
 from medfedpure.runtime.engines.base import Engine, EngineError
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header length + JSON)."""
-    if len(data) < 8:
-        raise EngineError("safetensors blob is shorter than its 8-byte header length")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 100_000_000:
-        raise EngineError("safetensors header length exceeds the blob")
-    return dict(json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__") or {})
+def model_from_bytes(data: bytes) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """Rebuild a saved model from verified bytes → ``(model in eval mode, cfg, metadata)``.
 
-
-def model_from_bytes(data: bytes) -> tuple[torch.nn.Module, Any, dict[str, str]]:
-    """Rebuild a ``save_model`` checkpoint from bytes → ``(model in eval mode, cfg, metadata)``."""
-    from medfedpure.train import checkpoint as ckpt
-
-    meta = safetensors_metadata(data)
-    if "kind" not in meta or "config" not in meta:
-        raise EngineError("safetensors artefact lacks 'kind'/'config' metadata: not written by save_model")
-    ckpt._builtin_registry()  # the checkpoint module's kind → (config, model) registry
-    if meta["kind"] not in ckpt._REGISTRY:
-        raise EngineError(f"unknown model kind {meta['kind']!r}")
-    from_dict, build = ckpt._REGISTRY[meta["kind"]]
-    cfg = from_dict(json.loads(meta["config"]))
-    model = build(cfg)
-    missing, unexpected = model.load_state_dict(load_safetensors_bytes(data), strict=False)
-    if missing or unexpected:
-        raise EngineError(f"weights do not match a {meta['kind']} model (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
-    return model.eval(), cfg, meta
+    :func:`medfedpure.models.weights.model_from_bytes`, with its errors as :class:`EngineError`.
+    """
+    try:
+        return weights.model_from_bytes(data)
+    except weights.WeightsError as e:
+        raise EngineError(f"cannot rebuild a model from the bundle's weights: {e}") from e
 
 
 class _GraphedCall:
@@ -99,9 +81,9 @@ class TorchEngine(Engine):
 
     def __init__(self, bundle: VerifiedBundle, *, device: str = "auto", precision: str = "auto",
                  cuda_graphs: bool | None = None, threads: int = 0) -> None:
-        pur = bundle.purifier
-        super().__init__(bundle.gate, np.asarray(bundle.mae["visible"], dtype=bool),
-                         np.asarray(pur["alphas_cumprod"], dtype=np.float64), int(pur["steps"]))
+        spec = bundle.spec
+        pur = spec.purifier
+        super().__init__(spec.gate, spec.mae.visible, pur.alphas_cumprod, pur.steps)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cpu", "cuda"):
@@ -118,9 +100,6 @@ class TorchEngine(Engine):
             torch.set_num_threads(int(threads))
         self.device, self.precision = device, precision
         self.torch_device = torch.device(device)
-        from medfedpure.models.diffusion import DiffusionSchedule
-        from medfedpure.models.mae import MAEScorer
-
         mods: dict[str, torch.nn.Module] = {}
         for role in ("classifier", "mae", "denoiser"):
             art = bundle.find(role, "safetensors", "fp32")
@@ -131,7 +110,7 @@ class TorchEngine(Engine):
         if not np.array_equal(mods["mae"].visible.numpy(), self.visible):
             raise EngineError("the MAE's scoring masks differ from the manifest's: re-export the bundle")
         self.models = {k: m.to(self.torch_device) for k, m in mods.items()}
-        self.schedule = DiffusionSchedule(pur["schedule"], int(pur["num_timesteps"]))
+        self.schedule = DiffusionSchedule(pur.schedule, pur.num_timesteps)
         if not np.allclose(self.schedule.alphas_cumprod.numpy(), self.alphas_cumprod, rtol=0, atol=1e-12):
             raise EngineError("the manifest's alphas_cumprod differ from the schedule it names")
         use_graphs = (device == "cuda") if cuda_graphs is None else bool(cuda_graphs)
@@ -185,15 +164,13 @@ class TorchEngine(Engine):
         return self._calls["classifier"](x)
 
     def purify(self, x: torch.Tensor, t_star: torch.Tensor, noise: np.ndarray) -> torch.Tensor:
-        """``models.diffusion.purify`` with the noise given (from the keyed RNG) instead of drawn."""
-        from medfedpure.models.diffusion import ddim_sample, to_image_space, to_model_space
+        """:func:`medfedpure.models.diffusion.purify` on the engine's networks, with the keyed noise.
 
-        t = t_star.to(torch.float32)
+        ``x`` [B,1,S,S] and ``t_star`` [B] on the engine's device; ``noise`` [B,1,S,S] float32.
+        """
         with torch.inference_mode():
-            x_t = self.schedule.q_sample(to_model_space(x), t, self.to_native(noise.astype(np.float32)))
-            y0 = ddim_sample(self.denoise, x_t, t, self.steps, schedule=self.schedule)
-            keep = (t_star == 0).reshape(-1, 1, 1, 1)
-            return torch.where(keep, x, to_image_space(y0))
+            return purify(self.denoise, x, t_star, self.steps, noise=self.to_native(noise.astype(np.float32)),
+                          schedule=self.schedule)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cuda_graphs": self.cuda_graphs}

@@ -1,0 +1,135 @@
+"""The bundle build's options: one frozen dataclass, written to ``WORK/config.json``.
+
+Importing this module does not import torch (the command line reads the defaults at start-up);
+the purification schedule's class is imported when a config is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medfedpure.models.diffusion import PurifySchedule
+
+__all__ = ["BundleBuildConfig", "PRESETS", "PURIFIER_PHASES", "DEFAULT_MAX_BUNDLE_BYTES"]
+
+PRESETS = ("tiny", "small")
+# What the purifier federation trains: the teacher then its distilled student, or the teacher only
+# (then the teacher itself samples in K steps: "student is teacher", recorded in the run's metrics).
+PURIFIER_PHASES = (("teacher", "student"), ("teacher",))
+DEFAULT_MAX_BUNDLE_BYTES = 25 * 1024 * 1024
+
+
+def _default_schedule() -> PurifySchedule:
+    from medfedpure.models.diffusion import PURIFY_DEFAULTS
+
+    return PURIFY_DEFAULTS
+
+
+@dataclass(frozen=True)
+class BundleBuildConfig:
+    """Everything that decides the bundle: data, two federations, calibration, export, install.
+
+    Attributes:
+        sites / per_site / size / seed: the synthetic data set (``medfedpure data synth``): sites,
+            scans per site (half with a tumour), image side in pixels, root seed (also the
+            federations' seed).
+        site: the site whose personalised classifier and calibrated gate make the bundle (why site 1:
+            benchmarks/RESULTS.md, "Gate and detector").
+        preset: model and training preset of the federations, ``"tiny"`` (tests) or ``"small"``.
+        rounds / local_epochs / max_train: the classifier + MAE federation (rounds per phase, local
+            epochs per round, training scans per site, 0: all).
+        purifier_rounds / purifier_local_epochs / purifier_max_train: the purifier federation's own
+            budget (teacher, then the distilled student).
+        purifier_phases: ``("teacher", "student")``, or ``("teacher",)`` to skip distillation.
+        schedule: the purification schedule (t_min, t_max, steps) recorded in the student and
+            calibrated into the gate; default ``medfedpure.models.diffusion.PURIFY_DEFAULTS``.
+        threads: torch CPU threads of calibration and export.
+        timeout_s: each federation is stopped (all its processes) after this many seconds.
+        max_bundle_bytes: the build fails when the bundle is larger.
+        dest: where the verified bundle is installed ("": the package's embedded default bundle).
+    """
+
+    sites: int = 2
+    per_site: int = 600
+    size: int = 128
+    site: int = 1
+    preset: str = "small"
+    seed: int = 0
+    rounds: int = 30
+    local_epochs: int = 2
+    max_train: int = 0
+    purifier_rounds: int = 10
+    purifier_local_epochs: int = 2
+    purifier_max_train: int = 0
+    purifier_phases: tuple[str, ...] = ("teacher", "student")
+    schedule: PurifySchedule = field(default_factory=_default_schedule)
+    threads: int = 2
+    timeout_s: float = 5400.0
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
+    dest: str = ""
+
+    def __post_init__(self) -> None:
+        from medfedpure.models.diffusion import PurifySchedule
+
+        if isinstance(self.schedule, dict):
+            object.__setattr__(self, "schedule", PurifySchedule(**self.schedule))
+        if not isinstance(self.schedule, PurifySchedule):
+            raise ValueError(f"schedule={self.schedule!r}: expected a PurifySchedule or a dict of t_min, t_max, steps")
+        phases = self.purifier_phases
+        if isinstance(phases, str):
+            phases = tuple(p for p in phases.split(",") if p)
+        object.__setattr__(self, "purifier_phases", tuple(phases))
+        if self.purifier_phases not in PURIFIER_PHASES:
+            raise ValueError(f"purifier_phases={self.purifier_phases}: use 'teacher,student' or 'teacher' "
+                             "(the teacher alone then samples as the K-step purifier)")
+        if not 1 <= self.sites <= 64:
+            raise ValueError(f"sites={self.sites}: use 1 to 64 sites")
+        if self.per_site < 10:
+            raise ValueError(f"per_site={self.per_site}: use at least 10 scans per site (the validation split "
+                             "must hold scans for calibration and export)")
+        if not 32 <= self.size <= 1024:
+            raise ValueError(f"size={self.size}: use 32 to 1024 pixels")
+        if not 0 <= self.site < self.sites:
+            raise ValueError(f"site={self.site}: the bundle's site must be one of 0..{self.sites - 1}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}: use one of {PRESETS}")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed}: use a non-negative integer")
+        for name in ("rounds", "local_epochs", "purifier_rounds", "purifier_local_epochs", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("max_train", "purifier_max_train"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: every training scan)")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
+        if self.max_bundle_bytes < 1:
+            raise ValueError(f"max_bundle_bytes={self.max_bundle_bytes}: must be >= 1")
+
+    @property
+    def dest_path(self) -> Path:
+        """The install folder: ``dest``, or the embedded default bundle's folder when empty."""
+        if self.dest:
+            return Path(self.dest)
+        from medfedpure.runtime.bundle import default_bundle_path
+
+        return default_bundle_path()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready options (the schedule as ``{"t_min", "t_max", "steps"}``)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["schedule"] = self.schedule.to_dict()
+        d["purifier_phases"] = list(self.purifier_phases)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BundleBuildConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (they would be silently ignored)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown bundle build options {unknown}: known options are {sorted(names)}")
+        return cls(**d)

@@ -1,0 +1,329 @@
+"""``medfedpure bundle build``: synthetic data → two federations → one run folder → calibration →
+export → verification → size check → install, as resumable steps (:mod:`medfedpure.build.steps`).
+
+The work folder ``WORK`` (default ``runs/default_bundle``) holds::
+
+    WORK/config.json            the resolved BundleBuildConfig
+    WORK/bundle_metrics.json    per step: key, inputs, seconds, result; the bundle's bytes, gate,
+                                verification report and whether the student is the teacher
+    WORK/bundle_build.log       the log
+    WORK/data/                  the synthetic data set (dataset.json, splits.json, site_k/)
+    WORK/fed_purifier/          the purifier federation's run folder (teacher, student)
+    WORK/fed_cls_mae/           the classifier + MAE federation's run folder
+    WORK/run/                   the merged run folder (docs/interfaces.md "Run folder")
+    WORK/bundle/                the exported, verified bundle before it is installed
+
+The purifier trains in a federation of its own (its own rounds and local epochs): it does not
+depend on the classifier, so a re-tuned classifier federation reruns without retraining it. The
+merge writes the run folder's ``config.json`` in the shape ``fed sim`` writes (``{"fed":
+FedConfig}``, plus ``"fed_purifier"``) so that export finds the data root in it, and records in
+``metrics.json`` whether the distilled student is missing and the teacher samples in its place
+(``student_is_teacher``).
+
+Federated training runs through :func:`medfedpure.fed.sim.run_sim`, which starts Flower's
+simulation in a child process and stops every process it started; everything else is a library
+call in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medfedpure.build.config import BundleBuildConfig
+from medfedpure.build.steps import Step, StepsReport, read_record, run_steps
+
+if TYPE_CHECKING:
+    from medfedpure.fed.config import FedConfig
+
+__all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "fed_configs"]
+
+Federate = Callable[["FedConfig", float], Mapping[str, Any]]
+
+
+class BundleBuildError(RuntimeError):
+    """A build step found a problem it cannot fix (the message names the fix)."""
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    """Where each step writes, under the work folder ``work``."""
+
+    work: Path
+
+    @property
+    def config(self) -> Path:
+        return self.work / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.work / "bundle_metrics.json"
+
+    @property
+    def log(self) -> Path:
+        return self.work / "bundle_build.log"
+
+    @property
+    def data(self) -> Path:
+        return self.work / "data"
+
+    @property
+    def fed_purifier(self) -> Path:
+        return self.work / "fed_purifier"
+
+    @property
+    def fed_cls_mae(self) -> Path:
+        return self.work / "fed_cls_mae"
+
+    @property
+    def run(self) -> Path:
+        return self.work / "run"
+
+    @property
+    def stage(self) -> Path:
+        return self.work / "bundle"
+
+
+def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, FedConfig]:
+    """``(purifier federation, classifier + MAE federation)`` configs of a build."""
+    from medfedpure.fed.config import FedConfig
+
+    common = dict(data_dir=str(paths.data), preset=cfg.preset, num_sites=cfg.sites, seed=cfg.seed,
+                  calibrate=False)
+    sched = cfg.schedule
+    purifier = FedConfig(out_dir=str(paths.fed_purifier), phases=cfg.purifier_phases, rounds=cfg.purifier_rounds,
+                         local_epochs=cfg.purifier_local_epochs, max_train=cfg.purifier_max_train,
+                         student_steps=sched.steps, purify_t_min=sched.t_min, purify_t_max=sched.t_max,
+                         **common)
+    cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
+                        local_epochs=cfg.local_epochs, max_train=cfg.max_train, **common)
+    return purifier, cls_mae
+
+
+def _run_sim(fed_cfg: FedConfig, timeout_s: float) -> Mapping[str, Any]:
+    from medfedpure.fed.sim import run_sim
+
+    return run_sim(fed_cfg, timeout_s=timeout_s)
+
+
+def _bundle_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# --- the steps --------------------------------------------------------------------------------
+
+
+def _data(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
+    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
+
+    meta = generate_synthetic(paths.data, SynthConfig(sites=cfg.sites, per_site=cfg.per_site, size=cfg.size,
+                                                      seed=cfg.seed), overwrite=True)
+    make_splits(paths.data, seed=cfg.seed)
+    return {"fingerprint": meta.get("fingerprint")}
+
+
+def _federate(fed_cfg: FedConfig, federate: Federate, timeout_s: float) -> dict[str, Any]:
+    metrics = federate(fed_cfg, timeout_s)
+    return {k: metrics[k] for k in ("sim_wall_s", "wall_s", "leftover_pids") if k in metrics}
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".flwr", "*.tmp", "progress.json", "train_state"))
+
+
+def _merge(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
+    """One run folder from the two federations; ``config.json`` in the shape ``fed sim`` writes."""
+    from medfedpure.fed.config import FedConfig
+
+    pur, cls_mae, run = paths.fed_purifier, paths.fed_cls_mae, paths.run
+    need = [pur / "teacher.safetensors", pur / "config.json", pur / "metrics.json",
+            cls_mae / "mae.safetensors", cls_mae / "config.json", cls_mae / "metrics.json",
+            cls_mae / f"site_{cfg.site}" / "classifier.safetensors"]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        raise BundleBuildError(f"the federations left no {missing}: rerun the build (the fed steps rerun when "
+                               "their outputs are missing)")
+    if run.exists():
+        shutil.rmtree(run)
+    _copy_tree(cls_mae, run)
+    shutil.copy2(pur / "teacher.safetensors", run / "teacher.safetensors")
+    student = pur / "student.safetensors"
+    student_is_teacher = not student.is_file()
+    # Without a distilled student the federated teacher samples in the same K-step DDIM: an
+    # x0-predictor is a valid few-step sampler, a less accurate one. Recorded in the run's metrics.
+    shutil.copy2(pur / "teacher.safetensors" if student_is_teacher else student, run / "student.safetensors")
+    for glob_dir in sorted(pur.glob("site_*/global")):
+        dst = run / glob_dir.parent.name / "global"
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in sorted(glob_dir.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, dst / f.name)
+
+    cls_cfg, pur_cfg = FedConfig.load(cls_mae / "config.json"), FedConfig.load(pur / "config.json")
+    # The classifier + MAE federation's config, with the schedule the purifier federation recorded
+    # in the student: the run folder's student is that federation's.
+    merged = replace(cls_cfg, out_dir=str(run), student_steps=pur_cfg.student_steps,
+                     purify_t_min=pur_cfg.purify_t_min, purify_t_max=pur_cfg.purify_t_max)
+    merged.save(run / "config.json")
+    doc = json.loads((run / "config.json").read_text())
+    doc["fed_purifier"] = pur_cfg.to_dict()
+    (run / "config.json").write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+    metrics = json.loads((cls_mae / "metrics.json").read_text())
+    pur_metrics = json.loads((pur / "metrics.json").read_text())
+    metrics.setdefault("phases", {}).update(pur_metrics.get("phases", {}))
+    metrics["purifier_federation"] = {k: v for k, v in pur_metrics.items() if k != "phases"}
+    metrics["student_is_teacher"] = student_is_teacher
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    return {"student_is_teacher": student_is_teacher}
+
+
+def _calibrate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
+    import torch
+
+    from medfedpure.data import load_split
+    from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate, write_calibration
+    from medfedpure.train.checkpoint import load_model
+
+    torch.set_num_threads(cfg.threads)
+    s = cfg.schedule
+    ccfg = CalibrationConfig(t_min=s.t_min, t_max=s.t_max, steps=s.steps, schedule_from="options")
+    mae, mcfg, _ = load_model(paths.run / "mae.safetensors")
+    x_val, _ = load_split(paths.data, cfg.site, "val", mcfg.image_size)
+    calib = calibrate_gate(mae, x_val, ccfg, run=paths.run)
+    write_calibration(paths.run / f"site_{cfg.site}" / "calibration.json", calib)
+    record = {**calib, **calib.get("calibration", {})}  # the gate section's calibration record, flattened
+    return {k: record[k] for k in ("stat", "tau", "tau_high", "t_min", "t_max", "steps", "val_false_flag_rate",
+                                   "num_val_scans") if k in record}
+
+
+def _export(cfg: BundleBuildConfig, paths: BuildPaths, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    from medfedpure.export.pipeline import export_run
+
+    torch.set_num_threads(cfg.threads)
+    # No data argument: export finds the data root in the run folder's config.json.
+    vb, report = export_run(paths.run, cfg.site, paths.stage, overwrite=True, progress=lambda m: log(f"  · {m}"))
+    return {"bundle_id": vb.bundle_id, "verification": report}
+
+
+def _verify(root: Path) -> dict[str, Any]:
+    from medfedpure.runtime.bundle import verify_bundle
+
+    vb = verify_bundle(root)
+    return {"bundle_id": vb.bundle_id}
+
+
+def _size_check(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
+    nbytes = _bundle_bytes(paths.stage)
+    if nbytes > cfg.max_bundle_bytes:
+        raise BundleBuildError(f"the bundle is {nbytes} bytes, more than max_bundle_bytes={cfg.max_bundle_bytes}: "
+                               "build with a smaller preset or raise --max-bytes")
+    return {"bundle_bytes": nbytes}
+
+
+def _install(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
+    dest = cfg.dest_path.resolve()
+    work = paths.work.resolve()
+    if dest == work or dest in work.parents:
+        raise BundleBuildError(f"dest {dest} contains the work folder {work}: choose another --dest")
+    if dest == paths.stage.resolve() or paths.stage.resolve() in dest.parents:
+        raise BundleBuildError(f"dest {dest} is the build's staging folder: choose another --dest")
+    if dest.exists():
+        if not dest.is_dir() or (any(dest.iterdir()) and not (dest / "manifest.json").is_file()):
+            raise BundleBuildError(f"dest {dest} exists and is not a bundle folder (no manifest.json): "
+                                   "remove it or choose another --dest")
+        shutil.rmtree(dest)
+    shutil.copytree(paths.stage, dest)
+    return {"dest": str(dest), **_verify(dest)}
+
+
+def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate | None = None,
+               log: Callable[[str], None] = print) -> list[Step]:
+    """The build's steps, in order, each with its inputs (options), outputs and predecessors."""
+    fed_run = federate or _run_sim
+    fed_pur, fed_cls = fed_configs(cfg, paths)
+    sched = cfg.schedule.to_dict()
+    data_in = {"sites": cfg.sites, "per_site": cfg.per_site, "size": cfg.size, "seed": cfg.seed}
+    pur_in = {"preset": cfg.preset, "seed": cfg.seed, "purifier_rounds": cfg.purifier_rounds,
+              "purifier_local_epochs": cfg.purifier_local_epochs, "purifier_max_train": cfg.purifier_max_train,
+              "purifier_phases": list(cfg.purifier_phases), "schedule": sched}
+    cls_in = {"preset": cfg.preset, "seed": cfg.seed, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
+              "max_train": cfg.max_train}
+    pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
+    if "student" in cfg.purifier_phases:
+        pur_out += (paths.fed_purifier / "student.safetensors",)
+    site_dir = f"site_{cfg.site}"
+    return [
+        Step("data", lambda: _data(cfg, paths), data_in,
+             (paths.data / "dataset.json", paths.data / "splits.json")),
+        Step("fed_purifier", lambda: _federate(fed_pur, fed_run, cfg.timeout_s), pur_in, pur_out, ("data",)),
+        Step("fed_cls_mae", lambda: _federate(fed_cls, fed_run, cfg.timeout_s), cls_in,
+             (paths.fed_cls_mae / "mae.safetensors", paths.fed_cls_mae / site_dir / "classifier.safetensors",
+              paths.fed_cls_mae / "metrics.json"), ("data",)),
+        Step("merge", lambda: _merge(cfg, paths), {"site": cfg.site},
+             (paths.run / "config.json", paths.run / "metrics.json", paths.run / "student.safetensors",
+              paths.run / "mae.safetensors", paths.run / site_dir / "classifier.safetensors"),
+             ("fed_purifier", "fed_cls_mae")),
+        Step("calibrate", lambda: _calibrate(cfg, paths), {"site": cfg.site, "schedule": sched},
+             (paths.run / site_dir / "calibration.json",), ("data", "merge")),
+        Step("export", lambda: _export(cfg, paths, log), {"site": cfg.site}, (paths.stage / "manifest.json",),
+             ("calibrate",)),
+        Step("verify", lambda: _verify(paths.stage), {}, (), ("export",)),
+        Step("size_check", lambda: _size_check(cfg, paths), {"max_bundle_bytes": cfg.max_bundle_bytes}, (),
+             ("export",)),
+        Step("install", lambda: _install(cfg, paths), {"dest": str(cfg.dest_path)}, (), ("verify", "size_check")),
+    ]
+
+
+def _summary(cfg: BundleBuildConfig, rep: StepsReport) -> dict[str, Any]:
+    """The bundle's headline numbers for ``bundle_metrics.json`` (the gate as calibrated)."""
+    res = rep.results
+    return {
+        "training_mode": "fed",
+        "student_is_teacher": (res.get("merge") or {}).get("student_is_teacher"),
+        "bundle_bytes": (res.get("size_check") or {}).get("bundle_bytes"),
+        "bundle_id": (res.get("verify") or {}).get("bundle_id"),
+        "installed": (res.get("install") or {}).get("dest"),
+        "gate": res.get("calibrate"),
+        "purifier_steps": cfg.schedule.steps,
+        "verification": (res.get("export") or {}).get("verification"),
+    }
+
+
+def build_bundle(cfg: BundleBuildConfig, work: str | Path, *, dry_run: bool = False,
+                 federate: Federate | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build (or resume building) the bundle of ``cfg`` in the work folder ``work``.
+
+    Writes ``WORK/config.json`` first (also with ``dry_run``, which writes nothing else and returns
+    the plan). Returns the content of ``WORK/bundle_metrics.json`` (with ``dry_run``: the config
+    and the plan). ``federate(fed_config, timeout_s) -> metrics`` replaces the federated simulation
+    (tests); the default runs :func:`medfedpure.fed.sim.run_sim`.
+
+    Raises:
+        BundleBuildError, FederationError, ExportVerificationError, BundleError: the failing step's
+        error; the steps done so far are recorded and are not rerun by the next build.
+    """
+    paths = BuildPaths(Path(work).resolve())
+    paths.work.mkdir(parents=True, exist_ok=True)
+    say = log or print
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    paths.config.write_text(json.dumps({**cfg.to_dict(), "dest": str(cfg.dest_path)}, indent=2, sort_keys=True))
+    steps = make_steps(cfg, paths, federate=federate, log=say)
+    rep = run_steps(steps, paths.metrics, dry_run=dry_run, log=say)
+    if dry_run:
+        return {"config": cfg.to_dict(), "plan": [{"step": d.name, "run": d.run, "reason": d.reason}
+                                                  for d in rep.decisions]}
+    record = read_record(paths.metrics)
+    record.update(config=cfg.to_dict(), **_summary(cfg, rep))
+    tmp = paths.metrics.with_name(paths.metrics.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=float))
+    tmp.replace(paths.metrics)
+    return record

@@ -1,0 +1,102 @@
+"""``medfedpure bundle build``: argument handling only (the pipeline is :mod:`medfedpure.build.pipeline`).
+
+Option defaults are read from :class:`medfedpure.build.BundleBuildConfig`; the schedule options
+(``--t-min/--t-max/--steps``) default to ``medfedpure.models.diffusion.PURIFY_DEFAULTS``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import typer
+
+from medfedpure.build.config import BundleBuildConfig
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+
+_D = {f.name: f.default for f in fields(BundleBuildConfig) if f.default is not MISSING}
+_SCHED = "Default: medfedpure.models.diffusion.PURIFY_DEFAULTS.{}."
+
+
+@app.command("build")
+def build(
+    work: Path = typer.Option(Path("runs/default_bundle"), "--work", file_okay=False,
+                              help="Work folder: data, run folders, staged bundle, config.json, bundle_metrics.json."),
+    dest: Path | None = typer.Option(None, "--dest", file_okay=False,
+                                     help="Install the bundle here (default: the package's embedded default bundle)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the steps that would run; "
+                                 "write only WORK/config.json."),
+    sites: int = typer.Option(_D["sites"], "--sites", min=1, max=64, help="Synthetic data: number of sites."),
+    per_site: int = typer.Option(_D["per_site"], "--per-site", min=10, help="Synthetic data: scans per site."),
+    size: int = typer.Option(_D["size"], "--size", min=32, max=1024, help="Synthetic data: image side in pixels."),
+    site: int = typer.Option(_D["site"], "--site", min=0, help="The bundle's site (classifier and calibrated gate)."),
+    preset: str = typer.Option(_D["preset"], "--preset", help="Model and training preset: tiny (tests) or small."),
+    seed: int = typer.Option(_D["seed"], "--seed", min=0, help="Seed of the data and of both federations."),
+    rounds: int = typer.Option(_D["rounds"], "--rounds", min=1, help="Classifier + MAE federation: rounds per phase."),
+    local_epochs: int = typer.Option(_D["local_epochs"], "--local-epochs", min=1,
+                                     help="Classifier + MAE federation: local epochs per round."),
+    max_train: int = typer.Option(_D["max_train"], "--max-train", min=0,
+                                  help="Classifier + MAE federation: training scans per site (0: all)."),
+    purifier_rounds: int = typer.Option(_D["purifier_rounds"], "--purifier-rounds", min=1,
+                                        help="Purifier federation: rounds per phase."),
+    purifier_local_epochs: int = typer.Option(_D["purifier_local_epochs"], "--purifier-local-epochs", min=1,
+                                              help="Purifier federation: local epochs per round."),
+    purifier_max_train: int = typer.Option(_D["purifier_max_train"], "--purifier-max-train", min=0,
+                                           help="Purifier federation: training scans per site (0: all)."),
+    purifier_phases: str = typer.Option(",".join(_D["purifier_phases"]), "--purifier-phases",
+                                        help="teacher,student or teacher (the teacher then samples in K steps)."),
+    t_min: int | None = typer.Option(None, "--t-min", min=0, help="t* at the threshold tau. " + _SCHED.format("t_min")),
+    t_max: int | None = typer.Option(None, "--t-max", min=0, help="t* at tau_high. " + _SCHED.format("t_max")),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="K, the student's sampling steps (1, 2 or 4). "
+                                     + _SCHED.format("steps")),
+    threads: int = typer.Option(_D["threads"], "--threads", min=1, help="torch CPU threads of calibration and export."),
+    timeout: float = typer.Option(_D["timeout_s"], "--timeout", min=1.0,
+                                  help="Stop a federation (all its processes) after this many seconds."),
+    max_bytes: int = typer.Option(_D["max_bundle_bytes"], "--max-bytes", min=1,
+                                  help="Fail when the bundle is larger than this many bytes."),
+) -> None:
+    """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
+    export → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
+    inputs match is skipped; a changed option reruns the steps it reaches."""
+    from dataclasses import replace
+
+    from medfedpure.build.pipeline import build_bundle
+    from medfedpure.models.diffusion import PURIFY_DEFAULTS
+
+    try:
+        given = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps)) if v is not None}
+        cfg = BundleBuildConfig(
+            sites=sites, per_site=per_site, size=size, site=site, preset=preset, seed=seed, rounds=rounds,
+            local_epochs=local_epochs, max_train=max_train, purifier_rounds=purifier_rounds,
+            purifier_local_epochs=purifier_local_epochs, purifier_max_train=purifier_max_train,
+            purifier_phases=purifier_phases, schedule=replace(PURIFY_DEFAULTS, **given), threads=threads,
+            timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+    from rich.console import Console
+
+    console = Console(highlight=False, log_path=False)
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / "bundle_build.log"
+
+    def log(msg: str) -> None:
+        console.log(msg)
+        if not dry_run:
+            with open(log_path, "a") as f:
+                f.write(msg + "\n")
+
+    if dry_run:
+        console.print_json(json.dumps({**cfg.to_dict(), "dest": str(cfg.dest_path), "work": str(work)}))
+    try:
+        out = build_bundle(cfg, work, dry_run=dry_run, log=log)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported with its step's message
+        console.print(f"[red]bundle build failed:[/red] {type(exc).__name__}: {exc}")
+        console.print(f"the steps done are recorded in {work / 'bundle_metrics.json'}; rerun to resume")
+        raise typer.Exit(1) from exc
+    if dry_run:
+        return
+    console.print(f"bundle {out.get('bundle_id')} ({out.get('bundle_bytes')} bytes) installed in "
+                  f"{out.get('installed')}; step seconds {json.dumps(out.get('step_seconds'))}")

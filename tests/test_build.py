@@ -1,0 +1,313 @@
+"""The bundle build: its config, the resumable step runner, ``--dry-run``, and one build end to end.
+
+The end-to-end build runs every real step (synthetic data, merge, calibration, export, verification,
+size check, install) at the tiniest settings; only the federated simulation is replaced by a stand-in
+that writes the same run folders (``{"fed": FedConfig}`` config, metrics, checkpoints) with
+untrained tiny models — Flower's simulation on two cores takes longer than a unit test may.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from medfedpure.build import BundleBuildConfig
+from medfedpure.build.steps import Step, plan_steps, read_record, run_steps
+from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
+
+STEP_NAMES = ["data", "fed_purifier", "fed_cls_mae", "merge", "calibrate", "export", "verify", "size_check",
+              "install"]
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_default_bundles():
+    c = BundleBuildConfig()
+    assert (c.sites, c.per_site, c.size, c.site, c.preset, c.seed) == (2, 600, 128, 1, "small", 0)
+    assert (c.rounds, c.local_epochs, c.max_train) == (30, 2, 0)
+    assert (c.purifier_rounds, c.purifier_local_epochs, c.purifier_phases) == (10, 2, ("teacher", "student"))
+    assert c.schedule == PURIFY_DEFAULTS == PurifySchedule(t_min=60, t_max=200, steps=1)
+    assert (c.threads, c.timeout_s, c.max_bundle_bytes) == (2, 5400.0, 25 * 1024 * 1024)
+    assert c.dest_path.name == "default" and c.dest_path.parent.name == "bundles"
+    d = c.to_dict()
+    assert d["schedule"] == {"t_min": 60, "t_max": 200, "steps": 1} and d["purifier_phases"] == ["teacher", "student"]
+    assert BundleBuildConfig.from_dict(json.loads(json.dumps(d))) == c
+    assert BundleBuildConfig(purifier_phases="teacher").purifier_phases == ("teacher",)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(sites=0), "sites"), (dict(sites=65), "sites"), (dict(per_site=5), "per_site"), (dict(size=16), "size"),
+    (dict(site=2), "site"), (dict(site=-1), "site"), (dict(preset="large"), "preset"), (dict(seed=-1), "seed"),
+    (dict(rounds=0), "rounds"), (dict(local_epochs=0), "local_epochs"), (dict(purifier_rounds=0), "purifier_rounds"),
+    (dict(max_train=-1), "max_train"), (dict(purifier_phases=("student",)), "purifier_phases"),
+    (dict(purifier_phases="student,teacher"), "purifier_phases"), (dict(threads=0), "threads"),
+    (dict(timeout_s=0), "timeout_s"), (dict(max_bundle_bytes=0), "max_bundle_bytes"),
+    (dict(schedule={"t_min": 300, "t_max": 200, "steps": 1}), "t_min"),
+    (dict(schedule={"t_min": 60, "t_max": 200, "steps": 3}), "K = 1, 2 or 4"),
+    (dict(schedule=(60, 200, 1)), "schedule"),
+])
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BundleBuildConfig(**kw)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="unknown bundle build options \\['round'\\]"):
+        BundleBuildConfig.from_dict({"round": 3})
+
+
+# --- the step runner -----------------------------------------------------------------------------
+
+
+class FakeSteps:
+    """Three steps a → b and an independent c, each writing one file and counting its runs."""
+
+    def __init__(self, root: Path, a_opt: int = 1, c_opt: int = 1, fail_b: bool = False) -> None:
+        self.root, self.calls = root, []
+        self.fail_b = fail_b
+        self.steps = [
+            Step("a", lambda: self._write("a"), {"opt": a_opt}, (root / "a.txt",)),
+            Step("b", lambda: self._write("b"), {}, (root / "b.txt",), ("a",)),
+            Step("c", lambda: self._write("c"), {"opt": c_opt}, (root / "c.txt",)),
+            Step("check", lambda: self._write("check", file=False), {}, (), ("b",)),
+        ]
+
+    def _write(self, name: str, file: bool = True) -> dict:
+        self.calls.append(name)
+        if name == "b" and self.fail_b:
+            raise RuntimeError("b failed")
+        if file:
+            (self.root / f"{name}.txt").write_text(name)
+        return {"n": len(self.calls)}
+
+
+def test_runner_runs_then_skips_then_reruns_what_a_changed_option_reaches(tmp_path):
+    state = tmp_path / "state.json"
+    logs: list[str] = []
+    f = FakeSteps(tmp_path)
+    rep = run_steps(f.steps, state, log=logs.append)
+    assert f.calls == ["a", "b", "c", "check"] and all(d.run for d in rep.decisions)
+    rec = read_record(state)
+    assert set(rec["steps"]) == {"a", "b", "c", "check"} and set(rec["step_seconds"]) == {"a", "b", "c", "check"}
+    assert rec["steps"]["a"]["inputs"] == {"opt": 1} and rec["steps"]["c"]["result"] == {"n": 3}
+
+    # Same options, outputs present: everything with outputs is skipped; its recorded result stands.
+    f = FakeSteps(tmp_path)
+    rep = run_steps(f.steps, state, log=logs.append)
+    assert f.calls == ["check"]
+    assert [d.run for d in rep.decisions] == [False, False, False, True]
+    assert rep.results["c"] == {"n": 3} and rep.decisions[0].reason == "outputs present, inputs unchanged"
+
+    # A changed option reruns its step and every step after it, not the independent one.
+    f = FakeSteps(tmp_path, a_opt=2)
+    rep = run_steps(f.steps, state, log=logs.append)
+    assert f.calls == ["a", "b", "check"]
+    assert rep.decisions[0].reason == "inputs changed: opt"
+    assert rep.decisions[1].reason == "an earlier step's inputs changed"
+    assert read_record(state)["steps"]["a"]["inputs"] == {"opt": 2}
+
+    # A missing output reruns its step and the steps after it.
+    (tmp_path / "a.txt").unlink()
+    f = FakeSteps(tmp_path, a_opt=2)
+    rep = run_steps(f.steps, state, log=logs.append)
+    assert f.calls == ["a", "b", "check"]
+    assert rep.decisions[0].reason == "outputs missing: a.txt" and rep.decisions[1].reason == "reruns after a"
+    assert any("skipped" in m for m in logs) and any("running" in m for m in logs)
+
+
+def test_runner_dry_run_writes_nothing_and_a_failed_step_is_not_done(tmp_path):
+    state = tmp_path / "state.json"
+    f = FakeSteps(tmp_path)
+    rep = run_steps(f.steps, state, dry_run=True, log=lambda m: None)
+    assert f.calls == [] and not state.exists() and [d.run for d in rep.decisions] == [True] * 4
+    run_steps(f.steps, state, log=lambda m: None)
+
+    f = FakeSteps(tmp_path, a_opt=3, fail_b=True)
+    with pytest.raises(RuntimeError, match="b failed"):
+        run_steps(f.steps, state, log=lambda m: None)
+    assert f.calls == ["a", "b"]
+    rec = read_record(state)
+    assert "b" not in rec["steps"] and rec["steps"]["a"]["inputs"] == {"opt": 3}  # b's old record is gone
+    f = FakeSteps(tmp_path, a_opt=3)
+    decisions = plan_steps(f.steps, read_record(state))
+    assert [(d.name, d.run) for d in decisions] == [("a", False), ("b", True), ("c", False), ("check", True)]
+    assert decisions[1].reason == "no recorded run"
+
+
+def test_runner_rejects_bad_step_lists(tmp_path):
+    noop = lambda: None  # noqa: E731
+    with pytest.raises(ValueError, match="not earlier steps"):
+        plan_steps([Step("b", noop, after=("a",)), Step("a", noop)], {})
+    with pytest.raises(ValueError, match="used twice"):
+        plan_steps([Step("a", noop), Step("a", noop)], {})
+    (tmp_path / "bad.json").write_text("[1]")
+    with pytest.raises(ValueError, match="remove it"):
+        read_record(tmp_path / "bad.json")
+
+
+# --- the command line: --dry-run -----------------------------------------------------------------
+
+
+def test_cli_dry_run_lists_the_steps_and_writes_only_the_config(tmp_path):
+    from medfedpure.cli import app
+    from typer.testing import CliRunner
+
+    work, dest = tmp_path / "work", tmp_path / "dest"
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(dest), "--dry-run",
+                                 "--sites", "3", "--t-max", "150", "--preset", "tiny", "--size", "32"])
+    assert r.exit_code == 0, r.output
+    for name in STEP_NAMES:
+        assert f"{name}: would run" in r.output
+    assert sorted(p.name for p in work.iterdir()) == ["config.json"] and not dest.exists()
+    cfg = json.loads((work / "config.json").read_text())
+    assert cfg["sites"] == 3 and cfg["schedule"] == {"t_min": 60, "t_max": 150, "steps": 1}
+    assert cfg["dest"] == str(dest) and cfg["preset"] == "tiny"
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dry-run", "--site", "5"])
+    assert r.exit_code != 0 and "site=5" in r.output
+
+
+# --- the data root of a run folder -------------------------------------------------------------
+
+
+def test_run_data_root_from_each_run_folder_shape(tmp_path):
+    from medfedpure.export.pipeline import run_data_root
+    from medfedpure.fed.config import FedConfig
+
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="does not exist"):
+        run_data_root(run)
+    FedConfig(data_dir=str(tmp_path / "d"), out_dir=str(run)).save(run / "config.json")  # fed sim's shape
+    assert run_data_root(run) == tmp_path / "d"
+    (run / "config.json").write_text(json.dumps({"mae": {"data": "x", "site": 0},
+                                                 "classifier/site_0": {"data": "x"}}))  # per-site training
+    assert run_data_root(run) == Path("x")
+    (run / "config.json").write_text(json.dumps({"mae": {"data": "x"}, "classifier/site_0": {"data": "y"}}))
+    with pytest.raises(ValueError, match="several data roots"):
+        run_data_root(run)
+    (run / "config.json").write_text(json.dumps({"data": "z", "note": "hand-written"}))
+    with pytest.raises(ValueError, match="names no data root"):
+        run_data_root(run)
+
+
+# --- one build end to end ------------------------------------------------------------------------
+
+
+def fake_federate(fed_cfg, timeout_s: float) -> dict:
+    """Stand-in for ``fed.sim.run_sim``: the run folder a federation writes, with untrained tiny models."""
+    from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
+    from medfedpure.models.moe import MoEClassifier, MoEConfig
+    from medfedpure.models.unet import UNet, UNetConfig
+    from medfedpure.train.checkpoint import save_model
+
+    out = Path(fed_cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fed_cfg.save(out / "config.json")
+    metrics: dict = {"config": fed_cfg.to_dict(), "phases": {}}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(fed_cfg.seed)
+        for phase in fed_cfg.phases:
+            if phase == "classifier":
+                for k in range(fed_cfg.num_sites):
+                    m = MoEClassifier(MoEConfig.preset(fed_cfg.preset))
+                    save_model(out / f"site_{k}" / "classifier.safetensors", m, m.cfg, "moe")
+            else:
+                m = MaskedAutoencoder(MAEConfig.preset(fed_cfg.preset)) if phase == "mae" \
+                    else UNet(UNetConfig.preset(fed_cfg.preset))
+                kind = "mae" if phase == "mae" else "unet"
+                extra = {"role": phase}
+                if phase == "student":
+                    extra.update(steps=fed_cfg.student_steps, t_min=fed_cfg.purify_t_min, t_max=fed_cfg.purify_t_max)
+                save_model(out / f"{phase}.safetensors", m, m.cfg, kind, extra=extra)
+                for k in range(fed_cfg.num_sites):
+                    save_model(out / f"site_{k}" / "global" / f"{phase}.safetensors", m, m.cfg, kind, extra=extra)
+            metrics["phases"][phase] = {"rounds": fed_cfg.rounds, "per_site": [], "rejected": []}
+    metrics["wall_s"] = 0.0
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+def test_bundle_build_end_to_end_and_resume(tmp_path):
+    from medfedpure.build.pipeline import build_bundle
+    from medfedpure.fed.config import FedConfig
+    from medfedpure.runtime.bundle import verify_bundle
+
+    work, dest = tmp_path / "work", tmp_path / "dest"
+    sched = PurifySchedule(t_min=40, t_max=160, steps=2)
+    cfg = BundleBuildConfig(sites=2, per_site=20, size=32, site=1, preset="tiny", rounds=1, local_epochs=1,
+                            purifier_rounds=1, purifier_local_epochs=1, schedule=sched, threads=1,
+                            purifier_phases=("teacher",), dest=str(dest))
+    calls: list[tuple[str, ...]] = []
+
+    def federate(fed_cfg, timeout_s):
+        calls.append(fed_cfg.phases)
+        return fake_federate(fed_cfg, timeout_s)
+
+    logs: list[str] = []
+    out = build_bundle(cfg, work, federate=federate, log=logs.append)
+    assert calls == [("teacher",), ("classifier", "mae")]
+    assert set(out["step_seconds"]) == set(STEP_NAMES) and all(v >= 0 for v in out["step_seconds"].values())
+    vb = verify_bundle(dest)
+    assert vb.bundle_id == out["bundle_id"] and out["installed"] == str(dest.resolve())
+    assert 0 < out["bundle_bytes"] <= cfg.max_bundle_bytes
+    assert (out["gate"]["t_min"], out["gate"]["t_max"], out["gate"]["steps"]) == (40, 160, 2)
+    assert out["purifier_steps"] == 2 and out["student_is_teacher"] is True
+    assert out["verification"]["fp32"]["classifier"]["top1"] == 1.0
+    assert json.loads((work / "config.json").read_text())["schedule"] == {"t_min": 40, "t_max": 160, "steps": 2}
+
+    # One run-folder shape: config.json as fed sim writes it (the data root export found), the
+    # student-is-teacher fallback recorded in the run's metrics, no side files.
+    run = work / "run"
+    fc = FedConfig.load(run / "config.json")
+    assert Path(fc.data_dir) == (work / "data").resolve() and fc.out_dir == str(run.resolve())
+    assert (fc.purify_t_min, fc.purify_t_max, fc.student_steps) == (40, 160, 2)
+    assert json.loads((run / "config.json").read_text())["fed_purifier"]["phases"] == ["teacher"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["student_is_teacher"] is True and set(metrics["phases"]) == {"classifier", "mae", "teacher"}
+    assert (run / "student.safetensors").read_bytes() == (run / "teacher.safetensors").read_bytes()
+    assert (run / "site_0" / "global" / "teacher.safetensors").is_file()
+    assert not (run / "purifier_note.json").exists() and not (run / "metrics_purifier.json").exists()
+    calib = json.loads((run / "site_1" / "calibration.json").read_text())
+    assert (calib["t_min"], calib["t_max"], calib["steps"], calib["schedule_source"]) == (40, 160, 2, "options")
+
+    # Resume: nothing with outputs reruns; a changed knob reruns the steps it reaches only.
+    logs.clear()
+    out2 = build_bundle(cfg, work, federate=federate, log=logs.append)
+    assert calls == [("teacher",), ("classifier", "mae")] and out2["bundle_id"] == out["bundle_id"]
+    ran = [m.split(":")[0].split("] ")[1] for m in logs if ": running" in m]
+    assert ran == ["verify", "size_check", "install"]
+    plan = build_bundle(BundleBuildConfig(**{**cfg.to_dict(), "site": 0}), work, federate=federate, dry_run=True,
+                        log=lambda m: None)["plan"]
+    assert [p["step"] for p in plan if p["run"]] == ["merge", "calibrate", "export", "verify", "size_check", "install"]
+    assert plan[3]["reason"] == "inputs changed: site"
+    assert json.loads((work / "config.json").read_text())["site"] == 0  # the dry run wrote its config
+
+
+@pytest.mark.slow
+def test_bundle_build_with_flower_simulation(tmp_path):
+    """The real federations (Flower simulation, one round each) at the tiniest settings; about a minute."""
+    pytest.importorskip("flwr")
+    from medfedpure.build.pipeline import build_bundle
+    from medfedpure.fed.config import FedConfig
+    from medfedpure.runtime.bundle import verify_bundle
+
+    work, dest = tmp_path / "work", tmp_path / "dest"
+    cfg = BundleBuildConfig(sites=2, per_site=20, size=32, site=1, preset="tiny", rounds=1, local_epochs=1,
+                            max_train=8, purifier_rounds=1, purifier_local_epochs=1, purifier_max_train=8,
+                            threads=1, timeout_s=600, dest=str(dest))
+    out = build_bundle(cfg, work, log=lambda m: None)
+    assert verify_bundle(dest).bundle_id == out["bundle_id"] and out["student_is_teacher"] is False
+    run = work / "run"
+    assert Path(FedConfig.load(run / "config.json").data_dir) == (work / "data").resolve()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["phases"]) == {"classifier", "mae", "teacher", "student"}
+    assert metrics["leftover_pids"] == [] and metrics["purifier_federation"]["leftover_pids"] == []
+    for k in (0, 1):
+        assert {p.name for p in (run / f"site_{k}" / "global").iterdir()} >= {"mae.safetensors", "teacher.safetensors",
+                                                                                 "student.safetensors"}
+    calib = json.loads((run / "site_1" / "calibration.json").read_text())
+    assert (calib["t_min"], calib["t_max"], calib["steps"]) == (60, 200, 1)
+    assert build_bundle(cfg, work, dry_run=True, log=lambda m: None)["plan"][:6] == [
+        {"step": s, "run": False, "reason": "outputs present, inputs unchanged"} for s in STEP_NAMES[:6]]

@@ -1,0 +1,72 @@
+"""``medfedpure fed``: one option set for sim and deploy, turned into the FedConfig the runners get."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import typer
+from medfedpure.cli import app
+from medfedpure.cli.fed import FEDERATION_OPTIONS, RUN_OPTIONS
+from medfedpure.fed.config import FedConfig
+from medfedpure.models.diffusion import PURIFY_DEFAULTS
+from typer.testing import CliRunner
+
+
+@pytest.fixture()
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Replace both runners: record the FedConfig each command builds, return canned metrics."""
+    seen: dict[str, object] = {}
+
+    def fake(key: str):  # type: ignore[no-untyped-def]
+        def run(cfg: FedConfig, timeout_s: float) -> dict:
+            seen[key], seen[f"{key}_timeout"] = cfg, timeout_s
+            return {"phases": {}, f"{key}_wall_s": 1.0, "leftover_pids": []}
+        return run
+
+    monkeypatch.setattr("medfedpure.fed.sim.run_sim", fake("sim"))
+    monkeypatch.setattr("medfedpure.fed.deploy.run_deployment", fake("deploy"))
+    return seen
+
+
+def _invoke(*args: str) -> None:
+    res = CliRunner().invoke(app, ["fed", *args])
+    assert res.exit_code == 0, res.output
+
+
+def test_sim_and_deploy_share_one_option_set(tmp_path: Path, captured: dict[str, object]) -> None:
+    args = ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--sites", "3", "--rounds", "2",
+            "--strategy", "krum", "--phases", "classifier,mae", "--no-calibrate", "--classifier-split", "fedbn",
+            "--max-update-norm", "0", "--max-relative-norm", "2.5", "--poison-site", "1", "--poison-scale", "-4",
+            "--student-steps", "2", "--purify-range", "30", "90", "--seed", "7", "--max-train", "8", "--timeout", "60"]
+    _invoke("sim", *args)
+    _invoke("deploy", *args)
+    assert captured["sim"] == captured["deploy"]
+    cfg = captured["sim"]
+    assert isinstance(cfg, FedConfig) and captured["sim_timeout"] == captured["deploy_timeout"] == 60.0
+    assert (cfg.num_sites, cfg.rounds, cfg.strategy, cfg.phases, cfg.calibrate, cfg.classifier_split) == (
+        3, 2, "krum", ("classifier", "mae"), False, "fedbn")
+    assert cfg.max_update_norm == math.inf and cfg.max_relative_norm == 2.5  # 0: no bound
+    assert (cfg.poison_site, cfg.poison_scale, cfg.seed, cfg.max_train) == (1, -4.0, 7, 8)
+    assert (cfg.student_steps, cfg.purify_t_min, cfg.purify_t_max) == (2, 30, 90)
+
+
+def test_options_left_out_take_fedconfig_defaults(tmp_path: Path, captured: dict[str, object]) -> None:
+    _invoke("sim", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--sites", "2")
+    defaults = FedConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "run"), num_sites=2)
+    assert captured["sim"] == defaults
+    assert (defaults.student_steps, defaults.purify_t_min, defaults.purify_t_max) == (
+        PURIFY_DEFAULTS.steps, PURIFY_DEFAULTS.t_min, PURIFY_DEFAULTS.t_max)
+
+
+def test_bad_option_is_a_usage_error_and_every_option_is_listed(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["fed", "deploy", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                                   "--sites", "2", "--strategy", "fedsgd"])
+    assert res.exit_code == 2 and "strategy" in res.output
+    names = {p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS}
+    assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 19
+    fed = typer.main.get_command(app).commands["fed"]  # type: ignore[attr-defined]
+    params = {name: [p.name for p in fed.commands[name].params] for name in ("sim", "deploy", "compare")}
+    assert params["sim"] == params["deploy"] == [*(p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS), "timeout"]
+    assert params["compare"] == [*(p.name for p in RUN_OPTIONS), "methods", "timeout"]
