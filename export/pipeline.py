@@ -3,7 +3,7 @@
 Steps (each recorded in the manifest's provenance):
 
 1. load the site's classifier, the shared MAE and the distilled student from the run folder
-   (safetensors + config; ``medfedpure.train.checkpoint``) and the site's ``calibration.json``;
+   (safetensors + config; ``medfedpure.models.weights``) and the site's ``calibration.json``;
 2. export the three networks to ONNX (FP32, dynamic batch) and convert FP16 variants
    (:mod:`medfedpure.export.fp16`: FP32 interfaces; normalisation/softmax/reductions and the
    denoiser's time/noise-level branch in FP32);
@@ -189,7 +189,7 @@ def build_bundle(
             the run folder; saved from the models when None.
     """
     from medfedpure.models.mae import MAEScorer
-    from medfedpure.train.checkpoint import save_model
+    from medfedpure.models.weights import save_model
 
     say = progress or (lambda _m: None)
     size = int(x_val.shape[-1])
@@ -307,7 +307,7 @@ def export_run(run: str | Path, site: int, out: str | Path, *, data: str | Path 
         num_val: number of the site's validation scans used for verification.
     """
     from medfedpure.data import fingerprint, load_split
-    from medfedpure.train.checkpoint import load_model
+    from medfedpure.models.weights import load_model
 
     run = Path(run)
     site_dir = run / f"site_{site}"

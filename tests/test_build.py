@@ -200,7 +200,7 @@ def fake_federate(fed_cfg, timeout_s: float) -> dict:
     from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
     from medfedpure.models.moe import MoEClassifier, MoEConfig
     from medfedpure.models.unet import UNet, UNetConfig
-    from medfedpure.train.checkpoint import save_model
+    from medfedpure.models.weights import save_model
 
     out = Path(fed_cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import torch
 from medfedpure.gate import WHITE_RATIO, GateSpec, gate_scores, tissue_patches
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 from medfedpure.models.mae import MAEConfig, MaskedAutoencoder, scoring_masks
+from medfedpure.models.weights import save_tensors
 from medfedpure.train.calibrate import (
     CalibrationConfig,
     calibrate_gate,
@@ -17,7 +18,6 @@ from medfedpure.train.calibrate import (
     student_schedule,
     threshold_at_ffr,
 )
-from medfedpure.train.checkpoint import save_tensors
 
 VIS = scoring_masks(16, 4)  # 32 px scans, 8 px patches
 
@@ -170,7 +170,7 @@ def test_student_schedule_from_checkpoint_metadata(tmp_path):
 def test_cli_calibrate(tmp_path, monkeypatch):
     from medfedpure.cli import app
     from medfedpure.cli import train as tcli
-    from medfedpure.train.checkpoint import save_model
+    from medfedpure.models.weights import save_model
     from typer.testing import CliRunner
 
     torch.manual_seed(0)  # parameter init only

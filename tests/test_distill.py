@@ -6,7 +6,7 @@ import pytest
 import torch
 from medfedpure.models.diffusion import DiffusionSchedule, ddim_sample, to_model_space
 from medfedpure.models.unet import UNet, UNetConfig
-from medfedpure.train.checkpoint import load_model, save_model
+from medfedpure.models.weights import load_model, save_model
 from medfedpure.train.distill import DistillConfig, distill_student, make_trajectory_cache
 from medfedpure.train.purifier import DenoiserTrainConfig, denoiser_loss, psnr, train_denoiser
 

@@ -19,7 +19,7 @@ from medfedpure.fed import client_app, params, tasks
 from medfedpure.fed.config import FedConfig
 from medfedpure.fed.phases import PHASES, build_model
 from medfedpure.models.moe import MoEClassifier, MoEConfig
-from medfedpure.train.checkpoint import load_model
+from medfedpure.models.weights import load_model
 from medfedpure.train.classifier import ClassifierTrainConfig, train_classifier
 from medfedpure.train.loop import cosine_lr, load_optimizer_state, optimizer_state
 

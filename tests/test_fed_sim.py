@@ -86,7 +86,7 @@ def test_config_validation_and_run_config_roundtrip(tmp_path: Path) -> None:
 def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     """All phases + calibration on 2 tiny sites, 2 rounds: run folder, finite metrics, no process left."""
     from medfedpure.fed.sim import run_sim
-    from medfedpure.train.checkpoint import load_model
+    from medfedpure.models.weights import load_model
 
     before = _flower_ray_pids()
     out = tmp_path / "run"

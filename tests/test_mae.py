@@ -16,7 +16,7 @@ from medfedpure.models.mae import (
     scoring_masks,
     unpatchify,
 )
-from medfedpure.train.checkpoint import load_model, save_model
+from medfedpure.models.weights import load_model, save_model
 
 
 def _mae(**kw) -> MaskedAutoencoder:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 from medfedpure.models.moe import MoEClassifier, MoEConfig
-from medfedpure.train.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from medfedpure.models.weights import WeightsError as CheckpointError
+from medfedpure.models.weights import load_model, save_model
+from medfedpure.models.weights import model_metadata as read_metadata
 
 
 def _model(seed: int = 0) -> MoEClassifier:

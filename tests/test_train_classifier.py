@@ -182,7 +182,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     resumed = _model(seed=9)  # weights come from the checkpoint, not from init
     h = train_classifier(resumed, tr, va, cfg, progress=False, checkpoint_dir=tmp_path / "b", resume=True)
     assert [r["epoch"] for r in h["history"]] == [0, 1]
-    from medfedpure.train.checkpoint import load_model
+    from medfedpure.models.weights import load_model
 
     a = load_model(tmp_path / "a" / "classifier.last.safetensors")[0].state_dict()
     b = load_model(tmp_path / "b" / "classifier.last.safetensors")[0].state_dict()
@@ -191,7 +191,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_resume_without_state_raises(tmp_path):
-    from medfedpure.train.checkpoint import CheckpointError
+    from medfedpure.models.weights import WeightsError as CheckpointError
 
     with pytest.raises(CheckpointError, match="cannot resume"):
         train_classifier(_model(), _blobs(8, 0), _blobs(4, 1), ClassifierTrainConfig.preset("tiny"), progress=False,

@@ -188,8 +188,8 @@ def _calibrate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     import torch
 
     from medfedpure.data import load_split
+    from medfedpure.models.weights import load_model
     from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate, write_calibration
-    from medfedpure.train.checkpoint import load_model
 
     torch.set_num_threads(cfg.threads)
     s = cfg.schedule

@@ -95,7 +95,7 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
     """Train the personalized MoE classifier on site K → RUN/site_K/classifier.safetensors."""
     _common_setup(config, threads, seed)
     from medfedpure.models.moe import MoEClassifier, MoEConfig
-    from medfedpure.train.checkpoint import save_model
+    from medfedpure.models.weights import save_model
     from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 
     mcfg = MoEConfig.preset(config)
@@ -132,7 +132,7 @@ def mae(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONF
     """Train the MAE detector on site K's scans (labels unused) → RUN/mae.safetensors."""
     _common_setup(config, threads, seed)
     from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
-    from medfedpure.train.checkpoint import save_model
+    from medfedpure.models.weights import save_model
     from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
 
     base = MAEConfig.preset(config)
@@ -171,8 +171,8 @@ def calibrate_command(
     """Calibrate site K's gate on its clean validation scans → RUN/site_K/calibration.json."""
     import torch
 
+    from medfedpure.models.weights import load_model
     from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate, write_calibration
-    from medfedpure.train.checkpoint import load_model
 
     torch.set_num_threads(threads)
     try:
@@ -197,7 +197,7 @@ def purifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str =
     """Train the diffusion teacher (x0-denoiser, many-step DDIM) on site K's scans → RUN/teacher.safetensors."""
     _common_setup(config, threads, seed)
     from medfedpure.models.unet import UNet, UNetConfig
-    from medfedpure.train.checkpoint import save_model
+    from medfedpure.models.weights import save_model
     from medfedpure.train.purifier import DenoiserTrainConfig, train_denoiser
 
     ucfg = UNetConfig.preset(config)
@@ -230,7 +230,7 @@ def distill(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = 
 
     from medfedpure.models.diffusion import PURIFY_DEFAULTS
     from medfedpure.models.unet import UNet
-    from medfedpure.train.checkpoint import load_model, save_model
+    from medfedpure.models.weights import load_model, save_model
     from medfedpure.train.distill import DistillConfig, distill_student
 
     try:

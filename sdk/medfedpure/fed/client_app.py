@@ -211,7 +211,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _save_final(s: _Site, model: torch.nn.Module) -> None:
-    from medfedpure.train.checkpoint import save_model
+    from medfedpure.models.weights import save_model
 
     phase = s.phase
     extra: dict[str, object] = {"site": s.site, "rounds": s.run.rounds, "split": s.split, "federated": True,

@@ -51,7 +51,7 @@ class Phase:
 
     Attributes:
         name: the phase's name (message config ``phase``, checkpoint role, file names).
-        kind: checkpoint kind of its model (``train.checkpoint`` registry): "moe", "mae" or "unet".
+        kind: checkpoint kind of its model (``models.registry``): "moe", "mae" or "unet".
         model_config: ``(preset, size) -> config``; ``size > 0`` overrides the preset's image side.
         model: ``config -> nn.Module``.
         travels: the split policy (``params.SPLITS``) of what goes to the server: "moe" (the global

@@ -57,7 +57,7 @@ def _initial_model(cfg: FedConfig, phase: Phase, finals: dict[str, Any]) -> tupl
         source = finals.get(phase.init_from)
         path = Path(cfg.out_dir) / PHASES[phase.init_from].server_file
         if source is None and path.is_file():
-            from medfedpure.train.checkpoint import load_model
+            from medfedpure.models.weights import load_model
 
             source = load_model(path)[0]
         if source is None:
@@ -69,7 +69,7 @@ def _initial_model(cfg: FedConfig, phase: Phase, finals: dict[str, Any]) -> tupl
 
 def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     """Run every phase of ``cfg`` on ``grid``; returns (and writes) the metrics dict."""
-    from medfedpure.train.checkpoint import save_model, save_tensors
+    from medfedpure.models.weights import save_model, save_tensors
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,8 @@ import torch
 
 from medfedpure.data import load_split
 from medfedpure.models.diffusion import to_model_space
+from medfedpure.models.weights import load_model
 from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate
-from medfedpure.train.checkpoint import load_model
 from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 from medfedpure.train.distill import DistillConfig, distill_student
 from medfedpure.train.loop import cosine_lr

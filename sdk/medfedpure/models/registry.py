@@ -10,7 +10,7 @@ registry says how to turn those back into a module::
 
 The built-in kinds are imported on first lookup, so importing this module imports no model.
 Presets stay with their config classes (``MoEConfig.preset`` …); the registry only rebuilds.
-Training (``medfedpure.train.checkpoint``) and the torch runtime (rebuilding from a bundle's
+Training (through ``medfedpure.models.weights``) and the torch runtime (rebuilding from a bundle's
 verified bytes) both use it, so a kind is added in one place.
 """
 

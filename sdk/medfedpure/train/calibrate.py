@@ -128,7 +128,7 @@ def student_schedule(run: Path) -> dict[str, Any] | None:
     path = Path(run) / "student.safetensors"
     if not path.is_file():
         return None
-    from medfedpure.train.checkpoint import read_metadata
+    from medfedpure.models.weights import model_metadata as read_metadata
 
     meta = read_metadata(path)
     sources = [meta, meta.get("config", {})]

@@ -33,13 +33,8 @@ from typing import Any
 
 import torch
 
-from medfedpure.train.checkpoint import (
-    CheckpointError,
-    load_model,
-    load_tensors,
-    save_model,
-    save_tensors,
-)
+from medfedpure.models.weights import WeightsError as CheckpointError
+from medfedpure.models.weights import load_model, load_tensors, save_model, save_tensors
 
 __all__ = ["fit", "epoch_generator", "cosine_lr", "optimizer_state", "load_optimizer_state"]
 
