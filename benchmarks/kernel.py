@@ -1,13 +1,15 @@
 """Benchmark of the fused patch gate (docs/design.md, "Gate semantics"; results in
 benchmarks/RESULTS.md, "Gate and detector").
 
-CPU (default): the C++ kernel (bare binding, and through ``medfedpure.gate.patch_gate`` with its
-validation) against the numpy oracle and against the same computation as a chain of torch ops,
-batch 1/4/8/32 at 128 and 224 px, K = 4 complementary mask sets (each patch hidden by 3 of 4, an
-MAE at 75 % masking). The methods run round-robin inside every repetition, so a noisy, shared
-machine slows them alike; the table reports medians and the ratios of one run. The same table
-then gets the ``stat="hfratio"`` rows (batch 1/4/8 at 128 px, patch 8, m = Np/2; ``--no-hfratio``
-leaves them out).
+CPU (default): the C++ kernel (bare binding, and through ``medfedpure.gate.patch_gate``) against the
+same computation as a chain of torch ops (``patch_gate_torch(validate=False)``), for every stat
+(mean, topk k = 16, hfratio m = Np/2) x patch (8, 16) x size x batch, K = 4 complementary mask sets
+(each patch hidden by 3 of 4, an MAE at 75 % masking), torch and C++ on ``--threads`` threads. The
+three calls alternate round-robin inside every repetition, so a noisy, shared machine slows them
+alike; ``patch_gate(auto)`` is the call with its default ``num_threads=0`` (the thread count chosen
+from the work size). Each configuration keeps the medians over ``--reps`` repetitions, and the whole sweep is
+repeated ``--runs`` times (the table shows every run's ratio and the smallest). Every row is also
+checked bit for bit against the numpy oracle.
 
 GPU (``--device cuda``): the CUDA kernel (bare launch with preallocated outputs, and through
 ``patch_gate``), the torch-op chain and an empty kernel launch (the floor), each timed with CUDA
@@ -15,13 +17,14 @@ events around ``--inner`` back-to-back calls after warm-up, median over ``--reps
 cost included, as a caller sees it); and the same calls captured in a CUDA graph and replayed
 (the GPU work alone).
 
-    python benchmarks/kernel.py                       # CPU → benchmarks/results/kernel_cpu.json
+    python benchmarks/kernel.py --sizes 128 --batches 1 4 8 --threads 2   # CPU → results/kernel_cpu.json
     python benchmarks/kernel.py --device cuda --out $OUT/kernel_gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -73,75 +76,109 @@ def machine() -> dict:
 
 
 def time_round_robin(methods: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
-    """Median wall time in microseconds of each method, run round-robin (rotating start)."""
+    """Median wall time in microseconds of each method, all methods once per repetition, the order
+    cycling through every permutation: each method follows each other one equally often (a torch
+    call's worker threads keep spinning for a while after it returns and slow whatever runs next)."""
     names = list(methods)
+    orders = list(itertools.permutations(names))
     for _ in range(warmup):
         for n in names:
             methods[n]()
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        for i in range(len(names)):
-            n = names[(i + r) % len(names)]
+        for n in orders[r % len(orders)]:
             t0 = time.perf_counter()
             methods[n]()
             samples[n].append((time.perf_counter() - t0) * 1e6)
     return {n: statistics.median(v) for n, v in samples.items()}
 
 
+def cpu_configs(args: argparse.Namespace) -> list[tuple[int, int, str, int, int]]:
+    """(size, batch, stat, patch, topk) of the CPU table: every stat x patch x size x batch."""
+    stats = [s for s in args.cpu_stats if not (args.no_hfratio and s == "hfratio")]
+    topk = args.topk if args.topk >= 1 else 16
+    return [(size, batch, stat, patch, topk if stat == "topk" else 0)
+            for stat in stats for patch in args.cpu_patches for size in args.sizes for batch in args.batches]
+
+
 def bench_cpu(args: argparse.Namespace) -> dict:
+    """The C++ kernel (bare binding and ``patch_gate()``) against the torch-op chain, interleaved
+    round-robin inside every repetition (a shared machine slows all three alike), the whole sweep
+    repeated ``--runs`` times; each row keeps the medians and ratios of every run. The numpy oracle
+    runs once per configuration for the bit-equality check (timed only with ``--time-reference``)."""
     torch.set_num_threads(args.threads)
-    many = min(os.cpu_count() or 1, 16)  # the C++ kernel splits the batch over std::threads
-    rows = []
-    configs = [(size, batch, args.stat, args.patch, args.topk) for size in args.sizes for batch in args.batches]
-    if not args.no_hfratio:
-        configs += [(128, batch, "hfratio", 8, 0) for batch in (1, 4, 8)]
+    configs = cpu_configs(args)
+    rows: list[dict] = []
     for size, batch, stat, patch, topk in configs:
-        x, recon, vis = make_inputs(batch, size, args.sets, patch, "float32", seed=batch * 1000 + size)
-        kw = gate_kwargs(patch, stat, topk)
-        xt, rt, vt = torch.from_numpy(x), torch.from_numpy(recon), torch.from_numpy(vis)
-        code = ops.STATS[stat]
+        rows.append({"size": size, "batch": batch, "sets": args.sets, "patch": patch, "stat": stat, "topk": topk,
+                     "runs": []})
+    for run in range(args.runs):
+        for row in rows:
+            size, batch, stat, patch, topk = row["size"], row["batch"], row["stat"], row["patch"], row["topk"]
+            x, recon, vis = make_inputs(batch, size, args.sets, patch, "float32", seed=batch * 1000 + size)
+            kw = gate_kwargs(patch, stat, topk)
+            xt, rt, vt = torch.from_numpy(x), torch.from_numpy(recon), torch.from_numpy(vis)
+            code = ops.STATS[stat]
 
-        def bare(x=x, recon=recon, vis=vis, kw=kw, code=code, threads=args.threads):
-            return dispatch._C.patch_gate(x, recon, vis, patch=kw["patch"], stat=code, topk=kw["topk"], norm_pix=False,
-                                     tau=kw["tau"], tau_high=kw["tau_high"], t_min=10, t_max=100, floor=False,
-                                     num_threads=threads)
+            def bare(x=x, recon=recon, vis=vis, kw=kw, code=code, threads=args.threads):
+                return dispatch._C.patch_gate(x, recon, vis, patch=kw["patch"], stat=code, topk=kw["topk"],
+                                              norm_pix=False, tau=kw["tau"], tau_high=kw["tau_high"], t_min=10,
+                                              t_max=100, floor=False, num_threads=threads)
 
-        methods = {
-            "cpp_kernel": bare,
-            f"cpp_kernel_{many}_threads": lambda bare=bare: bare(threads=many),
-            "cpp_patch_gate": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate(x, recon, vis, num_threads=args.threads, **kw),
-            "torch_chain": lambda xt=xt, rt=rt, vt=vt, kw=kw: ops.patch_gate_torch(xt, rt, vt, validate=False, **kw),
-            "numpy_reference": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate_reference(x, recon, vis, **kw),
-        }
-        reps = args.reps if size * size * batch <= 224 * 224 * 8 else max(5, args.reps // 4)
-        med = time_round_robin(methods, reps=reps, warmup=args.warmup)
-        ref = methods["numpy_reference"]()
-        got = bare()
-        tch = methods["torch_chain"]()
-        rows.append({
-            "size": size, "batch": batch, "sets": args.sets, "patch": patch, "stat": stat, "reps": reps,
-            "us": med,
-            "torch_over_cpp_kernel": med["torch_chain"] / med["cpp_kernel"],
-            "cpp_threads_speedup": med["cpp_kernel"] / med[f"cpp_kernel_{many}_threads"],
-            "torch_over_cpp_patch_gate": med["torch_chain"] / med["cpp_patch_gate"],
-            "reference_over_cpp_kernel": med["numpy_reference"] / med["cpp_kernel"],
-            "cpp_equals_reference_bitwise": bool(np.array_equal(got[0], ref.score)),
-            "torch_max_rel_err": float(np.max(np.abs(tch.score.numpy() / ref.score - 1))),
-        })
-        console.log(f"{stat} P={patch} S={size} B={batch}: " + ", ".join(f"{k} {v:.0f} us" for k, v in med.items()))
-    table = Table(title=f"patch gate on CPU ({args.threads} thread(s); K={args.sets})")
-    for col in ("stat", "P", "S", "B", "C++ kernel µs", f"C++ {many} thr µs", "patch_gate() µs", "torch chain µs", "numpy ref µs",
-                "torch / C++", "torch / patch_gate()", "ref / C++", "bit-equal"):
+            methods = {
+                "cpp_kernel": bare,
+                "cpp_patch_gate": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate(
+                    x, recon, vis, num_threads=args.threads, **kw),
+                "cpp_patch_gate_auto": lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate(x, recon, vis, **kw),
+                "torch_chain": lambda xt=xt, rt=rt, vt=vt, kw=kw: ops.patch_gate_torch(xt, rt, vt, validate=False, **kw),
+            }
+            if args.time_reference:
+                methods["numpy_reference"] = lambda x=x, recon=recon, vis=vis, kw=kw: ops.patch_gate_reference(
+                    x, recon, vis, **kw)
+            reps = args.reps if size * size * batch <= 224 * 224 * 8 else max(5, args.reps // 4)
+            med = time_round_robin(methods, reps=reps, warmup=args.warmup)
+            ref = ops.patch_gate_reference(x, recon, vis, return_patch_err=True, **kw)
+            got = bare()
+            via = ops.patch_gate(x, recon, vis, num_threads=args.threads, return_patch_err=True, **kw)
+            tch = methods["torch_chain"]()
+            bit_equal = all(np.array_equal(a, b) for a, b in zip(got, ref, strict=True)) and all(
+                np.array_equal(a, b) for a, b in zip(via, ref, strict=True))
+            row["runs"].append({
+                "reps": reps, "load_avg_1m": os.getloadavg()[0], "us": med,
+                "torch_over_cpp_kernel": med["torch_chain"] / med["cpp_kernel"],
+                "torch_over_cpp_patch_gate": med["torch_chain"] / med["cpp_patch_gate"],
+                "torch_over_cpp_patch_gate_auto": med["torch_chain"] / med["cpp_patch_gate_auto"],
+                "cpp_equals_reference_bitwise": bool(bit_equal),
+                "torch_max_rel_err": float(np.max(np.abs(tch.score.numpy() / ref.score - 1))),
+            })
+            console.log(f"run {run + 1}/{args.runs} {stat} P={patch} S={size} B={batch}: "
+                        + ", ".join(f"{k} {v:.0f} us" for k, v in med.items()))
+    for row in rows:
+        for key in ("torch_over_cpp_patch_gate", "torch_over_cpp_patch_gate_auto"):
+            ratios = [r[key] for r in row["runs"]]
+            row[f"{key}_min"] = min(ratios)
+            row[f"{key}_median"] = statistics.median(ratios)
+        row["cpp_equals_reference_bitwise"] = all(r["cpp_equals_reference_bitwise"] for r in row["runs"])
+    table = Table(title=f"patch gate on CPU ({args.threads} thread(s) for torch and C++; K={args.sets}; "
+                        f"medians of {args.reps} interleaved reps; {args.runs} runs)")
+    for col in ("stat", "P", "S", "B", "C++ kernel µs", "patch_gate() µs", "patch_gate(auto) µs", "torch chain µs",
+                "torch / C++", "torch / patch_gate()", "min", "torch / patch_gate(auto)", "min", "bit-equal"):
         table.add_column(col, justify="right")
+
+    def per_run(row: dict, key: str) -> str:
+        return " / ".join(f"{r['us'][key]:.0f}" for r in row["runs"])
+
     for r in rows:
-        u = r["us"]
-        table.add_row(r["stat"], str(r["patch"]), str(r["size"]), str(r["batch"]), f"{u['cpp_kernel']:.0f}", f"{u[f'cpp_kernel_{many}_threads']:.0f}",
-                      f"{u['cpp_patch_gate']:.0f}",
-                      f"{u['torch_chain']:.0f}", f"{u['numpy_reference']:.0f}", f"{r['torch_over_cpp_kernel']:.1f}×",
-                      f"{r['torch_over_cpp_patch_gate']:.1f}×", f"{r['reference_over_cpp_kernel']:.0f}×",
+        table.add_row(r["stat"], str(r["patch"]), str(r["size"]), str(r["batch"]), per_run(r, "cpp_kernel"),
+                      per_run(r, "cpp_patch_gate"), per_run(r, "cpp_patch_gate_auto"), per_run(r, "torch_chain"),
+                      " / ".join(f"{x['torch_over_cpp_kernel']:.1f}×" for x in r["runs"]),
+                      " / ".join(f"{x['torch_over_cpp_patch_gate']:.1f}×" for x in r["runs"]),
+                      f"{r['torch_over_cpp_patch_gate_min']:.1f}×",
+                      " / ".join(f"{x['torch_over_cpp_patch_gate_auto']:.1f}×" for x in r["runs"]),
+                      f"{r['torch_over_cpp_patch_gate_auto_min']:.1f}×",
                       "yes" if r["cpp_equals_reference_bitwise"] else "NO")
     console.print(table)
-    return {"device": "cpu", "threads": args.threads, "many_threads": many, "rows": rows}
+    return {"device": "cpu", "threads": args.threads, "runs": args.runs, "simd": bool(dispatch._C.SIMD), "rows": rows}
 
 
 def cuda_time(fn: Callable[[], object], inner: int, reps: int, warmup: int) -> float:
@@ -286,6 +323,11 @@ def main() -> None:
     p.add_argument("--inner", type=int, default=50, help="GPU: calls per CUDA-event sample")
     p.add_argument("--threads", type=int, default=1, help="CPU: torch and C++ threads")
     p.add_argument("--no-hfratio", action="store_true", help="CPU: leave out the stat='hfratio' rows")
+    p.add_argument("--cpu-stats", nargs="+", choices=sorted(ops.STATS), default=["mean", "topk", "hfratio"],
+                   help="CPU: the statistics of the table (topk uses --topk, or 16 when it is 0)")
+    p.add_argument("--cpu-patches", type=int, nargs="+", default=[8, 16], help="CPU: patch sizes of the table")
+    p.add_argument("--runs", type=int, default=3, help="CPU: repeat the whole interleaved sweep this many times")
+    p.add_argument("--time-reference", action="store_true", help="CPU: time the numpy oracle too (slow)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     if args.stat == "topk" and args.topk < 1:

@@ -3,7 +3,8 @@ runtime uses.
 
 The writer copies artefacts into a fresh directory, hashes them, writes ``manifest.json`` last
 (canonical JSON: sorted keys, 2-space indent, trailing newline) from the typed sections of
-:class:`medfedpure.runtime.manifest.BundleSpec`, and then runs
+:class:`medfedpure.runtime.manifest.BundleSpec`, signs the manifest's bytes when it has a key
+(``signing_key=``, or ``MEDFEDPURE_SIGNING_KEY``; :mod:`medfedpure.export.signing`), and then runs
 :func:`medfedpure.runtime.bundle.verify_bundle` on the result, so a bundle that leaves the writer is a
 bundle the runtime accepts.
 """
@@ -22,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from medfedpure.export.signing import PrivateKeySpec, resolve_signing_key, sign_manifest, trusted
 from medfedpure.runtime.bundle import (
     MANIFEST_NAME,
+    MAX_MANIFEST_DEPTH,
+    SIGNATURE_NAME,
     Artefact,
     BundleError,
     VerifiedBundle,
     check_relpath,
+    json_depth,
     verify_bundle,
 )
 from medfedpure.runtime.manifest import BundleSpec
@@ -68,6 +73,7 @@ def write_bundle(
     spec: BundleSpec,
     *,
     overwrite: bool = False,
+    signing_key: PrivateKeySpec | None = None,
 ) -> VerifiedBundle:
     """Write a bundle directory and return it verified.
 
@@ -77,11 +83,21 @@ def write_bundle(
         artefacts: manifest name → :class:`ArtefactSource`.
         spec: the manifest's typed sections (:class:`medfedpure.runtime.manifest.BundleSpec`),
             written with their own ``to_dict`` so the runtime reads back exactly these values.
+        signing_key: Ed25519 private key (object or PEM file) that signs the manifest; None: the key
+            named by ``MEDFEDPURE_SIGNING_KEY``, else the bundle is written unsigned (the runtime then
+            refuses it until ``medfedpure bundle sign`` signs it, or the caller passes
+            ``allow_unsigned=True``).
+
+    Returns:
+        The bundle, verified against the signing key (``signer`` set) or as unsigned.
 
     Raises:
         FileExistsError: ``out`` exists and is not empty, without ``overwrite``.
+        ValueError: the signing key cannot be loaded, or an artefact is a private key.
         BundleError: the written bundle fails verification.
     """
+    key = resolve_signing_key(signing_key)
+    check = {"trusted_keys": [trusted(key)]} if key is not None else {"allow_unsigned": True}
     root = Path(out)
     if root.exists() and any(root.iterdir()):
         if not overwrite:
@@ -104,6 +120,8 @@ def write_bundle(
             else:
                 shutil.copyfile(src.source, dest)  # type: ignore[arg-type]
             data = dest.read_bytes()
+            if b"PRIVATE KEY-----" in data[:4096]:
+                raise ValueError(f"artefact {src.path!r} holds a private key: keys never go in a bundle")
             entry = Artefact(name=name, path=src.path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
                              role=src.role, format=src.format, precision=src.precision)
             Artefact.from_dict(name, entry.to_dict())  # validates role/format/precision
@@ -112,7 +130,9 @@ def write_bundle(
         manifest["provenance"] = json_safe(manifest["provenance"])
         text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
         (stage / MANIFEST_NAME).write_text(text, encoding="utf-8")
-        verify_bundle(stage)
+        if key is not None:
+            (stage / SIGNATURE_NAME).write_bytes(sign_manifest((stage / MANIFEST_NAME).read_bytes(), key))
+        verify_bundle(stage, **check)
         if root.exists():
             shutil.rmtree(root)
         os.replace(stage, root)
@@ -120,7 +140,7 @@ def write_bundle(
         shutil.rmtree(stage, ignore_errors=True)
         raise
     try:
-        return verify_bundle(root)
+        return verify_bundle(root, **check)
     except BundleError as e:  # pragma: no cover - would be a writer bug
         raise BundleError(f"the bundle just written to {root} fails verification: {e}") from e
 
@@ -165,6 +185,8 @@ def convert_v1_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], 
 
     root = Path(src).resolve()
     raw = (root / MANIFEST_NAME).read_bytes()
+    if json_depth(raw) > MAX_MANIFEST_DEPTH:
+        raise BundleError(f"{root / MANIFEST_NAME} nests deeper than {MAX_MANIFEST_DEPTH}: not a bundle manifest")
     old = json.loads(raw.decode("utf-8"))
     if old.get("format_version") != 1:
         raise BundleError(f"{root} is format version {old.get('format_version')!r}, not 1: nothing to convert")

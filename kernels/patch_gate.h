@@ -116,9 +116,15 @@ MFP_HD void gate_decide(float score, const GateParams& p, uint8_t* flag, int32_t
 // CPU: x [B,S,S] and recon [B,K,S,S] C-contiguous of the given dtypes (float16 as IEEE half bits),
 // visible [K,Np] uint8 (nonzero = shown to the encoder). Every patch must be hidden by some set.
 // num_threads <= 0 picks a count from the work size. Throws std::invalid_argument on bad params.
+// simd = false forces the scalar path (same results; the vector path is used only where the CPU
+// has it, see patch_gate_cpu_simd_available).
 void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
                     const uint8_t* visible, const GateParams& params, const GateOutputs& out,
                     int num_threads);
+void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
+                    const uint8_t* visible, const GateParams& params, const GateOutputs& out,
+                    int num_threads, bool simd);
+bool patch_gate_cpu_simd_available();
 
 // CUDA: the same with device pointers, enqueued as ONE kernel launch on `stream` (a cudaStream_t;
 // nullptr = legacy default stream). `counters` is a device array of B uint32 that must be zero

@@ -1,14 +1,43 @@
 // The fused patch gate on the CPU. Arithmetic order: see patch_gate.h (it is the contract that the
-// numpy oracle and the CUDA kernel follow too). Scans are independent, so the batch is split
-// across std::threads; inside a scan the loops walk image rows left to right (contiguous loads)
-// while each patch keeps its own running sums, which keeps the prescribed per-patch order.
+// numpy oracle and the CUDA kernel follow too).
+//
+// Work split. The unit of work is one strip (one row of patches, P image rows) of one scan: the
+// strips of all scans are handed out from one atomic counter to the calling thread and to the
+// helpers of a persistent pool, so a small batch is split across patches as well as across scans,
+// and a helper that is not scheduled in time simply gets no strips (the caller takes them). Each
+// strip writes its patches' e (and, for hfratio, its tissue levels w); once every strip is done
+// the caller computes the per-scan scores, flags and t*, which need all patches of a scan.
+//
+// Vectorisation (x86-64 with AVX2, chosen at run time). The contract sums every patch row left to
+// right, which is a chain of dependent additions per row; the AVX2 path runs 8 such chains at once,
+// one per SIMD lane: it loads 8 rows of a patch (8 columns at a time), computes the per-pixel term
+// (squared difference, squared deviation, or the value itself) in the natural layout, transposes
+// the 8 x 8 block in registers so that vector j holds column j of the 8 rows, and adds the column
+// vectors in increasing j. Every lane therefore performs exactly the scalar sequence of float32
+// operations (no FMA: the target enables AVX2 and F16C only, and the build uses -ffp-contract=off),
+// and results stay bit-identical to the scalar path and the oracle. The rows of a patch are then
+// added top to bottom in scalar code. The scalar path is kept for other CPUs (and for tests).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <unistd.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MFP_HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#define MFP_AVX2 __attribute__((target("avx2,f16c")))
+#else
+#define MFP_HAVE_AVX2_PATH 0
+#endif
 
 #include "patch_gate.h"
 
@@ -42,16 +71,6 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
-// Rows [row0, row0 + rows) of an S-wide image as float32: a direct pointer for float32 data, a
-// converted copy in `buf` for float16.
-const float* rows_as_float(const void* img, DType dtype, int64_t offset, int64_t count,
-                           std::vector<float>& buf) {
-  if (dtype == DType::kFloat32) return static_cast<const float*>(img) + offset;
-  const uint16_t* h = static_cast<const uint16_t*>(img) + offset;
-  for (int64_t i = 0; i < count; ++i) buf[i] = half_to_float(h[i]);
-  return buf.data();
-}
-
 // lane32_sum (patch_gate.h): 32 strided sequential partial sums, then a halving tree.
 float lane32_sum(const float* v, int64_t n) {
   float part[32] = {0.0f};
@@ -61,222 +80,549 @@ float lane32_sum(const float* v, int64_t n) {
   return part[0];
 }
 
+// Per-thread buffers, sized on first use and reused by every later call on the same thread.
 struct Scratch {
-  std::vector<float> target, recon_buf, x_buf, sums, acc, mean, inv_std, sel;
-  std::vector<float> order, w, a;
+  std::vector<float> x_buf, recon_buf, target, sums, acc, mean, inv_std, a, lap2, dia2;
+  std::vector<float> order, sel;
 };
 
-// stat hfratio for scan b (patch_gate.h spells out the order): e -> patch_err, w -> s.w, then the
-// median of e over the m patches of largest w.
-void hfratio_one_scan(const void* x, DType xd, const void* recon, DType rd, const uint8_t* visible,
-                      const std::vector<int32_t>& n_hiding, const GateParams& p, int64_t b,
-                      const GateOutputs& out, Scratch& s) {
-  const int64_t S = p.size, P = p.patch, K = p.sets, side = S / P, np = side * side;
+Scratch& thread_scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+template <class T>
+void ensure(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+// One call's inputs, shared by all workers.
+struct Ctx {
+  const void* x;
+  DType xd;
+  const void* recon;
+  DType rd;
+  const uint8_t* visible;
+  const int32_t* n_hiding;  // [Np] number of sets hiding each patch
+  const GateParams* p;
+  GateOutputs out;
+  float* w;  // [B, Np] hfratio tissue levels
+  int64_t S, P, K, side, np;
+};
+
+// ---------------------------------------------------------------------------------------------
+// scalar path: one strip (row of patches pr) of scan b
+// ---------------------------------------------------------------------------------------------
+
+// Rows [row0, row0 + rows) of an S-wide image as float32: a direct pointer for float32 data, a
+// converted copy in `buf` for float16.
+const float* rows_as_float(const void* img, DType dtype, int64_t offset, int64_t count,
+                           std::vector<float>& buf) {
+  if (dtype == DType::kFloat32) return static_cast<const float*>(img) + offset;
+  ensure(buf, static_cast<size_t>(count));
+  const uint16_t* h = static_cast<const uint16_t*>(img) + offset;
+  for (int64_t i = 0; i < count; ++i) buf[i] = half_to_float(h[i]);
+  return buf.data();
+}
+
+// hfratio: e of the strip's patches -> patch_err, their tissue levels -> ctx.w.
+void hfratio_strip_scalar(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
+  const int64_t S = c.S, P = c.P, K = c.K, side = c.side, np = c.np;
   const int64_t strip = P * S, P2 = P - 2, P1 = P - 1;
   const float p2 = static_cast<float>(P * P);
   const float nh = static_cast<float>(P2 * P2), nd = static_cast<float>(P1 * P1);
-  float* err = out.patch_err + b * np;
-  s.x_buf.resize(strip);
-  s.recon_buf.resize(strip);
-  s.sums.resize(side);
-  s.acc.resize(side);
-  s.w.resize(np);
-  s.a.resize(P * P2);
+  float* err = c.out.patch_err + b * np;
+  ensure(s.sums, side);
+  ensure(s.acc, side);
+  ensure(s.a, P * P2);
   float* a = s.a.data();
 
-  for (int64_t pr = 0; pr < side; ++pr) {
-    const float* xs = rows_as_float(x, xd, b * S * S + pr * strip, strip, s.x_buf);
-    for (int64_t pc = 0; pc < side; ++pc) {
-      const float* z = xs + pc * P;  // z(r, c) = z[r * S + c]
-      for (int64_t r = 0; r < P; ++r)
-        for (int64_t j = 0; j < P2; ++j) {
-          const float* zr = z + r * S + j;
-          const float t = zr[0] - 2.0f * zr[1];
-          a[r * P2 + j] = t + zr[2];
-        }
-      float hs = 0.0f;
-      for (int64_t i = 0; i < P2; ++i) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j < P2; ++j) {
-          const float t = a[i * P2 + j] - 2.0f * a[(i + 1) * P2 + j];
-          const float l = (t + a[(i + 2) * P2 + j]) / 4.0f;
-          const float sq = l * l;
-          acc = acc + sq;
-        }
-        hs = hs + acc;
+  const float* xs = rows_as_float(c.x, c.xd, b * S * S + pr * strip, strip, s.x_buf);
+  for (int64_t pc = 0; pc < side; ++pc) {
+    const float* z = xs + pc * P;  // z(r, c) = z[r * S + c]
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t j = 0; j < P2; ++j) {
+        const float* zr = z + r * S + j;
+        const float t = zr[0] - 2.0f * zr[1];
+        a[r * P2 + j] = t + zr[2];
       }
-      float ds = 0.0f;
-      for (int64_t i = 0; i < P1; ++i) {
-        const float* z0 = z + i * S;
-        const float* z1 = z0 + S;
-        float acc = 0.0f;
-        for (int64_t j = 0; j < P1; ++j) {
-          const float t = (z0[j] - z0[j + 1]) - z1[j];
-          const float g = (t + z1[j + 1]) / 2.0f;
-          const float sq = g * g;
-          acc = acc + sq;
-        }
-        ds = ds + acc;
+    float hs = 0.0f;
+    for (int64_t i = 0; i < P2; ++i) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < P2; ++j) {
+        const float t = a[i * P2 + j] - 2.0f * a[(i + 1) * P2 + j];
+        const float l = (t + a[(i + 2) * P2 + j]) / 4.0f;
+        const float sq = l * l;
+        acc = acc + sq;
       }
-      const float h = hs / nh, d = ds / nd;
-      err[pr * side + pc] = h / (d + 1e-6f);
+      hs = hs + acc;
     }
+    float ds = 0.0f;
+    for (int64_t i = 0; i < P1; ++i) {
+      const float* z0 = z + i * S;
+      const float* z1 = z0 + S;
+      float acc = 0.0f;
+      for (int64_t j = 0; j < P1; ++j) {
+        const float t = (z0[j] - z0[j + 1]) - z1[j];
+        const float g = (t + z1[j + 1]) / 2.0f;
+        const float sq = g * g;
+        acc = acc + sq;
+      }
+      ds = ds + acc;
+    }
+    const float h = hs / nh, d = ds / nd;
+    err[pr * side + pc] = h / (d + 1e-6f);
+  }
 
-    // tissue level w: mean over the hiding sets of the patch mean of recon[b, k]
-    std::fill(s.acc.begin(), s.acc.end(), 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const uint8_t* vis = visible + k * np + pr * side;
-      bool any_hidden = false;
-      for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
-      if (!any_hidden) continue;
-      const float* rs =
-          rows_as_float(recon, rd, (b * K + k) * S * S + pr * strip, strip, s.recon_buf);
-      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
-      for (int64_t r = 0; r < P; ++r)
-        for (int64_t pc = 0; pc < side; ++pc) {
-          if (vis[pc]) continue;
-          const float* rp = rs + r * S + pc * P;
-          float acc = 0.0f;
-          for (int64_t c = 0; c < P; ++c) acc = acc + rp[c];
-          s.sums[pc] = s.sums[pc] + acc;
-        }
-      for (int64_t pc = 0; pc < side; ++pc)
-        if (!vis[pc]) s.acc[pc] = s.acc[pc] + s.sums[pc] / p2;
-    }
+  // tissue level w: mean over the hiding sets of the patch mean of recon[b, k]
+  std::fill(s.acc.begin(), s.acc.begin() + side, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint8_t* vis = c.visible + k * np + pr * side;
+    bool any_hidden = false;
+    for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+    if (!any_hidden) continue;
+    const float* rs = rows_as_float(c.recon, c.rd, (b * K + k) * S * S + pr * strip, strip, s.recon_buf);
+    std::fill(s.sums.begin(), s.sums.begin() + side, 0.0f);
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t pc = 0; pc < side; ++pc) {
+        if (vis[pc]) continue;
+        const float* rp = rs + r * S + pc * P;
+        float acc = 0.0f;
+        for (int64_t cc = 0; cc < P; ++cc) acc = acc + rp[cc];
+        s.sums[pc] = s.sums[pc] + acc;
+      }
     for (int64_t pc = 0; pc < side; ++pc)
-      s.w[pr * side + pc] = s.acc[pc] / static_cast<float>(n_hiding[pr * side + pc]);
+      if (!vis[pc]) s.acc[pc] = s.acc[pc] + s.sums[pc] / p2;
   }
-
-  // The m patches of largest w (ties: lower index), their e in s.sel; then the median.
-  const int64_t m = hfratio_m(p, static_cast<int32_t>(np));
-  s.order.assign(s.w.begin(), s.w.end());
-  std::nth_element(s.order.begin(), s.order.begin() + (m - 1), s.order.end(),
-                   [](float u, float v) { return u > v; });
-  const float kth = s.order[m - 1];
-  int64_t greater = 0;
-  for (int64_t i = 0; i < np; ++i) greater += s.w[i] > kth;
-  int64_t ties_left = m - greater;
-  s.sel.clear();
-  for (int64_t i = 0; i < np; ++i) {
-    bool take = s.w[i] > kth;
-    if (!take && s.w[i] == kth && ties_left > 0) {
-      take = true;
-      --ties_left;
-    }
-    if (take) s.sel.push_back(err[i]);
-  }
-  const int64_t mid = (m - 1) / 2;
-  std::nth_element(s.sel.begin(), s.sel.begin() + mid, s.sel.end());
-  const float lo = s.sel[mid];
-  float score = lo;
-  if (m % 2 == 0) {
-    const float hi = *std::min_element(s.sel.begin() + mid + 1, s.sel.end());
-    score = (lo + hi) / 2.0f;
-  }
-  out.score[b] = score;
-  gate_decide(score, p, out.flag + b, out.t_star + b);
+  for (int64_t pc = 0; pc < side; ++pc)
+    c.w[b * np + pr * side + pc] = s.acc[pc] / static_cast<float>(c.n_hiding[pr * side + pc]);
 }
 
-void gate_one_scan(const void* x, DType xd, const void* recon, DType rd, const uint8_t* visible,
-                   const std::vector<int32_t>& n_hiding, const GateParams& p, int64_t b,
-                   const GateOutputs& out, Scratch& s) {
-  if (p.stat == GateStat::kHfRatio) {
-    hfratio_one_scan(x, xd, recon, rd, visible, n_hiding, p, b, out, s);
-    return;
-  }
-  const int64_t S = p.size, P = p.patch, K = p.sets, side = S / P, np = side * side;
+// mean / topk: e of the strip's patches -> patch_err.
+void err_strip_scalar(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
+  const int64_t S = c.S, P = c.P, K = c.K, side = c.side, np = c.np;
   const int64_t strip = P * S;  // elements in one row of patches
   const float p2 = static_cast<float>(P * P);
-  float* err = out.patch_err + b * np;
-  s.target.resize(strip);
-  s.recon_buf.resize(strip);
-  s.x_buf.resize(strip);
-  s.sums.resize(side);
-  s.acc.resize(side);
-  s.mean.resize(side);
-  s.inv_std.resize(side);
+  float* err = c.out.patch_err + b * np;
+  ensure(s.sums, side);
+  ensure(s.acc, side);
+  ensure(s.mean, side);
+  ensure(s.inv_std, side);
 
-  for (int64_t pr = 0; pr < side; ++pr) {
-    const float* xs = rows_as_float(x, xd, b * S * S + pr * strip, strip, s.x_buf);
-    float* tg = s.target.data();
-    if (p.norm_pix) {
-      // mean: patch sum of x in the prescribed order, then / P^2
-      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
-      for (int64_t r = 0; r < P; ++r)
-        for (int64_t pc = 0; pc < side; ++pc) {
-          const float* row = xs + r * S + pc * P;
-          float acc = 0.0f;
-          for (int64_t c = 0; c < P; ++c) acc = acc + row[c];
-          s.sums[pc] = s.sums[pc] + acc;
+  const float* xs = rows_as_float(c.x, c.xd, b * S * S + pr * strip, strip, s.x_buf);
+  const float* tg = xs;
+  if (c.p->norm_pix) {
+    ensure(s.target, strip);
+    float* t = s.target.data();
+    // mean: patch sum of x in the prescribed order, then / P^2
+    std::fill(s.sums.begin(), s.sums.begin() + side, 0.0f);
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t pc = 0; pc < side; ++pc) {
+        const float* row = xs + r * S + pc * P;
+        float acc = 0.0f;
+        for (int64_t cc = 0; cc < P; ++cc) acc = acc + row[cc];
+        s.sums[pc] = s.sums[pc] + acc;
+      }
+    for (int64_t pc = 0; pc < side; ++pc) s.mean[pc] = s.sums[pc] / p2;
+    // population variance, second pass
+    std::fill(s.sums.begin(), s.sums.begin() + side, 0.0f);
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t pc = 0; pc < side; ++pc) {
+        const float* row = xs + r * S + pc * P;
+        const float m = s.mean[pc];
+        float acc = 0.0f;
+        for (int64_t cc = 0; cc < P; ++cc) {
+          const float dv = row[cc] - m;
+          const float sq = dv * dv;
+          acc = acc + sq;
         }
-      for (int64_t pc = 0; pc < side; ++pc) s.mean[pc] = s.sums[pc] / p2;
-      // population variance, second pass
-      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
-      for (int64_t r = 0; r < P; ++r)
-        for (int64_t pc = 0; pc < side; ++pc) {
-          const float* row = xs + r * S + pc * P;
-          const float m = s.mean[pc];
-          float acc = 0.0f;
-          for (int64_t c = 0; c < P; ++c) {
-            const float dv = row[c] - m;
-            const float sq = dv * dv;
-            acc = acc + sq;
-          }
-          s.sums[pc] = s.sums[pc] + acc;
-        }
-      for (int64_t pc = 0; pc < side; ++pc)
-        s.inv_std[pc] = std::sqrt(s.sums[pc] / p2 + 1e-6f);  // holds the std (divided by below)
-      for (int64_t r = 0; r < P; ++r)
-        for (int64_t pc = 0; pc < side; ++pc) {
-          const float m = s.mean[pc], sd = s.inv_std[pc];
-          for (int64_t c = 0; c < P; ++c) {
-            const int64_t i = r * S + pc * P + c;
-            tg[i] = (xs[i] - m) / sd;
-          }
-        }
-    } else {
-      std::copy(xs, xs + strip, tg);
-    }
-
-    std::fill(s.acc.begin(), s.acc.end(), 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const uint8_t* vis = visible + k * np + pr * side;
-      bool any_hidden = false;
-      for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
-      if (!any_hidden) continue;
-      const float* rs =
-          rows_as_float(recon, rd, (b * K + k) * S * S + pr * strip, strip, s.recon_buf);
-      std::fill(s.sums.begin(), s.sums.end(), 0.0f);
-      for (int64_t r = 0; r < P; ++r) {
-        const float* rrow = rs + r * S;
-        const float* trow = tg + r * S;
-        for (int64_t pc = 0; pc < side; ++pc) {
-          if (vis[pc]) continue;
-          const float* rp = rrow + pc * P;
-          const float* tp = trow + pc * P;
-          float acc = 0.0f;
-          for (int64_t c = 0; c < P; ++c) {
-            const float d = rp[c] - tp[c];
-            const float sq = d * d;
-            acc = acc + sq;
-          }
-          s.sums[pc] = s.sums[pc] + acc;
+        s.sums[pc] = s.sums[pc] + acc;
+      }
+    for (int64_t pc = 0; pc < side; ++pc)
+      s.inv_std[pc] = std::sqrt(s.sums[pc] / p2 + 1e-6f);  // holds the std (divided by below)
+    for (int64_t r = 0; r < P; ++r)
+      for (int64_t pc = 0; pc < side; ++pc) {
+        const float m = s.mean[pc], sd = s.inv_std[pc];
+        for (int64_t cc = 0; cc < P; ++cc) {
+          const int64_t i = r * S + pc * P + cc;
+          t[i] = (xs[i] - m) / sd;
         }
       }
-      for (int64_t pc = 0; pc < side; ++pc)
-        if (!vis[pc]) s.acc[pc] = s.acc[pc] + s.sums[pc] / p2;
-    }
-    for (int64_t pc = 0; pc < side; ++pc)
-      err[pr * side + pc] = s.acc[pc] / static_cast<float>(n_hiding[pr * side + pc]);
+    tg = t;
   }
 
+  std::fill(s.acc.begin(), s.acc.begin() + side, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint8_t* vis = c.visible + k * np + pr * side;
+    bool any_hidden = false;
+    for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+    if (!any_hidden) continue;
+    const float* rs = rows_as_float(c.recon, c.rd, (b * K + k) * S * S + pr * strip, strip, s.recon_buf);
+    std::fill(s.sums.begin(), s.sums.begin() + side, 0.0f);
+    for (int64_t r = 0; r < P; ++r) {
+      const float* rrow = rs + r * S;
+      const float* trow = tg + r * S;
+      for (int64_t pc = 0; pc < side; ++pc) {
+        if (vis[pc]) continue;
+        const float* rp = rrow + pc * P;
+        const float* tp = trow + pc * P;
+        float acc = 0.0f;
+        for (int64_t cc = 0; cc < P; ++cc) {
+          const float d = rp[cc] - tp[cc];
+          const float sq = d * d;
+          acc = acc + sq;
+        }
+        s.sums[pc] = s.sums[pc] + acc;
+      }
+    }
+    for (int64_t pc = 0; pc < side; ++pc)
+      if (!vis[pc]) s.acc[pc] = s.acc[pc] + s.sums[pc] / p2;
+  }
+  for (int64_t pc = 0; pc < side; ++pc)
+    err[pr * side + pc] = s.acc[pc] / static_cast<float>(c.n_hiding[pr * side + pc]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 path: the same strip, 8 row chains per instruction
+// ---------------------------------------------------------------------------------------------
+#if MFP_HAVE_AVX2_PATH
+
+constexpr int64_t kPad = 8;  // extra columns (and rows) of the padded strip buffers
+
+// r[j] <- column j of the 8 x 8 block whose row i is r[i] (lane i of r[j] = old lane j of r[i]).
+MFP_AVX2 inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// The per-pixel term of a row sum. Kind 0: a; kind 1: (a - b)^2 with b a second image; kind 2:
+// (a - m)^2 with m one value.
+enum TermKind { kValue = 0, kSqDiff = 1, kSqDev = 2 };
+
+// Lane i = the left-to-right sum over columns [0, len) of the term on row i of 8 rows (rows i*lda
+// apart). Reads 8 rows x round_up(len, 8) columns of a (and of b).
+template <int Kind>
+MFP_AVX2 inline __m256 rowsum8(const float* a, int64_t lda, const float* b, int64_t ldb, float m,
+                               int64_t len) {
+  __m256 acc = _mm256_setzero_ps();
+  const __m256 mv = _mm256_set1_ps(m);
+  for (int64_t c0 = 0; c0 < len; c0 += 8) {
+    __m256 v[8];
+    for (int i = 0; i < 8; ++i) {
+      const __m256 x = _mm256_loadu_ps(a + i * lda + c0);
+      if (Kind == kValue) {
+        v[i] = x;
+      } else {
+        const __m256 d = _mm256_sub_ps(x, Kind == kSqDiff ? _mm256_loadu_ps(b + i * ldb + c0) : mv);
+        v[i] = _mm256_mul_ps(d, d);
+      }
+    }
+    transpose8(v);
+    const int64_t n = std::min<int64_t>(8, len - c0);
+    for (int64_t j = 0; j < n; ++j) acc = _mm256_add_ps(acc, v[j]);
+  }
+  return acc;
+}
+
+// Patch sum of the term over rows [0, rows) and columns [0, len): row partials left to right (8
+// rows per rowsum8), then rows top to bottom. Reads round_up(rows, 8) rows.
+template <int Kind>
+MFP_AVX2 inline float patch_sum(const float* a, int64_t lda, const float* b, int64_t ldb, float m,
+                                int64_t rows, int64_t len) {
+  float total = 0.0f;
+  alignas(32) float part[8];
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+    _mm256_store_ps(part, rowsum8<Kind>(a + r0 * lda, lda, b + r0 * ldb, ldb, m, len));
+    const int64_t n = std::min<int64_t>(8, rows - r0);
+    for (int64_t i = 0; i < n; ++i) total = total + part[i];
+  }
+  return total;
+}
+
+// Rows [0, rows) of an S-wide strip starting at element `offset` of img, as float32 with a leading
+// dimension *ld. float32 data is read in place when `direct` (the caller's reads stay inside the
+// strip: P % 8 == 0); otherwise it is copied (float16 converted exactly with F16C) into buf, whose
+// rows are S + kPad wide and which has kPad extra rows, all readable.
+MFP_AVX2 const float* strip_avx2(const void* img, DType dtype, int64_t offset, int64_t rows, int64_t S,
+                                 bool direct, std::vector<float>& buf, int64_t* ld) {
+  if (dtype == DType::kFloat32 && direct) {
+    *ld = S;
+    return static_cast<const float*>(img) + offset;
+  }
+  const int64_t w = S + kPad;
+  if (buf.size() < static_cast<size_t>(w * (rows + kPad))) buf.assign(w * (rows + kPad), 0.0f);
+  float* out = buf.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * w;
+    if (dtype == DType::kFloat32) {
+      std::memcpy(o, static_cast<const float*>(img) + offset + r * S, S * sizeof(float));
+    } else {
+      const uint16_t* h = static_cast<const uint16_t*>(img) + offset + r * S;
+      int64_t i = 0;
+      for (; i + 8 <= S; i += 8)
+        _mm256_storeu_ps(o + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+      for (; i < S; ++i) o[i] = half_to_float(h[i]);
+    }
+  }
+  *ld = w;
+  return out;
+}
+
+// Asks for the `bytes` bytes at `p` to be brought into the cache while the current strip is
+// computed: the strips of one scan's K + 1 images lie far apart, and a strip is read patch by patch
+// (8 rows at a time), which the hardware prefetchers do not follow well.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
+// The strip of image `img` (0 = x, 1 + k = recon set k) that follows (img, b, pr) in the order the
+// strips of one worker are visited (images of one strip, then the next strip).
+inline void prefetch_next(const Ctx& c, int64_t img, int64_t b, int64_t pr) {
+  const int64_t S = c.S, P = c.P, K = c.K;
+  int64_t nb = b, npr = pr, nimg = img + 1;
+  if (nimg > K) {
+    nimg = 0;
+    if (++npr == c.side) {
+      npr = 0;
+      if (++nb == c.p->batch) return;
+    }
+  }
+  const int64_t off = npr * P * S;
+  if (nimg == 0) {
+    const int64_t es = c.xd == DType::kFloat32 ? 4 : 2;
+    prefetch(static_cast<const char*>(c.x) + (nb * S * S + off) * es, P * S * es);
+    return;
+  }
+  // recon set k: only the rows of the patches it hides (the others are never read)
+  const int64_t es = c.rd == DType::kFloat32 ? 4 : 2;
+  const char* base = static_cast<const char*>(c.recon) + ((nb * K + nimg - 1) * S * S + off) * es;
+  const uint8_t* vis = c.visible + (nimg - 1) * c.np + npr * c.side;
+  for (int64_t pc = 0; pc < c.side; ++pc) {
+    if (vis[pc]) continue;
+    for (int64_t r = 0; r < P; ++r) prefetch(base + (r * S + pc * P) * es, P * es);
+  }
+}
+
+MFP_AVX2 void err_strip_avx2(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
+  const int64_t S = c.S, P = c.P, K = c.K, side = c.side, np = c.np;
+  const float p2 = static_cast<float>(P * P);
+  const bool direct = P % 8 == 0;
+  float* err = c.out.patch_err + b * np;
+  ensure(s.acc, side);
+
+  int64_t ldx = 0;
+  prefetch_next(c, 0, b, pr);
+  const float* xs = strip_avx2(c.x, c.xd, b * S * S + pr * P * S, P, S, direct, s.x_buf, &ldx);
+  const float* tg = xs;
+  int64_t ldt = ldx;
+  if (c.p->norm_pix) {
+    ldt = S + kPad;
+    if (s.target.size() < static_cast<size_t>(ldt * (P + kPad))) s.target.assign(ldt * (P + kPad), 0.0f);
+    float* t = s.target.data();
+    for (int64_t pc = 0; pc < side; ++pc) {
+      const float* xp = xs + pc * P;
+      const float mean = patch_sum<kValue>(xp, ldx, xp, ldx, 0.0f, P, P) / p2;
+      const float var = patch_sum<kSqDev>(xp, ldx, xp, ldx, mean, P, P) / p2;
+      const float sd = std::sqrt(var + 1e-6f);
+      for (int64_t r = 0; r < P; ++r) {
+        const float* __restrict__ xr = xp + r * ldx;
+        float* __restrict__ tr = t + r * ldt + pc * P;
+        for (int64_t cc = 0; cc < P; ++cc) tr[cc] = (xr[cc] - mean) / sd;
+      }
+    }
+    tg = t;
+  }
+
+  float* acc = s.acc.data();
+  std::fill(acc, acc + side, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint8_t* vis = c.visible + k * np + pr * side;
+    bool any_hidden = false;
+    for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+    if (!any_hidden) continue;
+    prefetch_next(c, 1 + k, b, pr);
+    int64_t ldr = 0;
+    const float* rs =
+        strip_avx2(c.recon, c.rd, (b * K + k) * S * S + pr * P * S, P, S, direct, s.recon_buf, &ldr);
+    for (int64_t pc = 0; pc < side; ++pc) {
+      if (vis[pc]) continue;
+      const float sum = patch_sum<kSqDiff>(rs + pc * P, ldr, tg + pc * P, ldt, 0.0f, P, P);
+      acc[pc] = acc[pc] + sum / p2;
+    }
+  }
+  for (int64_t pc = 0; pc < side; ++pc)
+    err[pr * side + pc] = acc[pc] / static_cast<float>(c.n_hiding[pr * side + pc]);
+}
+
+MFP_AVX2 void hfratio_strip_avx2(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
+  const int64_t S = c.S, P = c.P, K = c.K, side = c.side, np = c.np;
+  const int64_t P2 = P - 2, P1 = P - 1, ld = S + kPad;
+  const float p2 = static_cast<float>(P * P);
+  const float nh = static_cast<float>(P2 * P2), nd = static_cast<float>(P1 * P1);
+  const bool direct = P % 8 == 0;
+  float* err = c.out.patch_err + b * np;
+  ensure(s.acc, side);
+  const size_t bufn = static_cast<size_t>(ld * (P + kPad));
+  if (s.a.size() < bufn) s.a.assign(bufn, 0.0f);
+  if (s.lap2.size() < bufn) s.lap2.assign(bufn, 0.0f);
+  if (s.dia2.size() < bufn) s.dia2.assign(bufn, 0.0f);
+
+  // Whole strip rows at once: column col of a / l^2 / g^2 belongs to the patch of column col; each
+  // patch reads only its own columns [pc*P, pc*P + P-2) or [pc*P, pc*P + P-1), whose values equal
+  // the per-patch definitions of patch_gate.h (same z, same operations).
+  int64_t ldx = 0;
+  prefetch_next(c, 0, b, pr);
+  const float* z = strip_avx2(c.x, c.xd, b * S * S + pr * P * S, P, S, direct, s.x_buf, &ldx);
+  float* __restrict__ a = s.a.data();
+  float* __restrict__ lap2 = s.lap2.data();
+  float* __restrict__ dia2 = s.dia2.data();
+  for (int64_t r = 0; r < P; ++r) {
+    const float* __restrict__ zr = z + r * ldx;
+    float* __restrict__ ar = a + r * ld;
+    for (int64_t j = 0; j < S - 2; ++j) {
+      const float t = zr[j] - 2.0f * zr[j + 1];
+      ar[j] = t + zr[j + 2];
+    }
+  }
+  for (int64_t i = 0; i < P2; ++i) {
+    const float* __restrict__ a0 = a + i * ld;
+    const float* __restrict__ a1 = a0 + ld;
+    const float* __restrict__ a2 = a1 + ld;
+    float* __restrict__ o = lap2 + i * ld;
+    for (int64_t j = 0; j < S - 2; ++j) {
+      const float t = a0[j] - 2.0f * a1[j];
+      const float l = (t + a2[j]) / 4.0f;
+      o[j] = l * l;
+    }
+  }
+  for (int64_t i = 0; i < P1; ++i) {
+    const float* __restrict__ z0 = z + i * ldx;
+    const float* __restrict__ z1 = z0 + ldx;
+    float* __restrict__ o = dia2 + i * ld;
+    for (int64_t j = 0; j < S - 1; ++j) {
+      const float t = (z0[j] - z0[j + 1]) - z1[j];
+      const float g = (t + z1[j + 1]) / 2.0f;
+      o[j] = g * g;
+    }
+  }
+  for (int64_t pc = 0; pc < side; ++pc) {
+    const float hs = patch_sum<kValue>(lap2 + pc * P, ld, lap2, ld, 0.0f, P2, P2);
+    const float ds = patch_sum<kValue>(dia2 + pc * P, ld, dia2, ld, 0.0f, P1, P1);
+    const float h = hs / nh, d = ds / nd;
+    err[pr * side + pc] = h / (d + 1e-6f);
+  }
+
+  // tissue level w: mean over the hiding sets of the patch mean of recon[b, k]
+  float* acc = s.acc.data();
+  std::fill(acc, acc + side, 0.0f);
+  for (int64_t k = 0; k < K; ++k) {
+    const uint8_t* vis = c.visible + k * np + pr * side;
+    bool any_hidden = false;
+    for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+    if (!any_hidden) continue;
+    prefetch_next(c, 1 + k, b, pr);
+    int64_t ldr = 0;
+    const float* rs =
+        strip_avx2(c.recon, c.rd, (b * K + k) * S * S + pr * P * S, P, S, direct, s.recon_buf, &ldr);
+    for (int64_t pc = 0; pc < side; ++pc) {
+      if (vis[pc]) continue;
+      const float sum = patch_sum<kValue>(rs + pc * P, ldr, rs, ldr, 0.0f, P, P);
+      acc[pc] = acc[pc] + sum / p2;
+    }
+  }
+  for (int64_t pc = 0; pc < side; ++pc)
+    c.w[b * np + pr * side + pc] = acc[pc] / static_cast<float>(c.n_hiding[pr * side + pc]);
+}
+
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#else
+bool cpu_has_avx2() { return false; }
+#endif
+
+void run_strip(const Ctx& c, bool simd, int64_t b, int64_t pr, Scratch& s) {
+  const bool hf = c.p->stat == GateStat::kHfRatio;
+#if MFP_HAVE_AVX2_PATH
+  if (simd) {
+    if (hf)
+      hfratio_strip_avx2(c, b, pr, s);
+    else
+      err_strip_avx2(c, b, pr, s);
+    return;
+  }
+#else
+  (void)simd;
+#endif
+  if (hf)
+    hfratio_strip_scalar(c, b, pr, s);
+  else
+    err_strip_scalar(c, b, pr, s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-scan score and decision (all strips of scan b done)
+// ---------------------------------------------------------------------------------------------
+
+void finish_scan(const Ctx& c, int64_t b, Scratch& s) {
+  const GateParams& p = *c.p;
+  const int64_t np = c.np;
+  const float* err = c.out.patch_err + b * np;
   float score;
-  if (p.stat == GateStat::kTopK) {
+  if (p.stat == GateStat::kHfRatio) {
+    // The m patches of largest w (ties: lower index), their e in s.sel; then the median.
+    const float* w = c.w + b * np;
+    const int64_t m = hfratio_m(p, static_cast<int32_t>(np));
+    s.order.assign(w, w + np);
+    std::nth_element(s.order.begin(), s.order.begin() + (m - 1), s.order.end(),
+                     [](float u, float v) { return u > v; });
+    const float kth = s.order[m - 1];
+    int64_t greater = 0;
+    for (int64_t i = 0; i < np; ++i) greater += w[i] > kth;
+    int64_t ties_left = m - greater;
+    s.sel.clear();
+    for (int64_t i = 0; i < np; ++i) {
+      bool take = w[i] > kth;
+      if (!take && w[i] == kth && ties_left > 0) {
+        take = true;
+        --ties_left;
+      }
+      if (take) s.sel.push_back(err[i]);
+    }
+    const int64_t mid = (m - 1) / 2;
+    std::nth_element(s.sel.begin(), s.sel.begin() + mid, s.sel.end());
+    const float lo = s.sel[mid];
+    score = lo;
+    if (m % 2 == 0) {
+      const float hi = *std::min_element(s.sel.begin() + mid + 1, s.sel.end());
+      score = (lo + hi) / 2.0f;
+    }
+  } else if (p.stat == GateStat::kTopK) {
     // The topk largest e, ties broken by the lower patch index; the others count as 0.
     s.order.assign(err, err + np);
     const int64_t k = p.topk;
     std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(),
-                     [](float a, float c) { return a > c; });
+                     [](float a, float v) { return a > v; });
     const float kth = s.order[k - 1];
     int64_t greater = 0;
     for (int64_t i = 0; i < np; ++i) greater += err[i] > kth;
@@ -294,18 +640,130 @@ void gate_one_scan(const void* x, DType xd, const void* recon, DType rd, const u
   } else {
     score = lane32_sum(err, np) / static_cast<float>(np);
   }
-  out.score[b] = score;
-  gate_decide(score, p, out.flag + b, out.t_star + b);
+  c.out.score[b] = score;
+  gate_decide(score, p, c.out.flag + b, c.out.t_star + b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// persistent worker pool: one job at a time, items claimed from an atomic counter
+// ---------------------------------------------------------------------------------------------
+
+class Pool {
+ public:
+  // Runs fn(i) for i in [0, n) on the calling thread and up to `helpers` pool threads; returns when
+  // all n are done and no pool thread touches the job any more. A caller that finds the pool busy
+  // (another thread's job) runs everything itself.
+  template <class Fn>
+  void run(int64_t n, int helpers, Fn&& fn) {
+    std::unique_lock<std::mutex> busy(job_mu_, std::try_to_lock);
+    if (!busy.owns_lock() || helpers <= 0 || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    auto body = [&fn](int64_t i) { fn(i); };
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      while (static_cast<int>(threads_.size()) < helpers) {
+        threads_.emplace_back([this] { loop(); });
+        threads_.back().detach();
+      }
+      job_ = body;
+      n_ = n;
+      next_.store(0, std::memory_order_relaxed);
+      done_.store(0, std::memory_order_relaxed);
+      seats_ = helpers;
+      open_ = true;
+      ++gen_;
+    }
+    cv_.notify_all();
+    work();
+    // Wait for the items that helpers took: block (do not spin or yield) so that on a busy machine
+    // a helper that holds an item gets this core. Helpers leave the job under mu_, so the wake-up
+    // cannot be missed.
+    std::unique_lock<std::mutex> lk(mu_);
+    open_ = false;  // helpers that wake from now on skip this job
+    done_cv_.wait(lk, [&] { return inside_ == 0 && done_.load(std::memory_order_acquire) == n; });
+    job_ = nullptr;
+  }
+
+ private:
+  void work() {
+    for (;;) {
+      const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n_) return;
+      job_(i);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_ != seen; });
+        seen = gen_;
+        if (!open_ || seats_ <= 0) continue;
+        --seats_;
+        ++inside_;
+      }
+      work();
+      bool last;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        last = --inside_ == 0;
+      }
+      if (last) done_cv_.notify_one();
+    }
+  }
+
+  std::mutex job_mu_;  // one job at a time
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> threads_;
+  std::function<void(int64_t)> job_;
+  int64_t n_ = 0;
+  std::atomic<int64_t> next_{0}, done_{0};
+  int inside_ = 0;  // helpers working on the current job (guarded by mu_)
+  int seats_ = 0;
+  bool open_ = false;
+  uint64_t gen_ = 0;
+};
+
+// The process's pool, created on first use and never destroyed (its threads are detached and
+// blocked when idle). After a fork the child gets a fresh pool: the parent's threads do not exist
+// there.
+Pool& pool() {
+  static std::mutex mu;
+  static Pool* p = nullptr;
+  static pid_t owner = 0;
+  std::lock_guard<std::mutex> lk(mu);
+  const pid_t pid = getpid();
+  if (p == nullptr || owner != pid) {
+    p = new Pool();  // the old one (if any) belongs to the parent process: leaked on purpose
+    owner = pid;
+  }
+  return *p;
 }
 
 }  // namespace
 
+bool patch_gate_cpu_simd_available() { return cpu_has_avx2(); }
+
 void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
                     const uint8_t* visible, const GateParams& params, const GateOutputs& out,
                     int num_threads) {
+  patch_gate_cpu(x, x_dtype, recon, recon_dtype, visible, params, out, num_threads, true);
+}
+
+void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
+                    const uint8_t* visible, const GateParams& params, const GateOutputs& out,
+                    int num_threads, bool simd) {
   if (const char* msg = check_params(params)) throw std::invalid_argument(msg);
   const int64_t side = params.size / params.patch, np = side * side;
-  std::vector<int32_t> n_hiding(np, 0);
+  thread_local std::vector<int32_t> n_hiding;
+  thread_local std::vector<float> w_buf;
+  n_hiding.assign(np, 0);
   for (int64_t k = 0; k < params.sets; ++k)
     for (int64_t i = 0; i < np; ++i) n_hiding[i] += visible[k * np + i] == 0;
   for (int64_t i = 0; i < np; ++i)
@@ -315,34 +773,37 @@ void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon
                                   "least one set (visible[k, p] False for some k)");
 
   const int64_t B = params.batch;
-  if (num_threads <= 0) {
-    // One thread per ~4 M pixel-sets of work, so that thread start-up
-    // never matters. On a loaded 2-core box a second thread only waits for a core, so the common
-    // batch sizes run on one thread (benchmarks/RESULTS.md, "Gate and detector").
-    const int64_t work = B * (params.sets + 1) * int64_t(params.size) * params.size;
-    const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-    num_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(hw, work >> 22)));
+  float* w = nullptr;
+  if (params.stat == GateStat::kHfRatio) {
+    if (w_buf.size() < static_cast<size_t>(B * np)) w_buf.resize(B * np);
+    w = w_buf.data();
   }
-  num_threads = static_cast<int>(std::min<int64_t>(num_threads, B));
+  const Ctx ctx{x, x_dtype, recon, recon_dtype, visible, n_hiding.data(), &params, out, w,
+                params.size, params.patch, params.sets, side, np};
+  simd = simd && cpu_has_avx2();
 
-  auto run = [&](int64_t b0, int64_t b1) {
-    Scratch s;
-    for (int64_t b = b0; b < b1; ++b)
-      gate_one_scan(x, x_dtype, recon, recon_dtype, visible, n_hiding, params, b, out, s);
-  };
+  const int64_t items = B * side;  // one strip of one scan each
+  const int64_t work = B * (params.sets + 1) * int64_t(params.size) * params.size;  // pixel-sets
+  if (num_threads <= 0) {
+    // Automatic: helpers only for large work (~1 M pixel-sets per thread): on a loaded machine a
+    // helper may wait for a core.
+    static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());  // reads /sys: once
+    num_threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(hw, work >> 20)));
+  }
+  // A requested count is an upper bound: every thread gets at least ~64 K pixel-sets (a few
+  // microseconds of vector work), less than that costs more in wake-up latency than it saves.
+  num_threads = static_cast<int>(
+      std::min<int64_t>({num_threads, items, 64, std::max<int64_t>(1, work >> 16)}));
+
+  Scratch& s = thread_scratch();
   if (num_threads <= 1) {
-    run(0, B);
-    return;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t pr = 0; pr < side; ++pr) run_strip(ctx, simd, b, pr, s);
+  } else {
+    auto strip = [&](int64_t i) { run_strip(ctx, simd, i / side, i % side, thread_scratch()); };
+    pool().run(items, num_threads - 1, strip);
   }
-  std::vector<std::thread> pool;
-  pool.reserve(num_threads - 1);
-  const int64_t chunk = (B + num_threads - 1) / num_threads;
-  for (int t = 1; t < num_threads; ++t) {
-    const int64_t b0 = t * chunk, b1 = std::min(B, b0 + chunk);
-    if (b0 < b1) pool.emplace_back(run, b0, b1);
-  }
-  run(0, std::min(B, chunk));
-  for (auto& th : pool) th.join();
+  for (int64_t b = 0; b < B; ++b) finish_scan(ctx, b, s);
 }
 
 }  // namespace medfedpure

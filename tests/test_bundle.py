@@ -1,4 +1,5 @@
-"""Bundle format: round trip, and every kind of tampering refused before any parser sees a file."""
+"""Bundle format: round trip, every kind of tampering refused before any parser sees a file, a strictly
+parsed manifest (depth, types, NaN), and ONNX external data accepted only from listed, hashed artefacts."""
 
 from __future__ import annotations
 
@@ -8,20 +9,39 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
+from medfedpure.export.signing import sign_manifest
 from medfedpure.runtime.bundle import FORMAT_VERSION, BundleError, check_relpath, verify_bundle
 from medfedpure.runtime.manifest import BundleSpec, MaeSpec, Preprocessing, PurifierSpec
+from onnx import TensorProto, helper, numpy_helper
+from signing_keys import TEST_KEY
+
+
+def onnx_graph(width: int = 2, *, weight: np.ndarray | None = None, doc: str = "") -> bytes:
+    """A small real ONNX model x [batch, 2] → probs [batch, width] (Identity, or MatMul with ``weight``)."""
+    inits = [] if weight is None else [numpy_helper.from_array(weight.astype(np.float32), "W")]
+    node = helper.make_node("Identity", ["x"], ["probs"]) if weight is None else \
+        helper.make_node("MatMul", ["x", "W"], ["probs"])
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                          [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", width])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], doc_string=doc)
+    m.ir_version = 8
+    return m.SerializeToString()
+
 
 PAYLOADS = {
-    "classifier": ("classifier.onnx", "classifier", "onnx", "fp32", b"\x08\x07classifier-graph" * 10),
-    "classifier.fp16": ("classifier.fp16.onnx", "classifier", "onnx", "fp16", b"half" * 33),
+    "classifier": ("classifier.onnx", "classifier", "onnx", "fp32", onnx_graph(doc="fp32")),
+    "classifier.fp16": ("classifier.fp16.onnx", "classifier", "onnx", "fp16", onnx_graph(doc="fp16")),
     "mae.torch": ("torch/mae.safetensors", "mae", "safetensors", "fp32", b"weights" * 17),
 }
+CLS = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32",
+                                    data=onnx_graph())}
 
 
 LEGACY_GATE = {"stat": "mean", "topk": 0, "norm_pix": False, "patch": 8, "tau": 0.1, "tau_high": 0.2,
-               "t_min": 40, "t_max": 200, "policy": "adaptive", "steps": 2}
+               "t_min": 4, "t_max": 10, "policy": "adaptive", "steps": 2}  # within the 10-step schedule
 
 
 def small_spec(provenance: dict | None = None) -> BundleSpec:
@@ -130,11 +150,18 @@ def test_symlinked_manifest_refused(bundle: Path, tmp_path: Path) -> None:
         verify_bundle(bundle)
 
 
+def _resign(bundle: Path) -> None:
+    """Sign the manifest as it is now with the (trusted) test key, so that the checks after the
+    signature are what a test exercises: a signed manifest is still validated field by field."""
+    (bundle / "signature.json").write_bytes(sign_manifest((bundle / "manifest.json").read_bytes(), TEST_KEY))
+
+
 def _edit_manifest(bundle: Path, fn) -> None:
     m = bundle / "manifest.json"
     d = json.loads(m.read_text())
     fn(d)
     m.write_text(json.dumps(d))
+    _resign(bundle)
 
 
 @pytest.mark.parametrize("bad", ["../outside.onnx", "/etc/passwd", "a/../classifier.onnx", "./x", "a\\b",
@@ -172,6 +199,7 @@ def test_manifest_problems_refused(bundle: Path, tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="unknown sections"):
         verify_bundle(bundle)
     (bundle / "manifest.json").write_text("{not json")
+    _resign(bundle)
     with pytest.raises(BundleError, match="JSON"):
         verify_bundle(bundle)
     with pytest.raises(BundleError, match="no manifest.json"):
@@ -192,7 +220,7 @@ def test_check_relpath_accepts_plain_paths() -> None:
 
 
 def test_writer_makes_provenance_strict_json(tmp_path: Path) -> None:
-    arts = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32", data=b"x")}
+    arts = CLS
     spec = small_spec({"metrics": {"max_update_norm": float("inf"), "x": [float("nan"), 1.0]}})
     vb = write_bundle(tmp_path / "b", arts, spec)
     assert vb.manifest["provenance"]["metrics"] == {"max_update_norm": "inf", "x": ["nan", 1.0]}
@@ -200,7 +228,155 @@ def test_writer_makes_provenance_strict_json(tmp_path: Path) -> None:
 
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
-    arts = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32", data=b"x")}
+    arts = CLS
     with pytest.raises(TypeError, match="JSON serializable"):
         write_bundle(tmp_path / "b", arts, small_spec({"bad": object()}))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- the manifest parsed strictly ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nests objects/arrays 100001 deep; at most 32"),
+    ('{"provenance": {"x": ' + "[" * 40 + "]" * 40 + "}}", "nests objects/arrays 42 deep"),
+    ('{"format_version": 2, "gate": {"tau": NaN}}', "non-standard constant NaN"),
+    ('{"format_version": 2, "gate": {"tau_high": Infinity}}', "non-standard constant Infinity"),
+    ('{"format_version": 2, "x": -Infinity}', "non-standard constant -Infinity"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"a": "\xff"}', "JSON"),
+])
+def test_manifest_json_is_bounded_and_strict(bundle: Path, raw: str, message: str) -> None:
+    (bundle / "manifest.json").write_bytes(raw.encode("latin-1") if "\xff" in raw else raw.encode())
+    _resign(bundle)
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(bundle)
+
+
+def test_depth_of_strings_is_not_counted(tmp_path: Path) -> None:
+    from medfedpure.runtime.bundle import json_depth
+
+    assert json_depth(b'{"a": "[[[[[[{{{{\\"[[", "b": [[1]]}') == 3
+    assert json_depth(b"{}") == 1 and json_depth(b"1") == 0
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("bytes", "12", "artefacts.classifier.bytes: expected an integer, got '12'"),
+    ("bytes", 12.0, "artefacts.classifier.bytes: expected an integer, got 12.0"),
+    ("bytes", True, "artefacts.classifier.bytes: expected an integer"),
+    ("path", 5, "artefacts.classifier.path: expected a string, got 5"),
+    ("sha256", None, "artefacts.classifier.sha256: expected a string"),
+    ("role", ["classifier"], "artefacts.classifier.role: expected a string"),
+    ("extra", 1, "artefacts.classifier: expected exactly the keys"),
+])
+def test_artefact_entry_types_are_named(bundle: Path, key: str, value: object, message: str) -> None:
+    _edit_manifest(bundle, lambda d: d["artefacts"]["classifier"].__setitem__(key, value))
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(bundle)
+
+
+@pytest.mark.parametrize(("section", "value", "message"), [
+    ("mae", None, "manifest mae: expected an object, got NoneType"),
+    ("purifier", 3, "manifest purifier: expected an object, got int"),
+    ("preprocessing", "x", "manifest preprocessing: expected an object, got str"),
+    ("artefacts", [], "manifest 'artefacts' must be a non-empty object"),
+    ("artefacts", {"classifier": [1]}, "manifest artefacts.classifier: expected an object"),
+    ("image_size", 10**12, "manifest image_size: expected an integer <= 4096"),
+])
+def test_wrong_section_types_are_named(bundle: Path, section: str, value: object, message: str) -> None:
+    _edit_manifest(bundle, lambda d: d.__setitem__(section, value))
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(bundle)
+
+
+def test_artefact_cannot_take_the_signature_name(bundle: Path) -> None:
+    with pytest.raises(BundleError, match="collides with the bundle's signature.json"):
+        check_relpath("signature.json")
+
+
+# --- classifier width and ONNX external data ------------------------------------------------------
+
+
+def test_classifier_width_must_match_classes(tmp_path: Path) -> None:
+    arts = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32",
+                                         data=onnx_graph(3))}
+    with pytest.raises(BundleError, match="2 names .* but the classifier graph 'c.onnx' declares 3 outputs"):
+        write_bundle(tmp_path / "b", arts, small_spec())
+    arts["classifier"] = ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32",
+                                        data=onnx_graph("classes"))  # symbolic width: unknown, refused
+    with pytest.raises(BundleError, match="declares 'classes' outputs"):
+        write_bundle(tmp_path / "b", arts, small_spec())
+    with pytest.raises(BundleError, match="not a well-formed ONNX model"):
+        write_bundle(tmp_path / "b", {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx",
+                                                                   precision="fp32", data=b"\x08\x07c-graph")},
+                     small_spec())
+
+
+W_GOOD = np.array([[0.9, 0.1], [0.2, 0.8]], np.float32)
+
+
+def _external(tmp_path: Path) -> tuple[bytes, bytes]:
+    """(graph bytes, data bytes) of a MatMul classifier whose weight W lives in the external file w.bin."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    m = onnx.load_from_string(onnx_graph(weight=W_GOOD))
+    convert_model_to_external_data(m, all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
+    d = tmp_path / "export"
+    d.mkdir()
+    onnx.save(m, d / "c.onnx")
+    return (d / "c.onnx").read_bytes(), (d / "w.bin").read_bytes()
+
+
+def test_unlisted_external_data_refused_even_in_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    graph, data = _external(tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "w.bin").write_bytes(np.full((2, 2), 9, np.float32).tobytes())  # what ONNX Runtime would have read
+    monkeypatch.chdir(cwd)
+    arts = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32",
+                                         data=graph)}
+    with pytest.raises(BundleError, match="tensor 'W' keeps its data in the external file 'w.bin', which is not an "
+                                          "onnx_data artefact listed"):
+        write_bundle(tmp_path / "b", arts, small_spec())
+    # listed, but as another format: still refused
+    arts["w"] = ArtefactSource(path="w.bin", role="classifier", format="safetensors", precision="fp32", data=data)
+    with pytest.raises(BundleError, match="not an onnx_data artefact"):
+        write_bundle(tmp_path / "b", arts, small_spec())
+    # listed but too short for the tensor's offset + length
+    arts["w"] = ArtefactSource(path="w.bin", role="classifier", format="onnx_data", precision="fp32", data=data[:8])
+    with pytest.raises(BundleError, match="offset and length inside 'w.bin'"):
+        write_bundle(tmp_path / "b", arts, small_spec())
+
+
+def test_listed_external_data_is_loaded_from_the_verified_bytes(tmp_path: Path, monkeypatch) -> None:
+    import onnxruntime as ort
+    from medfedpure.runtime.engines.base import EngineError
+    from medfedpure.runtime.engines.onnxruntime import _attach_external_data
+
+    graph, data = _external(tmp_path)
+    arts = {"classifier": ArtefactSource(path="c.onnx", role="classifier", format="onnx", precision="fp32",
+                                         data=graph),
+            "classifier.data": ArtefactSource(path="w.bin", role="classifier", format="onnx_data", precision="fp32",
+                                              data=data)}
+    vb = write_bundle(tmp_path / "b", arts, small_spec())
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "w.bin").write_bytes(np.full((2, 2), 9, np.float32).tobytes())
+    monkeypatch.chdir(cwd)
+    so = ort.SessionOptions()
+    keep = _attach_external_data(so, vb, "c.onnx", vb.read_bytes("classifier"))
+    assert keep == [data]
+    sess = ort.InferenceSession(vb.read_bytes("classifier"), so, providers=["CPUExecutionProvider"])
+    x = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], W_GOOD)  # the bundle's W, not the 9s in the cwd
+    # the data file edited after verification: refused when the engine reads it
+    (tmp_path / "b" / "w.bin").write_bytes(np.full((2, 2), 9, np.float32).tobytes())
+    with pytest.raises(BundleError, match="changed after verification"):
+        _attach_external_data(ort.SessionOptions(), vb, "c.onnx", vb.read_bytes("classifier"))
+    with pytest.raises(BundleError, match="sha256"):
+        verify_bundle(tmp_path / "b")
+    # a graph naming a file that is no onnx_data artefact (verification refuses it first; the engine too)
+    m = onnx.load_from_string(graph)
+    m.graph.initializer[0].external_data[0].value = "other.bin"
+    with pytest.raises(EngineError, match="'other.bin', which is not an onnx_data artefact"):
+        _attach_external_data(ort.SessionOptions(), vb, "c.onnx", m.SerializeToString())

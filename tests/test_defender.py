@@ -336,7 +336,7 @@ def test_close_stops_the_overlap_thread_and_is_idempotent(bundle_path: Path, spl
     x = split[0][:2]
     with Defender.load(bundle_path, backend="onnxruntime", device="cpu", threads=1) as d:
         a = d.run_array(x, seeds=[3, 4])
-        assert any(t.name.startswith("medfedpure-classify") for t in threading.enumerate())
+        assert any(t.name.startswith("medfedpure-worker") for t in threading.enumerate())
     assert d._pool is None
     d.close()  # twice is fine
     b = d.run_array(x, seeds=[3, 4])  # usable again after close

@@ -38,7 +38,8 @@ def _invoke(*args: str) -> None:
 def test_sim_and_deploy_share_one_option_set(tmp_path: Path, captured: dict[str, object]) -> None:
     args = ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--sites", "3", "--rounds", "2",
             "--strategy", "krum", "--phases", "classifier,mae", "--no-calibrate", "--classifier-split", "fedbn",
-            "--max-update-norm", "0", "--max-relative-norm", "2.5", "--poison-site", "1", "--poison-scale", "-4",
+            "--max-update-norm", "0", "--max-relative-norm", "2.5", "--max-median-ratio", "0", "--max-examples", "50",
+            "--poison-site", "1", "--poison-scale", "-4",
             "--student-steps", "2", "--purify-range", "30", "90", "--seed", "7", "--max-train", "8", "--timeout", "60"]
     _invoke("sim", *args)
     _invoke("deploy", *args)
@@ -48,6 +49,7 @@ def test_sim_and_deploy_share_one_option_set(tmp_path: Path, captured: dict[str,
     assert (cfg.num_sites, cfg.rounds, cfg.strategy, cfg.phases, cfg.calibrate, cfg.classifier_split) == (
         3, 2, "krum", ("classifier", "mae"), False, "fedbn")
     assert cfg.max_update_norm == math.inf and cfg.max_relative_norm == 2.5  # 0: no bound
+    assert cfg.max_median_ratio == math.inf and cfg.max_examples == 50
     assert (cfg.poison_site, cfg.poison_scale, cfg.seed, cfg.max_train) == (1, -4.0, 7, 8)
     assert (cfg.student_steps, cfg.purify_t_min, cfg.purify_t_max) == (2, 30, 90)
 
@@ -65,8 +67,28 @@ def test_bad_option_is_a_usage_error_and_every_option_is_listed(tmp_path: Path) 
                                    "--sites", "2", "--strategy", "fedsgd"])
     assert res.exit_code == 2 and "strategy" in res.output
     names = {p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS}
-    assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 19
+    assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 21
     fed = typer.main.get_command(app).commands["fed"]  # type: ignore[attr-defined]
     params = {name: [p.name for p in fed.commands[name].params] for name in ("sim", "deploy", "compare")}
     assert params["sim"] == params["deploy"] == [*(p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS), "timeout"]
     assert params["compare"] == [*(p.name for p in RUN_OPTIONS), "methods", "timeout"]
+
+
+def test_robustness_command_builds_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fed robustness``: the strategies, the poisoned site and scale and the median bound reach the runner."""
+    seen: dict[str, object] = {}
+
+    def fake(cfg: FedConfig, out: Path, **kw: object) -> dict:
+        seen.update(cfg=cfg, **kw)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "robustness.md").write_text("| table |\n")
+        return {}
+
+    monkeypatch.setattr("medfedpure.fed.compare.run_robustness", fake)
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "r"), "--sites", "4", "--rounds", "3"]
+    _invoke("robustness", *base, "--strategies", "fedavg,krum", "--poison-scale", "-20", "--max-median-ratio", "4")
+    cfg = seen["cfg"]
+    assert isinstance(cfg, FedConfig) and cfg.max_median_ratio == 4.0 and cfg.rounds == 3
+    assert (seen["strategies"], seen["poison_site"], seen["poison_scale"]) == (("fedavg", "krum"), -1, -20.0)
+    res = CliRunner().invoke(app, ["fed", "robustness", *base, "--strategies", "fedsgd"])
+    assert res.exit_code == 2 and "fedsgd" in res.output

@@ -180,3 +180,15 @@ def test_client_poisoned_reply_is_scaled_update(tiny_data: Path, tmp_path: Path,
         d_h = honest[k].numpy() - sent[k].numpy()
         d_p = poisoned[k].numpy() - sent[k].numpy()
         np.testing.assert_allclose(d_p, -10.0 * d_h, rtol=1e-4, atol=1e-6)
+
+
+def test_client_registers_its_training_set_size(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The register query answers the site's training-set size: the cap on its later num-examples."""
+    run_config = _run_config(tiny_data, tmp_path, preset="tiny", max_train=8)
+    ctx = _context(run_config, 1)
+    msg = _message(ArrayRecord(), {"phase": "register"}, monkeypatch, MessageType.QUERY)
+    reply = client_app.query(msg, ctx)
+    assert dict(reply.content["metrics"]) == {"site": 1, "num-examples": 8}
+    bad = _message(ArrayRecord(), {"phase": "enrol"}, monkeypatch, MessageType.QUERY)
+    with pytest.raises(ValueError, match="'register' and 'calibrate'"):
+        client_app.query(bad, ctx)

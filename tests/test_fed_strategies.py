@@ -157,7 +157,7 @@ def test_poisoned_site_robust_vs_fedavg(robust: str) -> None:
     honest = [{k: sent[k] + mu[k] + 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items()} for _ in range(3)]
     honest_mean = {k: np.mean([h[k] for h in honest], axis=0) for k in sent}
     poisoned = {k: sent[k] - 10.0 * (honest_mean[k] - sent[k]) for k in sent}
-    no_bound = UpdateValidationConfig(max_relative_norm=math.inf)
+    no_bound = UpdateValidationConfig(max_relative_norm=math.inf, max_median_ratio=math.inf)
 
     def run(name: str) -> float:
         s = make_strategy(name, 4, validation=no_bound)
@@ -179,14 +179,140 @@ def test_poisoned_site_robust_vs_fedavg(robust: str) -> None:
 
 
 def test_relative_bound_drops_the_poisoned_site_under_fedavg() -> None:
-    """With the default relative bound, the ×10 sign-flipped update is dropped before FedAvg."""
+    """With the relative bound alone, a ×600 sign-flipped update is dropped before FedAvg."""
     rng = np.random.default_rng(4)
     sent = _global(rng)
     step = {k: 0.05 * rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items()}
     honest = [{k: sent[k] + step[k] for k in sent} for _ in range(3)]
     poisoned = {k: sent[k] - 10.0 * step[k] * 60 for k in sent}
-    s = make_strategy("fedavg", 4, validation=UpdateValidationConfig(max_relative_norm=1.0))
+    s = make_strategy("fedavg", 4, validation=UpdateValidationConfig(max_relative_norm=1.0, max_median_ratio=math.inf))
     _configure(s, sent, 4)
     arrays, _ = s.aggregate_train(1, [_reply(i + 1, i, h) for i, h in enumerate(honest)] + [_reply(4, 3, poisoned)])
-    assert [r["site"] for r in s.rejected] == [3]
+    assert [r["site"] for r in s.rejected] == [3] and "max_relative_norm" in s.rejected[0]["reason"]
     np.testing.assert_allclose(arrays["w"].numpy(), honest[0]["w"], atol=1e-6)
+
+
+def _poison_round(rng: np.random.Generator, scale: float, spread: float = 0.2):
+    """Three honest updates of similar size (relative spread ``spread``) and one scaled by ``scale``."""
+    sent = _global(rng)
+    step = {k: 0.01 * rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items()}
+    honest = [{k: sent[k] + (1 + spread * (i - 1)) * step[k] for k in sent} for i in range(3)]
+    poisoned = {k: sent[k] + scale * step[k] for k in sent}
+    return sent, step, honest, poisoned
+
+
+def test_default_bound_is_finite_and_drops_sign_flipped_x20_under_fedavg() -> None:
+    """A sign-flipped ×20 update is only 0.04 of ‖w‖: the old default (relative bound 1.0) let it through.
+
+    Under the default config it is > 3 × the round's median update norm and dropped; FedAvg then
+    averages the three honest updates exactly. With the median bound disabled (the old behaviour)
+    FedAvg lands at (3·Δ̄ − 20·Δ)/4, pointing backwards.
+    """
+    rng = np.random.default_rng(5)
+    sent, step, honest, poisoned = _poison_round(rng, -20.0)
+    assert math.isfinite(UpdateValidationConfig().max_median_ratio)
+    replies = [_reply(i + 1, i, h) for i, h in enumerate(honest)] + [_reply(4, 3, poisoned)]
+    honest_mean = {k: np.mean([h[k] for h in honest], axis=0) for k in sent}
+
+    old = make_strategy("fedavg", 4, validation=UpdateValidationConfig(max_median_ratio=math.inf))
+    _configure(old, sent, 4)
+    arrays, _ = old.aggregate_train(1, replies)
+    assert not old.rejected
+    moved = arrays["w"].numpy() - sent["w"]
+    assert float(np.sum(moved * step["w"])) < 0  # the aggregate step points against the honest step
+    np.testing.assert_allclose(moved, (3 * step["w"] - 20 * step["w"]) / 4, atol=1e-5)
+
+    s = make_strategy("fedavg", 4)  # default validation
+    _configure(s, sent, 4)
+    arrays, _ = s.aggregate_train(1, replies)
+    assert [r["site"] for r in s.rejected] == [3]
+    assert "max_median_ratio 3 × the round's median" in s.rejected[0]["reason"]
+    for k in sent:
+        np.testing.assert_allclose(arrays[k].numpy(), honest_mean[k], atol=1e-6)
+
+
+@pytest.mark.parametrize(("scale", "ratio", "dropped"), [(-2.5, 3.0, []), (-3.5, 3.0, [3]), (-3.5, 5.0, []),
+                                                         (2.9, 3.0, []), (40.0, 3.0, [3])])
+def test_median_bound_threshold_is_ratio_times_median(scale: float, ratio: float, dropped: list[int]) -> None:
+    """Honest norms 0.8, 1.0, 1.2 × ‖step‖ and one of |scale| × ‖step‖: median 1.0 or 1.1 × ‖step‖."""
+    rng = np.random.default_rng(6)
+    sent, _, honest, poisoned = _poison_round(rng, scale)
+    s = make_strategy("fedmedian", 4, validation=UpdateValidationConfig(max_median_ratio=ratio))
+    _configure(s, sent, 4)
+    s.aggregate_train(1, [_reply(i + 1, i, h) for i, h in enumerate(honest)] + [_reply(4, 3, poisoned)])
+    assert [r["site"] for r in s.rejected] == dropped
+    assert len([h for h in s.history if h["kind"] == "train"]) == 4 - len(dropped)
+
+
+def test_median_bound_needs_three_updates() -> None:
+    """With two updates the median is their mean: the bound cannot tell which one is honest."""
+    from medfedpure.fed.validation import median_norm_rejections
+
+    cfg = UpdateValidationConfig()
+    assert median_norm_rejections({0: 1.0, 1: 100.0}, cfg) == {}
+    assert list(median_norm_rejections({0: 1.0, 1: 1.1, 2: 100.0}, cfg)) == [2]
+    assert median_norm_rejections({0: 0.0, 1: 0.0, 2: 5.0}, cfg) == {}  # zero median: no scale to compare
+    assert median_norm_rejections({0: 1.0, 1: 1.1, 2: 100.0}, UpdateValidationConfig(max_median_ratio=math.inf)) == {}
+
+
+@pytest.mark.parametrize("bad", [{"max_median_ratio": 0.5}, {"max_median_ratio": math.nan},
+                                 {"max_examples": -1}, {"max_examples": 2.5}, {"max_examples": True}])
+def test_validation_config_rejects_bad_median_ratio_and_cap(bad: dict) -> None:
+    with pytest.raises(ValueError, match="max_median_ratio|max_examples"):
+        UpdateValidationConfig(**bad)
+
+
+def _reply_n(node: int, site: int, arrays: dict[str, np.ndarray], n: object) -> Message:
+    msg = _reply(node, site, arrays)
+    msg.content["metrics"] = MetricRecord({"num-examples": n, "site": site})  # type: ignore[dict-item]
+    return msg
+
+
+@pytest.mark.parametrize(("count", "reason"), [
+    (math.inf, "not finite"), (math.nan, "not finite"), (0, "not positive"), (-5, "not positive"),
+    (10.5, "not an integer"), (1e9, "declared at registration"), (21, "declared at registration"),
+])
+def test_bad_example_count_dropped_before_fedavg(count: float, reason: str) -> None:
+    """Site 3 reports a bad count with an honest-looking update: dropped, the others averaged unweighted."""
+    rng = np.random.default_rng(7)
+    sent = _global(rng)
+    ups = [{k: v + 0.01 * (i + 1) for k, v in sent.items()} for i in range(4)]
+    s = make_strategy("fedavg", 4, declared_examples={1: 20, 2: 20, 3: 20, 4: 20})
+    _configure(s, sent, 4)
+    replies = [_reply_n(i + 1, i, ups[i], 20) for i in range(3)] + [_reply_n(4, 3, ups[3], count)]
+    arrays, _ = s.aggregate_train(1, replies)
+    assert [r["site"] for r in s.rejected] == [3] and reason in s.rejected[0]["reason"]
+    for k in sent:
+        np.testing.assert_allclose(arrays[k].numpy(), sent[k] + 0.02, atol=1e-6)
+        assert np.isfinite(arrays[k].numpy()).all()
+
+
+def test_example_count_within_declared_and_cap_is_weighed() -> None:
+    """Counts ≤ the declared size are kept and weigh the average; the FedConfig cap applies on its own too."""
+    from medfedpure.fed.validation import check_num_examples
+
+    rng = np.random.default_rng(8)
+    sent = _global(rng)
+    s = make_strategy("fedavg", 3, declared_examples={1: 30, 2: 10, 3: 10})
+    _configure(s, sent, 3)
+    ups = [{k: v + d for k, v in sent.items()} for d in (0.1, 0.3, 0.2)]
+    arrays, _ = s.aggregate_train(1, [_reply_n(1, 0, ups[0], 30), _reply_n(2, 1, ups[1], 10.0),
+                                      _reply_n(3, 2, ups[2], 10)])
+    assert not s.rejected
+    np.testing.assert_allclose(arrays["b"].numpy(), sent["b"] + (30 * 0.1 + 10 * 0.3 + 10 * 0.2) / 50, atol=1e-6)
+
+    capped = UpdateValidationConfig(max_examples=100)
+    assert check_num_examples(100, capped) == "" and "max_examples 100" in check_num_examples(101, capped)
+    assert check_num_examples(10**6, UpdateValidationConfig()) == ""  # no cap, no declaration: any finite count
+    assert "not a number" in check_num_examples(None, capped)
+    assert "not a number" in check_num_examples("12", capped)
+
+
+def test_unregistered_node_is_dropped() -> None:
+    rng = np.random.default_rng(9)
+    sent = _global(rng)
+    s = make_strategy("fedavg", 3, declared_examples={1: 10, 2: 10})
+    _configure(s, sent, 3)
+    ups = [{k: v + 0.01 for k, v in sent.items()} for _ in range(3)]
+    s.aggregate_train(1, [_reply_n(i + 1, i, ups[i], 10) for i in range(3)])
+    assert [r["site"] for r in s.rejected] == [2] and "did not register" in s.rejected[0]["reason"]

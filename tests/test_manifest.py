@@ -95,6 +95,18 @@ def _edit(m: dict, path: str, value: object) -> dict:
     ("mae.visible", [[1, 0], [0, 1]], "mae.visible: expected an object"),
     ("purifier.space", "y = 2x - 1", "manifest purifier: unknown keys \\['space'\\]"),
     ("provenance", [], "manifest provenance: expected an object"),
+    ("mae", None, "manifest mae: expected an object, got NoneType"),
+    ("purifier", ["x"], "manifest purifier: expected an object, got list"),
+    ("image_size", 10**9, "manifest image_size: expected an integer <= 4096"),
+    ("preprocessing.size", 10**9, "manifest preprocessing.size: expected an integer <= 4096"),
+    ("purifier.steps", 10**6, "manifest purifier.steps: expected an integer <= 1000, got 1000000"),
+    ("gate.t_max", 5000, "manifest gate.t_max: 5000 is beyond the purifier's schedule"),
+    ("gate.tau", float("nan"), "tau = nan: expected a finite number"),
+    ("gate.tau_high", float("inf"), "tau_high = inf: expected a finite number"),
+    ("gate.t_min", -1, "t_min = -1"),
+    ("gate.policy", 3, "policy = 3: expected a string"),
+    ("classes", "ab", "manifest classes: expected a list of names, got 'ab'"),
+    ("classes", ["a", 1], "manifest classes: expected a non-empty string, got 1"),
 ])
 def test_bad_fields_are_named(manifest: dict, path: str, value: object, message: str) -> None:
     with pytest.raises(BundleError, match=message):
@@ -133,6 +145,7 @@ def _make_v1(tiny: Path, out: Path) -> bytes:
     from medfedpure.gate import GateSpec
 
     shutil.copytree(tiny, out)
+    (out / "signature.json").unlink()  # format 1 had no signatures
     m = json.loads((tiny / "manifest.json").read_text())
     for a in m["artefacts"].values():
         if a["format"] == "onnx":
@@ -182,3 +195,23 @@ def test_convert_v1_bundle(tmp_path: Path) -> None:
         assert g_new == onnx.load_from_string(ref.read_bytes(name))  # the tiny bundle's graphs were already clean
     with pytest.raises(BundleError, match="not 1"):
         convert_v1_bundle(tmp_path / "v2", tmp_path / "v3")
+
+
+def test_classifier_output_width_checked_at_run_time() -> None:
+    """Fail closed: a classifier whose output width is not the number of classes gives no label (the
+    graph's declared width is checked on load; this is the engine's own check of what it returned)."""
+    from medfedpure.runtime.defender import Defender
+    from medfedpure.runtime.engines import EngineError
+    from tiny_bundle import tiny_scans
+
+    d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1)
+    x = tiny_scans(2, 7)
+    assert d.engine.classify(x).shape == (2, 2)
+    d.engine.num_classes = 3  # as if the graph returned 2 columns for 3 classes
+    with pytest.raises(EngineError, match="returned shape \\[2, 2\\]; the bundle has 3 classes"):
+        d.engine.classify(x)
+    for overlap in (True, False):
+        d.overlap = overlap
+        r = d.run((x[0, 0] * 255).astype(np.uint8), seed=0)
+        assert r.status == "unverified" and r.label is None and r.probabilities == {}
+        assert "3 classes" in r.reason

@@ -515,6 +515,148 @@ def test_cpp_binding_checks_direct_calls() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# C++ code paths: vector / scalar, the strip split across threads, the prepared repeat call
+# ------------------------------------------------------------------------------------------------
+
+
+def _bare(x, recon, vis, kw: dict, **extra):
+    """The binding with the oracle's keywords (stat name → code, return_patch_err dropped)."""
+    args = {k: v for k, v in kw.items() if k != "return_patch_err"}
+    args["stat"] = ops.STATS[args["stat"]]
+    return dispatch._C.patch_gate(x, recon, vis, **args, **extra)
+
+
+simd_strategy = st.fixed_dictionaries(
+    {
+        "seed": st.integers(0, 2**31 - 1),
+        "b": st.integers(1, 3),
+        "k": st.sampled_from([1, 3, 4]),
+        "patch": st.sampled_from([3, 4, 5, 8, 12, 16, 24]),  # 8 | P reads in place; else padded copies
+        "side": st.integers(1, 6),
+        "dtype_x": st.sampled_from(["float32", "float16"]),
+        "dtype_r": st.sampled_from(["float32", "float16"]),
+        "stat": st.sampled_from(["mean", "topk", "hfratio"]),
+        "norm_pix": st.booleans(),
+        "threads": st.sampled_from([1, 2, 3, 8]),
+    }
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=simd_strategy)
+def test_cpp_vector_and_scalar_paths_equal_oracle(c: dict) -> None:
+    if c["stat"] == "hfratio" and c["patch"] < 3:
+        return
+    s = c["patch"] * c["side"]
+    x, recon, rng = make_case(c["seed"], c["b"], c["k"], s, c["dtype_x"], c["dtype_r"])
+    n = c["side"] ** 2
+    vis = make_visible(rng, c["k"], n)
+    topk = {"topk": int(rng.integers(1, n + 1)), "hfratio": int(rng.integers(0, n + 1))}.get(c["stat"], 0)
+    kw = dict(patch=c["patch"], stat=c["stat"], topk=topk, norm_pix=c["norm_pix"] and c["stat"] != "hfratio",
+              tau=0.05, tau_high=0.5, t_min=10, t_max=100, floor=False)
+    ref = patch_gate_reference(x, recon, vis, return_patch_err=True, **kw)
+    for simd in (True, False):
+        got = _bare(x, recon, vis, kw, num_threads=c["threads"], simd=simd)
+        for name, g, r in zip(("score", "flag", "t_star", "patch_err"), got, ref, strict=True):
+            np.testing.assert_array_equal(g, r, err_msg=f"{name} simd={simd} case={c} S={s}")
+
+
+def test_cpp_vector_path_is_used_where_available() -> None:
+    import platform
+    from pathlib import Path
+
+    if platform.system() != "Linux":
+        pytest.skip("reads the CPU flags from /proc/cpuinfo")
+    flags = Path("/proc/cpuinfo").read_text().split()
+    expected = platform.machine() == "x86_64" and "avx2" in flags and "f16c" in flags
+    assert dispatch._C.SIMD is expected
+
+
+@pytest.mark.parametrize(("b", "patch", "stat"), [(1, 8, "mean"), (1, 16, "hfratio"), (2, 8, "topk"), (5, 16, "mean")])
+def test_cpp_strip_split_across_threads_agrees(b: int, patch: int, stat: str) -> None:
+    # One scan's strips (rows of patches) go to different threads when the batch is small: the
+    # results must not depend on how the strips were shared out.
+    x, recon, rng = make_case(11 + b, b, 4, 128, "float32", "float32")
+    n = (128 // patch) ** 2
+    vis = make_visible(rng, 4, n)
+    kw = dict(patch=patch, stat=stat, topk=7 if stat == "topk" else 0, norm_pix=stat == "topk", tau=0.05,
+              tau_high=0.5, t_min=10, t_max=100, floor=True)
+    ref = patch_gate_reference(x, recon, vis, return_patch_err=True, **kw)
+    for threads in (1, 2, 3, 16, 0):
+        for _ in range(3):
+            got = _bare(x, recon, vis, kw, num_threads=threads)
+            for name, g, r in zip(("score", "flag", "t_star", "patch_err"), got, ref, strict=True):
+                np.testing.assert_array_equal(g, r, err_msg=f"{name} threads={threads}")
+
+
+def test_cpp_concurrent_callers_share_the_pool() -> None:
+    # Python threads call the kernel at once (the GIL is released): one of them gets the worker pool,
+    # the others run on their own thread; every result is still exact.
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = []
+    for seed in range(6):
+        x, recon, rng = make_case(seed, 1 + seed % 3, 4, 64, "float32", "float16")
+        vis = make_visible(rng, 4, 64)
+        kw = dict(patch=8, stat="hfratio" if seed % 2 else "mean", topk=0, norm_pix=False, tau=0.05, tau_high=0.5,
+                  t_min=10, t_max=100, floor=False)
+        cases.append((x, recon, vis, kw, patch_gate_reference(x, recon, vis, return_patch_err=True, **kw)))
+
+    def run(i: int) -> bool:
+        x, recon, vis, kw, ref = cases[i % len(cases)]
+        got = _bare(x, recon, vis, kw, num_threads=2)
+        return all(np.array_equal(g, r) for g, r in zip(got, ref, strict=True))
+
+    with ThreadPoolExecutor(4) as ex:
+        assert all(ex.map(run, range(48)))
+
+
+def test_repeated_host_calls_use_the_prepared_kernel_and_stay_checked() -> None:
+    x, recon, rng = make_case(4, 2, 4, 64, "float32", "float32")
+    vis = make_visible(rng, 4, 64)
+    kw = dict(patch=8, stat="topk", topk=5, tau=0.05, tau_high=0.5, t_min=10, t_max=100, return_patch_err=True)
+    dispatch._HOST_CALLS.clear()
+    first = patch_gate(x, recon, vis, **kw)
+    assert len(dispatch._HOST_CALLS) == 1 and isinstance(next(iter(dispatch._HOST_CALLS.values())), dispatch._C.Prepared)
+    again = patch_gate(x, recon, vis, **kw)
+    assert len(dispatch._HOST_CALLS) == 1
+    ref = patch_gate_reference(x, recon, vis, **kw)
+    for g, a, r in zip(first, again, ref, strict=True):
+        np.testing.assert_array_equal(g, r)
+        np.testing.assert_array_equal(a, r)
+    # other mask sets of the same shape, other thresholds: not the cached call
+    vis2 = make_visible(rng, 4, 64)
+    np.testing.assert_array_equal(patch_gate(x, recon, vis2, **kw).patch_err,
+                                  patch_gate_reference(x, recon, vis2, **kw).patch_err)
+    tau = float(ref.score.max()) * 2
+    assert not patch_gate(x, recon, vis, **{**kw, "tau": tau, "tau_high": 2 * tau}).flag.any()
+    # arguments equal to cached ones as values but of another type are validated afresh
+    with pytest.raises(ValueError, match="topk must be an int"):
+        patch_gate(x, recon, vis, **{**kw, "topk": 5.0})
+    with pytest.raises(ValueError, match="patch must be a positive int"):
+        patch_gate(x, recon, vis, **{**kw, "patch": np.float32(8)})
+    with pytest.raises(ValueError, match="visible in every mask set"):
+        patch_gate(x, recon, np.ones((4, 64), bool), **kw)
+    # non-contiguous input takes the full path and is copied
+    xs = np.asfortranarray(x)
+    np.testing.assert_array_equal(patch_gate(xs, recon, vis, **kw).score, ref.score)
+
+
+def test_prepared_binding_checks_shapes() -> None:
+    prep = dispatch._C.Prepared(V, patch=8, stat=0, topk=0, norm_pix=False, tau=0.5, tau_high=1.0, t_min=0, t_max=10,
+                                floor=False)
+    score, flag, t_star, err = prep(X, R, 1)
+    ref = patch_gate_reference(X, R, V, patch=8, tau=0.5, tau_high=1.0, t_min=0, t_max=10, return_patch_err=True)
+    np.testing.assert_array_equal(err, ref.patch_err)
+    with pytest.raises(ValueError, match="visible has 16 patches per set, expected Np"):
+        prep(np.zeros((2, 64, 64), np.float32), np.zeros((2, 2, 64, 64), np.float32), 1)
+    with pytest.raises(ValueError, match=r"recon must have shape \[B, K, S, S\]"):
+        prep(X, np.zeros((2, 2, 16, 16), np.float32), 1)
+    with pytest.raises(ValueError, match="visible must be a bool/uint8 array"):
+        prep(X, np.zeros((2, 3, 32, 32), np.float32), 1)
+
+
+# ------------------------------------------------------------------------------------------------
 # CUDA (run by benchmarks/gpu_check.sh on a lent GPU; skipped here)
 # ------------------------------------------------------------------------------------------------
 

@@ -69,8 +69,8 @@ def test_top_level_exports() -> None:
     assert medfedpure.ScanError is ScanError
     assert issubclass(ScanError, ValueError)
     # every refusal is a distinct ScanError subclass
-    subs = [getattr(S, n) for n in S.__all__ if n.startswith("Scan") and n not in ("Scan", "ScanError")]
-    assert len(subs) == len(set(subs)) == 15
+    subs = [getattr(S, n) for n in S.__all__ if n.startswith("Scan") and n not in ("Scan", "ScanError", "ScanLimits")]
+    assert len(subs) == len(set(subs)) == 16
     assert all(issubclass(c, ScanError) for c in subs)
 
 

@@ -3,7 +3,8 @@
 The networks are untrained (their outputs are meaningless as diagnoses) but the bundle is a real
 one: exported by the production path (:func:`medfedpure.export.pipeline.build_bundle`), verified,
 and calibrated so that about half of its validation scans are flagged (τ = median score), which
-exercises both the early-exit and the purified paths.
+exercises both the early-exit and the purified paths. It is signed with the tests' key
+(:mod:`signing_keys`), which ``tests/conftest.py`` makes trusted.
 
 :func:`cached_tiny_bundle` builds it once per code version into the system temp folder (the key
 hashes the source of every module that shapes the bundle: the package, the exporter and this
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from medfedpure.runtime.bundle import VerifiedBundle, verify_bundle
+from signing_keys import TEST_KEY
 
 TINY_SIZE = 32
 
@@ -77,7 +79,9 @@ def build_tiny_bundle(out: str | Path, *, seed: int = 0, policy: str = "adaptive
                          provenance={"run": f"{preset}-random", "site": 0, "seed": seed,
                                      "note": f"untrained {preset} models (tests / latency only)"},
                          overwrite=overwrite)
-    return vb
+    from medfedpure.export.signing import sign_bundle
+
+    return sign_bundle(vb.root, TEST_KEY)
 
 
 def _code_key(**params: object) -> str:
@@ -107,7 +111,7 @@ def cached_tiny_bundle(*, seed: int = 0, policy: str = "adaptive", steps: int = 
         fcntl.flock(lock, fcntl.LOCK_EX)
         if final.is_dir():
             try:
-                verify_bundle(final)
+                verify_bundle(final, trusted_keys=[TEST_KEY.public_key()])
                 return final
             except Exception:  # noqa: BLE001 - a damaged cache is rebuilt
                 shutil.rmtree(final)

@@ -41,7 +41,7 @@ from medfedpure.build.steps import Step, StepsReport, read_record, run_steps
 if TYPE_CHECKING:
     from medfedpure.fed.config import FedConfig
 
-__all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "fed_configs"]
+__all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "fed_configs", "pin_default_bundle_id"]
 
 Federate = Callable[["FedConfig", float], Mapping[str, Any]]
 
@@ -214,11 +214,32 @@ def _export(cfg: BundleBuildConfig, paths: BuildPaths, log: Callable[[str], None
     return {"bundle_id": vb.bundle_id, "verification": report}
 
 
-def _verify(root: Path) -> dict[str, Any]:
+def _verify(root: Path, trusted_keys: Any = None) -> dict[str, Any]:
+    """Every check of the runtime; an unsigned bundle passes here (it is signed on install, or later
+    with ``medfedpure bundle sign``) and ``signer`` says whether a trusted key signed it."""
     from medfedpure.runtime.bundle import verify_bundle
 
-    vb = verify_bundle(root)
-    return {"bundle_id": vb.bundle_id}
+    vb = verify_bundle(root, allow_unsigned=True, trusted_keys=trusted_keys)
+    return {"bundle_id": vb.bundle_id, "signer": None if vb.signer is None else vb.signer.name}
+
+
+def pin_default_bundle_id(bundle_id: str, module: Path | None = None) -> Path:
+    """Rewrite ``DEFAULT_BUNDLE_ID`` in :mod:`medfedpure.runtime.default_id` (the id ``Defender.default()``
+    pins) to ``bundle_id``; returns the module's path."""
+    import re
+
+    if len(bundle_id) != 64 or any(c not in "0123456789abcdef" for c in bundle_id):
+        raise BundleBuildError(f"bundle id {bundle_id!r} is not 64 lower-case hex digits")
+    if module is None:
+        from medfedpure.runtime import default_id
+
+        module = Path(default_id.__file__)
+    text = module.read_text()
+    new, n = re.subn(r'^DEFAULT_BUNDLE_ID = "[0-9a-f]*"$', f'DEFAULT_BUNDLE_ID = "{bundle_id}"', text, flags=re.M)
+    if n != 1:
+        raise BundleBuildError(f"{module} does not hold exactly one DEFAULT_BUNDLE_ID line; fix it by hand")
+    module.write_text(new)
+    return module
 
 
 def _size_check(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
@@ -229,7 +250,11 @@ def _size_check(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     return {"bundle_bytes": nbytes}
 
 
-def _install(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
+def _install(cfg: BundleBuildConfig, paths: BuildPaths, signing_key: Any = None) -> dict[str, Any]:
+    """Copy the staged bundle to ``dest``, sign it when a key is given, and — when ``dest`` is the
+    embedded default bundle — pin ``Defender.default()`` to its id."""
+    from medfedpure.runtime.bundle import default_bundle_path
+
     dest = cfg.dest_path.resolve()
     work = paths.work.resolve()
     if dest == work or dest in work.parents:
@@ -242,11 +267,22 @@ def _install(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
                                    "remove it or choose another --dest")
         shutil.rmtree(dest)
     shutil.copytree(paths.stage, dest)
-    return {"dest": str(dest), **_verify(dest)}
+    trusted = None
+    if signing_key is not None:
+        from medfedpure.export.signing import load_private_key, sign_bundle
+        from medfedpure.export.signing import trusted as trusted_key
+
+        key = load_private_key(signing_key)
+        sign_bundle(dest, key)
+        trusted = [trusted_key(key)]
+    out = {"dest": str(dest), **_verify(dest, trusted)}
+    if dest == default_bundle_path().resolve():
+        out["pinned_in"] = str(pin_default_bundle_id(out["bundle_id"]))
+    return out
 
 
 def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate | None = None,
-               log: Callable[[str], None] = print) -> list[Step]:
+               log: Callable[[str], None] = print, signing_key: Any = None) -> list[Step]:
     """The build's steps, in order, each with its inputs (options), outputs and predecessors."""
     fed_run = federate or _run_sim
     fed_pur, fed_cls = fed_configs(cfg, paths)
@@ -279,7 +315,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
         Step("verify", lambda: _verify(paths.stage), {}, (), ("export",)),
         Step("size_check", lambda: _size_check(cfg, paths), {"max_bundle_bytes": cfg.max_bundle_bytes}, (),
              ("export",)),
-        Step("install", lambda: _install(cfg, paths), {"dest": str(cfg.dest_path)}, (), ("verify", "size_check")),
+        Step("install", lambda: _install(cfg, paths, signing_key), {"dest": str(cfg.dest_path)}, (), ("verify", "size_check")),
     ]
 
 
@@ -299,13 +335,18 @@ def _summary(cfg: BundleBuildConfig, rep: StepsReport) -> dict[str, Any]:
 
 
 def build_bundle(cfg: BundleBuildConfig, work: str | Path, *, dry_run: bool = False,
-                 federate: Federate | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 federate: Federate | None = None, log: Callable[[str], None] | None = None,
+                 signing_key: Any = None) -> dict[str, Any]:
     """Build (or resume building) the bundle of ``cfg`` in the work folder ``work``.
 
     Writes ``WORK/config.json`` first (also with ``dry_run``, which writes nothing else and returns
     the plan). Returns the content of ``WORK/bundle_metrics.json`` (with ``dry_run``: the config
     and the plan). ``federate(fed_config, timeout_s) -> metrics`` replaces the federated simulation
-    (tests); the default runs :func:`medfedpure.fed.sim.run_sim`.
+    (tests); the default runs :func:`medfedpure.fed.sim.run_sim`. ``signing_key`` (an Ed25519 private
+    key or its PEM file) signs the installed bundle; without it the exporter signs with
+    ``MEDFEDPURE_SIGNING_KEY`` when set, else the bundle is installed unsigned (sign it with
+    ``medfedpure bundle sign``). Installing into the embedded default bundle's folder also pins
+    ``Defender.default()`` to the new id (:func:`pin_default_bundle_id`).
 
     Raises:
         BundleBuildError, FederationError, ExportVerificationError, BundleError: the failing step's
@@ -316,7 +357,7 @@ def build_bundle(cfg: BundleBuildConfig, work: str | Path, *, dry_run: bool = Fa
     say = log or print
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     paths.config.write_text(json.dumps({**cfg.to_dict(), "dest": str(cfg.dest_path)}, indent=2, sort_keys=True))
-    steps = make_steps(cfg, paths, federate=federate, log=say)
+    steps = make_steps(cfg, paths, federate=federate, log=say, signing_key=signing_key)
     rep = run_steps(steps, paths.metrics, dry_run=dry_run, log=say)
     if dry_run:
         return {"config": cfg.to_dict(), "plan": [{"step": d.name, "run": d.run, "reason": d.reason}

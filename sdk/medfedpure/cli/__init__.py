@@ -11,9 +11,12 @@ import typer
 
 from medfedpure import __version__
 from medfedpure.cli.bundle import app as bundle_app
+from medfedpure.cli.certify import certify_command
 from medfedpure.cli.data import app as data_app
 from medfedpure.cli.fed import app as fed_app
+from medfedpure.cli.keys import app as keys_app
 from medfedpure.cli.runtime import register as register_runtime_commands
+from medfedpure.cli.serve import serve_command
 from medfedpure.cli.train import app as train_app
 from medfedpure.cli.train import calibrate_command
 
@@ -30,7 +33,10 @@ app.add_typer(train_app, name="train", help="Train the classifier, the MAE detec
 app.command("calibrate")(calibrate_command)
 app.add_typer(fed_app, name="fed", help="Federated training with Flower: sim (one machine), deploy (SuperLink + SuperNodes), compare.")
 register_runtime_commands(app)  # run, demo, export, verify-bundle
-app.add_typer(bundle_app, name="bundle", help="Build the default bundle: data, federated training, calibration, export, install.")
+app.command("certify")(certify_command)  # certified radii by denoised smoothing
+app.add_typer(bundle_app, name="bundle", help="Build the default bundle (data, federated training, calibration, export, install); sign a bundle.")
+app.add_typer(keys_app, name="keys", help="Bundle signing keys: generate an Ed25519 key pair.")
+app.command("serve")(serve_command)  # HTTP service: /v1/classify, /v1/bundle, /healthz
 
 
 def _version_callback(value: bool) -> None:

@@ -13,8 +13,10 @@ from pathlib import Path
 import typer
 
 from medfedpure.build.config import BundleBuildConfig
+from medfedpure.cli.keys import sign_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
+app.command("sign")(sign_command)
 
 _D = {f.name: f.default for f in fields(BundleBuildConfig) if f.default is not MISSING}
 _SCHED = "Default: medfedpure.models.diffusion.PURIFY_DEFAULTS.{}."
@@ -56,6 +58,9 @@ def build(
                                   help="Stop a federation (all its processes) after this many seconds."),
     max_bytes: int = typer.Option(_D["max_bundle_bytes"], "--max-bytes", min=1,
                                   help="Fail when the bundle is larger than this many bytes."),
+    key: Path | None = typer.Option(None, "--key", dir_okay=False,
+                                    help="Ed25519 private key (PEM) that signs the installed bundle (default: "
+                                         "MEDFEDPURE_SIGNING_KEY, else installed unsigned)."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
     export → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
@@ -91,7 +96,7 @@ def build(
     if dry_run:
         console.print_json(json.dumps({**cfg.to_dict(), "dest": str(cfg.dest_path), "work": str(work)}))
     try:
-        out = build_bundle(cfg, work, dry_run=dry_run, log=log)
+        out = build_bundle(cfg, work, dry_run=dry_run, log=log, signing_key=key)
     except Exception as exc:  # noqa: BLE001 - every failure is reported with its step's message
         console.print(f"[red]bundle build failed:[/red] {type(exc).__name__}: {exc}")
         console.print(f"the steps done are recorded in {work / 'bundle_metrics.json'}; rerun to resume")

@@ -56,6 +56,10 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
             help="Drop updates with ‖Δ‖₂ above this (0: no bound)."),
     _option("max_relative_norm", float | None, None, "--max-relative-norm", min=0.0,
             help="Drop updates with ‖Δ‖/‖w‖ above this (0: no bound)."),
+    _option("max_median_ratio", float | None, None, "--max-median-ratio", min=0.0,
+            help="Drop updates longer than this × the round's median update norm (0: no bound)."),
+    _option("max_examples", int | None, None, "--max-examples", min=0,
+            help="Cap on a site's self-reported example count (0: only its registered count)."),
     _option("poison_site", int | None, None, "--poison-site", min=-1,
             help="Robustness experiments: this site sends poisoned updates (-1: none)."),
     _option("poison_scale", float | None, None, "--poison-scale",
@@ -70,7 +74,8 @@ TIMEOUT = typer.Option(7200.0, "--timeout", min=1.0, help="Stop the run (and all
 
 
 def _config(data: Path, out: Path, sites: int, config: str | None = None, purify_range: tuple[int, int] | None = None,
-            max_update_norm: float | None = None, max_relative_norm: float | None = None, **given: Any) -> Any:
+            max_update_norm: float | None = None, max_relative_norm: float | None = None,
+            max_median_ratio: float | None = None, **given: Any) -> Any:
     """The ``FedConfig`` of the options given on the command line (the rest: FedConfig's defaults)."""
     from medfedpure.data import num_sites
     from medfedpure.fed.config import FedConfig
@@ -80,7 +85,8 @@ def _config(data: Path, out: Path, sites: int, config: str | None = None, purify
         fields["preset"] = config
     if purify_range is not None:
         fields["purify_t_min"], fields["purify_t_max"] = (int(v) for v in purify_range)
-    for name, value in (("max_update_norm", max_update_norm), ("max_relative_norm", max_relative_norm)):
+    for name, value in (("max_update_norm", max_update_norm), ("max_relative_norm", max_relative_norm),
+                        ("max_median_ratio", max_median_ratio)):
         if value is not None:
             fields[name] = value if value > 0 else math.inf
     try:
@@ -163,3 +169,34 @@ def compare(cfg: Any,
     results = run_compare(cfg, out, methods=chosen, timeout_s=timeout)
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"wrote {out}/compare.json, compare.md, compare.png ({len(results['methods'])} methods)")
+
+
+@app.command()
+@fed_options(RUN_OPTIONS)
+def robustness(cfg: Any,
+               strategies: str = typer.Option("fedavg,fedmedian,fedtrimmedavg,krum", "--strategies",
+                                              help="Subset of fedavg,fedmedian,fedtrimmedavg,krum."),
+               poison_site: int = typer.Option(-1, "--poison-site", min=-1, help="The poisoned site (-1: the last)."),
+               poison_scale: float = typer.Option(-20.0, "--poison-scale",
+                                                  help="The poisoned site replies w + scale·Δ."),
+               max_median_ratio: float = typer.Option(0.0, "--max-median-ratio", min=0.0,
+                                                      help="Median-relative norm bound (0: FedConfig's default)."),
+               timeout: float = TIMEOUT) -> None:
+    """Classifier accuracy per strategy: clean vs one site sending poisoned (e.g. sign-flipped ×20) updates."""
+    from dataclasses import replace
+
+    from medfedpure.fed.compare import run_robustness
+    from medfedpure.fed.strategies import STRATEGIES
+
+    chosen = tuple(s for s in strategies.split(",") if s)
+    if set(chosen) - set(STRATEGIES) or not chosen:
+        raise typer.BadParameter(f"--strategies {strategies!r}: choose from {', '.join(STRATEGIES)}")
+    if max_median_ratio:
+        try:
+            cfg = replace(cfg, max_median_ratio=max_median_ratio)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    out = Path(cfg.out_dir)
+    run_robustness(cfg, out, strategies=chosen, poison_site=poison_site, poison_scale=poison_scale, timeout_s=timeout)
+    typer.echo((out / "robustness.md").read_text())
+    typer.echo(f"wrote {out}/robustness.json, robustness.md")

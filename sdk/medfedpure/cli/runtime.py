@@ -13,17 +13,24 @@ import typer
 
 BACKEND_HELP = "auto, onnxruntime, torch or tensorrt."
 DEVICE_HELP = "auto, cpu or cuda."
+EXPECTED_ID_HELP = "Pin the bundle id (sha256 of manifest.json, or a prefix of at least 16 hex digits)."
+TRUSTED_KEY_HELP = ("Also trust this Ed25519 public key (PEM); repeatable. The shipped release key and "
+                    "MEDFEDPURE_TRUSTED_KEYS are always trusted.")
+ALLOW_UNSIGNED_HELP = "Accept a bundle that no trusted key signed (refused by default)."
 
 
-def _load(bundle: Path | None, backend: str, device: str, threads: int, policy: str | None = None):
+def _load(bundle: Path | None, backend: str, device: str, threads: int, policy: str | None = None, *,
+          expected_id: str | None = None, trusted_keys: list[Path] | None = None, allow_unsigned: bool = False):
     from medfedpure.runtime.bundle import BundleError
     from medfedpure.runtime.defender import Defender
     from medfedpure.runtime.engines import EngineError
 
+    trust = dict(expected_id=expected_id, trusted_keys=list(trusted_keys or []) or None,
+                 allow_unsigned=allow_unsigned)
     try:
         if bundle is None:
-            return Defender.default(backend, device, threads=threads, policy=policy)
-        return Defender.load(bundle, backend, device, threads=threads, policy=policy)
+            return Defender.default(backend, device, threads=threads, policy=policy, **trust)
+        return Defender.load(bundle, backend, device, threads=threads, policy=policy, **trust)
     except (BundleError, EngineError, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
@@ -34,31 +41,41 @@ def run_command(
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle folder (default: the embedded one)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    seed: int | None = typer.Option(None, min=0, help="Purification RNG key (default: a fresh one per scan)."),
+    seed: int | None = typer.Option(None, min=0, max=2**63 - 1,
+                                    help="Purification RNG key, 0 to 2**63 - 1 (default: a fresh one per scan)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON Result per line (the audit format)."),
     threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
     policy: str | None = typer.Option(None, help="Gate policy: adaptive (unflagged scans skip the purifier) or "
                                                  "floor (every scan purified); default: the bundle's."),
+    expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP + " Default for the "
+                                           "embedded bundle: its shipped id."),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
-    """Classify scans with the guarded pipeline; exit code 1 if any scan is unverified, 2 on bad input."""
+    """Classify scans with the guarded pipeline, every file (a refused one does not stop the others).
+
+    Exit code 0: every scan ok; 1: some scan unverified (none refused); 2: some scan refused (not a usable
+    scan: unreadable, too large, not a regular file, ...) or a usage error (bad seed, missing or bad bundle).
+    """
     from rich.console import Console
     from rich.table import Table
 
-    from medfedpure.scan import ScanError
-
-    d = _load(bundle, backend, device, threads, policy)
+    d = _load(bundle, backend, device, threads, policy, expected_id=expected_id, trusted_keys=trusted_key,
+              allow_unsigned=allow_unsigned)
     table = Table(title=f"medfedpure · bundle {d.bundle.short_id} · {d.engine.describe()['backend']} · "
                         f"policy {d.policy}")
     for col in ("scan", "label", "p(tumor)", "flagged", "score", "t*", "status", "ms"):
         table.add_column(col)
-    any_unverified = False
+    statuses: set[str] = set()
     for s in scans:
         try:
-            r = d.run(s, seed=seed)
-        except ScanError as e:
-            typer.echo(f"error: {s}: {e}", err=True)
+            r = d.run_batch([s], seeds=[seed])[0]  # a refused scan comes back as status "refused"
+        except (TypeError, ValueError) as e:  # usage errors (the seed): one line, no traceback
+            typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from e
-        any_unverified |= not r.ok
+        statuses.add(r.status)
+        if r.status == "refused":
+            typer.echo(f"refused: {s}: {r.reason}", err=True)
         if as_json:
             typer.echo(json.dumps({"scan": s, **r.to_dict()}, allow_nan=False))
         else:
@@ -67,7 +84,9 @@ def run_command(
                           r.status if r.ok else f"{r.status}: {r.reason}", f"{r.latency_ms['total']:.1f}")
     if not as_json:
         Console().print(table)
-    if any_unverified:
+    if "refused" in statuses:
+        raise typer.Exit(2)
+    if statuses - {"ok"}:
         raise typer.Exit(1)
 
 
@@ -109,16 +128,20 @@ def demo_command(
 
 def verify_bundle_command(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    expected_id: str | None = typer.Option(None, "--expected-id", help="Pin the bundle id (sha256 of manifest.json)."),
+    expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
-    """Verify a bundle (manifest, every sha256, no unlisted files or links); exit code 2 if it fails."""
+    """Verify a bundle (signature by a trusted key, manifest, every sha256, no unlisted files or links);
+    exit code 2 if it fails."""
     from rich.console import Console
     from rich.table import Table
 
     from medfedpure.runtime.bundle import BundleError, verify_bundle
 
     try:
-        vb = verify_bundle(bundle, expected_id=expected_id)
+        vb = verify_bundle(bundle, expected_id=expected_id, trusted_keys=list(trusted_key or []) or None,
+                           allow_unsigned=allow_unsigned)
     except BundleError as e:
         typer.echo(f"REFUSED: {e}", err=True)
         raise typer.Exit(2) from e
@@ -128,6 +151,8 @@ def verify_bundle_command(
     for a in vb.artefacts.values():
         t.add_row(a.name, a.path, a.role, a.format, a.precision, f"{a.bytes:,}", a.sha256[:16] + "…")
     Console().print(t)
+    typer.echo(f"signed by {vb.signer.name} (key {vb.signer.key_id})" if vb.signer is not None else
+               "UNSIGNED: no valid signature by a trusted key (accepted because of --allow-unsigned)")
     prov = vb.manifest["provenance"]
     g = vb.spec.gate.to_dict()
     typer.echo(f"OK · format {vb.manifest['format_version']} · {vb.image_size} px · gate {g.get('stat')} "
@@ -145,6 +170,8 @@ def export_command(
     overwrite: bool = typer.Option(False, help="Replace an existing bundle at --out."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT plans (batch 1-8) for this GPU."),
     timing_cache: Path | None = typer.Option(None, "--timing-cache", help="TensorRT timing cache file."),
+    key: Path | None = typer.Option(None, "--key", dir_okay=False, help="Ed25519 private key (PEM) that signs the "
+                                    "bundle (default: MEDFEDPURE_SIGNING_KEY, else written unsigned)."),
 ) -> None:
     """Export a site's models to a verified bundle: ONNX FP32 + FP16, torch weights, manifest with sha256."""
     from medfedpure.export.pipeline import ExportVerificationError, export_run
@@ -160,7 +187,17 @@ def export_command(
                f"{f32['classifier']['max_abs']:.2e} top-1 {f32['classifier']['top1']:.3f}; FP16 top-1 "
                f"{f16['classifier']['top1']:.3f}, mae max|Δ| {f16['mae']['max_abs']:.2e}, gate flags "
                f"{f16['gate_flag_agreement']:.3f}; FP16 purifier → classifier top-1 {report['purifier_fp16_top1']}")
-    typer.echo(f"bundle {vb.bundle_id} written to {out}")
+    if key is not None:
+        from medfedpure.export.signing import sign_bundle
+        from medfedpure.runtime.bundle import BundleError
+
+        try:
+            vb = sign_bundle(out, key)
+        except (BundleError, ValueError) as e:
+            typer.echo(f"error: {e} (the bundle was written unsigned to {out})", err=True)
+            raise typer.Exit(2) from e
+    typer.echo(f"bundle {vb.bundle_id} written to {out}, "
+               + (f"signed by key {vb.signer.key_id[:16]}…" if vb.signer else "UNSIGNED (sign: medfedpure bundle sign)"))
     if tensorrt:
         from medfedpure.export.tensorrt import TensorRTUnavailable, add_tensorrt_plans
 
@@ -170,6 +207,8 @@ def export_command(
         except (TensorRTUnavailable, RuntimeError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from e
+        if key is not None:
+            vb = sign_bundle(trt_out, key)
         typer.echo(f"bundle with TensorRT plans {vb.bundle_id} written to {trt_out}")
 
 

@@ -26,6 +26,8 @@ Handlers (the phase's registry entry, ``phases.PHASES[phase]``, says what to do)
   local expert, gate and normalisation) or ``SITE/global/<phase>.safetensors`` (the federated MAE /
   teacher / student, the site's copy used for distillation and gate calibration — no data leaves
   the site).
+- ``query`` with ``phase = "register"`` (once, before the first phase): reply with this site's
+  training-set size, ``num-examples``; the server caps every later self-reported count at it.
 - ``query`` with ``phase = "calibrate"``: calibrate this site's gate on its own clean validation
   scans and write ``SITE/calibration.json``.
 
@@ -221,11 +223,15 @@ def _save_final(s: _Site, model: torch.nn.Module) -> None:
 
 
 def query(msg: Message, context: Context) -> Message:
-    """``phase = "calibrate"``: calibrate this site's gate on its clean validation scans."""
+    """``phase = "register"``: declare this site's training-set size; ``"calibrate"``: calibrate the gate."""
     phase = str(msg.content["config"].get("phase", ""))
-    if phase != "calibrate":
-        raise ValueError(f"unknown query phase {phase!r}: only 'calibrate' is served")
+    if phase not in ("register", "calibrate"):
+        raise ValueError(f"unknown query phase {phase!r}: only 'register' and 'calibrate' are served")
     s = _Site(msg, context)
+    if phase == "register":
+        # The server caps every later ``num-examples`` of this node at the count declared here.
+        return Message(RecordDict({"metrics": MetricRecord({"site": s.site, "num-examples": len(s.data().x_train)})}),
+                       reply_to=msg)
     calib = tasks.calibrate_site(s.site_dir, s.data())
     (s.site_dir / "calibration.json").write_text(json.dumps(calib, indent=2, sort_keys=True))
     numeric = {k: float(v) for k, v in calib.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -39,6 +39,7 @@ from medfedpure.fed import tasks
 from medfedpure.fed.config import FedConfig
 from medfedpure.fed.phases import PHASES, image_size
 from medfedpure.fed.sim import run_sim
+from medfedpure.fed.strategies import STRATEGIES
 
 METHODS = (("local", "local-only", "none"), ("fedavg", "FedAvg", "all"), ("fedbn", "FedBN-style", "fedbn"),
            ("moe", "personalised MoE", "moe"))
@@ -151,3 +152,76 @@ def plot_compare(results: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_robustness(base: FedConfig, out: Path, *, strategies: tuple[str, ...] = STRATEGIES, poison_site: int = -1,
+                   poison_scale: float = -20.0, progress: bool = True, timeout_s: float = 7200.0) -> dict[str, Any]:
+    """Per strategy: the classifier federation clean and with one poisoned site; per-site test accuracy.
+
+    ``base`` gives data, preset, rounds, sites, split, seed and the validation bounds (the default
+    median bound included: FedAvg is measured with it). The poisoned run has site ``poison_site``
+    (-1: the last) reply ``w + poison_scale · Δ`` every round; it trains honestly, so its own model
+    (the global part combined with its local part) counts like the others'. Reported per strategy
+    and arm: per-site test accuracy, mean over all sites and over the honest ones, updates dropped,
+    and the drop in mean accuracy (clean − poisoned). Writes ``OUT/robustness.json`` (after every
+    run) and ``OUT/robustness.md``.
+    """
+    site = base.num_sites - 1 if poison_site < 0 else poison_site
+    if site >= base.num_sites:
+        raise ValueError(f"poison_site={poison_site}: the run has {base.num_sites} sites")
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "config": base.to_dict(), "poison_site": site, "poison_scale": poison_scale,
+        "machine": {"node": platform.node(), "processor": platform.processor() or platform.machine()},
+        "strategies": {},
+    }
+    t0 = time.perf_counter()
+    for name in strategies:
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}: choose from {', '.join(STRATEGIES)}")
+        row: dict[str, Any] = {}
+        for arm, psite in (("clean", -1), ("poisoned", site)):
+            cfg = replace(base, out_dir=str(out / f"{name}_{arm}"), phases=("classifier",), calibrate=False,
+                          strategy=name, poison_site=psite, poison_scale=poison_scale)
+            m = run_sim(cfg, progress=progress, timeout_s=timeout_s)
+            per = _final_test_accuracy(m, cfg.rounds)
+            if len(per) != base.num_sites:
+                raise RuntimeError(f"{name} {arm}: got test accuracy for {len(per)} of {base.num_sites} sites")
+            rejected = m["phases"]["classifier"]["rejected"]
+            row[arm] = {"per_site": per, "mean": float(np.mean(list(per.values()))),
+                        "honest_mean": float(np.mean([a for s, a in per.items() if s != site])),
+                        "rejected": len(rejected), "rejected_sites": sorted({int(r["site"]) for r in rejected}),
+                        "wall_s": m["sim_wall_s"]}
+            results["strategies"][name] = row
+            (out / "robustness.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+        row["drop"] = row["clean"]["mean"] - row["poisoned"]["mean"]
+    results["wall_s"] = time.perf_counter() - t0
+    (out / "robustness.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (out / "robustness.md").write_text(robustness_table(results))
+    return results
+
+
+def robustness_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per strategy, clean vs poisoned mean test accuracy and the drop."""
+    cfg = results["config"]
+    rows = ["| strategy | clean: mean (per site) | poisoned: mean (per site) | honest sites, poisoned | "
+            "drop (points) | updates dropped (poisoned run) | wall (s) |", "|---|---|---|---|---|---|---|"]
+    for name, row in results["strategies"].items():
+        if "drop" not in row:
+            continue
+
+        def cell(arm: dict[str, Any]) -> str:
+            per = arm["per_site"]
+            return f"{arm['mean']:.3f} ({' / '.join(f'{per[k]:.2f}' for k in sorted(per, key=int))})"
+
+        p = row["poisoned"]
+        rows.append(f"| {name} | {cell(row['clean'])} | {cell(p)} | {p['honest_mean']:.3f} | "
+                    f"{100 * row['drop']:+.1f} | {p['rejected']} (sites {p['rejected_sites']}) | "
+                    f"{row['clean']['wall_s'] + p['wall_s']:.0f} |")
+    rows.append("")
+    rows.append(f"Per-site test accuracy of each site's final classifier; site {results['poison_site']} of "
+                f"{cfg['num_sites']} replies w + {results['poison_scale']:g}·Δ every round in the poisoned run; "
+                f"preset {cfg['preset']}, image size {cfg['image_size'] or 'preset'}, {cfg['rounds']} rounds × "
+                f"{cfg['local_epochs']} local epoch(s), split {cfg['classifier_split']}, max_median_ratio "
+                f"{cfg['max_median_ratio']:g}, seed {cfg['seed']}.")
+    return "\n".join(rows) + "\n"

@@ -19,6 +19,7 @@ from typing import Any
 from medfedpure.fed.params import SPLITS
 from medfedpure.fed.phases import PHASES, PRESETS
 from medfedpure.fed.strategies import STRATEGIES
+from medfedpure.fed.validation import DEFAULT_MEDIAN_RATIO, UpdateValidationConfig
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 
 
@@ -38,6 +39,10 @@ class FedConfig:
     classifier_split: what travels for the classifier: "moe" (global expert only; the
         personalised MoE), "all" (FedAvg of one model), "fedbn" (all but normalisation layers).
     max_update_norm / max_relative_norm: update validation bounds (validation.py).
+    max_median_ratio: drop an update longer than this × the round's median update norm (≥ 1;
+        inf disables; default ``validation.DEFAULT_MEDIAN_RATIO``).
+    max_examples: cap on a site's self-reported example count (0: only the count each site
+        declared when it registered at the start of the run).
     trim_beta: FedTrimmedAvg's trimmed fraction per side.  krum_f: Krum's assumed number of
         malicious sites (-1: max(0, (n-3)//2)).
     max_train: keep at most this many training scans per site (0: all; for quick runs).
@@ -64,6 +69,8 @@ class FedConfig:
     classifier_split: str = "moe"
     max_update_norm: float = math.inf
     max_relative_norm: float = 1.0
+    max_median_ratio: float = DEFAULT_MEDIAN_RATIO
+    max_examples: int = 0
     trim_beta: float = 0.25
     krum_f: int = -1
     max_train: int = 0
@@ -98,6 +105,10 @@ class FedConfig:
             raise ValueError(f"classifier_split={self.classifier_split!r}: use moe, all or fedbn")
         if not (self.max_update_norm > 0 and self.max_relative_norm > 0):
             raise ValueError("max_update_norm and max_relative_norm must be > 0 (inf disables)")
+        if not self.max_median_ratio >= 1.0:
+            raise ValueError(f"max_median_ratio={self.max_median_ratio}: must be >= 1 (inf disables)")
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples={self.max_examples}: must be >= 0 (0: no configured cap)")
         if not 0.0 <= self.trim_beta < 0.5:
             raise ValueError(f"trim_beta={self.trim_beta}: must be in [0, 0.5)")
         if self.krum_f < -1 or self.krum_f >= self.num_sites:
@@ -113,6 +124,12 @@ class FedConfig:
                              f"{self.purify_t_max}]: {exc}") from exc
         if self.poison_site >= self.num_sites:
             raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
+
+    @property
+    def validation(self) -> UpdateValidationConfig:
+        """The update validation bounds of this run (``validation.py``)."""
+        return UpdateValidationConfig(self.max_update_norm, self.max_relative_norm, self.max_median_ratio,
+                                      self.max_examples)
 
     @property
     def purify_schedule(self) -> PurifySchedule:

@@ -17,7 +17,10 @@ Per phase (in the order of ``phases.PHASES``; what differs between phases is in 
    (``RUN/{mae,teacher,student}.safetensors``), or for a personalised phase only what travels
    (``RUN/classifier_global.safetensors``; each site writes its full ``site_k/classifier.safetensors``).
 
-Then each site calibrates its gate (a QUERY message; the data never leaves the site). Metrics —
+Before the first phase each site registers (a QUERY): it declares its training-set size, which caps
+every ``num-examples`` it reports later (``validation.check_num_examples``; a node that does not
+register validly has all its updates dropped). After the last phase each site calibrates its gate
+(a QUERY message; the data never leaves the site). Metrics —
 per site, per round, per phase, plus every dropped update with its reason — go to
 ``RUN/metrics.json`` after every phase, and a plot to ``RUN/fed_metrics.png``.
 """
@@ -39,10 +42,12 @@ from flwr.serverapp import Grid, ServerApp
 from medfedpure.fed import params
 from medfedpure.fed.config import FedConfig
 from medfedpure.fed.phases import PHASES, Phase
-from medfedpure.fed.strategies import make_strategy
-from medfedpure.fed.validation import UpdateValidationConfig
+from medfedpure.fed.strategies import WEIGHT_KEY, make_strategy
+from medfedpure.fed.validation import UpdateValidationConfig, check_num_examples
 
 LOG = logging.getLogger("medfedpure.fed")
+
+REGISTER_POLL_S = 0.5  # how often registration looks for nodes that have not connected yet
 
 
 def round_config(phase: str, split: str, run_token: str) -> ConfigRecord:
@@ -83,14 +88,16 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     # Identifies this run to the sites: their saved local state is reused only within the same run.
     run_token = secrets.token_hex(8)
     metrics["run_token"] = run_token
-    validation = UpdateValidationConfig(cfg.max_update_norm, cfg.max_relative_norm)
+    validation = cfg.validation
+    metrics["registration"] = _register(grid, cfg, validation)
+    declared = {int(node): int(n) for node, n in metrics["registration"]["declared_by_node"].items()}
     t_run = time.perf_counter()
     for index, phase in enumerate(PHASES[name] for name in cfg.phases):
         split = phase.split(cfg)
         model, mcfg = _initial_model(cfg, phase, finals)
         strategy = make_strategy(
             cfg.strategy, cfg.num_sites, validation=validation, phase=phase.name, trim_beta=cfg.trim_beta,
-            krum_f=None if cfg.krum_f < 0 else cfg.krum_f,
+            krum_f=None if cfg.krum_f < 0 else cfg.krum_f, declared_examples=declared,
         )
         conf = round_config(phase.name, split, run_token)
 
@@ -145,6 +152,43 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     metrics["wall_s"] = time.perf_counter() - t_run
     _write(out, metrics)
     return metrics
+
+
+def _register(grid: Grid, cfg: FedConfig, validation: UpdateValidationConfig) -> dict[str, Any]:
+    """Ask every node for its training-set size before the first phase; the declared counts cap its replies.
+
+    Returns ``{"declared_by_node": {node: n}, "declared_by_site": {site: n}, "rejected": [...]}``. A
+    declaration that is not a finite positive integer within ``validation.max_examples`` (or a
+    node that fails to answer) is recorded under "rejected": that node's updates are all dropped.
+    """
+    conf = round_config("register", "all", "")
+    # Nodes connect asynchronously: wait (as the strategies do before a round) for all of them.
+    deadline = time.monotonic() + cfg.round_timeout_s
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < cfg.num_sites and time.monotonic() < deadline:
+        time.sleep(REGISTER_POLL_S)
+        node_ids = list(grid.get_node_ids())
+    msgs = [Message(RecordDict({"config": conf}), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
+    out: dict[str, Any] = {"declared_by_node": {}, "declared_by_site": {}, "rejected": []}
+    replies = list(grid.send_and_receive(msgs, timeout=cfg.round_timeout_s))
+    for node in sorted(set(node_ids) - {int(r.metadata.src_node_id) for r in replies}):
+        LOG.warning("node %d not registered: no reply to the registration query", node)
+        out["rejected"].append({"node": int(node), "site": -1, "reason": "no reply to the registration query"})
+    for r in replies:
+        node = int(r.metadata.src_node_id)
+        if r.has_error():
+            reason, site = f"registration failed: {r.error.reason}", -1
+        else:
+            rec = r.content.metric_records.get("metrics", {})
+            site = int(rec.get("site", -1))
+            reason = check_num_examples(rec.get(WEIGHT_KEY), validation)
+        if reason:
+            LOG.warning("node %d (site %d) not registered: %s", node, site, reason)
+            out["rejected"].append({"node": node, "site": site, "reason": reason})
+            continue
+        out["declared_by_node"][str(node)] = int(rec[WEIGHT_KEY])
+        out["declared_by_site"][str(site)] = int(rec[WEIGHT_KEY])
+    return out
 
 
 def _calibrate(grid: Grid, cfg: FedConfig) -> dict[str, Any]:

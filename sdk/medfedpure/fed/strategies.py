@@ -21,7 +21,7 @@ update; ``krum_f`` defaults to ``max(0, (n − 3) // 2)``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
-from medfedpure.fed.validation import UpdateValidationConfig, check_update
+from medfedpure.fed.validation import (
+    UpdateValidationConfig,
+    check_num_examples,
+    check_update,
+    median_norm_rejections,
+)
 
 LOG = logging.getLogger("medfedpure.fed")
 
@@ -42,6 +47,14 @@ def _reply_arrays(msg: Message) -> dict[str, np.ndarray] | None:
     if len(records) != 1:
         return None
     return {k: v.numpy() for k, v in records[0].items()}
+
+
+def _weight(msg: Message) -> object:
+    """The reply's raw ``num-examples`` (None when no metric record carries it)."""
+    for rec in msg.content.metric_records.values():
+        if WEIGHT_KEY in rec:
+            return rec[WEIGHT_KEY]
+    return None
 
 
 def _reply_metrics(msg: Message) -> dict[str, float]:
@@ -57,7 +70,9 @@ class ValidatingMixin:
     """Put in front of a Flower Message-API strategy: validates train replies, records metrics.
 
     Attributes set by :func:`make_strategy`: ``validation`` (UpdateValidationConfig), ``phase``
-    (a label written into ``history``, e.g. "classifier"). ``history`` is a list of dicts
+    (a label written into ``history``, e.g. "classifier"), ``declared_examples`` (node id → the
+    example count the node registered with; None: no registration, only the configured cap; a node
+    missing from it has every update dropped). ``history`` is a list of dicts
     ``{"phase", "round", "kind": "train"|"evaluate", "site", "node", <metrics>}``; ``rejected`` a list
     of ``{"phase", "round", "site", "node", "reason"}``; ``errors`` the replies that carried an error
     (a site's exception) instead of content.
@@ -65,10 +80,13 @@ class ValidatingMixin:
 
     validation: UpdateValidationConfig
     phase: str
+    declared_examples: Mapping[int, int] | None
 
-    def _init_validation(self, validation: UpdateValidationConfig, phase: str) -> None:
+    def _init_validation(self, validation: UpdateValidationConfig, phase: str,
+                         declared_examples: Mapping[int, int] | None = None) -> None:
         self.validation = validation
         self.phase = phase
+        self.declared_examples = None if declared_examples is None else dict(declared_examples)
         self.history: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
         self.errors: list[dict[str, Any]] = []
@@ -89,8 +107,15 @@ class ValidatingMixin:
         )
 
     def filter_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Return the replies that pass validation (error replies pass through: Flower logs them)."""
+        """Return the replies that pass validation (error replies pass through: Flower logs them).
+
+        Per reply: arrays (:func:`check_update`) and example count (:func:`check_num_examples`,
+        against the node's registered count when the server registered the sites); then across
+        the kept replies the bound relative to the round's median update norm
+        (:func:`median_norm_rejections`).
+        """
         kept: list[Message] = []
+        passed: list[tuple[Message, dict[str, float], int, int]] = []
         for msg in replies:
             if msg.has_error():
                 self._record_error(server_round, "train", msg)
@@ -102,24 +127,34 @@ class ValidatingMixin:
             arrays = _reply_arrays(msg)
             if arrays is None:
                 reason = f"expected exactly one ArrayRecord, got {len(msg.content.array_records)}"
-            elif not (metrics.get(WEIGHT_KEY, 0) > 0):
-                reason = f"metric {WEIGHT_KEY!r} missing or not positive"
+            elif self.declared_examples is not None and node not in self.declared_examples:
+                reason = "the node did not register a valid example count; its updates are not weighed"
             else:
-                check = check_update(self._sent, arrays, self.validation)
-                reason = check.reason
-                metrics["update_norm"] = check.update_norm
-                metrics["update_rel_norm"] = check.relative_norm
+                declared = None if self.declared_examples is None else self.declared_examples[node]
+                reason = check_num_examples(_weight(msg), self.validation, declared)
+                if not reason:
+                    check = check_update(self._sent, arrays, self.validation)
+                    reason = check.reason
+                    metrics["update_norm"] = check.update_norm
+                    metrics["update_rel_norm"] = check.relative_norm
             if reason:
-                LOG.warning("round %d: dropped update from node %d (site %d): %s", server_round, node, site, reason)
-                self.rejected.append(
-                    {"phase": self.phase, "round": server_round, "site": site, "node": node, "reason": reason}
-                )
+                self._reject(server_round, site, node, reason)
+                continue
+            passed.append((msg, metrics, site, node))
+        too_far = median_norm_rejections({i: p[1]["update_norm"] for i, p in enumerate(passed)}, self.validation)
+        for i, (msg, metrics, site, node) in enumerate(passed):
+            if i in too_far:
+                self._reject(server_round, site, node, too_far[i])
                 continue
             self.history.append(
                 {**metrics, "phase": self.phase, "round": server_round, "kind": "train", "site": site, "node": node}
             )
             kept.append(msg)
         return kept
+
+    def _reject(self, server_round: int, site: int, node: int, reason: str) -> None:
+        LOG.warning("round %d: dropped update from node %d (site %d): %s", server_round, node, site, reason)
+        self.rejected.append({"phase": self.phase, "round": server_round, "site": site, "node": node, "reason": reason})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -178,11 +213,13 @@ def make_strategy(
     trim_beta: float = 0.25,
     krum_f: int | None = None,
     evaluate: bool = True,
+    declared_examples: Mapping[int, int] | None = None,
 ) -> ValidatingMixin:
     """Build strategy ``name`` (one of :data:`STRATEGIES`) for exactly ``num_sites`` sites.
 
     ``min_train_nodes = min_evaluate_nodes = min_available_nodes = num_sites`` so that no round
     starts before every site is connected. ``evaluate=False`` skips federated evaluation.
+    ``declared_examples``: node id → registered example count (:class:`ValidatingMixin`).
     """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
@@ -208,5 +245,5 @@ def make_strategy(
         if f < 0 or f >= num_sites:
             raise ValueError(f"krum_f={f}: must be in [0, num_sites)")
         strategy = ValidatedKrum(num_malicious_nodes=f, **common)
-    strategy._init_validation(validation or UpdateValidationConfig(), phase)
+    strategy._init_validation(validation or UpdateValidationConfig(), phase, declared_examples)
     return strategy

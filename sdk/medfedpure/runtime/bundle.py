@@ -22,6 +22,16 @@ bytes from :meth:`VerifiedBundle.read_bytes`, which re-hashes exactly the bytes 
 file swapped after verification (time-of-check / time-of-use) is refused as well. The manifest is
 the trust root; ``bundle_id`` is the sha256 of its bytes, so a deployment can pin one exact bundle
 with ``verify_bundle(path, expected_id=...)``.
+
+Signatures: the manifest's bytes are signed with Ed25519 (:mod:`medfedpure.runtime.signing`); the
+signature is the one extra file ``signature.json`` beside the manifest. A bundle without a signature
+by a trusted key is refused unless the caller passes ``allow_unsigned=True``. The signature is
+checked on the manifest's raw bytes before the JSON parser sees them; the JSON itself is parsed with
+a nesting-depth limit and without the non-standard ``NaN`` / ``Infinity`` constants.
+
+ONNX external data: a graph whose tensors keep their data in another file is accepted only when
+that file is a listed, hashed artefact (format ``onnx_data``) of the bundle; the engines hand it to
+ONNX Runtime from the verified bytes, never from a path.
 """
 
 from __future__ import annotations
@@ -29,21 +39,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from medfedpure.runtime.manifest import FORMAT_VERSION, BundleError, BundleSpec
+import numpy as np
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Artefact", "BundleError", "BundleSpec", "VerifiedBundle",
-           "check_relpath", "default_bundle_path", "sha256_file", "verify_bundle"]
+from medfedpure.runtime.manifest import FORMAT_VERSION, BundleError, BundleSpec
+from medfedpure.runtime.onnx_graph import OnnxParseError, summarize
+from medfedpure.runtime.signing import (
+    SIGNATURE_NAME,
+    Signer,
+    TrustedKeySpec,
+    check_signature,
+    trusted_key_set,
+)
+
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "SIGNATURE_NAME", "Artefact", "BundleError", "BundleSpec", "Signer",
+           "VerifiedBundle", "check_relpath", "default_bundle_path", "sha256_file", "verify_bundle"]
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_MANIFEST_DEPTH = 32  # objects/arrays nested at most this deep (the format needs 7)
 ROLES = ("classifier", "mae", "denoiser")
-FORMATS = ("onnx", "safetensors", "tensorrt")
+FORMATS = ("onnx", "onnx_data", "safetensors", "tensorrt")  # onnx_data: a graph's external tensor data
 PRECISIONS = ("fp32", "fp16")
 _HASH_CHUNK = 1 << 20
 
@@ -72,8 +94,8 @@ def check_relpath(rel: str) -> PurePosixPath:
     if any(p in ("", ".", "..") for p in parts):
         raise BundleError(f"artefact path {rel!r} leaves the bundle or is not normalised ('', '.', '..')")
     p = PurePosixPath(rel)
-    if str(p) == MANIFEST_NAME:
-        raise BundleError(f"artefact path {rel!r} collides with the manifest")
+    if str(p) in (MANIFEST_NAME, SIGNATURE_NAME):
+        raise BundleError(f"artefact path {rel!r} collides with the bundle's {str(p)}")
     return p
 
 
@@ -91,19 +113,21 @@ class Artefact:
 
     @classmethod
     def from_dict(cls, name: str, d: Mapping[str, Any]) -> Artefact:
-        try:
-            a = cls(
-                name=name,
-                path=str(d["path"]),
-                sha256=str(d["sha256"]).lower(),
-                bytes=int(d["bytes"]),
-                role=str(d["role"]),
-                format=str(d["format"]),
-                precision=str(d["precision"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"manifest artefact {name!r} is malformed ({e}); expected keys "
-                              "path, sha256, bytes, role, format, precision") from e
+        keys = ("path", "sha256", "bytes", "role", "format", "precision")
+        if not isinstance(d, Mapping):
+            raise BundleError(f"manifest artefacts.{name}: expected an object with keys {list(keys)}, got "
+                              f"{type(d).__name__}")
+        if set(d) != set(keys):
+            raise BundleError(f"manifest artefacts.{name}: expected exactly the keys {list(keys)}, got {sorted(d)}")
+        for k in keys:
+            v = d[k]
+            if k == "bytes":
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise BundleError(f"manifest artefacts.{name}.bytes: expected an integer, got {v!r}")
+            elif not isinstance(v, str):
+                raise BundleError(f"manifest artefacts.{name}.{k}: expected a string, got {v!r}")
+        a = cls(name=name, path=d["path"], sha256=d["sha256"].lower(), bytes=d["bytes"], role=d["role"],
+                format=d["format"], precision=d["precision"])
         check_relpath(a.path)
         if len(a.sha256) != 64 or any(c not in "0123456789abcdef" for c in a.sha256):
             raise BundleError(f"artefact {name!r}: sha256 {a.sha256!r} is not 64 hex digits")
@@ -144,24 +168,56 @@ def _walk(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _read_manifest(root: Path) -> tuple[dict[str, Any], bytes]:
-    mpath = root / MANIFEST_NAME
+def _read_small_file(path: Path, limit: int, *, required: bool) -> bytes | None:
+    """The bytes of a regular file (never a link) of at most ``limit`` bytes; None if absent and optional."""
     try:
-        st = os.lstat(mpath)
+        st = os.lstat(path)
     except FileNotFoundError:
-        raise BundleError(f"{root} has no {MANIFEST_NAME}: not a medfedpure bundle") from None
+        if required:
+            raise BundleError(f"{path.parent} has no {path.name}: not a medfedpure bundle") from None
+        return None
     if not stat.S_ISREG(st.st_mode):
-        raise BundleError(f"{mpath} is not a regular file (links are refused)")
-    if st.st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{mpath} is {st.st_size} bytes; manifests are at most {MAX_MANIFEST_BYTES}")
-    raw = mpath.read_bytes()
+        raise BundleError(f"{path} is not a regular file (links are refused)")
+    if st.st_size > limit:
+        raise BundleError(f"{path} is {st.st_size} bytes; at most {limit} are accepted")
+    raw = path.read_bytes()
+    if len(raw) > limit:
+        raise BundleError(f"{path} grew past {limit} bytes while it was read")
+    return raw
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of objects/arrays in JSON text (strings skipped), without recursion."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    step = (np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64)
+            - np.isin(skeleton, (ord("]"), ord("}"))).astype(np.int64))
+    return int(np.cumsum(step).max(initial=0))
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"the non-standard constant {name} is not JSON")
+
+
+def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
+    """Strict JSON of a manifest: UTF-8, an object, nested at most ``MAX_MANIFEST_DEPTH`` deep, no
+    ``NaN`` / ``Infinity``.
+
+    Raises:
+        BundleError: naming what is wrong (never a RecursionError, whatever the input).
+    """
+    depth = json_depth(raw)
+    if depth > MAX_MANIFEST_DEPTH:
+        raise BundleError(f"{where} nests objects/arrays {depth} deep; at most {MAX_MANIFEST_DEPTH} are accepted")
     try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mpath} is not valid UTF-8 JSON: {e}") from e
+        manifest = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{where} is not valid UTF-8 JSON: {e}") from e
     if not isinstance(manifest, dict):
-        raise BundleError(f"{mpath} must hold a JSON object")
-    return manifest, raw
+        raise BundleError(f"{where} must hold a JSON object")
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -175,6 +231,8 @@ class VerifiedBundle:
         artefacts: manifest entries by name.
         spec: the typed, validated sections (classes, image size, preprocessing, MAE, gate,
             purifier, provenance).
+        signer: the trusted key that signed the manifest; None when the bundle was accepted
+            unsigned (``allow_unsigned=True``).
     """
 
     root: Path
@@ -182,6 +240,7 @@ class VerifiedBundle:
     bundle_id: str
     artefacts: dict[str, Artefact]
     spec: BundleSpec
+    signer: Signer | None = None
 
     @property
     def short_id(self) -> str:
@@ -225,35 +284,92 @@ _REQUIRED_KEYS = ("format_version", "classes", "image_size", "preprocessing", "g
                   "artefacts", "provenance")
 
 
-def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = None) -> VerifiedBundle:
+def _check_onnx(a: Artefact, data: bytes, artefacts: Mapping[str, Artefact], classes: tuple[str, ...]) -> None:
+    """Refuse an ONNX graph that reads unlisted external data, or a classifier of the wrong width."""
+    try:
+        g = summarize(data)
+    except OnnxParseError as e:
+        raise BundleError(f"artefact {a.path!r} is not a well-formed ONNX model ({e})") from e
+    by_path = {b.path: b for b in artefacts.values()}
+    for ref in g.external:
+        loc = ref.location
+        target = by_path.get(loc) if isinstance(loc, str) else None
+        if target is None or target.format != "onnx_data":
+            raise BundleError(f"artefact {a.path!r}: tensor {ref.tensor!r} keeps its data in the external file "
+                              f"{loc!r}, which is not an onnx_data artefact listed (and hashed) in the manifest; "
+                              "re-export the graph with its data embedded, or list the data file")
+        if ref.offset is None or ref.length is None or ref.offset + ref.length > target.bytes:
+            raise BundleError(f"artefact {a.path!r}: tensor {ref.tensor!r} needs explicit offset and length inside "
+                              f"{loc!r} ({target.bytes} bytes); got offset {ref.offset}, length {ref.length}")
+    if a.role == "classifier":
+        if len(g.outputs) < 1 or g.outputs[0].dims is None or len(g.outputs[0].dims) != 2:
+            raise BundleError(f"artefact {a.path!r}: the classifier graph must declare its output as "
+                              f"[batch, classes]; it declares {[o.dims for o in g.outputs]}")
+        width = g.outputs[0].dims[1]
+        if not isinstance(width, int) or width != len(classes):
+            raise BundleError(f"manifest classes: {len(classes)} names {list(classes)}, but the classifier graph "
+                              f"{a.path!r} declares {width!r} outputs; they must agree — re-export the bundle")
+
+
+def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = None,
+                  trusted_keys: Iterable[TrustedKeySpec] | TrustedKeySpec | None = None,
+                  allow_unsigned: bool = False) -> VerifiedBundle:
     """Verify a bundle completely, before anything parses an artefact.
 
     Args:
         path: the bundle directory.
         expected_id: optional pinned bundle id (full sha256 hex of manifest.json, or a prefix of at
             least 16 hex digits).
+        trusted_keys: public keys trusted besides the shipped ones and ``MEDFEDPURE_TRUSTED_KEYS``
+            (PEM file paths, PEM bytes or ``Ed25519PublicKey`` objects; see
+            :func:`medfedpure.runtime.signing.trusted_key_set`).
+        allow_unsigned: accept a bundle without a valid signature by a trusted key (its
+            :attr:`VerifiedBundle.signer` is then None). Everything else is still verified.
 
     Returns:
         A :class:`VerifiedBundle`.
 
     Raises:
-        BundleError: missing or malformed manifest, unsupported format version, a section the
-            runtime does not implement, unlisted file, symbolic link, special file, path leaving
-            the bundle, missing file, size or sha256 mismatch, or a bundle id different from
-            ``expected_id``.
+        BundleError: missing or malformed manifest, an unsigned bundle or a signature that is
+            malformed, by an untrusted key or not matching the manifest (unless ``allow_unsigned``),
+            unsupported format version, a section the runtime does not implement or out of range,
+            unlisted file, symbolic link, special file, path leaving the bundle, missing file, size or
+            sha256 mismatch, an ONNX graph reading unlisted external data, a classifier whose output
+            width is not the number of classes, or a bundle id different from ``expected_id``.
     """
+    if not isinstance(allow_unsigned, bool):
+        raise TypeError(f"allow_unsigned={allow_unsigned!r}: expected True or False")
     root_in = Path(path)
     if not root_in.exists():
         raise BundleError(f"bundle {str(root_in)!r} does not exist")
     if not root_in.is_dir():
         raise BundleError(f"bundle {str(root_in)!r} is not a directory")
     root = root_in.resolve()
-    manifest, raw = _read_manifest(root)
+    raw = _read_small_file(root / MANIFEST_NAME, MAX_MANIFEST_BYTES, required=True)
+    assert raw is not None
     bundle_id = hashlib.sha256(raw).hexdigest()
     if expected_id is not None:
         e = expected_id.lower()
         if len(e) < 16 or not bundle_id.startswith(e):
             raise BundleError(f"bundle id {bundle_id} does not match the pinned id {expected_id}")
+    sig_raw = _read_small_file(root / SIGNATURE_NAME, 1 << 16, required=False)
+    signer: Signer | None = None
+    if allow_unsigned:
+        if sig_raw is not None:  # reported when it checks out; ignored otherwise (the caller opted out)
+            try:
+                signer = check_signature(raw, sig_raw, trusted_key_set(trusted_keys))
+            except BundleError:
+                signer = None
+    else:
+        try:
+            signer = check_signature(raw, sig_raw, trusted_key_set(trusted_keys))
+        except BundleError:
+            if sig_raw is None:  # an older format is never signed: say how to convert it instead
+                old = parse_manifest(raw, str(root / MANIFEST_NAME)).get("format_version")
+                if old != FORMAT_VERSION:
+                    BundleSpec.from_manifest({"format_version": old})
+            raise
+    manifest = parse_manifest(raw, str(root / MANIFEST_NAME))
     if "format_version" in manifest and manifest["format_version"] != FORMAT_VERSION:
         BundleSpec.from_manifest(manifest)  # raises, saying how to convert or re-export
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
@@ -274,7 +390,7 @@ def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = Non
         listed[a.path] = a.name
 
     present = set(_walk(root))
-    unlisted = sorted(present - set(listed) - {MANIFEST_NAME})
+    unlisted = sorted(present - set(listed) - {MANIFEST_NAME, SIGNATURE_NAME})
     if unlisted:
         raise BundleError(f"bundle holds files the manifest does not list: {unlisted}; "
                           "unlisted files are refused — remove them or re-export the bundle")
@@ -288,11 +404,15 @@ def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = Non
         size = os.lstat(p).st_size
         if size != a.bytes:
             raise BundleError(f"artefact {a.path!r} is {size} bytes; the manifest says {a.bytes}: tampered or truncated")
-        digest = sha256_file(p)
+        data = p.read_bytes() if a.format == "onnx" else None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(p)
         if digest != a.sha256:
             raise BundleError(f"artefact {a.path!r} has sha256 {digest[:16]}…; the manifest says "
                               f"{a.sha256[:16]}…: the file was modified — refusing the bundle")
-    return VerifiedBundle(root=root, manifest=manifest, bundle_id=bundle_id, artefacts=artefacts, spec=spec)
+        if data is not None:
+            _check_onnx(a, data, artefacts, spec.classes)
+    return VerifiedBundle(root=root, manifest=manifest, bundle_id=bundle_id, artefacts=artefacts, spec=spec,
+                          signer=signer)
 
 
 def default_bundle_path() -> Path:

@@ -20,9 +20,13 @@ noise) and records it.
 
 Fail closed: an exception in a model stage, a stage returning non-finite values, or the time
 budget running out gives ``status="unverified"`` with a ``reason`` and no label for the scans
-concerned (in a mixed batch, a purifier failure affects only the purified rows). Bad input
-raises the :class:`medfedpure.scan.ScanError` family before any model runs; the caller's data
-is never modified.
+concerned (in a mixed batch, a purifier failure affects only the purified rows). The budget holds
+while a stage runs: with ``timeout_s`` each stage runs in a worker thread that the call waits for
+only until the deadline (then the stage is interrupted where the engine can stop it: onnxruntime's
+``RunOptions.terminate``). Bad input (the :class:`medfedpure.scan.ScanError` family) is caught per
+scan before any model runs: :meth:`Defender.run_batch` returns it as ``status="refused"`` with the
+error's type and message and classifies the other scans; :meth:`Defender.run` raises it. Input
+sizes are bounded by :class:`medfedpure.scan.ScanLimits`. The caller's data is never modified.
 
 Latency: ``Result.latency_ms`` holds the wall time of each stage (load, preprocess, mae, gate,
 purify, classify) and ``total`` for the call that produced it; for :meth:`Defender.run_batch`
@@ -34,9 +38,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,13 +50,23 @@ from typing import Any
 import numpy as np
 
 from medfedpure.runtime.bundle import VerifiedBundle, default_bundle_path, verify_bundle
+from medfedpure.runtime.default_id import DEFAULT_BUNDLE_ID
 from medfedpure.runtime.engines import Engine, create_engine
+from medfedpure.runtime.engines.base import Interrupt, run_interruptible
+from medfedpure.scan.limits import ScanLimits, check_limits_arg
 
 STAGES = ("load", "preprocess", "mae", "gate", "purify", "classify")
 STATUS_OK = "ok"
 STATUS_UNVERIFIED = "unverified"
+STATUS_REFUSED = "refused"  # the input itself was refused (a ScanError): no model ran on it
 POLICIES = ("adaptive", "floor")  # gate policies (docs/design.md, "Policies")
 _SEED_MAX = (1 << 63) - 1
+# worker threads per Defender: a call uses two at once (a stage and the speculative classifier)
+_WORKERS = 4
+
+
+class _StageTimeout(Exception):
+    """The time budget ran out while a stage was running (internal to ``Defender._run``)."""
 
 
 @dataclass
@@ -63,8 +79,10 @@ class Result:
         flagged: the gate's flag (score ≥ τ); None when the gate did not run.
         score: the gate's score; None when the gate did not run.
         t_star: purification strength used (0: not purified); None when the gate did not run.
-        status: ``"ok"`` or ``"unverified"``.
-        reason: why the status is unverified (stage and error), else None.
+        status: ``"ok"``, ``"unverified"`` (a model stage failed or the time budget ran out) or
+            ``"refused"`` (the input is not a usable scan: :meth:`Defender.run_batch` only).
+        reason: why the status is unverified (stage and error) or refused (``"<ScanError type>:
+            <message>"``), else None.
         seed: the key of the purification RNG (replays the decision exactly).
         latency_ms: stage → milliseconds, and ``"total"``.
         backend / device / precision: the engine that ran it.
@@ -72,6 +90,7 @@ class Result:
         purified: [1, S, S] float32 image the classifier saw (on request; equals the input when
             t* = 0).
         patch_error: [Np] float32 per-patch reconstruction error (on request).
+        error: the exception type of a refused input (e.g. ``"ScanTooLargeError"``), else None.
     """
 
     label: str | None
@@ -89,6 +108,7 @@ class Result:
     bundle_id: str
     purified: np.ndarray | None = field(default=None, repr=False)
     patch_error: np.ndarray | None = field(default=None, repr=False)
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,7 +118,7 @@ class Result:
         """JSON-ready dict; arrays (when present) become nested lists."""
         d = {k: getattr(self, k) for k in ("label", "probabilities", "flagged", "score", "t_star", "status",
                                            "reason", "seed", "latency_ms", "backend", "device", "precision",
-                                           "bundle_id")}
+                                           "bundle_id", "error")}
         d["purified"] = None if self.purified is None else self.purified.tolist()
         d["patch_error"] = None if self.patch_error is None else self.patch_error.tolist()
         return d
@@ -121,6 +141,17 @@ def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= _SEED_MAX:
         raise ValueError(f"seed={seed!r}: expected an int in [0, 2**63 - 1] or None")
     return int(seed)
+
+
+def _keys(seeds: Sequence[int | None] | None, n: int) -> list[int]:
+    """One RNG key per scan: the given seed (validated) or a fresh one."""
+    if seeds is None:
+        seeds = [None] * n
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds={seeds!r}: expected a sequence with one int (or None) per scan")
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} scans: give one seed (or None) per scan")
+    return [fresh_seed() if sd is None else _check_seed(sd) for sd in seeds]
 
 
 def _check_policy(policy: Any) -> None:
@@ -149,7 +180,10 @@ class Defender:
     Args:
         bundle: a verified bundle (:func:`medfedpure.runtime.bundle.verify_bundle`).
         engine: a backend built for it (:func:`medfedpure.runtime.engines.create_engine`).
-        timeout_s: budget per call; exceeded between stages → the unfinished scans are unverified.
+        timeout_s: budget per call, enforced while a stage runs: each stage runs in a worker thread
+            and the call stops waiting at the deadline → the unfinished scans are unverified with
+            reason ``"timeout: …"`` (the stage is interrupted where the engine can stop it, else it
+            finishes in the background). None: no budget, stages run in the calling thread.
         overlap: classify the scans speculatively in a second thread while the detector runs, and
             keep that answer when no scan of the call is purified (the early-exit path then costs
             about max(detector, classifier) instead of their sum). ``None``: on when the engine
@@ -160,10 +194,16 @@ class Defender:
             and a flag raises t* further. Against an attacker who shapes perturbations to stay under
             τ, ``floor`` is the safer choice, at the latency of the purified path
             (benchmarks/RESULTS.md, "Robustness"). Passed to every gate call; the engine is not changed.
+        limits: input limits for :func:`medfedpure.load_scan` (file-size cap, decoded-bytes budget;
+            :class:`medfedpure.scan.ScanLimits`); None: the defaults.
+
+    Thread safety: ``run`` / ``run_batch`` / ``run_array`` may be called from several threads, and
+    :meth:`close` may be called while they run (a call in flight still finishes).
     """
 
     def __init__(self, bundle: VerifiedBundle, engine: Engine, *, timeout_s: float | None = 30.0,
-                 overlap: bool | None = None, policy: str | None = None) -> None:
+                 overlap: bool | None = None, policy: str | None = None,
+                 limits: ScanLimits | None = None) -> None:
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s={timeout_s}: expected a positive number of seconds or None")
         if overlap is not None and not isinstance(overlap, bool):
@@ -171,11 +211,13 @@ class Defender:
         if overlap and not engine.overlap_classify:
             raise ValueError(f"overlap=True, but the {engine.name} engine cannot run two stages at once")
         _check_policy(policy)
+        self.limits = check_limits_arg(limits)
         self.bundle = bundle
         self.engine = engine
         self.timeout_s = timeout_s
         self.overlap = engine.overlap_classify if overlap is None else overlap
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.classes = bundle.classes
         # The bundle's preprocessing section, validated on load: a bundle asking for a
         # preprocessing other than medfedpure.scan.preprocess's is refused before this point.
@@ -185,28 +227,37 @@ class Defender:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "auto", *,
-             expected_id: str | None = None, timeout_s: float | None = 30.0, overlap: bool | None = None,
-             policy: str | None = None, **engine_options: Any) -> Defender:
-        """Verify the bundle at ``path`` (every hash, before any parser) and build a backend.
+             expected_id: str | None = None, trusted_keys: Any = None, allow_unsigned: bool = False,
+             timeout_s: float | None = 30.0, overlap: bool | None = None,
+             policy: str | None = None, limits: ScanLimits | None = None, **engine_options: Any) -> Defender:
+        """Verify the bundle at ``path`` (signature, every hash, before any parser) and build a backend.
 
         Args:
             backend: ``"auto"`` / ``"onnxruntime"`` / ``"torch"`` / ``"tensorrt"``.
             device: ``"auto"`` / ``"cpu"`` / ``"cuda"``.
             expected_id: pin the bundle (sha256 of its manifest, or a ≥ 16-digit prefix).
-            timeout_s, overlap, policy: as in :class:`Defender`.
+            trusted_keys: public keys trusted besides the shipped release key and
+                ``MEDFEDPURE_TRUSTED_KEYS`` (PEM paths, PEM bytes or ``Ed25519PublicKey`` objects).
+            allow_unsigned: accept a bundle that no trusted key signed (refused by default).
+            timeout_s, overlap, policy, limits: as in :class:`Defender`.
             engine_options: ``precision``, ``threads``, ``cuda_graphs`` (torch).
         """
-        bundle = verify_bundle(path, expected_id=expected_id)
+        bundle = verify_bundle(path, expected_id=expected_id, trusted_keys=trusted_keys,
+                               allow_unsigned=allow_unsigned)
         _check_policy(policy)  # before any backend is built
+        limits = check_limits_arg(limits)
         return cls(bundle, create_engine(bundle, backend, device, **engine_options), timeout_s=timeout_s,
-                   overlap=overlap, policy=policy)
+                   overlap=overlap, policy=policy, limits=limits)
 
     @classmethod
     def default(cls, backend: str = "auto", device: str = "auto", **kwargs: Any) -> Defender:
-        """The embedded default bundle (trained by the project's pipeline on synthetic data)."""
+        """The embedded default bundle (trained by the project's pipeline on synthetic data), pinned to
+        :data:`medfedpure.runtime.default_id.DEFAULT_BUNDLE_ID` unless ``expected_id`` says otherwise."""
         path = default_bundle_path()
         if not (Path(path) / "manifest.json").is_file():
             raise FileNotFoundError(f"the embedded default bundle is missing at {path}: run `make bundle`")
+        if kwargs.get("expected_id") is None:
+            kwargs["expected_id"] = DEFAULT_BUNDLE_ID
         return cls.load(path, backend, device, **kwargs)
 
     @property
@@ -215,10 +266,23 @@ class Defender:
         return self._policy or self.engine.gate_spec.policy
 
     def close(self) -> None:
-        """Stop the speculative-classification thread (idempotent; a later run starts it again)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Release the worker threads (idempotent; a later run starts them again).
+
+        Safe while another thread is in a call: that call's submitted stages still run (the pool is
+        shut down without waiting, so ``close`` never blocks on a stuck stage), and a stage it submits
+        after ``close`` starts a fresh pool.
+        """
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the worker pool (speculative classification, stages under a budget)."""
+        with self._pool_lock:  # close() swaps the pool under the same lock: never a shut-down pool here
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="medfedpure-worker")
+            return self._pool.submit(fn, *args)
 
     def __enter__(self) -> Defender:
         return self
@@ -226,30 +290,120 @@ class Defender:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # certified robustness (denoised randomized smoothing; the maths in runtime/certify.py) -------
+    def certify(self, scan: Any, *, sigma: float = 0.25, n0: int = 100, n: int = 1000, alpha: float = 0.001,
+                seed: int | None = None, batch: int | None = None, progress: Any = None) -> Any:
+        """Certify one scan's smoothed label within an ℓ2 radius (Cohen et al. CERTIFY with this bundle's
+        one-shot denoiser + classifier): → :class:`medfedpure.runtime.certify.Certificate`.
+
+        ``scan``: anything :func:`medfedpure.load_scan` accepts (preprocessed as :meth:`run` does); σ
+        and the radius are in preprocessed [0, 1] image units. The gate is not involved: every draw is
+        denoised. ``batch``: draws per engine call (None: the engine's default); ``progress(phase, done,
+        total)`` after each batch. ``seed`` replays the certificate exactly (None: a fresh one, recorded).
+        """
+        from medfedpure.runtime.certify import DenoisedSmoothing, SmoothingConfig, default_batch
+        from medfedpure.scan import load_scan, preprocess
+
+        cfg = SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha,
+                              batch=default_batch(self.engine) if batch is None else batch)
+        x = preprocess(load_scan(scan), self.preprocessing.size)
+        return DenoisedSmoothing(self.engine, self.classes).certify(x, cfg, seed=seed, progress=progress,
+                                                                    bundle_id=self.bundle.bundle_id)
+
+    def smoothed_predict(self, scan: Any, *, sigma: float = 0.25, n: int = 1000, alpha: float = 0.001,
+                         seed: int | None = None, batch: int | None = None, progress: Any = None) -> Any:
+        """The smoothed classifier's label by Cohen et al.'s PREDICT (None: abstain, the top two classes
+        are too close at level α) → :class:`medfedpure.runtime.certify.SmoothedPrediction`; arguments
+        as in :meth:`certify`."""
+        from medfedpure.runtime.certify import DenoisedSmoothing, SmoothingConfig, default_batch
+        from medfedpure.scan import load_scan, preprocess
+
+        cfg = SmoothingConfig(sigma=sigma, n0=1, n=n, alpha=alpha,
+                              batch=default_batch(self.engine) if batch is None else batch)
+        x = preprocess(load_scan(scan), self.preprocessing.size)
+        return DenoisedSmoothing(self.engine, self.classes).predict(x, cfg, seed=seed, progress=progress,
+                                                                    bundle_id=self.bundle.bundle_id)
+
     # ------------------------------------------------------------------------------------------
     def run(self, scan: Any, *, seed: int | None = None, return_purified: bool = False,
-            return_patch_error: bool = False) -> Result:
-        """Classify one scan (anything :func:`medfedpure.load_scan` accepts, or a ``Scan``)."""
-        return self.run_batch([scan], seeds=None if seed is None else [seed], return_purified=return_purified,
-                              return_patch_error=return_patch_error)[0]
+            return_patch_error: bool = False, policy: str | None = None) -> Result:
+        """Classify one scan (anything :func:`medfedpure.load_scan` accepts, or a ``Scan``).
+
+        ``policy``: the gate policy of this call only (None: :attr:`policy`); the Defender is not
+        changed, so calls with different policies may run at once from several threads.
+
+        Raises:
+            ScanError: the scan is refused (:meth:`run_batch` returns it as ``status="refused"``).
+            ValueError: a bad seed or policy.
+        """
+        _check_policy(policy)
+        return self._run_scans([scan], None if seed is None else [seed], return_purified, return_patch_error,
+                               raise_refused=True, policy=policy)[0]
 
     def run_batch(self, scans: Sequence[Any], *, seeds: Sequence[int | None] | None = None,
                   return_purified: bool = False, return_patch_error: bool = False) -> list[Result]:
-        """Classify a batch; only the flagged members (or all, with policy ``floor``) are purified."""
-        from medfedpure.scan import load_scan, preprocess
+        """Classify a batch: one Result per input, in order.
+
+        Only the flagged members (or all, with policy ``floor``) are purified. An input that is not
+        a usable scan (any :class:`medfedpure.scan.ScanError`: unreadable, too large, a FIFO, wrong
+        shape, constant, ...) gets ``status="refused"``, ``reason="<type>: <message>"``, ``error`` =
+        the type's name and no label; the other inputs are classified as if it were not there.
+
+        Raises:
+            TypeError: ``scans`` is not a sequence. ValueError: a bad seed, or not one seed per scan
+            (usage errors: nothing is loaded).
+        """
+        return self._run_scans(scans, seeds, return_purified, return_patch_error, raise_refused=False)
+
+    def _run_scans(self, scans: Sequence[Any], seeds: Sequence[int | None] | None, return_purified: bool,
+                   return_patch_error: bool, *, raise_refused: bool, policy: str | None = None) -> list[Result]:
+        from medfedpure.scan import ScanError, load_scan, preprocess
 
         t0 = time.perf_counter()
         if isinstance(scans, (str, bytes, np.ndarray)) or not isinstance(scans, Sequence):
             raise TypeError("run_batch takes a sequence of scans (a list); for one scan use run()")
-        lat: dict[str, float] = {}
-        loaded = [load_scan(s) for s in scans]
-        lat["load"] = (time.perf_counter() - t0) * 1e3
+        keys = _keys(seeds, len(scans))
+        refused: dict[int, ScanError] = {}
+        loaded: dict[int, Any] = {}
+        for i, s in enumerate(scans):
+            try:
+                loaded[i] = load_scan(s, limits=self.limits)
+            except ScanError as e:
+                if raise_refused:
+                    raise
+                refused[i] = e
+        lat: dict[str, float] = {"load": (time.perf_counter() - t0) * 1e3}
         t1 = time.perf_counter()
-        x = np.stack([preprocess(s, self.preprocessing.size) for s in loaded]) if loaded else None
+        prepped: dict[int, np.ndarray] = {}
+        for i, sc in loaded.items():
+            try:
+                prepped[i] = preprocess(sc, self.preprocessing.size)
+            except ScanError as e:
+                if raise_refused:
+                    raise
+                refused[i] = e
         lat["preprocess"] = (time.perf_counter() - t1) * 1e3
-        if x is None:
+        if not scans:
             return []
-        return self._run(x, seeds, lat, t0, return_purified, return_patch_error)
+        rows = sorted(prepped)
+        done: dict[int, Result] = {}
+        if rows:
+            x = np.stack([prepped[i] for i in rows])
+            done = dict(zip(rows, self._run(x, [keys[i] for i in rows], lat, t0, return_purified,
+                                            return_patch_error, policy=policy), strict=True))
+        else:
+            lat.update({name: 0.0 for name in ("mae", "gate", "purify", "classify")})
+            lat["total"] = (time.perf_counter() - t0) * 1e3
+        for i, e in refused.items():
+            done[i] = self._refused(e, keys[i], lat)
+        return [done[i] for i in range(len(scans))]
+
+    def _refused(self, e: BaseException, seed: int, lat: dict[str, float]) -> Result:
+        info = self.engine.describe()
+        return Result(label=None, probabilities={}, flagged=None, score=None, t_star=None,
+                      status=STATUS_REFUSED, reason=f"{type(e).__name__}: {e}", seed=seed,
+                      latency_ms={k: round(v, 4) for k, v in lat.items()}, backend=info["backend"], device=info["device"], precision=info["precision"],
+                      bundle_id=self.bundle.bundle_id, error=type(e).__name__)
 
     def run_array(self, x: np.ndarray, *, seeds: Sequence[int | None] | None = None, return_purified: bool = False,
                   return_patch_error: bool = False) -> list[Result]:
@@ -270,45 +424,72 @@ class Defender:
 
     # ------------------------------------------------------------------------------------------
     def _run(self, x: np.ndarray, seeds: Sequence[int | None] | None, lat: dict[str, float], t0: float,
-             return_purified: bool, return_patch_error: bool) -> list[Result]:
+             return_purified: bool, return_patch_error: bool, *, policy: str | None = None) -> list[Result]:
         eng = self.engine
+        policy = policy or self._policy  # None: the engine's calibrated policy
         b, s = x.shape[0], self.image_size
-        if seeds is None:
-            seeds = [None] * b
-        if len(seeds) != b:
-            raise ValueError(f"{len(seeds)} seeds for {b} scans: give one seed (or None) per scan")
-        keys = [fresh_seed() if sd is None else _check_seed(sd) for sd in seeds]
+        keys = _keys(seeds, b)
         deadline = None if self.timeout_s is None else t0 + self.timeout_s
         fails = _Failures(b)
         all_rows = np.arange(b)
         score = flag = t_star_np = patch_err = None
         probs_np = None
         x_cls_np = None
+        expired = False  # the budget ran out: no further stage starts
         for name in ("mae", "gate", "purify", "classify"):
             lat[name] = 0.0
 
         def timed_out(after: str) -> bool:
-            if deadline is not None and time.perf_counter() > deadline:
+            nonlocal expired
+            if not expired and deadline is not None and time.perf_counter() > deadline:
                 fails.fail(all_rows, f"timeout: the {self.timeout_s:g} s budget ran out after the {after} stage")
-                return True
-            return False
+                expired = True
+            return expired
+
+        def stage_timeout(stage: str) -> None:
+            nonlocal expired
+            fails.fail(all_rows, f"timeout: the {self.timeout_s:g} s budget ran out during the {stage} stage")
+            expired = True
 
         def stage_error(stage: str, e: BaseException) -> str:
             return f"{stage} failed: {type(e).__name__}: {e}"
+
+        def wait(fut: Future) -> Any:
+            """The future's result, waiting at most until the deadline (then _StageTimeout)."""
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                return fut.result(timeout=left)
+            except FutureTimeout:
+                if fut.done():  # the stage itself raised TimeoutError
+                    raise
+                raise _StageTimeout from None
+
+        def call(fn: Callable[..., Any], *args: Any) -> Any:
+            """One stage: inline without a budget; with one, in a worker, interrupted at the deadline."""
+            if deadline is None:
+                return fn(*args)
+            interrupt = Interrupt()
+            try:
+                return wait(self._submit(run_interruptible, interrupt, fn, *args))
+            except _StageTimeout:
+                interrupt.set()  # onnxruntime: RunOptions.terminate stops the run in progress
+                raise
 
         xn = eng.to_native(x)
         # 0. speculative classification of the inputs, alongside the detector (see ``overlap``)
         spec: Future | None = None
         if self.overlap:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfedpure-classify")
-            spec = self._pool.submit(eng.classify, xn)
+            spec = self._submit(eng.classify, xn)
         # 1. detector --------------------------------------------------------------------------
         ts = time.perf_counter()
+        recon = None
         try:
-            recon = eng.mae(xn)
+            recon = call(eng.mae, xn)
             bad = ~eng.finite_rows(recon)
             fails.fail(all_rows[bad], "mae produced non-finite reconstructions")
+        except _StageTimeout:
+            recon = None
+            stage_timeout("mae")
         except Exception as e:  # noqa: BLE001 - fail closed on any model error
             recon = None
             fails.fail(all_rows, stage_error("mae", e))
@@ -317,13 +498,16 @@ class Defender:
         if recon is not None and not timed_out("mae"):
             ts = time.perf_counter()
             try:
-                g = eng.gate(xn, recon, return_patch_err=return_patch_error, policy=self._policy)
+                g = call(lambda: eng.gate(xn, recon, return_patch_err=return_patch_error,
+                                          policy=policy))
                 t_star_native = g.t_star
                 score = eng.to_numpy(g.score).astype(np.float64)
                 flag = eng.to_numpy(g.flag).astype(bool)
                 t_star_np = eng.to_numpy(g.t_star).astype(np.int64)
                 patch_err = None if g.patch_err is None else eng.to_numpy(g.patch_err)
                 fails.fail(all_rows[~np.isfinite(score)], "gate produced a non-finite score")
+            except _StageTimeout:
+                stage_timeout("gate")
             except Exception as e:  # noqa: BLE001
                 fails.fail(all_rows, stage_error("gate", e))
             lat["gate"] = (time.perf_counter() - ts) * 1e3
@@ -335,10 +519,12 @@ class Defender:
                 ts = time.perf_counter()
                 try:
                     noise = np.stack([purification_noise(keys[r], s) for r in rows])
-                    pur = eng.purify(eng.take(xn, rows), eng.take(t_star_native, rows), noise)
+                    pur = call(eng.purify, eng.take(xn, rows), eng.take(t_star_native, rows), noise)
                     ok = eng.finite_rows(pur)
                     fails.fail(rows[~ok], "purifier produced non-finite values")
                     x_cls = eng.put(xn, rows, pur)
+                except _StageTimeout:
+                    stage_timeout("purify")
                 except Exception as e:  # noqa: BLE001
                     fails.fail(rows, stage_error("purify", e))
                 lat["purify"] = (time.perf_counter() - ts) * 1e3
@@ -349,20 +535,25 @@ class Defender:
             try:
                 live = all_rows[alive]
                 if spec is not None and x_cls is xn and live.size == b:
-                    p_native, spec = spec.result(), None  # nothing purified or failed: the same input
+                    p_native, spec = wait(spec), None  # nothing purified or failed: the same input
                 else:
-                    p_native = eng.classify(x_cls if live.size == b else eng.take(x_cls, live))
+                    p_native = call(eng.classify, x_cls if live.size == b else eng.take(x_cls, live))
                 p = eng.to_numpy(p_native).astype(np.float64)
                 probs_np = np.full((b, p.shape[1]), np.nan)
                 probs_np[live] = p
                 good = np.isfinite(p).all(axis=1) & (np.abs(p.sum(axis=1) - 1) < 1e-3) & (p >= -1e-6).all(axis=1)
                 fails.fail(live[~good], "classifier produced non-finite or invalid probabilities")
+            except _StageTimeout:
+                stage_timeout("classify")
             except Exception as e:  # noqa: BLE001
                 fails.fail(all_rows, stage_error("classify", e))
             lat["classify"] = (time.perf_counter() - ts) * 1e3
             timed_out("classify")
-        if spec is not None:  # an unused speculative run: let it finish (its result is not used)
-            spec.exception()
+        if spec is not None:  # an unused speculative run: let it finish within the budget (result unused)
+            try:
+                wait(spec)
+            except Exception:  # noqa: BLE001, S110 - its answer is discarded either way
+                pass
         if return_purified:
             x_cls_np = eng.to_numpy(x_cls)
         lat["total"] = (time.perf_counter() - t0) * 1e3

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2
+MAX_IMAGE_SIZE = 4096  # side of the model input; larger is refused as out of range
 SCHEDULES = ("cosine", "linear")
 MASK_ENCODING = "packbits-base64"
 
@@ -78,11 +79,13 @@ def _need(d: Mapping[str, Any], section: str, key: str) -> Any:
     return d[key]
 
 
-def _int(v: Any, where: str, lo: int | None = None) -> int:
+def _int(v: Any, where: str, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise BundleError(f"manifest {where}: expected an integer, got {v!r}")
     if lo is not None and int(v) < lo:
         raise BundleError(f"manifest {where}: expected an integer >= {lo}, got {v!r}")
+    if hi is not None and int(v) > hi:
+        raise BundleError(f"manifest {where}: expected an integer <= {hi}, got {v!r}")
     return int(v)
 
 
@@ -105,6 +108,8 @@ def _str(v: Any, where: str) -> str:
 
 
 def _unknown_keys(d: Mapping[str, Any], section: str, known: tuple[str, ...]) -> None:
+    if not isinstance(d, Mapping):
+        raise BundleError(f"manifest {section}: expected an object, got {type(d).__name__}")
     extra = sorted(set(d) - set(known))
     if extra:
         raise BundleError(f"manifest {section}: unknown keys {extra} (known: {list(known)}); this runtime does "
@@ -155,7 +160,7 @@ class Preprocessing:
     def __post_init__(self) -> None:
         from medfedpure.scan import PERCENTILES
 
-        _int(self.size, "preprocessing.size", lo=8)
+        _int(self.size, "preprocessing.size", lo=8, hi=MAX_IMAGE_SIZE)
         implemented = {"function": PREPROCESS_FUNCTION, "grey": PREPROCESS_GREY, "resize": PREPROCESS_RESIZE,
                        "percentiles": tuple(float(p) for p in PERCENTILES), "range": PREPROCESS_RANGE}
         for key, want in implemented.items():
@@ -296,7 +301,7 @@ class PurifierSpec:
             raise BundleError(f"manifest purifier.schedule: {self.schedule!r} is not implemented "
                               f"(expected one of {list(SCHEDULES)})")
         _int(self.num_timesteps, "purifier.num_timesteps", lo=10)
-        _int(self.steps, "purifier.steps", lo=1)
+        _int(self.steps, "purifier.steps", lo=1, hi=self.num_timesteps)
         if self.sampler not in SAMPLERS:
             raise BundleError(f"manifest purifier.sampler: {self.sampler!r} is not implemented by this runtime "
                               f"(it implements {list(SAMPLERS)}); re-export the bundle for this medfedpure")
@@ -365,7 +370,10 @@ class BundleSpec:
         if len(classes) < 2 or len(set(classes)) != len(classes) or not all(isinstance(c, str) and c for c in classes):
             raise BundleError(f"manifest classes: expected at least two unique non-empty names, got {list(classes)}")
         object.__setattr__(self, "classes", classes)
-        _int(self.image_size, "image_size", lo=8)
+        _int(self.image_size, "image_size", lo=8, hi=MAX_IMAGE_SIZE)
+        if self.purifier.num_timesteps < self.gate.t_max:
+            raise BundleError(f"manifest gate.t_max: {self.gate.t_max} is beyond the purifier's schedule "
+                              f"(purifier.num_timesteps = {self.purifier.num_timesteps}); re-calibrate the gate")
         if self.preprocessing.size != self.image_size:
             raise BundleError(f"manifest preprocessing.size: {self.preprocessing.size}, but image_size is "
                               f"{self.image_size}; they must agree")
@@ -404,7 +412,7 @@ class BundleSpec:
             raise BundleError(f"manifest provenance: expected an object, got {type(provenance).__name__}")
         return cls(
             classes=tuple(_str(c, "classes") for c in classes),
-            image_size=_int(_need(m, "", "image_size"), "image_size", lo=8),
+            image_size=_int(_need(m, "", "image_size"), "image_size", lo=8, hi=MAX_IMAGE_SIZE),
             preprocessing=Preprocessing.from_dict(_need(m, "", "preprocessing")),
             mae=MaeSpec.from_dict(_need(m, "", "mae")),
             purifier=PurifierSpec.from_dict(_need(m, "", "purifier")),

@@ -23,15 +23,19 @@ aspect-preserving Pillow bilinear (antialiased) resize into a centred square can
 with 0.
 
 Every refusal is a :class:`ScanError` (a ``ValueError``) subclass whose message names the
-problem and the fix. Size limits are checked from the header *before* any pixel decoding, so a
-small file that declares a huge image (a decompression bomb) is refused without decoding it.
+problem and the fix. Only regular files are opened (never a FIFO, socket or device), a file larger
+than the file-size cap is refused before it is read, and the size limits and the decoded-bytes
+budget (:class:`ScanLimits`; ``load_scan(..., limits=...)``) are checked from the header *before*
+any pixel decoding, so a small file that declares a huge image (a decompression bomb) is refused
+without decoding it.
 The caller's array, image or dataset is never modified; ``Scan.pixels`` never shares memory
 with it.
 
 Layout (each module imports only those listed before it):
 
 - ``errors``: the :class:`ScanError` family;
-- ``limits``: ``MIN_SIDE``, ``MAX_SIDE``, ``MAX_PIXELS`` and the accepted array dtypes;
+- ``limits``: :class:`ScanLimits` (file-size cap, decoded-bytes budget, pixel and side limits), its
+  module-level defaults and the accepted array dtypes;
 - ``types``: the :class:`Scan` value and its metadata;
 - ``validate``: checks shared by every source (frame argument, sizes, dtype, shape, finiteness);
 - ``image``: the Pillow reader (PNG, JPEG, TIFF, BMP, PIL images);
@@ -55,6 +59,7 @@ from medfedpure.scan.errors import (
     ScanNoPixelDataError,
     ScanNotFoundError,
     ScanNotImageError,
+    ScanNotRegularFileError,
     ScanShapeError,
     ScanTooLargeError,
     ScanTooSmallError,
@@ -62,15 +67,28 @@ from medfedpure.scan.errors import (
     ScanTypeError,
 )
 from medfedpure.scan.image import PIL_FORMATS
-from medfedpure.scan.limits import ARRAY_DTYPES, MAX_PIXELS, MAX_PREPROCESS_SIZE, MAX_SIDE, MIN_SIDE
+from medfedpure.scan.limits import (
+    ARRAY_DTYPES,
+    DEFAULT_LIMITS,
+    MAX_DECODED_BYTES,
+    MAX_FILE_BYTES,
+    MAX_PIXELS,
+    MAX_PREPROCESS_SIZE,
+    MAX_SIDE,
+    MIN_SIDE,
+    ScanLimits,
+)
 from medfedpure.scan.load import load_scan
 from medfedpure.scan.preprocessing import LUMA_601, PERCENTILES, preprocess, robust_percentiles
 from medfedpure.scan.types import Scan
 
 __all__ = [
     "ARRAY_DTYPES",
+    "DEFAULT_LIMITS",
     "DICOM_EXTENSIONS",
     "LUMA_601",
+    "MAX_DECODED_BYTES",
+    "MAX_FILE_BYTES",
     "MAX_PIXELS",
     "MAX_PREPROCESS_SIZE",
     "MAX_SIDE",
@@ -84,11 +102,13 @@ __all__ = [
     "ScanEmptyError",
     "ScanError",
     "ScanFrameIndexError",
+    "ScanLimits",
     "ScanMultiFrameError",
     "ScanNoPixelDataError",
     "ScanNonFiniteError",
     "ScanNotFoundError",
     "ScanNotImageError",
+    "ScanNotRegularFileError",
     "ScanShapeError",
     "ScanTooLargeError",
     "ScanTooSmallError",

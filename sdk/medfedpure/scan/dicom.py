@@ -1,11 +1,12 @@
 """DICOM reader (pydicom, imported lazily): files, bytes and ``pydicom.Dataset`` objects.
 
 A file is DICOM when its name ends in ``DICOM_EXTENSIONS`` or it has ``DICM`` at byte 128; files
-without the preamble are parsed when their header looks like an image. Rows / Columns / frames are
-checked before the pixel data is read, truncated elements are refused, and compressed transfer
-syntaxes need an installed decoder plugin. Pixels get the modality rescale (slope / intercept or
-Modality LUT) first, then MONOCHROME1 is inverted once; metadata keeps the pixel spacing, modality
-and transfer syntax, never patient identifiers.
+without the preamble are parsed when their header looks like an image. Rows / Columns / frames and
+the decoded bytes (rows × cols × samples × bytes per sample × frames, held to
+:class:`~medfedpure.scan.limits.ScanLimits`) are checked before the pixel data is read, truncated
+elements are refused, and compressed transfer syntaxes need an installed decoder plugin. Pixels get
+the modality rescale (slope / intercept or Modality LUT) first, then MONOCHROME1 is inverted once;
+metadata keeps the pixel spacing, modality and transfer syntax, never patient identifiers.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from medfedpure.scan.errors import (
     ScanNotImageError,
     ScanTruncatedError,
 )
+from medfedpure.scan.limits import DEFAULT_LIMITS, ScanLimits
 from medfedpure.scan.types import Scan, scan_meta
-from medfedpure.scan.validate import check_dims, select_frame, validate_array
+from medfedpure.scan.validate import check_decoded_bytes, check_dims, select_frame, validate_array
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
@@ -38,6 +40,8 @@ def is_dicom_magic(head: bytes) -> bool:
 
 
 def read_dicom(src: Any, origin: str, total_size: int | None, *, path: bool) -> Dataset:
+    """Parse a DICOM header from ``src`` (a seekable binary file object; ``path``: an open file, whose
+    large values are read lazily from that same object, which must stay open until decoding)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -47,8 +51,7 @@ def read_dicom(src: Any, origin: str, total_size: int | None, *, path: bool) -> 
         try:
             ds = pydicom.dcmread(src, defer_size=defer)
         except InvalidDicomError:
-            if not path:
-                src.seek(0)
+            src.seek(0)
             # A DICOM file without the 128-byte preamble (legal in old files): parse it anyway and
             # require an image-like header below.
             ds = pydicom.dcmread(src, defer_size=defer, force=True)
@@ -169,8 +172,39 @@ def _transfer_syntax(ds: Dataset) -> Any:
 _IMAGE_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
-def from_dataset(ds: Dataset, kind: str, frame: int | None, origin: str, *, from_file: bool) -> Scan:
-    """Decode one frame of a pydicom Dataset; header limits are checked before decoding."""
+def _bytes_per_sample(ds: Dataset) -> int:
+    """Bytes per decoded sample: 4 / 8 for float pixel data, else ceil(BitsAllocated / 8) (1-bit data is
+    unpacked to one byte per pixel)."""
+    if "DoubleFloatPixelData" in ds:
+        return 8
+    if "FloatPixelData" in ds:
+        return 4
+    return max(1, -(-int(ds.get("BitsAllocated") or 16) // 8))
+
+
+def from_dataset(ds: Dataset, kind: str, frame: int | None, origin: str, *, from_file: bool,
+                 limits: ScanLimits = DEFAULT_LIMITS) -> Scan:
+    """Decode one frame of a pydicom Dataset (see :func:`_from_dataset`).
+
+    pydicom converts each element's raw bytes when it is first read, so on untrusted input any
+    attribute access can raise (an unknown VR, a bad number, a malformed sequence): everything but
+    a ``ScanError`` (or ``MemoryError``) becomes a ``ScanNotImageError`` naming the cause.
+    """
+    try:
+        return _from_dataset(ds, kind, frame, origin, from_file=from_file, limits=limits)
+    except (ScanError, MemoryError):
+        raise
+    except Exception as exc:
+        cause = (str(exc).splitlines() or [""])[0]
+        raise ScanNotImageError(
+            f"{origin} has a corrupt DICOM header ({type(exc).__name__}: {cause}): fix or re-export the file"
+        ) from exc
+
+
+def _from_dataset(ds: Dataset, kind: str, frame: int | None, origin: str, *, from_file: bool,
+                  limits: ScanLimits = DEFAULT_LIMITS) -> Scan:
+    """Decode one frame of a pydicom Dataset; size limits and the decoded bytes of every frame (the
+    pixel data element is read whole) are checked from the header before decoding."""
     from pydicom.pixels import apply_color_lut, get_decoder
 
     sop = ds.get("SOPClassUID")
@@ -189,12 +223,20 @@ def from_dataset(ds: Dataset, kind: str, frame: int | None, origin: str, *, from
         rows, cols = int(ds.Rows), int(ds.Columns)
         num_frames = int(ds.get("NumberOfFrames") or 1)
         spp = int(ds.get("SamplesPerPixel") or 1)
+        itemsize = _bytes_per_sample(ds)
     except (AttributeError, TypeError, ValueError) as exc:
         raise ScanNotImageError(
-            f"{origin} has pixel data but no valid Rows / Columns / NumberOfFrames ({exc}): "
+            f"{origin} has pixel data but no valid Rows / Columns / NumberOfFrames / SamplesPerPixel / "
+            f"BitsAllocated ({exc}): "
             "the header is corrupt"
         ) from exc
-    check_dims(rows, cols, origin)
+    check_dims(rows, cols, origin, limits)
+    if num_frames < 1 or spp < 1:
+        raise ScanNotImageError(
+            f"{origin} declares {num_frames} frame(s) of {spp} sample(s) per pixel: the header is corrupt"
+        )
+    detail = f"{rows}×{cols} pixels × {spp} samples × {itemsize} bytes × {num_frames} frames"
+    check_decoded_bytes(rows * cols * spp * itemsize * num_frames, detail, origin, limits)
     idx = select_frame(num_frames, frame, origin)
 
     tsuid = _transfer_syntax(ds)
@@ -267,4 +309,4 @@ def from_dataset(ds: Dataset, kind: str, frame: int | None, origin: str, *, from
         modality=(str(ds.Modality) if ds.get("Modality") else None),
         transfer_syntax=str(tsuid.name),
     )
-    return validate_array(px, meta, strict_dtype=False)
+    return validate_array(px, meta, strict_dtype=False, limits=limits)

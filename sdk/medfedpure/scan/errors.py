@@ -19,6 +19,7 @@ __all__ = [
     "ScanNonFiniteError",
     "ScanNotFoundError",
     "ScanNotImageError",
+    "ScanNotRegularFileError",
     "ScanShapeError",
     "ScanTooLargeError",
     "ScanTooSmallError",
@@ -41,6 +42,11 @@ class ScanNotFoundError(ScanError, FileNotFoundError):
 
 class ScanNotImageError(ScanError):
     """The file or bytes are not a readable image in a supported format."""
+
+
+class ScanNotRegularFileError(ScanNotImageError):
+    """The path is not a regular file (a directory, FIFO, socket or device): never opened for reading,
+    since reading a FIFO or device can block forever or never end."""
 
 
 class ScanTruncatedError(ScanError):
@@ -80,7 +86,9 @@ class ScanTooSmallError(ScanError):
 
 
 class ScanTooLargeError(ScanError):
-    """More than ``MAX_PIXELS`` pixels or a side longer than ``MAX_SIDE`` (decompression bombs)."""
+    """Beyond a :class:`~medfedpure.scan.limits.ScanLimits` limit: a file larger than
+    ``max_file_bytes``, a header declaring more than ``max_pixels`` pixels, a side longer than
+    ``max_side`` or more than ``max_decoded_bytes`` of decoded pixels (decompression bombs)."""
 
 
 class ScanNonFiniteError(ScanError):

@@ -23,10 +23,10 @@ from medfedpure.scan.errors import (
     ScanTooLargeError,
     ScanTooSmallError,
 )
-from medfedpure.scan.limits import ARRAY_DTYPES, MAX_PIXELS, MAX_SIDE, MIN_SIDE
+from medfedpure.scan.limits import ARRAY_DTYPES, DEFAULT_LIMITS, MIN_SIDE, ScanLimits
 from medfedpure.scan.types import Scan
 
-__all__ = ["check_dims", "check_frame_arg", "select_frame", "validate_array"]
+__all__ = ["check_decoded_bytes", "check_dims", "check_frame_arg", "select_frame", "validate_array"]
 
 
 def check_frame_arg(frame: Any) -> int | None:
@@ -53,15 +53,16 @@ def select_frame(num_frames: int, frame: int | None, what: str) -> int | None:
     return frame
 
 
-def check_dims(height: int, width: int, what: str) -> None:
-    """Size limits; called from headers before decoding, and on arrays."""
+def check_dims(height: int, width: int, what: str, limits: ScanLimits = DEFAULT_LIMITS) -> None:
+    """Size limits of one frame; called from headers before decoding, and on arrays."""
     if height <= 0 or width <= 0:
         raise ScanEmptyError(f"{what} is empty ({height}×{width} pixels): pass an image with pixels")
-    if height > MAX_SIDE or width > MAX_SIDE or height * width > MAX_PIXELS:
+    if height > limits.max_side or width > limits.max_side or height * width > limits.max_pixels:
         raise ScanTooLargeError(
             f"{what} is {height}×{width} pixels ({height * width / 1e6:.1f} megapixels): the limit "
-            f"is {MAX_PIXELS / 1e6:.0f} megapixels and {MAX_SIDE} px per side (decompression-bomb "
-            "guard); downsample or crop it before loading"
+            f"is {limits.max_pixels / 1e6:.0f} megapixels and {limits.max_side} px per side "
+            "(decompression-bomb guard); downsample or crop it before loading, or raise "
+            "ScanLimits.max_pixels / max_side"
         )
     if height < MIN_SIDE or width < MIN_SIDE:
         raise ScanTooSmallError(
@@ -70,7 +71,26 @@ def check_dims(height: int, width: int, what: str) -> None:
         )
 
 
+def check_decoded_bytes(nbytes: int, detail: str, what: str, limits: ScanLimits = DEFAULT_LIMITS) -> None:
+    """Refuse a decoded pixel buffer larger than ``limits.max_decoded_bytes``.
+
+    ``nbytes`` = rows × cols × samples × bytes per sample × frames, from the header (before
+    decoding) or an array's shape; ``detail`` spells that product out for the message.
+    """
+    if nbytes > limits.max_decoded_bytes:
+        raise ScanTooLargeError(
+            f"{what} decodes to {nbytes:,} bytes ({detail}): the decoded-bytes budget is "
+            f"{limits.max_decoded_bytes:,} bytes (decompression-bomb guard); downsample it, choose "
+            "fewer frames, or raise ScanLimits.max_decoded_bytes"
+        )
+
+
 def _shape_error(shape: tuple[int, ...]) -> ScanShapeError:
+    if len(shape) == 0:
+        return ScanShapeError(
+            "scan is a 0-d array (a single number, shape ()): expected grey (H, W) or RGB (H, W, 3); "
+            "pass the image array, not a scalar"
+        )
     names = {1: "(N,)", 2: "(H, W)", 3: f"(H, W, {shape[-1]})", 4: "(B, H, W, C)"}
     sym = names.get(len(shape), f"{len(shape)}-D")
     fix = "pass one 2-D slice as (H, W) or an RGB image as (H, W, 3)"
@@ -92,7 +112,8 @@ def _shape_error(shape: tuple[int, ...]) -> ScanShapeError:
     )
 
 
-def validate_array(arr: np.ndarray, meta: dict[str, Any], *, strict_dtype: bool) -> Scan:
+def validate_array(arr: np.ndarray, meta: dict[str, Any], *, strict_dtype: bool,
+                   limits: ScanLimits = DEFAULT_LIMITS) -> Scan:
     """Validate a decoded array and turn it into a Scan (always copies).
 
     Args:
@@ -100,6 +121,8 @@ def validate_array(arr: np.ndarray, meta: dict[str, Any], *, strict_dtype: bool)
         meta: metadata for the Scan.
         strict_dtype: True for caller arrays (only ``ARRAY_DTYPES``); decoders may also yield
             other integer or float dtypes (int32 TIFF, rescaled DICOM float64, ...).
+        limits: pixel-count, side and decoded-bytes limits; for caller arrays (``strict_dtype``)
+            the array's ``nbytes`` is held to ``max_decoded_bytes`` before it is copied.
     """
     native = arr.dtype.newbyteorder("=") if arr.dtype.byteorder not in ("=", "|") else arr.dtype
     if strict_dtype:
@@ -117,7 +140,10 @@ def validate_array(arr: np.ndarray, meta: dict[str, Any], *, strict_dtype: bool)
         arr = arr[:, :, 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
         raise _shape_error(tuple(arr.shape))
-    check_dims(int(arr.shape[0]), int(arr.shape[1]), "scan")
+    check_dims(int(arr.shape[0]), int(arr.shape[1]), "scan", limits)
+    if strict_dtype:  # decoders checked their header's size before decoding
+        detail = f"shape {tuple(arr.shape)} × {arr.dtype.itemsize} bytes"
+        check_decoded_bytes(int(arr.nbytes), detail, "array", limits)
 
     if native.kind == "f":
         bad = ~np.isfinite(arr)

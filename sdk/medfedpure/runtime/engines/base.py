@@ -10,12 +10,20 @@ around the engine's ``denoise``; the torch engine runs :func:`medfedpure.models.
 on its device instead. The ᾱ table and K come from the bundle manifest's ``purifier`` section.
 The noise is an *input*: the Defender draws it from the keyed RNG, so every backend purifies
 with bit-identical noise and a decision can be replayed.
+
+Interrupts: the Defender runs each stage of a call with a time budget under an :class:`Interrupt`
+(:func:`run_interruptible`) and sets it at the deadline. A backend that can stop a computation in
+progress reads :func:`current_interrupt` and registers a hook (onnxruntime: ``RunOptions.terminate``);
+the others finish the stage in the background while the call has already returned.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +33,60 @@ from medfedpure.runtime.sampler import purify_numpy
 
 class EngineError(RuntimeError):
     """A backend cannot be created or used as asked (missing runtime, provider or artefact)."""
+
+
+class Interrupt:
+    """The stop signal of one stage call: set once (by the caller, at its deadline), never cleared.
+
+    Hooks registered with :meth:`add_hook` run when it is set (immediately when it already is), from
+    the setting thread; they must be quick and must not raise.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._hooks: list[Callable[[], None]] = []
+
+    @property
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            hooks = list(self._hooks)
+        for hook in hooks:
+            hook()
+
+    def add_hook(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            self._hooks.append(hook)
+            already = self._set
+        if already:
+            hook()
+
+    def remove_hook(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+
+_CURRENT_INTERRUPT: ContextVar[Interrupt | None] = ContextVar("medfedpure_interrupt", default=None)
+_T = TypeVar("_T")
+
+
+def current_interrupt() -> Interrupt | None:
+    """The :class:`Interrupt` of the stage call running in this thread (None outside one)."""
+    return _CURRENT_INTERRUPT.get()
+
+
+def run_interruptible(interrupt: Interrupt, fn: Callable[..., _T], *args: Any) -> _T:
+    """``fn(*args)`` with ``interrupt`` as :func:`current_interrupt` (for a worker thread)."""
+    token = _CURRENT_INTERRUPT.set(interrupt)
+    try:
+        return fn(*args)
+    finally:
+        _CURRENT_INTERRUPT.reset(token)
 
 
 class Engine(ABC):
