@@ -5,16 +5,31 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+TORCH_STAMP := $(VENV)/.installed-torch
+# Index of the torch wheel, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu where pip's configured
+# indexes hold no CPU build (on the public PyPI, Linux torch==2.13.0 is the CUDA build).
+TORCH_INDEX ?=
 export ORT_DISABLE_TELEMETRY := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
 .PHONY: setup demo test lint lint-imports bundle clean
 
-$(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*)
+# The venv and torch first, pinned: the pin is satisfied by the CPU wheel 2.13.0+cpu where pip's indexes
+# or find-links offer it (or TORCH_INDEX points at one); a wider spec would pull a multi-GB CUDA build.
+$(TORCH_STAMP):
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU build of torch 2.13.0 (a wider spec pulls a multi-GB CUDA build).
-	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	touch $@
+
+# `make demo`: only what `medfedpure demo` needs (the [demo] extra).
+$(DEMO_STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*) | $(TORCH_STAMP)
+	$(BIN)/python -m pip install -q -e ".[demo]"
+	touch $@
+
+# Everything else (`make test`, lint, bundle): the [dev] extra.
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*) | $(TORCH_STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# torchattacks pins an old requests and pulls torchvision, neither of which it imports.
 	$(BIN)/python -m pip install -q --no-deps "torchattacks==3.5.1"
@@ -22,7 +37,7 @@ $(STAMP): pyproject.toml CMakeLists.txt $(wildcard kernels/*)
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(BIN)/medfedpure demo
 
 test: $(STAMP)

@@ -20,9 +20,8 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
 from medfedpure.export.signing import PrivateKeySpec, resolve_signing_key, sign_manifest, trusted
 from medfedpure.runtime.bundle import (
     MANIFEST_NAME,
@@ -36,6 +35,9 @@ from medfedpure.runtime.bundle import (
     verify_bundle,
 )
 from medfedpure.runtime.manifest import BundleSpec
+
+if TYPE_CHECKING:  # onnx is imported where it is used: writing a bundle needs only the runtime's dependencies
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ def _same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
 
 def _onnx_graph_only(m: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``m`` with its metadata stripped (for comparing everything but the metadata)."""
+    import onnx
     from medfedpure.export.onnx_export import strip_metadata
 
     c = onnx.ModelProto()
@@ -179,6 +182,7 @@ def convert_v1_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], 
         BundleError: ``src`` is not an intact format-1 bundle, or a graph changed beyond its metadata.
     """
     import numpy as np
+    import onnx
     from medfedpure.export.onnx_export import strip_metadata
     from medfedpure.gate import GateSpec
     from medfedpure.runtime.manifest import MaeSpec, Preprocessing, PurifierSpec
@@ -230,3 +234,32 @@ def convert_v1_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], 
     if same and not overwrite:
         raise FileExistsError(f"converting {root} in place needs overwrite=True")
     return write_bundle(out, arts, spec, overwrite=overwrite)
+
+
+def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], gate: Any,
+                              recalibration: Mapping[str, Any], *, signing_key: PrivateKeySpec | None = None,
+                              overwrite: bool = False) -> VerifiedBundle:
+    """A copy of ``src`` with its gate section replaced by ``gate`` (a recalibrated
+    :class:`~medfedpure.gate.GateSpec`, e.g. from :func:`medfedpure.runtime.calibration.recalibrate`).
+
+    Every artefact is copied byte for byte (each re-verified against ``src``'s manifest as it is
+    read); the manifest keeps every other section and adds ``provenance.recalibration`` =
+    ``recalibration`` (calibration set size, pixel fingerprint, date, source bundle id, …). Signed as
+    :func:`write_bundle` signs (``signing_key``, else ``MEDFEDPURE_SIGNING_KEY``, else unsigned).
+
+    Raises:
+        ValueError: ``out`` is ``src``'s own folder (a bundle is never rewritten in place), or the
+            gate does not fit the bundle (patch / norm_pix / t_max; a BundleError).
+        FileExistsError: as :func:`write_bundle`.
+    """
+    import dataclasses
+
+    if Path(out).resolve() == src.root.resolve():
+        raise ValueError(f"{out} is the source bundle's own folder: write the recalibrated bundle to a new folder")
+    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
+                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()}
+    from medfedpure.runtime.manifest import thaw
+
+    provenance = {**thaw(src.spec.provenance), "recalibration": dict(recalibration)}
+    spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance)
+    return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)

@@ -394,4 +394,4 @@ def test_cli_run_policy_floor(bundle_path: Path, tmp_path: Path) -> None:
     row = json.loads(runner.invoke(app, [*args, "--policy", "floor"]).output.strip().splitlines()[-1])
     assert row["status"] == "ok" and row["t_star"] >= 40
     res = runner.invoke(app, [*args, "--policy", "sometimes"])
-    assert res.exit_code == 2 and "policy=" in res.output
+    assert res.exit_code == 2 and "'sometimes' is not one of 'adaptive', 'floor'" in res.output

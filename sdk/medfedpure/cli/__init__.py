@@ -2,7 +2,8 @@
 
 Each area owns a sub-application next to its code (``data/cli.py``, ``train/cli.py``, …) and is
 mounted here. Heavy imports (torch, onnxruntime, flwr) happen inside the commands, so that
-``medfedpure --help`` is instant.
+``medfedpure --help`` is instant; a missing optional one is reported with the extra that provides
+it (:func:`medfedpure.cli.common.guard_extras`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import typer
 from medfedpure import __version__
 from medfedpure.cli.bundle import app as bundle_app
 from medfedpure.cli.certify import certify_command
+from medfedpure.cli.common import guard_extras
 from medfedpure.cli.data import app as data_app
 from medfedpure.cli.fed import app as fed_app
 from medfedpure.cli.keys import app as keys_app
@@ -37,6 +39,8 @@ app.command("certify")(certify_command)  # certified radii by denoised smoothing
 app.add_typer(bundle_app, name="bundle", help="Build the default bundle (data, federated training, calibration, export, install); sign a bundle.")
 app.add_typer(keys_app, name="keys", help="Bundle signing keys: generate an Ed25519 key pair.")
 app.command("serve")(serve_command)  # HTTP service: /v1/classify, /v1/bundle, /healthz
+# Last, after every command: a missing optional dependency is one line naming its extra, exit code 2.
+guard_extras(app)
 
 
 def _version_callback(value: bool) -> None:

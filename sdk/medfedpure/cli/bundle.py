@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from medfedpure.build.config import BundleBuildConfig
+from medfedpure.cli.common import PRESET_CHOICE
 from medfedpure.cli.keys import sign_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
@@ -34,7 +35,8 @@ def build(
     per_site: int = typer.Option(_D["per_site"], "--per-site", min=10, help="Synthetic data: scans per site."),
     size: int = typer.Option(_D["size"], "--size", min=32, max=1024, help="Synthetic data: image side in pixels."),
     site: int = typer.Option(_D["site"], "--site", min=0, help="The bundle's site (classifier and calibrated gate)."),
-    preset: str = typer.Option(_D["preset"], "--preset", help="Model and training preset: tiny (tests) or small."),
+    preset: str = typer.Option(_D["preset"], "--preset", help="Model and training preset: tiny (tests) or small.",
+                               click_type=PRESET_CHOICE),
     seed: int = typer.Option(_D["seed"], "--seed", min=0, help="Seed of the data and of both federations."),
     rounds: int = typer.Option(_D["rounds"], "--rounds", min=1, help="Classifier + MAE federation: rounds per phase."),
     local_epochs: int = typer.Option(_D["local_epochs"], "--local-epochs", min=1,
@@ -81,9 +83,9 @@ def build(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 
-    from rich.console import Console
+    from medfedpure.cli.common import console as make_console
 
-    console = Console(highlight=False, log_path=False)
+    console = make_console(highlight=False, log_path=False)
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "bundle_build.log"
 

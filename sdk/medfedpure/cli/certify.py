@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from medfedpure.cli.common import BACKEND_CHOICE, DEVICE_CHOICE
 from medfedpure.cli.runtime import BACKEND_HELP, DEVICE_HELP
 
 
@@ -24,19 +26,19 @@ def certify_command(
     alpha: float = typer.Option(0.001, help="Failure probability of each certificate, in (0, 0.5)."),
     seed: int | None = typer.Option(None, min=0, help="Noise key (default: a fresh one per scan, recorded)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON certificate per line."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    backend: str = typer.Option("auto", help=BACKEND_HELP, click_type=BACKEND_CHOICE),
+    device: str = typer.Option("auto", help=DEVICE_HELP, click_type=DEVICE_CHOICE),
     threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
     batch: int | None = typer.Option(None, min=1, help="Draws per engine call (default: the engine's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar of the draws."),
 ) -> None:
     """Certify each scan's smoothed label within an ℓ2 radius (Cohen et al. CERTIFY, with the bundle's
     one-shot diffusion denoiser); print label, radius and the lower bound on p_A."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
+    from medfedpure.cli.common import console
     from medfedpure.cli.runtime import _load
+    from medfedpure.progress import progress as progress_bar
     from medfedpure.runtime.certify import SmoothingConfig
     from medfedpure.scan import ScanError
 
@@ -46,27 +48,23 @@ def certify_command(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     d = _load(bundle, backend, device, threads)
-    console = Console(stderr=True)
     table = Table(title=f"medfedpure certify · bundle {d.bundle.short_id} · {d.engine.describe()['backend']} · "
                         f"σ={sigma:g} n0={n0} n={n} α={alpha:g}")
     for col in ("scan", "label", "radius", "p_A lower", "counts", "t", "seed", "s"):
         table.add_column(col)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=console, disable=not progress, transient=True) as bar:
-        for s in scans:
-            task = bar.add_task(f"{Path(s).name}: selection", total=n0 + n)
+    for s in scans:
+        with progress_bar(total=n0 + n, desc=f"{Path(s).name}: selection", unit="draws", enabled=progress,
+                          transient=True) as bar:
 
-            def step(phase: str, done: int, total: int, task: int = task, name: str = Path(s).name) -> None:
-                base = 0 if phase == "select" else n0
-                bar.update(task, completed=base + done,
-                           description=f"{name}: {'selection' if phase == 'select' else 'estimation'}")
+            def step(phase: str, done: int, total: int, name: str = Path(s).name, bar: Any = bar) -> None:
+                bar.set_description(f"{name}: {'selection' if phase == 'select' else 'estimation'}")
+                bar.set((0 if phase == "select" else n0) + done)
 
             try:
                 c = d.certify(s, sigma=sigma, n0=n0, n=n, alpha=alpha, seed=seed, batch=batch, progress=step)
             except (ScanError, ValueError) as e:
                 typer.echo(f"error: {s}: {e}", err=True)
                 raise typer.Exit(2) from e
-            bar.remove_task(task)
             if as_json:
                 typer.echo(json.dumps({"scan": s, **c.to_dict()}, allow_nan=False))
             else:
@@ -74,4 +72,4 @@ def certify_command(
                               " ".join(f"{k}:{v}" for k, v in c.counts.items()), f"{c.t:.1f}", str(c.seed),
                               f"{c.latency_ms['total'] / 1e3:.1f}")
     if not as_json:
-        Console().print(table)
+        console().print(table)

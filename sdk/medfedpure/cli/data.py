@@ -92,9 +92,9 @@ def info(
     max_per_site: int = typer.Option(200, "--max-per-site", min=1, help="Scans per site read for the intensity and noise statistics."),
 ) -> None:
     """Print per site: scans per class and split, foreground intensity and background noise statistics."""
-    from rich.console import Console
     from rich.table import Table
 
+    from medfedpure.cli.common import console as make_console
     from medfedpure.data.info import draw_examples, summarize
     from medfedpure.data.layout import DataFolderError, read_dataset_json
 
@@ -103,7 +103,7 @@ def info(
         summaries = summarize(root, max_per_site=max_per_site)
     except (ValueError, DataFolderError) as e:
         raise _fail(str(e)) from None
-    console = Console()
+    console = make_console()
     kind = meta.get("kind", "?")
     console.print(f"[bold]{root}[/bold]: kind={kind}, sites={len(summaries)}, seed={meta.get('seed')}, "
                   f"fingerprint={str(meta.get('fingerprint', '?'))[:16]}…")

@@ -18,6 +18,8 @@ from typing import Any
 
 import typer
 
+from medfedpure.cli.common import CLASSIFIER_SPLIT_CHOICE, PRESET_CHOICE, STRATEGY_CHOICE, check_extra
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 _DEFAULT = "from FedConfig"
@@ -34,7 +36,7 @@ RUN_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("data", Path, ..., "--data", exists=True, file_okay=False,
             help="Data folder (dataset.json, splits.json, site_k/)."),
     _option("out", Path, ..., "--out", file_okay=False, help="Run folder to write (docs/interfaces.md 'Run folder')."),
-    _option("config", str | None, None, "--config",
+    _option("config", str | None, None, "--config", click_type=PRESET_CHOICE,
             help="Model/training preset: tiny (tests, 32 px) or small (default bundle)."),
     _option("rounds", int | None, None, "--rounds", min=1, help="Federated rounds per phase."),
     _option("local_epochs", int | None, None, "--local-epochs", min=1, help="Local epochs per round."),
@@ -47,11 +49,13 @@ RUN_OPTIONS: tuple[inspect.Parameter, ...] = (
 )
 
 FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
-    _option("strategy", str | None, None, "--strategy", help="fedavg | fedmedian | fedtrimmedavg | krum (every phase)."),
+    _option("strategy", str | None, None, "--strategy", click_type=STRATEGY_CHOICE,
+            help="fedavg | fedmedian | fedtrimmedavg | krum (every phase)."),
     _option("phases", str | None, None, "--phases",
             help="Comma-separated phases, in order (subset of classifier,mae,teacher,student)."),
     _option("calibrate", bool, True, "--calibrate/--no-calibrate", help="End with per-site gate calibration."),
-    _option("classifier_split", str | None, None, "--classifier-split", help="moe (global expert only) | fedbn | all."),
+    _option("classifier_split", str | None, None, "--classifier-split", click_type=CLASSIFIER_SPLIT_CHOICE,
+            help="moe (global expert only) | fedbn | all."),
     _option("max_update_norm", float | None, None, "--max-update-norm", min=0.0,
             help="Drop updates with ‖Δ‖₂ above this (0: no bound)."),
     _option("max_relative_norm", float | None, None, "--max-relative-norm", min=0.0,
@@ -137,6 +141,7 @@ def _summary(metrics: dict, wall_key: str, wrote: str) -> None:
 @fed_options(RUN_OPTIONS, FEDERATION_OPTIONS)
 def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
     """Federated training on the simulation runtime (Ray; one machine) → RUN folder with per-site checkpoints."""
+    check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line
     from medfedpure.fed.sim import run_sim
 
     out = cfg.out_dir
@@ -147,6 +152,7 @@ def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
 @fed_options(RUN_OPTIONS, FEDERATION_OPTIONS)
 def deploy(cfg: Any, timeout: float = TIMEOUT) -> None:
     """The same app on the deployment runtime: SuperLink + one SuperNode per site on 127.0.0.1, then stop all."""
+    check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line
     from medfedpure.fed.deploy import run_deployment
 
     out = cfg.out_dir
@@ -159,6 +165,7 @@ def compare(cfg: Any,
             methods: str = typer.Option("local,fedavg,fedbn,moe", "--methods", help="Subset of local,fedavg,fedbn,moe."),
             timeout: float = TIMEOUT) -> None:
     """Per-site test accuracy (mean ± std): local-only vs FedAvg vs FedBN-style vs personalised MoE."""
+    check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line
     from medfedpure.fed.compare import METHODS, run_compare
 
     chosen = tuple(m for m in methods.split(",") if m)
@@ -185,6 +192,7 @@ def robustness(cfg: Any,
     """Classifier accuracy per strategy: clean vs one site sending poisoned (e.g. sign-flipped ×20) updates."""
     from dataclasses import replace
 
+    check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line
     from medfedpure.fed.compare import run_robustness
     from medfedpure.fed.strategies import STRATEGIES
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from medfedpure.cli.common import BACKEND_CHOICE, DEVICE_CHOICE, POLICY_CHOICE, check_extra, console
+
 BACKEND_HELP = "auto, onnxruntime, torch or tensorrt."
 DEVICE_HELP = "auto, cpu or cuda."
 EXPECTED_ID_HELP = "Pin the bundle id (sha256 of manifest.json, or a prefix of at least 16 hex digits)."
@@ -39,14 +41,15 @@ def _load(bundle: Path | None, backend: str, device: str, threads: int, policy: 
 def run_command(
     scans: list[str] = typer.Argument(..., help="Scan files (DICOM, PNG, JPEG, TIFF, BMP)."),
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle folder (default: the embedded one)."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    backend: str = typer.Option("auto", help=BACKEND_HELP, click_type=BACKEND_CHOICE),
+    device: str = typer.Option("auto", help=DEVICE_HELP, click_type=DEVICE_CHOICE),
     seed: int | None = typer.Option(None, min=0, max=2**63 - 1,
                                     help="Purification RNG key, 0 to 2**63 - 1 (default: a fresh one per scan)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON Result per line (the audit format)."),
     threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
     policy: str | None = typer.Option(None, help="Gate policy: adaptive (unflagged scans skip the purifier) or "
-                                                 "floor (every scan purified); default: the bundle's."),
+                                                 "floor (every scan purified); default: the bundle's.",
+                                      click_type=POLICY_CHOICE),
     expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP + " Default for the "
                                            "embedded bundle: its shipped id."),
     trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
@@ -57,7 +60,6 @@ def run_command(
     Exit code 0: every scan ok; 1: some scan unverified (none refused); 2: some scan refused (not a usable
     scan: unreadable, too large, not a regular file, ...) or a usage error (bad seed, missing or bad bundle).
     """
-    from rich.console import Console
     from rich.table import Table
 
     d = _load(bundle, backend, device, threads, policy, expected_id=expected_id, trusted_keys=trusted_key,
@@ -83,7 +85,7 @@ def run_command(
                           f"{r.score:.4g}" if r.score is not None else "-", str(r.t_star),
                           r.status if r.ok else f"{r.status}: {r.reason}", f"{r.latency_ms['total']:.1f}")
     if not as_json:
-        Console().print(table)
+        console().print(table)
     if "refused" in statuses:
         raise typer.Exit(2)
     if statuses - {"ok"}:
@@ -96,14 +98,16 @@ def demo_command(
     n: int = typer.Option(4, min=2, max=32, help="Number of synthetic scans."),
     eps: float = typer.Option(8 / 255, help="PGD ℓ∞ radius in [0,1] units."),
     steps: int = typer.Option(10, min=1, max=200, help="PGD steps."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    backend: str = typer.Option("auto", help=BACKEND_HELP, click_type=BACKEND_CHOICE),
+    device: str = typer.Option("auto", help=DEVICE_HELP, click_type=DEVICE_CHOICE),
     threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
 ) -> None:
     """Run the embedded bundle on synthetic scans, clean and PGD-attacked; print a table, write figures."""
-    from rich.console import Console
     from rich.table import Table
 
+    # The scans are rendered from nilearn's MNI152 templates (scipy, nibabel), attacked with torch and
+    # drawn with matplotlib: check the extra before the bundle is loaded.
+    check_extra("demo")
     from medfedpure.demo import DemoConfig, run_demo
 
     d = _load(bundle, backend, device, threads)
@@ -121,7 +125,7 @@ def demo_command(
         mark = "" if r["correct"] else " ✗"
         t.add_row(str(r["scan"]), r["input"], r["true"], f"{lab}{mark}", str(r["flagged"]),
                   f"{r['score']:.4g}" if r["score"] is not None else "-", str(r["t_star"]), f"{r['latency_ms']:.1f}")
-    Console().print(t)
+    console().print(t)
     acc = {k: sum(r["correct"] for r in rows if r["input"] == k) / n for k in ("clean", "pgd")}
     typer.echo(f"accuracy clean {acc['clean']:.2f} · under PGD (defended) {acc['pgd']:.2f} · figures in {out}/")
 
@@ -134,7 +138,6 @@ def verify_bundle_command(
 ) -> None:
     """Verify a bundle (signature by a trusted key, manifest, every sha256, no unlisted files or links);
     exit code 2 if it fails."""
-    from rich.console import Console
     from rich.table import Table
 
     from medfedpure.runtime.bundle import BundleError, verify_bundle
@@ -150,7 +153,7 @@ def verify_bundle_command(
         t.add_column(col)
     for a in vb.artefacts.values():
         t.add_row(a.name, a.path, a.role, a.format, a.precision, f"{a.bytes:,}", a.sha256[:16] + "…")
-    Console().print(t)
+    console().print(t)
     typer.echo(f"signed by {vb.signer.name} (key {vb.signer.key_id})" if vb.signer is not None else
                "UNSIGNED: no valid signature by a trusted key (accepted because of --allow-unsigned)")
     prov = vb.manifest["provenance"]

@@ -3,7 +3,8 @@
 The application is :mod:`medfedpure.serve.app`; uvicorn runs it through the factory
 ``medfedpure.serve.app:app_from_env``, with the settings in ``MEDFEDPURE_SERVE_CONFIG`` so that every
 worker process builds the same service. FastAPI and uvicorn are imported inside the command
-(``medfedpure --help`` stays instant; they come with ``pip install medfedpure[serve]``).
+(``medfedpure --help`` stays instant; they come with ``pip install medfedpure[serve]``; without them
+the command says so in one line, exit code 2).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from medfedpure.cli.common import BACKEND_CHOICE, DEVICE_CHOICE, LOG_LEVEL_CHOICE, POLICY_CHOICE, check_extra
 from medfedpure.cli.runtime import (
     ALLOW_UNSIGNED_HELP,
     BACKEND_HELP,
@@ -26,10 +28,10 @@ def serve_command(
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle folder (default: the embedded one)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback unless --allow-remote)."),
     port: int = typer.Option(8000, min=0, max=65535, help="TCP port."),
-    backend: str = typer.Option("auto", help=BACKEND_HELP),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    backend: str = typer.Option("auto", help=BACKEND_HELP, click_type=BACKEND_CHOICE),
+    device: str = typer.Option("auto", help=DEVICE_HELP, click_type=DEVICE_CHOICE),
     policy: str | None = typer.Option(None, help="Default gate policy (adaptive or floor; a request may name "
-                                                 "its own); default: the bundle's."),
+                                                 "its own); default: the bundle's.", click_type=POLICY_CHOICE),
     max_bytes: int = typer.Option(16 * 2**20, "--max-bytes", min=1, help="Largest request body (one scan file), bytes."),
     workers: int = typer.Option(1, min=1, max=64, help="uvicorn worker processes (each loads its own Defender)."),
     threads: int = typer.Option(0, min=0, help="Inference threads per engine (0: the runtime's default)."),
@@ -41,7 +43,7 @@ def serve_command(
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback address. The service "
                                       "has no TLS and no authentication: put it behind a proxy that adds both."),
-    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level.", click_type=LOG_LEVEL_CHOICE),
 ) -> None:
     """Serve POST /v1/classify, GET /v1/bundle and GET /healthz over HTTP (exit code 2 on a bad setting)."""
     from medfedpure.serve.config import CONFIG_ENV, ServeConfig, is_loopback
@@ -58,11 +60,8 @@ def serve_command(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
-    try:
-        import uvicorn
-    except ImportError as e:
-        typer.echo("error: the service needs FastAPI and uvicorn: pip install 'medfedpure[serve]'", err=True)
-        raise typer.Exit(2) from e
+    check_extra("serve")  # FastAPI is imported by the workers only: check the extra here, in one line
+    import uvicorn
     os.environ[CONFIG_ENV] = cfg.to_env()
     uvicorn.run("medfedpure.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, lifespan="on", server_header=False)

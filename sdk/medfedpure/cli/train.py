@@ -19,6 +19,8 @@ from typing import Any
 
 import typer
 
+from medfedpure.cli.common import POLICY_CHOICE, PRESET_CHOICE, STAT_CHOICE
+
 app = typer.Typer(help="Train one model on one site's data.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 
@@ -29,7 +31,8 @@ IMAGE_SIZE = {"tiny": 32, "small": 128}
 DATA = typer.Option(..., "--data", help="Data root (site_k/yes|no + splits.json).", exists=True, file_okay=False)
 SITE = typer.Option(0, "--site", min=0, help="Site index k.")
 OUT = typer.Option(..., "--out", help="Run folder (created).")
-CONFIG = typer.Option("small", "--config", help="Preset: tiny (tests) or small (default bundle).")
+CONFIG = typer.Option("small", "--config", help="Preset: tiny (tests) or small (default bundle).",
+                      click_type=PRESET_CHOICE)
 SEED = typer.Option(0, "--seed", help="Seeds initialisation and every generator of the job.")
 EPOCHS = typer.Option(None, "--epochs", min=1, help="Override the preset's maximum epochs.")
 RESUME = typer.Option(False, "--resume", help="Continue from RUN/train_state/ (pass the same options: the LR schedule depends on --epochs).")
@@ -155,20 +158,56 @@ def mae(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONF
 
 
 def calibrate_command(
-    data: Path = DATA,
+    data: Path | None = typer.Option(None, "--data", help="Training-side form: data root (site_k/yes|no + "
+                                     "splits.json).", exists=True, file_okay=False),
     site: int = SITE,
-    run: Path = typer.Option(..., "--run", help="Run folder holding mae.safetensors.", exists=True, file_okay=False),
+    run: Path | None = typer.Option(None, "--run", help="Training-side form: run folder holding mae.safetensors.",
+                                    exists=True, file_okay=False),
+    bundle: Path | None = typer.Option(None, "--bundle", help="Bundle form: recalibrate this bundle's gate on "
+                                       "--scans and write a new bundle to --out (no torch needed).",
+                                       exists=True, file_okay=False),
+    scans: Path | None = typer.Option(None, "--scans", help="Bundle form: folder of the site's clean, unlabelled "
+                                      "scans (any file load_scan reads; searched recursively).",
+                                      exists=True, file_okay=False),
+    out: Path | None = typer.Option(None, "--out", help="Bundle form: the new bundle's folder (created)."),
+    min_scans: int = typer.Option(100, "--min-scans", min=1, help="Bundle form: refuse fewer usable scans."),
+    key: Path | None = typer.Option(None, "--key", dir_okay=False, help="Bundle form: Ed25519 private key (PEM) "
+                                    "that signs the new bundle (default: MEDFEDPURE_SIGNING_KEY, else unsigned)."),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help="Bundle form: also "
+                                                  "trust this public key (PEM) for the source bundle; repeatable."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Bundle form: accept an unsigned source "
+                                        "bundle."),
+    backend: str = typer.Option("auto", "--backend", help="Bundle form: auto, onnxruntime, torch or tensorrt."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Bundle form: replace an existing bundle at --out."),
     target_ffr: float = typer.Option(0.05, "--target-ffr", min=0.0, max=1.0, help="False-flag rate on clean val scans."),
-    stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk."),
+    stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk.",
+                             click_type=STAT_CHOICE),
     topk: int = typer.Option(0, "--topk", min=0, help="k for --stat topk."),
-    tau_high_k: float = typer.Option(2.0, "--tau-high-k", help="tau_high = tau + k * (tau - median)."),
+    tau_high_k_given: float | None = typer.Option(None, "--tau-high-k", help="tau_high = tau + k * (tau - median) "
+                                                  "(default 2; with --bundle: the bundle's recorded k)."),
     t_min: int | None = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format("t_min")),
     t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format("t_max")),
     steps: int | None = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format("steps")),
-    policy: str = typer.Option("adaptive", "--policy", help="adaptive or floor."),
+    policy: str = typer.Option("adaptive", "--policy", help="adaptive or floor.", click_type=POLICY_CHOICE),
     threads: int = THREADS,
 ) -> None:
-    """Calibrate site K's gate on its clean validation scans → RUN/site_K/calibration.json."""
+    """Calibrate site K's gate on its clean validation scans → RUN/site_K/calibration.json; or, with
+    --bundle, recalibrate a shipped bundle's gate on a site's own clean scans → a new bundle at --out."""
+    if bundle is not None:
+        if data is not None or run is not None:
+            raise typer.BadParameter("--bundle recalibrates a bundle on --scans; --data/--run are the training-side "
+                                     "form: give one form or the other")
+        if scans is None or out is None:
+            raise typer.BadParameter("--bundle needs --scans DIR (the site's clean scans) and --out DIR (the new "
+                                     "bundle)")
+        _recalibrate_bundle(bundle, scans, out, target_ffr=target_ffr, min_scans=min_scans, key=key,
+                            trusted_keys=trusted_key, allow_unsigned=allow_unsigned, backend=backend,
+                            threads=threads, overwrite=overwrite,
+                            tau_high_k=tau_high_k_given)
+        return
+    if data is None or run is None:
+        raise typer.BadParameter("give --data DIR and --run RUN (training-side calibration), or --bundle B --scans "
+                                 "DIR --out B2 (recalibrate a bundle)")
     import torch
 
     from medfedpure.models.weights import load_model
@@ -177,6 +216,7 @@ def calibrate_command(
     torch.set_num_threads(threads)
     try:
         given = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps)) if v is not None}
+        tau_high_k = 2.0 if tau_high_k_given is None else tau_high_k_given
         cfg = CalibrationConfig(target_ffr=target_ffr, stat=stat, topk=topk, tau_high_k=tau_high_k, policy=policy,
                                 schedule_from="options" if given else "student", **given)
     except ValueError as exc:
@@ -188,6 +228,48 @@ def calibrate_command(
     typer.echo(f"{path}: tau={calib['tau']:.6g} tau_high={calib['tau_high']:.6g} stat={calib['stat']} "
                f"val_false_flag_rate={calib['calibration']['val_false_flag_rate']:.3f} "
                f"(n={calib['calibration']['num_val_scans']})")
+
+
+def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: float, min_scans: int,
+                        key: Path | None, trusted_keys: list[Path] | None, allow_unsigned: bool, backend: str,
+                        threads: int, overwrite: bool, tau_high_k: float | None) -> None:
+    """The bundle form of ``calibrate``: score, set τ, report, write. Exit 2 on a refusal."""
+    from medfedpure.cli.runtime import _load
+    from medfedpure.export.bundle_writer import write_recalibrated_bundle
+    from medfedpure.runtime.bundle import BundleError
+    from medfedpure.runtime.calibration import TooFewScansError, load_scan_folder, recalibrate
+
+    d = _load(bundle, backend, "auto", threads, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned)
+    try:
+        folder = load_scan_folder(scans, d.image_size, limits=d.limits)
+        rc = recalibrate(d.bundle, d.engine, folder.x, target_ffr=target_ffr, min_scans=min_scans,
+                         pixels_sha256=folder.pixels_sha256, tau_high_k=tau_high_k)
+    except TooFewScansError as e:
+        typer.echo(f"error: TooFewScansError: {e} ({len(folder.skipped)} files in {scans} were not usable scans)",
+                   err=True)
+        raise typer.Exit(2) from e
+    except (ValueError, OSError) as e:
+        typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(2) from e
+    n, lo, hi = rc.n, *rc.ffr_ci
+    typer.echo(f"scored {n} clean scans from {scans} ({len(folder.skipped)} files skipped) with bundle "
+               f"{d.bundle.short_id} ({d.engine.name})")
+    typer.echo(f"source gate: tau={rc.previous.tau:.6g} flags {rc.flagged_before}/{n} = {rc.flagged_before / n:.3f}")
+    typer.echo(f"recalibrated: tau={rc.gate.tau:.6g} tau_high={rc.gate.tau_high:.6g} (target false-flag rate "
+               f"{target_ffr:g})")
+    typer.echo(f"achieved false-flag rate on the calibration scans: {rc.flagged}/{n} = {rc.achieved_ffr:.4f}, "
+               f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)")
+    try:
+        vb = write_recalibrated_bundle(d.bundle, out, rc.gate, rc.provenance, signing_key=key, overwrite=overwrite)
+    except (BundleError, ValueError, FileExistsError) as e:
+        typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(2) from e
+    typer.echo(f"wrote {vb.root} (bundle id {vb.bundle_id})")
+    if vb.signer is None:
+        typer.echo("UNSIGNED: the runtime refuses this bundle unless it is signed (`medfedpure bundle sign "
+                   f"{vb.root} --key KEY`) by a trusted key, or loaded with allow_unsigned / --allow-unsigned")
+    else:
+        typer.echo(f"signed by key {vb.signer.key_id}")
 
 
 @app.command()

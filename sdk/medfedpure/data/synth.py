@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from medfedpure.data.anatomy import Anatomy, load_anatomy, sample
+from medfedpure.progress import progress as progress_bar
 
 GENERATOR_VERSION = 2
 #: Versions render_scan reproduces byte for byte. 1: stronger scalp-thickness wobble, smoother
@@ -450,13 +451,11 @@ def generate_synthetic(out: str | Path, cfg: SynthConfig, *, workers: int | None
         out: data folder; must be absent or empty unless ``overwrite`` (which removes only the
             ``site_*`` folders and the JSON files this function and the splitter write).
         workers: processes (default: CPU count, at most 8). Output bytes do not depend on it.
-        progress: show a progress bar (tqdm) on stderr.
+        progress: show progress on stderr (:func:`medfedpure.progress.progress`).
     Returns:
         The dataset.json content.
     """
     import multiprocessing as mp
-
-    from tqdm import tqdm
 
     from medfedpure.data.layout import CLASSES, LABEL_DIRS, fingerprint, prepare_out, site_counts, write_json
 
@@ -472,7 +471,7 @@ def generate_synthetic(out: str | Path, cfg: SynthConfig, *, workers: int | None
     workers = max(1, min(workers or os.cpu_count() or 1, 8, len(tasks)))
     load_anatomy()  # once in the parent: forked workers share it
     records: list[dict] = []
-    bar = tqdm(total=total, desc="synth", unit="scan", disable=not progress)
+    bar = progress_bar(total=total, desc="synth", unit="scan", enabled=progress)
     try:
         if workers == 1:
             _worker_init(cfg, profiles, str(out))

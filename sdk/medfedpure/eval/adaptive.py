@@ -60,13 +60,13 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from medfedpure import Defender
 from medfedpure.eval.attacks.pgd import pgd_linf
 from medfedpure.eval.defended import add_eval_args, defend, open_eval
 from medfedpure.gate import GateSpec, run_gate
 from medfedpure.models.diffusion import purify
+from medfedpure.progress import progress as progress_bar
 from medfedpure.runtime.engines.torch_engine import TorchEngine
 
 
@@ -87,7 +87,7 @@ def pipeline_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor
     g = torch.Generator().manual_seed(seed)
     alpha = 2.5 * eps / steps
     x_adv = (x + (torch.rand(x.shape, generator=g) * 2 - 1) * eps).clamp(0, 1)
-    bar = tqdm(range(steps), desc=f"pipeline PGD ε={eps * 255:g}/255", disable=not progress)
+    bar = progress_bar(range(steps), desc=f"pipeline PGD ε={eps * 255:g}/255", unit="step", enabled=progress)
     t_star = np.zeros(len(x), np.int64)
     for _ in bar:
         t_star = gate_t_star(d, x_adv.numpy())
@@ -170,7 +170,8 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     eta = torch.zeros(len(x), 1, s // factor, s // factor)
     best = x.clone()
     found = torch.zeros(len(x), dtype=torch.bool)
-    bar = tqdm(range(steps + 1), desc=f"evasion PGD ε={eps * 255:g}/255 ×{factor}", disable=not progress)
+    bar = progress_bar(range(steps + 1), desc=f"evasion PGD ε={eps * 255:g}/255 ×{factor}", unit="step",
+                       enabled=progress)
     for step in bar:
         with torch.no_grad():
             x_adv = (x + band_limited(eta, factor)).clamp(0, 1)

@@ -92,9 +92,9 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
         try:
             bar = None
             if progress:
-                from tqdm.auto import tqdm
+                from medfedpure.progress import progress as progress_bar
 
-                bar = tqdm(total=total_rounds, desc="federated rounds", unit="round", dynamic_ncols=True)
+                bar = progress_bar(total=total_rounds, desc="federated rounds", unit="round")
             while True:
                 try:
                     rc = proc.wait(timeout=1.0)
@@ -102,12 +102,11 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
                 except subprocess.TimeoutExpired:
                     pass
                 if bar is not None:
-                    bar.n = _rounds_done(out / "progress.json")
-                    bar.refresh()
+                    bar.set(_rounds_done(out / "progress.json"))
                 if time.perf_counter() - t0 > timeout_s:
                     break
             if bar is not None:
-                bar.n = _rounds_done(out / "progress.json")
+                bar.set(_rounds_done(out / "progress.json"))
                 bar.close()
         finally:
             procs.stop_groups([proc])

@@ -6,9 +6,9 @@ The bundle manifest's ``gate`` section is exactly :meth:`GateSpec.to_dict`::
     {"stat": "hfratio", "patch": 8, "topk": 128, "norm_pix": false,
      "tau": …, "tau_high": …, "t_min": 60, "t_max": 200, "policy": "adaptive",
      "calibration": {"target_false_flag_rate": …, "val_false_flag_rate": …, "num_val_scans": …,
-                     "score_quantiles": {"0.05": …, …}, "tau_high_rule": "…"}}
+                     "score_quantiles": {"0.05": …, …}, "tau_high_rule": "…", "source": "…"}}
 
-``calibration`` and, inside it, ``score_quantiles`` and ``tau_high_rule`` may be absent (a gate
+``calibration`` and, inside it, ``score_quantiles``, ``tau_high_rule`` and ``source`` may be absent (a gate
 set by hand). :meth:`GateSpec.from_dict` refuses unknown keys and wrong types, so a section asking
 for something this runtime does not implement is refused rather than run wrongly;
 :meth:`GateSpec.from_legacy_dict` reads the flat format-1 section (and old ``calibration.json``
@@ -32,7 +32,7 @@ __all__ = ["GateSpec", "GateCalibration", "POLICIES"]
 
 _GATE_KEYS = ("stat", "patch", "topk", "norm_pix", "tau", "tau_high", "t_min", "t_max", "policy")
 _CALIBRATION_REQUIRED = ("target_false_flag_rate", "val_false_flag_rate", "num_val_scans")
-_CALIBRATION_OPTIONAL = ("score_quantiles", "tau_high_rule")
+_CALIBRATION_OPTIONAL = ("score_quantiles", "tau_high_rule", "source")
 # Format-1 keys that hold nothing the gate needs: the calibration's options (``config``), the
 # purifier's K (``steps``, which the manifest's purifier section holds) and where the schedule came from.
 _LEGACY_IGNORED = ("config", "steps", "schedule_source")
@@ -88,6 +88,8 @@ class GateCalibration:
         score_quantiles: quantile ("0.05", …, as strings) → clean score, as (quantile, score) pairs
             in the order given; None when not recorded.
         tau_high_rule: how τ_high was set, in words; None when not recorded.
+        source: where the scores came from, in words (e.g. a recalibration on a site's own scans:
+            how many, their pixel fingerprint, the source bundle); None when not recorded.
     """
 
     target_false_flag_rate: float
@@ -95,6 +97,7 @@ class GateCalibration:
     num_val_scans: int
     score_quantiles: tuple[tuple[str, float], ...] | None = None
     tau_high_rule: str | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         target = _number(self.target_false_flag_rate, "calibration.target_false_flag_rate")
@@ -126,6 +129,8 @@ class GateCalibration:
             q = tuple(out)
         if self.tau_high_rule is not None:
             _str(self.tau_high_rule, "calibration.tau_high_rule")
+        if self.source is not None:
+            _str(self.source, "calibration.source")
         object.__setattr__(self, "target_false_flag_rate", target)
         object.__setattr__(self, "val_false_flag_rate", achieved)
         object.__setattr__(self, "num_val_scans", n)
@@ -139,6 +144,8 @@ class GateCalibration:
             d["score_quantiles"] = dict(self.score_quantiles)
         if self.tau_high_rule is not None:
             d["tau_high_rule"] = self.tau_high_rule
+        if self.source is not None:
+            d["source"] = self.source
         return d
 
     @classmethod

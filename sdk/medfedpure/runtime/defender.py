@@ -49,7 +49,9 @@ from typing import Any
 
 import numpy as np
 
+from medfedpure.gate import GateCalibration
 from medfedpure.runtime.bundle import VerifiedBundle, default_bundle_path, verify_bundle
+from medfedpure.runtime.calibration import DriftMonitor, DriftReport, score_quantile
 from medfedpure.runtime.default_id import DEFAULT_BUNDLE_ID
 from medfedpure.runtime.engines import Engine, create_engine
 from medfedpure.runtime.engines.base import Interrupt, run_interruptible
@@ -91,6 +93,9 @@ class Result:
             t* = 0).
         patch_error: [Np] float32 per-patch reconstruction error (on request).
         error: the exception type of a refused input (e.g. ``"ScanTooLargeError"``), else None.
+        score_quantile: where ``score`` sits among the gate calibration's clean scores (the fraction
+            below it, interpolated from the recorded quantiles:
+            :func:`medfedpure.runtime.calibration.score_quantile`); None without a score or quantiles.
     """
 
     label: str | None
@@ -109,6 +114,7 @@ class Result:
     purified: np.ndarray | None = field(default=None, repr=False)
     patch_error: np.ndarray | None = field(default=None, repr=False)
     error: str | None = None
+    score_quantile: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -118,7 +124,7 @@ class Result:
         """JSON-ready dict; arrays (when present) become nested lists."""
         d = {k: getattr(self, k) for k in ("label", "probabilities", "flagged", "score", "t_star", "status",
                                            "reason", "seed", "latency_ms", "backend", "device", "precision",
-                                           "bundle_id", "error")}
+                                           "bundle_id", "error", "score_quantile")}
         d["purified"] = None if self.purified is None else self.purified.tolist()
         d["patch_error"] = None if self.patch_error is None else self.patch_error.tolist()
         return d
@@ -224,6 +230,8 @@ class Defender:
         self.preprocessing = bundle.spec.preprocessing
         self.image_size = self.preprocessing.size
         self._policy = policy  # None: the engine's calibrated gate policy
+        # running counts of gate scores between the calibration's quantiles (drift())
+        self._drift = DriftMonitor(engine.gate_spec.calibration, engine.gate_spec.tau)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], backend: str = "auto", device: str = "auto", *,
@@ -259,6 +267,22 @@ class Defender:
         if kwargs.get("expected_id") is None:
             kwargs["expected_id"] = DEFAULT_BUNDLE_ID
         return cls.load(path, backend, device, **kwargs)
+
+    @property
+    def calibration(self) -> GateCalibration | None:
+        """The calibration of the gate in use (target false-flag rate, number of scans, score
+        quantiles, τ_high rule, source), or None for a gate set by hand."""
+        return self.engine.gate_spec.calibration
+
+    def drift(self) -> DriftReport:
+        """Gate scores seen so far (every scan the gate scored, by any call) against the
+        calibration's quantiles: counts per bin, expected fractions, n, chi-square p-value, and the
+        observed flag rate with its exact interval (:class:`medfedpure.runtime.calibration.DriftReport`)."""
+        return self._drift.report()
+
+    def reset_drift(self) -> None:
+        """Start the drift counts afresh (e.g. after a scanner change was handled)."""
+        self._drift.reset()
 
     @property
     def policy(self) -> str:
@@ -559,6 +583,9 @@ class Defender:
         lat["total"] = (time.perf_counter() - t0) * 1e3
         info = eng.describe()
         results = []
+        if score is not None:
+            self._drift.update(score)
+        calib = eng.gate_spec.calibration
         for r in range(b):
             reason = fails.reason[r]
             ok = reason is None
@@ -577,5 +604,6 @@ class Defender:
                 bundle_id=self.bundle.bundle_id,
                 purified=None if x_cls_np is None or not ok else x_cls_np[r].astype(np.float32),
                 patch_error=None if patch_err is None else patch_err[r].astype(np.float32),
+                score_quantile=None if score is None else score_quantile(float(score[r]), calib),
             ))
         return results

@@ -3,6 +3,9 @@
 On the site's clean **validation** scans — no labels, no attacks — the MAE scorer's reconstructions
 are scored with the chosen statistic, and:
 
+The rule from scores to ``tau`` / ``tau_high`` / the record is :mod:`medfedpure.gate.calibration`'s
+(shared with the runtime-side recalibration of a shipped bundle):
+
 - ``tau``: the smallest threshold whose false-flag rate on those scans is at most the target
   (``flag = score ≥ tau``): with n scans and target f, the ``⌊f·n⌋`` highest scores are flagged,
   ``tau`` sits just above the next one (rounded to float32 as the gate compares in float32);
@@ -27,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfedpure.gate import STATS, GateCalibration, GateSpec, gate_scores
+from medfedpure.gate import STATS, GateSpec, gate_scores
+from medfedpure.gate.calibration import calibrate_scores, threshold_at_ffr
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 from medfedpure.models.mae import MAEScorer, MaskedAutoencoder
 
@@ -106,19 +110,6 @@ def score_scans(mae: MaskedAutoencoder, x: Any, *, stat: str, topk: int = 0, bat
     return np.concatenate(out)
 
 
-def threshold_at_ffr(scores: np.ndarray, target_ffr: float) -> tuple[float, float]:
-    """``(tau, achieved_ffr)``: the smallest float32 ``tau`` flagging at most ``⌊f·n⌋`` of ``scores``."""
-    s = np.sort(np.asarray(scores, np.float32))[::-1]
-    n = len(s)
-    if n == 0:
-        raise ValueError("no calibration scores: the site's validation split is empty")
-    if not np.isfinite(s).all():
-        raise ValueError("calibration scores contain NaN/inf: check the MAE checkpoint and the scans")
-    k = int(np.floor(target_ffr * n))
-    tau = np.nextafter(s[k], np.float32(np.inf), dtype=np.float32)
-    return float(tau), float((s >= tau).mean())
-
-
 def student_schedule(run: Path) -> dict[str, Any] | None:
     """``{"t_min", "t_max", "steps"}`` from ``RUN/student.safetensors`` metadata, if it names them.
 
@@ -157,16 +148,9 @@ def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *
     if cfg.stat == "hfratio" and topk == 0:  # m, the tissue patches scored: half of them by default
         topk = mae.cfg.num_patches // 2
     scores = score_scans(mae, x_val, stat=cfg.stat, topk=topk, batch_size=batch_size)
-    tau, ffr = threshold_at_ffr(scores, cfg.target_ffr)
-    med = float(np.median(scores))
-    spread = max(tau - med, 1e-6 * max(abs(tau), 1.0))
-    tau_high = float(np.float32(tau + cfg.tau_high_k * spread))
+    tau, tau_high, calibration = calibrate_scores(scores, cfg.target_ffr, tau_high_k=cfg.tau_high_k)
     sched = student_schedule(run) if run is not None and cfg.schedule_from == "student" else None
     t_min, t_max, steps = (sched["t_min"], sched["t_max"], sched["steps"]) if sched else (cfg.t_min, cfg.t_max, cfg.steps)
-    calibration = GateCalibration(
-        target_false_flag_rate=cfg.target_ffr, val_false_flag_rate=ffr, num_val_scans=int(len(scores)),
-        score_quantiles={q: float(np.quantile(scores, float(q))) for q in ("0.05", "0.25", "0.5", "0.75", "0.95")},
-        tau_high_rule=f"tau + {cfg.tau_high_k} * (tau - median of clean val scores)")
     spec = GateSpec(stat=cfg.stat, patch=int(mae.cfg.patch), topk=int(topk), norm_pix=bool(mae.cfg.norm_pix), tau=tau,
                     tau_high=tau_high, t_min=int(t_min), t_max=int(t_max), policy=cfg.policy, calibration=calibration)
     return {**spec.to_dict(), "steps": int(steps), "schedule_source": "student checkpoint" if sched else "options"}

@@ -139,9 +139,9 @@ def make_trajectory_cache(teacher: torch.nn.Module, schedule: DiffusionSchedule,
     states, ends = [], []
     it = range(0, len(y0), batch)
     if progress:
-        from tqdm.auto import tqdm
+        from medfedpure.progress import progress as progress_bar
 
-        it = tqdm(it, desc="teacher trajectories", unit="batch", dynamic_ncols=True)
+        it = progress_bar(it, desc="teacher trajectories", unit="batch")
     for i in it:
         x_t = schedule.q_sample(y0[i:i + batch], t_s[i:i + batch], noise[i:i + batch])
         end, traj = ddim_sample(teacher, x_t, t_s[i:i + batch], teacher_steps, schedule=schedule,

@@ -149,9 +149,9 @@ def fit(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from medfedpure.progress import progress as progress_bar
 
-        bar = tqdm(total=epochs, initial=state["epoch"], desc=name, unit="epoch", dynamic_ncols=True)
+        bar = progress_bar(total=epochs, initial=state["epoch"], desc=name, unit="epoch")
     stopped_early = False
     t_start = time.perf_counter() - state["wall_s"]
     while state["epoch"] < epochs:

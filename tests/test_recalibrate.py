@@ -1,0 +1,278 @@
+"""Recalibrating a shipped bundle's gate on a site's clean scans (runtime side, no torch), the shared
+τ rule, drift counts and each Result's score quantile."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from medfedpure.gate import GateCalibration
+from medfedpure.gate.calibration import calibrate_scores, tau_high_from, tau_high_rule_text, threshold_at_ffr
+from medfedpure.runtime.bundle import BundleError, verify_bundle
+from medfedpure.runtime.calibration import (
+    DriftMonitor,
+    TooFewScansError,
+    binomial_ci,
+    chi2_sf,
+    load_scan_folder,
+    pixels_digest,
+    recalibrate,
+    score_quantile,
+    score_scans,
+)
+from medfedpure.runtime.defender import Defender
+from PIL import Image
+from signing_keys import test_key_files as key_files
+from tiny_bundle import cached_tiny_bundle, tiny_scans
+from typer.testing import CliRunner
+
+
+def _write_pngs(folder: Path, x: np.ndarray, prefix: str = "s") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, a in enumerate(x):
+        p = folder / f"{prefix}{i:04d}.png"
+        Image.fromarray(np.round(a[0] * 255).astype(np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _shifted(n: int, seed: int) -> np.ndarray:
+    """Clean scans from "another scanner": another intensity response (gamma 0.6)."""
+    return (tiny_scans(n, seed) ** 0.6).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return cached_tiny_bundle()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> dict:
+    """A site's 120 clean calibration scans (shifted), recalibrated through the CLI, signed with the test key."""
+    from medfedpure.cli import app
+
+    root = tmp_path_factory.mktemp("site")
+    _write_pngs(root / "cal", _shifted(120, 11))
+    (root / "cal" / "notes.txt").write_text("not a scan")
+    priv, pub = key_files()
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--scans", str(root / "cal"),
+                                 "--out", str(root / "b2"), "--key", str(priv), "--backend", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    return {"root": root, "out": root / "b2", "pub": pub, "output": r.output}
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared rule and the statistics
+def test_both_calibrations_use_one_rule() -> None:
+    import medfedpure.train.calibrate as tc
+
+    assert tc.threshold_at_ffr is threshold_at_ffr
+    s = np.random.default_rng(0).gamma(2.0, 1.0, 200).astype(np.float32)
+    tau, tau_high, rec = calibrate_scores(s, 0.05, tau_high_k=3.0, source="x")
+    assert int((s >= np.float32(tau)).sum()) == 10  # ⌊0.05 · 200⌋, no ties
+    assert tau == float(np.nextafter(np.sort(s)[::-1][10], np.float32(np.inf), dtype=np.float32))
+    assert tau_high == tau_high_from(tau, float(np.median(s)), 3.0)
+    assert rec.tau_high_rule == tau_high_rule_text(3.0) and rec.source == "x"
+    assert (rec.num_val_scans, rec.val_false_flag_rate) == (200, 0.05)
+    assert GateCalibration.from_dict(rec.to_dict()) == rec
+
+
+def test_statistics_match_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for dof in range(1, 9):
+        for x in (0.0, 0.3, 1.0, 4.5, 11.0, 30.0):
+            assert chi2_sf(x, dof) == pytest.approx(stats.chi2.sf(x, dof), rel=1e-9, abs=1e-15)
+    for k, n in ((0, 50), (7, 140), (50, 50), (3, 10)):
+        ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+        lo, hi = binomial_ci(k, n)
+        assert lo == pytest.approx(ci.low, abs=1e-9) and hi == pytest.approx(ci.high, abs=1e-9)
+    with pytest.raises(ValueError, match="dof"):
+        chi2_sf(1.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# recalibration
+def test_recalibrated_bundle_hits_the_quantile_rule(site: dict) -> None:
+    d = Defender.load(site["out"], "onnxruntime", trusted_keys=[site["pub"]], timeout_s=None)
+    files = sorted((site["root"] / "cal").glob("*.png"))
+    rs = d.run_batch([str(p) for p in files], seeds=[0] * len(files))
+    scores = np.array([r.score for r in rs], np.float32)
+    assert len(rs) == 120
+    assert sum(r.flagged for r in rs) == 6  # ⌊0.05 · 120⌋ exactly
+    tau, _ = threshold_at_ffr(scores, 0.05)
+    assert d.engine.gate_spec.tau == tau
+    cal = d.calibration
+    assert cal is not None and (cal.num_val_scans, cal.target_false_flag_rate, cal.val_false_flag_rate) == (120, 0.05, 0.05)
+    assert "achieved false-flag rate on the calibration scans: 6/120 = 0.0500" in site["output"]
+    lo, hi = binomial_ci(6, 120)
+    assert f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)" in site["output"]
+    assert "1 files skipped" in site["output"]
+
+
+def test_written_bundle_is_signed_and_carries_provenance(site: dict, tiny: Path) -> None:
+    vb = verify_bundle(site["out"], trusted_keys=[site["pub"]])
+    src = verify_bundle(tiny)
+    assert vb.signer is not None and vb.bundle_id != src.bundle_id
+    rec = vb.spec.provenance["recalibration"]
+    folder = load_scan_folder(site["root"] / "cal", 32)
+    assert rec["num_scans"] == 120 and rec["source_bundle_id"] == src.bundle_id
+    assert rec["pixels_sha256"] == folder.pixels_sha256 and len(rec["pixels_sha256"]) == 64
+    assert len(rec["date"]) == 10 and rec["date"][4] == "-"
+    assert rec["achieved_false_flag_rate"] == 0.05 and rec["target_false_flag_rate"] == 0.05
+    assert src.bundle_id in vb.spec.gate.calibration.source
+    # everything but the gate and the provenance is the source bundle's
+    assert {n: a.sha256 for n, a in vb.artefacts.items()} == {n: a.sha256 for n, a in src.artefacts.items()}
+    for k in ("stat", "patch", "topk", "norm_pix", "t_min", "t_max", "policy"):
+        assert getattr(vb.spec.gate, k) == getattr(src.spec.gate, k)
+    assert {k: v for k, v in vb.manifest.items() if k not in ("gate", "provenance")} == \
+        {k: v for k, v in src.manifest.items() if k not in ("gate", "provenance")}
+
+
+def test_fingerprint_ignores_names_and_order(tmp_path: Path) -> None:
+    x = _shifted(5, 3)
+    _write_pngs(tmp_path / "a", x, "a")
+    _write_pngs(tmp_path / "b", x[::-1], "zz")
+    fa, fb = load_scan_folder(tmp_path / "a", 32), load_scan_folder(tmp_path / "b", 32)
+    assert fa.pixels_sha256 == fb.pixels_sha256 and fa.files != fb.files
+    _write_pngs(tmp_path / "c", x[:4], "a")
+    assert load_scan_folder(tmp_path / "c", 32).pixels_sha256 != fa.pixels_sha256
+    assert pixels_digest(np.zeros((2, 3), np.float32)) != pixels_digest(np.zeros((3, 2), np.float32))
+
+
+def test_unsigned_without_key_and_refused_by_the_runtime(tmp_path: Path, tiny: Path, monkeypatch) -> None:
+    from medfedpure.cli import app
+
+    monkeypatch.delenv("MEDFEDPURE_SIGNING_KEY", raising=False)
+    _write_pngs(tmp_path / "cal", _shifted(20, 5))
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--scans", str(tmp_path / "cal"),
+                                 "--out", str(tmp_path / "b2"), "--min-scans", "20", "--backend", "onnxruntime"])
+    assert r.exit_code == 0, r.output
+    assert "UNSIGNED" in r.output
+    with pytest.raises(BundleError):
+        verify_bundle(tmp_path / "b2")
+    assert verify_bundle(tmp_path / "b2", allow_unsigned=True).signer is None
+
+
+def test_refuses_fewer_than_min_scans(tmp_path: Path, tiny: Path) -> None:
+    from medfedpure.cli import app
+
+    _write_pngs(tmp_path / "cal", _shifted(30, 5))
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--scans", str(tmp_path / "cal"),
+                                 "--out", str(tmp_path / "b2"), "--min-scans", "31"])
+    assert r.exit_code == 2
+    assert "TooFewScansError: 30 usable clean scans, fewer than the minimum of 31" in r.output
+    assert not (tmp_path / "b2").exists()
+    d = Defender.load(tiny, "onnxruntime")
+    with pytest.raises(TooFewScansError, match="minimum of 100"):
+        recalibrate(d.bundle, d.engine, _shifted(99, 1))
+    with pytest.raises(ValueError, match="target_ffr"):
+        recalibrate(d.bundle, d.engine, _shifted(5, 1), target_ffr=0.0, min_scans=1)
+
+
+def test_cli_forms_are_exclusive(tmp_path: Path, tiny: Path) -> None:
+    from medfedpure.cli import app
+
+    wide = {"COLUMNS": "400"}  # one line per message in the error box
+    r = CliRunner().invoke(app, ["calibrate"], env=wide)
+    assert r.exit_code == 2 and "--data DIR and --run RUN" in r.output
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--data", str(tmp_path)], env=wide)
+    assert r.exit_code == 2 and "one form or the other" in r.output
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--scans", str(tmp_path)], env=wide)
+    assert r.exit_code == 2 and "--out DIR" in r.output
+
+
+def test_recalibrated_gate_flags_fewer_shifted_clean_scans(site: dict, tiny: Path, tmp_path: Path) -> None:
+    held = [str(p) for p in _write_pngs(tmp_path, _shifted(200, 99))]  # the calibration's scanner, other scans
+    before = Defender.load(tiny, "onnxruntime", timeout_s=None)
+    after = Defender.load(site["out"], "onnxruntime", trusted_keys=[site["pub"]], timeout_s=None)
+    fb = sum(r.flagged for r in before.run_batch(held, seeds=[0] * 200))
+    fa = sum(r.flagged for r in after.run_batch(held, seeds=[0] * 200))
+    assert fb >= 190 and fa <= 30 and 5 * fa < fb, (fb, fa)  # 200 and 17 when written
+
+
+# ---------------------------------------------------------------------------------------------
+# drift and score quantiles
+def test_drift_counts_equal_a_hand_count(site: dict) -> None:
+    d = Defender.load(site["out"], "onnxruntime", trusted_keys=[site["pub"]], timeout_s=None)
+    x = np.concatenate([tiny_scans(30, 7), _shifted(30, 8)])
+    threads = [threading.Thread(target=d.run_array, args=(x[i::3],), kwargs={"seeds": [0] * len(x[i::3])})
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rep = d.drift()
+    scores = score_scans(d.engine, x)
+    cal = d.calibration
+    edges = [v for _, v in sorted((float(q), v) for q, v in cal.score_quantiles)]
+    hand = [0] * (len(edges) + 1)
+    for s in scores.tolist():
+        b = 0
+        while b < len(edges) and s >= edges[b]:
+            b += 1
+        hand[b] += 1
+    assert rep.n == 60 and list(rep.counts) == hand
+    assert rep.expected == pytest.approx((0.05, 0.2, 0.25, 0.25, 0.2, 0.05))
+    assert rep.flagged == int((scores >= np.float32(d.engine.gate_spec.tau)).sum())
+    e = 60 * np.array(rep.expected)
+    chi2 = float(((np.array(hand) - e) ** 2 / e).sum())
+    assert rep.chi2 == pytest.approx(chi2) and rep.dof == 5 and rep.p_value == pytest.approx(chi2_sf(chi2, 5))
+    assert rep.flag_rate_ci95 == binomial_ci(rep.flagged, 60)
+    json.dumps(rep.to_dict())
+    d.reset_drift()
+    assert d.drift().n == 0 and d.drift().p_value is None
+
+
+def test_score_quantile_is_monotone_and_interpolated(site: dict) -> None:
+    d = Defender.load(site["out"], "onnxruntime", trusted_keys=[site["pub"]], timeout_s=None)
+    x = np.concatenate([tiny_scans(20, 3), _shifted(40, 4)])
+    rs = d.run_array(x, seeds=[0] * len(x))
+    pairs = sorted((r.score, r.score_quantile) for r in rs)
+    qs = [q for _, q in pairs]
+    assert all(a <= b for a, b in zip(qs, qs[1:], strict=False)) and len(set(qs)) > 10
+    assert all(0.05 <= q <= 0.95 for q in qs)
+    cal = d.calibration
+    q = dict(cal.score_quantiles)
+    assert score_quantile(q["0.5"], cal) == pytest.approx(0.5)
+    assert score_quantile((q["0.5"] + q["0.75"]) / 2, cal) == pytest.approx(0.625)
+    assert score_quantile(None, cal) is None and score_quantile(1.0, None) is None
+    grid = np.linspace(q["0.05"] - 1, q["0.95"] + 1, 500)
+    v = [score_quantile(float(s), cal) for s in grid]
+    assert all(a <= b for a, b in zip(v, v[1:], strict=False))
+    full = GateCalibration(0.05, 0.05, 10, {"0": 0.0, "0.5": 1.0, "1": 2.0})
+    assert [score_quantile(s, full) for s in (-1.0, 0.5, 1.5, 3.0)] == [0.0, 0.25, 0.75, 1.0]
+    dct = rs[0].to_dict()
+    assert dct["score_quantile"] == rs[0].score_quantile
+    assert {"label", "probabilities", "flagged", "score", "t_star", "status", "reason", "seed", "latency_ms",
+            "backend", "device", "precision", "bundle_id", "error", "purified", "patch_error"} < set(dct)
+
+
+def test_drift_monitor_merges_empty_bins_and_ignores_nan() -> None:
+    m = DriftMonitor(GateCalibration(0.05, 0.05, 10, {"0": 0.0, "0.5": 1.0, "1": 2.0}), tau=1.5)
+    m.update([-1.0, 0.5, 1.2, 1.7, 5.0, float("nan")])
+    r = m.report()
+    assert r.counts == (1, 1, 2, 1) and r.expected == (0.0, 0.5, 0.5, 0.0) and r.n == 5 and r.flagged == 2
+    assert r.dof == 1 and r.chi2 == pytest.approx((2 - 2.5) ** 2 / 2.5 + (3 - 2.5) ** 2 / 2.5)
+    none = DriftMonitor(None, tau=0.0)
+    none.update([1.0, 2.0])
+    assert none.report().counts == (2,) and none.report().p_value is None
+
+
+def test_recalibration_needs_neither_torch_nor_onnx(site: dict, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom medfedpure.cli import app\n"
+            f"r = CliRunner().invoke(app, ['calibrate', '--bundle', {str(site['out'])!r}, '--scans', "
+            f"{str(site['root'] / 'cal')!r}, '--out', {str(tmp_path / 'b3')!r}, '--backend', 'onnxruntime'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "print(sorted(m for m in ('torch', 'onnx', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert verify_bundle(tmp_path / "b3").spec.provenance["recalibration"]["source_bundle_id"] == \
+        verify_bundle(site["out"]).bundle_id
