@@ -215,3 +215,23 @@ def test_classifier_output_width_checked_at_run_time() -> None:
         r = d.run((x[0, 0] * 255).astype(np.uint8), seed=0)
         assert r.status == "unverified" and r.label is None and r.probabilities == {}
         assert "3 classes" in r.reason
+
+
+def test_defender_refuses_a_classifier_width_on_every_backend() -> None:
+    """The Defender's own check (not only the onnxruntime engine's): the torch engine returning three
+    columns for a two-class bundle gives `unverified`, never probabilities summing to less than 1."""
+    from medfedpure.runtime.defender import Defender
+    from tiny_bundle import tiny_scans
+
+    d = Defender.load(cached_tiny_bundle(), backend="torch", device="cpu", overlap=False)
+    x = tiny_scans(2, 7)
+    orig = d.engine.classify
+
+    def three_columns(xb):
+        p = orig(xb)
+        return __import__("torch").cat([p * 0.5, p[:, :1] * 0 + 0.5], dim=1)  # rows still sum to 1
+
+    d.engine.classify = three_columns
+    r = d.run((x[0, 0] * 255).astype(np.uint8), seed=0)
+    assert r.status == "unverified" and r.label is None and r.probabilities == {}
+    assert "declares 2 classes" in r.reason

@@ -563,6 +563,9 @@ class Defender:
                 else:
                     p_native = call(eng.classify, x_cls if live.size == b else eng.take(x_cls, live))
                 p = eng.to_numpy(p_native).astype(np.float64)
+                if p.ndim != 2 or p.shape[1] != len(self.classes):  # every backend: never mislabel a column
+                    raise ValueError(f"classifier output has shape {p.shape}, but the bundle declares "
+                                     f"{len(self.classes)} classes {list(self.classes)}")
                 probs_np = np.full((b, p.shape[1]), np.nan)
                 probs_np[live] = p
                 good = np.isfinite(p).all(axis=1) & (np.abs(p.sum(axis=1) - 1) < 1e-3) & (p >= -1e-6).all(axis=1)
