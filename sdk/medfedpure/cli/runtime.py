@@ -19,6 +19,7 @@ EXPECTED_ID_HELP = "Pin the bundle id (sha256 of manifest.json, or a prefix of a
 TRUSTED_KEY_HELP = ("Also trust this Ed25519 public key (PEM); repeatable. The shipped release key and "
                     "MEDFEDPURE_TRUSTED_KEYS are always trusted.")
 ALLOW_UNSIGNED_HELP = "Accept a bundle that no trusted key signed (refused by default)."
+CSV_COLUMNS = ("source", "status", "label", "p(tumor)", "flagged", "score", "t_star", "seed", "reason")
 
 
 def _load(bundle: Path | None, backend: str, device: str, threads: int, policy: str | None = None, *,
@@ -39,7 +40,8 @@ def _load(bundle: Path | None, backend: str, device: str, threads: int, policy: 
 
 
 def run_command(
-    scans: list[str] = typer.Argument(..., help="Scan files (DICOM, PNG, JPEG, TIFF, BMP)."),
+    scans: list[str] = typer.Argument(..., help="Scan files (DICOM, PNG, JPEG, TIFF, BMP), folders (every file "
+                                      "under them) or quoted globs ('scans/**/*.dcm')."),
     bundle: Path | None = typer.Option(None, "--bundle", "-b", help="Bundle folder (default: the embedded one)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP, click_type=BACKEND_CHOICE),
     device: str = typer.Option("auto", help=DEVICE_HELP, click_type=DEVICE_CHOICE),
@@ -54,14 +56,32 @@ def run_command(
                                            "embedded bundle: its shipped id."),
     trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+    frame: str | None = typer.Option(None, "--frame", help="Frame A, or frames A:B (B exclusive), of every "
+                                     "(multi-frame) input: one record per frame."),
+    out: Path | None = typer.Option(None, "--out", "-o", dir_okay=False, help="Stream one record per input to "
+                                    "this file as it is produced: .jsonl (JSON lines) or .csv (columns "
+                                    + ", ".join(CSV_COLUMNS) + "), flushed after each."),
 ) -> None:
     """Classify scans with the guarded pipeline, every file (a refused one does not stop the others).
+
+    A folder stands for every file under it (recursively; a file that is not a scan is reported as
+    refused), a quoted glob for its matches. With ``--frame`` a record's source is ``PATH#frame=i``.
 
     Exit code 0: every scan ok; 1: some scan unverified (none refused); 2: some scan refused (not a usable
     scan: unreadable, too large, not a regular file, ...) or a usage error (bad seed, missing or bad bundle).
     """
     from rich.table import Table
 
+    from medfedpure.progress import progress
+    from medfedpure.runtime.series import expand_inputs, parse_frame_range
+
+    if out is not None and out.suffix.lower() not in (".jsonl", ".csv"):
+        raise typer.BadParameter(f"{out}: expected a .jsonl or .csv file", param_hint="--out")
+    try:
+        frames: list[int | None] = list(parse_frame_range(frame)) if frame is not None else [None]
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--frame") from e
+    items = [(s, f) for s in expand_inputs(scans) for f in frames]
     d = _load(bundle, backend, device, threads, policy, expected_id=expected_id, trusted_keys=trusted_key,
               allow_unsigned=allow_unsigned)
     table = Table(title=f"medfedpure · bundle {d.bundle.short_id} · {d.engine.describe()['backend']} · "
@@ -69,27 +89,82 @@ def run_command(
     for col in ("scan", "label", "p(tumor)", "flagged", "score", "t*", "status", "ms"):
         table.add_column(col)
     statuses: set[str] = set()
-    for s in scans:
-        try:
-            r = d.run_batch([s], seeds=[seed])[0]  # a refused scan comes back as status "refused"
-        except (TypeError, ValueError) as e:  # usage errors (the seed): one line, no traceback
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from e
-        statuses.add(r.status)
-        if r.status == "refused":
-            typer.echo(f"refused: {s}: {r.reason}", err=True)
-        if as_json:
-            typer.echo(json.dumps({"scan": s, **r.to_dict()}, allow_nan=False))
-        else:
-            table.add_row(s, str(r.label), f"{r.probabilities.get('tumor', float('nan')):.3f}", str(r.flagged),
-                          f"{r.score:.4g}" if r.score is not None else "-", str(r.t_star),
-                          r.status if r.ok else f"{r.status}: {r.reason}", f"{r.latency_ms['total']:.1f}")
+    sink = _RecordSink(out) if out is not None else None
+    bar = progress(total=len(items), desc="run", unit="scan", enabled=len(items) > 1)
+    try:
+        for s, fi in items:
+            try:
+                r = _run_one(d, s, fi, seed)  # a refused scan comes back as status "refused"
+            except (TypeError, ValueError) as e:  # usage errors (the seed): one line, no traceback
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from e
+            src = s if fi is None else f"{s}#frame={fi}"
+            statuses.add(r.status)
+            if sink is not None:
+                sink.write(s, fi, r)
+            if r.status == "refused":
+                typer.echo(f"refused: {src}: {r.reason}", err=True)
+            if as_json:
+                typer.echo(json.dumps({"scan": s, **({} if fi is None else {"frame": fi}), **r.to_dict()},
+                                      allow_nan=False))
+            else:
+                table.add_row(src, str(r.label), f"{r.probabilities.get('tumor', float('nan')):.3f}",
+                              str(r.flagged), f"{r.score:.4g}" if r.score is not None else "-", str(r.t_star),
+                              r.status if r.ok else f"{r.status}: {r.reason}", f"{r.latency_ms['total']:.1f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        if sink is not None:
+            sink.close()
     if not as_json:
         console().print(table)
     if "refused" in statuses:
         raise typer.Exit(2)
     if statuses - {"ok"}:
         raise typer.Exit(1)
+
+
+def _run_one(d, source: str, frame: int | None, seed: int | None):
+    """One input's Result: the file through ``run_batch``, or one frame of it loaded here (refused as there)."""
+    if frame is None:
+        return d.run_batch([source], seeds=[seed])[0]
+    from medfedpure.scan import ScanError, load_scan
+
+    try:
+        scan = load_scan(source, frame=frame, limits=d.limits)
+    except ScanError as e:
+        return d.refused_result(e, seed=seed)
+    return d.run_batch([scan], seeds=[seed])[0]
+
+
+class _RecordSink:
+    """``--out``: one record per input, JSON lines or CSV by the file's suffix, flushed after every record so
+    a stopped run keeps what it produced. The source is the path as the caller gave it (no absolute path)."""
+
+    def __init__(self, path: Path) -> None:
+        import csv
+
+        self.fh = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.csv = csv.writer(self.fh) if path.suffix.lower() == ".csv" else None
+        if self.csv is not None:
+            self.csv.writerow(CSV_COLUMNS)
+            self.fh.flush()
+
+    def write(self, source: str, frame: int | None, r) -> None:
+        if self.csv is None:
+            rec = {"source": source, "frame": frame, **r.to_dict()}
+            self.fh.write(json.dumps(rec, allow_nan=False) + "\n")
+        else:
+            p = r.probabilities.get("tumor")
+            self.csv.writerow([source if frame is None else f"{source}#frame={frame}", r.status,
+                               r.label or "", "" if p is None else repr(float(p)),
+                               "" if r.flagged is None else str(bool(r.flagged)).lower(),
+                               "" if r.score is None else repr(float(r.score)),
+                               "" if r.t_star is None else r.t_star, r.seed, r.reason or ""])
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def demo_command(

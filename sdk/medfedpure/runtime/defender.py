@@ -45,7 +45,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +56,9 @@ from medfedpure.runtime.default_id import DEFAULT_BUNDLE_ID
 from medfedpure.runtime.engines import Engine, create_engine
 from medfedpure.runtime.engines.base import Interrupt, run_interruptible
 from medfedpure.scan.limits import ScanLimits, check_limits_arg
+
+if TYPE_CHECKING:
+    from medfedpure.runtime.series import SeriesResult
 
 STAGES = ("load", "preprocess", "mae", "gate", "purify", "classify")
 STATUS_OK = "ok"
@@ -378,6 +381,41 @@ class Defender:
             (usage errors: nothing is loaded).
         """
         return self._run_scans(scans, seeds, return_purified, return_patch_error, raise_refused=False)
+
+    def run_series(self, sources: Sequence[str | os.PathLike[str]], *,
+                   seeds: Sequence[int | None] | None = None) -> list[SeriesResult]:
+        """Classify DICOM series: one :class:`~medfedpure.runtime.series.SeriesResult` per SeriesInstanceUID.
+
+        ``sources``: DICOM files and folders (a folder: every file under it). Headers are read first
+        (pixels skipped) to group the files by SeriesInstanceUID and order each series by position on
+        the slice normal (fallback InstanceNumber); then every slice runs as in :meth:`run_batch` and each
+        series is aggregated by the rule of :mod:`medfedpure.runtime.series` (status ok only if every slice
+        is ok; label "tumor" if any slice has p(tumor) ≥ 0.5; the max p(tumor) as the series score).
+        ``seeds``: None or one per file after folder expansion, in that (input) order.
+        Series come back in order of their first file.
+
+        Raises:
+            SeriesError: a file without a readable DICOM header or without a SeriesInstanceUID.
+            ValueError: not one seed per file, or a bad seed.
+        """
+        from medfedpure.runtime.series import aggregate, expand_inputs, group_series, read_header
+
+        files = expand_inputs([os.fspath(s) for s in sources])
+        if seeds is not None and len(seeds) != len(files):
+            raise ValueError(f"run_series got {len(seeds)} seeds for {len(files)} files: pass one per file "
+                             "(folders expanded) or None")
+        keys = dict(zip(files, _keys(seeds, len(files)), strict=True))
+        groups = group_series([read_header(f) for f in files])
+        order = [h for hs in groups.values() for h in hs]
+        results = self.run_batch([h.source for h in order], seeds=[keys[h.source] for h in order])
+        by_source = dict(zip([h.source for h in order], results, strict=True))
+        return [aggregate(uid, [h.source for h in hs], [h.position for h in hs], [by_source[h.source] for h in hs])
+                for uid, hs in groups.items()]
+
+    def refused_result(self, error: BaseException, *, seed: int | None = None) -> Result:
+        """The ``status="refused"`` Result :meth:`run_batch` gives an input that raised ``error`` on loading
+        (for callers that load scans themselves, e.g. one frame of a multi-frame file)."""
+        return self._refused(error, _keys(None if seed is None else [seed], 1)[0], {"total": 0.0})
 
     def _run_scans(self, scans: Sequence[Any], seeds: Sequence[int | None] | None, return_purified: bool,
                    return_patch_error: bool, *, raise_refused: bool, policy: str | None = None) -> list[Result]:
