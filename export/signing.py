@@ -27,13 +27,12 @@ from medfedpure.runtime.bundle import (
     VerifiedBundle,
     verify_bundle,
 )
-from medfedpure.runtime.signing import TrustedKey, key_id, signature_document
+from medfedpure.runtime.signing import TrustedKey, key_id, read_key_file, signature_document
 
 __all__ = ["SIGNING_KEY_ENV", "PrivateKeySpec", "generate_key_pair", "load_private_key", "resolve_signing_key",
            "sign_bundle", "sign_manifest", "trusted"]
 
 SIGNING_KEY_ENV = "MEDFEDPURE_SIGNING_KEY"
-MAX_KEY_FILE_BYTES = 16384
 
 PrivateKeySpec = Union[Ed25519PrivateKey, str, "os.PathLike[str]"]
 
@@ -90,14 +89,9 @@ def load_private_key(spec: PrivateKeySpec) -> Ed25519PrivateKey:
     if isinstance(spec, Ed25519PrivateKey):
         return spec
     p = Path(spec)
+    data = read_key_file(p, what="private key")
     try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise ValueError(f"private key {str(p)!r} cannot be read ({e.strerror})") from e
-    if size > MAX_KEY_FILE_BYTES:
-        raise ValueError(f"private key {str(p)!r} is {size} bytes; an Ed25519 PEM key is far smaller")
-    try:
-        key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{p} is not an unencrypted PEM private key ({e}); create one with "
                          "`medfedpure keys generate`") from e

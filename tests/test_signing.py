@@ -276,3 +276,17 @@ def test_build_install_pins_the_default_id(tmp_path: Path) -> None:
     assert mod.read_text() == '"""doc"""\n\nDEFAULT_BUNDLE_ID = "' + "b" * 64 + '"\n'
     with pytest.raises(BundleBuildError, match="64 lower-case hex"):
         pin_default_bundle_id("B" * 64, mod)
+
+
+def test_key_files_are_bounded_and_must_exist(tmp_path: Path) -> None:
+    """One bounded read for both halves of a key pair: an oversized or missing file is refused before it is read."""
+    from medfedpure.runtime.signing import TrustedKey
+
+    big = tmp_path / "big.pem"
+    big.write_bytes(b"-" * 20_000)
+    with pytest.raises(BundleError, match="trusted key file .* is 20000 bytes"):
+        TrustedKey.from_file(big)
+    with pytest.raises(ValueError, match="private key .* is 20000 bytes"):
+        load_private_key(big)
+    with pytest.raises(ValueError, match="private key .* cannot be read"):
+        load_private_key(tmp_path / "missing.pem")

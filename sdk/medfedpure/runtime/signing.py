@@ -54,6 +54,22 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
+def read_key_file(path: str | os.PathLike[str], *, what: str, error: type[Exception] = ValueError) -> bytes:
+    """The bytes of a PEM key file, refusing a missing or oversized one with ``error`` before reading.
+
+    One bounded read for both halves of a key pair: trusted public keys here, private signing keys in
+    ``medfedpure.export.signing``.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise error(f"{what} {str(p)!r} cannot be read ({e.strerror})") from e
+    if size > MAX_KEY_FILE_BYTES:
+        raise error(f"{what} {str(p)!r} is {size} bytes; a PEM Ed25519 key is far smaller")
+    return p.read_bytes()
+
+
 def _key_name(path: Path) -> str:
     name = path.name
     for suffix in (".pub.pem", ".pem", ".pub"):
@@ -92,13 +108,7 @@ class TrustedKey:
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> TrustedKey:
         p = Path(path)
-        try:
-            size = p.stat().st_size
-        except OSError as e:
-            raise BundleError(f"trusted key file {str(p)!r} cannot be read ({e.strerror})") from e
-        if size > MAX_KEY_FILE_BYTES:
-            raise BundleError(f"trusted key file {str(p)!r} is {size} bytes; a PEM public key is far smaller")
-        return cls.from_pem(p.read_bytes(), _key_name(p))
+        return cls.from_pem(read_key_file(p, what="trusted key file", error=BundleError), _key_name(p))
 
 
 @dataclass(frozen=True)
