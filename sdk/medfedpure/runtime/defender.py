@@ -99,6 +99,8 @@ class Result:
         score_quantile: where ``score`` sits among the gate calibration's clean scores (the fraction
             below it, interpolated from the recorded quantiles:
             :func:`medfedpure.runtime.calibration.score_quantile`); None without a score or quantiles.
+        policy: the gate policy the decision was made under (``"adaptive"`` / ``"floor"``); None when
+            no model ran (refused).
     """
 
     label: str | None
@@ -118,6 +120,7 @@ class Result:
     patch_error: np.ndarray | None = field(default=None, repr=False)
     error: str | None = None
     score_quantile: float | None = None
+    policy: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,7 +130,7 @@ class Result:
         """JSON-ready dict; arrays (when present) become nested lists."""
         d = {k: getattr(self, k) for k in ("label", "probabilities", "flagged", "score", "t_star", "status",
                                            "reason", "seed", "latency_ms", "backend", "device", "precision",
-                                           "bundle_id", "error", "score_quantile")}
+                                           "bundle_id", "error", "score_quantile", "policy")}
         d["purified"] = None if self.purified is None else self.purified.tolist()
         d["patch_error"] = None if self.patch_error is None else self.patch_error.tolist()
         return d
@@ -646,5 +649,6 @@ class Defender:
                 purified=None if x_cls_np is None or not ok else x_cls_np[r].astype(np.float32),
                 patch_error=None if patch_err is None else patch_err[r].astype(np.float32),
                 score_quantile=None if score is None else score_quantile(float(score[r]), calib),
+                policy=policy or eng.gate_spec.policy,
             ))
         return results
