@@ -7,7 +7,8 @@
 #      the runtime (torch backend in FP16 with CUDA graphs and the CUDA gate kernel, through the
 #      Defender, against onnxruntime FP32 on the CPU) and the engine/Defender/export tests with a GPU
 #      visible (the "auto" device paths);
-#   3. benchmarks/latency.py on the GPU (torch FP16 + CUDA graphs, torch FP16 eager, torch FP32 eager)
+#   3. `medfedpure bench` on the GPU (torch FP16 + CUDA graphs, torch FP16 eager, torch FP32 eager,
+#      onnxruntime's CUDA provider when present; the bundle at 128 px and its architectures at 224 px)
 #      beside onnxruntime and torch on 2 of the host's CPU cores, and benchmarks/kernel.py (GPU part);
 #   4. compute-sanitizer memcheck + racecheck of a few gate launches.
 #
@@ -16,7 +17,7 @@
 # Anywhere else:                      OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 # Only some steps:                    STEPS="build runtime latency" bash benchmarks/gpu_check.sh
 #
-# What comes back (at most 8 files): gpu_check.log, latency.json, latency.png, gpu_check_files.tgz
+# What comes back (at most 8 files): gpu_check.log, bench.json, bench.png, gpu_check_files.tgz
 # (junit XML of every pytest run, kernel benchmark JSON, sanitizer logs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -109,10 +110,10 @@ fi
 
 if want latency; then
   step "benchmark: Defender latency on the GPU, beside the host CPU (2 threads)"
-  run 240 "latency" "$PY" benchmarks/latency.py --backends \
-    "torch:fp16@cuda,torch:fp16@cuda/eager,torch:fp32@cuda/eager,onnxruntime@cpu,torch@cpu" \
-    --batches 1,8 --iters 40 --warmup 5 --threads 2 --out "$WORK/latency"
-  cp "$WORK/latency/latency.json" "$WORK/latency/latency.png" "$OUT/" 2>/dev/null
+  run 240 "latency" "$PY" -m medfedpure bench --backends \
+    "torch:fp16@cuda,torch:fp16@cuda/eager,torch:fp32@cuda/eager,onnxruntime@cuda,onnxruntime@cpu,torch@cpu" \
+    --batches 1,8 --sizes 128,224 --iters 40 --warmup 5 --threads 2 --out "$WORK/latency"
+  cp "$WORK/latency/bench.json" "$WORK/latency/bench.png" "$OUT/" 2>/dev/null
 fi
 
 if want sanitizer; then

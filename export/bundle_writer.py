@@ -242,9 +242,10 @@ def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], 
     """A copy of ``src`` with its gate section replaced by ``gate`` (a recalibrated
     :class:`~medfedpure.gate.GateSpec`, e.g. from :func:`medfedpure.runtime.calibration.recalibrate`).
 
-    Every artefact is copied byte for byte (each re-verified against ``src``'s manifest as it is
-    read); the manifest keeps every other section and adds ``provenance.recalibration`` =
-    ``recalibration`` (calibration set size, pixel fingerprint, date, source bundle id, …). Signed as
+    Every artefact but the model card is copied byte for byte (each re-verified against ``src``'s
+    manifest as it is read); the manifest keeps every other section and adds ``provenance.recalibration`` =
+    ``recalibration`` (calibration set size, pixel fingerprint, date, source bundle id, …), and a
+    model card regenerated for the new gate (:func:`medfedpure.export.model_card.with_card`). Signed as
     :func:`write_bundle` signs (``signing_key``, else ``MEDFEDPURE_SIGNING_KEY``, else unsigned).
 
     Raises:
@@ -262,4 +263,7 @@ def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], 
 
     provenance = {**thaw(src.spec.provenance), "recalibration": dict(recalibration)}
     spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance)
+    from medfedpure.export.model_card import with_card
+
+    spec, arts = with_card(spec, arts)  # the card's calibration section now describes the new gate
     return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)

@@ -31,6 +31,7 @@ import onnx
 import torch
 from medfedpure.export.bundle_writer import ArtefactSource, write_bundle
 from medfedpure.export.fp16 import convert_to_fp16, fp16_summary
+from medfedpure.export.model_card import with_card
 from medfedpure.export.onnx_export import (
     export_classifier,
     export_denoiser,
@@ -41,7 +42,7 @@ from medfedpure.export.onnx_export import (
 from medfedpure.gate import GateSpec, run_gate
 from medfedpure.models.diffusion import forward_noise
 from medfedpure.runtime.bundle import VerifiedBundle
-from medfedpure.runtime.manifest import BundleSpec, MaeSpec, Preprocessing, PurifierSpec
+from medfedpure.runtime.manifest import BundleSpec, MaeSpec, Preprocessing, PurifierSpec, Scope
 from medfedpure.runtime.sampler import SAMPLER, purify_numpy
 
 FP32_TOLERANCE = {"classifier": 1e-4, "mae": 1e-3, "denoiser": 1e-3}  # max abs error, torch vs ORT FP32
@@ -253,7 +254,9 @@ def build_bundle(
                               alphas_cumprod=sched.alphas_cumprod.numpy(), steps=steps, sampler=SAMPLER),
         gate=gate,
         provenance=prov,
+        scope=Scope(),  # written explicitly: MR, brain or head, original or derived, axial within 30°
     )
+    spec, arts = with_card(spec, arts)  # MODEL_CARD.md + provenance.card, both covered by the signature
     vb = write_bundle(out, arts, spec, overwrite=overwrite)
     return vb, report
 

@@ -126,7 +126,8 @@ def test_tiny_bundle_manifest() -> None:
     assert vb.classes == ("no_tumor", "tumor") and vb.image_size == 32
     assert {(a.role, a.format, a.precision) for a in vb.artefacts.values()} == {
         (r, f, p) for r in ("classifier", "mae", "denoiser") for f, p in (("onnx", "fp32"), ("onnx", "fp16"),
-                                                                          ("safetensors", "fp32"))}
+                                                                          ("safetensors", "fp32"))} | {
+        ("card", "markdown", "none")}  # MODEL_CARD.md
     spec = vb.spec
     np.testing.assert_array_equal(spec.mae.visible, scoring_masks(16, 4))
     assert m["mae"]["visible"]["encoding"] == "packbits-base64" and m["mae"]["visible"]["shape"] == [4, 16]

@@ -81,7 +81,7 @@ def test_no_patient_identifiers_in_meta() -> None:
             assert value not in text, kw
     allowed = {
         "source_kind", "original_shape", "original_dtype", "pixel_spacing", "photometric",
-        "frame", "num_frames", "modality", "transfer_syntax",
+        "frame", "num_frames", "modality", "transfer_syntax", "body_part", "image_type", "orientation",
     }  # fmt: skip
     assert set(scan.meta) <= allowed
 

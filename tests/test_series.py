@@ -275,3 +275,25 @@ def test_aggregation_rule(slices, label, p, status) -> None:
         bad = [s for s, (st, _) in zip(srcs, slices, strict=True) if st != "ok"]
         assert sr.reason == "failing slices: " + "; ".join(f"{b} ({slices[srcs.index(b)][0]}: mae: boom)"
                                                            for b in bad)
+
+
+def test_cli_series_aggregates_the_slices_it_ran(d: Defender, bundle_path: Path, tmp_path: Path) -> None:
+    u1, _ = _write_series(tmp_path / "mix", [3.0, 1.0], prefix="a")
+    u2, _ = _write_series(tmp_path / "mix", [0.0, 9.0, 4.0], prefix="b")
+    _png(tmp_path / "mix" / "x.png", 0)
+    res = _invoke([str(tmp_path / "mix"), "--bundle", str(bundle_path), "--json", "--series"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+    slices = {ln["scan"]: ln for ln in lines if "kind" not in ln}
+    series = [ln for ln in lines if ln.get("kind") == "series"]
+    assert len(slices) == 6  # 5 DICOM slices and the PNG, each run once
+    assert [s["series_uid"] for s in series] == [u1, u2]
+    assert [len(s["slices"]) for s in series] == [2, 3]
+    assert [sl["position"] for sl in series[1]["slices"]] == [0.0, 4.0, 9.0]
+    for s in series:  # the aggregate is the stated rule over the slices printed above
+        p = [slices[sl["source"]]["probabilities"]["tumor"] for sl in s["slices"]]
+        assert s["p_tumor"] == max(p) and s["status"] == "ok"
+        assert s["label"] == ("tumor" if max(p) >= 0.5 else "no_tumor")
+    assert "not in a series: " + str(tmp_path / "mix" / "x.png") in res.stderr
+    bad = _invoke([str(tmp_path / "mix"), "--bundle", str(bundle_path), "--series", "--frame", "0"])
+    assert bad.exit_code == 2 and "--series" in bad.output

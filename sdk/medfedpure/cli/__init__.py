@@ -11,12 +11,15 @@ from __future__ import annotations
 import typer
 
 from medfedpure import __version__
+from medfedpure.cli.bench import bench_command
 from medfedpure.cli.bundle import app as bundle_app
 from medfedpure.cli.certify import certify_command
 from medfedpure.cli.common import guard_extras
 from medfedpure.cli.data import app as data_app
 from medfedpure.cli.fed import app as fed_app
 from medfedpure.cli.keys import app as keys_app
+from medfedpure.cli.listen import listen_command
+from medfedpure.cli.replay import replay_command
 from medfedpure.cli.runtime import register as register_runtime_commands
 from medfedpure.cli.serve import serve_command
 from medfedpure.cli.train import app as train_app
@@ -36,9 +39,12 @@ app.command("calibrate")(calibrate_command)
 app.add_typer(fed_app, name="fed", help="Federated training with Flower: sim (one machine), deploy (SuperLink + SuperNodes), compare.")
 register_runtime_commands(app)  # run, demo, export, verify-bundle
 app.command("certify")(certify_command)  # certified radii by denoised smoothing
+app.command("replay")(replay_command)  # re-run an audit record and compare field by field
 app.add_typer(bundle_app, name="bundle", help="Build the default bundle (data, federated training, calibration, export, install); sign a bundle.")
 app.add_typer(keys_app, name="keys", help="Bundle signing keys: generate an Ed25519 key pair.")
 app.command("serve")(serve_command)  # HTTP service: /v1/classify, /v1/bundle, /healthz
+app.command("listen")(listen_command)  # DICOM node: C-STORE in, Structured Report out
+app.command("bench")(bench_command)  # latency and throughput of a bundle on this machine
 # Last, after every command: a missing optional dependency is one line naming its extra, exit code 2.
 guard_extras(app)
 

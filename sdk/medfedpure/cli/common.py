@@ -35,6 +35,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "fed": _TRAIN_MODULES + ("flwr", "ray"),
     "export": _TRAIN_MODULES + ("onnx", "onnxscript"),
     "serve": ("fastapi", "uvicorn", "starlette", "anyio"),
+    "dicom": ("highdicom", "pynetdicom"),
     "gpu": ("cuda",),
     "tensorrt": ("tensorrt",),
 }
@@ -56,6 +57,7 @@ COMMAND_EXTRAS: dict[str, str] = {
     "bundle build": "fed",
     "export": "export",
     "serve": "serve",
+    "listen": "dicom",
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import typer
 
 from medfedpure.cli.common import BACKEND_CHOICE, DEVICE_CHOICE, POLICY_CHOICE, check_extra, console
@@ -19,6 +20,7 @@ EXPECTED_ID_HELP = "Pin the bundle id (sha256 of manifest.json, or a prefix of a
 TRUSTED_KEY_HELP = ("Also trust this Ed25519 public key (PEM); repeatable. The shipped release key and "
                     "MEDFEDPURE_TRUSTED_KEYS are always trusted.")
 ALLOW_UNSIGNED_HELP = "Accept a bundle that no trusted key signed (refused by default)."
+LOG_LEVEL_CHOICE = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
 CSV_COLUMNS = ("source", "status", "label", "p(tumor)", "flagged", "score", "t_star", "seed", "reason")
 
 
@@ -61,18 +63,40 @@ def run_command(
     out: Path | None = typer.Option(None, "--out", "-o", dir_okay=False, help="Stream one record per input to "
                                     "this file as it is produced: .jsonl (JSON lines) or .csv (columns "
                                     + ", ".join(CSV_COLUMNS) + "), flushed after each."),
+    dicom_out: Path | None = typer.Option(None, "--dicom-out", file_okay=False, help="Write a DICOM Structured "
+                                          "Report of each DICOM input's Result to this folder, named by its SOP "
+                                          "Instance UID (needs the dicom extra)."),
+    dicom_sc: str | None = typer.Option(None, "--dicom-sc", help="With --dicom-out, also write Secondary "
+                                        "Captures: purified, patch-map, or both comma-separated."),
+    allow_out_of_scope: bool = typer.Option(False, "--allow-out-of-scope", help="Run scans outside the "
+                                            "bundle's scope (modality, body part, image type, orientation) "
+                                            "anyway; the override is recorded in each result."),
+    audit: Path | None = typer.Option(None, "--audit", dir_okay=False, help="Append one audit record (schema "
+                                      "version 1, docs/interfaces.md) per input to this JSON-lines file."),
+    audit_source: bool = typer.Option(False, "--audit-source", help="Also write each input's path in its audit "
+                                      "record (left out by default: paths can name patients)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print no table or JSON (the exit code, --out and "
+                               "--audit still report)."),
+    series: bool = typer.Option(False, "--series", help="Also aggregate DICOM inputs by series "
+                                "(SeriesInstanceUID, slices ordered by position): a series is tumor if any ok "
+                                "slice has p(tumor) >= 0.5, ok only if every slice is ok."),
+    log_level: str = typer.Option("WARNING", "--log-level", help="Level of the medfedpure log on stderr: DEBUG, "
+                                  "INFO (also prints the audit records), WARNING, ERROR.",
+                                  click_type=LOG_LEVEL_CHOICE),
 ) -> None:
     """Classify scans with the guarded pipeline, every file (a refused one does not stop the others).
 
     A folder stands for every file under it (recursively; a file that is not a scan is reported as
     refused), a quoted glob for its matches. With ``--frame`` a record's source is ``PATH#frame=i``.
 
-    Exit code 0: every scan ok; 1: some scan unverified (none refused); 2: some scan refused (not a usable
-    scan: unreadable, too large, not a regular file, ...) or a usage error (bad seed, missing or bad bundle).
+    Exit code 0: every scan ok; 1: some scan unverified or out of scope (none refused); 2: some scan refused
+    (not a usable scan: unreadable, too large, not a regular file, ...) or a usage error (bad seed, missing or
+    bad bundle).
     """
     from rich.table import Table
 
     from medfedpure.progress import progress
+    from medfedpure.runtime.audit import audit_record, log_audit
     from medfedpure.runtime.series import expand_inputs, parse_frame_range
 
     if out is not None and out.suffix.lower() not in (".jsonl", ".csv"):
@@ -82,6 +106,10 @@ def run_command(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--frame") from e
     items = [(s, f) for s in expand_inputs(scans) for f in frames]
+    if series and frame is not None:
+        raise typer.BadParameter("--series aggregates single-frame slices: leave out --frame", param_hint="--series")
+    slice_results: dict[str, object] = {}
+    sc_kinds = _dicom_out_options(dicom_out, dicom_sc)
     d = _load(bundle, backend, device, threads, policy, expected_id=expected_id, trusted_keys=trusted_key,
               allow_unsigned=allow_unsigned)
     table = Table(title=f"medfedpure · bundle {d.bundle.short_id} · {d.engine.describe()['backend']} · "
@@ -89,22 +117,31 @@ def run_command(
     for col in ("scan", "label", "p(tumor)", "flagged", "score", "t*", "status", "ms"):
         table.add_column(col)
     statuses: set[str] = set()
+    log_handlers = _setup_logging(log_level, audit)  # removed again in the finally below
     sink = _RecordSink(out) if out is not None else None
     bar = progress(total=len(items), desc="run", unit="scan", enabled=len(items) > 1)
     try:
         for s, fi in items:
             try:
-                r = _run_one(d, s, fi, seed)  # a refused scan comes back as status "refused"
+                r = _run_one(d, s, fi, seed, allow_out_of_scope=allow_out_of_scope,
+                             return_purified="purified" in sc_kinds,
+                             return_patch_error="patch_map" in sc_kinds)  # a refused scan: status "refused"
             except (TypeError, ValueError) as e:  # usage errors (the seed): one line, no traceback
                 typer.echo(f"error: {e}", err=True)
                 raise typer.Exit(2) from e
             src = s if fi is None else f"{s}#frame={fi}"
             statuses.add(r.status)
+            slice_results[s] = r
+            if dicom_out is not None:
+                _write_dicom(dicom_out, s, src, r, sc_kinds, fi)
             if sink is not None:
                 sink.write(s, fi, r)
+            log_audit(audit_record(r, d, source=s, frame=fi, include_source=audit_source))
             if r.status == "refused":
                 typer.echo(f"refused: {src}: {r.reason}", err=True)
-            if as_json:
+            if quiet:
+                pass
+            elif as_json:
                 typer.echo(json.dumps({"scan": s, **({} if fi is None else {"frame": fi}), **r.to_dict()},
                                       allow_nan=False))
             else:
@@ -116,25 +153,147 @@ def run_command(
         bar.close()
         if sink is not None:
             sink.close()
-    if not as_json:
+        _close_logging(log_handlers)
+    if not as_json and not quiet:
         console().print(table)
+    if series:
+        statuses |= _report_series(slice_results, as_json=as_json, quiet=quiet)
     if "refused" in statuses:
         raise typer.Exit(2)
     if statuses - {"ok"}:
         raise typer.Exit(1)
 
 
-def _run_one(d, source: str, frame: int | None, seed: int | None):
-    """One input's Result: the file through ``run_batch``, or one frame of it loaded here (refused as there)."""
+def _report_series(slice_results: dict, *, as_json: bool, quiet: bool) -> set[str]:
+    """Group the DICOM inputs already run by SeriesInstanceUID and aggregate each series from its slices'
+    Results (:func:`medfedpure.runtime.series.aggregate`; no slice runs twice); print a table or one JSON line
+    per series (``"kind": "series"``). Inputs without a DICOM header or SeriesInstanceUID are named on stderr.
+    Returns the series statuses."""
+    from rich.table import Table
+
+    from medfedpure.runtime.series import SeriesError, aggregate, group_series, read_header
+
+    headers = []
+    for src, r in slice_results.items():
+        if r.status == "refused":
+            continue
+        try:
+            headers.append(read_header(src))
+        except SeriesError as e:
+            typer.echo(f"not in a series: {src}: {e}", err=True)
+    table = Table(title="series (any positive slice)")
+    for col in ("series", "slices", "label", "max p(tumor)", "status"):
+        table.add_column(col)
+    statuses = set()
+    for uid, hs in group_series(headers).items():
+        sr = aggregate(uid, [h.source for h in hs], [h.position for h in hs], [slice_results[h.source] for h in hs])
+        statuses.add(sr.status)
+        if quiet:
+            continue
+        if as_json:
+            typer.echo(json.dumps({"kind": "series", **sr.to_dict()}, allow_nan=False))
+        else:
+            table.add_row(uid, str(len(hs)), str(sr.label), "-" if sr.p_tumor is None else f"{sr.p_tumor:.3f}",
+                          sr.status if sr.ok else f"{sr.status}: {sr.reason}")
+    if not as_json and not quiet:
+        console().print(table)
+    return statuses
+
+
+def _setup_logging(level: str, audit: Path | None) -> list:
+    """The ``medfedpure`` logger for this command: a stderr handler at ``level`` and, with ``audit``, a JSON-lines
+    file handler (audit records only). Returns the handlers, removed again by :func:`_close_logging`."""
+    import logging
+
+    from medfedpure.runtime.audit import audit_file_handler
+
+    log = logging.getLogger("medfedpure")
+    log.setLevel(logging.DEBUG)
+    console_handler = logging.StreamHandler()
+    console_handler.setLevel(getattr(logging, level.upper()))
+    console_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handlers: list[logging.Handler] = [console_handler]
+    if audit is not None:
+        try:
+            handlers.append(audit_file_handler(audit))
+        except OSError as e:
+            raise typer.BadParameter(f"{audit}: cannot be opened for appending ({e})", param_hint="--audit") from e
+    for h in handlers:
+        log.addHandler(h)
+    return handlers
+
+
+def _close_logging(handlers: list) -> None:
+    import logging
+
+    for h in handlers:
+        logging.getLogger("medfedpure").removeHandler(h)
+        h.close()
+
+
+def _run_one(d, source: str, frame: int | None, seed: int | None, **arrays: bool):
+    """One input's Result: the file through ``run_batch``, or one frame of it loaded here (refused as there);
+    ``arrays``: ``return_purified`` / ``return_patch_error`` for ``--dicom-sc``."""
     if frame is None:
-        return d.run_batch([source], seeds=[seed])[0]
+        return d.run_batch([source], seeds=[seed], **arrays)[0]
     from medfedpure.scan import ScanError, load_scan
 
     try:
         scan = load_scan(source, frame=frame, limits=d.limits)
     except ScanError as e:
         return d.refused_result(e, seed=seed)
-    return d.run_batch([scan], seeds=[seed])[0]
+    return d.run_batch([scan], seeds=[seed], **arrays)[0]
+
+
+def _dicom_out_options(dicom_out: Path | None, dicom_sc: str | None) -> tuple[str, ...]:
+    """``--dicom-out`` / ``--dicom-sc`` checked before the bundle loads: the Secondary Capture kinds
+    (``purified``, ``patch_map``); exit 2 when highdicom is missing."""
+    if dicom_out is None:
+        if dicom_sc is not None:
+            raise typer.BadParameter("needs --dicom-out DIR", param_hint="--dicom-sc")
+        return ()
+    from medfedpure.runtime.dicom_out import INSTALL_HINT
+
+    try:
+        import highdicom  # noqa: F401
+    except ImportError as e:
+        typer.echo(f"error: --dicom-out needs highdicom: {INSTALL_HINT}", err=True)
+        raise typer.Exit(2) from e
+    kinds = [k.strip().replace("-", "_") for k in (dicom_sc or "").split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("purified", "patch_map")]
+    if bad:
+        raise typer.BadParameter(f"{', '.join(bad)}: expected purified, patch-map or both", param_hint="--dicom-sc")
+    dicom_out.mkdir(parents=True, exist_ok=True)
+    return tuple(dict.fromkeys(kinds))
+
+
+def _write_dicom(folder: Path, source: str, label: str, r, sc_kinds: tuple[str, ...],
+                 frame: int | None = None) -> None:
+    """``--dicom-out``: the SR (and the requested Secondary Captures) of one DICOM input, each named by its own
+    SOP Instance UID; a non-DICOM input gets a one-line note. Lines go to stderr (stdout may be JSON lines)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from medfedpure.runtime.dicom_out import secondary_capture, structured_report
+
+    try:
+        header = pydicom.dcmread(source, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, TypeError):
+        typer.echo(f"dicom-out: {label}: not a DICOM file, no SR written for it", err=True)
+        return
+    try:
+        objs = [("SR", structured_report(r, header, frame=frame))]
+        objs += [(k, secondary_capture(r, header, k, series_number=901 + i)) for i, k in enumerate(sc_kinds)
+                 if r.status == "ok"]
+    except (ValueError, TypeError) as e:
+        typer.echo(f"dicom-out: {label}: no DICOM written: {e}", err=True)
+        return
+    if sc_kinds and r.status != "ok":
+        typer.echo(f"dicom-out: {label}: status {r.status}, no Secondary Capture written", err=True)
+    for kind, ds in objs:
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        typer.echo(f"dicom-out: {label}: {kind} {path}", err=True)
 
 
 class _RecordSink:
@@ -210,9 +369,11 @@ def verify_bundle_command(
     expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP),
     trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
+    card: bool = typer.Option(False, "--card", help="After verifying, print the bundle's model card (MODEL_CARD.md); "
+                              "exit code 1 if the bundle has none."),
 ) -> None:
     """Verify a bundle (signature by a trusted key, manifest, every sha256, no unlisted files or links);
-    exit code 2 if it fails."""
+    exit code 2 if it fails. With --card, print its model card (exit code 1 if it has none)."""
     from rich.table import Table
 
     from medfedpure.runtime.bundle import BundleError, verify_bundle
@@ -237,6 +398,15 @@ def verify_bundle_command(
                f"τ={g['tau']:.4g} policy={g.get('policy')} t*∈[{g['t_min']}, {g['t_max']}] · "
                f"purifier K={vb.spec.purifier.steps} · run {prov.get('run')} site {prov.get('site')} "
                f"commit {str(prov.get('code_commit'))[:10]}")
+    if card:
+        from medfedpure.runtime.bundle import CARD_ARTEFACT
+
+        if not vb.has(CARD_ARTEFACT):
+            typer.echo("no model card in this bundle (bundles exported before model cards have none: re-export, "
+                       "or recalibrate with `medfedpure calibrate --bundle`, to add one)", err=True)
+            raise typer.Exit(1)
+        typer.echo("")
+        typer.echo(vb.read_bytes(CARD_ARTEFACT).decode("utf-8"))
 
 
 def export_command(

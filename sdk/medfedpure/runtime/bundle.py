@@ -58,15 +58,16 @@ from medfedpure.runtime.signing import (
     trusted_key_set,
 )
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "SIGNATURE_NAME", "Artefact", "BundleError", "BundleSpec", "Signer",
+__all__ = ["CARD_ARTEFACT", "FORMAT_VERSION", "MANIFEST_NAME", "SIGNATURE_NAME", "Artefact", "BundleError", "BundleSpec", "Signer",
            "VerifiedBundle", "check_relpath", "default_bundle_path", "sha256_file", "verify_bundle"]
 
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_MANIFEST_DEPTH = 32  # objects/arrays nested at most this deep (the format needs 7)
-ROLES = ("classifier", "mae", "denoiser")
-FORMATS = ("onnx", "onnx_data", "safetensors", "tensorrt")  # onnx_data: a graph's external tensor data
-PRECISIONS = ("fp32", "fp16")
+ROLES = ("classifier", "mae", "denoiser", "card")  # card: the model card, a document (no network)
+FORMATS = ("onnx", "onnx_data", "safetensors", "tensorrt", "markdown")  # onnx_data: a graph's external tensor data
+PRECISIONS = ("fp32", "fp16", "none")  # none: a document's
+CARD_ARTEFACT = "model_card"  # the manifest name of the model card (MODEL_CARD.md), when the bundle has one
 _HASH_CHUNK = 1 << 20
 
 
@@ -134,6 +135,9 @@ class Artefact:
         if a.role not in ROLES or a.format not in FORMATS or a.precision not in PRECISIONS:
             raise BundleError(f"artefact {name!r}: role/format/precision {a.role}/{a.format}/{a.precision} "
                               f"not in {ROLES}/{FORMATS}/{PRECISIONS}")
+        if (a.role == "card") != (a.format == "markdown") or (a.role == "card") != (a.precision == "none"):
+            raise BundleError(f"artefact {name!r}: role/format/precision {a.role}/{a.format}/{a.precision}: a model "
+                              "card is card/markdown/none, and only a model card is")
         if a.bytes < 0:
             raise BundleError(f"artefact {name!r}: negative size")
         return a
@@ -282,6 +286,7 @@ class VerifiedBundle:
 
 _REQUIRED_KEYS = ("format_version", "classes", "image_size", "preprocessing", "gate", "mae", "purifier",
                   "artefacts", "provenance")
+_OPTIONAL_KEYS = ("scope",)  # absent: the runtime's default (manifest.DEFAULT_SCOPE)
 
 
 def _check_onnx(a: Artefact, data: bytes, artefacts: Mapping[str, Artefact], classes: tuple[str, ...]) -> None:
@@ -375,7 +380,7 @@ def verify_bundle(path: str | os.PathLike[str], *, expected_id: str | None = Non
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"manifest lacks {missing}: rebuild the bundle with `medfedpure export`")
-    unknown = sorted(set(manifest) - set(_REQUIRED_KEYS))
+    unknown = sorted(set(manifest) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
     if unknown:
         raise BundleError(f"manifest has unknown sections {unknown}: this runtime does not implement them; "
                           "update medfedpure or re-export the bundle")

@@ -64,6 +64,7 @@ STAGES = ("load", "preprocess", "mae", "gate", "purify", "classify")
 STATUS_OK = "ok"
 STATUS_UNVERIFIED = "unverified"
 STATUS_REFUSED = "refused"  # the input itself was refused (a ScanError): no model ran on it
+STATUS_OUT_OF_SCOPE = "out_of_scope"  # outside the bundle's scope (manifest.Scope): no model output given
 POLICIES = ("adaptive", "floor")  # gate policies (docs/design.md, "Policies")
 _SEED_MAX = (1 << 63) - 1
 # worker threads per Defender: a call uses two at once (a stage and the speculative classifier)
@@ -84,10 +85,11 @@ class Result:
         flagged: the gate's flag (score ≥ τ); None when the gate did not run.
         score: the gate's score; None when the gate did not run.
         t_star: purification strength used (0: not purified); None when the gate did not run.
-        status: ``"ok"``, ``"unverified"`` (a model stage failed or the time budget ran out) or
-            ``"refused"`` (the input is not a usable scan: :meth:`Defender.run_batch` only).
-        reason: why the status is unverified (stage and error) or refused (``"<ScanError type>:
-            <message>"``), else None.
+        status: ``"ok"``, ``"unverified"`` (a model stage failed or the time budget ran out),
+            ``"refused"`` (the input is not a usable scan: :meth:`Defender.run_batch` only) or
+            ``"out_of_scope"`` (the scan is outside the bundle's scope: no model ran, no label).
+        reason: why the status is unverified (stage and error), refused (``"<ScanError type>:
+            <message>"``) or out of scope (each attribute and value outside the scope), else None.
         seed: the key of the purification RNG (replays the decision exactly).
         latency_ms: stage → milliseconds, and ``"total"``.
         backend / device / precision: the engine that ran it.
@@ -100,7 +102,14 @@ class Result:
             below it, interpolated from the recorded quantiles:
             :func:`medfedpure.runtime.calibration.score_quantile`); None without a score or quantiles.
         policy: the gate policy the decision was made under (``"adaptive"`` / ``"floor"``); None when
-            no model ran (refused).
+            no model ran (refused, out of scope).
+        pixel_sha256: sha256 of the decoded pixels before preprocessing (:attr:`medfedpure.scan.Scan.sha256`);
+            None for :meth:`Defender.run_array` and inputs refused on loading.
+        scope: the scope check (:meth:`medfedpure.runtime.manifest.Scope.check`: ``modality``,
+            ``body_part``, ``image_type``, ``orientation`` — ``"unknown"`` where the input does not carry
+            them — ``in_scope``, ``reason``) plus ``override``: True when an out-of-scope scan was run
+            because the caller passed ``allow_out_of_scope=True``. None when no scan was loaded.
+        dicom_uids: ``{"study", "series", "sop"}`` Instance UIDs of a DICOM input, else None.
     """
 
     label: str | None
@@ -121,6 +130,9 @@ class Result:
     error: str | None = None
     score_quantile: float | None = None
     policy: str | None = None
+    pixel_sha256: str | None = None
+    scope: dict[str, Any] | None = None
+    dicom_uids: dict[str, str | None] | None = None
 
     @property
     def ok(self) -> bool:
@@ -130,13 +142,21 @@ class Result:
         """JSON-ready dict; arrays (when present) become nested lists."""
         d = {k: getattr(self, k) for k in ("label", "probabilities", "flagged", "score", "t_star", "status",
                                            "reason", "seed", "latency_ms", "backend", "device", "precision",
-                                           "bundle_id", "error", "score_quantile", "policy")}
+                                           "bundle_id", "error", "score_quantile", "policy", "pixel_sha256",
+                                           "scope", "dicom_uids")}
         d["purified"] = None if self.purified is None else self.purified.tolist()
         d["patch_error"] = None if self.patch_error is None else self.patch_error.tolist()
         return d
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
+
+    def to_dicom_sr(self, source: Any) -> Any:
+        """This Result as a DICOM Comprehensive SR in the source's study (a ``pydicom.Dataset``; needs the
+        ``dicom`` extra): :func:`medfedpure.runtime.dicom_out.structured_report` with its defaults."""
+        from medfedpure.runtime.dicom_out import structured_report
+
+        return structured_report(self, source)
 
 
 def fresh_seed() -> int:
@@ -236,6 +256,8 @@ class Defender:
         self.preprocessing = bundle.spec.preprocessing
         self.image_size = self.preprocessing.size
         self._policy = policy  # None: the engine's calibrated gate policy
+        # which scans the bundle is for (its manifest's scope section, else the default MR/brain/axial one)
+        self.scope = bundle.spec.effective_scope
         # running counts of gate scores between the calibration's quantiles (drift())
         self._drift = DriftMonitor(engine.gate_spec.calibration, engine.gate_spec.tau)
 
@@ -356,11 +378,14 @@ class Defender:
 
     # ------------------------------------------------------------------------------------------
     def run(self, scan: Any, *, seed: int | None = None, return_purified: bool = False,
-            return_patch_error: bool = False, policy: str | None = None) -> Result:
+            return_patch_error: bool = False, policy: str | None = None,
+            allow_out_of_scope: bool = False) -> Result:
         """Classify one scan (anything :func:`medfedpure.load_scan` accepts, or a ``Scan``).
 
         ``policy``: the gate policy of this call only (None: :attr:`policy`); the Defender is not
         changed, so calls with different policies may run at once from several threads.
+        ``allow_out_of_scope``: run a scan outside the bundle's scope (:attr:`scope`) anyway; the
+        Result's ``scope["override"]`` records it. Without it such a scan gets ``status="out_of_scope"``.
 
         Raises:
             ScanError: the scan is refused (:meth:`run_batch` returns it as ``status="refused"``).
@@ -368,22 +393,26 @@ class Defender:
         """
         _check_policy(policy)
         return self._run_scans([scan], None if seed is None else [seed], return_purified, return_patch_error,
-                               raise_refused=True, policy=policy)[0]
+                               raise_refused=True, policy=policy, allow_out_of_scope=allow_out_of_scope)[0]
 
     def run_batch(self, scans: Sequence[Any], *, seeds: Sequence[int | None] | None = None,
-                  return_purified: bool = False, return_patch_error: bool = False) -> list[Result]:
+                  return_purified: bool = False, return_patch_error: bool = False,
+                  allow_out_of_scope: bool = False) -> list[Result]:
         """Classify a batch: one Result per input, in order.
 
         Only the flagged members (or all, with policy ``floor``) are purified. An input that is not
         a usable scan (any :class:`medfedpure.scan.ScanError`: unreadable, too large, a FIFO, wrong
         shape, constant, ...) gets ``status="refused"``, ``reason="<type>: <message>"``, ``error`` =
-        the type's name and no label; the other inputs are classified as if it were not there.
+        the type's name and no label; the other inputs are classified as if it were not there. A scan
+        outside the bundle's scope gets ``status="out_of_scope"`` the same way, unless
+        ``allow_out_of_scope`` (as in :meth:`run`).
 
         Raises:
             TypeError: ``scans`` is not a sequence. ValueError: a bad seed, or not one seed per scan
             (usage errors: nothing is loaded).
         """
-        return self._run_scans(scans, seeds, return_purified, return_patch_error, raise_refused=False)
+        return self._run_scans(scans, seeds, return_purified, return_patch_error, raise_refused=False,
+                               allow_out_of_scope=allow_out_of_scope)
 
     def run_series(self, sources: Sequence[str | os.PathLike[str]], *,
                    seeds: Sequence[int | None] | None = None) -> list[SeriesResult]:
@@ -421,7 +450,8 @@ class Defender:
         return self._refused(error, _keys(None if seed is None else [seed], 1)[0], {"total": 0.0})
 
     def _run_scans(self, scans: Sequence[Any], seeds: Sequence[int | None] | None, return_purified: bool,
-                   return_patch_error: bool, *, raise_refused: bool, policy: str | None = None) -> list[Result]:
+                   return_patch_error: bool, *, raise_refused: bool, policy: str | None = None,
+                   allow_out_of_scope: bool = False) -> list[Result]:
         from medfedpure.scan import ScanError, load_scan, preprocess
 
         t0 = time.perf_counter()
@@ -430,6 +460,7 @@ class Defender:
         keys = _keys(seeds, len(scans))
         refused: dict[int, ScanError] = {}
         loaded: dict[int, Any] = {}
+        seen: dict[int, tuple[str, Any, dict[str, Any]]] = {}  # loaded scans: pixel sha256, UIDs, scope check
         for i, s in enumerate(scans):
             try:
                 loaded[i] = load_scan(s, limits=self.limits)
@@ -437,6 +468,15 @@ class Defender:
                 if raise_refused:
                     raise
                 refused[i] = e
+                continue
+            check = self.scope.check(loaded[i].meta)
+            check["override"] = bool(allow_out_of_scope and not check["in_scope"])
+            uids = loaded[i].dicom_uids
+            # hashed here, with the load (its time counts as load): the audit record's pixel_sha256
+            seen[i] = (loaded[i].sha256, None if uids is None else dict(uids), check)
+        outside = [i for i, (_, _, c) in seen.items() if not c["in_scope"] and not allow_out_of_scope]
+        for i in outside:  # no model runs on a scan outside the scope
+            del loaded[i]
         lat: dict[str, float] = {"load": (time.perf_counter() - t0) * 1e3}
         t1 = time.perf_counter()
         prepped: dict[int, np.ndarray] = {}
@@ -461,6 +501,10 @@ class Defender:
             lat["total"] = (time.perf_counter() - t0) * 1e3
         for i, e in refused.items():
             done[i] = self._refused(e, keys[i], lat)
+        for i in outside:
+            done[i] = self._out_of_scope(seen[i][2], keys[i], lat)
+        for i, (sha, uids, check) in seen.items():  # what the load saw, on every Result of a loaded scan
+            done[i].pixel_sha256, done[i].dicom_uids, done[i].scope = sha, uids, check
         return [done[i] for i in range(len(scans))]
 
     def _refused(self, e: BaseException, seed: int, lat: dict[str, float]) -> Result:
@@ -469,6 +513,15 @@ class Defender:
                       status=STATUS_REFUSED, reason=f"{type(e).__name__}: {e}", seed=seed,
                       latency_ms={k: round(v, 4) for k, v in lat.items()}, backend=info["backend"], device=info["device"], precision=info["precision"],
                       bundle_id=self.bundle.bundle_id, error=type(e).__name__)
+
+    def _out_of_scope(self, check: dict[str, Any], seed: int, lat: dict[str, float]) -> Result:
+        info = self.engine.describe()
+        return Result(label=None, probabilities={}, flagged=None, score=None, t_star=None,
+                      status=STATUS_OUT_OF_SCOPE,
+                      reason=f"{check['reason']}: no model output is given for it; run it anyway with "
+                             "allow_out_of_scope=True (medfedpure run --allow-out-of-scope)",
+                      seed=seed, latency_ms={k: round(v, 4) for k, v in lat.items()}, backend=info["backend"],
+                      device=info["device"], precision=info["precision"], bundle_id=self.bundle.bundle_id)
 
     def run_array(self, x: np.ndarray, *, seeds: Sequence[int | None] | None = None, return_purified: bool = False,
                   return_patch_error: bool = False) -> list[Result]:

@@ -10,6 +10,7 @@
     mae              MaeSpec                               the detector's patch, K and mask sets
     gate             medfedpure.gate.GateSpec              the site's calibrated gate
     purifier         PurifierSpec                          schedule, ᾱ table, K, sampler
+    scope            Scope (optional)                      which scans the bundle is meant for
     provenance       {...}                                 free-form record (read-only here)
 
 :meth:`BundleSpec.from_manifest` turns the JSON into these values and refuses anything the
@@ -46,6 +47,9 @@ __all__ = [
     "Preprocessing",
     "MaeSpec",
     "PurifierSpec",
+    "Scope",
+    "DEFAULT_SCOPE",
+    "ORIENTATIONS",
     "BundleSpec",
     "freeze",
     "thaw",
@@ -332,6 +336,140 @@ class PurifierSpec:
                 "sampler": self.sampler}
 
 
+ORIENTATIONS = ("axial", "coronal", "sagittal", "any")
+# the patient axis that the slice normal of each orientation runs along (DICOM LPS: x, y, z)
+_NORMAL_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def _normal_cosines(iop: Any) -> np.ndarray | None:
+    """|unit slice normal| [3] (x, y, z) from ImageOrientationPatient's row × column cosines; None when
+    absent, not 6 finite numbers, or degenerate."""
+    if iop is None:
+        return None
+    v = np.asarray(iop, dtype=np.float64).reshape(-1)
+    if v.shape != (6,) or not np.isfinite(v).all():
+        return None
+    normal = np.cross(v[:3], v[3:])
+    norm = float(np.linalg.norm(normal))
+    return None if norm < 1e-6 else np.abs(normal) / norm
+
+
+def _tilt(cosines: np.ndarray, orientation: str) -> float:
+    """Degrees between the slice normal (``_normal_cosines``) and the axis of ``orientation``."""
+    return math.degrees(math.acos(min(1.0, float(cosines[_NORMAL_AXIS[orientation]]))))
+
+
+def _names(v: Any, where: str) -> tuple[str, ...]:
+    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not v:
+        raise BundleError(f"manifest {where}: expected a non-empty list of names, got {v!r}")
+    out = tuple(_str(x, where).strip().upper() for x in v)
+    if not all(out) or len(set(out)) != len(out):
+        raise BundleError(f"manifest {where}: expected unique non-empty names, got {list(v)!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which scans the bundle is meant for; a scan outside it gets ``status="out_of_scope"``.
+
+    Checked on the attributes a DICOM file carries (:func:`medfedpure.scan.dicom.scope_attributes`),
+    compared case-insensitively. An attribute the input does not carry (every non-DICOM input; a DICOM
+    file without it) is never guessed: the scan stays in scope for that attribute and the check records
+    it as ``"unknown"`` (``Result.scope``), so the caller sees what was not checked.
+
+    Attributes:
+        modalities: allowed Modality values (e.g. ``("MR",)``).
+        body_parts: allowed BodyPartExamined values (e.g. ``("BRAIN", "HEAD")``).
+        image_types: allowed first values of ImageType (``ORIGINAL`` / ``DERIVED``).
+        orientation: ``"axial"``, ``"coronal"``, ``"sagittal"`` or ``"any"``. The slice normal is the
+            cross product of ImageOrientationPatient's row and column cosines; the slice has the
+            orientation when that normal lies within ``max_tilt_deg`` of the patient axis the
+            orientation names (axial: z, head-feet; coronal: y; sagittal: x), in either direction.
+        max_tilt_deg: the largest angle in degrees, in [0, 90), between the slice normal and that axis.
+    """
+
+    modalities: tuple[str, ...] = ("MR",)
+    body_parts: tuple[str, ...] = ("BRAIN", "HEAD")
+    image_types: tuple[str, ...] = ("ORIGINAL", "DERIVED")
+    orientation: str = "axial"
+    max_tilt_deg: float = 30.0
+
+    def __post_init__(self) -> None:
+        for key in ("modalities", "body_parts", "image_types"):
+            object.__setattr__(self, key, _names(getattr(self, key), f"scope.{key}"))
+        if self.orientation not in ORIENTATIONS:
+            raise BundleError(f"manifest scope.orientation: {self.orientation!r} is not one of {list(ORIENTATIONS)}")
+        tilt = _float(self.max_tilt_deg, "scope.max_tilt_deg")
+        if not 0.0 <= tilt < 90.0:
+            raise BundleError(f"manifest scope.max_tilt_deg: expected degrees in [0, 90), got {tilt!r}")
+        object.__setattr__(self, "max_tilt_deg", tilt)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Scope:
+        keys = ("modalities", "body_parts", "image_types", "orientation", "max_tilt_deg")
+        _unknown_keys(d, "scope", keys)
+        return cls(modalities=_names(_need(d, "scope", "modalities"), "scope.modalities"),
+                   body_parts=_names(_need(d, "scope", "body_parts"), "scope.body_parts"),
+                   image_types=_names(_need(d, "scope", "image_types"), "scope.image_types"),
+                   orientation=_str(_need(d, "scope", "orientation"), "scope.orientation"),
+                   max_tilt_deg=_float(_need(d, "scope", "max_tilt_deg"), "scope.max_tilt_deg"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modalities": list(self.modalities), "body_parts": list(self.body_parts),
+                "image_types": list(self.image_types), "orientation": self.orientation,
+                "max_tilt_deg": self.max_tilt_deg}
+
+    @staticmethod
+    def slice_orientation(iop: Any) -> tuple[str, float] | None:
+        """(name, tilt) of the slice with ImageOrientationPatient ``iop`` (6 floats): the closest of axial /
+        coronal / sagittal and the angle in degrees between the slice normal and that axis; None when
+        ``iop`` is absent or degenerate (parallel or zero cosines)."""
+        cosines = _normal_cosines(iop)
+        if cosines is None:
+            return None
+        name = max(_NORMAL_AXIS, key=lambda k: cosines[_NORMAL_AXIS[k]])
+        return name, _tilt(cosines, name)
+
+    def check(self, meta: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a scan's metadata (``Scan.meta``) against the scope.
+
+        Returns a JSON-ready record: ``modality``, ``body_part``, ``image_type`` (the first value),
+        ``orientation`` (``"axial"`` / ``"coronal"`` / ``"sagittal"`` with the tilt, e.g.
+        ``"axial (tilt 12.0°)"``) — each ``"unknown"`` when the input does not carry it — ``in_scope``
+        (bool) and ``reason`` (None in scope, else every violated attribute with its value and what the
+        scope allows, joined by "; ").
+        """
+        why: list[str] = []
+        modality = meta.get("modality")
+        modality = str(modality).strip().upper() if modality else None
+        if modality is not None and modality not in self.modalities:
+            why.append(f"Modality {modality!r} is not in the bundle's scope {list(self.modalities)}")
+        body = meta.get("body_part")
+        if body is not None and body not in self.body_parts:
+            why.append(f"BodyPartExamined {body!r} is not in the bundle's scope {list(self.body_parts)}")
+        types = meta.get("image_type")
+        first = types[0] if types else None
+        if first is not None and first not in self.image_types:
+            why.append(f"ImageType {first!r} (value 1) is not in the bundle's scope {list(self.image_types)}")
+        cosines = _normal_cosines(meta.get("orientation"))
+        orient = "unknown"
+        if cosines is not None:
+            name = max(_NORMAL_AXIS, key=lambda k: cosines[_NORMAL_AXIS[k]])
+            orient = f"{name} (tilt {_tilt(cosines, name):.1f}°)"
+            off = 0.0 if self.orientation == "any" else _tilt(cosines, self.orientation)
+            if off > self.max_tilt_deg:
+                iop = [round(float(x), 4) for x in meta["orientation"]]
+                why.append(f"ImageOrientationPatient {iop} is {orient}: its slice normal is {off:.1f}° from the "
+                           f"{self.orientation} axis, outside the bundle's scope ({self.orientation} within "
+                           f"{self.max_tilt_deg:g}°)")
+        return {"modality": modality or "unknown", "body_part": body or "unknown",
+                "image_type": first or "unknown", "orientation": orient,
+                "in_scope": not why, "reason": "; ".join(why) or None}
+
+
+DEFAULT_SCOPE = Scope()
+
+
 def _gate_from_dict(d: Any) -> GateSpec:
     from medfedpure.gate import GateSpec
 
@@ -355,6 +493,9 @@ class BundleSpec:
         image_size: S, the side of the model input.
         preprocessing / mae / purifier / gate: the sections above (gate: ``medfedpure.gate.GateSpec``).
         provenance: free-form record of how the bundle was made (deeply read-only).
+        scope: the optional ``scope`` section as written; None when the manifest has none (bundles made
+            before it existed), and then :attr:`effective_scope` is :data:`DEFAULT_SCOPE` (MR, brain or
+            head, original or derived, axial within 30°).
     """
 
     classes: tuple[str, ...]
@@ -364,6 +505,12 @@ class BundleSpec:
     purifier: PurifierSpec
     gate: GateSpec
     provenance: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    scope: Scope | None = None
+
+    @property
+    def effective_scope(self) -> Scope:
+        """The scope scans are checked against: the manifest's, else :data:`DEFAULT_SCOPE`."""
+        return DEFAULT_SCOPE if self.scope is None else self.scope
 
     def __post_init__(self) -> None:
         classes = tuple(self.classes)
@@ -418,6 +565,7 @@ class BundleSpec:
             purifier=PurifierSpec.from_dict(_need(m, "", "purifier")),
             gate=_gate_from_dict(_need(m, "", "gate")),
             provenance=freeze(provenance),
+            scope=None if m.get("scope") is None else Scope.from_dict(m["scope"]),
         )
 
     def to_manifest(self) -> dict[str, Any]:
@@ -425,4 +573,5 @@ class BundleSpec:
         return {"format_version": FORMAT_VERSION, "classes": list(self.classes), "image_size": self.image_size,
                 "preprocessing": self.preprocessing.to_dict(), "mae": self.mae.to_dict(),
                 "gate": self.gate.to_dict(), "purifier": self.purifier.to_dict(),
-                "provenance": thaw(self.provenance)}
+                "provenance": thaw(self.provenance),
+                **({} if self.scope is None else {"scope": self.scope.to_dict()})}

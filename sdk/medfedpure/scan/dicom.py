@@ -6,11 +6,14 @@ the decoded bytes (rows × cols × samples × bytes per sample × frames, held t
 :class:`~medfedpure.scan.limits.ScanLimits`) are checked before the pixel data is read, truncated
 elements are refused, and compressed transfer syntaxes need an installed decoder plugin. Pixels get
 the modality rescale (slope / intercept or Modality LUT) first, then MONOCHROME1 is inverted once;
-metadata keeps the pixel spacing, modality and transfer syntax, never patient identifiers.
+metadata keeps the pixel spacing, modality, transfer syntax, the attributes a bundle's scope is checked
+against (BodyPartExamined, ImageType, ImageOrientationPatient: :func:`scope_attributes`), never patient
+identifiers; the Study / Series / SOP Instance UIDs go on ``Scan.dicom_uids`` (:func:`instance_uids`).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,7 +32,8 @@ from medfedpure.scan.validate import check_decoded_bytes, check_dims, select_fra
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom.dataset import Dataset
 
-__all__ = ["DICOM_EXTENSIONS", "from_dataset", "is_dicom_magic", "read_dicom"]
+__all__ = ["DICOM_EXTENSIONS", "from_dataset", "is_dicom_magic", "instance_uids", "read_dicom",
+           "scope_attributes"]
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
@@ -150,6 +154,66 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
         if pm and pm[0].get("PixelSpacing") is not None:
             return _pair(pm[0].PixelSpacing)
     return None
+
+
+def _clean_str(v: Any) -> str | None:
+    """A DICOM code string as an upper-case, stripped str; None when absent or empty."""
+    if v is None:
+        return None
+    text = str(v).strip().upper()
+    return text or None
+
+
+def _orientation(ds: Dataset, frame: int) -> tuple[float, ...] | None:
+    """ImageOrientationPatient (row and column direction cosines, 6 floats) from the top level, else the
+    enhanced multi-frame functional groups (per-frame first, then shared); None when absent or malformed."""
+    def _six(v: Any) -> tuple[float, ...] | None:
+        try:
+            vals = tuple(float(x) for x in v)
+        except (TypeError, ValueError):
+            return None
+        return vals if len(vals) == 6 and all(np.isfinite(vals)) else None
+
+    if ds.get("ImageOrientationPatient") is not None:
+        return _six(ds.ImageOrientationPatient)
+    for seq_name, i in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(seq_name)
+        if seq is None or len(seq) <= i:
+            continue
+        po = seq[i].get("PlaneOrientationSequence")
+        if po and po[0].get("ImageOrientationPatient") is not None:
+            return _six(po[0].ImageOrientationPatient)
+    return None
+
+
+def scope_attributes(ds: Dataset, frame: int = 0) -> dict[str, Any]:
+    """The attributes a bundle's scope is checked against (``Scan.meta``).
+
+    Returns ``body_part`` (BodyPartExamined, upper case), ``image_type`` (ImageType values, upper case,
+    as a tuple) and ``orientation`` (ImageOrientationPatient, 6 floats); each is None when the file does
+    not carry it (the scope check then records it as "unknown").
+    """
+    image_type = ds.get("ImageType")
+    if image_type is None:
+        types = None
+    else:
+        values = [image_type] if isinstance(image_type, (str, bytes)) else list(image_type)
+        types = tuple(t for t in (_clean_str(v) for v in values) if t is not None) or None
+    return {
+        "body_part": _clean_str(ds.get("BodyPartExamined")),
+        "image_type": types,
+        "orientation": _orientation(ds, frame),
+    }
+
+
+def instance_uids(ds: Dataset) -> dict[str, str | None] | None:
+    """``{"study", "series", "sop"}``: the Study / Series / SOP Instance UIDs (None where absent), or None
+    when the dataset has none. They identify the instance and link it to the archive, so they travel on
+    ``Scan.dicom_uids`` (for the audit record), never in ``Scan.meta``, which callers may log freely."""
+    uids = {key: (str(ds.get(tag)).strip() if ds.get(tag) else None)
+            for key, tag in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+                             ("sop", "SOPInstanceUID"))}
+    return uids if any(uids.values()) else None
 
 
 def _transfer_syntax(ds: Dataset) -> Any:
@@ -308,5 +372,7 @@ def _from_dataset(ds: Dataset, kind: str, frame: int | None, origin: str, *, fro
         num_frames=num_frames,
         modality=(str(ds.Modality) if ds.get("Modality") else None),
         transfer_syntax=str(tsuid.name),
+        **scope_attributes(ds, frame_i),
     )
-    return validate_array(px, meta, strict_dtype=False, limits=limits)
+    scan = validate_array(px, meta, strict_dtype=False, limits=limits)
+    return replace(scan, dicom_uids=instance_uids(ds))

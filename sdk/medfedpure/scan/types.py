@@ -7,14 +7,16 @@ array, image or dataset) and its metadata never holds patient identifiers. Build
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from medfedpure.scan.errors import ScanDtypeError, ScanNonFiniteError, ScanShapeError
 
-__all__ = ["Scan", "scan_meta"]
+__all__ = ["Scan", "pixel_sha256", "scan_meta"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,12 +31,16 @@ class Scan:
             ...), ``original_shape`` (tuple; includes the frame axis of multi-frame sources),
             ``original_dtype`` (str), ``pixel_spacing`` (``(row, col)`` mm floats or None),
             ``photometric`` (DICOM Photometric Interpretation or the PIL mode, else None),
-            ``frame`` (int or None), ``num_frames`` (int), ``modality`` (DICOM, else None).
-            Never patient identifiers.
+            ``frame`` (int or None), ``num_frames`` (int), ``modality`` (DICOM, else None);
+            DICOM only: ``body_part``, ``image_type``, ``orientation``
+            (:func:`medfedpure.scan.dicom.scope_attributes`). Never patient identifiers.
+        dicom_uids: a DICOM input's ``{"study", "series", "sop"}`` Instance UIDs, else None. Kept out of
+            ``meta`` on purpose: they link the scan to the archive, so only the audit record carries them.
     """
 
     pixels: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    dicom_uids: dict[str, str | None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         px = self.pixels
@@ -56,6 +62,15 @@ class Scan:
             px.flags.writeable = False
             object.__setattr__(self, "pixels", px)
         object.__setattr__(self, "meta", dict(self.meta))
+        if self.dicom_uids is not None:
+            object.__setattr__(self, "dicom_uids", dict(self.dicom_uids))
+
+    @cached_property
+    def sha256(self) -> str:
+        """sha256 (hex) of the decoded pixels the models see before preprocessing: the bytes of
+        ``pixels`` as C-ordered little-endian float32 (shape and dtype are not hashed; the audit
+        record carries the shape beside it). Computed once per Scan."""
+        return pixel_sha256(self.pixels)
 
     @property
     def height(self) -> int:
@@ -68,6 +83,11 @@ class Scan:
     @property
     def is_rgb(self) -> bool:
         return self.pixels.ndim == 3
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """sha256 (hex) of an array's values as C-ordered little-endian float32 bytes (what ``Scan.sha256`` is)."""
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype="<f4").tobytes()).hexdigest()
 
 
 def scan_meta(source_kind: str, **kw: Any) -> dict[str, Any]:
