@@ -1,6 +1,9 @@
-"""Thin driver: `python benchmarks/adaptive_eval.py ...` runs :mod:`medfedpure.eval.adaptive`."""
+"""Thin driver: ``python benchmarks/adaptive_eval.py ARGS`` is ``medfedpure eval --attacks ladder ARGS``
+(an ``--attacks`` in ARGS wins). The work lives in :mod:`medfedpure.eval.runner`."""
 
-from medfedpure.eval.adaptive import main
+import sys
+
+from medfedpure.cli import app
 
 if __name__ == "__main__":
-    main()
+    app(["eval", "--attacks", "ladder", *sys.argv[1:]], prog_name="medfedpure")

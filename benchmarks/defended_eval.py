@@ -1,6 +1,10 @@
-"""Thin driver: `python benchmarks/defended_eval.py ...` runs :mod:`medfedpure.eval.defended`."""
+"""Thin driver: ``python benchmarks/defended_eval.py ARGS`` is ``medfedpure eval --attacks paper ARGS``
+(rung 1: PGD against the classifier alone, judged bare and through the Defender). The work lives in
+:mod:`medfedpure.eval.runner`."""
 
-from medfedpure.eval.defended import main
+import sys
+
+from medfedpure.cli import app
 
 if __name__ == "__main__":
-    main()
+    app(["eval", "--attacks", "paper", *sys.argv[1:]], prog_name="medfedpure")

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -262,8 +262,59 @@ def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], 
     from medfedpure.runtime.manifest import thaw
 
     provenance = {**thaw(src.spec.provenance), "recalibration": dict(recalibration)}
-    spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance)
+    # the scope it was checked against, written out (a bundle made before scopes existed had the default)
+    spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance, scope=src.spec.effective_scope)
     from medfedpure.export.model_card import with_card
 
     spec, arts = with_card(spec, arts)  # the card's calibration section now describes the new gate
+    return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)
+
+
+def write_reissued_bundle(src: VerifiedBundle, out: str | os.PathLike[str], *, reason: str,
+                          metrics: Sequence[Mapping[str, Any]] = (), signing_key: PrivateKeySpec | None = None,
+                          overwrite: bool = False) -> VerifiedBundle:
+    """A copy of ``src`` with the same models and gate, brought up to the current bundle format's
+    descriptive sections: the scope written out (the default one where ``src`` had none) and a model card
+    generated from the manifest (:func:`medfedpure.export.model_card.with_card`). Every model artefact is
+    copied byte for byte (each re-verified against ``src``'s manifest as it is read); ``provenance.reissue``
+    records the source bundle id, the date and ``reason``. ``metrics``: measurements of this bundle made since
+    it was built, each ``{"name", "value", "command"}`` (optionally ``"split"``, ``"n"``), appended to
+    ``provenance.measured_metrics`` (the card's metrics table). Decisions are unchanged (same weights, same
+    gate); the bundle id changes with the manifest. Signed as :func:`write_bundle` signs.
+
+    Raises:
+        ValueError: ``out`` is ``src``'s own folder, an empty ``reason``, or a metric without a name, a
+            numeric value or a command.
+        FileExistsError: as :func:`write_bundle`.
+    """
+    import dataclasses
+    import datetime
+
+    from medfedpure.export.model_card import with_card
+    from medfedpure.runtime.bundle import CARD_ARTEFACT
+    from medfedpure.runtime.manifest import thaw
+
+    if Path(out).resolve() == src.root.resolve():
+        raise ValueError(f"{out} is the source bundle's own folder: write the reissued bundle to a new folder")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("reason: say why the bundle is reissued (recorded in its provenance)")
+    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
+                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()
+            if name != CARD_ARTEFACT}
+    rows = []
+    for i, m in enumerate(metrics):
+        ok = (isinstance(m, Mapping) and isinstance(m.get("name"), str) and m["name"].strip()
+              and isinstance(m.get("command"), str) and m["command"].strip()
+              and isinstance(m.get("value"), int | float) and not isinstance(m.get("value"), bool)
+              and math.isfinite(m["value"]) and set(m) <= {"name", "value", "command", "split", "n"})
+        if not ok:
+            raise ValueError(f"metrics[{i}]={m!r}: expected {{name, value (a finite number), command}} and "
+                             "optionally split, n")
+        rows.append(dict(m))
+    reissue = {"source_bundle_id": src.bundle_id, "reason": reason.strip(),
+               "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+    prov = thaw(src.spec.provenance)
+    provenance = {**prov, "reissue": reissue, "measured_metrics": [*(prov.get("measured_metrics") or []), *rows]}
+    spec = dataclasses.replace(src.spec, provenance=provenance, scope=src.spec.effective_scope)
+    spec, arts = with_card(spec, arts)
     return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)

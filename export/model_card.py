@@ -86,7 +86,8 @@ def _calibration(spec: BundleSpec) -> dict[str, Any]:
     rec = spec.provenance.get("recalibration")
     if rec:
         rec = thaw(rec)
-        out.update(source="recalibrated on a site's own clean scans (medfedpure calibrate --bundle)",
+        what = rec.get("description") or "a site's own clean scans"
+        out.update(source=f"recalibrated on {what} (medfedpure calibrate --bundle)",
                    recalibration={k: rec.get(k) for k in sorted(rec)})
         for key in ("num_scans", "achieved_false_flag_rate", "target_false_flag_rate"):
             if rec.get(key) is not None:
@@ -149,7 +150,7 @@ def render_card(card: Mapping[str, Any]) -> str:
              "## Training data and sites", "",
              f"- data set: {_num(td['kind'])}, {_num(td['num_sites'])} sites, {_num(td['scans_per_site'])} scans per "
              f"site, {_num(td['image_size'])} px",
-             f"- this bundle's site: {_num(td['bundle_site'])} (run {_num(td['run'])})",
+             f"- this bundle's site: {_num(td['bundle_site'])} (training run folder `{_num(td['run'])}`)",
              f"- data-set fingerprint: {_num(td['fingerprint'])}",
              f"- training-config sha256: {_num(td['training_config_sha256'])}", "",
              "## Calibration", "",
@@ -164,12 +165,12 @@ def render_card(card: Mapping[str, Any]) -> str:
         lines += [f"  - {k}: {_num(v)}" for k, v in rec.items() if not isinstance(v, Mapping)]
     lines += ["", "## Measured metrics", ""]
     if card["metrics"]:
-        lines += ["| metric | value | n | command |", "|---|---|---|---|"]
-        lines += [f"| {r['name']} | {_num(r['value'])} | {_num(r.get('n'))} | `{r['command']}` |"
-                  for r in card["metrics"]]
+        lines += ["| metric | value | split | n | command |", "|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {_num(r['value'])} | {_num(r.get('split'))} | {_num(r.get('n'))} | "
+                  f"`{r['command']}` |" for r in card["metrics"]]
     else:
         lines += ["Not measured: no metrics were recorded when this bundle was built."]
-    lines += ["", "Accuracy and robustness that were not recorded at build time are not measured for this bundle.",
+    lines += ["", "Metrics not listed here were not measured for this bundle.",
               "", "## Limitations", "", *[f"- {x}" for x in card["limitations"]], "",
               "## License", "", card["license"], ""]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""benchmarks/adaptive_eval.py: the full-pipeline attack (rung 2) stays in its ball, is reproducible, and
+"""medfedpure.eval.adaptive (the rungs behind ``medfedpure eval``): the full-pipeline attack (rung 2) stays in its ball, is reproducible, and
 the unbounded sanity check of docs/evaluation.md breaks the defence on the tiny bundle; the evasion attack
 (rung 3a) uses the deployed gate statistic, stays in its ball and reports exactly the scans that evade."""
 
@@ -85,8 +85,9 @@ def test_attack_statistic_equals_the_gate_oracle(ae) -> None:
 def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> None:
     _, ref, x, y = setup
     d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1)
-    with pytest.raises(SystemExit, match="hfratio"):
-        ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, progress=False)
+    # the tiny bundle's own gate ('mean' statistic): the evasion differentiates the torch MAE and stays in its ball
+    m, _ = ae.evasion_pgd(d, ref, x, y, 8 / 255, steps=2, progress=False)
+    assert float((m - x).abs().max()) <= 8 / 255 + 1e-6 and float((m - x).abs().max()) > 0
     # the tiny bundle's gate made an hfratio gate, τ above every clean score
     eng = d.engine
     eng.gate_spec = dataclasses.replace(eng.gate_spec, stat="hfratio", topk=8)
@@ -107,7 +108,7 @@ def test_evasion_pgd_stays_in_the_ball_and_under_the_threshold(ae, setup) -> Non
         wrong = (ref.models["classifier"](a).argmax(1) != y).numpy()
     evading = (score < 0.95 * g.tau) & wrong
     assert 0 < evading.sum() == round(st["evading_and_wrong_during_attack"] * len(x))
-    with pytest.raises(SystemExit, match="divide"):
+    with pytest.raises(ValueError, match="divide"):
         ae.evasion_pgd(d, ref, x, y, eps, steps=1, factor=5, progress=False)
 
 
@@ -162,3 +163,25 @@ def test_pipeline_module_and_torchattacks_apgd(ae, setup) -> None:
     xa = ae.apgd_pipeline(d, ref, x, y, 4 / 255, steps=3, eot=2, seed=0)
     assert xa.shape == x.shape and float((xa - x).abs().max()) <= 4 / 255 + 1e-6
     assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+
+
+def test_error_statistic_gate_in_torch_equals_the_deployed_gate(setup) -> None:
+    """Rung 3 on an error-statistic gate ('mean', the tiny bundle's) differentiates the torch MAE: its score is
+    the deployed engine's, and its gradient reaches x."""
+    from medfedpure.gate import run_gate
+
+    d, ref, x, _ = setup
+    eng = d.engine
+    deployed = eng.to_numpy(eng.gate(eng.to_native(x.numpy()), eng.mae(eng.to_native(x.numpy()))).score)
+    xv = x.clone().requires_grad_(True)
+    score = run_gate(eng.gate_spec, xv[:, 0], ref.models["mae"](xv), eng.visible, backend="torch").score
+    np.testing.assert_allclose(score.detach().numpy(), deployed, rtol=1e-4, atol=1e-6)
+    (grad,) = torch.autograd.grad(score.sum(), xv)
+    assert torch.isfinite(grad).all() and float(grad.abs().sum()) > 0
+
+
+def test_apgd_dlr_is_probed_not_assumed(ae) -> None:
+    """torchattacks' DLR loss reads the third-largest logit: refused (with the reason) for two classes only."""
+    why = ae.apgd_dlr_unsupported(2)
+    assert why is not None and "IndexError" in why and "2 classes" in why
+    assert ae.apgd_dlr_unsupported(3) is None

@@ -1,7 +1,9 @@
-"""FGSM / PGD: bounds, determinism, loss increase, and agreement with torchattacks (an independent code base)."""
+"""FGSM / PGD: bounds, determinism, loss increase, and agreement with torchattacks (an independent code base);
+the pipeline attacks: the differentiable pipeline equals the Defender, EOT, ℓ∞ / ℓ2 balls, losses raised."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from medfedpure.eval.attacks import attack_loss, fgsm, pgd_l2, pgd_linf
@@ -101,3 +103,137 @@ def test_errors(setup):
         fgsm(m, x, y[:2], 8 / 255)
     with pytest.raises(ValueError, match="steps"):
         pgd_l2(m, x, y, 0.5, steps=0, generator=torch.Generator())
+
+
+# the attacks on the whole defended pipeline (medfedpure.eval.pipeline / adaptive) -------------------------
+
+@pytest.fixture(scope="module")
+def pipe():
+    import os
+
+    from medfedpure import Defender
+    from medfedpure.runtime.engines.torch_engine import TorchEngine
+    from tiny_bundle import cached_tiny_bundle, tiny_scans
+
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    torch.set_num_threads(1)
+    d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1)
+    ref = TorchEngine(d.bundle, device="cpu")
+    for m in ref.models.values():
+        m.requires_grad_(False)
+    x = torch.from_numpy(tiny_scans(6, 5))
+    with torch.no_grad():
+        y = ref.models["classifier"](x).argmax(1)
+    return d, ref, x, y
+
+
+def test_margin_objective_by_hand():
+    from medfedpure.eval.pipeline import attack_objective
+
+    p = torch.tensor([[0.9, 0.1], [0.25, 0.75]])
+    y = torch.tensor([0, 0])
+    torch.testing.assert_close(attack_objective(p, y, "margin"),
+                               torch.log(torch.tensor([0.1, 0.75])) - torch.log(torch.tensor([0.9, 0.25])))
+    torch.testing.assert_close(attack_objective(p, y, "ce"), -torch.log(torch.tensor([0.9, 0.25])))
+    with pytest.raises(ValueError, match="loss"):
+        attack_objective(p, y, "dlr")
+
+
+def test_differentiable_pipeline_equals_the_deployed_defender(pipe):
+    """Same keys → the torch reference reproduces the Defender: gate score, flag, t*, purified image, probabilities,
+    on clean and on adversarial scans."""
+    from medfedpure.eval.adaptive import pipeline_pgd
+    from medfedpure.eval.pipeline import keyed_forward
+
+    d, ref, x, y = pipe
+    xa, _ = pipeline_pgd(d, ref, x, y, 8 / 255, steps=2, eot=1, seed=0, progress=False)
+    for xs in (x.numpy(), xa.numpy()):
+        seeds = [11 + i for i in range(len(xs))]
+        dep = d.run_array(xs, seeds=seeds, return_purified=True)
+        got = keyed_forward(d, ref, xs, seeds)
+        assert 0 < (got["t_star"] > 0).sum() < len(xs)  # both paths
+        np.testing.assert_array_equal(got["t_star"], [r.t_star for r in dep])
+        np.testing.assert_array_equal(got["flag"], [r.flagged for r in dep])
+        np.testing.assert_allclose(got["score"], [r.score for r in dep], rtol=1e-6)
+        np.testing.assert_allclose(got["purified"], np.stack([r.purified for r in dep]), atol=1e-4)
+        np.testing.assert_allclose(got["probs"], [[r.probabilities[c] for c in d.bundle.classes] for r in dep],
+                                   atol=1e-4)
+    # another key, another purification of the flagged scans: the comparison above is not vacuous
+    same = keyed_forward(d, ref, x.numpy(), [11 + i for i in range(len(x))])
+    other = keyed_forward(d, ref, x.numpy(), [999 + i for i in range(len(x))])
+    flagged = other["t_star"] > 0
+    assert not np.allclose(other["purified"][flagged], same["purified"][flagged], atol=1e-3)
+
+
+def test_eot_gradient_is_the_mean_of_per_draw_gradients(pipe):
+    from medfedpure.eval.pipeline import attack_objective, eot_gradient, gate_t_star, pipeline_probs
+
+    d, ref, x, y = pipe
+    ts = torch.from_numpy(gate_t_star(d, x.numpy()))
+    grad, loss = eot_gradient(ref, x, y, ts, eot=3, generator=torch.Generator().manual_seed(4), loss="margin")
+    g = torch.Generator().manual_seed(4)
+    per_draw, losses = [], []
+    for _ in range(3):
+        xv = x.clone().requires_grad_(True)
+        lo = attack_objective(pipeline_probs(ref, xv, ts, generator=g), y, "margin")
+        per_draw.append(torch.autograd.grad(lo.sum(), xv)[0])
+        losses.append(lo.detach())
+    torch.testing.assert_close(grad, torch.stack(per_draw).mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss, torch.stack(losses).mean(0), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(per_draw[0], per_draw[1])  # the draws differ: the mean is not one draw
+    with pytest.raises(ValueError, match="eot"):
+        eot_gradient(ref, x, y, ts, eot=0, generator=g)
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pipeline_pgd_raises_its_loss_and_holds_its_ball(pipe, loss, norm, eps):
+    from medfedpure.eval.adaptive import pipeline_pgd
+    from medfedpure.eval.pipeline import attack_objective, gate_t_star, pipeline_probs
+
+    d, ref, x, y = pipe
+    xa, _ = pipeline_pgd(d, ref, x, y, eps, steps=4, eot=2, seed=0, loss=loss, norm=norm, progress=False)
+    delta = (xa - x).flatten(1)
+    bound = delta.abs().max(dim=1).values if norm == "linf" else delta.norm(dim=1)
+    assert (bound <= eps + 1e-5).all() and float(xa.min()) >= 0 and float(xa.max()) <= 1
+
+    def mean_loss(xs: torch.Tensor) -> float:  # the same 8 noise draws for both
+        ts = torch.from_numpy(gate_t_star(d, xs.numpy()))
+        g = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            return float(sum(attack_objective(pipeline_probs(ref, xs, ts, generator=g), y, loss).mean()
+                             for _ in range(8)) / 8)
+
+    assert mean_loss(xa) > mean_loss(x) + 1e-3
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_apgd_pipeline_holds_its_ball_and_raises_the_loss(pipe, norm, eps):
+    pytest.importorskip("torchattacks")
+    from medfedpure.eval.adaptive import PipelineModule, apgd_pipeline
+
+    d, ref, x, y = pipe
+    xa = apgd_pipeline(d, ref, x, y, eps, steps=4, eot=2, seed=0, norm=norm)
+    delta = (xa - x).flatten(1)
+    bound = delta.abs().max(dim=1).values if norm == "linf" else delta.norm(dim=1)
+    assert (bound <= eps + 1e-4).all() and float(xa.min()) >= 0 and float(xa.max()) <= 1
+    mod = PipelineModule(d, ref, seed=5)
+    with torch.no_grad():
+        before = float(sum(torch.nn.functional.nll_loss(mod(x), y) for _ in range(6)))
+        after = float(sum(torch.nn.functional.nll_loss(mod(xa), y) for _ in range(6)))
+    assert after > before
+
+
+def test_projection_and_steps():
+    from medfedpure.eval.pipeline import ascent_step, project
+
+    x = torch.full((2, 1, 4, 4), 0.5)
+    far = x + torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    p = project(far, x, 0.1, "linf")
+    assert float((p - x).abs().max()) <= 0.1 + 1e-7
+    p2 = project(far, x, 0.3, "l2")
+    assert ((p2 - x).flatten(1).norm(dim=1) <= 0.3 + 1e-6).all() and p2.min() >= 0 and p2.max() <= 1
+    g = torch.randn(2, 1, 4, 4)
+    torch.testing.assert_close((ascent_step(x, g, 0.2, "l2") - x).flatten(1).norm(dim=1), torch.full((2,), 0.2))
+    with pytest.raises(ValueError, match="norm"):
+        project(far, x, 0.1, "l1")

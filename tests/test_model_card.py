@@ -34,7 +34,8 @@ def recalibrated(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> Path:
     priv, _ = key_files()
     r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--scans", str(root / "cal"), "--out",
                                  str(root / "b2"), "--key", str(priv), "--backend", "onnxruntime",
-                                 "--min-scans", "10", "--target-ffr", "0.1"])
+                                 "--min-scans", "10", "--target-ffr", "0.1",
+                                 "--description", "tiny scans of seed 23"])
     assert r.exit_code == 0, r.output
     return root / "b2"
 
@@ -80,7 +81,7 @@ def test_card_without_recorded_metrics_says_not_measured(tiny: Path) -> None:
                                 {"name": "no command", "value": 1.0}]
     card = model_card(dataclasses.replace(spec, provenance=prov))
     assert card["metrics"] == [{"name": "clean accuracy", "value": 0.9, "command": "make eval", "n": 10}]
-    assert "| clean accuracy | 0.9 | 10 | `make eval` |" in render_card(card)
+    assert "| clean accuracy | 0.9 | not recorded | 10 | `make eval` |" in render_card(card)
 
 
 def test_tampered_card_fails_verification(tiny: Path, tmp_path: Path) -> None:
@@ -159,8 +160,57 @@ def test_recalibration_rewrites_the_calibration_section(tiny: Path, recalibrated
     assert c1["calibration"]["achieved_false_flag_rate"] == rec["achieved_false_flag_rate"]
     assert c1["calibration"]["recalibration"]["pixels_sha256"] == rec["pixels_sha256"]
     assert c1["calibration"]["recalibration"]["date"] == rec["date"]
-    assert "recalibrated on a site's own clean scans" in c1["calibration"]["source"]
+    assert c1["calibration"]["source"] == "recalibrated on tiny scans of seed 23 (medfedpure calibrate --bundle)"
+    assert rec["description"] == "tiny scans of seed 23"
     # every other section of the card is unchanged
     assert {k: v for k, v in c1.items() if k != "calibration"} == {k: v for k, v in c0.items() if k != "calibration"}
     text = new.read_bytes(CARD_ARTEFACT).decode()
     assert text == render_card(c1) and rec["pixels_sha256"] in text and f"{new.spec.gate.tau:.4g}" in text
+
+
+def test_reissue_keeps_models_and_decisions_and_adds_metrics(tiny: Path, tmp_path: Path) -> None:
+    from medfedpure import Defender
+    from medfedpure.cli import app
+
+    priv, _ = key_files()
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps([{"name": "clean accuracy", "value": 0.5, "command": "medfedpure eval …",
+                                    "split": "test", "n": 8}]))
+    r = CliRunner().invoke(app, ["bundle", "reissue", str(tiny), "--out", str(tmp_path / "b2"), "--reason",
+                                 "card refresh", "--metrics", str(metrics), "--key", str(priv)])
+    assert r.exit_code == 0, r.output
+    src, new = verify_bundle(tiny), verify_bundle(tmp_path / "b2")
+    assert new.bundle_id != src.bundle_id and new.signer is not None
+    assert ({n: a.sha256 for n, a in new.artefacts.items() if n != CARD_ARTEFACT}
+            == {n: a.sha256 for n, a in src.artefacts.items() if n != CARD_ARTEFACT})
+    assert new.spec.gate == src.spec.gate and new.spec.effective_scope == src.spec.effective_scope
+    rei = new.spec.provenance["reissue"]
+    assert rei["source_bundle_id"] == src.bundle_id and rei["reason"] == "card refresh"
+    text = new.read_bytes(CARD_ARTEFACT).decode()
+    assert "| clean accuracy | 0.5 | test | 8 | `medfedpure eval …` |" in text
+    x = tiny_scans(4, 5)
+    a = Defender.load(tiny, backend="onnxruntime", threads=1).run_array(x, seeds=[1, 2, 3, 4])
+    b = Defender.load(tmp_path / "b2", backend="onnxruntime", threads=1).run_array(x, seeds=[1, 2, 3, 4])
+    assert [(r.label, r.probabilities, r.flagged, r.t_star) for r in a] == \
+        [(r.label, r.probabilities, r.flagged, r.t_star) for r in b]
+
+
+@pytest.mark.parametrize("bad", [[{"name": "x", "value": "high", "command": "c"}], [{"name": "x", "value": 1}],
+                                 [{"name": "x", "value": float("nan"), "command": "c"}], {"name": "x"}])
+def test_reissue_refuses_bad_metrics(tiny: Path, tmp_path: Path, bad) -> None:
+    from medfedpure.cli import app
+
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps(bad))
+    r = CliRunner().invoke(app, ["bundle", "reissue", str(tiny), "--out", str(tmp_path / "b2"), "--reason", "x",
+                                 "--metrics", str(metrics)])
+    assert r.exit_code == 2 and "metric" in r.output and not (tmp_path / "b2").exists()
+
+
+def test_the_shipped_default_bundle_has_a_card_and_declares_its_scope() -> None:
+    from medfedpure.runtime.bundle import default_bundle_path
+
+    vb = verify_bundle(default_bundle_path())
+    assert vb.spec.scope is not None and vb.spec.scope.modalities == ("MR",)
+    text = vb.read_bytes(CARD_ARTEFACT).decode()
+    assert text == render_card(vb.manifest["provenance"]["card"]) and f"{vb.spec.gate.tau:.4g}" in text

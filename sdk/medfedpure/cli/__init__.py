@@ -16,6 +16,7 @@ from medfedpure.cli.bundle import app as bundle_app
 from medfedpure.cli.certify import certify_command
 from medfedpure.cli.common import guard_extras
 from medfedpure.cli.data import app as data_app
+from medfedpure.cli.eval import eval_command
 from medfedpure.cli.fed import app as fed_app
 from medfedpure.cli.keys import app as keys_app
 from medfedpure.cli.listen import listen_command
@@ -39,6 +40,7 @@ app.command("calibrate")(calibrate_command)
 app.add_typer(fed_app, name="fed", help="Federated training with Flower: sim (one machine), deploy (SuperLink + SuperNodes), compare.")
 register_runtime_commands(app)  # run, demo, export, verify-bundle
 app.command("certify")(certify_command)  # certified radii by denoised smoothing
+app.command("eval")(eval_command)  # attack ladder + sanity checks → report
 app.command("replay")(replay_command)  # re-run an audit record and compare field by field
 app.add_typer(bundle_app, name="bundle", help="Build the default bundle (data, federated training, calibration, export, install); sign a bundle.")
 app.add_typer(keys_app, name="keys", help="Bundle signing keys: generate an Ed25519 key pair.")

@@ -107,3 +107,36 @@ def build(
         return
     console.print(f"bundle {out.get('bundle_id')} ({out.get('bundle_bytes')} bytes) installed in "
                   f"{out.get('installed')}; step seconds {json.dumps(out.get('step_seconds'))}")
+
+
+@app.command("reissue")
+def reissue(
+    bundle: Path = typer.Argument(..., help="The bundle to reissue (verified first).", exists=True, file_okay=False),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="The new bundle's folder (created)."),
+    reason: str = typer.Option(..., "--reason", help="Why it is reissued (recorded in its provenance)."),
+    metrics: Path | None = typer.Option(None, "--metrics", exists=True, dir_okay=False, help="JSON list of "
+                                        "measurements of this bundle, each {name, value, command[, split, n]}, "
+                                        "added to its provenance and model card."),
+    key: Path | None = typer.Option(None, "--key", "-k", dir_okay=False, help="Ed25519 private key (PEM) that "
+                                    "signs the new bundle (default: MEDFEDPURE_SIGNING_KEY; else unsigned)."),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False,
+                                                  help="Also trust this public key (PEM) for the source bundle."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Accept an unsigned source bundle."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+) -> None:
+    """Reissue a bundle in the current format: same models and gate (same decisions), the scope written out
+    and a model card generated from its manifest; a new bundle id, signed with --key."""
+    from medfedpure.export.bundle_writer import write_reissued_bundle
+    from medfedpure.runtime.bundle import BundleError, verify_bundle
+
+    try:
+        src = verify_bundle(bundle, trusted_keys=list(trusted_key or []) or None, allow_unsigned=allow_unsigned)
+        rows = json.loads(metrics.read_text()) if metrics is not None else []
+        if not isinstance(rows, list):
+            raise ValueError(f"{metrics}: expected a JSON list of metrics")
+        vb = write_reissued_bundle(src, out, reason=reason, metrics=rows, signing_key=key, overwrite=overwrite)
+    except (BundleError, ValueError, OSError) as e:
+        typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(2) from e
+    signed = f"signed by key {vb.signer.key_id}" if vb.signer is not None else "UNSIGNED (no --key)"
+    typer.echo(f"wrote {out} (bundle id {vb.bundle_id}, from {src.bundle_id}); {signed}")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 
 from medfedpure.cli.common import POLICY_CHOICE, PRESET_CHOICE, STAT_CHOICE
@@ -25,6 +26,7 @@ app = typer.Typer(help="Train one model on one site's data.", no_args_is_help=Tr
                   pretty_exceptions_show_locals=False)
 
 CONFIGS = ("tiny", "small")
+ADV_CHOICES = ("pgd", "trades", "fgsm-rs", "none")
 # Image side of each preset: tiny runs on 32 px scans (tests), small on 128 px (the default bundle).
 IMAGE_SIZE = {"tiny": 32, "small": 128}
 
@@ -94,6 +96,44 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
                    help="FGSM-RS adversarial-training radius in 1/255 units (0 disables; default: the preset's)."),
                adv_start_epoch: int | None = typer.Option(
                    None, "--adv-start-epoch", min=0, help="First epoch with adversarial batches (default: the preset's)."),
+               adv: str | None = typer.Option(
+                   None, "--adv", help="Adversarial training: pgd, trades, fgsm-rs or none (default: the preset's, "
+                   "fgsm-rs). Given (other than none), robust validation is on and selects the kept epoch.",
+                   click_type=click.Choice(ADV_CHOICES)),
+               adv_steps: int | None = typer.Option(None, "--adv-steps", min=1,
+                                                    help="PGD / TRADES attack steps (default 7)."),
+               adv_norm: str | None = typer.Option(
+                   None, "--adv-norm", help="linf (default) or l2. With l2, --adv-eps is the l2 radius in scan "
+                   "units ([0, 1] pixels, whole scan), e.g. 0.5.", click_type=click.Choice(("linf", "l2"))),
+               adv_frac: float | None = typer.Option(
+                   None, "--adv-frac", min=0.0, max=1.0, help="Fraction of each batch made adversarial (pgd, "
+                   "fgsm-rs; default 0.5)."),
+               trades_beta: float | None = typer.Option(None, "--trades-beta", min=0.0,
+                                                        help="TRADES KL weight beta (default 6)."),
+               robust_val: int | None = typer.Option(
+                   None, "--robust-val", min=0, help="Validation scans attacked each epoch (PGD at the training "
+                   "eps and norm; default 128 with --adv, else 0 = off)."),
+               select: str | None = typer.Option(
+                   None, "--select", help="Kept epoch: clean (validation accuracy) or robust (robust validation "
+                   "accuracy; the default with --adv).", click_type=click.Choice(("clean", "robust"))),
+               smoothing_sigmas: str | None = typer.Option(
+                   None, "--smoothing-sigmas", help="Denoised-smoothing fine-tuning: comma-separated sigmas in "
+                   "scan units, e.g. 0.12,0.25,0.5 (needs --denoiser)."),
+               smoothing_frac: float | None = typer.Option(
+                   None, "--smoothing-frac", min=0.0, max=1.0, help="Fraction of each batch noised and "
+                   "denoised (default 0.25)."),
+               denoiser: Path | None = typer.Option(
+                   None, "--denoiser", exists=True, help="The frozen denoiser of --smoothing-sigmas and "
+                   "--adv-through-purifier: a bundle folder (its torch/denoiser.safetensors, verified), a run "
+                   "folder (student.safetensors) or a .safetensors file."),
+               adv_through_purifier: bool = typer.Option(
+                   False, "--adv-through-purifier", help="With --adv pgd: craft the attack through purification "
+                   "at --purifier-t by the --denoiser (EOT over its noise) and train on the purified scans."),
+               purifier_t: float | None = typer.Option(
+                   None, "--purifier-t", min=1.0, help="t* of --adv-through-purifier (default: the bundle's gate "
+                   "t_min, else the student's, else 60)."),
+               purifier_eot: int | None = typer.Option(None, "--purifier-eot", min=1,
+                                                       help="Purifier-noise draws per attack gradient (default 2)."),
                ) -> None:
     """Train the personalized MoE classifier on site K → RUN/site_K/classifier.safetensors."""
     _common_setup(config, threads, seed)
@@ -102,14 +142,36 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
     from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 
     mcfg = MoEConfig.preset(config)
+    adv_given = adv is not None and adv != "none"
     try:
-        tcfg = ClassifierTrainConfig.preset(config, seed=seed, epochs=epochs,
-                                            adv_eps=None if adv_eps is None else adv_eps / 255,
-                                            adv_start_epoch=adv_start_epoch)
+        sigmas = None
+        if smoothing_sigmas is not None:
+            sigmas = tuple(float(v) for v in smoothing_sigmas.split(",") if v.strip())
+        eps = None if adv_eps is None else (adv_eps if adv_norm == "l2" else adv_eps / 255)
+        tcfg = ClassifierTrainConfig.preset(
+            config, seed=seed, epochs=epochs, adv_eps=eps, adv_start_epoch=adv_start_epoch, adv=adv,
+            adv_steps=adv_steps, adv_norm=adv_norm, adv_frac=adv_frac, trades_beta=trades_beta,
+            robust_val=robust_val if robust_val is not None else (128 if adv_given else None),
+            select=select if select is not None else ("robust" if adv_given else None),
+            smoothing_sigmas=sigmas, smoothing_frac=smoothing_frac, adv_through_purifier=adv_through_purifier,
+            purifier_eot=purifier_eot, purifier_t=purifier_t)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    needs_denoiser = bool(tcfg.smoothing_sigmas) or tcfg.adv_through_purifier
+    if needs_denoiser and denoiser is None:
+        raise typer.BadParameter("--smoothing-sigmas and --adv-through-purifier need --denoiser BUNDLE_OR_RUN "
+                                 "(the diffusion student)")
+    den = None
+    if needs_denoiser and denoiser is not None:
+        den, schedule = _load_denoiser(denoiser)
+        if tcfg.adv_through_purifier:
+            from dataclasses import replace
+
+            t_star = purifier_t if purifier_t is not None else schedule.get("t_min") or 60
+            tcfg = replace(tcfg, purifier_t=float(t_star), purifier_steps=int(schedule.get("steps") or 1))
     section = f"classifier/site_{site}"
-    resolved = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site}
+    resolved = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site,
+                "denoiser": None if denoiser is None else str(denoiser)}
     if dry_run:
         typer.echo(json.dumps(resolved, indent=1))
         return
@@ -118,13 +180,35 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
     model = MoEClassifier(mcfg)
     t0 = time.perf_counter()
     hist = train_classifier(model, train, val, tcfg, progress=progress, checkpoint_dir=out / "train_state" / f"site_{site}",
-                            resume=resume)
+                            resume=resume, denoiser=den)
     wall = time.perf_counter() - t0
     test_m = evaluate_classifier(model, *test)
     save_model(out / f"site_{site}" / "classifier.safetensors", model, mcfg, "moe",
                extra={"site": site, "val": hist["val"], "test": test_m, "train_config": tcfg.to_dict()})
     _finish(out, section, resolved, {**hist, "test": test_m, "wall_s_this_invocation": wall,
                                      "threads": threads})
+
+
+def _load_denoiser(path: Path) -> tuple[Any, dict[str, Any]]:
+    """The diffusion student of a bundle (verified first), a run folder or a safetensors file, and its
+    purification schedule as far as known (``t_min``: the bundle's gate or the student's; ``steps``: K)."""
+    from medfedpure.models.weights import WeightsError, load_model, model_from_bytes
+    from medfedpure.runtime.bundle import BundleError, verify_bundle
+
+    try:
+        if path.is_dir() and (path / "manifest.json").is_file():
+            vb = verify_bundle(path, allow_unsigned=True)
+            model = model_from_bytes(vb.read_bytes("denoiser.torch"))[0]
+            schedule = {"t_min": vb.spec.gate.t_min, "steps": vb.spec.purifier.steps}
+        else:
+            model, _, meta = load_model(path / "student.safetensors" if path.is_dir() else path)
+            schedule = {k: meta.get(k) for k in ("t_min", "steps")}
+    except (BundleError, WeightsError, OSError, KeyError, ValueError) as exc:
+        raise typer.BadParameter(f"--denoiser {path}: {exc} (give a bundle folder, a run folder holding "
+                                 "student.safetensors, or a .safetensors file of a unet)") from exc
+    if not hasattr(model, "schedule"):
+        raise typer.BadParameter(f"--denoiser {path}: not a diffusion unet (no schedule)")
+    return model, schedule
 
 
 @app.command()
@@ -179,6 +263,9 @@ def calibrate_command(
                                         "bundle."),
     backend: str = typer.Option("auto", "--backend", help="Bundle form: auto, onnxruntime, torch or tensorrt."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Bundle form: replace an existing bundle at --out."),
+    description: str | None = typer.Option(None, "--description", help="Bundle form: what the calibration scans "
+                                           "are (e.g. 'site A, 3T, Jan 2027'; no patient data), recorded in the "
+                                           "provenance and the model card."),
     target_ffr: float = typer.Option(0.05, "--target-ffr", min=0.0, max=1.0, help="False-flag rate on clean val scans."),
     stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk.",
                              click_type=STAT_CHOICE),
@@ -203,7 +290,7 @@ def calibrate_command(
         _recalibrate_bundle(bundle, scans, out, target_ffr=target_ffr, min_scans=min_scans, key=key,
                             trusted_keys=trusted_key, allow_unsigned=allow_unsigned, backend=backend,
                             threads=threads, overwrite=overwrite,
-                            tau_high_k=tau_high_k_given)
+                            tau_high_k=tau_high_k_given, description=description)
         return
     if data is None or run is None:
         raise typer.BadParameter("give --data DIR and --run RUN (training-side calibration), or --bundle B --scans "
@@ -232,7 +319,8 @@ def calibrate_command(
 
 def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: float, min_scans: int,
                         key: Path | None, trusted_keys: list[Path] | None, allow_unsigned: bool, backend: str,
-                        threads: int, overwrite: bool, tau_high_k: float | None) -> None:
+                        threads: int, overwrite: bool, tau_high_k: float | None,
+                        description: str | None = None) -> None:
     """The bundle form of ``calibrate``: score, set τ, report, write. Exit 2 on a refusal."""
     from medfedpure.cli.runtime import _load
     from medfedpure.export.bundle_writer import write_recalibrated_bundle
@@ -243,7 +331,7 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     try:
         folder = load_scan_folder(scans, d.image_size, limits=d.limits)
         rc = recalibrate(d.bundle, d.engine, folder.x, target_ffr=target_ffr, min_scans=min_scans,
-                         pixels_sha256=folder.pixels_sha256, tau_high_k=tau_high_k)
+                         pixels_sha256=folder.pixels_sha256, tau_high_k=tau_high_k, description=description)
     except TooFewScansError as e:
         typer.echo(f"error: TooFewScansError: {e} ({len(folder.skipped)} files in {scans} were not usable scans)",
                    err=True)

@@ -204,12 +204,14 @@ class Recalibration:
 
 def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 0.05, min_scans: int = 100,
                 pixels_sha256: str | None = None, tau_high_k: float | None = None,
-                today: datetime.date | None = None) -> Recalibration:
+                today: datetime.date | None = None, description: str | None = None) -> Recalibration:
     """Recalibrate ``bundle``'s gate (a :class:`~medfedpure.runtime.bundle.VerifiedBundle`) on clean,
     unlabelled preprocessed scans ``x`` [N,1,S,S] scored by ``engine`` (built for that bundle).
 
     τ is set at ``target_ffr`` and τ_high by the shared rule (:mod:`medfedpure.gate.calibration`), with
     k read from the bundle's recorded ``tau_high_rule`` unless ``tau_high_k`` is given (else 2).
+    ``description``: what the scans are, in the caller's words (no patient data), recorded in the
+    provenance (and so in the model card).
 
     Raises:
         TooFewScansError: fewer than ``min_scans`` scans.
@@ -219,6 +221,9 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
         raise ValueError(f"target_ffr={target_ffr}: must be in (0, 1), e.g. 0.05")
     if isinstance(min_scans, bool) or not isinstance(min_scans, int) or min_scans < 1:
         raise ValueError(f"min_scans={min_scans!r}: expected an int >= 1")
+    if description is not None and (not isinstance(description, str) or not description.strip()
+                                    or len(description) > 500):
+        raise ValueError(f"description={description!r}: expected a non-empty string of at most 500 characters")
     n = int(len(x))
     if n < min_scans:
         raise TooFewScansError(f"{n} usable clean scans, fewer than the minimum of {min_scans}: add scans to the "
@@ -243,6 +248,8 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
                   "false_flag_rate_ci95": [ci[0], ci[1]], "ci_method": "Clopper-Pearson (exact)",
                   "flagged_by_source_gate": flagged_before, "tau_high_k": k,
                   "previous_gate": {"tau": old.tau, "tau_high": old.tau_high}}
+    if description is not None:
+        provenance["description"] = description.strip()
     return Recalibration(gate=gate, previous=old, scores=scores, flagged=flagged, flagged_before=flagged_before,
                          ffr_ci=ci, provenance=provenance)
 

@@ -7,4 +7,4 @@ constant when it installs a new default bundle, and a test checks it against the
 
 from __future__ import annotations
 
-DEFAULT_BUNDLE_ID = "c36ad82f778c4f7e99c26c1c9be60be6bb53e78be054bfa97f7ec7628f78d6b8"
+DEFAULT_BUNDLE_ID = "9a75203d747ecd58567f723f05960bcadd063f324579d447b0ba3ee0d6c75f63"

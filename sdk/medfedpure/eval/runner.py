@@ -1,0 +1,612 @@
+"""``medfedpure eval``: the attack ladder of docs/evaluation.md on a bundle, one report per run.
+
+:func:`run_eval` loads the bundle as a ``Defender`` and its torch reference, loads each site's split,
+attacks it rung by rung at every ε, judges every adversarial scan through the real Defender ``R`` times
+with fresh keys, runs the sanity checks (:mod:`medfedpure.eval.sanity`) and writes the report
+(:mod:`medfedpure.eval.report`). The rungs (each a row of the report, per ε):
+
+1. ``paper``: PGD against the classifier alone at the paper's settings (:data:`PAPER`: 7 steps; one
+   extra row at the paper's own ε = 0.015 ℓ∞), judged on the bare classifier and through the Defender;
+2. full-pipeline PGD with EOT through the shipped function, cross-entropy and margin losses; the
+   ``worst`` row counts a scan correct in a run only when it survives both;
+3. detector-aware (ℓ∞): (a) stay under τ, pixel-space and band-limited; (b) flagged
+   and fooled after purification, which is rung 2's objective; ``worst`` = per scan over (a) and (b);
+4. torchattacks' APGD-CE with EOT on the pipeline module (and APGD-DLR when torchattacks can run it
+   with this many classes; otherwise the row records why it is skipped);
+5. the worst over the R judged runs of the worst white-box rung per scan (2, 3, 4);
+6. transfer from an independently trained surrogate: PGD, and (ℓ∞, ``hfratio``) the band-limited
+   evasion with the surrogate's gradients and no deployed weights.
+
+ε is in input units of the preprocessed [0, 1] scan (ℓ∞ radii are typed in /255 on the command line).
+Labels are used only to score answers; the defence never sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfedpure.eval.adaptive import (
+    apgd_dlr_unsupported,
+    apgd_pipeline,
+    evasion_pgd,
+    pipeline_pgd,
+    transfer_evasion,
+)
+from medfedpure.eval.attacks.pgd import pgd_l2, pgd_linf
+from medfedpure.eval.defended import auroc, tpr_at_fpr
+from medfedpure.eval.pipeline import NORMS
+from medfedpure.progress import progress as progress_bar
+
+__all__ = ["PAPER", "RUNGS", "Budget", "EvalConfig", "EvalError", "parse_attacks", "parse_eps", "run_eval",
+           "judge", "auroc", "tpr_at_fpr"]
+
+#: The MedFedPure paper's attack (rung 1): PGD against the classifier alone, ℓ∞ ε = 0.015, 7 steps.
+PAPER = {"attack": "PGD against the classifier alone", "norm": "linf", "eps": 0.015, "steps": 7}
+RUNGS = (1, 2, 3, 4, 5, 6)
+BUDGETS = ("quick", "full")
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How hard the attacks try (docs/evaluation.md, "Budgets").
+
+    Attributes:
+        name: ``quick`` (CI-sized, reported as reduced) or ``full`` (the protocol's budget).
+        steps: iterations of every iterative white-box attack (PGD, APGD, evasion; rung 1 keeps the paper's 7).
+        eot: purification-noise draws per step (EOT) for rungs 2 and 3.
+        eot_apgd: draws per step for APGD (rung 4).
+        repeats: R, Defender runs per adversarial scan with fresh keys (rung 5 is the worst of them).
+        limit: first N scans of each site's split (0: every scan).
+        sanity_scans: scans the sanity checks attack (the first ones of the split).
+        surrogate_preset: architecture and recipe of a surrogate trained here (``tiny`` or ``small``).
+        surrogate_epochs: its training epochs.
+    """
+
+    name: str = "quick"
+    steps: int = 5
+    eot: int = 2
+    eot_apgd: int = 2
+    repeats: int = 2
+    limit: int = 8
+    sanity_scans: int = 8
+    surrogate_preset: str = "tiny"
+    surrogate_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "eot", "eot_apgd", "repeats", "sanity_scans", "surrogate_epochs"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"Budget.{k}={getattr(self, k)}: must be >= 1")
+        if self.limit < 0:
+            raise ValueError(f"Budget.limit={self.limit}: must be >= 0 (0: every scan)")
+        if self.surrogate_preset not in ("tiny", "small"):
+            raise ValueError(f"Budget.surrogate_preset={self.surrogate_preset!r}: use 'tiny' or 'small'")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Budget:
+        """``quick``: 5 steps, EOT 2, R 2, 8 scans; ``full``: 100 steps, EOT 10 (APGD 20), R 5, every scan.
+        ``overrides`` (None values ignored) replace fields; the name then gains ``+custom`` unless the
+        result still meets the full budget."""
+        if name == "quick":
+            base = cls()
+        elif name == "full":
+            base = cls(name="full", steps=100, eot=10, eot_apgd=20, repeats=5, limit=0, sanity_scans=32,
+                       surrogate_preset="small", surrogate_epochs=60)
+        else:
+            raise ValueError(f"budget {name!r}: use one of {BUDGETS}")
+        changed = {k: v for k, v in overrides.items() if v is not None and getattr(base, k) != v}
+        out = replace(base, **changed)
+        if changed and not (name == "full" and out.is_full):
+            out = replace(out, name=f"{name}+custom")
+        return out
+
+    @property
+    def is_full(self) -> bool:
+        """Meets the protocol's full budget: ≥ 100 steps, EOT ≥ 10 (APGD ≥ 20), R ≥ 5, every scan."""
+        return self.steps >= 100 and self.eot >= 10 and self.eot_apgd >= 20 and self.repeats >= 5 and self.limit == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "full": self.is_full}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run (``medfedpure eval``'s options).
+
+    ``sites``: site indices, or None for every site of the data folder; ``rungs``: a subset of
+    :data:`RUNGS`; ``eps``: radii in input units (ℓ∞ or ℓ2, ``norm``), ``eps_labels`` as typed;
+    ``limit``: overrides the budget's scan limit when not None; ``policy``: the gate policy of the
+    evaluated Defender (None: the bundle's).
+    """
+
+    data: str
+    eps: tuple[float, ...]
+    eps_labels: tuple[str, ...]
+    sites: tuple[int, ...] | None = (0,)
+    rungs: tuple[int, ...] = RUNGS
+    norm: str = "linf"
+    budget: Budget = field(default_factory=Budget)
+    policy: str | None = None
+    split: str = "test"
+    limit: int | None = None
+    surrogate: str | None = None
+    seed: int = 0
+    bundle: str | None = None
+    backend: str = "onnxruntime"
+    threads: int = 1
+    certify_sigmas: tuple[float, ...] = ()
+    certify_n: int = 100
+    evasion_factor: int = 2
+    examples: int = 3
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
+        if not self.eps or len(self.eps) != len(self.eps_labels):
+            raise ValueError("eps: give at least one radius (and one label per radius)")
+        if any(not e > 0 for e in self.eps):
+            raise ValueError(f"eps={self.eps}: every radius must be > 0")
+        if not self.rungs or not set(self.rungs) <= set(RUNGS):
+            raise ValueError(f"rungs={self.rungs}: expected a non-empty subset of {RUNGS}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit={self.limit}: must be >= 0 (0: every scan)")
+        if self.policy not in (None, "adaptive", "floor"):
+            raise ValueError(f"policy={self.policy!r}: expected 'adaptive', 'floor' or None (the bundle's)")
+        if any(not s > 0 for s in self.certify_sigmas):
+            raise ValueError(f"certify_sigmas={self.certify_sigmas}: every σ must be > 0")
+        if self.certify_n < 2:
+            raise ValueError(f"certify_n={self.certify_n}: must be >= 2")
+        if self.evasion_factor < 1:
+            raise ValueError(f"evasion_factor={self.evasion_factor}: must be >= 1")
+
+    @property
+    def scan_limit(self) -> int:
+        return self.budget.limit if self.limit is None else self.limit
+
+
+def parse_attacks(spec: str) -> tuple[int, ...]:
+    """``paper`` → (1,); ``ladder`` → every rung; ``2,3,6`` → those rungs (sorted)."""
+    s = spec.strip().lower()
+    if s == "paper":
+        return (1,)
+    if s == "ladder":
+        return RUNGS
+    try:
+        rungs = tuple(sorted({int(r) for r in s.split(",") if r.strip()}))
+    except ValueError:
+        raise EvalError(f"--attacks {spec!r}: use 'paper', 'ladder' or a comma list of rungs {RUNGS}") from None
+    if not rungs or not set(rungs) <= set(RUNGS):
+        raise EvalError(f"--attacks {spec!r}: use 'paper', 'ladder' or a comma list of rungs {RUNGS}")
+    return rungs
+
+
+def parse_eps(spec: str, norm: str) -> tuple[tuple[float, ...], tuple[str, ...]]:
+    """Radii as typed → (input-space radii, labels). ℓ∞: in /255 (``8`` → 8/255); ℓ2: in input units."""
+    try:
+        vals = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"--eps {spec!r}: expected a comma list of numbers") from None
+    if not vals or any(not v > 0 for v in vals):
+        raise EvalError(f"--eps {spec!r}: expected positive radii")
+    if norm == "linf":
+        return tuple(v / 255 for v in vals), tuple(f"{v:g}/255" for v in vals)
+    return tuple(vals), tuple(f"{v:g}" for v in vals)
+
+
+# metrics -----------------------------------------------------------------------------------------
+
+def judge(d: Any, x: np.ndarray, y: np.ndarray, repeats: int, seed: int, batch: int = 16) -> dict[str, np.ndarray]:
+    """The real Defender on x [N, 1, S, S], ``repeats`` times with fresh keys (run r, scan i: seed
+    ``seed + 1_000_003·r + i``): ``correct``, ``flag`` bool [R, N] (an unverified answer is wrong) and
+    ``score`` float64 [R, N] (NaN where the gate gave none)."""
+    classes = list(d.bundle.classes)
+    correct = np.zeros((repeats, len(x)), bool)
+    flag = np.zeros((repeats, len(x)), bool)
+    score = np.full((repeats, len(x)), np.nan)
+    for r in range(repeats):
+        for i in range(0, len(x), batch):
+            rs = d.run_array(np.ascontiguousarray(x[i:i + batch], dtype=np.float32),
+                             seeds=[seed + 1_000_003 * r + j for j in range(i, min(i + batch, len(x)))])
+            for j, res in enumerate(rs, start=i):
+                correct[r, j] = res.status == "ok" and classes.index(res.label) == y[j]
+                flag[r, j] = bool(res.flagged)
+                score[r, j] = np.nan if res.score is None else res.score
+    return {"correct": correct, "flag": flag, "score": score}
+
+
+def summarise(correct: np.ndarray) -> dict[str, float]:
+    """[R, N] correctness → mean ± std over runs, and the worst case over runs per scan."""
+    acc = correct.mean(axis=1)
+    return {"defended_acc": float(acc.mean()), "defended_acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "defended_acc_worst_of_runs": float(correct.all(axis=0).mean())}
+
+
+# one row of the report --------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One attack at one ε on one site (or pooled): per-scan arrays, summarised by :meth:`to_dict`."""
+
+    rung: int
+    attack: str
+    eps: float | None
+    eps_label: str
+    undefended: np.ndarray | None = None  # [N] bool: the bare classifier right on the adversarial scan
+    correct: np.ndarray | None = None  # [R, N] bool: the Defender right
+    flag: np.ndarray | None = None  # [R, N]
+    score: np.ndarray | None = None  # [N] gate scores of the adversarial scans (run 0)
+    skipped: str | None = None
+    attack_s: float = 0.0
+    summary: bool = True  # a row of the rung's headline (the figure plots these)
+    headline_worst_of_runs: bool = False  # rung 5: the headline is the worst over runs
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self, clean_score: np.ndarray | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"rung": self.rung, "attack": self.attack, "eps": self.eps, "eps_label": self.eps_label,
+                               "summary": self.summary, **self.params}
+        if self.skipped is not None:
+            return {**out, "skipped": self.skipped}
+        assert self.correct is not None
+        s = summarise(self.correct)
+        out.update({"n": int(self.correct.shape[1]), "runs": int(self.correct.shape[0]),
+                    "undefended_acc": None if self.undefended is None else float(self.undefended.mean()), **s,
+                    "robust_acc": s["defended_acc_worst_of_runs"] if self.headline_worst_of_runs
+                    else s["defended_acc"],
+                    "flag_rate": None if self.flag is None else float(self.flag.mean()),
+                    "attack_s": round(self.attack_s, 3)})
+        if self.score is not None and clean_score is not None and np.isfinite(self.score).all() \
+                and np.isfinite(clean_score).all() and len(clean_score):
+            out.update({"auroc": auroc(clean_score, self.score), "tpr@1%": tpr_at_fpr(clean_score, self.score, 0.01),
+                        "tpr@5%": tpr_at_fpr(clean_score, self.score, 0.05)})
+        return out
+
+
+def _combine(rung: int, attack: str, parts: Sequence[Row], **kw: Any) -> Row:
+    """A row correct per scan and run only where every part is (the per-scan worst of several attacks)."""
+    live = [p for p in parts if p.skipped is None and p.correct is not None]
+    if not live:
+        return Row(rung, attack, parts[0].eps, parts[0].eps_label, skipped="no part ran", **kw)
+    und = [p.undefended for p in live if p.undefended is not None]
+    return Row(rung, attack, live[0].eps, live[0].eps_label,
+               undefended=np.logical_and.reduce(und) if und else None,
+               correct=np.logical_and.reduce([p.correct for p in live]),
+               attack_s=sum(p.attack_s for p in live), params={"of": [p.attack for p in live]}, **kw)
+
+
+def pool(rows_per_site: Sequence[list[Row]]) -> list[Row]:
+    """Rows pooled over sites: the per-scan arrays concatenated (the sites' rows come in the same order)."""
+    out = []
+    for rows in zip(*rows_per_site, strict=True):
+        r0 = rows[0]
+        if any(r.skipped is not None for r in rows):
+            out.append(replace(r0, skipped=next(r.skipped for r in rows if r.skipped is not None)))
+            continue
+
+        def cat(name: str, axis: int, rows: tuple[Row, ...] = rows) -> np.ndarray | None:
+            vals = [getattr(r, name) for r in rows]
+            return None if any(v is None for v in vals) else np.concatenate(vals, axis=axis)
+
+        out.append(replace(r0, undefended=cat("undefended", 0), correct=cat("correct", 1), flag=cat("flag", 1),
+                           score=cat("score", 0), attack_s=sum(r.attack_s for r in rows)))
+    return out
+
+
+# the ladder on one site --------------------------------------------------------------------------
+
+@dataclass
+class Site:
+    """What one site's evaluation produced (rows, clean scores, arrays for the figures and checks)."""
+
+    site: int
+    n: int
+    clean: Row
+    rows: list[Row]
+    clean_score: np.ndarray
+    examples: dict[str, np.ndarray]
+    latency_ms: dict[str, float]
+    surrogate: dict[str, Any]
+    certified: dict[str, Any] | None = None
+
+
+def _models(ref: Any) -> None:
+    for m in ref.models.values():
+        m.eval().requires_grad_(False)
+
+
+def load_surrogate(cfg: EvalConfig, site: int, size: int, out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rung 6's surrogate: ``cfg.surrogate`` (safetensors), or a classifier trained here on the site's train
+    split with the project's trainer and a seed of its own (saved to ``out``); → (model, provenance)."""
+    from medfedpure.models.weights import load_model
+
+    if cfg.surrogate is not None:
+        model = load_model(cfg.surrogate)[0].eval().requires_grad_(False)
+        return model, {"source": str(cfg.surrogate), "trained_here": False}
+    from medfedpure.data.loader import load_split
+    from medfedpure.models.moe import MoEClassifier, MoEConfig
+    from medfedpure.models.weights import save_model
+    from medfedpure.train.classifier import ClassifierTrainConfig, train_classifier
+
+    seed = cfg.seed + 7919  # not the bundle's recipe seed: an independent model
+    b = cfg.budget
+    train = load_split(cfg.data, site, "train", size=size)
+    val = load_split(cfg.data, site, "val", size=size)
+    mcfg = MoEConfig.preset(b.surrogate_preset, image_size=size)
+    tcfg = ClassifierTrainConfig.preset(b.surrogate_preset, seed=seed, epochs=b.surrogate_epochs)
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(seed)
+        model = MoEClassifier(mcfg)
+        hist = train_classifier(model, train, val, tcfg, progress=cfg.progress)
+    train_s = time.perf_counter() - t0
+    path = out / f"surrogate_site{site}.safetensors"
+    save_model(path, model, mcfg, "moe")
+    return model.eval().requires_grad_(False), {
+        "source": str(path), "trained_here": True, "preset": b.surrogate_preset, "epochs": b.surrogate_epochs,
+        "seed": seed, "train_scans": int(len(train[1])), "train_s": round(train_s, 2),
+        "val_acc": float(hist["val"]["accuracy"])}
+
+
+def evaluate_site(d: Any, ref: Any, cfg: EvalConfig, site: int, x: np.ndarray, y: np.ndarray,
+                  out: Path) -> Site:
+    """Every requested rung at every ε on one site's scans x [N, 1, S, S], y [N]."""
+    b, rungs, norm = cfg.budget, set(cfg.rungs), cfg.norm
+    clf = ref.models["classifier"]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    seed = cfg.seed
+
+    def und(xa: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return (clf(xa).argmax(1) == yt).numpy()
+
+    def row(rung: int, attack: str, eps: float, label: str, xa: torch.Tensor, t0: float, **kw: Any) -> Row:
+        j = judge(d, xa.numpy(), y, b.repeats, seed + 10_000)
+        return Row(rung, attack, eps, label, undefended=und(xa), correct=j["correct"], flag=j["flag"],
+                   score=j["score"][0], attack_s=time.perf_counter() - t0, **kw)
+
+    clean_j = judge(d, x, y, b.repeats, seed)
+    clean = Row(0, "clean", None, "0", undefended=und(xt), correct=clean_j["correct"], flag=clean_j["flag"],
+                score=clean_j["score"][0])
+    rows: list[Row] = []
+    examples: dict[str, np.ndarray] = {}
+    stat = d.engine.gate_spec.stat
+    evasion_why = None if norm == "linf" else "the detector-aware evasion is ℓ∞ only"
+    transfer_evasion_why = evasion_why or (None if stat == "hfratio" else
+                                           f"the transfer evasion reads an 'hfratio' gate's tissue map from the "
+                                           f"image; this gate's statistic is {stat!r}")
+    dlr_why = apgd_dlr_unsupported(len(d.bundle.classes)) if 4 in rungs else None
+    surrogate, sur_info = (load_surrogate(cfg, site, x.shape[-1], out) if 6 in rungs else (None, {}))
+    if surrogate is not None:
+        with torch.no_grad():
+            sur_info["clean_acc_on_eval_scans"] = float((surrogate(xt).argmax(1) == yt).float().mean())
+
+    def pgd(model: Any, eps: float, steps: int, n: str = norm) -> torch.Tensor:
+        fn = pgd_linf if n == "linf" else pgd_l2
+        return fn(model, xt, yt, eps, steps=steps, generator=torch.Generator().manual_seed(seed))
+
+    if 1 in rungs:  # the paper's own point, once
+        t0 = time.perf_counter()
+        rows.append(row(1, f"paper: PGD-{PAPER['steps']} on the classifier, ε = {PAPER['eps']} ℓ∞",
+                        PAPER["eps"], "paper", pgd(clf, PAPER["eps"], PAPER["steps"], "linf"), t0, summary=False,
+                        params={"paper_point": True}))
+    bar = progress_bar(list(zip(cfg.eps, cfg.eps_labels, strict=True)), desc=f"site {site}: ε", unit="ε",
+                       enabled=cfg.progress)
+    for eps, label in bar:
+        here: dict[str, Row] = {}
+        if 1 in rungs:
+            t0 = time.perf_counter()
+            here["1"] = row(1, f"classifier PGD-{PAPER['steps']} (rung 1)", eps, label,
+                            pgd(clf, eps, PAPER["steps"]), t0)
+        if 2 in rungs or 3 in rungs or 5 in rungs:
+            for loss in ("ce", "margin"):
+                t0 = time.perf_counter()
+                xa, st = pipeline_pgd(d, ref, xt, yt, eps, steps=b.steps, eot=b.eot, seed=seed, loss=loss, norm=norm,
+                                      progress=cfg.progress)
+                here[f"2{loss}"] = row(2, f"pipeline PGD-{b.steps} EOT-{b.eot} {loss}", eps, label, xa, t0,
+                                       summary=False, params=st)
+                if loss == "ce" and eps == max(cfg.eps):
+                    examples["adversarial"] = xa.numpy()
+            here["2"] = _combine(2, "pipeline PGD+EOT, worst of ce and margin", [here["2ce"], here["2margin"]])
+        if 3 in rungs:
+            parts = []
+            for factor in sorted({1, cfg.evasion_factor}):
+                name = f"evasion under τ ×{factor}" + (" (band-limited)" if factor > 1 else " (pixel)")
+                if evasion_why is not None or x.shape[-1] % factor:
+                    parts.append(Row(3, name, eps, label, skipped=evasion_why or
+                                     f"the evasion factor {factor} does not divide the image size {x.shape[-1]}",
+                                     summary=False))
+                    continue
+                t0 = time.perf_counter()
+                xa, st = evasion_pgd(d, ref, xt, yt, eps, steps=b.steps, eot=b.eot, seed=seed, factor=factor,
+                                     progress=cfg.progress)
+                parts.append(row(3, name, eps, label, xa, t0, summary=False, params=st))
+            here.update({f"3a{i}": p for i, p in enumerate(parts)})
+            here["3"] = _combine(3, "detector-aware, worst of (a) under τ and (b) flagged-and-survive (rung 2)",
+                                 [*parts, here["2"]])
+        if 4 in rungs:
+            t0 = time.perf_counter()
+            xa = apgd_pipeline(d, ref, xt, yt, eps, steps=b.steps, eot=b.eot_apgd, seed=seed, loss="ce", norm=norm)
+            here["4"] = row(4, f"torchattacks APGD-CE-{b.steps} EOT-{b.eot_apgd}", eps, label, xa, t0)
+            if dlr_why is not None:
+                here["4dlr"] = Row(4, "torchattacks APGD-DLR", eps, label, skipped=dlr_why, summary=False)
+            else:
+                t0 = time.perf_counter()
+                xa = apgd_pipeline(d, ref, xt, yt, eps, steps=b.steps, eot=b.eot_apgd, seed=seed, loss="dlr",
+                                   norm=norm)
+                here["4dlr"] = row(4, f"torchattacks APGD-DLR-{b.steps} EOT-{b.eot_apgd}", eps, label, xa, t0,
+                                   summary=False)
+        if 6 in rungs:
+            t0 = time.perf_counter()
+            here["6a"] = row(6, f"transfer PGD-{b.steps} from the surrogate", eps, label,
+                             pgd(surrogate, eps, b.steps), t0, summary=False)
+            if transfer_evasion_why is None and x.shape[-1] % cfg.evasion_factor == 0:
+                t0 = time.perf_counter()
+                xa = transfer_evasion(surrogate, xt, yt, eps, steps=b.steps, gate=d.engine.gate_spec,
+                                      factor=cfg.evasion_factor)
+                here["6b"] = row(6, "transfer evasion (surrogate, band-limited)", eps, label, xa, t0, summary=False)
+            else:
+                here["6b"] = Row(6, "transfer evasion (surrogate, band-limited)", eps, label, skipped=transfer_evasion_why
+                                 or "the evasion factor does not divide the image size", summary=False)
+            here["6"] = _combine(6, "transfer, worst of PGD and evasion", [here["6a"], here["6b"]])
+        if 5 in rungs:
+            white = [here[k] for k in ("2", "3", "4", "4dlr") if k in here]
+            here["5"] = _combine(5, f"worst of {b.repeats} judged runs of the worst white-box rung per scan", white,
+                                 headline_worst_of_runs=True)
+        if 2 not in rungs:  # computed for rungs 3 and 5 only: not reported on their own
+            for k in ("2ce", "2margin", "2"):
+                here.pop(k, None)
+        rows.extend(here.values())
+    # latency: one scan per call, clean scans
+    lat: dict[str, list[float]] = {}
+    for i in range(min(len(x), 4)):
+        r = d.run_array(x[i:i + 1], seeds=[seed + i])[0]
+        for k, v in r.latency_ms.items():
+            lat.setdefault(k, []).append(v)
+    if "adversarial" in examples:
+        k = min(cfg.examples, len(x))
+        adv = examples["adversarial"][:k]
+        pur = d.run_array(np.ascontiguousarray(adv), seeds=[seed + i for i in range(k)], return_purified=True)
+        examples = {"clean": x[:k], "adversarial": adv,
+                    "purified": np.stack([r.purified if r.purified is not None else np.full_like(adv[0], np.nan)
+                                          for r in pur]),
+                    "flagged": np.array([bool(r.flagged) for r in pur]), "eps": np.float64(max(cfg.eps))}
+    return Site(site=site, n=len(y), clean=clean, rows=rows, clean_score=clean.score, examples=examples,
+                latency_ms={k: float(np.median(v)) for k, v in lat.items()}, surrogate=sur_info)
+
+
+def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], n: int, seed: int,
+                 progress: bool) -> dict[str, Any]:
+    """Certified accuracy vs ℓ2 radius by denoised smoothing, per σ (the machinery of ``Defender.certify``,
+    on the already-preprocessed scans: n draws, n0 = max(10, n // 10), α = 0.001)."""
+    from medfedpure.runtime.certify import (
+        DenoisedSmoothing,
+        SmoothingConfig,
+        certified_accuracy,
+        default_batch,
+    )
+
+    sm = DenoisedSmoothing(d.engine, d.bundle.classes)
+    labels = [d.bundle.classes[int(v)] for v in y]
+    out: dict[str, Any] = {"n": n, "n0": max(10, n // 10), "alpha": 0.001, "per_sigma": {}}
+    for sigma in progress_bar(list(sigmas), desc="certify σ", unit="σ", enabled=progress):
+        cfg = SmoothingConfig(sigma=sigma, n0=max(10, n // 10), n=n, alpha=0.001, batch=default_batch(d.engine))
+        certs = [sm.certify(x[i], cfg, seed=seed + i) for i in range(len(x))]
+        radii = sorted({0.0, *(round(sigma * k, 4) for k in (0.25, 0.5, 1.0, 1.5, 2.0))})
+        acc = certified_accuracy(certs, labels, radii)
+        out["per_sigma"][f"{sigma:g}"] = {"radii": radii, "certified_acc": [acc[r] for r in radii],
+                                          "abstain_rate": float(np.mean([c.abstained for c in certs])),
+                                          "radius_median": float(np.median([c.radius for c in certs]))}
+    return out
+
+
+# the whole run -----------------------------------------------------------------------------------
+
+def open_defender(cfg: EvalConfig) -> tuple[Any, Any]:
+    """(Defender, torch reference engine) for the configured bundle, backend and policy."""
+    from medfedpure import Defender
+    from medfedpure.runtime.engines.torch_engine import TorchEngine
+
+    torch.set_num_threads(cfg.threads)
+    d = (Defender.load(cfg.bundle, backend=cfg.backend, device="cpu", threads=cfg.threads, policy=cfg.policy)
+         if cfg.bundle else Defender.default(backend=cfg.backend, device="cpu", threads=cfg.threads,
+                                             policy=cfg.policy))
+    ref = TorchEngine(d.bundle, device="cpu", threads=cfg.threads)
+    _models(ref)
+    return d, ref
+
+
+def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str, Any]:
+    """Run the evaluation, write ``out/report.json``, ``out/report.md`` and the figures; → the report."""
+    from medfedpure.data.layout import num_sites, read_dataset_json
+    from medfedpure.data.loader import load_split
+    from medfedpure.eval.report import write_report
+    from medfedpure.eval.sanity import run_sanity
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sites = tuple(range(num_sites(cfg.data))) if cfg.sites is None else cfg.sites
+    d, ref = open_defender(cfg)
+    results: list[Site] = []
+    for site in sites:
+        x, y = load_split(cfg.data, site, cfg.split, size=d.image_size)
+        if cfg.scan_limit:
+            x, y = x[:cfg.scan_limit], y[:cfg.scan_limit]
+        if len(y) == 0:
+            raise EvalError(f"site {site} has no {cfg.split!r} scans in {cfg.data}: pick another --split or --site")
+        res = evaluate_site(d, ref, cfg, site, x, y, out)
+        if cfg.certify_sigmas:
+            res.certified = certify_site(d, x, y, cfg.certify_sigmas, cfg.certify_n, cfg.seed, cfg.progress)
+        results.append(res)
+    pooled_rows = pool([r.rows for r in results])
+    pooled_clean = pool([[r.clean] for r in results])[0]
+    x0, y0 = load_split(cfg.data, sites[0], cfg.split, size=d.image_size)
+    sanity = run_sanity(d, ref, cfg, x0, y0, pooled_rows)
+    try:
+        kind = read_dataset_json(cfg.data).get("kind", "unknown")
+    except (OSError, ValueError):
+        kind = "unknown"
+    report = {
+        "schema": 1,
+        "command": command,
+        "bundle": {"id": d.bundle.bundle_id, "short_id": d.bundle.short_id, "path": str(cfg.bundle or "default")},
+        "backend": cfg.backend, "policy": d.policy, "gate": d.bundle.spec.gate.to_dict(),
+        "purifier_steps": int(ref.steps),
+        "data": {"root": str(Path(cfg.data).resolve()), "kind": kind, "split": cfg.split,
+                 "num_sites": num_sites(cfg.data)},
+        "sites": list(sites), "norm": cfg.norm, "eps": list(cfg.eps), "eps_labels": list(cfg.eps_labels),
+        "eps_units": "/255 of the [0, 1] model input" if cfg.norm == "linf" else "ℓ2 norm in [0, 1] model-input units",
+        "rungs": list(cfg.rungs), "seed": cfg.seed,
+        "budget": {**cfg.budget.to_dict(), "limit": cfg.scan_limit},
+        "paper": PAPER,
+        "sanity": sanity,
+        "per_site": {str(r.site): _site_dict(r.clean, r.rows, r.clean_score, r) for r in results},
+        "pooled": _site_dict(pooled_clean, pooled_rows, pooled_clean.score, None),
+        "latency_ms": results[0].latency_ms,
+        "surrogate": {str(r.site): r.surrogate for r in results if r.surrogate},
+        "certified": {str(r.site): r.certified for r in results if r.certified},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                    "threads": cfg.threads},
+    }
+    report["wall_s"] = round(time.perf_counter() - t_start, 2)
+    report["figures"] = write_report(report, results, out)
+    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False, default=_json_default))
+    return report
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating, np.bool_)):
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+
+
+def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, site: Site | None) -> dict[str, Any]:
+    """The report's block of one site (or the pooled one): clean numbers, every row, the worst rung per ε."""
+    c = clean.to_dict(None)
+    block: dict[str, Any] = {
+        "n": c["n"],
+        "clean": {"undefended_acc": c["undefended_acc"], "defended_acc": c["defended_acc"],
+                  "defended_acc_std": c["defended_acc_std"], "flag_rate": c["flag_rate"]},
+        "rows": [r.to_dict(clean_score) for r in rows],
+    }
+    worst: dict[str, Any] = {}
+    for r in block["rows"]:
+        if r.get("skipped") is not None or r["eps_label"] == "paper":
+            continue
+        w = worst.get(r["eps_label"])
+        if w is None or r["robust_acc"] < w["robust_acc"]:
+            worst[r["eps_label"]] = {"rung": r["rung"], "attack": r["attack"], "robust_acc": r["robust_acc"]}
+    block["worst_rung"] = worst
+    return block
