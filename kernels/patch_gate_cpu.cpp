@@ -6,7 +6,9 @@
 // helpers of a persistent pool, so a small batch is split across patches as well as across scans,
 // and a helper that is not scheduled in time simply gets no strips (the caller takes them). Each
 // strip writes its patches' e (and, for hfratio, its tissue levels w); once every strip is done
-// the caller computes the per-scan scores, flags and t*, which need all patches of a scan.
+// the caller computes the per-scan scores, flags and t*, which need all patches of a scan. The pool
+// times calls of one work shape alone and with helpers and uses the faster way (Pool::run): on a
+// machine whose other cores are busy, the caller alone.
 //
 // Vectorisation (x86-64 with AVX2, chosen at run time). The contract sums every patch row left to
 // right, which is a chain of dependent additions per row; the AVX2 path runs 8 such chains at once,
@@ -17,8 +19,11 @@
 // operations (no FMA: the target enables AVX2 and F16C only, and the build uses -ffp-contract=off),
 // and results stay bit-identical to the scalar path and the oracle. The rows of a patch are then
 // added top to bottom in scalar code. The scalar path is kept for other CPUs (and for tests).
+// The sums over the mask sets (float32 recon, P % 8 == 0) take a row-sequential path instead, one
+// patch per lane: see "row-sequential path" below.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -422,6 +427,202 @@ inline void prefetch_next(const Ctx& c, int64_t img, int64_t b, int64_t pr) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// row-sequential path for the mask-set sums (float32 recon, P % 8 == 0)
+// ---------------------------------------------------------------------------------------------
+//
+// The per-set loops of the strip kernels read recon set by set, patch by patch (8 rows at a time,
+// each row S floats from the next), and transpose full 8 x 8 blocks (24 shuffles, 8 of them
+// lane-crossing). When the inputs come from memory rather than the cache (the usual case: the MAE
+// that produced recon ran just before and evicted them), that access order is what costs. The path
+// below reads a strip row after row instead, all sets in step (the target row once for them), so
+// the hardware prefetchers see K + 1 plain sequential streams; and it loads blocks
+// "half-combined": vector i (i < 4) holds 4 columns of one item (a row, or a patch) in its low 128
+// bits and of item i + 4 in its high 128 bits (one 128-bit load plus one insert from memory, no
+// shuffle), so that an in-lane 4 x 4 transpose (8 shuffles, none lane-crossing) leaves column c + j
+// of items 0..7 in vector j, lane i = item i. Every lane performs the scalar contract's sequence of
+// float32 operations, so results stay bit-identical.
+
+// [p[0..4) | p[4 ld .. 4 ld + 4)]: columns [0, 4) of items 0 and 4 (items ld floats apart).
+MFP_AVX2 inline __m256 load_hc(const float* p, int64_t ld) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(p)), _mm_loadu_ps(p + 4 * ld), 1);
+}
+
+// In-lane 4 x 4 transpose of the two 128-bit halves of v[0..4).
+MFP_AVX2 inline void transpose4_inlane(__m256 v[4]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  v[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+  v[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+  v[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+  v[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+// tot[n] = patch sum over one P x P patch of (r[n] - t)^2 (Sq) or of r[n] (not Sq), n < N, in the
+// contract's order: row partials left to right (lane = row of 8), rows top to bottom. P % 8 == 0.
+// For the patches of a strip beyond its last full group of 8 (see strip_sets_rows).
+template <int N, bool Sq>
+MFP_AVX2 inline void patch_sums_fused(const float* t, int64_t ldt, const float* const* r, int64_t ldr,
+                                      int64_t P, float* tot) {
+  for (int n = 0; n < N; ++n) tot[n] = 0.0f;
+  alignas(32) float part[N][8];
+  for (int64_t r0 = 0; r0 < P; r0 += 8) {
+    __m256 acc[N];
+    for (int n = 0; n < N; ++n) acc[n] = _mm256_setzero_ps();
+    const float* tb = t + r0 * ldt;
+    for (int64_t c0 = 0; c0 < P; c0 += 4) {
+      __m256 tv[4];
+      if (Sq)
+        for (int i = 0; i < 4; ++i) tv[i] = load_hc(tb + i * ldt + c0, ldt);
+      for (int n = 0; n < N; ++n) {
+        const float* rb = r[n] + r0 * ldr + c0;
+        __m256 v[4];
+        for (int i = 0; i < 4; ++i) {
+          const __m256 a = load_hc(rb + i * ldr, ldr);
+          if (Sq) {
+            const __m256 d = _mm256_sub_ps(a, tv[i]);
+            v[i] = _mm256_mul_ps(d, d);
+          } else {
+            v[i] = a;
+          }
+        }
+        transpose4_inlane(v);
+        for (int j = 0; j < 4; ++j) acc[n] = _mm256_add_ps(acc[n], v[j]);
+      }
+    }
+    for (int n = 0; n < N; ++n) _mm256_store_ps(part[n], acc[n]);
+    for (int n = 0; n < N; ++n)
+      for (int i = 0; i < 8; ++i) tot[n] = tot[n] + part[n][i];
+  }
+}
+
+template <bool Sq>
+MFP_AVX2 inline void patch_sums_fused_n(int n, const float* t, int64_t ldt, const float* const* r,
+                                        int64_t ldr, int64_t P, float* tot) {
+  switch (n) {
+    case 1: patch_sums_fused<1, Sq>(t, ldt, r, ldr, P, tot); break;
+    case 2: patch_sums_fused<2, Sq>(t, ldt, r, ldr, P, tot); break;
+    case 3: patch_sums_fused<3, Sq>(t, ldt, r, ldr, P, tot); break;
+    default: patch_sums_fused<4, Sq>(t, ldt, r, ldr, P, tot); break;
+  }
+}
+
+// Lane = patch: for 8 patches p0..p0+7 of one image row, vector i (i < 4) is loaded half-combined as
+// [patch p0+i | patch p0+4+i] at columns [c, c+4) of each patch; after the in-lane transpose vector
+// j holds column c+j of the 8 patches, lane i = patch p0+i. Each lane adds its patch row's terms
+// left to right, then the row partials of the patch top to bottom (one vector add per row): the
+// contract's order. Mask sets are applied as lane blends after the sums: a set's visible patches
+// are computed (their reads keep the streams sequential) but never added.
+
+// rowacc[n] = row partials (lane = patch) of the 8 patches at row pointer t / r[n] (the first patch's
+// first column), n < N.
+template <int N, bool Sq>
+MFP_AVX2 inline void rowsum_patches(const float* t, const float* const* r, int64_t P, __m256* rowacc) {
+  for (int n = 0; n < N; ++n) rowacc[n] = _mm256_setzero_ps();
+  for (int64_t c0 = 0; c0 < P; c0 += 4) {
+    __m256 tv[4];
+    if (Sq)
+      for (int i = 0; i < 4; ++i) tv[i] = load_hc(t + i * P + c0, P);
+    for (int n = 0; n < N; ++n) {
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) {
+        const __m256 a = load_hc(r[n] + i * P + c0, P);
+        if (Sq) {
+          const __m256 d = _mm256_sub_ps(a, tv[i]);
+          v[i] = _mm256_mul_ps(d, d);
+        } else {
+          v[i] = a;
+        }
+      }
+      transpose4_inlane(v);
+      for (int j = 0; j < 4; ++j) rowacc[n] = _mm256_add_ps(rowacc[n], v[j]);
+    }
+  }
+}
+
+// tot[(g * N + n) * 8 + i] = patch sum (lane i = patch g*8 + i of the strip) over the P rows of the
+// strip of set n, for the first `groups` groups of 8 patches. r: the strip of the first set, sets
+// `set_stride` floats apart; t: the strip's target rows (ldt apart; unused when not Sq).
+template <int N, bool Sq>
+MFP_AVX2 void strip_rows_sets(const float* t, int64_t ldt, const float* r, int64_t set_stride, int64_t S,
+                              int64_t P, int64_t groups, float* tot) {
+  std::fill(tot, tot + groups * N * 8, 0.0f);
+  for (int64_t row = 0; row < P; ++row) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* rp[N];
+      for (int n = 0; n < N; ++n) rp[n] = r + n * set_stride + row * S + g * 8 * P;
+      __m256 ra[N];
+      rowsum_patches<N, Sq>(Sq ? t + row * ldt + g * 8 * P : rp[0], rp, P, ra);
+      for (int n = 0; n < N; ++n) {
+        float* tp = tot + (g * N + n) * 8;
+        _mm256_storeu_ps(tp, _mm256_add_ps(_mm256_loadu_ps(tp), ra[n]));
+      }
+    }
+  }
+}
+
+// acc[pc] = ((m_k0 + m_k1) + ...) over the sets k hiding patch (pr, pc) of scan b, increasing k,
+// m_k = patch sum of (recon[b, k] - t)^2 (Sq) or of recon[b, k] (not Sq), / P^2; t: the strip's
+// target rows, ldt apart (x, or the norm_pix target). The full groups of 8 patches by rows, lane =
+// patch; the last side % 8 patches of the strip per patch. acc: [side].
+template <bool Sq>
+MFP_AVX2 void strip_sets_rows(const Ctx& c, int64_t b, int64_t pr, const float* t, int64_t ldt, float* acc,
+                              Scratch& s) {
+  const int64_t S = c.S, P = c.P, K = c.K, side = c.side, np = c.np;
+  const int64_t groups = side / 8;
+  const __m256 p2 = _mm256_set1_ps(static_cast<float>(P * P));
+  const float* recon = static_cast<const float*>(c.recon) + (b * K) * S * S + pr * P * S;
+  ensure(s.sums, static_cast<size_t>(groups * 4 * 8));
+  float* tot = s.sums.data();
+  for (int64_t g = 0; g < groups; ++g) _mm256_storeu_ps(acc + g * 8, _mm256_setzero_ps());
+  for (int64_t k0 = 0; k0 < K; k0 += 4) {
+    const int n = static_cast<int>(std::min<int64_t>(4, K - k0));
+    const float* r = recon + k0 * S * S;
+    switch (n) {
+      case 1: strip_rows_sets<1, Sq>(t, ldt, r, S * S, S, P, groups, tot); break;
+      case 2: strip_rows_sets<2, Sq>(t, ldt, r, S * S, S, P, groups, tot); break;
+      case 3: strip_rows_sets<3, Sq>(t, ldt, r, S * S, S, P, groups, tot); break;
+      default: strip_rows_sets<4, Sq>(t, ldt, r, S * S, S, P, groups, tot); break;
+    }
+    for (int j = 0; j < n; ++j) {
+      const uint8_t* vis = c.visible + (k0 + j) * np + pr * side;
+      for (int64_t g = 0; g < groups; ++g) {
+        // lanes of the patches this set hides: all ones
+        const __m128i v8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(vis + g * 8));
+        const __m256 hidden =
+            _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_cvtepu8_epi32(v8), _mm256_setzero_si256()));
+        const __m256 a = _mm256_loadu_ps(acc + g * 8);
+        const __m256 m = _mm256_div_ps(_mm256_loadu_ps(tot + (g * n + j) * 8), p2);
+        _mm256_storeu_ps(acc + g * 8, _mm256_blendv_ps(a, _mm256_add_ps(a, m), hidden));
+      }
+    }
+  }
+  if (groups * 8 < side) {
+    // the last side % 8 patches: per patch, lane = row
+    const float pf = static_cast<float>(P * P);
+    const float* rr[4];
+    float tt[4];
+    for (int64_t pc = groups * 8; pc < side; ++pc) {
+      float a = 0.0f;
+      int n = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (c.visible[k * np + pr * side + pc]) continue;
+        rr[n++] = recon + k * S * S + pc * P;
+        if (n == 4) {
+          patch_sums_fused_n<Sq>(n, Sq ? t + pc * P : rr[0], Sq ? ldt : S, rr, S, P, tt);
+          for (int i = 0; i < n; ++i) a = a + tt[i] / pf;
+          n = 0;
+        }
+      }
+      if (n > 0) {
+        patch_sums_fused_n<Sq>(n, Sq ? t + pc * P : rr[0], Sq ? ldt : S, rr, S, P, tt);
+        for (int i = 0; i < n; ++i) a = a + tt[i] / pf;
+      }
+      acc[pc] = a;
+    }
+  }
+}
+
 MFP_AVX2 void err_strip_avx2(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
   const int64_t S = c.S, P = c.P, K = c.K, side = c.side, np = c.np;
   const float p2 = static_cast<float>(P * P);
@@ -453,20 +654,24 @@ MFP_AVX2 void err_strip_avx2(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
   }
 
   float* acc = s.acc.data();
-  std::fill(acc, acc + side, 0.0f);
-  for (int64_t k = 0; k < K; ++k) {
-    const uint8_t* vis = c.visible + k * np + pr * side;
-    bool any_hidden = false;
-    for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
-    if (!any_hidden) continue;
-    prefetch_next(c, 1 + k, b, pr);
-    int64_t ldr = 0;
-    const float* rs =
-        strip_avx2(c.recon, c.rd, (b * K + k) * S * S + pr * P * S, P, S, direct, s.recon_buf, &ldr);
-    for (int64_t pc = 0; pc < side; ++pc) {
-      if (vis[pc]) continue;
-      const float sum = patch_sum<kSqDiff>(rs + pc * P, ldr, tg + pc * P, ldt, 0.0f, P, P);
-      acc[pc] = acc[pc] + sum / p2;
+  if (c.rd == DType::kFloat32 && direct) {
+    strip_sets_rows<true>(c, b, pr, tg, ldt, acc, s);
+  } else {
+    std::fill(acc, acc + side, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t* vis = c.visible + k * np + pr * side;
+      bool any_hidden = false;
+      for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+      if (!any_hidden) continue;
+      prefetch_next(c, 1 + k, b, pr);
+      int64_t ldr = 0;
+      const float* rs =
+          strip_avx2(c.recon, c.rd, (b * K + k) * S * S + pr * P * S, P, S, direct, s.recon_buf, &ldr);
+      for (int64_t pc = 0; pc < side; ++pc) {
+        if (vis[pc]) continue;
+        const float sum = patch_sum<kSqDiff>(rs + pc * P, ldr, tg + pc * P, ldt, 0.0f, P, P);
+        acc[pc] = acc[pc] + sum / p2;
+      }
     }
   }
   for (int64_t pc = 0; pc < side; ++pc)
@@ -533,20 +738,24 @@ MFP_AVX2 void hfratio_strip_avx2(const Ctx& c, int64_t b, int64_t pr, Scratch& s
 
   // tissue level w: mean over the hiding sets of the patch mean of recon[b, k]
   float* acc = s.acc.data();
-  std::fill(acc, acc + side, 0.0f);
-  for (int64_t k = 0; k < K; ++k) {
-    const uint8_t* vis = c.visible + k * np + pr * side;
-    bool any_hidden = false;
-    for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
-    if (!any_hidden) continue;
-    prefetch_next(c, 1 + k, b, pr);
-    int64_t ldr = 0;
-    const float* rs =
-        strip_avx2(c.recon, c.rd, (b * K + k) * S * S + pr * P * S, P, S, direct, s.recon_buf, &ldr);
-    for (int64_t pc = 0; pc < side; ++pc) {
-      if (vis[pc]) continue;
-      const float sum = patch_sum<kValue>(rs + pc * P, ldr, rs, ldr, 0.0f, P, P);
-      acc[pc] = acc[pc] + sum / p2;
+  if (c.rd == DType::kFloat32 && direct) {
+    strip_sets_rows<false>(c, b, pr, nullptr, 0, acc, s);
+  } else {
+    std::fill(acc, acc + side, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const uint8_t* vis = c.visible + k * np + pr * side;
+      bool any_hidden = false;
+      for (int64_t pc = 0; pc < side; ++pc) any_hidden |= (vis[pc] == 0);
+      if (!any_hidden) continue;
+      prefetch_next(c, 1 + k, b, pr);
+      int64_t ldr = 0;
+      const float* rs =
+          strip_avx2(c.recon, c.rd, (b * K + k) * S * S + pr * P * S, P, S, direct, s.recon_buf, &ldr);
+      for (int64_t pc = 0; pc < side; ++pc) {
+        if (vis[pc]) continue;
+        const float sum = patch_sum<kValue>(rs + pc * P, ldr, rs, ldr, 0.0f, P, P);
+        acc[pc] = acc[pc] + sum / p2;
+      }
     }
   }
   for (int64_t pc = 0; pc < side; ++pc)
@@ -653,11 +862,33 @@ class Pool {
   // Runs fn(i) for i in [0, n) on the calling thread and up to `helpers` pool threads; returns when
   // all n are done and no pool thread touches the job any more. A caller that finds the pool busy
   // (another thread's job) runs everything itself.
+  //
+  // Helpers pay only where other cores are free: on a machine whose cores are busy (other
+  // processes, or the spin-waiting worker threads of a library that ran just before) a woken
+  // helper starts late, shares memory bandwidth, or is preempted while it holds an item, and the
+  // call ends up slower than the caller alone. So the pool times both ways for the configuration
+  // `key` (the caller's work shape; a new key starts afresh): one call alone, one with helpers,
+  // then the faster of the two running estimates, trying the other way every kExplore-th call so
+  // that the choice follows the machine's load. Results never depend on the choice.
   template <class Fn>
-  void run(int64_t n, int helpers, Fn&& fn) {
+  void run(int64_t n, int helpers, uint64_t key, Fn&& fn) {
     std::unique_lock<std::mutex> busy(job_mu_, std::try_to_lock);
     if (!busy.owns_lock() || helpers <= 0 || n <= 1) {
       for (int64_t i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    if (key != key_) {
+      key_ = key;
+      t_alone_ = t_helped_ = -1.0;
+      calls_ = 0;
+    }
+    bool help = t_alone_ >= 0.0 && (t_helped_ < 0.0 || t_helped_ < t_alone_);
+    if (t_alone_ >= 0.0 && t_helped_ >= 0.0 && ++calls_ % kExplore == 0) help = !help;
+    using Clock = std::chrono::steady_clock;
+    const Clock::time_point start = Clock::now();
+    if (!help) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
+      record(t_alone_, std::chrono::duration<double>(Clock::now() - start).count());
       return;
     }
     auto body = [&fn](int64_t i) { fn(i); };
@@ -684,6 +915,8 @@ class Pool {
     open_ = false;  // helpers that wake from now on skip this job
     done_cv_.wait(lk, [&] { return inside_ == 0 && done_.load(std::memory_order_acquire) == n; });
     job_ = nullptr;
+    lk.unlock();
+    record(t_helped_, std::chrono::duration<double>(Clock::now() - start).count());
   }
 
  private:
@@ -695,6 +928,13 @@ class Pool {
       done_.fetch_add(1, std::memory_order_release);
     }
   }
+
+  // Running estimate of a call's seconds: the first sample, then a quarter of the way towards each
+  // new one, capped at 4x the estimate (a call preempted for a whole time slice moves it little).
+  static void record(double& est, double t) {
+    est = est < 0.0 ? t : est + 0.25 * (std::min(t, 4.0 * est) - est);
+  }
+  static constexpr int kExplore = 64;
 
   void loop() {
     uint64_t seen = 0;
@@ -724,6 +964,11 @@ class Pool {
   std::function<void(int64_t)> job_;
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0}, done_{0};
+  // Timing of the current configuration (guarded by job_mu_): its key, the running estimates of a
+  // call alone and with helpers (seconds; < 0 = none yet), calls since both were known.
+  uint64_t key_ = 0;
+  double t_alone_ = -1.0, t_helped_ = -1.0;
+  uint64_t calls_ = 0;
   int inside_ = 0;  // helpers working on the current job (guarded by mu_)
   int seats_ = 0;
   bool open_ = false;
@@ -801,7 +1046,13 @@ void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon
       for (int64_t pr = 0; pr < side; ++pr) run_strip(ctx, simd, b, pr, s);
   } else {
     auto strip = [&](int64_t i) { run_strip(ctx, simd, i / side, i % side, thread_scratch()); };
-    pool().run(items, num_threads - 1, strip);
+    // The work shape, as the pool's timing key: calls of one shape cost alike.
+    uint64_t key = 1469598103934665603ull;
+    for (const int64_t v : {B, int64_t(params.size), int64_t(params.patch), int64_t(params.sets),
+                            int64_t(params.stat), int64_t(params.norm_pix), int64_t(x_dtype),
+                            int64_t(recon_dtype), int64_t(simd), int64_t(num_threads)})
+      key = (key ^ static_cast<uint64_t>(v)) * 1099511628211ull;
+    pool().run(items, num_threads - 1, key, strip);
   }
   for (int64_t b = 0; b < B; ++b) finish_scan(ctx, b, s);
 }
