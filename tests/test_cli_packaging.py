@@ -120,6 +120,23 @@ def test_every_command_is_guarded():
     assert len(callbacks) >= 15 and all(getattr(cb, "_extras_guarded", False) for cb in callbacks)
 
 
+def _command_paths(t, prefix=()):
+    for c in t.registered_commands:
+        yield (*prefix, c.name or c.callback.__name__.replace("_", "-"))
+    for g in t.registered_groups:
+        yield from _command_paths(g.typer_instance, (*prefix, g.name))
+
+
+def test_every_command_prints_its_help():
+    # rich renders option help as markup: a bracketed "[/x]" in a help text crashes --help
+    paths = list(_command_paths(app))
+    assert len(paths) >= 20
+    for path in paths:
+        r = CliRunner().invoke(app, [*path, "--help"], terminal_width=120)
+        assert r.exit_code == 0, (path, r.output[-500:])
+        assert "Usage:" in r.output
+
+
 # -- 3. choices --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "valid"), [

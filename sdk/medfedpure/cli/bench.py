@@ -13,7 +13,8 @@ import typer
 
 from medfedpure.cli.common import console
 
-BACKENDS_HELP = ("Comma list of backend[:precision][@device][/seq][/eager], e.g. onnxruntime, torch, "
+BACKENDS_HELP = ("Comma list of BACKEND with optional :PRECISION, @DEVICE and /seq or /eager suffixes, "
+                 "e.g. onnxruntime, torch, "
                  "onnxruntime/seq, torch:fp16@cuda, torch:fp32@cuda/eager, onnxruntime@cuda, tensorrt@cuda. "
                  "Default: onnxruntime,torch on the CPU plus the GPU backends (skipped without CUDA).")
 
