@@ -132,7 +132,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("tau"), py::arg("tau_high"), py::arg("t_min"), py::arg("t_max"), py::arg("floor"),
         py::arg("num_threads") = 0, py::arg("simd") = true,
         "x [B,S,S], recon [B,K,S,S] float32/float16 C-contiguous, visible [K,Np] bool; stat code "
-        "0 = mean, 1 = topk, 2 = hfratio (topk = m, 0 = Np/2; patch_err = the ratios e). Returns (score [B] f32, flag [B] bool, t_star [B] i32, patch_err "
+        "0 = mean, 1 = topk, 2 = hfratio, 3 = nyqratio (topk = m, 0 = Np/2; patch_err = the ratios e). Returns (score [B] f32, flag [B] bool, t_star [B] i32, patch_err "
         "[B,Np] f32). num_threads <= 0: chosen from the work size; simd=False forces the scalar path "
         "(same results).");
   py::class_<Prepared>(m, "Prepared",
@@ -148,4 +148,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("STAT_TOPK") = static_cast<int>(medfedpure::GateStat::kTopK);
   m.attr("SIMD") = medfedpure::patch_gate_cpu_simd_available();  // the AVX2 path is used
   m.attr("STAT_HFRATIO") = static_cast<int>(medfedpure::GateStat::kHfRatio);
+  m.attr("STAT_NYQRATIO") = static_cast<int>(medfedpure::GateStat::kNyqRatio);
 }

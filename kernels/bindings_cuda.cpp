@@ -63,10 +63,10 @@ PYBIND11_MODULE(_C_cuda, m) {
         "time per launch). Device pointers: x [B,S,S], recon [B,K,S,S] (dtype code 0 = "
         "float32, 1 = float16), visible [K,Np] uint8, score [B] f32, flag [B] u8, t_star [B] i32, "
         "patch_err [B,Np] f32, counters [B] u32 (zero before, zero after), work [B,Np] f32 scratch "
-        "(stat 2 = hfratio only; else 0). Returns the cudaError_t of the launch (0 = enqueued) or "
+        "(stats 2 = hfratio and 3 = nyqratio only; else 0). Returns the cudaError_t of the launch (0 = enqueued) or "
         "-1 when the sizes exceed the kernel's limits (shared memory: max(K S + 2 S/P, Np) floats, "
-        "hfratio max(K S + (2P-3) S/P, 3 Np), <= 12288; topk: Np <= 32 threads; B <= 65535) or "
-        "hfratio has no work buffer.");
+        "hfratio max(K S + (2P-3) S/P, 3 Np), nyqratio max(K S + (2P-8) S/P, 3 Np), <= 12288; topk: "
+        "Np <= 32 threads; B <= 65535) or hfratio / nyqratio has no work buffer.");
   m.def("empty_launch", [](uintptr_t stream) { return medfedpure::empty_launch(reinterpret_cast<void*>(stream)); },
         py::arg("stream"), "Launch an empty kernel <<<1,1>>> on `stream` (the timing floor).");
   m.def("runtime_version", &medfedpure::cuda_runtime_version);
@@ -74,4 +74,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("STAT_MEAN") = static_cast<int>(medfedpure::GateStat::kMean);
   m.attr("STAT_TOPK") = static_cast<int>(medfedpure::GateStat::kTopK);
   m.attr("STAT_HFRATIO") = static_cast<int>(medfedpure::GateStat::kHfRatio);
+  m.attr("STAT_NYQRATIO") = static_cast<int>(medfedpure::GateStat::kNyqRatio);
 }

@@ -33,6 +33,13 @@
 //   * lo, hi = the ((m-1)/2)-th and (m/2)-th smallest e among the selected (0-based);
 //     score = lo when m is odd, else (lo + hi) / 2. Exact for finite values; a NaN in the
 //     selection voids the contract for that scan (order statistics of NaN are undefined).
+//
+// stat nyqratio (pixel-space MAE only; P >= 8): as hfratio with h replaced by the 7th-order
+// binomial difference n = (1, -7, 21, -35, 35, -21, 7, -1) along rows, then along columns:
+//   * a(r,j) = ((((((z(r,j) - 7*z(r,j+1)) + 21*z(r,j+2)) - 35*z(r,j+3)) + 35*z(r,j+4))
+//               - 21*z(r,j+5)) + 7*z(r,j+6)) - z(r,j+7),  then / 128     r in [0,P), j in [0,P-7)
+//     q(i,j) = the same 8 taps down rows i..i+7 of a, then / 128         i, j in [0,P-7)
+//     h = patch sum of q^2 (same order) / (P-7)^2;  d, e, w, m, selection and median as hfratio.
 #pragma once
 #include <cstdint>
 
@@ -50,7 +57,10 @@ enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1 };
 
 // The score statistic. Values match medfedpure.ops.STATS. A new statistic gets a value here,
 // a branch in patch_gate_cpu.cpp, patch_gate_cuda.cu and patch_gate_reference, and the same tests.
-enum class GateStat : int32_t { kMean = 0, kTopK = 1, kHfRatio = 2 };
+enum class GateStat : int32_t { kMean = 0, kTopK = 1, kHfRatio = 2, kNyqRatio = 3 };
+
+// The statistics scored as the median of per-patch spectral ratios over the m tissue patches.
+MFP_HD bool is_spectral(GateStat s) { return s == GateStat::kHfRatio || s == GateStat::kNyqRatio; }
 
 struct GateParams {
   int32_t batch;     // B >= 1
@@ -58,7 +68,7 @@ struct GateParams {
   int32_t size;      // S: scans are S x S
   int32_t patch;     // P: divides S; Np = (S / P)^2 patches in row-major order
   GateStat stat;
-  int32_t topk;      // 1 <= topk <= Np for kTopK; m in [0, Np] for kHfRatio (0 = Np / 2); else ignored
+  int32_t topk;      // 1 <= topk <= Np for kTopK; m in [0, Np] for kHfRatio / kNyqRatio (0 = Np / 2)
   bool norm_pix;     // normalise each target patch (MAE normalised-pixel target)
   float tau;         // flag threshold (float32)
   float tau_high;    // > tau: score at which t* reaches t_max
@@ -72,12 +82,12 @@ struct GateOutputs {
   float* score;      // [B]
   uint8_t* flag;     // [B] 0 / 1
   int32_t* t_star;   // [B]
-  float* patch_err;  // [B, Np]: e (the hfratio ratios for kHfRatio)
-  float* work;       // [B, Np] scratch, needed by the CUDA version for kHfRatio only (else unused;
+  float* patch_err;  // [B, Np]: e (the spectral ratios for kHfRatio / kNyqRatio)
+  float* work;       // [B, Np] scratch, needed by the CUDA version for the spectral stats only (else unused;
                      // may be nullptr); the CPU version never uses it
 };
 
-// m of stat hfratio: the number of tissue patches whose median is the score.
+// m of stats hfratio and nyqratio: the number of tissue patches whose median is the score.
 MFP_HD int32_t hfratio_m(const GateParams& p, int32_t np) {
   return p.topk > 0 ? p.topk : (np / 2 > 0 ? np / 2 : 1);
 }
@@ -144,13 +154,18 @@ inline const char* check_params(const GateParams& p) {
   if (p.size % p.patch != 0) return "patch must divide the scan size S";
   const int64_t side = p.size / p.patch;
   const int64_t np = side * side;
-  if (p.stat != GateStat::kMean && p.stat != GateStat::kTopK && p.stat != GateStat::kHfRatio)
+  if (p.stat != GateStat::kMean && p.stat != GateStat::kTopK && !is_spectral(p.stat))
     return "unknown stat code";
   if (p.stat == GateStat::kTopK && (p.topk < 1 || p.topk > np)) return "topk must be in [1, Np]";
   if (p.stat == GateStat::kHfRatio) {
     if (p.topk < 0 || p.topk > np) return "hfratio: topk (m) must be in [0, Np]";
     if (p.patch < 3) return "hfratio needs patch >= 3 (3x3 corner-band filter)";
     if (p.norm_pix) return "hfratio needs a pixel-space MAE (norm_pix must be false)";
+  }
+  if (p.stat == GateStat::kNyqRatio) {
+    if (p.topk < 0 || p.topk > np) return "nyqratio: topk (m) must be in [0, Np]";
+    if (p.patch < 8) return "nyqratio needs patch >= 8 (8-tap corner-band filter)";
+    if (p.norm_pix) return "nyqratio needs a pixel-space MAE (norm_pix must be false)";
   }
   if (!(p.tau_high > p.tau)) return "tau_high must be > tau (after rounding both to float32)";
   if (!(p.tau == p.tau) || !(p.tau_high == p.tau_high)) return "tau and tau_high must not be NaN";

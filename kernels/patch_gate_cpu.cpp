@@ -130,12 +130,68 @@ const float* rows_as_float(const void* img, DType dtype, int64_t offset, int64_t
   return buf.data();
 }
 
-// hfratio: e of the strip's patches -> patch_err, their tissue levels -> ctx.w.
+// nyqratio's 8 taps (-1)^t C(7, t) over v[0], v[step], ..., v[7 step] in the contract's order, then / 128.
+inline float nyq_taps(const float* v, int64_t step) {
+  float acc = v[0];
+  acc = acc - 7.0f * v[step];
+  acc = acc + 21.0f * v[2 * step];
+  acc = acc - 35.0f * v[3 * step];
+  acc = acc + 35.0f * v[4 * step];
+  acc = acc - 21.0f * v[5 * step];
+  acc = acc + 7.0f * v[6 * step];
+  acc = acc - v[7 * step];
+  return acc / 128.0f;
+}
+
+// nyqratio's h of one patch z (row stride S): the 8-tap filter along rows into a [P][P-7], then down
+// the columns of a; patch sum of q^2 (row partials left to right, rows top to bottom) / (P-7)^2.
+float nyq_h(const float* z, int64_t S, int64_t P, float* a) {
+  const int64_t P7 = P - 7;
+  for (int64_t r = 0; r < P; ++r)
+    for (int64_t j = 0; j < P7; ++j) a[r * P7 + j] = nyq_taps(z + r * S + j, 1);
+  float hs = 0.0f;
+  for (int64_t i = 0; i < P7; ++i) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < P7; ++j) {
+      const float q = nyq_taps(a + i * P7 + j, P7);
+      const float sq = q * q;
+      acc = acc + sq;
+    }
+    hs = hs + acc;
+  }
+  return hs / static_cast<float>(P7 * P7);
+}
+
+// hfratio's h of one patch z (row stride S): a = the [1,-2,1] rows into a [P][P-2], l = [1,-2,1] down
+// its columns / 4; patch sum of l^2 / (P-2)^2.
+float lap_h(const float* z, int64_t S, int64_t P, float* a) {
+  const int64_t P2 = P - 2;
+  for (int64_t r = 0; r < P; ++r)
+    for (int64_t j = 0; j < P2; ++j) {
+      const float* zr = z + r * S + j;
+      const float t = zr[0] - 2.0f * zr[1];
+      a[r * P2 + j] = t + zr[2];
+    }
+  float hs = 0.0f;
+  for (int64_t i = 0; i < P2; ++i) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < P2; ++j) {
+      const float t = a[i * P2 + j] - 2.0f * a[(i + 1) * P2 + j];
+      const float l = (t + a[(i + 2) * P2 + j]) / 4.0f;
+      const float sq = l * l;
+      acc = acc + sq;
+    }
+    hs = hs + acc;
+  }
+  return hs / static_cast<float>(P2 * P2);
+}
+
+// hfratio / nyqratio: e of the strip's patches -> patch_err, their tissue levels -> ctx.w.
 void hfratio_strip_scalar(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
   const int64_t S = c.S, P = c.P, K = c.K, side = c.side, np = c.np;
   const int64_t strip = P * S, P2 = P - 2, P1 = P - 1;
   const float p2 = static_cast<float>(P * P);
-  const float nh = static_cast<float>(P2 * P2), nd = static_cast<float>(P1 * P1);
+  const float nd = static_cast<float>(P1 * P1);
   float* err = c.out.patch_err + b * np;
   ensure(s.sums, side);
   ensure(s.acc, side);
@@ -143,25 +199,10 @@ void hfratio_strip_scalar(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
   float* a = s.a.data();
 
   const float* xs = rows_as_float(c.x, c.xd, b * S * S + pr * strip, strip, s.x_buf);
+  const bool nyq = c.p->stat == GateStat::kNyqRatio;
   for (int64_t pc = 0; pc < side; ++pc) {
     const float* z = xs + pc * P;  // z(r, c) = z[r * S + c]
-    for (int64_t r = 0; r < P; ++r)
-      for (int64_t j = 0; j < P2; ++j) {
-        const float* zr = z + r * S + j;
-        const float t = zr[0] - 2.0f * zr[1];
-        a[r * P2 + j] = t + zr[2];
-      }
-    float hs = 0.0f;
-    for (int64_t i = 0; i < P2; ++i) {
-      float acc = 0.0f;
-      for (int64_t j = 0; j < P2; ++j) {
-        const float t = a[i * P2 + j] - 2.0f * a[(i + 1) * P2 + j];
-        const float l = (t + a[(i + 2) * P2 + j]) / 4.0f;
-        const float sq = l * l;
-        acc = acc + sq;
-      }
-      hs = hs + acc;
-    }
+    const float h = nyq ? nyq_h(z, S, P, a) : lap_h(z, S, P, a);
     float ds = 0.0f;
     for (int64_t i = 0; i < P1; ++i) {
       const float* z0 = z + i * S;
@@ -175,7 +216,7 @@ void hfratio_strip_scalar(const Ctx& c, int64_t b, int64_t pr, Scratch& s) {
       }
       ds = ds + acc;
     }
-    const float h = hs / nh, d = ds / nd;
+    const float d = ds / nd;
     err[pr * side + pc] = h / (d + 1e-6f);
   }
 
@@ -771,9 +812,9 @@ bool cpu_has_avx2() { return false; }
 #endif
 
 void run_strip(const Ctx& c, bool simd, int64_t b, int64_t pr, Scratch& s) {
-  const bool hf = c.p->stat == GateStat::kHfRatio;
+  const bool hf = is_spectral(c.p->stat);
 #if MFP_HAVE_AVX2_PATH
-  if (simd) {
+  if (simd && c.p->stat != GateStat::kNyqRatio) {  // nyqratio: the scalar path only
     if (hf)
       hfratio_strip_avx2(c, b, pr, s);
     else
@@ -798,7 +839,7 @@ void finish_scan(const Ctx& c, int64_t b, Scratch& s) {
   const int64_t np = c.np;
   const float* err = c.out.patch_err + b * np;
   float score;
-  if (p.stat == GateStat::kHfRatio) {
+  if (is_spectral(p.stat)) {
     // The m patches of largest w (ties: lower index), their e in s.sel; then the median.
     const float* w = c.w + b * np;
     const int64_t m = hfratio_m(p, static_cast<int32_t>(np));
@@ -1019,7 +1060,7 @@ void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon
 
   const int64_t B = params.batch;
   float* w = nullptr;
-  if (params.stat == GateStat::kHfRatio) {
+  if (is_spectral(params.stat)) {
     if (w_buf.size() < static_cast<size_t>(B * np)) w_buf.resize(B * np);
     w = w_buf.data();
   }

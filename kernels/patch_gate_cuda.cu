@@ -10,7 +10,8 @@
 // (threadfence + atomic ticket, CUDA's threadFenceReduction pattern) computes the score, the top-k
 // selection, the flag and t*, and resets its ticket to zero.
 //
-// stat hfratio runs hfratio_kernel instead (still one launch, same grid and ticket): per block, the
+// stat hfratio runs hfratio_kernel instead (still one launch, same grid and ticket; nyqratio is the same
+// kernel with the 8-tap filter, NYQ = true, and P-7 corner-band rows): per block, the
 // items are the K*S recon row sums (tissue level w), the (P-2)*side corner-band row partials and
 // the (P-1)*side diagonal row partials of x; one thread per patch combines them into e (written to
 // patch_err) and w (written to the `work` scratch); the last block ranks w to select the m tissue
@@ -244,6 +245,39 @@ __device__ float row_lap_sq(const TX* z, int S, int P) {
   return s;
 }
 
+// nyqratio's 8 taps (-1)^t C(7, t) over v[0..7] in the contract's order, then / 128.
+__device__ __forceinline__ float nyq_taps(const float* v) {
+  float acc = v[0];
+  acc = __fsub_rn(acc, __fmul_rn(7.0f, v[1]));
+  acc = __fadd_rn(acc, __fmul_rn(21.0f, v[2]));
+  acc = __fsub_rn(acc, __fmul_rn(35.0f, v[3]));
+  acc = __fadd_rn(acc, __fmul_rn(35.0f, v[4]));
+  acc = __fsub_rn(acc, __fmul_rn(21.0f, v[5]));
+  acc = __fadd_rn(acc, __fmul_rn(7.0f, v[6]));
+  acc = __fsub_rn(acc, v[7]);
+  return __fdiv_rn(acc, 128.0f);
+}
+
+// Row i partial of q^2 (nyqratio's filter), rows i..i+7 of the patch are read.
+template <typename TX>
+__device__ float row_nyq_sq(const TX* z, int S, int P) {
+  float s = 0.0f;
+  for (int j = 0; j + 7 < P; ++j) {
+    float a[8];
+#pragma unroll
+    for (int t = 0; t < 8; ++t) {
+      const TX* zr = z + static_cast<int64_t>(t) * S + j;
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = to_f32<TX>(zr[u]);
+      a[t] = nyq_taps(v);
+    }
+    const float q = nyq_taps(a);
+    s = __fadd_rn(s, __fmul_rn(q, q));
+  }
+  return s;
+}
+
 // Row i partial of g^2 (the 2x2 diagonal difference), rows i and i+1 of the patch are read.
 template <typename TX>
 __device__ float row_diag_sq(const TX* z, int S, int P) {
@@ -257,7 +291,7 @@ __device__ float row_diag_sq(const TX* z, int S, int P) {
   return s;
 }
 
-template <typename TX, typename TR, int V>
+template <typename TX, typename TR, int V, bool NYQ>
 __global__ void __launch_bounds__(kMaxThreads) hfratio_kernel(const TX* __restrict__ x, const TR* __restrict__ recon,
                                   const uint8_t* __restrict__ visible, GateParams p,
                                   GateOutputs out, uint32_t* __restrict__ counters) {
@@ -265,7 +299,7 @@ __global__ void __launch_bounds__(kMaxThreads) hfratio_kernel(const TX* __restri
   __shared__ int is_last;
   __shared__ float med[2];
   const int S = p.size, P = p.patch, K = p.sets, side = S / P, np = side * side;
-  const int P2 = P - 2, P1 = P - 1;
+  const int P2 = NYQ ? P - 7 : P - 2, P1 = P - 1;  // corner-band rows, diagonal rows
   const int pr = blockIdx.x;
   const int64_t b = blockIdx.y;
   const float p2 = static_cast<float>(P * P);
@@ -281,7 +315,8 @@ __global__ void __launch_bounds__(kMaxThreads) hfratio_kernel(const TX* __restri
         rows[t] = row_sum_r<V, TR>(recon + ((b * K + k) * S + static_cast<int64_t>(pr) * P + r) * S + pc * P, P);
     } else if (t < n_r + n_h) {
       const int u = t - n_r, i = u / side, pc = u - i * side;
-      hrows[u] = row_lap_sq<TX>(xs + static_cast<int64_t>(i) * S + pc * P, S, P);
+      hrows[u] = NYQ ? row_nyq_sq<TX>(xs + static_cast<int64_t>(i) * S + pc * P, S, P)
+                     : row_lap_sq<TX>(xs + static_cast<int64_t>(i) * S + pc * P, S, P);
     } else {
       const int u = t - n_r - n_h, i = u / side, pc = u - i * side;
       drows[u] = row_diag_sq<TX>(xs + static_cast<int64_t>(i) * S + pc * P, S, P);
@@ -363,8 +398,8 @@ template <typename TX, typename TR>
 int launch(const void* x, const void* recon, const uint8_t* visible, const GateParams& p,
            const GateOutputs& out, uint32_t* counters, cudaStream_t stream) {
   const int S = p.size, side = S / p.patch, np = side * side;
-  const bool topk = p.stat == GateStat::kTopK, hf = p.stat == GateStat::kHfRatio;
-  const int items = hf ? p.sets * S + (2 * p.patch - 3) * side : p.sets * S;
+  const bool topk = p.stat == GateStat::kTopK, hf = is_spectral(p.stat), nyq = p.stat == GateStat::kNyqRatio;
+  const int items = hf ? p.sets * S + (2 * p.patch - (nyq ? 8 : 3)) * side : p.sets * S;
   const int main_floats = hf ? items : p.sets * S + 2 * side;
   const int final_floats = (hf ? 3 : 1) * np;
   const int floats = main_floats > final_floats ? main_floats : final_floats;
@@ -381,10 +416,14 @@ int launch(const void* x, const void* recon, const uint8_t* visible, const GateP
   const bool wide = p.patch % 4 == 0 && aligned(x, 4 * sizeof(TX)) && aligned(recon, 4 * sizeof(TR));
   const TX* xt = static_cast<const TX*>(x);
   const TR* rt = static_cast<const TR*>(recon);
-  if (hf && wide)
-    hfratio_kernel<TX, TR, 4><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
+  if (nyq && wide)
+    hfratio_kernel<TX, TR, 4, true><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
+  else if (nyq)
+    hfratio_kernel<TX, TR, 1, true><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
+  else if (hf && wide)
+    hfratio_kernel<TX, TR, 4, false><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
   else if (hf)
-    hfratio_kernel<TX, TR, 1><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
+    hfratio_kernel<TX, TR, 1, false><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
   else if (wide)
     patch_gate_kernel<TX, TR, 4><<<grid, threads, shmem, stream>>>(xt, rt, visible, p, out, counters);
   else

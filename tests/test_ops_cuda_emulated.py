@@ -60,7 +60,7 @@ def _emulated_source() -> str:
         ),
         src,
     )
-    assert n_smem == 2 and n_launch == 5, (n_smem, n_launch)  # the kernel changed: update the rewrites
+    assert n_smem == 2 and n_launch == 7, (n_smem, n_launch)  # the kernel changed: update the rewrites
     return src
 
 
@@ -123,7 +123,8 @@ def _case(seed, b, k, s, patch, dx, dr, stat, norm_pix, floor, mode, levels=0):
     vis = rng.random((k, n)) < 0.6
     never = np.flatnonzero(vis.all(axis=0))
     vis[rng.integers(0, k, never.size), never] = False
-    topk = {"topk": int(rng.integers(1, n + 1)), "hfratio": int(rng.integers(0, n + 1))}.get(stat, 0)
+    topk = int(rng.integers(0, n + 1)) if stat in ("hfratio", "nyqratio") else (
+        int(rng.integers(1, n + 1)) if stat == "topk" else 0)
     kw = dict(patch=patch, stat=stat, topk=topk, norm_pix=norm_pix, floor=floor, t_min=10, t_max=100)
     probe = patch_gate_reference(x, recon, vis, tau=0.0, tau_high=1.0, **kw)
     s0 = np.float32(probe.score[int(rng.integers(0, b))])
@@ -156,12 +157,16 @@ def _check(emu, x, recon, vis, kw, offset=0):
         (30, 3, "hfratio", False, ("float16", "float32")),  # the smallest patch: one corner-band row
         (35, 5, "hfratio", False, ("float32", "float16")),  # odd patch, scalar loads only
         (224, 8, "hfratio", False, ("float16", "float16")),  # Np = 784: the largest selection; 1260 items
+        (32, 8, "nyqratio", False, ("float32", "float32")),  # the smallest patch: one filter row
+        (40, 10, "nyqratio", False, ("float16", "float32")),  # patch % 4 != 0: scalar loads only
+        (64, 16, "nyqratio", False, ("float32", "float16")),
+        (224, 8, "nyqratio", False, ("float16", "float16")),  # Np = 784, m = Np // 2
     ],
 )
 def test_emulated_cuda_kernel_matches_reference(emu, s, patch, stat, norm_pix, dtypes) -> None:
     b = 1 if s >= 224 else 2
     x, recon, vis, kw = _case(s * patch, b, 4, s, patch, dtypes[0], dtypes[1], stat, norm_pix, False, "at")
-    if stat == "hfratio":
+    if stat in ("hfratio", "nyqratio"):
         kw["topk"] = 0 if s >= 224 else kw["topk"]  # 224 px: the default m = Np // 2 = 392 (even)
     _check(emu, x, recon, vis, kw)
     _check(emu, x, recon, vis, kw, offset=1)  # misaligned: the scalar-load instantiation
@@ -192,13 +197,17 @@ def test_emulated_cuda_kernel_drawn_inputs(emu, seed, b, k, patch, mult, dx, dr,
     seed=st.integers(0, 2**31 - 1),
     b=st.integers(1, 2),
     k=st.sampled_from([1, 2, 4]),
-    patch=st.sampled_from([3, 4, 6, 8]),
+    patch=st.sampled_from([3, 4, 6, 8, 9]),
     side=st.integers(1, 6),
     levels=st.sampled_from([2, 5]),
     mode=st.sampled_from(["at", "ulp_above", "below"]),
+    stat=st.sampled_from(["hfratio", "nyqratio"]),
 )
-def test_emulated_cuda_hfratio_ties(emu, seed, b, k, patch, side, levels, mode) -> None:
-    # Quantised inputs: equal tissue levels (selection by the lower index) and equal ratios (median).
+def test_emulated_cuda_hfratio_ties(emu, seed, b, k, patch, side, levels, mode, stat) -> None:
+    # Quantised inputs: equal tissue levels (selection by the lower index) and equal ratios (median);
+    # hfratio and nyqratio share the selection and the median.
+    if stat == "nyqratio" and patch < 8:
+        patch += 5  # nyqratio's 8 taps need patch >= 8
     s = patch * side
-    x, recon, vis, kw = _case(seed, b, k, s, patch, "float32", "float32", "hfratio", False, False, mode, levels=levels)
+    x, recon, vis, kw = _case(seed, b, k, s, patch, "float32", "float32", stat, False, False, mode, levels=levels)
     _check(emu, x, recon, vis, kw)

@@ -267,7 +267,7 @@ def calibrate_command(
                                            "are (e.g. 'site A, 3T, Jan 2027'; no patient data), recorded in the "
                                            "provenance and the model card."),
     target_ffr: float = typer.Option(0.05, "--target-ffr", min=0.0, max=1.0, help="False-flag rate on clean val scans."),
-    stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), mean or topk.",
+    stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), nyqratio, mean or topk.",
                              click_type=STAT_CHOICE),
     topk: int = typer.Option(0, "--topk", min=0, help="k for --stat topk."),
     tau_high_k_given: float | None = typer.Option(None, "--tau-high-k", help="tau_high = tau + k * (tau - median) "

@@ -56,6 +56,7 @@ from medfedpure.eval.pipeline import (
     random_start,
 )
 from medfedpure.gate import GateSpec, run_gate
+from medfedpure.gate.validate import SPECTRAL_STATS
 from medfedpure.models.diffusion import purify
 from medfedpure.progress import progress as progress_bar
 from medfedpure.runtime.engines.torch_engine import TorchEngine
@@ -148,7 +149,7 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
         raise ValueError(f"evasion factor {factor} must divide the image size {s}: pick a divisor of {s}")
     # hfratio reads only its tissue map from the reconstruction: the deployed MAE's, held constant. The
     # error statistics (mean, topk) compare x with its reconstruction: the torch MAE, differentiated.
-    mae_torch = None if g.stat == "hfratio" else ref.models["mae"]
+    mae_torch = None if g.stat in SPECTRAL_STATS else ref.models["mae"]
 
     def probs(xv: torch.Tensor, ts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The classifier's probabilities, averaged over ``eot`` purifier draws for the rows with t* > 0."""
@@ -251,9 +252,9 @@ def transfer_evasion(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     """Rung 6 (b): :func:`evasion_pgd` with no deployed weights — the surrogate's gradients, the gate's
     statistic (``gate``, as published in the bundle's manifest: patch, m = ``topk`` and τ) on the m
     patches of highest image intensity (the attacker's stand-in for the MAE's tissue map)."""
-    if gate.stat != "hfratio":
-        raise ValueError(f"rung 6 (b) needs an 'hfratio' gate (its tissue map is read from the image), not "
-                         f"{gate.stat!r}: skip rung 6 (b) for this bundle")
+    if gate.stat not in SPECTRAL_STATS:
+        raise ValueError(f"rung 6 (b) needs an 'hfratio' or 'nyqratio' gate (its tissue map is read from the "
+                         f"image), not {gate.stat!r}: skip rung 6 (b) for this bundle")
     s = x.shape[-1]
     alpha = 2.5 * eps / steps
     eta = torch.zeros(len(x), 1, s // factor, s // factor)

@@ -383,7 +383,7 @@ def evaluate_site(d: Any, ref: Any, cfg: EvalConfig, site: int, x: np.ndarray, y
     examples: dict[str, np.ndarray] = {}
     stat = d.engine.gate_spec.stat
     evasion_why = None if norm == "linf" else "the detector-aware evasion is ℓ∞ only"
-    transfer_evasion_why = evasion_why or (None if stat == "hfratio" else
+    transfer_evasion_why = evasion_why or (None if stat in ("hfratio", "nyqratio") else
                                            f"the transfer evasion reads an 'hfratio' gate's tissue map from the "
                                            f"image; this gate's statistic is {stat!r}")
     dlr_why = apgd_dlr_unsupported(len(d.bundle.classes)) if 4 in rungs else None

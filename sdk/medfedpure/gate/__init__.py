@@ -25,7 +25,7 @@ Symbols:
                         mean over sqrt(population variance + 1e-6))
 ``score[b]``            mean of e over p (``stat="mean"``) or of the ``topk`` largest e
                         (``stat="topk"``; ties broken by the lower patch index), or for
-                        ``stat="hfratio"`` the median spectral ratio below
+                        ``stat="hfratio"`` / ``"nyqratio"`` the median spectral ratio below
 ``flag[b]``             score ≥ τ
 ``t_star[b]``           0 (or t_min under policy "floor") when not flagged, else
                         round(t_min + (t_max − t_min)·clip((score − τ)/(τ_high − τ), 0, 1))
@@ -42,6 +42,10 @@ Pixel-space MAE only (``norm_pix`` is refused), patch ≥ 3. Per patch p, on the
 score = median of e over the m patches with the largest w (:func:`tissue_patches`; ties: lower
 patch index first; the mean of the two middle values when m is even), m = ``topk``, or Np // 2
 (at least 1) when ``topk`` is 0.
+
+``stat="nyqratio"``: the same with h[p] replaced by the mean over the (P−7)² valid positions of
+(N x)², N = nᵀn with n = [1,−7,21,−35,35,−21,7,−1] / 128 (the 7th-order difference: a sharper
+corner-band filter than L, for scanners that keep most of k-space); patch ≥ 8.
 
 Exactness contract (kernels/patch_gate.h): every step is one float32 IEEE operation in a fixed
 order (row partials left to right, rows top to bottom, sets in increasing k, scores through the

@@ -20,6 +20,7 @@ from medfedpure.gate.spec import GateSpec
 from medfedpure.gate.torch_chain import patch_gate_torch
 from medfedpure.gate.validate import (
     DTYPES,
+    SPECTRAL_STATS,
     STATS,
     GateResult,
     _Spec,
@@ -52,13 +53,13 @@ _HOST_CALLS: dict[tuple, Any] = {}  # validated numpy calls -> their _C.Prepared
 
 def cuda_kernel_limits_ok(size: int, patch: int, stat: str, sets: int) -> bool:
     """Whether the CUDA kernel holds this problem (patch_gate_cuda.cu): its shared memory (48 KiB),
-    max(K·S + 2·S/P, Np) floats for mean/topk, max(K·S + (2P−3)·S/P, 3·Np) for hfratio, and for
-    topk at most 32 patches per thread (threads = K·S rounded up to 32, within [256, 1024]) —
+    max(K·S + 2·S/P, Np) floats for mean/topk, max(K·S + (2P−3)·S/P, 3·Np) for hfratio (2P−8 for
+    nyqratio), and for topk at most 32 patches per thread (threads = K·S rounded up to 32, within [256, 1024]) —
     e.g. S = 224 with P ≥ 4, or S = 512 with P ≥ 8 and K ≤ 8."""
     side = size // patch
     np_ = side * side
-    if stat == "hfratio":
-        need = max(sets * size + (2 * patch - 3) * side, 3 * np_)
+    if stat in SPECTRAL_STATS:
+        need = max(sets * size + (2 * patch - (3 if stat == "hfratio" else 8)) * side, 3 * np_)
     else:
         need = max(sets * size + 2 * side, np_)
     threads = min(max(-(-sets * size // 32) * 32, 256), 1024)
@@ -111,8 +112,8 @@ def _run_cuda(x: Any, recon: Any, vis: np.ndarray, spec: _Spec, norm_pix: bool, 
     flag = torch.empty(spec.batch, dtype=torch.bool, device=dev)
     t_star = torch.empty(spec.batch, dtype=torch.int32, device=dev)
     err = torch.empty(spec.batch, spec.num_patches, dtype=torch.float32, device=dev)
-    # hfratio: the blocks of a scan leave the tissue levels w [B, Np] here for the scan's last block
-    work = torch.empty_like(err) if spec.stat == "hfratio" else None
+    # hfratio / nyqratio: the blocks of a scan leave the tissue levels w [B, Np] here for its last block
+    work = torch.empty_like(err) if spec.stat in SPECTRAL_STATS else None
     counters = _counters_for(dev, stream, spec.batch)
     with torch.cuda.device(dev):
         code = _C_cuda.patch_gate(
@@ -200,14 +201,15 @@ def patch_gate(
             hidden by at least one set. Best passed from the host (numpy): it is validated there and
             uploaded once per device and content.
         patch: patch side P (divides S; Np = (S/P)², row-major).
-        stat: "mean", "topk" or "hfratio" (module docstring). topk: for "topk" the number of
-            largest patch errors averaged (1..Np); for "hfratio" m, the number of tissue patches
-            whose median ratio is the score (0..Np, 0 = Np // 2); ignored for "mean".
+        stat: "mean", "topk", "hfratio" or "nyqratio" (module docstring). topk: for "topk" the
+            number of largest patch errors averaged (1..Np); for "hfratio" / "nyqratio" m, the
+            number of tissue patches whose median ratio is the score (0..Np, 0 = Np // 2); ignored
+            for "mean".
         norm_pix: compare with per-patch normalised targets (MAE normalised-pixel loss); not
-            with "hfratio".
+            with "hfratio" / "nyqratio".
         tau, tau_high: flag threshold and the score at which t* reaches t_max (float32, τ_high > τ).
         t_min, t_max: purification timesteps (0 ≤ t_min ≤ t_max); floor: unflagged scans get t_min.
-        return_patch_err: also return e [B, Np] (the hfratio ratios for stat "hfratio").
+        return_patch_err: also return e [B, Np] (the spectral ratios for "hfratio" / "nyqratio").
         backend: "auto" (CUDA tensors → CUDA kernel, else C++), "cpp", "cuda", "reference" (numpy
             oracle) or "torch" (torch-op chain).
         num_threads: C++ threads sharing the strips (rows of patches) of all scans, so a small batch

@@ -17,6 +17,14 @@ where the magnitude image is near-Gaussian and band-limited (in the air around t
 magnitude is itself broadband), and its median ignores the few patches whose anatomy (sharp edges,
 the skull) has corner-band content of its own. It is computed on x, not on the MAE residual: the
 MAE's reconstructions carry corner-band artefacts of their own (patch seams, decoder texture).
+
+Why ``nyqratio``. The 3x3 filter L of ``hfratio`` is a poor band selector: its gain at 0.39 cycles
+per pixel along both axes is still 0.78 of its peak, so on a scanner that keeps most of k-space the
+band-limited noise just inside the cut-off fills h and the ratio hardly moves under attack.
+``nyqratio`` replaces L by the 7th-order binomial difference along both axes (8 taps: the
+binomially tapered Nyquist-corner coefficient of an 8x8 window), whose gain is sin¹⁴(πf) per axis:
+0.42 of its peak at 0.39 cycles per pixel, 0.05 at 0.3. Same tissue selection and median; for white
+noise its ratio is :data:`NYQ_WHITE_RATIO`.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 from medfedpure.gate.decision import decide_numpy
 from medfedpure.gate.validate import (
     NORM_EPS,
+    SPECTRAL_STATS,
     GateResult,
     _check_every_patch_hidden,
     _Spec,
@@ -37,10 +46,14 @@ from medfedpure.gate.validate import (
     visible_numpy,
 )
 
-__all__ = ["patch_gate_reference", "gate_scores", "tissue_patches", "WHITE_RATIO"]
+__all__ = ["patch_gate_reference", "gate_scores", "tissue_patches", "WHITE_RATIO", "NYQ_WHITE_RATIO", "NYQ_TAPS"]
 
 # hfratio's e for white noise: E[(L n)²] = σ²·(1+4+1)²/16 = 36σ²/16, E[(D n)²] = σ²·4/4 = σ² → 2.25.
 WHITE_RATIO = 2.25
+# nyqratio's taps: the 7th-order difference (−1)^t·C(7, t), t = 0..7, then / 128 (per axis).
+NYQ_TAPS = (1, -7, 21, -35, 35, -21, 7, -1)
+# nyqratio's e for white noise: E[q²] = σ²·(ΣC(7,t)²/128²)² = σ²·(3432/16384)², E[(D n)²] = σ².
+NYQ_WHITE_RATIO = (3432 / 16384) ** 2
 
 
 def _seq_sum(a: np.ndarray) -> np.ndarray:
@@ -96,16 +109,38 @@ def _tissue_order(rp: np.ndarray, visible: np.ndarray, m: int) -> np.ndarray:
     return np.argsort(-w, axis=1, kind="stable")[:, :m]
 
 
-def _hfratio_numpy(xp: np.ndarray, rp: np.ndarray, visible: np.ndarray, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
-    """stat "hfratio" in the contract's float32 order: xp [B, Np, P, P], rp [B, K, Np, P, P] →
+def _diag_energy(xp: np.ndarray) -> np.ndarray:
+    """d [B, Np]: patch mean of g², g = (((z(i,j) − z(i,j+1)) − z(i+1,j)) + z(i+1,j+1)) / 2."""
+    p = xp.shape[-1]
+    dia = (((xp[..., :-1, :-1] - xp[..., :-1, 1:]) - xp[..., 1:, :-1]) + xp[..., 1:, 1:]) / np.float32(2)
+    return _patch_sum(dia * dia) / np.float32((p - 1) * (p - 1))
+
+
+def _nyq_diff(a: np.ndarray, axis: int) -> np.ndarray:
+    """The 7th-order difference along ``axis`` (-1 columns, -2 rows) in the contract's order:
+    ((((((z0 − 7·z1) + 21·z2) − 35·z3) + 35·z4) − 21·z5) + 7·z6) − z7, then / 128 (float32)."""
+    n = a.shape[axis] - 7
+    tap = (lambda t: a[..., t:t + n]) if axis == -1 else (lambda t: a[..., t:t + n, :])
+    acc = tap(0)
+    for t in range(1, 8):
+        c = NYQ_TAPS[t]
+        acc = acc + np.float32(c) * tap(t) if c > 0 else acc - np.float32(-c) * tap(t)
+    return acc / np.float32(128)
+
+
+def _spectral_numpy(xp: np.ndarray, rp: np.ndarray, visible: np.ndarray, spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
+    """stats "hfratio" and "nyqratio" in the contract's float32 order: xp [B, Np, P, P], rp [B, K, Np, P, P] →
     (score [B], e [B, Np]). Mirrors patch_gate.h step for step."""
     p, m = spec.patch, spec.topk
     two, four = np.float32(2), np.float32(4)
-    a = (xp[..., :, :-2] - two * xp[..., :, 1:-1]) + xp[..., :, 2:]  # [B, Np, P, P-2]
-    lap = ((a[..., :-2, :] - two * a[..., 1:-1, :]) + a[..., 2:, :]) / four  # [B, Np, P-2, P-2]
-    h = _patch_sum(lap * lap) / np.float32((p - 2) * (p - 2))
-    dia = (((xp[..., :-1, :-1] - xp[..., :-1, 1:]) - xp[..., 1:, :-1]) + xp[..., 1:, 1:]) / two
-    d = _patch_sum(dia * dia) / np.float32((p - 1) * (p - 1))
+    if spec.stat == "hfratio":
+        a = (xp[..., :, :-2] - two * xp[..., :, 1:-1]) + xp[..., :, 2:]  # [B, Np, P, P-2]
+        lap = ((a[..., :-2, :] - two * a[..., 1:-1, :]) + a[..., 2:, :]) / four  # [B, Np, P-2, P-2]
+        h = _patch_sum(lap * lap) / np.float32((p - 2) * (p - 2))
+    else:  # nyqratio: rows first (along j), then columns (along i)
+        q = _nyq_diff(_nyq_diff(xp, -1), -2)  # [B, Np, P-7, P-7]
+        h = _patch_sum(q * q) / np.float32((p - 7) * (p - 7))
+    d = _diag_energy(xp)
     e = (h / (d + NORM_EPS)).astype(np.float32)
     order = _tissue_order(rp, visible, m)  # the m largest w, ties: lower index
     srt = np.sort(np.take_along_axis(e, order, axis=1), axis=1)
@@ -121,8 +156,8 @@ def _score_numpy(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, spec: _S
     p2 = np.float32(p * p)
     xp = _patches(np.asarray(x, np.float32), p)  # [B, Np, P, P]
     rp = _patches(np.asarray(recon, np.float32), p)  # [B, K, Np, P, P]
-    if spec.stat == "hfratio":
-        return _hfratio_numpy(xp, rp, visible, spec)
+    if spec.stat in SPECTRAL_STATS:
+        return _spectral_numpy(xp, rp, visible, spec)
     if norm_pix:
         mean = (_patch_sum(xp) / p2)[..., None, None]
         dev = xp - mean

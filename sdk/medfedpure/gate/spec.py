@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from medfedpure.gate.decision import POLICIES, decide_numpy
-from medfedpure.gate.validate import STATS
+from medfedpure.gate.validate import SPECTRAL_STATS, STATS
 
 __all__ = ["GateSpec", "GateCalibration", "POLICIES"]
 
@@ -164,12 +164,12 @@ class GateSpec:
     """A calibrated gate: the statistic it scores and the rule that turns a score into (flag, t*).
 
     Attributes:
-        stat: ``"mean"``, ``"topk"`` or ``"hfratio"`` (:mod:`medfedpure.gate`).
-        patch: the MAE's patch side P (≥ 1; ≥ 3 for ``hfratio``).
-        topk: for ``"topk"`` the number of largest patch errors averaged (≥ 1); for ``"hfratio"``
-            m, the tissue patches whose median ratio is the score (0: Np // 2); ignored for ``"mean"``.
-            Checked against Np = (S / P)² when the gate runs.
-        norm_pix: the MAE's targets are per-patch normalised (not with ``"hfratio"``).
+        stat: ``"mean"``, ``"topk"``, ``"hfratio"`` or ``"nyqratio"`` (:mod:`medfedpure.gate`).
+        patch: the MAE's patch side P (≥ 1; ≥ 3 for ``hfratio``, ≥ 8 for ``nyqratio``).
+        topk: for ``"topk"`` the number of largest patch errors averaged (≥ 1); for ``"hfratio"`` and
+            ``"nyqratio"`` m, the tissue patches whose median ratio is the score (0: Np // 2); ignored
+            for ``"mean"``. Checked against Np = (S / P)² when the gate runs.
+        norm_pix: the MAE's targets are per-patch normalised (not with ``"hfratio"`` / ``"nyqratio"``).
         tau: the flag threshold; tau_high: the score at which t* reaches t_max. Finite; the gate
             compares in float32, so float32(tau_high) > float32(tau) is required.
         t_min, t_max: purification timesteps, 0 ≤ t_min ≤ t_max < 2³¹.
@@ -206,12 +206,13 @@ class GateSpec:
             raise ValueError(f"topk = {topk}: expected >= 0")
         if stat == "topk" and topk < 1:
             raise ValueError("topk = 0 with stat 'topk': expected the number of largest patch errors averaged (>= 1)")
-        if stat == "hfratio":
-            if patch < 3:
-                raise ValueError(f"patch = {patch} with stat 'hfratio': the 3x3 corner-band filter needs patches of "
-                                 "at least 3x3 pixels")
+        if stat in SPECTRAL_STATS:
+            side_min = SPECTRAL_STATS[stat]
+            if patch < side_min:
+                raise ValueError(f"patch = {patch} with stat {stat!r}: its corner-band filter needs patches of at "
+                                 f"least {side_min}x{side_min} pixels")
             if norm_pix:
-                raise ValueError("norm_pix = True with stat 'hfratio': hfratio needs a pixel-space MAE")
+                raise ValueError(f"norm_pix = True with stat {stat!r}: {stat} needs a pixel-space MAE")
         if not np.float32(tau_high) > np.float32(tau):
             raise ValueError(f"tau_high = {tau_high!r} must be > tau = {tau!r} (compared after rounding both to "
                              "float32, as the gate does)")

@@ -11,9 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 from medfedpure.gate.decision import decide_torch
-from medfedpure.gate.validate import GateResult, _validate, hfratio_m, is_torch, visible_numpy
+from medfedpure.gate.reference import NYQ_TAPS
+from medfedpure.gate.validate import SPECTRAL_STATS, GateResult, _validate, hfratio_m, is_torch, visible_numpy
 
 __all__ = ["patch_gate_torch"]
+
+
+def _diff8(z: Any, taps: Any, axis: int) -> Any:
+    """Σ_t taps[t]·z[..., t + j] along ``axis`` (-1 or -2): [..., P, P] → that axis P − 7 long."""
+    n = z.shape[axis] - 7
+    out = 0
+    for t in range(8):
+        out = out + taps[t] * (z[..., t:t + n] if axis == -1 else z[..., t:t + n, :])
+    return out
 
 
 def patch_gate_torch(
@@ -51,19 +61,23 @@ def patch_gate_torch(
         b, k = recon.shape[0], recon.shape[1]
         p, side = patch, recon.shape[2] // patch
         n = side * side
-    if stat == "hfratio":
+    if stat in SPECTRAL_STATS:
         topk = hfratio_m(topk, n)
     if not (is_torch(visible) and visible.device == x.device and visible.dtype == torch.bool):
         visible = torch.as_tensor(visible_numpy(visible), device=x.device)
     xp = x.float().reshape(b, side, p, side, p).permute(0, 1, 3, 2, 4).reshape(b, n, p * p)
     rp = recon.float().reshape(b, k, side, p, side, p).permute(0, 1, 2, 4, 3, 5).reshape(b, k, n, p * p)
     hidden = (~visible).float()
-    if stat == "hfratio":
+    if stat in SPECTRAL_STATS:
         z = xp.reshape(b, n, p, p)
-        a = z[..., :, :-2] - 2 * z[..., :, 1:-1] + z[..., :, 2:]
-        lap = (a[..., :-2, :] - 2 * a[..., 1:-1, :] + a[..., 2:, :]) / 4
+        if stat == "hfratio":
+            a = z[..., :, :-2] - 2 * z[..., :, 1:-1] + z[..., :, 2:]
+            hp = (a[..., :-2, :] - 2 * a[..., 1:-1, :] + a[..., 2:, :]) / 4  # L z [B, Np, P-2, P-2]
+        else:  # nyqratio: the 8-tap 7th-order difference along rows, then columns
+            taps = torch.tensor(NYQ_TAPS, dtype=z.dtype, device=z.device) / 128
+            hp = _diff8(_diff8(z, taps, -1), taps, -2)  # [B, Np, P-7, P-7]
         dia = (z[..., :-1, :-1] - z[..., :-1, 1:] - z[..., 1:, :-1] + z[..., 1:, 1:]) / 2
-        err = lap.square().mean(dim=(-1, -2)) / (dia.square().mean(dim=(-1, -2)) + 1e-6)  # e [B, Np]
+        err = hp.square().mean(dim=(-1, -2)) / (dia.square().mean(dim=(-1, -2)) + 1e-6)  # e [B, Np]
         w = (rp.mean(dim=-1) * hidden).sum(dim=1) / hidden.sum(dim=0)  # tissue level [B, Np]
         idx = torch.sort(w, dim=1, descending=True, stable=True).indices[:, :topk]
         srt = err.gather(1, idx).sort(dim=1).values

@@ -13,7 +13,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-STATS: dict[str, int] = {"mean": 0, "topk": 1, "hfratio": 2}  # codes of medfedpure::GateStat
+STATS: dict[str, int] = {"mean": 0, "topk": 1, "hfratio": 2, "nyqratio": 3}  # codes of medfedpure::GateStat
+# The statistics scored as the median of per-patch spectral ratios over the m tissue patches, and the
+# smallest patch side each one's filter fits in (3x3 for hfratio's L, 8x8 for nyqratio's 8 taps).
+SPECTRAL_STATS: dict[str, int] = {"hfratio": 3, "nyqratio": 8}
 DTYPES: dict[str, int] = {"float32": 0, "float16": 1}  # codes of medfedpure::DType
 NORM_EPS = np.float32(1e-6)
 
@@ -26,7 +29,7 @@ class GateResult(NamedTuple):
     flag       [B] bool
     t_star     [B] int32 in {0} ∪ [t_min, t_max]
     patch_err  [B, Np] float32, ≥ 0 — only with ``return_patch_err=True``, else None: the patch
-               errors e, or for ``stat="hfratio"`` the spectral ratios e = h / (d + 1e-6)
+               errors e, or for ``stat="hfratio"`` / ``"nyqratio"`` the spectral ratios e = h / (d + 1e-6)
     """
 
     score: Any
@@ -45,7 +48,7 @@ class _Spec(NamedTuple):
     side: int
     num_patches: int
     stat: str
-    topk: int  # for hfratio: m, already resolved (0 → Np // 2)
+    topk: int  # for hfratio / nyqratio: m, already resolved (0 → Np // 2)
     tau: np.float32
     tau_high: np.float32
     t_min: int
@@ -103,7 +106,7 @@ def _check_every_patch_hidden(visible: np.ndarray) -> None:
 
 
 def hfratio_m(topk: int, num_patches: int) -> int:
-    """m of stat ``hfratio``, the tissue patches whose median is the score: ``topk``, or Np // 2
+    """m of stats ``hfratio`` and ``nyqratio``, the tissue patches whose median is the score: ``topk``, or Np // 2
     (at least 1) when ``topk`` is 0 (kernels/patch_gate.h: ``hfratio_m``)."""
     return int(topk) if topk > 0 else max(1, num_patches // 2)
 
@@ -156,14 +159,17 @@ def _validate(
         raise ValueError(f"topk must be an int, got {topk!r}")
     if stat == "topk" and not 1 <= topk <= num_patches:
         raise ValueError(f"topk = {topk} with stat 'topk': expected 1 <= topk <= Np = {num_patches}")
-    if stat == "hfratio":
+    if stat in SPECTRAL_STATS:
         if not 0 <= topk <= num_patches:
-            raise ValueError(f"topk = {topk} with stat 'hfratio' (m, the tissue patches scored): expected "
+            raise ValueError(f"topk = {topk} with stat {stat!r} (m, the tissue patches scored): expected "
                              f"0 <= topk <= Np = {num_patches} (0 = Np // 2)")
-        if patch < 3:
-            raise ValueError(f"patch {patch} with stat 'hfratio': the 3x3 corner-band filter needs patches of at least 3x3 pixels")
+        side_min = SPECTRAL_STATS[stat]
+        if patch < side_min:
+            raise ValueError(f"patch {patch} with stat {stat!r}: its {side_min}x{side_min} corner-band filter needs "
+                             f"patches of at least {side_min}x{side_min} pixels (use hfratio for smaller patches)")
         if norm_pix:
-            raise ValueError("stat 'hfratio' needs a pixel-space MAE: norm_pix=True is not supported with it (use norm_pix=False)")
+            raise ValueError(f"stat {stat!r} needs a pixel-space MAE: norm_pix=True is not supported with it "
+                             "(use norm_pix=False)")
     elif stat != "topk" and not 0 <= topk <= num_patches:
         raise ValueError(f"topk = {topk}: expected 0 <= topk <= Np = {num_patches} (it is ignored unless stat='topk')")
     if not (math.isfinite(tau) and math.isfinite(tau_high)):
@@ -177,7 +183,7 @@ def _validate(
     if not 0 <= t_min <= t_max <= 2**31 - 1:
         raise ValueError(f"t_min = {t_min}, t_max = {t_max}: expected 0 <= t_min <= t_max < 2^31")
     topk = int(topk)
-    if stat == "hfratio":
+    if stat in SPECTRAL_STATS:
         topk = hfratio_m(topk, num_patches)
     return _Spec(b, k, s, patch, side, num_patches, stat, topk, tau32, tau_high32, int(t_min), int(t_max))
 

@@ -32,6 +32,7 @@ import torch
 
 from medfedpure.gate import STATS, GateSpec, gate_scores
 from medfedpure.gate.calibration import calibrate_scores, threshold_at_ffr
+from medfedpure.gate.validate import SPECTRAL_STATS
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 from medfedpure.models.mae import MAEScorer, MaskedAutoencoder
 
@@ -49,7 +50,7 @@ class CalibrationConfig:
     Attributes:
         target_ffr: target false-flag rate on clean validation scans (0 < f < 1).
         stat: gate statistic (``medfedpure.gate.STATS``). ``topk``: k for ``stat="topk"``; for
-            ``"hfratio"`` the number m of tissue patches scored (0: half the patches).
+            ``"hfratio"`` / ``"nyqratio"`` the number m of tissue patches scored (0: half the patches).
         tau_high_k: ``tau_high = tau + k · (tau − median)`` (> 0).
         t_min / t_max / steps: purification range and student steps when the student's
             checkpoint does not give them (or always, with ``schedule_from="options"``); validated
@@ -145,7 +146,7 @@ def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *
     K) and ``schedule_source`` (``"student checkpoint"`` or ``"options"``).
     """
     topk = cfg.topk
-    if cfg.stat == "hfratio" and topk == 0:  # m, the tissue patches scored: half of them by default
+    if cfg.stat in SPECTRAL_STATS and topk == 0:  # m, the tissue patches scored: half of them by default
         topk = mae.cfg.num_patches // 2
     scores = score_scans(mae, x_val, stat=cfg.stat, topk=topk, batch_size=batch_size)
     tau, tau_high, calibration = calibrate_scores(scores, cfg.target_ffr, tau_high_k=cfg.tau_high_k)
