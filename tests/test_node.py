@@ -456,3 +456,32 @@ def test_status_dataset_comment_is_one_ascii_line_of_at_most_64_characters():
     assert ds.Status == 0xC000 and len(ds.ErrorComment) == 64 and ds.ErrorComment.isascii()
     assert "\n" not in ds.ErrorComment and ds.ErrorComment.endswith("...")
     assert "ErrorComment" not in scp.status_dataset(0)
+
+
+def test_every_decision_is_audited_without_patient_data(store_node, defender, tmp_path):
+    import hashlib
+    import json
+
+    from medfedpure.runtime.audit import audit_file_handler
+    from medfedpure.scan.load import load_scan
+
+    handler = audit_file_handler(tmp_path / "audit.jsonl")
+    log = logging.getLogger("medfedpure")
+    log.addHandler(handler)
+    old = logging.getLogger("medfedpure.audit").level
+    logging.getLogger("medfedpure.audit").setLevel(logging.INFO)
+    try:
+        ds = pydicom.dcmread(MR)
+        ds.PatientName = "Doe^Jane"
+        assert _send(store_node.port, ds).Status == 0x0000
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        logging.getLogger("medfedpure.audit").setLevel(old)
+    text = (tmp_path / "audit.jsonl").read_text()
+    (rec,) = [json.loads(line) for line in text.splitlines()]
+    assert rec["schema_version"] == 1 and rec["status"] == "ok"
+    assert rec["dicom"]["sop_uid"] == str(ds.SOPInstanceUID) and rec["dicom"]["study_uid"] == str(ds.StudyInstanceUID)
+    assert rec["pixel_sha256"] == hashlib.sha256(load_scan(MR).pixels.tobytes()).hexdigest()
+    assert rec["label"] == store_node.last_outcome.results[0].label and rec["bundle_id"] == defender.bundle.bundle_id
+    assert "Doe" not in text and "Jane" not in text

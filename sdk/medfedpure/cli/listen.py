@@ -57,6 +57,8 @@ def listen_command(
                                       "with --allow-calling-aet and a firewall."),
     log_level: str = typer.Option("info", "--log-level", help="Log level of the medfedpure.node logger.",
                                   click_type=click.Choice(NODE_LOG_LEVELS, case_sensitive=False)),
+    audit: Path | None = typer.Option(None, "--audit", dir_okay=False, help="Append one audit record (schema "
+                                      "version 1) per classified image or frame to this JSON-lines file."),
 ) -> None:
     """Listen for MR images over DICOM (C-STORE), classify each one and send its Structured Report to
     --forward or --store; answers C-ECHO. Ctrl-C stops it (exit code 2 on a bad setting)."""
@@ -80,6 +82,15 @@ def listen_command(
         for name in ("pynetdicom", "highdicom"):  # per-association and per-module chatter
             logging.getLogger(name).setLevel(logging.WARNING)
 
+    if audit is not None:
+        from medfedpure.runtime.audit import audit_file_handler
+
+        try:
+            logging.getLogger("medfedpure").addHandler(audit_file_handler(audit))
+            logging.getLogger("medfedpure.audit").setLevel(logging.INFO)  # whatever --log-level says
+        except OSError as e:
+            typer.echo(f"error: {audit}: cannot be opened for appending ({e})", err=True)
+            raise typer.Exit(2) from e
     from medfedpure.node.scp import DicomNode
     from medfedpure.runtime.bundle import BundleError
     from medfedpure.runtime.engines import EngineError

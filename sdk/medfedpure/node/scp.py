@@ -64,6 +64,7 @@ from pynetdicom.sop_class import EnhancedMRImageStorage, MRImageStorage, Verific
 
 from medfedpure import __version__
 from medfedpure.node.config import NodeConfig
+from medfedpure.runtime.audit import audit_record, log_audit
 from medfedpure.runtime.defender import Defender, Result
 from medfedpure.scan.errors import ScanError, ScanNoPixelDataError, ScanTooLargeError
 from medfedpure.scan.limits import ScanLimits
@@ -294,6 +295,8 @@ class DicomNode:
                 scan = load_scan(ds, frame=i if frames > 1 else None, limits=self.limits)
                 with self._slots:
                     results.append(self.defender.run(scan))
+                # the audit record of every decision (logger "medfedpure.audit"; no names, no paths)
+                log_audit(audit_record(results[-1], self.defender, frame=i if frames > 1 else None))
             except ScanError as e:
                 status = (OUT_OF_RESOURCES if isinstance(e, ScanTooLargeError) else
                           DATASET_MISMATCH if isinstance(e, ScanNoPixelDataError) else CANNOT_UNDERSTAND)
