@@ -50,6 +50,11 @@ class BundleBuildConfig:
         timeout_s: each federation is stopped (all its processes) after this many seconds.
         max_bundle_bytes: the build fails when the bundle is larger.
         dest: where the verified bundle is installed ("": the package's embedded default bundle).
+        adv / adv_eps / adv_steps / adv_norm / adv_start_epoch / trades_beta / robust_val / select:
+            each site's adversarial classifier training in the classifier + MAE federation
+            (``medfedpure.fed.config.FedConfig``'s fields of those names, with its defaults: the
+            preset's recipe). Denoised-smoothing fine-tuning is not offered here: it needs each
+            site's federated student, which is a separate later change.
     """
 
     sites: int = 2
@@ -70,6 +75,15 @@ class BundleBuildConfig:
     timeout_s: float = 5400.0
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     dest: str = ""
+    # literals (this module must not import torch): a test pins them to medfedpure.fed.config.ADV_DEFAULTS
+    adv: str = "fgsm-rs"
+    adv_eps: float = -1.0
+    adv_steps: int = 7
+    adv_norm: str = "linf"
+    adv_start_epoch: int = -1
+    trades_beta: float = 6.0
+    robust_val: int = 0
+    select: str = "clean"
 
     def __post_init__(self) -> None:
         from medfedpure.models.diffusion import PurifySchedule
@@ -108,6 +122,19 @@ class BundleBuildConfig:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
         if self.max_bundle_bytes < 1:
             raise ValueError(f"max_bundle_bytes={self.max_bundle_bytes}: must be >= 1")
+        _ = self.classifier_overrides()  # validates the adversarial-training fields
+
+    def adv_options(self) -> dict[str, Any]:
+        """The adversarial-training fields, for the classifier federation's ``FedConfig``."""
+        from medfedpure.fed.config import ADV_FIELDS
+
+        return {name: getattr(self, name) for name in ADV_FIELDS}
+
+    def classifier_overrides(self) -> dict[str, Any]:
+        """What each site's ``ClassifierTrainConfig`` overrides ({} at the defaults; ``ValueError`` if bad)."""
+        from medfedpure.fed.config import adv_overrides
+
+        return adv_overrides(self.preset, self.rounds * self.local_epochs, **self.adv_options())
 
     @property
     def dest_path(self) -> Path:

@@ -101,7 +101,7 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
                          student_steps=sched.steps, purify_t_min=sched.t_min, purify_t_max=sched.t_max,
                          **common)
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
-                        local_epochs=cfg.local_epochs, max_train=cfg.max_train, **common)
+                        local_epochs=cfg.local_epochs, max_train=cfg.max_train, **cfg.adv_options(), **common)
     return purifier, cls_mae
 
 
@@ -291,8 +291,10 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     pur_in = {"preset": cfg.preset, "seed": cfg.seed, "purifier_rounds": cfg.purifier_rounds,
               "purifier_local_epochs": cfg.purifier_local_epochs, "purifier_max_train": cfg.purifier_max_train,
               "purifier_phases": list(cfg.purifier_phases), "schedule": sched}
+    # Only the adversarial-training options that differ from the preset's recipe are recorded inputs, so
+    # a build at the defaults keeps the inputs (and the resumable steps) it had before they existed.
     cls_in = {"preset": cfg.preset, "seed": cfg.seed, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
-              "max_train": cfg.max_train}
+              "max_train": cfg.max_train, **cfg.classifier_overrides()}
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:
         pur_out += (paths.fed_purifier / "student.safetensors",)

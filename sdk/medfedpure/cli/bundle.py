@@ -14,6 +14,7 @@ import typer
 
 from medfedpure.build.config import BundleBuildConfig
 from medfedpure.cli.common import PRESET_CHOICE
+from medfedpure.cli.fed import ADV_OPTIONS, adv_fields
 from medfedpure.cli.keys import sign_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
@@ -21,6 +22,7 @@ app.command("sign")(sign_command)
 
 _D = {f.name: f.default for f in fields(BundleBuildConfig) if f.default is not MISSING}
 _SCHED = "Default: medfedpure.models.diffusion.PURIFY_DEFAULTS.{}."
+_ADV = {p.name: p.default for p in ADV_OPTIONS}  # the classifier federation's adversarial-training options
 
 
 @app.command("build")
@@ -63,6 +65,14 @@ def build(
     key: Path | None = typer.Option(None, "--key", dir_okay=False,
                                     help="Ed25519 private key (PEM) that signs the installed bundle (default: "
                                          "MEDFEDPURE_SIGNING_KEY, else installed unsigned)."),
+    adv: str | None = _ADV["adv"],
+    adv_eps: float | None = _ADV["adv_eps"],
+    adv_steps: int | None = _ADV["adv_steps"],
+    adv_norm: str | None = _ADV["adv_norm"],
+    adv_start_epoch: int | None = _ADV["adv_start_epoch"],
+    trades_beta: float | None = _ADV["trades_beta"],
+    robust_val: int | None = _ADV["robust_val"],
+    select: str | None = _ADV["select"],
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
     export → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
@@ -79,7 +89,10 @@ def build(
             local_epochs=local_epochs, max_train=max_train, purifier_rounds=purifier_rounds,
             purifier_local_epochs=purifier_local_epochs, purifier_max_train=purifier_max_train,
             purifier_phases=purifier_phases, schedule=replace(PURIFY_DEFAULTS, **given), threads=threads,
-            timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest))
+            timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
+            **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
+                         adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,
+                         select=select))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 

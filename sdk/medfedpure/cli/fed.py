@@ -1,7 +1,8 @@
 """``medfedpure fed sim | deploy | compare``: argument handling only (the work is in sim / deploy / compare).
 
 The run's options are declared once, in :data:`RUN_OPTIONS` (what every command shares) and
-:data:`FEDERATION_OPTIONS` (what a federated run adds); :func:`fed_options` gives a command those
+:data:`FEDERATION_OPTIONS` (what a federated run adds; :data:`ADV_OPTIONS`, each site's adversarial
+classifier training, shared with ``bundle build``); :func:`fed_options` gives a command those
 options and hands it the :class:`~medfedpure.fed.config.FedConfig` they build. An option left out
 takes ``FedConfig``'s default, so the defaults have one source (the purification schedule's is
 ``models.diffusion.PURIFY_DEFAULTS``). Heavy imports (torch, flwr) happen inside the commands.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 
 from medfedpure.cli.common import CLASSIFIER_SPLIT_CHOICE, PRESET_CHOICE, STRATEGY_CHOICE, check_extra
@@ -74,6 +76,46 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
             help="t* range: t_min t_max (of T = 1000), recorded in the student."),
 )
 
+ADV_CHOICE = click.Choice(("none", "fgsm-rs", "pgd", "trades"))
+
+#: Each site's local classifier training (``FedConfig.ADV_FIELDS``); shared with ``bundle build``.
+ADV_OPTIONS: tuple[inspect.Parameter, ...] = (
+    _option("adv", str | None, None, "--adv", click_type=ADV_CHOICE,
+            help="Each site's adversarial training: pgd, trades, fgsm-rs or none (default: the preset's, fgsm-rs). "
+                 "Given (other than none), robust validation is on and selects each round's kept epoch."),
+    _option("adv_eps", float | None, None, "--adv-eps", min=0.0,
+            help="Adversarial radius in 1/255 units (with --adv-norm l2: the l2 radius in scan units; "
+                 "default: the preset's)."),
+    _option("adv_steps", int | None, None, "--adv-steps", min=1, help="PGD / TRADES attack steps."),
+    _option("adv_norm", str | None, None, "--adv-norm", click_type=click.Choice(("linf", "l2")),
+            help="linf or l2."),
+    _option("adv_start_epoch", int | None, None, "--adv-start-epoch", min=0,
+            help="First global epoch (of rounds × local epochs) with adversarial batches (default: the preset's)."),
+    _option("trades_beta", float | None, None, "--trades-beta", min=0.0, help="TRADES KL weight beta."),
+    _option("robust_val", int | None, None, "--robust-val", min=0,
+            help="Validation scans each site attacks each epoch (PGD at the training eps and norm; "
+                 "default 128 with --adv, else 0 = off); recorded per round as val_robust_accuracy."),
+    _option("select", str | None, None, "--select", click_type=click.Choice(("clean", "robust")),
+            help="Each round's kept epoch: clean or robust (robust validation accuracy; the default with --adv)."),
+)
+
+
+def adv_fields(adv: str | None = None, adv_eps: float | None = None, adv_norm: str | None = None,
+               robust_val: int | None = None, select: str | None = None, **given: Any) -> dict[str, Any]:
+    """The adversarial-training fields (``FedConfig.ADV_FIELDS``) of the options given on the command line.
+
+    ``adv_eps`` arrives in 1/255 units (ℓ∞) or scan units (ℓ2) and leaves in scan units; with ``--adv``
+    (other than none) ``robust_val`` defaults to 128 and ``select`` to robust, as ``train classifier``
+    does. Options left out are not returned (the config's defaults: the preset's recipe).
+    """
+    adv_given = adv is not None and adv != "none"
+    fields = {"adv": adv, "adv_norm": adv_norm,
+              "adv_eps": None if adv_eps is None else (adv_eps if adv_norm == "l2" else adv_eps / 255),
+              "robust_val": robust_val if robust_val is not None else (128 if adv_given else None),
+              "select": select if select is not None else ("robust" if adv_given else None), **given}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 TIMEOUT = typer.Option(7200.0, "--timeout", min=1.0, help="Stop the run (and all its processes) after this many seconds.")
 
 
@@ -82,9 +124,10 @@ def _config(data: Path, out: Path, sites: int, config: str | None = None, purify
             max_median_ratio: float | None = None, **given: Any) -> Any:
     """The ``FedConfig`` of the options given on the command line (the rest: FedConfig's defaults)."""
     from medfedpure.data import num_sites
-    from medfedpure.fed.config import FedConfig
+    from medfedpure.fed.config import ADV_FIELDS, FedConfig
 
-    fields: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    fields: dict[str, Any] = {k: v for k, v in given.items() if v is not None and k not in ADV_FIELDS}
+    fields.update(adv_fields(**{k: v for k, v in given.items() if k in ADV_FIELDS}))
     if config is not None:
         fields["preset"] = config
     if purify_range is not None:
@@ -133,12 +176,16 @@ def _summary(metrics: dict, wall_key: str, wrote: str) -> None:
         vals = {int(r["site"]): {k: round(float(v), 4) for k, v in r.items() if k.startswith("test_")}
                 for r in p["per_site"] if r["kind"] == "evaluate" and int(r["round"]) == last}
         typer.echo(f"{phase}: round {last} per site {json.dumps(dict(sorted(vals.items())))}; dropped updates {len(p['rejected'])}")
+        robust = {int(r["site"]): round(float(r["val_robust_accuracy"]), 4) for r in p["per_site"]
+                  if r["kind"] == "train" and int(r["round"]) == last and "val_robust_accuracy" in r}
+        if robust:
+            typer.echo(f"{phase}: round {last} robust validation accuracy per site {json.dumps(dict(sorted(robust.items())))}")
     typer.echo(f"{wall_key}: {metrics[wall_key]:.1f} s; leftover processes: {metrics['leftover_pids']}")
     typer.echo(wrote)
 
 
 @app.command()
-@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS)
+@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS, ADV_OPTIONS)
 def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
     """Federated training on the simulation runtime (Ray; one machine) → RUN folder with per-site checkpoints."""
     check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line
@@ -149,7 +196,7 @@ def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
 
 
 @app.command()
-@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS)
+@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS, ADV_OPTIONS)
 def deploy(cfg: Any, timeout: float = TIMEOUT) -> None:
     """The same app on the deployment runtime: SuperLink + one SuperNode per site on 127.0.0.1, then stop all."""
     check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line

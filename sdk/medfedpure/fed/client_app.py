@@ -160,13 +160,15 @@ class _Site:
     def job(self) -> tasks.LocalJob:
         """This round's local training job (seed, schedule position or learning-rate envelope)."""
         run, epochs = self.run, self.run.local_epochs
+        over = run.classifier_overrides()
         if self.stateful:
             # One schedule over the whole federation; per-epoch generators keyed by the global epoch,
             # so the site's seed is fixed for the run (the local-only baseline's seed).
             return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.SITE_STRIDE * self.site, site_dir=self.site_dir,
-                                  schedule=((self.round - 1) * epochs, run.rounds * epochs))
+                                  schedule=((self.round - 1) * epochs, run.rounds * epochs), classifier_overrides=over)
         return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.ROUND_STRIDE * self.round + tasks.SITE_STRIDE * self.site,
-                              site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds))
+                              site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds),
+                              classifier_overrides=over)
 
 
 def train(msg: Message, context: Context) -> Message:

@@ -6,6 +6,10 @@ dashes, as Flower's run config requires): the deployment runtime reads them from
 app's ``[tool.flwr.app.config]`` (overridable with ``flwr run --run-config``), the simulation
 runtime binds the same mapping to its in-process apps. Messages carry only per-round values
 (phase, round, split, run token).
+
+The classifier's adversarial-training fields (``adv`` … ``select``, :data:`ADV_FIELDS`) reach each
+site's ``ClassifierTrainConfig`` through :meth:`FedConfig.classifier_overrides`: at their defaults
+the overrides are empty and every site trains the preset's recipe, exactly as before they existed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,50 @@ from medfedpure.fed.phases import PHASES, PRESETS
 from medfedpure.fed.strategies import STRATEGIES
 from medfedpure.fed.validation import DEFAULT_MEDIAN_RATIO, UpdateValidationConfig
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
+from medfedpure.train.classifier import ADV_METHODS, ADV_NORMS, ClassifierTrainConfig
+
+#: The ``FedConfig`` fields passed to each site's ``ClassifierTrainConfig`` (same names there).
+ADV_FIELDS = ("adv", "adv_eps", "adv_steps", "adv_norm", "adv_start_epoch", "trades_beta", "robust_val", "select")
+_CLS = ClassifierTrainConfig()
+#: The defaults of :data:`ADV_FIELDS`: ``ClassifierTrainConfig``'s, except ``adv_eps`` and
+#: ``adv_start_epoch`` whose ``-1`` means "the preset's" (the presets differ in both).
+ADV_DEFAULTS: dict[str, Any] = {"adv": _CLS.adv, "adv_eps": -1.0, "adv_steps": _CLS.adv_steps,
+                                "adv_norm": _CLS.adv_norm, "adv_start_epoch": -1, "trades_beta": _CLS.trades_beta,
+                                "robust_val": _CLS.robust_val, "select": _CLS.select}
+
+
+def adv_overrides(preset: str, total_epochs: int, **values: Any) -> dict[str, Any]:
+    """The ``ClassifierTrainConfig`` overrides of the adversarial-training ``values`` (``ADV_FIELDS``).
+
+    Only the values that differ from :data:`ADV_DEFAULTS` are returned, so the defaults give ``{}``
+    (the preset's recipe, unchanged). The result is validated against ``preset`` (``ValueError``
+    naming the bad value), and, when adversarial training was asked for, against the federation's
+    ``total_epochs`` (rounds × local epochs): a start epoch the schedule never reaches is an error.
+    """
+    unknown = sorted(set(values) - set(ADV_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown adversarial-training options {unknown}: use {', '.join(ADV_FIELDS)}")
+    vals = {**ADV_DEFAULTS, **values}
+    if vals["adv"] not in ADV_METHODS:
+        raise ValueError(f"adv={vals['adv']!r}: use one of {', '.join(ADV_METHODS)}")
+    if vals["adv_norm"] not in ADV_NORMS:
+        raise ValueError(f"adv_norm={vals['adv_norm']!r}: use one of {', '.join(ADV_NORMS)}")
+    for name in ("adv_eps", "adv_start_epoch"):
+        if vals[name] < 0 and vals[name] != -1:
+            raise ValueError(f"{name}={vals[name]}: -1 (the preset's) or >= 0")
+    out = {k: v for k, v in vals.items() if v != ADV_DEFAULTS[k]}
+    if out.get("adv", "none") != "none" and out.get("adv_eps", ClassifierTrainConfig.preset(preset).adv_eps) == 0:
+        raise ValueError(f"adv={out['adv']!r} with adv_eps=0 (the {preset!r} preset's radius): set adv_eps "
+                         "(--adv-eps, in 1/255 units, e.g. 8), or adv='none'")
+    try:
+        cfg = ClassifierTrainConfig.preset(preset, **out)
+    except ValueError as exc:
+        raise ValueError(f"classifier adversarial training: {exc}") from exc
+    if out and cfg.adversarial and cfg.adv_start_epoch >= total_epochs:
+        raise ValueError(f"adversarial training starts at global epoch {cfg.adv_start_epoch} but the classifier "
+                         f"federation runs rounds × local epochs = {total_epochs} epochs: lower adv_start_epoch "
+                         "(--adv-start-epoch) or run more rounds")
+    return out
 
 
 @dataclass(frozen=True)
@@ -51,6 +99,12 @@ class FedConfig:
     student_steps / purify_t_min / purify_t_max: the student's sampling steps K and the t* range
         recorded in the student checkpoints (the gate calibration reads them); defaults
         ``models.diffusion.PURIFY_DEFAULTS``.
+    adv / adv_eps / adv_steps / adv_norm / adv_start_epoch / trades_beta / robust_val / select:
+        each site's local classifier training (``ClassifierTrainConfig``'s fields of those names;
+        ``adv_eps`` in scan units, -1: the preset's radius; ``adv_start_epoch`` a global epoch of the
+        federation's schedule, -1: the preset's). Every site attacks its own training scans; what
+        travels is unchanged (``classifier_split``). With ``robust_val > 0`` every train reply
+        carries ``val_robust_accuracy``. The defaults give the preset's recipe.
     seed: seeds model initialisation and every local training job.
     threads: torch threads per client process.
     round_timeout_s: how long the server waits for a round's replies.
@@ -79,6 +133,14 @@ class FedConfig:
     student_steps: int = PURIFY_DEFAULTS.steps
     purify_t_min: int = PURIFY_DEFAULTS.t_min
     purify_t_max: int = PURIFY_DEFAULTS.t_max
+    adv: str = ADV_DEFAULTS["adv"]
+    adv_eps: float = ADV_DEFAULTS["adv_eps"]
+    adv_steps: int = ADV_DEFAULTS["adv_steps"]
+    adv_norm: str = ADV_DEFAULTS["adv_norm"]
+    adv_start_epoch: int = ADV_DEFAULTS["adv_start_epoch"]
+    trades_beta: float = ADV_DEFAULTS["trades_beta"]
+    robust_val: int = ADV_DEFAULTS["robust_val"]
+    select: str = ADV_DEFAULTS["select"]
     seed: int = 0
     threads: int = 1
     round_timeout_s: float = 3600.0
@@ -124,6 +186,12 @@ class FedConfig:
                              f"{self.purify_t_max}]: {exc}") from exc
         if self.poison_site >= self.num_sites:
             raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
+        _ = self.classifier_overrides()  # validates the adversarial-training fields
+
+    def classifier_overrides(self) -> dict[str, Any]:
+        """``ClassifierTrainConfig`` fields each site's classifier training overrides ({} at the defaults)."""
+        return adv_overrides(self.preset, self.rounds * self.local_epochs,
+                             **{name: getattr(self, name) for name in ADV_FIELDS})
 
     @property
     def validation(self) -> UpdateValidationConfig:

@@ -10,6 +10,7 @@ server.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -83,6 +84,9 @@ class LocalJob:
     schedule: ``(offset, total)`` in epochs, stateful phases only: this round's epochs are global
         epochs ``offset … offset + epochs − 1`` of one warm-up + cosine schedule of ``total`` epochs;
         ``None``: the round is a complete short run of its own.
+    classifier_overrides: ``ClassifierTrainConfig`` fields the classifier's round sets on top of the
+        preset (the run's adversarial-training recipe, ``FedConfig.classifier_overrides``), as
+        sorted ``(name, value)`` pairs (a mapping is accepted); other phases ignore it.
     """
 
     preset: str
@@ -91,6 +95,7 @@ class LocalJob:
     lr_scale: float = 1.0
     site_dir: Path | None = None
     schedule: tuple[int, int] | None = None
+    classifier_overrides: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -104,6 +109,9 @@ class LocalJob:
             if offset < 0 or total < offset + self.epochs:
                 raise ValueError(f"schedule={self.schedule}: need 0 <= offset and offset + epochs <= total")
             object.__setattr__(self, "schedule", (offset, total))
+        over = self.classifier_overrides
+        items = over.items() if isinstance(over, dict) else over
+        object.__setattr__(self, "classifier_overrides", tuple(sorted((str(k), v) for k, v in items)))
 
     def stateless(self, cls: Any, **fields: Any) -> Any:
         """``cls.preset(preset)`` as one short complete run: this round's epochs and seed, no warm-up
@@ -153,20 +161,34 @@ def train_classifier_round(model: torch.nn.Module, data: SiteData, job: LocalJob
     the aggregated weights move little per round, so the site's moments stay a good preconditioner,
     and none of it leaves the site. Without ``job.schedule`` the round is a short complete run.
 
+    ``job.classifier_overrides`` (the run's adversarial-training recipe) are set on the preset's
+    config: the site attacks its own training scans, and with ``robust_val > 0`` the metrics add
+    ``val_robust_accuracy`` (PGD at the training ε on the site's fixed validation subset, of the
+    kept model). With ``job.site_dir`` the config the round trained with is written to
+    ``SITE/classifier_train_config.json`` (overwritten each round).
+
     Returns ``(metrics, the AdamW state after the round)``.
     """
+    over = dict(job.classifier_overrides)
     if job.schedule is None:
-        cfg = job.stateless(ClassifierTrainConfig, warmup_epochs=0)
+        cfg = job.stateless(ClassifierTrainConfig, warmup_epochs=0, **over)
         offset, total = 0, None
     else:
         offset, total = job.schedule
-        cfg = ClassifierTrainConfig.preset(job.preset, epochs=job.epochs, seed=job.seed, patience=job.epochs + 1)
+        cfg = ClassifierTrainConfig.preset(job.preset, epochs=job.epochs, seed=job.seed, patience=job.epochs + 1,
+                                           **over)
         cfg = replace(cfg, lr=cfg.lr * job.lr_scale)
+    if job.site_dir is not None:
+        job.site_dir.mkdir(parents=True, exist_ok=True)
+        (job.site_dir / "classifier_train_config.json").write_text(json.dumps(
+            {"train": cfg.to_dict(), "overrides": over, "schedule": [offset, total]}, indent=1, sort_keys=True))
     out = train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=False,
                            optimizer_state=optimizer_state, schedule_offset=offset, schedule_total=total,
                            return_optimizer_state=True)
     metrics = {"train_loss": _last(out, "train_loss"), "val_loss": float(out["val"]["loss"]),
                "val_accuracy": float(out["val"]["accuracy"])}
+    if "robust_val" in out:
+        metrics["val_robust_accuracy"] = float(out["robust_val"]["accuracy"])
     return metrics, out["optimizer_state"]
 
 

@@ -1,0 +1,220 @@
+"""Adversarial classifier training through the federation and the bundle build.
+
+The options of ``fed sim`` / ``fed deploy`` / ``bundle build`` (``--adv`` … ``--select``) become
+``FedConfig`` fields, reach each site's ``ClassifierTrainConfig`` through ``LocalJob``, and at their
+defaults change nothing (empty overrides: the preset's recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from medfedpure.build.config import BundleBuildConfig
+from medfedpure.build.pipeline import BuildPaths, fed_configs, make_steps
+from medfedpure.cli import app
+from medfedpure.fed import tasks
+from medfedpure.fed.config import ADV_DEFAULTS, ADV_FIELDS, FedConfig, adv_overrides
+from medfedpure.fed.phases import build_model
+from medfedpure.train.classifier import ClassifierTrainConfig
+from typer.testing import CliRunner
+
+EPS8 = 8 / 255
+
+
+@pytest.fixture()
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, FedConfig]:
+    """Replace both federated runners: record the FedConfig each command builds."""
+    seen: dict[str, FedConfig] = {}
+
+    def fake(key: str):  # type: ignore[no-untyped-def]
+        def run(cfg: FedConfig, timeout_s: float) -> dict:
+            seen[key] = cfg
+            return {"phases": {}, f"{key}_wall_s": 1.0, "leftover_pids": []}
+        return run
+
+    monkeypatch.setattr("medfedpure.fed.sim.run_sim", fake("sim"))
+    monkeypatch.setattr("medfedpure.fed.deploy.run_deployment", fake("deploy"))
+    return seen
+
+
+def _fed(tmp_path: Path, *extra: str) -> list[str]:
+    return ["--data", str(tmp_path), "--out", str(tmp_path / "run"), "--sites", "2", "--config", "tiny",
+            "--rounds", "2", *extra]
+
+
+# --- options → FedConfig → each site's ClassifierTrainConfig ------------------------------------
+
+
+def test_sim_and_deploy_pass_the_adversarial_options(tmp_path: Path, captured: dict[str, FedConfig]) -> None:
+    args = _fed(tmp_path, "--adv", "trades", "--adv-eps", "8", "--adv-steps", "3", "--trades-beta", "2",
+                "--robust-val", "16", "--select", "clean", "--adv-start-epoch", "1")
+    for cmd in ("sim", "deploy"):
+        r = CliRunner().invoke(app, ["fed", cmd, *args])
+        assert r.exit_code == 0, r.output
+    cfg = captured["sim"]
+    assert captured["deploy"] == cfg
+    assert (cfg.adv, cfg.adv_steps, cfg.adv_norm, cfg.trades_beta, cfg.robust_val, cfg.select,
+            cfg.adv_start_epoch) == ("trades", 3, "linf", 2.0, 16, "clean", 1)
+    assert cfg.adv_eps == pytest.approx(EPS8)  # 1/255 units on the command line, scan units in the config
+    over = cfg.classifier_overrides()
+    assert over == {"adv": "trades", "adv_eps": pytest.approx(EPS8), "adv_steps": 3, "trades_beta": 2.0,
+                    "robust_val": 16, "adv_start_epoch": 1}
+    # The Flower run config carries them to every site unchanged.
+    assert FedConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+def test_adv_defaults_robust_validation_and_l2_radius(tmp_path: Path, captured: dict[str, FedConfig]) -> None:
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--adv", "pgd", "--adv-eps", "0.5",
+                                                     "--adv-norm", "l2")])
+    assert r.exit_code == 0, r.output
+    cfg = captured["sim"]
+    # --adv turns robust validation on and selects on it, as `train classifier` does; l2 eps is not /255
+    assert (cfg.adv, cfg.adv_eps, cfg.adv_norm, cfg.robust_val, cfg.select) == ("pgd", 0.5, "l2", 128, "robust")
+
+
+def test_defaults_change_nothing(tmp_path: Path, captured: dict[str, FedConfig]) -> None:
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path)])
+    assert r.exit_code == 0, r.output
+    cfg = captured["sim"]
+    assert {n: getattr(cfg, n) for n in ADV_FIELDS} == ADV_DEFAULTS
+    assert cfg.classifier_overrides() == {}
+    # The small preset's recipe (FGSM-RS at 4/255 from epoch 40) stays the preset's.
+    assert FedConfig(data_dir="d", out_dir="o", preset="small", rounds=30, local_epochs=2).classifier_overrides() == {}
+    # BundleBuildConfig's literal defaults are FedConfig's.
+    b = BundleBuildConfig()
+    assert {n: getattr(b, n) for n in ADV_FIELDS} == ADV_DEFAULTS and b.classifier_overrides() == {}
+
+
+@pytest.mark.parametrize("extra, match", [
+    (("--adv", "pgd"), "adv_eps=0"),  # the tiny preset has no radius of its own
+    (("--select", "robust"), "select='robust' needs robust_val > 0"),
+    (("--adv", "pgd", "--adv-eps", "8", "--robust-val", "0"), "select='robust' needs robust_val > 0"),
+    (("--adv", "fgsm-rs", "--adv-eps", "1", "--adv-norm", "l2"), "fgsm-rs"),
+    (("--adv", "pgd", "--adv-eps", "30"), "adv_eps=0.117"),
+    (("--adv", "pgd", "--adv-eps", "8", "--adv-start-epoch", "2"), "global epoch 2 but .* = 2 epochs"),
+    (("--adv", "pgd2"), "'pgd2' is not one of"),
+    (("--adv-norm", "l1"), "'l1' is not one of"),
+    (("--select", "best"), "'best' is not one of"),
+    (("--adv-steps", "0"), "--adv-steps"),
+    (("--robust-val", "-1"), "--robust-val"),
+])
+def test_bad_values_exit_2_with_the_reason(tmp_path: Path, captured: dict[str, FedConfig], extra: tuple[str, ...],
+                                           match: str) -> None:
+    for cmd in ("sim", "deploy"):
+        r = CliRunner().invoke(app, ["fed", cmd, *_fed(tmp_path, *extra)], terminal_width=400)
+        assert r.exit_code == 2, r.output
+        assert re.search(match, " ".join(r.output.replace("│", " ").split())), r.output
+    assert captured == {}
+
+
+def test_config_rejects_bad_values_directly() -> None:
+    with pytest.raises(ValueError, match="adv_eps=-0.5: -1"):
+        FedConfig(data_dir="d", out_dir="o", adv="pgd", adv_eps=-0.5)
+    with pytest.raises(ValueError, match="adv='x'"):
+        adv_overrides("tiny", 4, adv="x")
+    with pytest.raises(ValueError, match="unknown adversarial-training options \\['eps'\\]"):
+        adv_overrides("tiny", 4, eps=0.1)
+    with pytest.raises(ValueError, match="adv_eps=0"):
+        BundleBuildConfig(preset="tiny", adv="trades")
+
+
+def _tiny_site(n: int = 12) -> tasks.SiteData:
+    g = np.random.default_rng(0)
+    x = g.random((n, 1, 32, 32), dtype=np.float32)
+    y = np.arange(n, dtype=np.int64) % 2
+    return tasks.SiteData(x, y, x[:8], y[:8], x[:8], y[:8])
+
+
+def test_site_trains_with_the_runs_overrides(tmp_path: Path) -> None:
+    """The classifier's round builds its ClassifierTrainConfig from the job's overrides and records it."""
+    torch.set_num_threads(1)
+    over = FedConfig(data_dir="d", out_dir="o", adv="pgd", adv_eps=EPS8, adv_steps=2, robust_val=4,
+                     select="robust", rounds=2).classifier_overrides()
+    job = tasks.LocalJob("tiny", 1, seed=3, site_dir=tmp_path / "site_0", schedule=(0, 2), classifier_overrides=over)
+    assert job.classifier_overrides == tuple(sorted(over.items()))
+    model, _ = build_model("classifier", "tiny", seed=0)
+    metrics, _ = tasks.train_classifier_round(model, _tiny_site(), job, None)
+    used = json.loads((tmp_path / "site_0" / "classifier_train_config.json").read_text())
+    expect = ClassifierTrainConfig.preset("tiny", epochs=1, seed=3, patience=2, adv="pgd", adv_eps=EPS8, adv_steps=2,
+                                          robust_val=4, select="robust")
+    assert used["train"] == json.loads(json.dumps(expect.to_dict())) and used["schedule"] == [0, 2]
+    assert 0.0 <= metrics["val_robust_accuracy"] <= 1.0 and math.isfinite(metrics["train_loss"])
+    # Without overrides: the preset's config, and no robust metric.
+    plain = tasks.LocalJob("tiny", 1, seed=3, site_dir=tmp_path / "site_1", schedule=(0, 2))
+    metrics, _ = tasks.train_classifier_round(build_model("classifier", "tiny", seed=0)[0], _tiny_site(), plain, None)
+    used = json.loads((tmp_path / "site_1" / "classifier_train_config.json").read_text())
+    assert used["train"] == json.loads(json.dumps(ClassifierTrainConfig.preset("tiny", epochs=1, seed=3, patience=2).to_dict()))
+    assert used["overrides"] == {} and "val_robust_accuracy" not in metrics
+
+
+# --- bundle build -------------------------------------------------------------------------------
+
+
+def test_bundle_build_dry_run_shows_and_passes_the_options(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(tmp_path / "dest"), "--dry-run",
+                                 "--adv", "pgd", "--adv-eps", "8"])
+    assert r.exit_code == 0, r.output
+    shown = json.loads((work / "config.json").read_text())
+    assert (shown["adv"], shown["robust_val"], shown["select"]) == ("pgd", 128, "robust")
+    assert shown["adv_eps"] == pytest.approx(EPS8)
+    assert '"adv": "pgd"' in r.output and '"select": "robust"' in r.output
+    cfg = BundleBuildConfig.from_dict(shown)
+    paths = BuildPaths(work)
+    pur, cls = fed_configs(cfg, paths)
+    assert (cls.adv, cls.adv_eps, cls.robust_val, cls.select) == ("pgd", cfg.adv_eps, 128, "robust")
+    assert {n: getattr(pur, n) for n in ADV_FIELDS} == ADV_DEFAULTS  # the purifier federation trains no classifier
+    steps = {s.name: s for s in make_steps(cfg, paths, federate=lambda c, t: {})}
+    assert steps["fed_cls_mae"].inputs["adv"] == "pgd"  # a changed recipe reruns the classifier federation
+    # At the defaults the classifier federation's recorded inputs are what they were before these options.
+    default_steps = {s.name: s for s in make_steps(BundleBuildConfig(), paths, federate=lambda c, t: {})}
+    assert set(default_steps["fed_cls_mae"].inputs) == {"preset", "seed", "rounds", "local_epochs", "max_train"}
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dry-run", "--preset", "tiny", "--adv", "pgd"])
+    assert r.exit_code == 2 and "adv_eps=0" in " ".join(r.output.replace("│", " ").split())
+
+
+def test_bundle_build_fields_match_fedconfig() -> None:
+    names = {f.name for f in fields(BundleBuildConfig)}
+    assert set(ADV_FIELDS) <= names
+
+
+# --- one tiny federated run ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
+
+    root = tmp_path_factory.mktemp("fed_adv_data") / "synth"
+    generate_synthetic(root, SynthConfig(sites=2, per_site=20, size=32, seed=0), workers=1, progress=False)
+    make_splits(root, seed=0)
+    return root
+
+
+@pytest.mark.slow
+def test_tiny_sim_trains_adversarially_and_records_robust_accuracy(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["fed", "sim", "--data", str(tiny_data), "--out", str(out), "--sites", "2",
+                                 "--config", "tiny", "--rounds", "1", "--phases", "classifier", "--no-calibrate",
+                                 "--max-train", "8", "--adv", "pgd", "--adv-eps", "8", "--adv-steps", "2",
+                                 "--robust-val", "8", "--select", "robust", "--timeout", "600"])
+    assert r.exit_code == 0, r.output
+    assert "classifier: round 1 robust validation accuracy per site" in r.output
+    m = json.loads((out / "metrics.json").read_text())
+    rows = [row for row in m["phases"]["classifier"]["per_site"] if row["kind"] == "train"]
+    assert sorted(row["site"] for row in rows) == [0, 1]
+    for row in rows:
+        assert 0.0 <= row["val_robust_accuracy"] <= 1.0
+    for k in range(2):
+        used = json.loads((out / f"site_{k}" / "classifier_train_config.json").read_text())["train"]
+        assert (used["adv"], used["adv_steps"], used["robust_val"], used["select"]) == ("pgd", 2, 8, "robust")
+        assert used["adv_eps"] == pytest.approx(EPS8) and used["seed"] == tasks.SITE_STRIDE * k
+    assert (out / "site_0" / "classifier.safetensors").is_file()
+    assert FedConfig.load(out / "config.json").classifier_overrides()["adv"] == "pgd"
