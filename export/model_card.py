@@ -49,8 +49,11 @@ OUT_OF_SCOPE = (
 LIMITATIONS = (
     "The gate flags a fixed fraction of clean scans by design (the calibrated false-flag rate); flagged scans "
     "are purified and may lose fine detail.",
-    "Robustness holds for the threat models evaluated (see the measured metrics); an adaptive attacker who "
-    "knows the purification key or the weights can do better than the attacks evaluated.",
+    "Robustness is no more than the measured metrics show, for the attacks and budgets named there; the "
+    "weights ship with the bundle, so plan for an attacker who has them (adaptive attacks through the whole "
+    "pipeline), and stronger or longer attacks than those measured can do better.",
+    "The gate's statistic is calibrated for the scanners it was calibrated on; on another scanner recalibrate "
+    "it on that scanner's clean scans before trusting the flag.",
     "Trained on the data listed under training data only; performance on other populations, scanners or "
     "protocols is not known until measured there.",
     "Images are reduced to one grey channel at the bundle's image size; findings smaller than a few pixels at "

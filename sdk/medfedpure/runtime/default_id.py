@@ -7,4 +7,4 @@ constant when it installs a new default bundle, and a test checks it against the
 
 from __future__ import annotations
 
-DEFAULT_BUNDLE_ID = "9a75203d747ecd58567f723f05960bcadd063f324579d447b0ba3ee0d6c75f63"
+DEFAULT_BUNDLE_ID = "283b2f74145291ad453a76d813b68cf9d017fe280dc8668297e35b66019fa11d"
