@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from medfedpure.eval.attacks import attack_loss, fgsm, pgd_l2, pgd_linf
 from medfedpure.models.moe import MoEClassifier, MoEConfig
+from medfedpure.train.attacks import attack_loss, fgsm, pgd_l2, pgd_linf
 
 
 @pytest.fixture(scope="module")

@@ -79,8 +79,8 @@ def attack(defender: Defender, x: np.ndarray, y: np.ndarray, cfg: DemoConfig) ->
     """PGD ℓ∞ against the bundle's classifier (its torch weights), x [B,1,S,S] in [0,1] → x_adv."""
     import torch
 
-    from medfedpure.eval.attacks.pgd import pgd_linf
     from medfedpure.runtime.engines.torch_engine import model_from_bytes
+    from medfedpure.train.attacks import pgd_linf
 
     art = defender.bundle.find("classifier", "safetensors", "fp32")
     if art is None:

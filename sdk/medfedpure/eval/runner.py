@@ -41,10 +41,10 @@ from medfedpure.eval.adaptive import (
     pipeline_pgd,
     transfer_evasion,
 )
-from medfedpure.eval.attacks.pgd import pgd_l2, pgd_linf
 from medfedpure.eval.defended import auroc, tpr_at_fpr
 from medfedpure.eval.pipeline import NORMS
 from medfedpure.progress import progress as progress_bar
+from medfedpure.train.attacks import pgd_l2, pgd_linf
 
 __all__ = ["PAPER", "RUNGS", "Budget", "EvalConfig", "EvalError", "parse_attacks", "parse_eps", "run_eval",
            "judge", "auroc", "tpr_at_fpr"]

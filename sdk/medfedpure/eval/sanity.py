@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from medfedpure.eval.adaptive import pipeline_pgd
-from medfedpure.eval.attacks.pgd import pgd_linf
 from medfedpure.eval.pipeline import keyed_forward
+from medfedpure.train.attacks import pgd_linf
 
 __all__ = ["UNBOUNDED_MAX_ACC", "STEPS_TOL", "MASKING_TOL", "TOY_LEVELS", "TOY_EPS", "masking_suspected",
            "QuantisedDefence", "masking_check", "run_sanity"]

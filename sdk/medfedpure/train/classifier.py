@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from medfedpure.models.diffusion import purify
 from medfedpure.runtime.certify import sigma_to_t
 from medfedpure.runtime.sampler import interp_alpha_bar
+from medfedpure.train.attacks import NORMS, ascent_step, pgd, project
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit, load_optimizer_state
 from medfedpure.train.loop import optimizer_state as optimizer_state_of
 from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
@@ -64,7 +65,7 @@ Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 ADV_METHODS = ("none", "fgsm-rs", "pgd", "trades")
-ADV_NORMS = ("linf", "l2")
+ADV_NORMS = NORMS  # the attack norms of train.attacks
 #: largest accepted radius per norm, in [0, 1] scan units (ℓ2 over the whole S×S scan)
 _MAX_EPS = {"linf": 0.1, "l2": 8.0}
 
@@ -306,55 +307,16 @@ def _log_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.log(model(x).clamp_min(1e-30))
 
 
-def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    """ℓ2 norm of each sample of ``t`` ``[B, …]``, shaped ``[B, 1, …, 1]`` for broadcasting."""
-    return t.reshape(t.shape[0], -1).norm(dim=1).reshape(t.shape[0], *([1] * (t.dim() - 1)))
-
-
-def _project(xa: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """Project ``xa`` onto the ε-ball around ``x0`` (ℓ∞ or ℓ2 per sample) intersected with [0, 1]."""
-    if norm == "linf":
-        return torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0.0, 1.0)
-    delta = xa - x0
-    factor = torch.clamp(eps / (_per_sample_norm(delta) + 1e-12), max=1.0)
-    return (x0 + delta * factor).clamp(0.0, 1.0)
-
-
-def _ascend(g: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
-    """The steepest-ascent step of length ``alpha`` in the norm: α·sign(g) (ℓ∞) or α·g/‖g‖₂ (ℓ2)."""
-    if norm == "linf":
-        return alpha * g.sign()
-    return alpha * g / (_per_sample_norm(g) + 1e-12)
-
-
-def _random_start(x0: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
-    """A uniform start in the ε-ball: U(−ε, ε) per pixel (ℓ∞), or a uniform direction at radius ε·u (ℓ2)."""
-    if norm == "linf":
-        return (x0 + (torch.rand(x0.shape, generator=generator) * 2 - 1) * eps).clamp(0.0, 1.0)
-    d = torch.randn(x0.shape, generator=generator)
-    r = torch.rand((x0.shape[0],) + (1,) * (x0.dim() - 1), generator=generator)
-    return (x0 + d / (_per_sample_norm(d) + 1e-12) * r * eps).clamp(0.0, 1.0)
-
-
 def _pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, norm: str,
          generator: torch.Generator) -> torch.Tensor:
-    """PGD maximising the summed cross-entropy, random start, step 2.5·ε/steps; eval mode, mode restored."""
-    if norm not in ADV_NORMS:
-        raise ValueError(f"norm={norm!r}: use one of {ADV_NORMS}")
-    alpha = 2.5 * eps / steps
-    x0 = x.detach()
-    xa = _random_start(x0, eps, norm, generator)
+    """PGD (``train.attacks.pgd``: summed cross-entropy, random start, step 2.5·ε/steps) with the model in
+    eval mode, its mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        for _ in range(steps):
-            xg = xa.detach().requires_grad_(True)
-            loss = F.nll_loss(_log_probs(model, xg), y, reduction="sum")
-            (g,) = torch.autograd.grad(loss, xg)
-            xa = _project(xa + _ascend(g, alpha, norm), x0, eps, norm).detach()
+        return pgd(model, x, y, eps, norm=norm, steps=steps, generator=generator)
     finally:
         model.train(was_training)
-    return xa
 
 
 def pgd_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, frac: float,
@@ -433,12 +395,12 @@ def trades_adversary(model: torch.nn.Module, x: torch.Tensor, eps: float, steps:
     try:
         with torch.no_grad():
             p_clean = _log_probs(model, x0).exp()
-        xa = _project(x0 + 0.001 * torch.randn(x0.shape, generator=generator), x0, eps, norm)
+        xa = project(x0 + 0.001 * torch.randn(x0.shape, generator=generator), x0, eps, norm)
         for _ in range(steps):
             xg = xa.detach().requires_grad_(True)
             kl = F.kl_div(_log_probs(model, xg), p_clean, reduction="sum")
             (g,) = torch.autograd.grad(kl, xg)
-            xa = _project(xa + _ascend(g, alpha, norm), x0, eps, norm).detach()
+            xa = project(xa + ascent_step(g, alpha, norm), x0, eps, norm).detach()
     finally:
         model.train(was_training)
     return xa

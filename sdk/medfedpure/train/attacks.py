@@ -1,4 +1,7 @@
-"""Gradient attacks against a classifier: FGSM, PGD ℓ∞ and PGD ℓ2 (rung 1 of docs/evaluation.md).
+"""Gradient attacks against a classifier: FGSM, PGD ℓ∞ and PGD ℓ2 — the one implementation that
+adversarial training (``train.classifier``) and the evaluation (``medfedpure.eval``, rung 1 of
+docs/evaluation.md) both use, with its steps (``ball_start``, ``ascent_step``, ``project``) shared by
+the training-only attacks (TRADES, PGD through the purifier).
 
 Functions, not stateful objects: ``attack(model, x, y, eps, ..., generator=g) -> x_adv``. The model
 is any callable ``[B,1,S,S] -> [B,C]``; the loss is the cross-entropy of the true label computed
@@ -21,7 +24,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fgsm", "pgd_linf", "pgd_l2", "attack_loss"]
+__all__ = ["NORMS", "fgsm", "pgd", "pgd_linf", "pgd_l2", "attack_loss", "ball_start", "ascent_step", "project"]
+
+NORMS = ("linf", "l2")
+_TINY = 1e-12
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -104,23 +110,8 @@ def pgd_linf(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, step
         g = torch.Generator().manual_seed(0)
         x_adv = pgd_linf(model, x, y, eps=8 / 255, steps=10, generator=g)
     """
-    _check(x, y, eps)
-    if steps < 1:
-        raise ValueError(f"steps={steps}: must be >= 1")
-    alpha = 2.5 * eps / steps if alpha is None else alpha
-    x0 = x.detach()
-    if random_start:
-        if generator is None:
-            raise ValueError("random_start=True needs an explicit generator (torch.Generator().manual_seed(s))")
-        u = torch.rand(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-        xa = (x0 + (2 * u - 1) * eps).clamp(0.0, 1.0)
-    else:
-        xa = x0.clone()
-    for _ in range(steps):
-        g = _grad(model, xa, y, output)
-        xa = xa + alpha * g.sign()
-        xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0.0, 1.0).detach()
-    return xa
+    return pgd(model, x, y, eps, norm="linf", steps=steps, alpha=alpha, random_start=random_start,
+               generator=generator, output=output)
 
 
 def pgd_l2(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int = 10,
@@ -145,31 +136,67 @@ def pgd_l2(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps:
 
         x_adv = pgd_l2(model, x, y, eps=0.5, steps=10, generator=torch.Generator().manual_seed(0))
     """
+    return pgd(model, x, y, eps, norm="l2", steps=steps, alpha=alpha, random_start=random_start,
+               generator=generator, output=output)
+
+
+def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """ℓ2 norm of each sample of ``t`` ``[B, …]``, shaped ``[B, 1, …, 1]`` for broadcasting."""
+    return t.reshape(t.shape[0], -1).norm(dim=1).reshape(t.shape[0], *([1] * (t.dim() - 1)))
+
+
+def _norm_name(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r}: use one of {NORMS}")
+    return norm
+
+
+def project(xa: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """``xa`` projected onto the ε-ball around ``x0`` (ℓ∞, or ℓ2 per sample: δ scaled back onto the
+    sphere) intersected with [0, 1]."""
+    if _norm_name(norm) == "linf":
+        return torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+    delta = xa - x0
+    return (x0 + delta * torch.clamp(eps / (_per_sample_norm(delta) + _TINY), max=1.0)).clamp(0.0, 1.0)
+
+
+def ascent_step(g: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+    """The steepest-ascent step of length ``alpha`` in the norm: α·sign(g) (ℓ∞) or α·g/‖g‖₂ (ℓ2)."""
+    if _norm_name(norm) == "linf":
+        return alpha * g.sign()
+    return alpha * g / (_per_sample_norm(g) + _TINY)
+
+
+def ball_start(x0: torch.Tensor, eps: float, norm: str, generator: torch.Generator) -> torch.Tensor:
+    """A start drawn from ``generator`` in the ε-ball around ``x0``, clipped to [0, 1]: U(−ε, ε) per pixel
+    (ℓ∞), or a uniform direction at radius ε·u, u ~ U(0, 1) (ℓ2, as torchattacks)."""
+    if _norm_name(norm) == "linf":
+        u = torch.rand(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+        return (x0 + (2 * u - 1) * eps).clamp(0.0, 1.0)
+    d = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    r = torch.rand((x0.shape[0],) + (1,) * (x0.dim() - 1), generator=generator, device=generator.device,
+                   dtype=x0.dtype).to(x0.device)
+    return (x0 + d / (_per_sample_norm(d) + _TINY) * r * eps).clamp(0.0, 1.0)
+
+
+def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str = "linf", steps: int = 10,
+        alpha: float | None = None, random_start: bool = True, generator: torch.Generator | None = None,
+        output: str = "probs") -> torch.Tensor:
+    """PGD in the ``norm`` ball (``pgd_linf`` / ``pgd_l2``): ``x_{i+1} = project(x_i + ascent_step(∇L))``,
+    step ``alpha`` (default 2.5·ε/steps), from ``ball_start`` when ``random_start`` (``generator`` required).
+    Returns ``x_adv`` detached, inside the ball and [0, 1]."""
     _check(x, y, eps)
+    _norm_name(norm)
     if steps < 1:
         raise ValueError(f"steps={steps}: must be >= 1")
     alpha = 2.5 * eps / steps if alpha is None else alpha
-    tiny = 1e-12
     x0 = x.detach()
-    b = x0.shape[0]
-
-    def norms(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(b, -1).norm(dim=1).reshape(b, *([1] * (t.dim() - 1)))
-
     if random_start:
         if generator is None:
             raise ValueError("random_start=True needs an explicit generator (torch.Generator().manual_seed(s))")
-        d = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-        r = torch.rand((b,) + (1,) * (x0.dim() - 1), generator=generator, device=generator.device,
-                       dtype=x0.dtype).to(x0.device)
-        delta = d / (norms(d) + tiny) * r * eps
-        xa = (x0 + delta).clamp(0.0, 1.0)
+        xa = ball_start(x0, eps, norm, generator)
     else:
         xa = x0.clone()
     for _ in range(steps):
-        g = _grad(model, xa, y, output)
-        xa = xa + alpha * g / (norms(g) + tiny)
-        delta = xa - x0
-        factor = torch.clamp(eps / (norms(delta) + tiny), max=1.0)
-        xa = (x0 + delta * factor).clamp(0.0, 1.0).detach()
+        xa = project(xa + ascent_step(_grad(model, xa, y, output), alpha, norm), x0, eps, norm).detach()
     return xa
