@@ -11,10 +11,9 @@ import os
 from dataclasses import dataclass
 
 from medfedpure.runtime.defender import POLICIES
+from medfedpure.runtime.engines import BACKENDS, DEVICES
 from medfedpure.scan.limits import MAX_FILE_BYTES
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
-DEVICES = ("auto", "cpu", "cuda")
 # DICOM AE titles: 1..16 characters of the default repertoire, no backslash, not only spaces (PS3.5 6.2)
 AE_TITLE_MAX = 16
 

@@ -14,11 +14,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from medfedpure.runtime.defender import POLICIES
+from medfedpure.runtime.engines import BACKENDS, DEVICES
 from medfedpure.scan.limits import MAX_FILE_BYTES
 
 CONFIG_ENV = "MEDFEDPURE_SERVE_CONFIG"
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def is_loopback(host: str) -> bool:

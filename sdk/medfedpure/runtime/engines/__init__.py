@@ -17,8 +17,9 @@ from medfedpure.runtime.bundle import VerifiedBundle
 from medfedpure.runtime.engines.base import Engine, EngineError
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda")
 
-__all__ = ["BACKENDS", "Engine", "EngineError", "create_engine"]
+__all__ = ["BACKENDS", "DEVICES", "Engine", "EngineError", "create_engine"]
 
 
 def create_engine(bundle: VerifiedBundle, backend: str = "auto", device: str = "auto", **options: Any) -> Engine:
