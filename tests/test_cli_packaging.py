@@ -165,9 +165,9 @@ def test_choices_equal_the_library_values():
     from medfedpure.build.config import PRESETS as BUILD_PRESETS
     from medfedpure.gate.validate import STATS
     from medfedpure.runtime.defender import POLICIES
-    from medfedpure.runtime.engines import BACKENDS
+    from medfedpure.runtime.engines import BACKENDS, DEVICES
 
-    assert common.BACKENDS == BACKENDS and common.POLICIES == POLICIES
+    assert common.BACKENDS == BACKENDS and common.DEVICES == DEVICES and common.POLICIES == POLICIES
     assert common.PRESETS == BUILD_PRESETS and set(common.STATS) == set(STATS)
     from medfedpure.cli.train import CONFIGS
 

@@ -126,7 +126,7 @@ def guard_extras(app: typer.Typer, path: str = "") -> None:
 
 # Fixed value sets (equal to the library's tuples; tests/test_cli_packaging.py checks it).
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")  # medfedpure.runtime.engines.BACKENDS
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda")  # medfedpure.runtime.engines.DEVICES
 POLICIES = ("adaptive", "floor")  # medfedpure.runtime.defender.POLICIES
 PRESETS = ("tiny", "small")  # medfedpure.build.config.PRESETS, medfedpure.fed.phases.PRESETS
 STATS = ("hfratio", "mean", "topk", "nyqratio")  # medfedpure.gate.validate.STATS
