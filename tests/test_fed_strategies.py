@@ -316,3 +316,40 @@ def test_unregistered_node_is_dropped() -> None:
     ups = [{k: v + 0.01 for k, v in sent.items()} for _ in range(3)]
     s.aggregate_train(1, [_reply_n(i + 1, i, ups[i], 10) for i in range(3)])
     assert [r["site"] for r in s.rejected] == [2] and "did not register" in s.rejected[0]["reason"]
+
+
+def test_replies_are_aggregated_in_site_order_whatever_their_arrival() -> None:
+    """Sites that train side by side reply in any order; the aggregate must be bit-identical, and the
+    per-site history is recorded in site order."""
+    rng = np.random.default_rng(7)
+    sent = _global(rng)
+    updates = [{k: v + rng.normal(scale=0.05, size=v.shape).astype(np.float32) for k, v in sent.items()}
+               for _ in range(4)]
+    replies = [_reply(10 + i, i, u, n=7 + 3 * i) for i, u in enumerate(updates)]
+    results = []
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+        s = make_strategy("fedavg", 4, phase="classifier")
+        _configure(s, sent, 4)
+        arrays, _ = s.aggregate_train(1, [replies[i] for i in order])
+        assert arrays is not None
+        assert [h["site"] for h in s.history if h["kind"] == "train"] == [0, 1, 2, 3]
+        results.append({k: arrays[k].numpy() for k in sent})
+    for other in results[1:]:
+        for k in sent:
+            assert np.array_equal(other[k], results[0][k]), k
+
+
+def test_in_site_order_puts_error_replies_last() -> None:
+    from medfedpure.fed.strategies import in_site_order
+
+    a = {"w": np.zeros((2,), np.float32)}
+    replies = [_reply(5, 2, a), _reply(9, 0, a), _reply(1, 1, a), _reply(2, 0, a)]
+    assert [(int(m.metadata.src_node_id)) for m in in_site_order(replies)] == [2, 9, 1, 5]
+
+
+@pytest.mark.parametrize(("sites", "threads", "cpus", "want"),
+                         [(4, 1, 2, 2), (4, 1, 16, 4), (1, 1, 8, 1), (4, 2, 2, 1), (4, 4, 2, 1), (3, 2, 8, 3)])
+def test_parallel_clients_fits_the_cpus(sites: int, threads: int, cpus: int, want: int) -> None:
+    from medfedpure.fed.sim import parallel_clients
+
+    assert parallel_clients(sites, threads, cpus) == want

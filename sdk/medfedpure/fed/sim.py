@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -47,12 +48,13 @@ def _rounds_done(progress_path: Path) -> int:
 def prepare_run_folder(cfg: FedConfig) -> FedConfig:
     """Create RUN, write ``RUN/config.json`` and clear the previous run's result files.
 
-    Returns ``cfg`` with absolute data and run folders: every process of the run (Ray workers,
-    SuperNodes) reads them from the run config, whatever its working directory.
+    Returns ``cfg`` with absolute data and run folders and denoiser path: every process of the run
+    (Ray workers, SuperNodes) reads them from the run config, whatever its working directory.
     """
     out = Path(cfg.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()))
+    cfg = replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()),
+                  denoiser=str(Path(cfg.denoiser).resolve()) if cfg.denoiser else "")
     cfg.save(out / "config.json")
     for stale in ("metrics.json", "server_error.txt", "progress.json"):  # a stale file would pass for this run's result
         (out / stale).unlink(missing_ok=True)
@@ -122,6 +124,19 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
     return finish_metrics(out, "sim_wall_s", wall, token, stragglers, leftover)
 
 
+def parallel_clients(num_sites: int, threads: int, cpus: int | None = None) -> int:
+    """How many simulated sites train at once: as many as the CPUs this process may use hold at
+    ``threads`` torch threads each, at most one per site and at least one.
+
+    Only the wall time depends on it: the server aggregates the replies in site order
+    (``ValidatingMixin``), so the global model is the same whether the sites ran one after the
+    other or side by side.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_sites, cpus // max(1, threads)))
+
+
 def _worker(config_path: str) -> int:
     """Child-process entry: run the simulation for the config at ``config_path``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -134,9 +149,12 @@ def _worker(config_path: str) -> int:
     torch.set_num_threads(1)
     cfg = FedConfig.load(Path(config_path))
     run_config = cfg.to_run_config()
+    workers = parallel_clients(cfg.num_sites, cfg.threads)
+    logging.getLogger(__name__).info("%d site(s) train at a time (%d torch thread(s) each)", workers, cfg.threads)
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False, "logging_level": "warning"},
+        "client_resources": {"num_cpus": cfg.threads, "num_gpus": 0.0},
+        "init_args": {"num_cpus": workers * cfg.threads, "num_gpus": 0, "include_dashboard": False,
+                      "logging_level": "warning"},
     }
     run_simulation(
         server_app=make_server_app(run_config), client_app=make_client_app(run_config), num_supernodes=cfg.num_sites,

@@ -66,6 +66,16 @@ def _reply_metrics(msg: Message) -> dict[str, float]:
     return out
 
 
+def in_site_order(replies: Iterable[Message]) -> list[Message]:
+    """The replies sorted by the site they report (then node id; error replies, which carry no site,
+    last), not by arrival: sites that train side by side finish in any order, and a floating-point
+    sum over the replies must not depend on it."""
+    def key(msg: Message) -> tuple[int, int, int]:
+        site = -1 if msg.has_error() else int(_reply_metrics(msg).get("site", -1))
+        return (site < 0, site, int(msg.metadata.src_node_id))
+    return sorted(replies, key=key)
+
+
 class ValidatingMixin:
     """Put in front of a Flower Message-API strategy: validates train replies, records metrics.
 
@@ -116,7 +126,7 @@ class ValidatingMixin:
         """
         kept: list[Message] = []
         passed: list[tuple[Message, dict[str, float], int, int]] = []
-        for msg in replies:
+        for msg in in_site_order(replies):
             if msg.has_error():
                 self._record_error(server_round, "train", msg)
                 kept.append(msg)
@@ -166,7 +176,7 @@ class ValidatingMixin:
         return super().aggregate_train(server_round, kept)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+        replies = in_site_order(replies)
         for msg in replies:
             if msg.has_error():
                 self._record_error(server_round, "evaluate", msg)
