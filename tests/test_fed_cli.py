@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import typer
 from medfedpure.cli import app
-from medfedpure.cli.fed import ADV_OPTIONS, FEDERATION_OPTIONS, RUN_OPTIONS
+from medfedpure.cli.fed import ADV_OPTIONS, FEDERATION_OPTIONS, RUN_OPTIONS, SMOOTHING_OPTIONS
 from medfedpure.fed.config import FedConfig
 from medfedpure.models.diffusion import PURIFY_DEFAULTS
 from typer.testing import CliRunner
@@ -70,8 +70,8 @@ def test_bad_option_is_a_usage_error_and_every_option_is_listed(tmp_path: Path) 
     assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 21
     fed = typer.main.get_command(app).commands["fed"]  # type: ignore[attr-defined]
     params = {name: [p.name for p in fed.commands[name].params] for name in ("sim", "deploy", "compare")}
-    assert params["sim"] == params["deploy"] == [*(p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS + ADV_OPTIONS),
-                                                 "timeout"]
+    assert params["sim"] == params["deploy"] == [
+        *(p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS + ADV_OPTIONS + SMOOTHING_OPTIONS), "timeout"]
     assert params["compare"] == [*(p.name for p in RUN_OPTIONS), "methods", "timeout"]
 
 

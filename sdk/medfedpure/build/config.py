@@ -53,8 +53,12 @@ class BundleBuildConfig:
         adv / adv_eps / adv_steps / adv_norm / adv_start_epoch / trades_beta / robust_val / select:
             each site's adversarial classifier training in the classifier + MAE federation
             (``medfedpure.fed.config.FedConfig``'s fields of those names, with its defaults: the
-            preset's recipe). Denoised-smoothing fine-tuning is not offered here: it needs each
-            site's federated student, which is a separate later change.
+            preset's recipe).
+        smoothing_sigmas / smoothing_frac: each site's denoised-smoothing fine-tuning in the
+            classifier + MAE federation (``FedConfig``'s fields of those names; ``()``: off). The
+            denoiser is the purifier federation's student (its teacher when ``purifier_phases`` is
+            ``("teacher",)``): the weights the bundle ships, so the classifier federation then comes
+            after the purifier federation and reruns when it does.
     """
 
     sites: int = 2
@@ -84,6 +88,8 @@ class BundleBuildConfig:
     trades_beta: float = 6.0
     robust_val: int = 0
     select: str = "clean"
+    smoothing_sigmas: tuple[float, ...] = ()
+    smoothing_frac: float = 0.25
 
     def __post_init__(self) -> None:
         from medfedpure.models.diffusion import PurifySchedule
@@ -96,6 +102,9 @@ class BundleBuildConfig:
         if isinstance(phases, str):
             phases = tuple(p for p in phases.split(",") if p)
         object.__setattr__(self, "purifier_phases", tuple(phases))
+        from medfedpure.fed.config import parse_sigmas
+
+        object.__setattr__(self, "smoothing_sigmas", parse_sigmas(self.smoothing_sigmas))
         if self.purifier_phases not in PURIFIER_PHASES:
             raise ValueError(f"purifier_phases={self.purifier_phases}: use 'teacher,student' or 'teacher' "
                              "(the teacher alone then samples as the K-step purifier)")
@@ -122,7 +131,7 @@ class BundleBuildConfig:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
         if self.max_bundle_bytes < 1:
             raise ValueError(f"max_bundle_bytes={self.max_bundle_bytes}: must be >= 1")
-        _ = self.classifier_overrides()  # validates the adversarial-training fields
+        _ = self.classifier_overrides()  # validates the adversarial-training and smoothing fields
 
     def adv_options(self) -> dict[str, Any]:
         """The adversarial-training fields, for the classifier federation's ``FedConfig``."""
@@ -130,11 +139,23 @@ class BundleBuildConfig:
 
         return {name: getattr(self, name) for name in ADV_FIELDS}
 
+    def smoothing_options(self) -> dict[str, Any]:
+        """The denoised-smoothing fields, for the classifier federation's ``FedConfig``."""
+        from medfedpure.fed.config import SMOOTHING_FIELDS
+
+        return {name: getattr(self, name) for name in SMOOTHING_FIELDS}
+
+    @property
+    def smoothing(self) -> bool:
+        """Whether the classifier federation fine-tunes with denoised smoothing (through the purifier's student)."""
+        return bool(self.smoothing_sigmas)
+
     def classifier_overrides(self) -> dict[str, Any]:
         """What each site's ``ClassifierTrainConfig`` overrides ({} at the defaults; ``ValueError`` if bad)."""
-        from medfedpure.fed.config import adv_overrides
+        from medfedpure.fed.config import adv_overrides, smoothing_overrides
 
-        return adv_overrides(self.preset, self.rounds * self.local_epochs, **self.adv_options())
+        adv = adv_overrides(self.preset, self.rounds * self.local_epochs, **self.adv_options())
+        return {**adv, **smoothing_overrides(self.preset, adv, **self.smoothing_options())}
 
     @property
     def dest_path(self) -> Path:
@@ -150,6 +171,7 @@ class BundleBuildConfig:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["schedule"] = self.schedule.to_dict()
         d["purifier_phases"] = list(self.purifier_phases)
+        d["smoothing_sigmas"] = list(self.smoothing_sigmas)
         return d
 
     @classmethod

@@ -14,7 +14,11 @@ The work folder ``WORK`` (default ``runs/default_bundle``) holds::
     WORK/bundle/                the exported, verified bundle before it is installed
 
 The purifier trains in a federation of its own (its own rounds and local epochs): it does not
-depend on the classifier, so a re-tuned classifier federation reruns without retraining it. The
+depend on the classifier, so a re-tuned classifier federation reruns without retraining it. With
+denoised-smoothing fine-tuning (``smoothing_sigmas``) the classifier federation depends on the
+purifier: every site denoises with the purifier federation's student (:func:`purifier_denoiser`),
+the weights the bundle ships, so that step comes after ``fed_purifier`` and reruns when it does;
+without it the classifier federation's step is what it always was. The
 merge writes the run folder's ``config.json`` in the shape ``fed sim`` writes (``{"fed":
 FedConfig}``, plus ``"fed_purifier"``) so that export finds the data root in it, and records in
 ``metrics.json`` whether the distilled student is missing and the teacher samples in its place
@@ -41,7 +45,8 @@ from medfedpure.build.steps import Step, StepsReport, read_record, run_steps
 if TYPE_CHECKING:
     from medfedpure.fed.config import FedConfig
 
-__all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "fed_configs", "pin_default_bundle_id"]
+__all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "fed_configs", "pin_default_bundle_id",
+           "purifier_denoiser"]
 
 Federate = Callable[["FedConfig", float], Mapping[str, Any]]
 
@@ -89,8 +94,19 @@ class BuildPaths:
         return self.work / "bundle"
 
 
+def purifier_denoiser(cfg: BundleBuildConfig, paths: BuildPaths) -> Path:
+    """The purifier federation's model that the bundle ships as its denoiser: the student, or the
+    teacher when the build skips distillation (``_merge`` copies the same file into the run)."""
+    name = "student" if "student" in cfg.purifier_phases else "teacher"
+    return paths.fed_purifier / f"{name}.safetensors"
+
+
 def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, FedConfig]:
-    """``(purifier federation, classifier + MAE federation)`` configs of a build."""
+    """``(purifier federation, classifier + MAE federation)`` configs of a build.
+
+    With ``cfg.smoothing`` the classifier federation's ``denoiser`` is :func:`purifier_denoiser` (a
+    file the purifier federation writes before the classifier federation starts).
+    """
     from medfedpure.fed.config import FedConfig
 
     common = dict(data_dir=str(paths.data), preset=cfg.preset, num_sites=cfg.sites, seed=cfg.seed,
@@ -100,8 +116,10 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
                          local_epochs=cfg.purifier_local_epochs, max_train=cfg.purifier_max_train,
                          student_steps=sched.steps, purify_t_min=sched.t_min, purify_t_max=sched.t_max,
                          **common)
+    smoothing = {**cfg.smoothing_options(), "denoiser": str(purifier_denoiser(cfg, paths))} if cfg.smoothing else {}
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
-                        local_epochs=cfg.local_epochs, max_train=cfg.max_train, **cfg.adv_options(), **common)
+                        local_epochs=cfg.local_epochs, max_train=cfg.max_train, **cfg.adv_options(), **smoothing,
+                        **common)
     return purifier, cls_mae
 
 
@@ -291,10 +309,14 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     pur_in = {"preset": cfg.preset, "seed": cfg.seed, "purifier_rounds": cfg.purifier_rounds,
               "purifier_local_epochs": cfg.purifier_local_epochs, "purifier_max_train": cfg.purifier_max_train,
               "purifier_phases": list(cfg.purifier_phases), "schedule": sched}
-    # Only the adversarial-training options that differ from the preset's recipe are recorded inputs, so
-    # a build at the defaults keeps the inputs (and the resumable steps) it had before they existed.
+    # Only the adversarial-training and smoothing options that differ from the preset's recipe are recorded
+    # inputs, so a build at the defaults keeps the inputs (and the resumable steps) it had before they
+    # existed. With smoothing the classifier federation also comes after the purifier federation (its
+    # denoiser): the purifier's key enters the classifier's, and a rerun purifier reruns it.
+    over = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.classifier_overrides().items()}
     cls_in = {"preset": cfg.preset, "seed": cfg.seed, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
-              "max_train": cfg.max_train, **cfg.classifier_overrides()}
+              "max_train": cfg.max_train, **over}
+    cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:
         pur_out += (paths.fed_purifier / "student.safetensors",)
@@ -305,7 +327,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
         Step("fed_purifier", lambda: _federate(fed_pur, fed_run, cfg.timeout_s), pur_in, pur_out, ("data",)),
         Step("fed_cls_mae", lambda: _federate(fed_cls, fed_run, cfg.timeout_s), cls_in,
              (paths.fed_cls_mae / "mae.safetensors", paths.fed_cls_mae / site_dir / "classifier.safetensors",
-              paths.fed_cls_mae / "metrics.json"), ("data",)),
+              paths.fed_cls_mae / "metrics.json"), cls_after),
         Step("merge", lambda: _merge(cfg, paths), {"site": cfg.site},
              (paths.run / "config.json", paths.run / "metrics.json", paths.run / "student.safetensors",
               paths.run / "mae.safetensors", paths.run / site_dir / "classifier.safetensors"),

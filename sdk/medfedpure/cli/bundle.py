@@ -73,6 +73,13 @@ def build(
     trades_beta: float | None = _ADV["trades_beta"],
     robust_val: int | None = _ADV["robust_val"],
     select: str | None = _ADV["select"],
+    smoothing_sigmas: str | None = typer.Option(
+        None, "--smoothing-sigmas", help="Denoised-smoothing fine-tuning of each site's classifier through the "
+        "purifier federation's student (the shipped denoiser): comma-separated sigmas in scan units, e.g. "
+        "0.12,0.25,0.5 (default: off). The classifier federation then reruns whenever the purifier does."),
+    smoothing_frac: float | None = typer.Option(
+        None, "--smoothing-frac", min=0.0, max=1.0, help="Fraction of each batch noised and denoised (with "
+        "--smoothing-sigmas; default " + str(_D["smoothing_frac"]) + ")."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
     export → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
@@ -92,7 +99,9 @@ def build(
             timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,
-                         select=select))
+                         select=select),
+            **{k: v for k, v in (("smoothing_sigmas", smoothing_sigmas), ("smoothing_frac", smoothing_frac))
+               if v is not None})
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 

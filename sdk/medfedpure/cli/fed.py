@@ -2,7 +2,8 @@
 
 The run's options are declared once, in :data:`RUN_OPTIONS` (what every command shares) and
 :data:`FEDERATION_OPTIONS` (what a federated run adds; :data:`ADV_OPTIONS`, each site's adversarial
-classifier training, shared with ``bundle build``); :func:`fed_options` gives a command those
+classifier training, shared with ``bundle build``; :data:`SMOOTHING_OPTIONS`, each site's
+denoised-smoothing fine-tuning, whose sigmas and fraction ``bundle build`` shares); :func:`fed_options` gives a command those
 options and hands it the :class:`~medfedpure.fed.config.FedConfig` they build. An option left out
 takes ``FedConfig``'s default, so the defaults have one source (the purification schedule's is
 ``models.diffusion.PURIFY_DEFAULTS``). Heavy imports (torch, flwr) happen inside the commands.
@@ -100,6 +101,20 @@ ADV_OPTIONS: tuple[inspect.Parameter, ...] = (
 )
 
 
+#: Each site's denoised-smoothing fine-tuning (``FedConfig.SMOOTHING_FIELDS`` and ``denoiser``); ``bundle
+#: build`` shares the first two (its denoiser is the purifier federation's student).
+SMOOTHING_OPTIONS: tuple[inspect.Parameter, ...] = (
+    _option("smoothing_sigmas", str | None, None, "--smoothing-sigmas",
+            help="Denoised-smoothing fine-tuning of each site's classifier: comma-separated sigmas in scan "
+                 "units, e.g. 0.12,0.25,0.5 (needs --denoiser; default: off)."),
+    _option("smoothing_frac", float | None, None, "--smoothing-frac", min=0.0, max=1.0,
+            help="Fraction of each batch noised and denoised (with --smoothing-sigmas; adv_frac + this <= 1)."),
+    _option("denoiser", Path | None, None, "--denoiser", exists=True,
+            help="The frozen denoiser every site uses with --smoothing-sigmas: a bundle folder, a run folder "
+                 "holding student.safetensors, or a unet .safetensors file (read by each site, never sent)."),
+)
+
+
 def adv_fields(adv: str | None = None, adv_eps: float | None = None, adv_norm: str | None = None,
                robust_val: int | None = None, select: str | None = None, **given: Any) -> dict[str, Any]:
     """The adversarial-training fields (``FedConfig.ADV_FIELDS``) of the options given on the command line.
@@ -137,9 +152,17 @@ def _config(data: Path, out: Path, sites: int, config: str | None = None, purify
         if value is not None:
             fields[name] = value if value > 0 else math.inf
     try:
-        return FedConfig(data_dir=str(data), out_dir=str(out), num_sites=sites or num_sites(data), **fields)
+        cfg = FedConfig(data_dir=str(data), out_dir=str(out), num_sites=sites or num_sites(data), **fields)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if cfg.denoiser:  # every site loads it: a source that is not a diffusion unet fails here, before any launch
+        from medfedpure.train.denoiser import DenoiserLoadError, load_denoiser
+
+        try:
+            load_denoiser(cfg.denoiser)
+        except DenoiserLoadError as exc:
+            raise typer.BadParameter(f"--{exc}") from exc
+    return cfg
 
 
 def fed_options(*groups: tuple[inspect.Parameter, ...]) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -185,7 +208,7 @@ def _summary(metrics: dict, wall_key: str, wrote: str) -> None:
 
 
 @app.command()
-@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS, ADV_OPTIONS)
+@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS, ADV_OPTIONS, SMOOTHING_OPTIONS)
 def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
     """Federated training on the simulation runtime (Ray; one machine) → RUN folder with per-site checkpoints."""
     check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line
@@ -196,7 +219,7 @@ def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
 
 
 @app.command()
-@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS, ADV_OPTIONS)
+@fed_options(RUN_OPTIONS, FEDERATION_OPTIONS, ADV_OPTIONS, SMOOTHING_OPTIONS)
 def deploy(cfg: Any, timeout: float = TIMEOUT) -> None:
     """The same app on the deployment runtime: SuperLink + one SuperNode per site on 127.0.0.1, then stop all."""
     check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line

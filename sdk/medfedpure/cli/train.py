@@ -191,24 +191,13 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
 
 def _load_denoiser(path: Path) -> tuple[Any, dict[str, Any]]:
     """The diffusion student of a bundle (verified first), a run folder or a safetensors file, and its
-    purification schedule as far as known (``t_min``: the bundle's gate or the student's; ``steps``: K)."""
-    from medfedpure.models.weights import WeightsError, load_model, model_from_bytes
-    from medfedpure.runtime.bundle import BundleError, verify_bundle
+    purification schedule as far as known (``medfedpure.train.denoiser.load_denoiser``)."""
+    from medfedpure.train.denoiser import DenoiserLoadError, load_denoiser
 
     try:
-        if path.is_dir() and (path / "manifest.json").is_file():
-            vb = verify_bundle(path, allow_unsigned=True)
-            model = model_from_bytes(vb.read_bytes("denoiser.torch"))[0]
-            schedule = {"t_min": vb.spec.gate.t_min, "steps": vb.spec.purifier.steps}
-        else:
-            model, _, meta = load_model(path / "student.safetensors" if path.is_dir() else path)
-            schedule = {k: meta.get(k) for k in ("t_min", "steps")}
-    except (BundleError, WeightsError, OSError, KeyError, ValueError) as exc:
-        raise typer.BadParameter(f"--denoiser {path}: {exc} (give a bundle folder, a run folder holding "
-                                 "student.safetensors, or a .safetensors file of a unet)") from exc
-    if not hasattr(model, "schedule"):
-        raise typer.BadParameter(f"--denoiser {path}: not a diffusion unet (no schedule)")
-    return model, schedule
+        return load_denoiser(path)
+    except DenoiserLoadError as exc:
+        raise typer.BadParameter(f"--{exc}") from exc
 
 
 @app.command()

@@ -5,8 +5,8 @@ What a handler knows comes from three places:
 - the node config: ``partition-id`` (the site index, required), optionally ``data-dir`` and
   ``site-dir`` (deployment runtime: each SuperNode names its own);
 - ``context.run_config``: the run's constants (``FedConfig.to_run_config()``: preset, seed, data
-  and run folders, local epochs, rounds, poisoning, purification schedule, …), the same for every
-  message of the run;
+  and run folders, local epochs, rounds, poisoning, purification schedule, the path of the frozen
+  denoiser of denoised-smoothing fine-tuning, …), the same for every message of the run;
 - the message config: the per-round values, ``phase``, ``split``, ``run-token`` and Flower's
   ``server-round``.
 
@@ -165,10 +165,11 @@ class _Site:
             # One schedule over the whole federation; per-epoch generators keyed by the global epoch,
             # so the site's seed is fixed for the run (the local-only baseline's seed).
             return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.SITE_STRIDE * self.site, site_dir=self.site_dir,
-                                  schedule=((self.round - 1) * epochs, run.rounds * epochs), classifier_overrides=over)
+                                  schedule=((self.round - 1) * epochs, run.rounds * epochs), classifier_overrides=over,
+                                  denoiser=run.denoiser)
         return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.ROUND_STRIDE * self.round + tasks.SITE_STRIDE * self.site,
                               site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds),
-                              classifier_overrides=over)
+                              classifier_overrides=over, denoiser=run.denoiser)
 
 
 def train(msg: Message, context: Context) -> Message:

@@ -7,9 +7,12 @@ app's ``[tool.flwr.app.config]`` (overridable with ``flwr run --run-config``), t
 runtime binds the same mapping to its in-process apps. Messages carry only per-round values
 (phase, round, split, run token).
 
-The classifier's adversarial-training fields (``adv`` … ``select``, :data:`ADV_FIELDS`) reach each
-site's ``ClassifierTrainConfig`` through :meth:`FedConfig.classifier_overrides`: at their defaults
-the overrides are empty and every site trains the preset's recipe, exactly as before they existed.
+The classifier's adversarial-training fields (``adv`` … ``select``, :data:`ADV_FIELDS`) and its
+denoised-smoothing fields (``smoothing_sigmas``, ``smoothing_frac``, :data:`SMOOTHING_FIELDS`) reach
+each site's ``ClassifierTrainConfig`` through :meth:`FedConfig.classifier_overrides`: at their
+defaults the overrides are empty and every site trains the preset's recipe, exactly as before they
+existed. The smoothing denoiser itself travels as a path (``denoiser``): each site loads it once per
+process, its weights are never sent.
 """
 
 from __future__ import annotations
@@ -35,6 +38,54 @@ _CLS = ClassifierTrainConfig()
 ADV_DEFAULTS: dict[str, Any] = {"adv": _CLS.adv, "adv_eps": -1.0, "adv_steps": _CLS.adv_steps,
                                 "adv_norm": _CLS.adv_norm, "adv_start_epoch": -1, "trades_beta": _CLS.trades_beta,
                                 "robust_val": _CLS.robust_val, "select": _CLS.select}
+#: The ``FedConfig`` fields of denoised-smoothing fine-tuning (same names in ``ClassifierTrainConfig``).
+SMOOTHING_FIELDS = ("smoothing_sigmas", "smoothing_frac")
+#: Their defaults: ``ClassifierTrainConfig``'s (no sigmas: smoothing off).
+SMOOTHING_DEFAULTS: dict[str, Any] = {"smoothing_sigmas": (), "smoothing_frac": _CLS.smoothing_frac}
+
+
+def parse_sigmas(value: Any) -> tuple[float, ...]:
+    """``"0.12,0.25"``, a sequence of numbers, or ``""`` / ``None`` → a tuple of floats (``ValueError``
+    naming the bad entry). Ranges are checked by ``ClassifierTrainConfig``."""
+    if value is None:
+        return ()
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    out = []
+    for v in items:
+        if isinstance(v, str) and not v:
+            continue
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            raise ValueError(f"smoothing_sigmas: {v!r} is not a number; give comma-separated sigmas in scan "
+                             "units, e.g. 0.12,0.25,0.5") from None
+    return tuple(out)
+
+
+def smoothing_overrides(preset: str, adv: dict[str, Any] | None = None, **values: Any) -> dict[str, Any]:
+    """The ``ClassifierTrainConfig`` overrides of the denoised-smoothing ``values`` (``SMOOTHING_FIELDS``).
+
+    Only the values that differ from :data:`SMOOTHING_DEFAULTS` are returned ({} at the defaults).
+    They are validated together with the adversarial overrides ``adv`` (``adv_overrides``' result)
+    against ``preset``: a σ outside (0, 1], a fraction outside (0, 1], ``smoothing_frac`` without
+    sigmas, and ``adv_frac + smoothing_frac > 1`` are ``ValueError``s naming the fix.
+    """
+    unknown = sorted(set(values) - set(SMOOTHING_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown denoised-smoothing options {unknown}: use {', '.join(SMOOTHING_FIELDS)}")
+    vals = {**SMOOTHING_DEFAULTS, **values}
+    vals["smoothing_sigmas"] = parse_sigmas(vals["smoothing_sigmas"])
+    vals["smoothing_frac"] = float(vals["smoothing_frac"])
+    out = {k: v for k, v in vals.items() if v != SMOOTHING_DEFAULTS[k]}
+    if out and not vals["smoothing_sigmas"]:
+        raise ValueError(f"smoothing_frac={vals['smoothing_frac']} without smoothing_sigmas does nothing: give "
+                         "the sigmas (--smoothing-sigmas, e.g. 0.12,0.25,0.5) or drop --smoothing-frac")
+    if out:
+        try:
+            ClassifierTrainConfig.preset(preset, **{**(adv or {}), **out})
+        except ValueError as exc:
+            raise ValueError(f"classifier denoised-smoothing training: {exc}") from exc
+    return out
 
 
 def adv_overrides(preset: str, total_epochs: int, **values: Any) -> dict[str, Any]:
@@ -99,6 +150,13 @@ class FedConfig:
     student_steps / purify_t_min / purify_t_max: the student's sampling steps K and the t* range
         recorded in the student checkpoints (the gate calibration reads them); defaults
         ``models.diffusion.PURIFY_DEFAULTS``.
+    smoothing_sigmas / smoothing_frac / denoiser: each site's denoised-smoothing fine-tuning of its
+        classifier (``ClassifierTrainConfig``'s ``smoothing_sigmas``, σ in scan units, and
+        ``smoothing_frac``): that fraction of every batch is noised at a σ of the list and one-shot
+        denoised by the frozen ``denoiser`` (a bundle folder, a run folder holding
+        ``student.safetensors``, or a unet ``.safetensors`` file, read by every site, loaded once
+        per client process and never sent). Sigmas need a denoiser and a denoiser needs sigmas;
+        ``()`` (the default) trains without smoothing.
     adv / adv_eps / adv_steps / adv_norm / adv_start_epoch / trades_beta / robust_val / select:
         each site's local classifier training (``ClassifierTrainConfig``'s fields of those names;
         ``adv_eps`` in scan units, -1: the preset's radius; ``adv_start_epoch`` a global epoch of the
@@ -141,6 +199,9 @@ class FedConfig:
     trades_beta: float = ADV_DEFAULTS["trades_beta"]
     robust_val: int = ADV_DEFAULTS["robust_val"]
     select: str = ADV_DEFAULTS["select"]
+    smoothing_sigmas: tuple[float, ...] = SMOOTHING_DEFAULTS["smoothing_sigmas"]
+    smoothing_frac: float = SMOOTHING_DEFAULTS["smoothing_frac"]
+    denoiser: str = ""
     seed: int = 0
     threads: int = 1
     round_timeout_s: float = 3600.0
@@ -149,6 +210,8 @@ class FedConfig:
         if isinstance(self.phases, str):
             object.__setattr__(self, "phases", tuple(p for p in self.phases.split(",") if p))
         object.__setattr__(self, "phases", tuple(self.phases))
+        object.__setattr__(self, "smoothing_sigmas", parse_sigmas(self.smoothing_sigmas))
+        object.__setattr__(self, "denoiser", str(self.denoiser or ""))
         if self.rounds < 1 or self.local_epochs < 1:
             raise ValueError(f"rounds={self.rounds}, local_epochs={self.local_epochs}: both must be >= 1")
         if self.preset not in PRESETS:
@@ -186,12 +249,21 @@ class FedConfig:
                              f"{self.purify_t_max}]: {exc}") from exc
         if self.poison_site >= self.num_sites:
             raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
-        _ = self.classifier_overrides()  # validates the adversarial-training fields
+        _ = self.classifier_overrides()  # validates the adversarial-training and smoothing fields
+        if self.smoothing_sigmas and not self.denoiser:
+            raise ValueError(f"smoothing_sigmas={self.smoothing_sigmas} needs a denoiser: give --denoiser "
+                             "BUNDLE|RUN (a bundle folder or a run folder holding student.safetensors) or "
+                             "drop --smoothing-sigmas")
+        if self.denoiser and not self.smoothing_sigmas:
+            raise ValueError(f"denoiser={self.denoiser!r} without smoothing_sigmas is never used: give "
+                             "--smoothing-sigmas (e.g. 0.12,0.25,0.5) or drop --denoiser")
 
     def classifier_overrides(self) -> dict[str, Any]:
         """``ClassifierTrainConfig`` fields each site's classifier training overrides ({} at the defaults)."""
-        return adv_overrides(self.preset, self.rounds * self.local_epochs,
-                             **{name: getattr(self, name) for name in ADV_FIELDS})
+        adv = adv_overrides(self.preset, self.rounds * self.local_epochs,
+                            **{name: getattr(self, name) for name in ADV_FIELDS})
+        return {**adv, **smoothing_overrides(self.preset, adv,
+                                             **{name: getattr(self, name) for name in SMOOTHING_FIELDS})}
 
     @property
     def validation(self) -> UpdateValidationConfig:
@@ -208,6 +280,7 @@ class FedConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["phases"] = list(self.phases)
+        d["smoothing_sigmas"] = list(self.smoothing_sigmas)
         return d
 
     def save(self, path: Path) -> None:
@@ -223,8 +296,8 @@ class FedConfig:
         out: dict[str, str | int | float | bool] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "phases":
-                v = ",".join(v)
+            if f.name in ("phases", "smoothing_sigmas"):
+                v = ",".join(str(x) for x in v)
             elif isinstance(v, float) and not math.isfinite(v):
                 v = str(v)
             out[f.name.replace("_", "-")] = v

@@ -24,6 +24,7 @@ from medfedpure.models.diffusion import to_model_space
 from medfedpure.models.weights import load_model
 from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate
 from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
+from medfedpure.train.denoiser import load_denoiser_cached
 from medfedpure.train.distill import DistillConfig, distill_student
 from medfedpure.train.loop import cosine_lr
 from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
@@ -87,6 +88,9 @@ class LocalJob:
     classifier_overrides: ``ClassifierTrainConfig`` fields the classifier's round sets on top of the
         preset (the run's adversarial-training recipe, ``FedConfig.classifier_overrides``), as
         sorted ``(name, value)`` pairs (a mapping is accepted); other phases ignore it.
+    denoiser: the frozen denoiser of denoised-smoothing fine-tuning (a bundle folder, a run folder
+        or a unet ``.safetensors`` file; ``FedConfig.denoiser``), read by the classifier's round when
+        its overrides set ``smoothing_sigmas``; "" (none) otherwise.
     """
 
     preset: str
@@ -96,6 +100,7 @@ class LocalJob:
     site_dir: Path | None = None
     schedule: tuple[int, int] | None = None
     classifier_overrides: tuple[tuple[str, Any], ...] = ()
+    denoiser: str = ""
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -112,6 +117,7 @@ class LocalJob:
         over = self.classifier_overrides
         items = over.items() if isinstance(over, dict) else over
         object.__setattr__(self, "classifier_overrides", tuple(sorted((str(k), v) for k, v in items)))
+        object.__setattr__(self, "denoiser", str(self.denoiser or ""))
 
     def stateless(self, cls: Any, **fields: Any) -> Any:
         """``cls.preset(preset)`` as one short complete run: this round's epochs and seed, no warm-up
@@ -164,7 +170,9 @@ def train_classifier_round(model: torch.nn.Module, data: SiteData, job: LocalJob
     ``job.classifier_overrides`` (the run's adversarial-training recipe) are set on the preset's
     config: the site attacks its own training scans, and with ``robust_val > 0`` the metrics add
     ``val_robust_accuracy`` (PGD at the training ε on the site's fixed validation subset, of the
-    kept model). With ``job.site_dir`` the config the round trained with is written to
+    kept model). When they set ``smoothing_sigmas``, the round fine-tunes with denoised smoothing
+    through ``job.denoiser`` (loaded once per process, ``train.denoiser.load_denoiser_cached``; it
+    stays on the site); without them the denoiser is never loaded. With ``job.site_dir`` the config the round trained with is written to
     ``SITE/classifier_train_config.json`` (overwritten each round).
 
     Returns ``(metrics, the AdamW state after the round)``.
@@ -178,13 +186,21 @@ def train_classifier_round(model: torch.nn.Module, data: SiteData, job: LocalJob
         cfg = ClassifierTrainConfig.preset(job.preset, epochs=job.epochs, seed=job.seed, patience=job.epochs + 1,
                                            **over)
         cfg = replace(cfg, lr=cfg.lr * job.lr_scale)
+    denoiser = None
+    if cfg.smoothing_sigmas:
+        if not job.denoiser:
+            raise ValueError(f"smoothing_sigmas={cfg.smoothing_sigmas} but the job has no denoiser: set the run's "
+                             "denoiser (--denoiser BUNDLE|RUN)")
+        denoiser = load_denoiser_cached(job.denoiser)[0]
     if job.site_dir is not None:
         job.site_dir.mkdir(parents=True, exist_ok=True)
-        (job.site_dir / "classifier_train_config.json").write_text(json.dumps(
-            {"train": cfg.to_dict(), "overrides": over, "schedule": [offset, total]}, indent=1, sort_keys=True))
+        record = {"train": cfg.to_dict(), "overrides": over, "schedule": [offset, total]}
+        if denoiser is not None:
+            record["denoiser"] = job.denoiser
+        (job.site_dir / "classifier_train_config.json").write_text(json.dumps(record, indent=1, sort_keys=True))
     out = train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=False,
                            optimizer_state=optimizer_state, schedule_offset=offset, schedule_total=total,
-                           return_optimizer_state=True)
+                           return_optimizer_state=True, denoiser=denoiser)
     metrics = {"train_loss": _last(out, "train_loss"), "val_loss": float(out["val"]["loss"]),
                "val_accuracy": float(out["val"]["accuracy"])}
     if "robust_val" in out:
