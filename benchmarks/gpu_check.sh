@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared check for a lent GPU machine (issues 4 and 6). Runs in ~6 min; every step has its
-# own time limit so that the script always ends by itself and its files come back.
+# The one prepared check for a lent GPU machine (issues 4 and 6). Runs in ~10 min (~6 without the eval
+# step); every step has its own time limit so that the script always ends by itself and its files come back.
 #
 #   1. builds medfedpure._C / _C_cuda there (one architecture, from the GPU's compute capability);
 #   2. tests: tests/test_ops.py (the CUDA gate kernel against the numpy reference), the `cuda` tests of
@@ -10,20 +10,26 @@
 #   3. `medfedpure bench` on the GPU (torch FP16 + CUDA graphs, torch FP16 eager, torch FP32 eager,
 #      onnxruntime's CUDA provider when present; the bundle at 128 px and its architectures at 224 px)
 #      beside onnxruntime and torch on 2 of the host's CPU cores, and benchmarks/kernel.py (GPU part);
-#   4. compute-sanitizer memcheck + racecheck of a few gate launches.
+#   4. compute-sanitizer memcheck + racecheck of a few gate launches;
+#   5. `medfedpure eval --device cuda` (step `eval`, ~4 min): the full budget (100 steps, EOT 10 / APGD 20,
+#      R = 5), every site, ℓ∞ 2 and 8/255, and certification at σ 0.12, 0.25, 0.5 with n = 1000, on the
+#      default bundle's own synthetic data set regenerated there (`medfedpure data synth` with the manifest's
+#      dataset provenance), the first EVAL_LIMIT test scans per site; prints its wall time.
 #
-# From the dev machine (device tool): run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=480)
+# From the dev machine (device tool): run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 #   .whl holds the pure-Python wheels the GPU image lacks (pydicom, nilearn, nibabel).
 # Anywhere else:                      OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 # Only some steps:                    STEPS="build runtime latency" bash benchmarks/gpu_check.sh
+# The eval alone (needs build: the CUDA gate kernel): STEPS="machine build eval" (~6 min; EVAL_LIMIT=N
+#   scans per site; torchattacks must be installed there, e.g. its wheel in .whl)
 #
-# What comes back (at most 8 files): gpu_check.log, bench.json, bench.png, gpu_check_files.tgz
-# (junit XML of every pytest run, kernel benchmark JSON, sanitizer logs).
+# What comes back (at most 8 files): gpu_check.log, bench.json, bench.png, eval_report.md, eval_report.json,
+# gpu_check_files.tgz (junit XML of every pytest run, kernel benchmark JSON, sanitizer logs, the eval folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out/gpu_check}"
 WORK="${WORK:-/tmp/medfedpure_gpu_check}"
-STEPS="${STEPS:-machine build runtime ops latency sanitizer kernel}"
+STEPS="${STEPS:-machine build runtime ops latency sanitizer kernel eval}"
 mkdir -p "$OUT" "$WORK"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 ORT_DISABLE_TELEMETRY=1
@@ -153,6 +159,48 @@ if want kernel; then
   run 60 "kernel bench" "$PY" benchmarks/kernel.py --device cuda --out "$WORK/kernel_gpu.json"
   run 60 "kernel bench hfratio" "$PY" benchmarks/kernel.py --device cuda --stat hfratio --patch 8 \
     --dtypes float16 float32 --sizes 128 224 --batches 1 4 8 --out "$WORK/kernel_gpu_hfratio.json"
+fi
+
+if want eval; then
+  # Sizing (EVAL_LIMIT scans per site): CPU costs measured on the dev machine with the default bundle (1
+  # thread): one EOT draw through purifier + classifier, forward and backward, ~64 ms per scan; one gate
+  # call ~12 ms per scan; one certification draw ~13 ms (its keyed noise ~0.5 ms on the host). Per site
+  # and ε the ladder makes ~6000 such draws (rung 2: 2 losses × 100 steps × EOT 10; rung 3: 2 × 101 × 10;
+  # rung 4: 100 × 20) plus ~4800 gate calls (APGD calls the gate per EOT draw); the sanity checks add
+  # 400 steps × EOT 10 on 32 scans of the first site. On the GPU the tiny networks are launch-bound: take
+  # ~5 ms per launch sequence (rungs 2–3 batch their EOT draws: one per step; APGD's 20 draws are 20) and
+  # ~300× the CPU thread on the arithmetic, ~3 ms per gate call. Two sites at ε 2 and 8: ~50 s of launches
+  # + ~60 s of gate calls + ~30 s of sanity arithmetic + ~30 s of surrogate training (host CPU, 10 epochs)
+  # + ~30 s of data generation, then ~8 s per scan and site (attacks ~5, certification noise ~3).
+  # EVAL_LIMIT=6 → ~4 min. report.json's per-row attack_s then size the run over every scan.
+  step "eval: medfedpure eval --device cuda --budget full --site all --eps 2,8, certify n = 1000"
+  EVAL_LIMIT="${EVAL_LIMIT:-6}"
+  EVAL_DATA="${EVAL_DATA:-/tmp/medfedpure_eval_data}"  # outside WORK: not packed
+  t_eval=$(date +%s)
+  run 120 "pytest eval cuda" "${PYTEST[@]}" tests/test_eval_device.py -m cuda --junitxml="$WORK/pytest_eval_cuda.xml"
+  run 120 "eval data" "$PY" - "$EVAL_DATA" <<'EOF'
+import json, subprocess, sys
+from pathlib import Path
+from medfedpure import Defender
+out = Path(sys.argv[1])
+prov = Defender.default(backend="onnxruntime", device="cpu").bundle.manifest["provenance"]
+ds, cfg = prov["dataset"], prov["dataset"]["config"]
+cmd = [sys.executable, "-m", "medfedpure", "data", "synth", "--out", str(out), "--overwrite", "--workers", "8",
+       "--sites", str(cfg["sites"]), "--per-site", str(cfg["per_site"]), "--size", str(cfg["size"]),
+       "--seed", str(cfg["seed"]), "--subtle", str(cfg["subtle_fraction"]),
+       "--generator-version", str(ds["generator_version"])]
+print(" ".join(cmd), flush=True)
+subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+got = json.loads((out / "dataset.json").read_text()).get("fingerprint")
+want = prov.get("dataset_fingerprint")
+print("dataset fingerprint", got, "==" if got == want else "!= (NOT the bundle's data set:)", want)
+EOF
+  run 420 "eval cuda" "$PY" -m medfedpure eval --device cuda --backend torch --budget full --site all --eps 2,8 \
+    --limit "$EVAL_LIMIT" --certify-sigmas 0.12,0.25,0.5 --certify-n 1000 --surrogate-epochs 10 --threads 8 \
+    --no-progress --data "$EVAL_DATA" --out "$WORK/eval"
+  echo "eval step wall time: $(( $(date +%s) - t_eval )) s (EVAL_LIMIT=$EVAL_LIMIT scans per site)"
+  cp "$WORK/eval/report.md" "$OUT/eval_report.md" 2>/dev/null
+  cp "$WORK/eval/report.json" "$OUT/eval_report.json" 2>/dev/null
 fi
 
 [ "${#FAILED[@]}" -eq 0 ]

@@ -3,7 +3,7 @@ handling only; the work lives in :mod:`medfedpure.eval.runner`).
 
 Exit codes: 0 when the report is written and every sanity check passed; 1 when the report is written but
 a sanity check failed (report.md says so first, report.json has ``sanity.passed: false``); 2 on bad
-options, data or bundle, or a missing ``attacks`` extra.
+options, data or bundle, a missing ``attacks`` extra, or ``--device cuda`` without a CUDA device.
 """
 
 from __future__ import annotations
@@ -40,12 +40,18 @@ def eval_command(
     eot: int | None = typer.Option(None, min=1, help="Override the budget's EOT draws (rungs 2, 3)."),
     eot_apgd: int | None = typer.Option(None, min=1, help="Override the budget's EOT draws for APGD (rung 4)."),
     repeats: int | None = typer.Option(None, min=1, help="Override R, the judged runs per scan."),
+    surrogate_epochs: int | None = typer.Option(None, min=1, help="Override the training epochs of the rung-6 "
+                                                "surrogate trained here (on the host CPU, whatever --device)."),
     certify_sigmas: str | None = typer.Option(None, help="Also certify (denoised smoothing) at these σ, e.g. "
                                               "0.12,0.25,0.5."),
     certify_n: int = typer.Option(100, min=2, help="Draws per certificate."),
     backend: str = typer.Option("onnxruntime", help="Engine of the evaluated Defender.", click_type=BACKEND_CHOICE),
     threads: int = typer.Option(1, min=1, help="CPU threads of torch and onnxruntime (more than the free cores "
                                  "slows every attack step down)."),
+    device: str = typer.Option("cpu", help="Where the attacks, the surrogate's attacks and the certification "
+                               "run, and the judged Defender where its backend can (torch: yes; onnxruntime: "
+                               "with its CUDA provider). auto: cuda when present.",
+                               click_type=click.Choice(["cpu", "cuda", "auto"])),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Attack a bundle rung by rung (docs/evaluation.md), judge every adversarial scan through the real
@@ -54,10 +60,12 @@ def eval_command(
 
     check_extra("attacks")
     from medfedpure.data.layout import DataFolderError, num_sites
+    from medfedpure.eval.device import resolve_device
     from medfedpure.eval.runner import Budget, EvalConfig, EvalError, parse_attacks, parse_eps, run_eval
     from medfedpure.runtime.bundle import BundleError
 
     try:
+        resolve_device(device)  # a missing GPU is an error before any data or bundle is read
         rungs = parse_attacks(attacks)
         radii, labels = parse_eps(eps, norm)
         if site.strip().lower() != "all" and not site.strip().isdigit():
@@ -70,11 +78,12 @@ def eval_command(
         sigmas = tuple(float(s) for s in certify_sigmas.split(",") if s.strip()) if certify_sigmas else ()
         cfg = EvalConfig(
             data=str(data), eps=radii, eps_labels=labels, sites=sites, rungs=rungs, norm=norm,
-            budget=Budget.preset(budget, steps=steps, eot=eot, eot_apgd=eot_apgd, repeats=repeats),
+            budget=Budget.preset(budget, steps=steps, eot=eot, eot_apgd=eot_apgd, repeats=repeats,
+                                 surrogate_epochs=surrogate_epochs),
             policy=policy, split=split, limit=limit, surrogate=None if surrogate is None else str(surrogate),
             seed=seed, bundle=None if bundle is None else str(bundle), backend=backend, threads=threads,
-            certify_sigmas=sigmas, certify_n=certify_n, progress=progress)
-    except (ValueError, DataFolderError) as e:  # EvalError is a ValueError
+            certify_sigmas=sigmas, certify_n=certify_n, progress=progress, device=device)
+    except (ValueError, DataFolderError) as e:  # EvalError and DeviceError are ValueErrors
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     if surrogate is not None and not surrogate.is_file():
@@ -100,7 +109,8 @@ def _summary(rep: dict, out: Path, con: object) -> None:
               f"[bold red]SANITY CHECKS FAILED: {', '.join(failed)}[/] (see report.md)")
     p, b = rep["pooled"], rep["budget"]
     tab = Table(title=f"medfedpure eval · bundle {rep['bundle']['short_id']} · sites {rep['sites']} · n = {p['n']} · "
-                      f"{b['name']} budget ({b['steps']} steps, EOT {b['eot']}, R {b['repeats']}) · {rep['norm']}")
+                      f"{b['name']} budget ({b['steps']} steps, EOT {b['eot']}, R {b['repeats']}) · {rep['norm']} · "
+                      f"{rep['machine']['device']}")
     for col in ("rung", "attack", "ε", "undefended", "defended", "worst of runs", "flagged", "AUROC"):
         tab.add_column(col, justify="right" if col not in ("attack",) else "left")
     c = p["clean"]

@@ -32,6 +32,9 @@ classes; :func:`apgd_dlr_unsupported` probes torchattacks for it.
 
 Rung 5 is the worst case over repeated Defender runs (:func:`defended`, ``repeats``).
 
+Every attack runs on the device of its tensors (``medfedpure eval --device``); on CUDA the EOT draws of
+rungs 2 and 3 go through the purifier as one batch (same noise, :func:`~medfedpure.eval.pipeline.eot_noise`).
+
 Rung 6, transfer: PGD on an independently trained surrogate, and :func:`transfer_evasion` (the
 band-limited evasion with the surrogate's gradients and the tissue patches taken from the image itself:
 no deployed weights at all). The sanity check of docs/evaluation.md: the white-box rungs must be at
@@ -46,10 +49,12 @@ import torch.nn.functional as F
 
 from medfedpure import Defender
 from medfedpure.eval.defended import defend
+from medfedpure.eval.device import attack_generator, host
 from medfedpure.eval.pipeline import (
     ascent_step,
     attack_objective,
     eot_gradient,
+    eot_noise,
     gate_t_star,
     pipeline_probs,
     project,
@@ -64,34 +69,37 @@ from medfedpure.runtime.engines.torch_engine import TorchEngine
 
 def pipeline_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
                  eot: int, seed: int, loss: str = "ce", norm: str = "linf", progress: bool = True,
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 batched_eot: bool | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Rung 2: PGD with EOT on the whole pipeline (:mod:`medfedpure.eval.pipeline`); returns (x_adv, stats).
 
     ``loss``: ``ce`` or ``margin`` (:func:`~medfedpure.eval.pipeline.attack_objective`); ``norm``: ``linf``
     (sign steps) or ``l2`` (normalised-gradient steps), ε in that norm; random start in the ball, step
     2.5·ε/steps, t*(x) from the deployed gate at every step, the EOT gradient over ``eot`` draws.
     Per scan, the iterate with the highest EOT loss seen is kept (the final one need not be the best).
+    ``batched_eot``: the EOT draws as one batch (None: on CUDA; :func:`~medfedpure.eval.pipeline.eot_gradient`).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: expected >= 1")
-    g = torch.Generator().manual_seed(seed)
+    g = attack_generator(seed, x.device)
     alpha = 2.5 * eps / steps
     x_adv = random_start(x, eps, norm, g)
-    best, best_loss = x_adv.clone(), torch.full((len(x),), -float("inf"))
+    best, best_loss = x_adv.clone(), torch.full((len(x),), -float("inf"), device=x.device)
     bar = progress_bar(range(steps), desc=f"rung 2 pipeline PGD-{loss} {norm} ε={eps:.4g}", unit="step",
                        enabled=progress)
     t_star = np.zeros(len(x), np.int64)
     for _ in bar:
-        t_star = gate_t_star(d, x_adv.numpy())
-        grad, per = eot_gradient(ref, x_adv, y, torch.from_numpy(t_star), eot=eot, generator=g, loss=loss)
+        t_star = gate_t_star(d, host(x_adv))
+        grad, per = eot_gradient(ref, x_adv, y, torch.from_numpy(t_star).to(x.device), eot=eot, generator=g,
+                                 loss=loss, batched=batched_eot)
         better = per > best_loss
         best[better], best_loss = x_adv[better], torch.where(better, per, best_loss)
         x_adv = project(ascent_step(x_adv, grad, alpha, norm), x, eps, norm).detach()
         bar.set_postfix(loss=f"{float(per.mean()):.3f}", flagged=f"{(t_star > 0).mean():.2f}")
     # the last iterate is judged once more, so that a final improvement is kept too
-    t_star = gate_t_star(d, x_adv.numpy())
+    t_star = gate_t_star(d, host(x_adv))
+    ts = torch.from_numpy(t_star).to(x.device)
     with torch.no_grad():
-        per = sum(attack_objective(pipeline_probs(ref, x_adv, torch.from_numpy(t_star), generator=g), y, loss)
+        per = sum(attack_objective(pipeline_probs(ref, x_adv, ts, generator=g), y, loss)
                   for _ in range(eot)) / eot
     better = per > best_loss
     best[better] = x_adv[better]
@@ -128,7 +136,7 @@ def evasion_step(eta: torch.Tensor, under: torch.Tensor, g_loss: torch.Tensor, g
 
 def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
                 eot: int = 1, seed: int = 0, factor: int = 2, margin: float = 0.05,
-                progress: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+                progress: bool = True, batched_eot: bool | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Rung 3 (a): fool the pipeline while the gate's score stays under (1 − margin) τ (module docstring).
 
     The perturbation is band-limited by construction: δ = bilinear upsampling (× ``factor``) of a coarse
@@ -139,7 +147,7 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     The loss is the pipeline's: the deployed gate's t*(x) each step (0 for unflagged scans under the
     ``adaptive`` policy, at least t_min under ``floor``), the purifier at t* with ``eot`` noise draws where
     t* > 0, then the classifier — so under ``floor`` the evading scan must also survive the weakest
-    purification.
+    purification. ``batched_eot``: the ``eot`` draws as one batch (None: on CUDA), with the same noise.
     """
     g = d.engine.gate_spec
     clf, den, sched, k = ref.models["classifier"], ref.models["denoiser"], ref.schedule, ref.steps
@@ -157,24 +165,28 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
         if len(rows) == 0:
             return clf(xv)
         xp = xv[rows]
-        pur = sum(clf(purify(den, xp, ts[rows], k, generator=gen, schedule=sched)) for _ in range(eot)) / eot
+        if batched_eot or (batched_eot is None and xv.device.type == "cuda"):  # one batch of eot draws
+            pur = clf(purify(den, xp.repeat(eot, 1, 1, 1), ts[rows].repeat(eot), k, noise=eot_noise(xp, eot, gen),
+                             schedule=sched)).view(eot, len(rows), -1).sum(0) / eot
+        else:
+            pur = sum(clf(purify(den, xp, ts[rows], k, generator=gen, schedule=sched)) for _ in range(eot)) / eot
         return clf(xv).index_put((rows,), pur)
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = attack_generator(seed, x.device)
     alpha = 2.5 * eps / steps
-    eta = torch.zeros(len(x), 1, s // factor, s // factor)
+    eta = torch.zeros(len(x), 1, s // factor, s // factor, device=x.device)
     best = x.clone()
-    found = torch.zeros(len(x), dtype=torch.bool)
+    found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     bar = progress_bar(range(steps + 1), desc=f"evasion PGD ε={eps * 255:g}/255 ×{factor}", unit="step",
                        enabled=progress)
     for step in bar:
         with torch.no_grad():
             x_adv = (x + band_limited(eta, factor)).clamp(0, 1)
-        xa_np = x_adv.numpy()
-        ts = torch.from_numpy(gate_t_star(d, xa_np))
+        xa_np = host(x_adv)
+        ts = torch.from_numpy(gate_t_star(d, xa_np)).to(x.device)
         ev = eta.clone().requires_grad_(True)
         xv = (x + band_limited(ev, factor)).clamp(0, 1)
-        recon = torch.from_numpy(mae_recon(d, xa_np)) if mae_torch is None else mae_torch(xv)
+        recon = torch.from_numpy(mae_recon(d, xa_np)).to(x.device) if mae_torch is None else mae_torch(xv)
         p = probs(xv, ts, gen)
         ce = F.nll_loss(torch.log(p.clamp_min(1e-12)), y, reduction="none")
         score = run_gate(g, xv[:, 0], recon, d.engine.visible, backend="torch").score
@@ -202,10 +214,10 @@ class PipelineModule(torch.nn.Module):
         self.d = d
         self.clf, self.den = ref.models["classifier"], ref.models["denoiser"]
         self.sched, self.k = ref.schedule, ref.steps
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = attack_generator(seed, ref.torch_device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ts = torch.from_numpy(gate_t_star(self.d, x.detach().numpy()))
+        ts = torch.from_numpy(gate_t_star(self.d, host(x))).to(x.device)
         rows = torch.nonzero(ts > 0).flatten()
         p = self.clf(x)
         if len(rows):
@@ -257,7 +269,7 @@ def transfer_evasion(surrogate: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
                          f"image), not {gate.stat!r}: skip rung 6 (b) for this bundle")
     s = x.shape[-1]
     alpha = 2.5 * eps / steps
-    eta = torch.zeros(len(x), 1, s // factor, s // factor)
+    eta = torch.zeros(len(x), 1, s // factor, s // factor, device=x.device)
     # the image itself as the "reconstruction" of one set hiding every patch
     recon, vis = x.detach().clone(), np.zeros((1, (s // gate.patch) ** 2), bool)
     for _ in range(steps):

@@ -71,6 +71,15 @@ def _table(block: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _device_line(m: dict[str, Any]) -> str:
+    """The evaluation device and the judged Defender's engine, as report.md's setting states them."""
+    dev = m.get("device", "cpu")
+    where = f"**{dev}**" + (f" ({m['gpu']}, {m.get('gpu_memory_gib')} GiB, CUDA {m.get('cuda')})" if m.get("gpu") else "")
+    e = m.get("defender")
+    judged = f"; judged Defender: {e['backend']} on {e['device']} ({e['precision']})" if e else ""
+    return f"{where} for the attacks, surrogate attacks and certification{judged}"
+
+
 def markdown(rep: dict[str, Any]) -> str:
     """report.md's text from the report dict."""
     b = rep["budget"]
@@ -89,6 +98,7 @@ def markdown(rep: dict[str, Any]) -> str:
         f"on at most {b['sanity_scans']} scans of the first site",
         f"- rung 1 (paper): {rep['paper']['attack']}, {rep['paper']['steps']} steps, plus its own ε = "
         f"{rep['paper']['eps']} ℓ∞",
+        f"- device {_device_line(rep.get('machine', {}))}",
         f"- wall time {rep['wall_s']:.0f} s; latency per scan (median, ms): "
         + ", ".join(f"{k} {v:.1f}" for k, v in rep["latency_ms"].items()),
         f"- command: `{rep['command']}`" if rep["command"] else "",

@@ -42,6 +42,14 @@ from medfedpure.eval.adaptive import (
     transfer_evasion,
 )
 from medfedpure.eval.defended import auroc, tpr_at_fpr
+from medfedpure.eval.device import (
+    EVAL_DEVICES,
+    attack_generator,
+    defender_device,
+    device_info,
+    host,
+    resolve_device,
+)
 from medfedpure.eval.pipeline import NORMS
 from medfedpure.progress import progress as progress_bar
 from medfedpure.train.attacks import pgd_l2, pgd_linf
@@ -128,7 +136,9 @@ class EvalConfig:
     ``sites``: site indices, or None for every site of the data folder; ``rungs``: a subset of
     :data:`RUNGS`; ``eps``: radii in input units (ℓ∞ or ℓ2, ``norm``), ``eps_labels`` as typed;
     ``limit``: overrides the budget's scan limit when not None; ``policy``: the gate policy of the
-    evaluated Defender (None: the bundle's).
+    evaluated Defender (None: the bundle's); ``device``: where the attacks, the surrogate's attacks and
+    the certification run, and the judged Defender with them where its backend can
+    (:mod:`medfedpure.eval.device`; ``cpu``, ``cuda`` or ``auto``).
     """
 
     data: str
@@ -151,6 +161,7 @@ class EvalConfig:
     evasion_factor: int = 2
     examples: int = 3
     progress: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -171,6 +182,8 @@ class EvalConfig:
             raise ValueError(f"certify_n={self.certify_n}: must be >= 2")
         if self.evasion_factor < 1:
             raise ValueError(f"evasion_factor={self.evasion_factor}: must be >= 1")
+        if self.device not in EVAL_DEVICES:
+            raise ValueError(f"device={self.device!r}: expected one of {EVAL_DEVICES}")
 
     @property
     def scan_limit(self) -> int:
@@ -328,7 +341,8 @@ def _models(ref: Any) -> None:
 
 def load_surrogate(cfg: EvalConfig, site: int, size: int, out: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rung 6's surrogate: ``cfg.surrogate`` (safetensors), or a classifier trained here on the site's train
-    split with the project's trainer and a seed of its own (saved to ``out``); → (model, provenance)."""
+    split with the project's trainer and a seed of its own (saved to ``out``); → (model, provenance).
+    The trainer runs on the host CPU; :func:`evaluate_site` moves the model to the evaluation device."""
     from medfedpure.models.weights import load_model
 
     if cfg.surrogate is not None:
@@ -364,15 +378,16 @@ def evaluate_site(d: Any, ref: Any, cfg: EvalConfig, site: int, x: np.ndarray, y
     """Every requested rung at every ε on one site's scans x [N, 1, S, S], y [N]."""
     b, rungs, norm = cfg.budget, set(cfg.rungs), cfg.norm
     clf = ref.models["classifier"]
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    dev = ref.torch_device
+    xt, yt = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
     seed = cfg.seed
 
     def und(xa: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            return (clf(xa).argmax(1) == yt).numpy()
+            return host(clf(xa).argmax(1) == yt)
 
     def row(rung: int, attack: str, eps: float, label: str, xa: torch.Tensor, t0: float, **kw: Any) -> Row:
-        j = judge(d, xa.numpy(), y, b.repeats, seed + 10_000)
+        j = judge(d, host(xa), y, b.repeats, seed + 10_000)
         return Row(rung, attack, eps, label, undefended=und(xa), correct=j["correct"], flag=j["flag"],
                    score=j["score"][0], attack_s=time.perf_counter() - t0, **kw)
 
@@ -389,12 +404,13 @@ def evaluate_site(d: Any, ref: Any, cfg: EvalConfig, site: int, x: np.ndarray, y
     dlr_why = apgd_dlr_unsupported(len(d.bundle.classes)) if 4 in rungs else None
     surrogate, sur_info = (load_surrogate(cfg, site, x.shape[-1], out) if 6 in rungs else (None, {}))
     if surrogate is not None:
+        surrogate = surrogate.to(dev)
         with torch.no_grad():
             sur_info["clean_acc_on_eval_scans"] = float((surrogate(xt).argmax(1) == yt).float().mean())
 
     def pgd(model: Any, eps: float, steps: int, n: str = norm) -> torch.Tensor:
         fn = pgd_linf if n == "linf" else pgd_l2
-        return fn(model, xt, yt, eps, steps=steps, generator=torch.Generator().manual_seed(seed))
+        return fn(model, xt, yt, eps, steps=steps, generator=attack_generator(seed, dev))
 
     if 1 in rungs:  # the paper's own point, once
         t0 = time.perf_counter()
@@ -417,7 +433,7 @@ def evaluate_site(d: Any, ref: Any, cfg: EvalConfig, site: int, x: np.ndarray, y
                 here[f"2{loss}"] = row(2, f"pipeline PGD-{b.steps} EOT-{b.eot} {loss}", eps, label, xa, t0,
                                        summary=False, params=st)
                 if loss == "ce" and eps == max(cfg.eps):
-                    examples["adversarial"] = xa.numpy()
+                    examples["adversarial"] = host(xa)
             here["2"] = _combine(2, "pipeline PGD+EOT, worst of ce and margin", [here["2ce"], here["2margin"]])
         if 3 in rungs:
             parts = []
@@ -486,22 +502,34 @@ def evaluate_site(d: Any, ref: Any, cfg: EvalConfig, site: int, x: np.ndarray, y
                 latency_ms={k: float(np.median(v)) for k, v in lat.items()}, surrogate=sur_info)
 
 
+def certify_batch(engine: Any, n: int) -> int:
+    """Draws per engine call when certifying: the engine's default (:func:`~medfedpure.runtime.certify.
+    default_batch`) on the CPU; on a CUDA engine all of a phase's draws, up to 512 per call (the
+    certificates do not depend on it: the noise is keyed per draw)."""
+    from medfedpure.runtime.certify import default_batch
+
+    base = default_batch(engine)
+    if getattr(engine, "device", "cpu") != "cuda" or base < 50:  # TensorRT's plans hold up to 8
+        return base
+    return max(base, min(int(n), 512))
+
+
 def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], n: int, seed: int,
                  progress: bool) -> dict[str, Any]:
     """Certified accuracy vs ℓ2 radius by denoised smoothing, per σ (the machinery of ``Defender.certify``,
-    on the already-preprocessed scans: n draws, n0 = max(10, n // 10), α = 0.001)."""
+    on the already-preprocessed scans: n draws, n0 = max(10, n // 10), α = 0.001), on the judged
+    Defender's engine in batches of :func:`certify_batch`."""
     from medfedpure.runtime.certify import (
         DenoisedSmoothing,
         SmoothingConfig,
         certified_accuracy,
-        default_batch,
     )
 
     sm = DenoisedSmoothing(d.engine, d.bundle.classes)
     labels = [d.bundle.classes[int(v)] for v in y]
     out: dict[str, Any] = {"n": n, "n0": max(10, n // 10), "alpha": 0.001, "per_sigma": {}}
     for sigma in progress_bar(list(sigmas), desc="certify σ", unit="σ", enabled=progress):
-        cfg = SmoothingConfig(sigma=sigma, n0=max(10, n // 10), n=n, alpha=0.001, batch=default_batch(d.engine))
+        cfg = SmoothingConfig(sigma=sigma, n0=max(10, n // 10), n=n, alpha=0.001, batch=certify_batch(d.engine, n))
         certs = [sm.certify(x[i], cfg, seed=seed + i) for i in range(len(x))]
         radii = sorted({0.0, *(round(sigma * k, 4) for k in (0.25, 0.5, 1.0, 1.5, 2.0))})
         acc = certified_accuracy(certs, labels, radii)
@@ -514,15 +542,19 @@ def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], 
 # the whole run -----------------------------------------------------------------------------------
 
 def open_defender(cfg: EvalConfig) -> tuple[Any, Any]:
-    """(Defender, torch reference engine) for the configured bundle, backend and policy."""
+    """(Defender, torch reference engine) for the configured bundle, backend, policy and device: the
+    reference (what the attacks differentiate) in FP32 without CUDA graphs on the evaluation device, the
+    Defender on :func:`~medfedpure.eval.device.defender_device` with its backend's defaults there."""
     from medfedpure import Defender
     from medfedpure.runtime.engines.torch_engine import TorchEngine
 
+    dev = resolve_device(cfg.device)
+    ddev = defender_device(cfg.backend, dev)
     torch.set_num_threads(cfg.threads)
-    d = (Defender.load(cfg.bundle, backend=cfg.backend, device="cpu", threads=cfg.threads, policy=cfg.policy)
-         if cfg.bundle else Defender.default(backend=cfg.backend, device="cpu", threads=cfg.threads,
+    d = (Defender.load(cfg.bundle, backend=cfg.backend, device=ddev, threads=cfg.threads, policy=cfg.policy)
+         if cfg.bundle else Defender.default(backend=cfg.backend, device=ddev, threads=cfg.threads,
                                              policy=cfg.policy))
-    ref = TorchEngine(d.bundle, device="cpu", threads=cfg.threads)
+    ref = TorchEngine(d.bundle, device=dev, precision="fp32", cuda_graphs=False, threads=cfg.threads)
     _models(ref)
     return d, ref
 
@@ -535,6 +567,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
     from medfedpure.eval.sanity import run_sanity
 
     t_start = time.perf_counter()
+    device = resolve_device(cfg.device)  # before any work: a missing GPU costs nothing
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sites = tuple(range(num_sites(cfg.data))) if cfg.sites is None else cfg.sites
@@ -578,7 +611,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
         "surrogate": {str(r.site): r.surrogate for r in results if r.surrogate},
         "certified": {str(r.site): r.certified for r in results if r.certified},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": cfg.threads},
+                    "threads": cfg.threads, **device_info(device, d)},
     }
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     report["figures"] = write_report(report, results, out)

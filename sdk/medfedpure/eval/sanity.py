@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from medfedpure.eval.adaptive import pipeline_pgd
+from medfedpure.eval.device import host
 from medfedpure.eval.pipeline import keyed_forward
 from medfedpure.train.attacks import pgd_linf
 
@@ -103,12 +104,13 @@ def run_sanity(d: Any, ref: Any, cfg: Any, x: np.ndarray, y: np.ndarray, rows: l
     b = cfg.budget
     k = min(len(y), b.sanity_scans)
     xs, ys = x[:k], y[:k]
-    xt, yt = torch.from_numpy(xs), torch.from_numpy(ys)
+    dev = ref.torch_device  # the evaluation device (the reference engine's)
+    xt, yt = torch.from_numpy(xs).to(dev), torch.from_numpy(ys).to(dev)
     checks = []
     # unbounded ----------------------------------------------------------------------------------
     steps = max(b.steps, UNBOUNDED_MIN_STEPS)
     xa_unb, _ = pipeline_pgd(d, ref, xt, yt, 1.0, steps=steps, eot=b.eot, seed=cfg.seed, progress=cfg.progress)
-    acc_unb = _acc(d, xa_unb.numpy(), ys, b.repeats, cfg.seed)
+    acc_unb = _acc(d, host(xa_unb), ys, b.repeats, cfg.seed)
     checks.append(_check("unbounded", acc_unb <= UNBOUNDED_MAX_ACC,
                          f"defended accuracy under rung 2 at ℓ∞ ε = 1 ({steps} steps) ≤ {UNBOUNDED_MAX_ACC}",
                          defended_acc=acc_unb, n=k))
@@ -118,7 +120,7 @@ def run_sanity(d: Any, ref: Any, cfg: Any, x: np.ndarray, y: np.ndarray, rows: l
                           progress=cfg.progress)
     xa2, _ = pipeline_pgd(d, ref, xt, yt, eps, steps=2 * b.steps, eot=b.eot, seed=cfg.seed, norm=norm,
                           progress=cfg.progress)
-    a1, a2 = _acc(d, xa1.numpy(), ys, b.repeats, cfg.seed), _acc(d, xa2.numpy(), ys, b.repeats, cfg.seed)
+    a1, a2 = _acc(d, host(xa1), ys, b.repeats, cfg.seed), _acc(d, host(xa2), ys, b.repeats, cfg.seed)
     checks.append(_check("more_steps", a2 <= a1 + STEPS_TOL,
                          f"rung 2 at the largest ε: accuracy at 2× steps ≤ at 1× + {STEPS_TOL}",
                          eps=eps, steps=b.steps, acc_1x=a1, acc_2x=a2, n=k))
@@ -150,7 +152,7 @@ def run_sanity(d: Any, ref: Any, cfg: Any, x: np.ndarray, y: np.ndarray, rows: l
                          masked_toy=masked, sound_toy=sound, levels=TOY_LEVELS, eps=TOY_EPS, n=k))
     # reference vs deployed ---------------------------------------------------------------------
     agree, ts_equal, max_dp = [], True, 0.0
-    for xa in (xs, xa1.numpy(), xa_unb.numpy()):
+    for xa in (xs, host(xa1), host(xa_unb)):
         seeds = [cfg.seed + 77 + i for i in range(len(xa))]
         dep = d.run_array(np.ascontiguousarray(xa), seeds=seeds)
         refd = keyed_forward(d, ref, xa, seeds)
