@@ -7,4 +7,4 @@ constant when it installs a new default bundle, and a test checks it against the
 
 from __future__ import annotations
 
-DEFAULT_BUNDLE_ID = "283b2f74145291ad453a76d813b68cf9d017fe280dc8668297e35b66019fa11d"
+DEFAULT_BUNDLE_ID = "cd175fb4e0b909f76463938dcf97bbce113fb8f57d34e49c5ec9d70feff87993"
