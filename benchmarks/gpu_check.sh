@@ -12,7 +12,7 @@
 #      beside onnxruntime and torch on 2 of the host's CPU cores, and benchmarks/kernel.py (GPU part);
 #   4. compute-sanitizer memcheck + racecheck of a few gate launches;
 #   5. `medfedpure eval --device cuda` (step `eval`, ~4 min): the full budget (100 steps, EOT 10 / APGD 20,
-#      R = 5), every site, ℓ∞ 2 and 8/255, and certification at σ 0.12, 0.25, 0.5 with n = 1000, on the
+#      R = 5), the bundle's own site (its personalised classifier and gate), ℓ∞ 2 and 8/255, and certification at σ 0.12, 0.25, 0.5 with n = 1000, on the
 #      default bundle's own synthetic data set regenerated there (`medfedpure data synth` with the manifest's
 #      dataset provenance), the first EVAL_LIMIT test scans per site; prints its wall time.
 #
@@ -169,11 +169,11 @@ if want eval; then
   # rung 4: 100 × 20) plus ~4800 gate calls (APGD calls the gate per EOT draw); the sanity checks add
   # 400 steps × EOT 10 on 32 scans of the first site. On the GPU the tiny networks are launch-bound: take
   # ~5 ms per launch sequence (rungs 2–3 batch their EOT draws: one per step; APGD's 20 draws are 20) and
-  # ~300× the CPU thread on the arithmetic, ~3 ms per gate call. Two sites at ε 2 and 8: ~50 s of launches
+  # ~300× the CPU thread on the arithmetic, ~3 ms per gate call. One site at ε 2 and 8 (the estimate was made for two: an upper bound): ~50 s of launches
   # + ~60 s of gate calls + ~30 s of sanity arithmetic + ~30 s of surrogate training (host CPU, 10 epochs)
   # + ~30 s of data generation, then ~8 s per scan and site (attacks ~5, certification noise ~3).
   # EVAL_LIMIT=6 → ~4 min. report.json's per-row attack_s then size the run over every scan.
-  step "eval: medfedpure eval --device cuda --budget full --site all --eps 2,8, certify n = 1000"
+  step "eval: medfedpure eval --device cuda --budget full --site BUNDLE_SITE --eps 2,8, certify n = 1000"
   EVAL_LIMIT="${EVAL_LIMIT:-6}"
   EVAL_DATA="${EVAL_DATA:-/tmp/medfedpure_eval_data}"  # outside WORK: not packed
   t_eval=$(date +%s)
@@ -194,8 +194,9 @@ subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 got = json.loads((out / "dataset.json").read_text()).get("fingerprint")
 want = prov.get("dataset_fingerprint")
 print("dataset fingerprint", got, "==" if got == want else "!= (NOT the bundle's data set:)", want)
+(out / "bundle_site").write_text(str(int(prov.get("site", 0))))  # the site whose personalised model the bundle is
 EOF
-  run 420 "eval cuda" "$PY" -m medfedpure eval --device cuda --backend torch --budget full --site all --eps 2,8 \
+  run 420 "eval cuda" "$PY" -m medfedpure eval --device cuda --backend torch --budget full --site "$(cat "$EVAL_DATA/bundle_site" 2>/dev/null || echo 0)" --eps 2,8 \
     --limit "$EVAL_LIMIT" --certify-sigmas 0.12,0.25,0.5 --certify-n 1000 --surrogate-epochs 10 --threads 8 \
     --no-progress --data "$EVAL_DATA" --out "$WORK/eval"
   echo "eval step wall time: $(( $(date +%s) - t_eval )) s (EVAL_LIMIT=$EVAL_LIMIT scans per site)"

@@ -139,9 +139,16 @@ def test_legacy_conversion_of_the_shipped_section() -> None:
     assert dict(cal.score_quantiles or ()) == LEGACY_DEFAULT_GATE["score_quantiles"]
     assert cal.tau_high_rule == LEGACY_DEFAULT_GATE["tau_high_rule"]
     assert GateSpec.from_legacy_dict(spec.to_legacy_dict()) == spec
+
+
+def test_the_shipped_gate_section_round_trips() -> None:
+    """The default bundle's gate (format 2) parses, is calibrated, and writes back to the same section."""
     shipped = _shipped_manifest()["gate"]
-    converted = GateSpec.from_dict(shipped) if "calibration" in shipped else GateSpec.from_legacy_dict(shipped)
-    assert converted == spec  # the default bundle (either format) holds exactly this gate
+    spec = GateSpec.from_dict(shipped)
+    assert spec.to_dict() == shipped
+    assert GateSpec.from_dict(spec.to_dict()) == spec
+    assert spec.stat == "hfratio" and spec.policy == "adaptive" and 0 < spec.tau < spec.tau_high
+    assert spec.calibration is not None and spec.calibration.num_val_scans > 0
 
 
 def test_legacy_defaults_and_refusals() -> None:

@@ -401,8 +401,11 @@ def test_listen_bad_settings_exit_2(args, match):
 
 def test_listen_command_serves_and_stops_cleanly_on_ctrl_c(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A terminal's Ctrl-C: the node starts with SIGINT at its default even when this test runs as a background
+    # job of a non-interactive shell, which starts its children with SIGINT ignored (POSIX).
     proc = subprocess.Popen([sys.executable, "-m", "medfedpure", "listen", "--port", "0", "--ae-title", "NODE",
-                             "--store", str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env)
+                             "--store", str(tmp_path)], stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: queue.Queue[str] = queue.Queue()  # a reader thread: select() misses lines already buffered
     reader = threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stderr], daemon=True)
     reader.start()
