@@ -7,4 +7,4 @@ constant when it installs a new default bundle, and a test checks it against the
 
 from __future__ import annotations
 
-DEFAULT_BUNDLE_ID = "cd175fb4e0b909f76463938dcf97bbce113fb8f57d34e49c5ec9d70feff87993"
+DEFAULT_BUNDLE_ID = "9cbc6dc0080e43256f8391c483f74fdebb00d08075375a21b9fb674798dc0e7e"
