@@ -15,7 +15,7 @@ import pytest
 import torch
 from medfedpure.cli import app
 from PIL import Image
-from tiny_bundle import cached_tiny_bundle
+from tiny_bundle import cached_tiny_bundle, tiny_eval_data
 from typer.testing import CliRunner
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -26,13 +26,7 @@ ROW_KEYS = {"rung", "attack", "eps", "eps_label", "n", "runs", "undefended_acc",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from medfedpure.data.splits import make_splits
-    from medfedpure.data.synth import SynthConfig, generate_synthetic
-
-    root = tmp_path_factory.mktemp("evaldata") / "d"
-    generate_synthetic(root, SynthConfig(sites=2, per_site=24, size=32, seed=5), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
+    return tiny_eval_data(tmp_path_factory.mktemp("evaldata") / "d")
 
 
 @pytest.fixture(scope="module")

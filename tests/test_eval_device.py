@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from medfedpure.cli import app
-from tiny_bundle import cached_tiny_bundle
+from tiny_bundle import cached_tiny_bundle, tiny_eval_data
 from typer.testing import CliRunner
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -27,13 +27,7 @@ _VOLATILE = {"wall_s", "attack_s", "latency_ms", "train_s", "command", "figures"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from medfedpure.data.splits import make_splits
-    from medfedpure.data.synth import SynthConfig, generate_synthetic
-
-    root = tmp_path_factory.mktemp("evaldevdata") / "d"
-    generate_synthetic(root, SynthConfig(sites=2, per_site=24, size=32, seed=5), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
+    return tiny_eval_data(tmp_path_factory.mktemp("evaldevdata") / "d")
 
 
 @pytest.fixture(scope="module")

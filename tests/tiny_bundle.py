@@ -120,3 +120,13 @@ def cached_tiny_bundle(*, seed: int = 0, policy: str = "adaptive", steps: int = 
         build_tiny_bundle(tmp, seed=seed, policy=policy, steps=steps)
         os.replace(tmp, final)
     return final
+
+
+def tiny_eval_data(root: Path) -> Path:
+    """A two-site synthetic data set at 32 px (24 scans per site, split), the evaluation tests' data."""
+    from medfedpure.data.splits import make_splits
+    from medfedpure.data.synth import SynthConfig, generate_synthetic
+
+    generate_synthetic(root, SynthConfig(sites=2, per_site=24, size=32, seed=5), workers=1, progress=False)
+    make_splits(root, seed=0)
+    return root
