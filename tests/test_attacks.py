@@ -111,20 +111,11 @@ def test_errors(setup):
 def pipe():
     import os
 
-    from medfedpure import Defender
-    from medfedpure.runtime.engines.torch_engine import TorchEngine
-    from tiny_bundle import cached_tiny_bundle, tiny_scans
+    from tiny_bundle import cached_tiny_bundle, tiny_attack_setup
 
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     torch.set_num_threads(1)
-    d = Defender.load(cached_tiny_bundle(), backend="onnxruntime", device="cpu", threads=1)
-    ref = TorchEngine(d.bundle, device="cpu")
-    for m in ref.models.values():
-        m.requires_grad_(False)
-    x = torch.from_numpy(tiny_scans(6, 5))
-    with torch.no_grad():
-        y = ref.models["classifier"](x).argmax(1)
-    return d, ref, x, y
+    return tiny_attack_setup(cached_tiny_bundle(), 6, 5)
 
 
 def test_margin_objective_by_hand():

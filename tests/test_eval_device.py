@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from medfedpure.cli import app
-from tiny_bundle import cached_tiny_bundle, tiny_eval_data
+from tiny_bundle import cached_tiny_bundle, tiny_attack_setup, tiny_eval_data
 from typer.testing import CliRunner
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -222,18 +222,7 @@ def test_certifying_a_phase_in_one_call_equals_the_cpu_batches(bundle, monkeypat
 
 @pytest.fixture(scope="module")
 def tiny(bundle):
-    from medfedpure import Defender
-    from medfedpure.runtime.engines.torch_engine import TorchEngine
-    from tiny_bundle import tiny_scans
-
-    d = Defender.load(bundle, backend="onnxruntime", device="cpu", threads=1)
-    ref = TorchEngine(d.bundle, device="cpu")
-    for m in ref.models.values():
-        m.requires_grad_(False)
-    x = torch.from_numpy(tiny_scans(5, 21))
-    with torch.no_grad():
-        y = ref.models["classifier"](x).argmax(1)
-    return d, ref, x, y
+    return tiny_attack_setup(bundle, 5, 21)
 
 
 def test_eot_noise_is_the_sequential_draws() -> None:

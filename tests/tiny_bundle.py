@@ -130,3 +130,20 @@ def tiny_eval_data(root: Path) -> Path:
     generate_synthetic(root, SynthConfig(sites=2, per_site=24, size=32, seed=5), workers=1, progress=False)
     make_splits(root, seed=0)
     return root
+
+
+def tiny_attack_setup(bundle: Path, n: int, seed: int):
+    """(Defender on onnxruntime, frozen torch reference engine, scans x [n,1,S,S], the reference's own
+    labels y [n]) for attacking the tiny bundle's pipeline on CPU."""
+    import torch
+    from medfedpure import Defender
+    from medfedpure.runtime.engines.torch_engine import TorchEngine
+
+    d = Defender.load(bundle, backend="onnxruntime", device="cpu", threads=1)
+    ref = TorchEngine(d.bundle, device="cpu")
+    for m in ref.models.values():
+        m.requires_grad_(False)
+    x = torch.from_numpy(tiny_scans(n, seed))
+    with torch.no_grad():
+        y = ref.models["classifier"](x).argmax(1)
+    return d, ref, x, y
