@@ -25,9 +25,10 @@ import pydicom.data
 import pytest
 from fastapi.testclient import TestClient
 from medfedpure.runtime.defender import Defender
+from medfedpure.runtime.network import is_loopback
 from medfedpure.runtime.signing import key_id
 from medfedpure.serve.app import create_app, self_test_scan
-from medfedpure.serve.config import ServeConfig, is_loopback
+from medfedpure.serve.config import ServeConfig
 from PIL import Image
 from signing_keys import TEST_KEY
 from tiny_bundle import cached_tiny_bundle, tiny_scans

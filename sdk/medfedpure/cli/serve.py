@@ -46,7 +46,8 @@ def serve_command(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level.", click_type=LOG_LEVEL_CHOICE),
 ) -> None:
     """Serve POST /v1/classify, GET /v1/bundle and GET /healthz over HTTP (exit code 2 on a bad setting)."""
-    from medfedpure.serve.config import CONFIG_ENV, ServeConfig, is_loopback
+    from medfedpure.runtime.network import is_loopback
+    from medfedpure.serve.config import CONFIG_ENV, ServeConfig
 
     if not is_loopback(host) and not allow_remote:
         typer.echo(f"error: --host {host} is not a loopback address; the service has no TLS or authentication. "

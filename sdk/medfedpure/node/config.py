@@ -6,26 +6,16 @@ line fails before the bundle is read or a socket is opened.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass
 
 from medfedpure.runtime.defender import POLICIES
 from medfedpure.runtime.engines import BACKENDS, DEVICES
+from medfedpure.runtime.network import is_loopback
 from medfedpure.scan.limits import MAX_FILE_BYTES
 
 # DICOM AE titles: 1..16 characters of the default repertoire, no backslash, not only spaces (PS3.5 6.2)
 AE_TITLE_MAX = 16
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_ae_title(value: str, what: str) -> str:

@@ -7,7 +7,6 @@ before the bundle is read. It also travels to uvicorn worker processes as JSON i
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -18,16 +17,6 @@ from medfedpure.runtime.engines import BACKENDS, DEVICES
 from medfedpure.scan.limits import MAX_FILE_BYTES
 
 CONFIG_ENV = "MEDFEDPURE_SERVE_CONFIG"
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
