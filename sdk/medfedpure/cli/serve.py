@@ -44,8 +44,13 @@ def serve_command(
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback address. The service "
                                       "has no TLS and no authentication: put it behind a proxy that adds both."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level.", click_type=LOG_LEVEL_CHOICE),
+    audit: Path | None = typer.Option(None, "--audit", dir_okay=False, help="Append one audit record (schema "
+                                      "version 1) per /v1/classify decision or refusal to this JSON-lines file "
+                                      "(every worker appends to it); a record that cannot be written makes the "
+                                      "request fail with 500."),
 ) -> None:
-    """Serve POST /v1/classify, GET /v1/bundle and GET /healthz over HTTP (exit code 2 on a bad setting)."""
+    """Serve POST /v1/classify, GET /v1/bundle and GET /healthz over HTTP (exit code 2 on a bad setting,
+    such as an --audit file that cannot be opened for appending)."""
     from medfedpure.runtime.network import is_loopback
     from medfedpure.serve.config import CONFIG_ENV, ServeConfig
 
@@ -57,10 +62,20 @@ def serve_command(
         cfg = ServeConfig(bundle=None if bundle is None else str(bundle), backend=backend, device=device,
                           threads=threads, policy=policy, max_bytes=max_bytes, max_concurrent=max_concurrent,
                           expected_id=expected_id, trusted_keys=tuple(str(k) for k in trusted_key or ()),
-                          allow_unsigned=allow_unsigned, timeout_s=timeout_s)
+                          allow_unsigned=allow_unsigned, timeout_s=timeout_s,
+                          audit=None if audit is None else str(audit))
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
+    if cfg.audit is not None:  # refuse to start, rather than lose records, when the file cannot be opened
+        from medfedpure.runtime.audit import audit_file_handler
+
+        try:
+            audit_file_handler(cfg.audit).close()
+        except OSError as e:
+            typer.echo(f"error: --audit {audit}: cannot be opened for appending ({e.strerror or e}); choose a "
+                       "writable file", err=True)
+            raise typer.Exit(2) from e
     check_extra("serve")  # FastAPI is imported by the workers only: check the extra here, in one line
     import uvicorn
     os.environ[CONFIG_ENV] = cfg.to_env()

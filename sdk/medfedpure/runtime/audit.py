@@ -27,6 +27,13 @@ INFO, the JSON text as the message and the record itself as the log record's ``a
 :class:`JsonLinesFormatter` writes one JSON object per line (the audit record as is; any other log
 record as ``{"timestamp", "level", "logger", "message"}``); :func:`audit_file_handler` is a file
 handler with that formatter that keeps audit records only, so the file is a JSON-lines list of records.
+
+Several processes may append to one file (``medfedpure serve --workers N``): the handler opens it with
+``O_APPEND`` and writes each record, newline included, with one ``os.write`` call, so the kernel places
+every record whole at the end of the file and records never interleave within a line. A buffered text
+stream gives no such promise (a record may leave it in pieces). With ``strict=True`` a record that cannot
+be written raises :class:`AuditWriteError` out of :func:`log_audit` instead of going to ``logging``'s
+error report, so a caller that must not lose a record (the HTTP service) can refuse to answer.
 """
 
 from __future__ import annotations
@@ -46,7 +53,9 @@ __all__ = [
     "AUDIT_SCHEMA_VERSION",
     "AUDIT_FIELDS",
     "AUDIT_LOGGER",
+    "AuditFileHandler",
     "AuditRecordError",
+    "AuditWriteError",
     "JsonLinesFormatter",
     "audit_file_handler",
     "audit_record",
@@ -68,6 +77,11 @@ _REDACTED = "<source>"
 
 class AuditRecordError(ValueError):
     """An audit record cannot be read: not JSON, another schema version, or not found in its file."""
+
+
+class AuditWriteError(OSError):
+    """An audit record could not be written to its file (disk full, file system gone read-only, ...):
+    raised by a ``strict`` :class:`AuditFileHandler`; ``errno``/``strerror`` are the failed write's."""
 
 
 def utc_timestamp(now: _dt.datetime | None = None) -> str:
@@ -166,16 +180,67 @@ class _AuditOnly(logging.Filter):
         return isinstance(getattr(record, "audit", None), Mapping)
 
 
-def audit_file_handler(path: str | os.PathLike[str], *, mode: str = "a") -> logging.FileHandler:
+class AuditFileHandler(logging.Handler):
+    """Appends audit records, one JSON object per line, to a file opened with ``O_APPEND``.
+
+    Each record (its line and the newline) leaves in one ``os.write`` call: processes appending to the
+    same file never interleave within a line. ``strict``: a failed write raises :class:`AuditWriteError`
+    (out of :func:`log_audit`) instead of being reported by ``logging.Handler.handleError``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, mode: str = "a", strict: bool = False) -> None:
+        if mode not in ("a", "w"):
+            raise ValueError(f"mode={mode!r}: expected 'a' (append) or 'w' (overwrite)")
+        super().__init__(logging.INFO)
+        self.baseFilename = os.path.abspath(os.fspath(path))
+        self.strict = bool(strict)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        self.fd: int | None = os.open(self.baseFilename, flags | (os.O_TRUNC if mode == "w" else 0), 0o666)
+        self.setFormatter(JsonLinesFormatter())
+        self.addFilter(_AuditOnly())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = (self.format(record) + "\n").encode("utf-8")
+            if self.fd is None:
+                raise AuditWriteError(f"the audit file {self.baseFilename} is closed")
+            n = os.write(self.fd, data)
+            while n < len(data):  # a short write (only when the disk fills up): finish the line
+                n += os.write(self.fd, data[n:])
+        except OSError as e:
+            if not self.strict:
+                self.handleError(record)
+                return
+            if isinstance(e, AuditWriteError):
+                raise
+            raise AuditWriteError(e.errno, f"cannot append to the audit file {self.baseFilename}: "
+                                           f"{e.strerror or e}") from e
+        except Exception:  # noqa: BLE001 - formatting failures: as logging does, unless strict
+            if self.strict:
+                raise
+            self.handleError(record)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+        finally:
+            self.release()
+            super().close()
+
+
+def audit_file_handler(path: str | os.PathLike[str], *, mode: str = "a", strict: bool = False) -> AuditFileHandler:
     """A handler writing audit records only, one JSON object per line, to ``path`` (appended by
-    default; ``mode="w"`` starts the file afresh). Attach it to ``logging.getLogger("medfedpure")``."""
-    if mode not in ("a", "w"):
-        raise ValueError(f"mode={mode!r}: expected 'a' (append) or 'w' (overwrite)")
-    handler = logging.FileHandler(os.fspath(path), mode=mode, encoding="utf-8")
-    handler.setFormatter(JsonLinesFormatter())
-    handler.addFilter(_AuditOnly())
-    handler.setLevel(logging.INFO)
-    return handler
+    default; ``mode="w"`` starts the file afresh): :class:`AuditFileHandler`. Attach it to
+    ``logging.getLogger("medfedpure")``.
+
+    Raises:
+        OSError: the file cannot be opened for appending (a missing folder, no permission, ...).
+        ValueError: a bad ``mode``.
+    """
+    return AuditFileHandler(path, mode=mode, strict=strict)
 
 
 def read_audit_record(path: str | os.PathLike[str], *, line: int | None = None,

@@ -28,6 +28,20 @@ policy) lives in local variables of the call, and its worker pool is created und
 thread (``anyio.to_thread.run_sync``) behind a ``CapacityLimiter(max_concurrent)``, so the event
 loop stays free to answer ``/healthz`` and to refuse bad requests while models run. Nothing here
 imports torch: the core install (numpy + onnxruntime) can serve.
+
+Audit: every ``/v1/classify`` answer that carries a decision or a refusal — ok, unverified, out of
+scope, a refused scan (400, 413), a refused request (415, 422) — emits exactly one audit record
+(:mod:`medfedpure.runtime.audit`, schema version 1, the record ``medfedpure run --audit`` writes; the
+service never has a source path, so none is recorded) on the ``medfedpure.audit`` logger, before the
+answer leaves. A scan the Defender refuses is recorded as ``Defender.run_batch`` reports it (its pixel
+sha256, UIDs and scope when it was decoded before being refused), exactly as ``run --audit`` would;
+the other refusals as :meth:`Defender.refused_result` of their error. With ``ServeConfig.audit`` the
+records are appended to that file by a strict :class:`medfedpure.runtime.audit.AuditFileHandler`
+(``O_APPEND``, one write per record: the workers of ``--workers N`` share the file without
+interleaving). A record is never silently lost: a file that cannot be opened stops the service at
+start-up (the lifespan fails; ``medfedpure serve`` checks it first and exits 2), and a record that
+cannot be written turns the answer into a 500 ``AuditUnavailableError`` (the decision is withheld, the
+cause logged). Not recorded: 503 (no Defender), 404/405 (not a classification) and 500 failures.
 """
 
 from __future__ import annotations
@@ -46,12 +60,21 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medfedpure import __version__
-from medfedpure.runtime.defender import POLICIES, Defender, Result
+from medfedpure.runtime.audit import (
+    AUDIT_LOGGER,
+    AuditFileHandler,
+    AuditWriteError,
+    audit_file_handler,
+    audit_record,
+    log_audit,
+)
+from medfedpure.runtime.defender import POLICIES, STATUS_REFUSED, Defender, Result
 from medfedpure.scan.dicom import is_dicom_magic
 from medfedpure.scan.errors import ScanError, ScanTooLargeError
 from medfedpure.scan.limits import ScanLimits
 from medfedpure.serve.config import ServeConfig
 from medfedpure.serve.errors import (
+    AuditUnavailableError,
     BadParameterError,
     InternalError,
     NotReadyError,
@@ -72,6 +95,7 @@ MEDIA_TYPES: dict[str, tuple[str, Callable[[bytes], bool]] | None] = {
     "application/octet-stream": None,
 }
 SELF_TEST_SEED = 0
+CLASSIFY_PATH = "/v1/classify"
 # provenance entries shown by /v1/bundle (identifiers and hashes; never paths or training data)
 PROVENANCE_KEYS = ("run", "site", "code_commit", "created_utc", "dataset_fingerprint", "training_config_sha256",
                    "calibration_sha256", "versions")
@@ -86,16 +110,38 @@ def self_test_scan(size: int) -> np.ndarray:
 
 @dataclass
 class ServiceState:
-    """What the lifespan set up: the shared Defender, the inference limiter and the self-test's outcome."""
+    """What the lifespan set up: the shared Defender, the inference limiter, the self-test's outcome and
+    the audit file's handler (None without ``config.audit``)."""
 
     config: ServeConfig
     defender: Defender
     limiter: anyio.CapacityLimiter
     self_test: dict[str, Any] = field(default_factory=dict)
+    audit: AuditFileHandler | None = None
 
     @property
     def ready(self) -> bool:
         return self.self_test.get("status") == "ok"
+
+    def record(self, r: Result) -> None:
+        """Emit the audit record of ``r`` (no source: the service has none) on the ``medfedpure.audit``
+        logger, hence into ``config.audit`` when set.
+
+        Raises:
+            AuditUnavailableError: the record could not be written; the answer must not be sent.
+        """
+        try:
+            log_audit(audit_record(r, self.defender))
+        except AuditWriteError as e:
+            log.error("a %s decision was not answered: its audit record could not be written: %s", r.status, e)
+            raise AuditUnavailableError(
+                "the decision could not be written to the service's audit file, so it is not answered; the server "
+                "log names the cause (disk full, permissions, ...): fix the audit file and retry") from e
+
+    def record_refusal(self, error: BaseException, seed: int | None) -> None:
+        """Record a request refused before the Defender ran (a body too large, a bad media type or
+        parameter) as :meth:`Defender.refused_result` of ``error``."""
+        self.record(self.defender.refused_result(error, seed=seed))
 
 
 def load_defender(config: ServeConfig) -> Defender:
@@ -218,9 +264,25 @@ def create_app(config: ServeConfig | None = None, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        defender = await anyio.to_thread.run_sync(factory, config)
+        # the audit file first: one that cannot be opened stops the start before the bundle is read
+        audit = None if config.audit is None else audit_file_handler(config.audit, strict=True)
+        audit_log = logging.getLogger(AUDIT_LOGGER)
+        old_level = audit_log.level
+        handlers: list[logging.Handler] = []
+        if audit is not None:
+            # a handler on "medfedpure" ends logging's last-resort stderr output of the service's warnings
+            # and errors (the audit handler drops them): without a root handler, keep them on stderr
+            handlers = [audit] + ([] if logging.getLogger().handlers else [_stderr_handler()])
+            for h in handlers:
+                logging.getLogger("medfedpure").addHandler(h)
+            audit_log.setLevel(logging.INFO)  # whatever the log level, the records are kept
         try:
-            st = ServiceState(config, defender, anyio.CapacityLimiter(config.max_concurrent))
+            defender = await anyio.to_thread.run_sync(factory, config)
+        except BaseException:
+            _detach(handlers, audit_log, old_level)
+            raise
+        try:
+            st = ServiceState(config, defender, anyio.CapacityLimiter(config.max_concurrent), audit=audit)
             st.self_test = await anyio.to_thread.run_sync(run_self_test, defender)
             log.info("medfedpure serve: bundle %s, policy %s, self-test %s", defender.bundle.short_id,
                      defender.policy, st.self_test.get("status"))
@@ -229,6 +291,7 @@ def create_app(config: ServeConfig | None = None, *,
         finally:
             app.state.service = None
             defender.close()
+            _detach(handlers, audit_log, old_level)
 
     app = FastAPI(title="medfedpure", version=__version__, lifespan=lifespan,
                   summary="Adversarially robust brain-MRI tumour classification (guarded by a gated purifier).")
@@ -248,7 +311,14 @@ def create_app(config: ServeConfig | None = None, *,
         for err in e.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "query")
             parts.append(f"{where}: {err.get('msg')} (got {err.get('input')!r})")
-        return error_response(422, BadParameterError.__name__, "; ".join(parts) + "; see GET /docs for the parameters")
+        refusal = BadParameterError("; ".join(parts) + "; see GET /docs for the parameters")
+        st: ServiceState | None = getattr(request.app.state, "service", None)
+        if st is not None and request.method == "POST" and request.url.path == CLASSIFY_PATH:
+            try:  # a refused classification request is recorded (its seed is unknown: a fresh one)
+                await anyio.to_thread.run_sync(st.record_refusal, refusal, None)
+            except AuditUnavailableError as ae:
+                return error_response(ae.status_code, type(ae).__name__, str(ae))
+        return error_response(422, BadParameterError.__name__, str(refusal))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -275,7 +345,7 @@ def create_app(config: ServeConfig | None = None, *,
         st = _state(request)
         return bundle_body(st.defender, st.defender.policy)
 
-    @app.post("/v1/classify")
+    @app.post(CLASSIFY_PATH)
     async def classify(
         request: Request,
         seed: int | None = Query(None, ge=0, le=SEED_MAX, description="Purification RNG key (replays a decision)."),
@@ -284,21 +354,53 @@ def create_app(config: ServeConfig | None = None, *,
         return_patch_error: bool = Query(False, description="Include the per-patch reconstruction error."),
     ) -> dict[str, Any]:
         st = _state(request)
-        if policy is not None and policy not in POLICIES:
-            raise BadParameterError(f"policy={policy!r}: expected {' or '.join(POLICIES)} (or omit it: "
-                                    f"the service's {st.defender.policy!r})")
-        mt = media_type(request)
-        body = await read_body(request, st.config.max_bytes)
-        check_signature(mt, body)
+        try:
+            if policy is not None and policy not in POLICIES:
+                raise BadParameterError(f"policy={policy!r}: expected {' or '.join(POLICIES)} (or omit it: "
+                                        f"the service's {st.defender.policy!r})")
+            mt = media_type(request)
+            body = await read_body(request, st.config.max_bytes)
+            check_signature(mt, body)
+        except (ScanError, ServeError) as e:  # refused before the Defender ran: recorded, then answered
+            await anyio.to_thread.run_sync(st.record_refusal, e, seed)
+            raise
 
         def infer() -> Result:
-            return st.defender.run(body, seed=seed, policy=policy, return_purified=return_purified,
-                                   return_patch_error=return_patch_error)
+            try:
+                r = st.defender.run(body, seed=seed, policy=policy, return_purified=return_purified,
+                                    return_patch_error=return_patch_error)
+            except ScanError as e:
+                # the refused Result that run_batch (and so `run --audit`) gives these bytes: it carries
+                # what the load saw (pixel sha256, UIDs, scope) when the scan was refused after decoding;
+                # no model runs on a refused scan, so this costs one more load
+                again = st.defender.run_batch([body], seeds=None if seed is None else [seed])[0]
+                st.record(again if again.status == STATUS_REFUSED else st.defender.refused_result(e, seed=seed))
+                raise
+            st.record(r)
+            return r
 
         r = await anyio.to_thread.run_sync(infer, limiter=st.limiter)
         return result_body(r, policy or st.defender.policy, with_arrays=return_purified or return_patch_error)
 
     return app
+
+
+def _detach(handlers: list[logging.Handler], audit_log: logging.Logger, old_level: int) -> None:
+    """Undo the lifespan's audit set-up: its handlers off the ``medfedpure`` logger and closed."""
+    if not handlers:
+        return
+    for h in handlers:
+        logging.getLogger("medfedpure").removeHandler(h)
+        h.close()
+    audit_log.setLevel(old_level)
+
+
+def _stderr_handler() -> logging.Handler:
+    """WARNING and above of the ``medfedpure`` loggers on stderr, as logging's last resort prints them."""
+    h = logging.StreamHandler()
+    h.setLevel(logging.WARNING)
+    h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    return h
 
 
 def app_from_env() -> FastAPI:

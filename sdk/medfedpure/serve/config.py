@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from medfedpure.runtime.defender import POLICIES
@@ -33,6 +34,10 @@ class ServeConfig:
             (the event loop stays free to answer ``/healthz`` and to refuse bad requests).
         expected_id / trusted_keys / allow_unsigned: bundle trust, as ``Defender.load``.
         timeout_s: the Defender's budget per call (an expired call is a 200 with status "unverified").
+        audit: JSON-lines file that receives one audit record (:mod:`medfedpure.runtime.audit`) per
+            ``/v1/classify`` decision or refusal, appended by every worker process; None: none kept.
+            Its folder must exist and it must not be a folder; stored as an absolute path (workers
+            resolve it alike). Whether it can be opened is checked when the service starts.
     """
 
     bundle: str | None = None
@@ -46,6 +51,7 @@ class ServeConfig:
     trusted_keys: tuple[str, ...] = ()
     allow_unsigned: bool = False
     timeout_s: float = 30.0
+    audit: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -63,6 +69,8 @@ class ServeConfig:
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s!r}: expected a positive number of seconds")
         object.__setattr__(self, "trusted_keys", tuple(str(k) for k in self.trusted_keys))
+        if self.audit is not None:
+            object.__setattr__(self, "audit", _check_audit_path(self.audit))
 
     def to_env(self) -> str:
         """JSON for :data:`CONFIG_ENV`."""
@@ -76,3 +84,16 @@ class ServeConfig:
             return cls()
         d: dict[str, Any] = json.loads(raw)
         return cls(**{**d, "trusted_keys": tuple(d.get("trusted_keys") or ())})
+
+
+def _check_audit_path(audit: object) -> str:
+    """``audit`` as an absolute path, after checking that its folder exists and that it is not a folder."""
+    if not isinstance(audit, (str, os.PathLike)) or not os.fspath(audit):
+        raise ValueError(f"audit={audit!r}: expected the path of a JSON-lines file (or None: no audit records)")
+    path = Path(os.fspath(audit)).expanduser().absolute()
+    if path.is_dir():
+        raise ValueError(f"audit={os.fspath(audit)!r} is a folder: name a file in it, e.g. {path / 'audit.jsonl'}")
+    if not path.parent.is_dir():
+        raise ValueError(f"audit={os.fspath(audit)!r}: its folder {path.parent} does not exist; create it first "
+                         "or choose a file in an existing folder")
+    return str(path)

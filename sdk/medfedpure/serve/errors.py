@@ -38,6 +38,13 @@ class NotReadyError(ServeError):
     status_code = 503
 
 
+class AuditUnavailableError(ServeError):
+    """The decision (or refusal) could not be written to the audit file: it is not answered, so the
+    service never gives an answer it has no record of (the cause is in the server log)."""
+
+    status_code = 500
+
+
 class InternalError(ServeError):
     """An unexpected failure inside the service (details go to the server log only)."""
 
