@@ -27,6 +27,10 @@ from medfedpure.cli.runtime import (
 NODE_LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _path(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
 def listen_command(
     ae_title: str = typer.Option("MEDFEDPURE", "--ae-title", help="The node's AE title (1-16 characters); "
                                  "associations addressed to another title are rejected."),
@@ -52,9 +56,26 @@ def listen_command(
     expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP),
     trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
-    allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback address. DICOM has "
-                                      "no authentication beyond AE titles and the node no TLS: restrict callers "
-                                      "with --allow-calling-aet and a firewall."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Listen on a non-loopback address. Plain "
+                                      "DICOM has no authentication beyond AE titles: expose the node with --tls-cert/"
+                                      "--tls-key, --tls-ca and --tls-require-client-cert, and --allow-calling-aet."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", dir_okay=False, help="The node's TLS certificate "
+                                         "(PEM, may hold its chain): listen with DICOM TLS (TLS 1.2+) only."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", dir_okay=False, help="The unencrypted private key of "
+                                        "--tls-cert (PEM)."),
+    tls_ca: Path | None = typer.Option(None, "--tls-ca", dir_okay=False, help="CA certificate(s) (PEM) that "
+                                       "client certificates are verified against."),
+    tls_require_client_cert: bool = typer.Option(False, "--tls-require-client-cert", help="Refuse TLS clients "
+                                                 "without a certificate signed by --tls-ca (mutual TLS)."),
+    forward_tls_ca: Path | None = typer.Option(None, "--forward-tls-ca", dir_okay=False, help="Forward the reports "
+                                               "over TLS; the destination's certificate must be signed by this CA."),
+    forward_tls_cert: Path | None = typer.Option(None, "--forward-tls-cert", dir_okay=False, help="The node's "
+                                                 "client certificate (PEM) for the forward destination."),
+    forward_tls_key: Path | None = typer.Option(None, "--forward-tls-key", dir_okay=False, help="The unencrypted "
+                                                "key of --forward-tls-cert (PEM)."),
+    forward_tls_hostname: str | None = typer.Option(None, "--forward-tls-hostname", help="Host name the "
+                                                    "destination's certificate must name (default: the "
+                                                    "--forward host)."),
     log_level: str = typer.Option("info", "--log-level", help="Log level of the medfedpure.node logger.",
                                   click_type=click.Choice(NODE_LOG_LEVELS, case_sensitive=False)),
     audit: Path | None = typer.Option(None, "--audit", dir_okay=False, help="Append one audit record (schema "
@@ -72,7 +93,11 @@ def listen_command(
                          backend=backend, device=device, threads=threads, policy=policy, timeout_s=timeout_s,
                          expected_id=expected_id, trusted_keys=tuple(str(k) for k in trusted_key or ()),
                          allow_unsigned=allow_unsigned, max_bytes=max_bytes, max_concurrent=max_concurrent,
-                         calling_aets=tuple(allow_calling_aet or ()), allow_remote=allow_remote)
+                         calling_aets=tuple(allow_calling_aet or ()), allow_remote=allow_remote,
+                         tls_cert=_path(tls_cert), tls_key=_path(tls_key), tls_ca=_path(tls_ca),
+                         tls_require_client_cert=tls_require_client_cert, forward_tls_ca=_path(forward_tls_ca),
+                         forward_tls_cert=_path(forward_tls_cert), forward_tls_key=_path(forward_tls_key),
+                         forward_tls_hostname=forward_tls_hostname)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
@@ -112,6 +137,7 @@ def listen_command(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)  # a service manager's stop is handled like Ctrl-C
-    typer.echo(f"medfedpure listen: AE {cfg.ae_title} on {bind}:{node.port}, bundle {node.defender.bundle.short_id}, "
+    typer.echo(f"medfedpure listen: AE {cfg.ae_title} on {bind}:{node.port}{node.transport}, "
+               f"bundle {node.defender.bundle.short_id}, "
                f"reports {node.destination}; Ctrl-C stops", err=True)
     node.serve_forever()

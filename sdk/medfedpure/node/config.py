@@ -7,8 +7,10 @@ line fails before the bundle is read or a socket is opened.
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 
+from medfedpure.node.tls import DEFAULT_HANDSHAKE_TIMEOUT_S, client_context, server_context
 from medfedpure.runtime.defender import POLICIES
 from medfedpure.runtime.engines import BACKENDS, DEVICES
 from medfedpure.runtime.network import is_loopback
@@ -70,8 +72,8 @@ class NodeConfig:
             (``require_called_aet``), and it is the calling title when forwarding.
         port: TCP port to listen on (0: a free port chosen by the system, read back from
             :attr:`medfedpure.node.scp.DicomNode.port`).
-        bind: address to listen on; a non-loopback one needs ``allow_remote`` (DICOM has no
-            authentication beyond AE titles and this node no TLS).
+        bind: address to listen on; a non-loopback one needs ``allow_remote`` (plain DICOM has no
+            authentication beyond AE titles: expose the node with TLS and client certificates).
         forward / store: where each Structured Report goes: C-STORE to ``forward``, or a file
             ``<SOP Instance UID>.dcm`` under the folder ``store``. Exactly one is set.
         bundle / backend / device / threads / policy / timeout_s / expected_id / trusted_keys /
@@ -83,6 +85,18 @@ class NodeConfig:
         require_called_aet: reject associations whose called AE title is not ``ae_title``.
         calling_aets: when non-empty, only these calling AE titles may associate.
         forward_timeout_s: connection, ACSE and DIMSE timeout of the forwarding association.
+        tls_cert / tls_key: the node's certificate (PEM; may hold its chain) and unencrypted private
+            key: the node then speaks DICOM TLS only (PS3.15 Annex B; TLS 1.2 or later). Both or neither.
+        tls_ca: CA certificate(s) (PEM) that client certificates are verified against when presented.
+        tls_require_client_cert: refuse a TLS client without a certificate from ``tls_ca`` (needs it).
+        forward_tls_ca: forward the reports over TLS; the destination's certificate must chain to this
+            CA and name ``forward_tls_hostname`` (default: the forward host).
+        forward_tls_cert / forward_tls_key: the node's client certificate and key for a destination that
+            requires one (both or neither; need ``forward_tls_ca``).
+        tls_handshake_timeout_s: how long an accepted connection may take to complete its TLS handshake.
+
+    The TLS files are read and checked here (see :mod:`medfedpure.node.tls`), so a bad PEM fails before
+    any socket opens; :meth:`server_ssl_context` / :meth:`forward_ssl_context` build the contexts.
     """
 
     ae_title: str = "MEDFEDPURE"
@@ -106,6 +120,40 @@ class NodeConfig:
     calling_aets: tuple[str, ...] = ()
     allow_remote: bool = False
     forward_timeout_s: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_require_client_cert: bool = False
+    forward_tls_ca: str | None = None
+    forward_tls_cert: str | None = None
+    forward_tls_key: str | None = None
+    forward_tls_hostname: str | None = None
+    tls_handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S
+
+    @property
+    def tls(self) -> bool:
+        """Whether the node listens with DICOM TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def forward_tls(self) -> bool:
+        """Whether the reports are forwarded over DICOM TLS."""
+        return self.forward_tls_ca is not None
+
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """The listening context (None: plain DICOM). ValueError naming a bad file."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return server_context(self.tls_cert, self.tls_key, self.tls_ca,
+                              require_client_cert=self.tls_require_client_cert,
+                              handshake_timeout_s=self.tls_handshake_timeout_s)
+
+    def forward_ssl_context(self) -> tuple[ssl.SSLContext, str] | None:
+        """pynetdicom's ``tls_args`` for the forward association: (context, server hostname); None: plain."""
+        if self.forward_tls_ca is None or self.forward is None:
+            return None
+        ctx = client_context(self.forward_tls_ca, self.forward_tls_cert, self.forward_tls_key)
+        return ctx, self.forward_tls_hostname or self.forward.host
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "ae_title"))
@@ -114,9 +162,10 @@ class NodeConfig:
         if not self.bind:
             raise ValueError("bind is empty: name the address to listen on (127.0.0.1 for this machine only)")
         if not is_loopback(self.bind) and not self.allow_remote:
-            raise ValueError(f"bind={self.bind!r} is not a loopback address; the node has no TLS and DICOM no "
-                             "authentication beyond AE titles: pass allow_remote (--allow-remote) to listen on "
-                             "the network anyway, ideally with calling_aets (--allow-calling-aet) set")
+            raise ValueError(f"bind={self.bind!r} is not a loopback address; plain DICOM has no authentication "
+                             "beyond AE titles: pass allow_remote (--allow-remote) to listen on the network, and "
+                             "expose the node with TLS and client certificates (--tls-cert, --tls-key, --tls-ca, "
+                             "--tls-require-client-cert) and calling_aets (--allow-calling-aet) set")
         if (self.forward is None) == (self.store is None):
             raise ValueError("the reports need exactly one destination: forward (--forward HOST:PORT AET) or "
                              "store (--store DIR)")
@@ -140,3 +189,37 @@ class NodeConfig:
         object.__setattr__(self, "trusted_keys", tuple(str(k) for k in self.trusted_keys))
         object.__setattr__(self, "calling_aets",
                            tuple(check_ae_title(a, "calling AE title") for a in self.calling_aets))
+        self._check_tls()
+
+    def _check_tls(self) -> None:
+        """Which TLS settings go together, then load every TLS file once (ValueError naming a bad one)."""
+        for name in ("tls_cert", "tls_key", "tls_ca", "forward_tls_ca", "forward_tls_cert", "forward_tls_key"):
+            v = getattr(self, name)
+            if v is not None:
+                if not str(v):
+                    raise ValueError(f"{name} is empty: pass the path of a PEM file (or leave it unset)")
+                object.__setattr__(self, name, os.fspath(v))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs the node's certificate and its key: pass both --tls-cert and --tls-key "
+                             f"(got only {'--tls-cert' if self.tls_key is None else '--tls-key'})")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-ca verifies client certificates of a TLS node: pass --tls-cert and --tls-key too")
+        if self.tls_require_client_cert and self.tls_ca is None:
+            raise ValueError("--tls-require-client-cert needs the CA that issues the client certificates: "
+                             "pass --tls-ca PEM")
+        forward_opts = {"forward_tls_ca": "--forward-tls-ca", "forward_tls_cert": "--forward-tls-cert",
+                        "forward_tls_key": "--forward-tls-key", "forward_tls_hostname": "--forward-tls-hostname"}
+        given = [flag for name, flag in forward_opts.items() if getattr(self, name) is not None]
+        if given and self.forward is None:
+            raise ValueError(f"{', '.join(given)} set without --forward: TLS options of the forward destination "
+                             "need one (--forward HOST:PORT AET)")
+        if given and self.forward_tls_ca is None:
+            raise ValueError(f"{', '.join(given)} need --forward-tls-ca PEM: the CA that the destination's "
+                             "certificate is verified against")
+        if self.forward_tls_hostname is not None and not self.forward_tls_hostname.strip():
+            raise ValueError("forward_tls_hostname is empty: name the host the destination's certificate is for")
+        if not self.tls_handshake_timeout_s > 0:
+            raise ValueError(f"tls_handshake_timeout_s={self.tls_handshake_timeout_s!r}: expected a positive "
+                             "number of seconds")
+        self.server_ssl_context()
+        self.forward_ssl_context()

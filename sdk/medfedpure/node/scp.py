@@ -24,7 +24,8 @@ status     meaning in the standard               when the node answers it
 0xA700     Refused: Out of Resources             the dataset is over ``max_bytes`` or its decoded
                                                  pixels over the Defender's budget
 0xA701     Refused: Out of Resources             the forward destination could not be reached or did
-                                                 not accept the report: a sender may retry later
+                                                 not accept the report (with forward TLS: also when
+                                                 its certificate does not verify): a sender may retry
 0xA702     Refused: Out of Resources             the report could not be written under the store folder
 0xA900     Error: Data Set does not match SOP    the dataset's SOP Class / Instance UID differs from
            Class                                 the request's, its Study or Series Instance UID is
@@ -168,6 +169,9 @@ class DicomNode:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self.last_outcome: StoreOutcome | None = None
+        # built once here, so a bad TLS file fails before the node listens (the config checked them too)
+        self._server_ssl = config.server_ssl_context()
+        self._forward_tls = config.forward_ssl_context()
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> DicomNode:
@@ -187,11 +191,11 @@ class DicomNode:
             ae.add_supported_context(Verification)
             handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_C_ECHO, self.handle_echo)]
             self._server = ae.start_server((self.config.bind, self.config.port), block=False,
-                                           evt_handlers=handlers)
+                                           evt_handlers=handlers, ssl_context=self._server_ssl)
             self._ae = ae
             self._stopped.clear()
-        log.info("DICOM node %s listening on %s:%d (bundle %s, reports %s)", self.config.ae_title,
-                 self.config.bind, self.port, self.defender.bundle.short_id, self.destination)
+        log.info("DICOM node %s listening on %s:%d%s (bundle %s, reports %s)", self.config.ae_title,
+                 self.config.bind, self.port, self.transport, self.defender.bundle.short_id, self.destination)
         return self
 
     @property
@@ -205,7 +209,18 @@ class DicomNode:
     def destination(self) -> str:
         """Where the reports go, in words."""
         f = self.config.forward
-        return f"to {f.ae_title}@{f.host}:{f.port}" if f is not None else f"under {self.config.store}"
+        if f is None:
+            return f"under {self.config.store}"
+        return f"to {f.ae_title}@{f.host}:{f.port}" + (" over TLS" if self._forward_tls is not None else "")
+
+    @property
+    def transport(self) -> str:
+        """How the node listens, in words: empty for plain DICOM, else which TLS."""
+        if self._server_ssl is None:
+            return ""
+        if self.config.tls_require_client_cert:
+            return " over TLS (client certificate required)"
+        return " over TLS" + (" (client certificate verified when presented)" if self.config.tls_ca else "")
 
     def stop(self) -> None:
         """Stop listening, end open associations and (when the node loaded it) close the Defender.
@@ -331,7 +346,7 @@ class DicomNode:
     def deliver(self, sr: Dataset) -> None:
         """Send ``sr`` where the config says (raises :class:`NodeError` with the status to answer)."""
         if self.config.forward is not None:
-            forward_report(sr, self.config)
+            forward_report(sr, self.config, self._forward_tls)
         else:
             store_report(sr, Path(self.config.store or "."))
 
@@ -380,8 +395,11 @@ def _check_header(ds: Dataset, sop_class: str, sop_instance: str) -> str | None:
     return None
 
 
-def forward_report(sr: Dataset, config: NodeConfig) -> None:
+def forward_report(sr: Dataset, config: NodeConfig, tls_args: tuple[Any, str] | None = None) -> None:
     """C-STORE ``sr`` to ``config.forward`` from the node's AE title (a new association per report).
+
+    ``tls_args``: pynetdicom's (SSL context, server hostname) for a TLS destination; None: built from
+    the config's ``forward_tls_*`` (plain DICOM when they are unset).
 
     Raises:
         NodeError: status :data:`FORWARD_FAILED` when the association is refused or fails, or the
@@ -395,11 +413,15 @@ def forward_report(sr: Dataset, config: NodeConfig) -> None:
         setattr(ae, name, config.forward_timeout_s)
     ae.add_requested_context(str(sr.SOPClassUID), [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     where = f"{target.ae_title}@{target.host}:{target.port}"
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
+    if tls_args is None:
+        tls_args = config.forward_ssl_context()
+    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
-        raise NodeError(f"forward destination {where}: association {why}; check that it is up and accepts "
-                        f"AE title {config.ae_title}", FORWARD_FAILED)
+        tls = "" if tls_args is None else (f", speaks TLS with a certificate for {tls_args[1]} signed by "
+                                           f"--forward-tls-ca ({config.forward_tls_ca})")
+        raise NodeError(f"forward destination {where}: association {why}; check that it is up{tls} and "
+                        f"accepts AE title {config.ae_title}", FORWARD_FAILED)
     try:
         answer = assoc.send_c_store(sr)
     except Exception as e:  # noqa: BLE001 - a transport or encoding failure while sending
