@@ -258,7 +258,7 @@ def test_a_silent_connection_does_not_stop_the_node_accepting(pki, defender, tmp
     """The handshake runs in the association's thread, not in the listener's: a caller that connects
     and sends nothing, or stops halfway through its first TLS record, holds only its own connection;
     the half-sent one is closed once the handshake timeout has passed."""
-    cfg = _tls_node_config(pki, store=str(tmp_path), tls_handshake_timeout_s=1.0)
+    cfg = _tls_node_config(pki, store=str(tmp_path), tls_handshake_timeout_s=2.0)
     with caplog.at_level(logging.WARNING), DicomNode(cfg, defender) as node, \
             socket.create_connection(("127.0.0.1", node.port)) as silent, \
             socket.create_connection(("127.0.0.1", node.port)) as stalled:
@@ -269,13 +269,13 @@ def test_a_silent_connection_does_not_stop_the_node_accepting(pki, defender, tmp
         assoc = _assoc(node.port, (pki["ca"], pki["modality_cert"], pki["modality_key"]))
         assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
         assoc.release()
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < TIMEOUT - 1  # not held up behind the stalled caller
         stalled.settimeout(TIMEOUT)
         try:
             assert stalled.recv(1) == b""  # closed by the node
         except ConnectionResetError:
             pass
-        assert 0.8 < time.monotonic() - sent_at < TIMEOUT - 1
+        assert 1.8 < time.monotonic() - sent_at < TIMEOUT - 1
         assert silent.fileno() >= 0
     assert any("timed out" in m for m in _refusals(caplog))
 
