@@ -7,4 +7,4 @@ constant when it installs a new default bundle, and a test checks it against the
 
 from __future__ import annotations
 
-DEFAULT_BUNDLE_ID = "9cbc6dc0080e43256f8391c483f74fdebb00d08075375a21b9fb674798dc0e7e"
+DEFAULT_BUNDLE_ID = "87a9bdecd73382261921e909e33f047c54915da756b050ae8e9ec67ebbd482bf"
