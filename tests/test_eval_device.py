@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 # numbers that depend on the wall clock or the run's paths, not on what was computed
-_VOLATILE = {"wall_s", "attack_s", "latency_ms", "train_s", "command", "figures"}
+_VOLATILE = {"wall_s", "attack_s", "latency_ms", "train_s", "command", "figures", "seconds_per_scan"}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_device_cpu_writes_the_default_report_and_records_the_device(data, bundl
         m = rep["machine"]
         assert m["device"] == "cpu" and "gpu" not in m
         assert m["defender"] == {"backend": "onnxruntime", "device": "cpu", "precision": "fp32"}
-    assert _strip(a["pooled"]) == _strip(b["pooled"]) and a["certified"] == b["certified"]
+    assert _strip(a["pooled"]) == _strip(b["pooled"]) and _strip(a["certified"]) == _strip(b["certified"])
     assert _strip(a) == _strip(b)  # every number, the sanity checks and the machine block
     assert a["pooled"]["rows"] and a["certified"]["0"]["per_sigma"]["0.25"]["certified_acc"]
     md = (tmp_path / "cpu" / "report.md").read_text()
@@ -214,8 +214,20 @@ def test_certifying_a_phase_in_one_call_equals_the_cpu_batches(bundle, monkeypat
     monkeypatch.setattr(runner, "certify_batch", one_call)
     b = runner.certify_site(d, x, y, (0.25, 0.5), 60, 3, False)
     assert calls == [60, 60] and orig(d.engine, 60) == 50
+    for rep in (a, b):  # wall time is the only thing allowed to differ
+        assert all(v.pop("seconds_per_scan") > 0 for v in rep["per_sigma"].values())
     assert a == b
-    assert set(a["per_sigma"]) == {"0.25", "0.5"} and len(a["per_sigma"]["0.25"]["certified_acc"]) == 6
+    assert set(a["per_sigma"]) == {"0.25", "0.5"}
+    ball = a["linf_2_255_radius"]
+    assert ball == pytest.approx(2 / 255 * np.sqrt(x[0].size), abs=1e-4)
+    for sigma, v in a["per_sigma"].items():
+        s = float(sigma)
+        assert v["radii"] == sorted({0.0, s / 4, s / 2, s, 1.5 * s, 2 * s, *runner.REPORT_RADII, ball})
+        assert len(v["scans"]) == 3 and [c["true"] for c in v["scans"]] == ["no_tumor", "tumor", "no_tumor"]
+        # each reported accuracy is the share of scans certified right at a radius at least that large
+        for r, acc in zip(v["radii"], v["certified_acc"], strict=True):
+            right = sum(c["label"] == c["true"] and c["radius"] >= r for c in v["scans"])
+            assert acc == pytest.approx(right / 3)
 
 
 # the batched EOT path (the default on CUDA) against the sequential one (the CPU's), on CPU -----------

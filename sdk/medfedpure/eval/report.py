@@ -113,10 +113,14 @@ def markdown(rep: dict[str, Any]) -> str:
         lines += ["", "## Pooled over sites", ""] + _table(rep["pooled"])
     for site, cert in rep.get("certified", {}).items():
         lines += ["", f"## Certified accuracy, site {site} (denoised smoothing, n = {cert['n']}, α = "
-                  f"{cert['alpha']})", "", "| σ | radius → certified acc | abstain |", "|---|---|---|"]
+                  f"{cert['alpha']})", "", "| σ | radius → certified acc | abstain | s per scan |", "|---|---|---|---|"]
         for sigma, v in cert["per_sigma"].items():
             pairs = ", ".join(f"{r:g}: {_pct(a)}" for r, a in zip(v["radii"], v["certified_acc"], strict=True))
-            lines.append(f"| {sigma} | {pairs} | {_pct(v['abstain_rate'])} |")
+            sec = f"{v['seconds_per_scan']:.2f}" if "seconds_per_scan" in v else "–"
+            lines.append(f"| {sigma} | {pairs} | {_pct(v['abstain_rate'])} | {sec} |")
+        if "linf_2_255_radius" in cert:
+            lines.append(f"\nRadius {cert['linf_2_255_radius']:g} holds the whole ℓ∞ ball of 2/255 at this scan size: "
+                         "certified at it means robust to every ℓ∞ 2/255 attack.")
     if rep.get("figures"):
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in rep["figures"]]
     return "\n".join(lines) + "\n"

@@ -514,11 +514,16 @@ def certify_batch(engine: Any, n: int) -> int:
     return max(base, min(int(n), 512))
 
 
+REPORT_RADII = (0.25, 0.5, 1.0)  # ℓ2 radii every certification table reports, whatever σ
+
+
 def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], n: int, seed: int,
                  progress: bool) -> dict[str, Any]:
     """Certified accuracy vs ℓ2 radius by denoised smoothing, per σ (the machinery of ``Defender.certify``,
     on the already-preprocessed scans: n draws, n0 = max(10, n // 10), α = 0.001), on the judged
-    Defender's engine in batches of :func:`certify_batch`."""
+    Defender's engine in batches of :func:`certify_batch`. Reported radii: fractions of σ, the
+    :data:`REPORT_RADII` and the ℓ2 radius of the ℓ∞ 2/255 ball at this scan size; each scan's
+    certificate (true label, certified label or None, radius, lower bound, seed) is kept under ``scans``."""
     from medfedpure.runtime.certify import (
         DenoisedSmoothing,
         SmoothingConfig,
@@ -527,15 +532,23 @@ def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], 
 
     sm = DenoisedSmoothing(d.engine, d.bundle.classes)
     labels = [d.bundle.classes[int(v)] for v in y]
-    out: dict[str, Any] = {"n": n, "n0": max(10, n // 10), "alpha": 0.001, "per_sigma": {}}
+    # the ℓ2 radius of the ℓ∞ ball of 2/255 on these scans: certified at it ⇒ robust to every 2/255 attack
+    linf_ball_radius = round(2.0 / 255.0 * float(np.sqrt(x[0].size)), 4)
+    out: dict[str, Any] = {"n": n, "n0": max(10, n // 10), "alpha": 0.001, "per_sigma": {},
+                           "linf_2_255_radius": linf_ball_radius}
     for sigma in progress_bar(list(sigmas), desc="certify σ", unit="σ", enabled=progress):
         cfg = SmoothingConfig(sigma=sigma, n0=max(10, n // 10), n=n, alpha=0.001, batch=certify_batch(d.engine, n))
         certs = [sm.certify(x[i], cfg, seed=seed + i) for i in range(len(x))]
-        radii = sorted({0.0, *(round(sigma * k, 4) for k in (0.25, 0.5, 1.0, 1.5, 2.0))})
+        radii = sorted({0.0, *(round(sigma * k, 4) for k in (0.25, 0.5, 1.0, 1.5, 2.0)),
+                        *REPORT_RADII, linf_ball_radius})
         acc = certified_accuracy(certs, labels, radii)
-        out["per_sigma"][f"{sigma:g}"] = {"radii": radii, "certified_acc": [acc[r] for r in radii],
-                                          "abstain_rate": float(np.mean([c.abstained for c in certs])),
-                                          "radius_median": float(np.median([c.radius for c in certs]))}
+        out["per_sigma"][f"{sigma:g}"] = {
+            "radii": radii, "certified_acc": [acc[r] for r in radii],
+            "abstain_rate": float(np.mean([c.abstained for c in certs])),
+            "radius_median": float(np.median([c.radius for c in certs])),
+            "seconds_per_scan": float(np.median([c.latency_ms["total"] for c in certs])) / 1000.0,
+            "scans": [{"label": c.label, "true": y_, "radius": c.radius, "p_lower": c.p_lower, "seed": c.seed}
+                      for c, y_ in zip(certs, labels, strict=True)]}
     return out
 
 
