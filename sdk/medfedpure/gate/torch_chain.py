@@ -64,7 +64,8 @@ def patch_gate_torch(
     if stat in SPECTRAL_STATS:
         topk = hfratio_m(topk, n)
     if not (is_torch(visible) and visible.device == x.device and visible.dtype == torch.bool):
-        visible = torch.as_tensor(visible_numpy(visible), device=x.device)
+        # a copy: the bundle's mask sets are read-only arrays, which torch will not wrap
+        visible = torch.tensor(visible_numpy(visible), device=x.device)
     xp = x.float().reshape(b, side, p, side, p).permute(0, 1, 3, 2, 4).reshape(b, n, p * p)
     rp = recon.float().reshape(b, k, side, p, side, p).permute(0, 1, 2, 4, 3, 5).reshape(b, k, n, p * p)
     hidden = (~visible).float()
