@@ -247,8 +247,13 @@ def apgd_dlr_unsupported(num_classes: int) -> str | None:
     import torchattacks
 
     class _Const(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # a parameter, so torchattacks finds the model's device (it prints a warning otherwise)
+            self.w = torch.nn.Parameter(torch.arange(1.0, num_classes + 1), requires_grad=False)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.flatten(1)[:, :1] * torch.arange(1.0, num_classes + 1)
+            return x.flatten(1)[:, :1] * self.w
 
     try:
         torchattacks.APGD(_Const().eval(), eps=0.1, steps=1, loss="dlr")(torch.full((2, 1, 4, 4), 0.5),
