@@ -184,6 +184,9 @@ def test_masking_detector_catches_the_masked_toy_and_not_the_sound_one() -> None
     # the two toys compute the same function: only their gradients differ
     torch.testing.assert_close(QuantisedDefence(clf)(x), QuantisedDefence(clf, straight_through=True)(x))
     assert masking_suspected(0.9, 0.2) and not masking_suspected(0.3, 0.25) and not masking_suspected(0.2, 0.9)
+    # on n scans a gap of one scan never counts (8 scans: 3/8 vs 2/8 is one scan), two scans do
+    assert masking_suspected(3 / 8, 2 / 8) and not masking_suspected(3 / 8, 2 / 8, n=8)
+    assert masking_suspected(4 / 8, 2 / 8, n=8) and masking_suspected(0.4, 0.25, n=180)
     with pytest.raises(ValueError, match="levels"):
         QuantisedDefence(clf, levels=1)
 
