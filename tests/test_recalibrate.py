@@ -277,3 +277,50 @@ def test_recalibration_needs_neither_torch_nor_onnx(site: dict, tmp_path: Path) 
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert verify_bundle(tmp_path / "b3").spec.provenance["recalibration"]["source_bundle_id"] == \
         verify_bundle(site["out"]).bundle_id
+
+
+# ---------------------------------------------------------------------------------------------
+# recalibrating with another statistic or policy
+def test_recalibration_can_switch_the_statistic_and_policy(site: dict, tiny: Path) -> None:
+    from medfedpure.cli import app
+
+    root, (priv, pub) = site["root"], key_files()
+    files = [str(p) for p in sorted((root / "cal").glob("*.png"))]
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--scans", str(root / "cal"), "--out",
+                                 str(root / "b_nyq"), "--key", str(priv), "--backend", "onnxruntime",
+                                 "--stat", "nyqratio", "--policy", "floor"])
+    assert r.exit_code == 0, r.output
+    src = Defender.load(tiny, "onnxruntime", timeout_s=None)
+    new = Defender.load(root / "b_nyq", "onnxruntime", trusted_keys=[pub], timeout_s=None)
+    assert src.engine.gate_spec.stat == "mean"
+    g = new.engine.gate_spec
+    assert (g.stat, g.policy, g.patch, g.t_min, g.t_max) == ("nyqratio", "floor", 8, 40, 200)
+    # τ is the quantile rule on the new statistic's scores, as the new bundle computes them
+    scores = np.array([res.score for res in new.run_batch(files, seeds=[0] * len(files))], np.float32)
+    assert g.tau == threshold_at_ffr(scores, 0.05)[0]
+    assert int((scores >= np.float32(g.tau)).sum()) == 6
+    # the source gate's count is on its own statistic's scores of the same scans
+    before = sum(res.flagged for res in src.run_batch(files, seeds=[0] * len(files)))
+    assert f"source gate: stat=mean tau={src.engine.gate_spec.tau:.6g} flags {before}/120" in r.output
+    assert "recalibrated: stat=nyqratio" in r.output and "policy=floor" in r.output
+    rec = new.bundle.spec.provenance["recalibration"]
+    assert rec["changed"] == {"stat": "nyqratio", "policy": "floor"}
+    assert rec["previous_gate"]["stat"] == "mean" and rec["previous_gate"]["policy"] == "adaptive"
+
+
+def test_recalibration_refuses_what_the_gate_cannot_take(tmp_path: Path, tiny: Path) -> None:
+    from medfedpure.cli import app
+
+    wide = {"COLUMNS": "400"}
+    _write_pngs(tmp_path / "cal", _shifted(20, 5))
+    common = ["calibrate", "--bundle", str(tiny), "--scans", str(tmp_path / "cal"), "--min-scans", "20",
+              "--backend", "onnxruntime"]
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b1"), "--stat", "topk"], env=wide)
+    assert r.exit_code == 2 and "topk = 0 with stat 'topk'" in r.output, r.output
+    assert not (tmp_path / "b1").exists()
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b2"), "--t-min", "10", "--steps", "2"], env=wide)
+    assert r.exit_code == 2 and "--t-min, --steps: --bundle recalibrates the gate" in r.output, r.output
+    assert not (tmp_path / "b2").exists()
+    d = Defender.load(tiny, "onnxruntime")
+    with pytest.raises(ValueError, match="cannot take"):
+        recalibrate(d.bundle, d.engine, _shifted(5, 1), min_scans=1, policy="sideways")

@@ -256,15 +256,17 @@ def calibrate_command(
                                            "are (e.g. 'site A, 3T, Jan 2027'; no patient data), recorded in the "
                                            "provenance and the model card."),
     target_ffr: float = typer.Option(0.05, "--target-ffr", min=0.0, max=1.0, help="False-flag rate on clean val scans."),
-    stat: str = typer.Option("hfratio", "--stat", help="Gate statistic: hfratio (default), nyqratio, mean or topk.",
-                             click_type=STAT_CHOICE),
-    topk: int = typer.Option(0, "--topk", min=0, help="k for --stat topk."),
+    stat: str | None = typer.Option(None, "--stat", help="Gate statistic: hfratio, nyqratio, mean or topk (default "
+                                    "hfratio; with --bundle: the bundle's).", click_type=STAT_CHOICE),
+    topk: int | None = typer.Option(None, "--topk", min=0, help="k for --stat topk; m for hfratio / nyqratio (default "
+                                    "0: half the patches; with --bundle: the bundle's)."),
     tau_high_k_given: float | None = typer.Option(None, "--tau-high-k", help="tau_high = tau + k * (tau - median) "
                                                   "(default 2; with --bundle: the bundle's recorded k)."),
     t_min: int | None = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format("t_min")),
     t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format("t_max")),
     steps: int | None = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format("steps")),
-    policy: str = typer.Option("adaptive", "--policy", help="adaptive or floor.", click_type=POLICY_CHOICE),
+    policy: str | None = typer.Option(None, "--policy", help="adaptive or floor (default adaptive; with --bundle: "
+                                      "the bundle's).", click_type=POLICY_CHOICE),
     threads: int = THREADS,
 ) -> None:
     """Calibrate site K's gate on its clean validation scans → RUN/site_K/calibration.json; or, with
@@ -276,10 +278,17 @@ def calibrate_command(
         if scans is None or out is None:
             raise typer.BadParameter("--bundle needs --scans DIR (the site's clean scans) and --out DIR (the new "
                                      "bundle)")
+        fixed = [f"--{n.replace('_', '-')}" for n, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps))
+                 if v is not None]
+        if fixed:
+            raise typer.BadParameter(f"{', '.join(fixed)}: --bundle recalibrates the gate of a built bundle, whose "
+                                     "purification schedule belongs to its student denoiser; rebuild or re-export "
+                                     "the bundle to change it")
         _recalibrate_bundle(bundle, scans, out, target_ffr=target_ffr, min_scans=min_scans, key=key,
                             trusted_keys=trusted_key, allow_unsigned=allow_unsigned, backend=backend,
                             threads=threads, overwrite=overwrite,
-                            tau_high_k=tau_high_k_given, description=description)
+                            tau_high_k=tau_high_k_given, description=description, stat=stat, topk=topk,
+                            policy=policy)
         return
     if data is None or run is None:
         raise typer.BadParameter("give --data DIR and --run RUN (training-side calibration), or --bundle B --scans "
@@ -293,7 +302,8 @@ def calibrate_command(
     try:
         given = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps)) if v is not None}
         tau_high_k = 2.0 if tau_high_k_given is None else tau_high_k_given
-        cfg = CalibrationConfig(target_ffr=target_ffr, stat=stat, topk=topk, tau_high_k=tau_high_k, policy=policy,
+        cfg = CalibrationConfig(target_ffr=target_ffr, stat=stat or "hfratio", topk=topk or 0,
+                                tau_high_k=tau_high_k, policy=policy or "adaptive",
                                 schedule_from="options" if given else "student", **given)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -309,7 +319,8 @@ def calibrate_command(
 def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: float, min_scans: int,
                         key: Path | None, trusted_keys: list[Path] | None, allow_unsigned: bool, backend: str,
                         threads: int, overwrite: bool, tau_high_k: float | None,
-                        description: str | None = None) -> None:
+                        description: str | None = None, stat: str | None = None, topk: int | None = None,
+                        policy: str | None = None) -> None:
     """The bundle form of ``calibrate``: score, set τ, report, write. Exit 2 on a refusal."""
     from medfedpure.cli.runtime import _load
     from medfedpure.export.bundle_writer import write_recalibrated_bundle
@@ -320,7 +331,8 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     try:
         folder = load_scan_folder(scans, d.image_size, limits=d.limits)
         rc = recalibrate(d.bundle, d.engine, folder.x, target_ffr=target_ffr, min_scans=min_scans,
-                         pixels_sha256=folder.pixels_sha256, tau_high_k=tau_high_k, description=description)
+                         pixels_sha256=folder.pixels_sha256, tau_high_k=tau_high_k, description=description,
+                         stat=stat, topk=topk, policy=policy)
     except TooFewScansError as e:
         typer.echo(f"error: TooFewScansError: {e} ({len(folder.skipped)} files in {scans} were not usable scans)",
                    err=True)
@@ -331,9 +343,10 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     n, lo, hi = rc.n, *rc.ffr_ci
     typer.echo(f"scored {n} clean scans from {scans} ({len(folder.skipped)} files skipped) with bundle "
                f"{d.bundle.short_id} ({d.engine.name})")
-    typer.echo(f"source gate: tau={rc.previous.tau:.6g} flags {rc.flagged_before}/{n} = {rc.flagged_before / n:.3f}")
-    typer.echo(f"recalibrated: tau={rc.gate.tau:.6g} tau_high={rc.gate.tau_high:.6g} (target false-flag rate "
-               f"{target_ffr:g})")
+    typer.echo(f"source gate: stat={rc.previous.stat} tau={rc.previous.tau:.6g} flags {rc.flagged_before}/{n} = "
+               f"{rc.flagged_before / n:.3f}")
+    typer.echo(f"recalibrated: stat={rc.gate.stat} tau={rc.gate.tau:.6g} tau_high={rc.gate.tau_high:.6g} policy="
+               f"{rc.gate.policy} (target false-flag rate {target_ffr:g})")
     typer.echo(f"achieved false-flag rate on the calibration scans: {rc.flagged}/{n} = {rc.achieved_ffr:.4f}, "
                f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)")
     try:

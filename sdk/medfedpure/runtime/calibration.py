@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from medfedpure.gate import GateCalibration, GateSpec
+from medfedpure.gate import GateCalibration, GateSpec, run_gate
 from medfedpure.gate.calibration import DEFAULT_TAU_HIGH_K, calibrate_scores, parse_tau_high_k
 from medfedpure.runtime.certify import clopper_pearson_lower
 
@@ -83,9 +83,10 @@ def chi2_sf(x: float, dof: int) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # scoring
-def score_scans(engine: Any, x: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
+def score_scans(engine: Any, x: np.ndarray, *, batch_size: int = 16, spec: GateSpec | None = None) -> np.ndarray:
     """Gate scores [N] float32 of preprocessed scans ``x`` [N,1,S,S] float32 in [0,1], through
-    ``engine`` (its MAE, then its gate; the score does not depend on τ).
+    ``engine`` (its MAE, then its gate; the score does not depend on τ). ``spec``: score with this gate's
+    statistic instead of the engine's (same MAE and scoring masks), e.g. to recalibrate with another one.
 
     Raises:
         ValueError: ``x`` is not [N,1,S,S], or a score is not finite (the bundle cannot score these scans).
@@ -98,7 +99,8 @@ def score_scans(engine: Any, x: np.ndarray, *, batch_size: int = 16) -> np.ndarr
     out = []
     for i in range(0, len(x), batch_size):
         xn = engine.to_native(np.ascontiguousarray(x[i:i + batch_size]))
-        g = engine.gate(xn, engine.mae(xn))
+        g = (engine.gate(xn, engine.mae(xn)) if spec is None
+             else run_gate(spec, xn[:, 0], engine.mae(xn), engine.visible))
         out.append(np.asarray(engine.to_numpy(g.score), np.float32).reshape(-1))
     scores = np.concatenate(out)
     if not np.isfinite(scores).all():
@@ -176,8 +178,8 @@ class Recalibration:
     """A gate recalibrated on a site's clean scans.
 
     Attributes:
-        gate: the new gate (the bundle's statistic, patch, m, t range and policy; new τ, τ_high
-            and calibration record).
+        gate: the new gate (the bundle's patch and t range; its statistic, m and policy unless the
+            call changed them; new τ, τ_high and calibration record).
         previous: the bundle's gate before.
         scores: float32 [N] the calibration scans' scores.
         flagged: how many calibration scans the new gate flags; ``flagged_before``: the old gate.
@@ -204,18 +206,23 @@ class Recalibration:
 
 def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 0.05, min_scans: int = 100,
                 pixels_sha256: str | None = None, tau_high_k: float | None = None,
-                today: datetime.date | None = None, description: str | None = None) -> Recalibration:
+                today: datetime.date | None = None, description: str | None = None, stat: str | None = None,
+                topk: int | None = None, policy: str | None = None) -> Recalibration:
     """Recalibrate ``bundle``'s gate (a :class:`~medfedpure.runtime.bundle.VerifiedBundle`) on clean,
     unlabelled preprocessed scans ``x`` [N,1,S,S] scored by ``engine`` (built for that bundle).
 
     τ is set at ``target_ffr`` and τ_high by the shared rule (:mod:`medfedpure.gate.calibration`), with
     k read from the bundle's recorded ``tau_high_rule`` unless ``tau_high_k`` is given (else 2).
     ``description``: what the scans are, in the caller's words (no patient data), recorded in the
-    provenance (and so in the model card).
+    provenance (and so in the model card). ``stat`` / ``topk`` / ``policy``: change the gate's statistic
+    (e.g. ``"nyqratio"`` on a scanner that keeps most of k-space), its m (or k) and its policy; None keeps
+    the bundle's. The scores are then those of the new statistic, and ``flagged_before`` counts the old
+    gate on its own statistic's scores of the same scans.
 
     Raises:
         TooFewScansError: fewer than ``min_scans`` scans.
-        ValueError: a bad target rate or minimum, or a score that is not finite.
+        ValueError: a bad target rate or minimum, a statistic, m or policy the bundle's gate cannot take
+            (the message names it), or a score that is not finite.
     """
     if not 0 < target_ffr < 1:
         raise ValueError(f"target_ffr={target_ffr}: must be in (0, 1), e.g. 0.05")
@@ -230,24 +237,35 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
                                "folder (at a target rate f, about 20/f scans give a stable τ), or lower "
                                "--min-scans knowingly")
     old: GateSpec = bundle.spec.gate
+    changes = {k: v for k, v in (("stat", stat), ("topk", topk), ("policy", policy)) if v is not None}
+    try:
+        base = dataclasses.replace(old, **changes)
+    except ValueError as exc:
+        raise ValueError(f"the bundle's gate (stat {old.stat!r}, patch {old.patch}, topk {old.topk}, norm_pix "
+                         f"{old.norm_pix}) cannot take {changes}: {exc}") from exc
     if tau_high_k is None:
         tau_high_k = parse_tau_high_k(old.calibration.tau_high_rule if old.calibration else None)
     k = DEFAULT_TAU_HIGH_K if tau_high_k is None else tau_high_k
-    scores = score_scans(engine, x)
+    same_scores = (base.stat, base.topk) == (old.stat, old.topk)
+    scores = score_scans(engine, x, spec=None if same_scores else base)
+    old_scores = scores if same_scores else score_scans(engine, x)
     date = (today or datetime.datetime.now(datetime.timezone.utc).date()).isoformat()
     fingerprint = pixels_sha256 or set_fingerprint([pixels_digest(a) for a in np.asarray(x, np.float32)])
     source = (f"recalibrated on {n} clean site scans (pixels sha256 {fingerprint}) on {date}, "
               f"from bundle {bundle.bundle_id}")
     tau, tau_high, record = calibrate_scores(scores, target_ffr, tau_high_k=k, source=source)
-    gate = dataclasses.replace(old, tau=tau, tau_high=tau_high, calibration=record)
+    gate = dataclasses.replace(base, tau=tau, tau_high=tau_high, calibration=record)
     flagged = int(gate.decide(scores)[0].sum())
-    flagged_before = int(old.decide(scores)[0].sum())
+    flagged_before = int(old.decide(old_scores)[0].sum())
     ci = binomial_ci(flagged, n)
     provenance = {"num_scans": n, "pixels_sha256": fingerprint, "date": date, "source_bundle_id": bundle.bundle_id,
                   "target_false_flag_rate": target_ffr, "achieved_false_flag_rate": flagged / n,
                   "false_flag_rate_ci95": [ci[0], ci[1]], "ci_method": "Clopper-Pearson (exact)",
                   "flagged_by_source_gate": flagged_before, "tau_high_k": k,
                   "previous_gate": {"tau": old.tau, "tau_high": old.tau_high}}
+    if changes:
+        provenance["previous_gate"].update(stat=old.stat, topk=old.topk, policy=old.policy)
+        provenance["changed"] = {k: getattr(gate, k) for k in changes}
     if description is not None:
         provenance["description"] = description.strip()
     return Recalibration(gate=gate, previous=old, scores=scores, flagged=flagged, flagged_before=flagged_before,
