@@ -15,10 +15,12 @@ import torch
 from medfedpure import Defender
 from medfedpure.models.diffusion import make_alphas_cumprod
 from medfedpure.runtime.certify import (
+    Certificate,
     DenoisedSmoothing,
     SmoothingConfig,
     binom_test_half,
     certified_accuracy,
+    certified_accuracy_by_class,
     clopper_pearson_lower,
     noise_level,
     sigma_to_t,
@@ -269,6 +271,23 @@ def test_certified_accuracy() -> None:
     assert acc == {0.0: 0.5, 0.2: 0.5, 0.3: 0.0}
     with pytest.raises(ValueError):
         certified_accuracy([c], ["pos", "neg"], [0.0])
+
+
+def test_certified_accuracy_by_class_exposes_a_constant_vote() -> None:
+    """A smoothed classifier that always says "neg" certifies every neg scan and no pos scan: pooled it
+    still reads 50 % on a balanced set; within each class it reads 100 % and 0 %."""
+    def cert(label: str | None, radius: float) -> Certificate:
+        return Certificate(label=label, radius=radius, p_lower=0.99, top=label or "neg", counts0={}, counts={},
+                           invalid=0, sigma=0.5, t=496.0, n0=1, n=1, alpha=0.001, seed=0, latency_ms={},
+                           backend="toy")
+    certs = [cert("neg", 1.2), cert("neg", 0.8), cert("neg", 1.1), cert(None, 0.0)]
+    labels = ["neg", "neg", "pos", "pos"]
+    assert certified_accuracy(certs, labels, [0.0, 1.0]) == {0.0: 0.5, 1.0: 0.25}
+    by = certified_accuracy_by_class(certs, labels, [0.0, 1.0])
+    assert list(by) == ["neg", "pos"]
+    assert by == {"neg": {0.0: 1.0, 1.0: 0.5}, "pos": {0.0: 0.0, 1.0: 0.0}}
+    with pytest.raises(ValueError):
+        certified_accuracy_by_class(certs, labels[:3], [0.0])
 
 
 # ----------------------------------------------------------------------------------------------

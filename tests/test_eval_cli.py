@@ -228,3 +228,24 @@ def test_pool_concatenates_scans() -> None:
     (p,) = pool([[a], [b]])
     assert p.correct.shape == (2, 3) and p.to_dict(np.array([0.0, 0.05]))["defended_acc"] == pytest.approx(3 / 6)
     assert p.to_dict(None)["defended_acc_worst_of_runs"] == pytest.approx(1 / 3)
+
+
+def test_certification_report_shows_each_class_and_warns_of_a_constant_vote() -> None:
+    from medfedpure.eval.report import _by_class_lines
+
+    radii = [0.0, 0.25, 0.5, 1.0, 1.0039]
+    cert = {"linf_2_255_radius": 1.0039, "per_sigma": {
+        "0.5": {"radii": radii, "certified_acc_by_class": {"no_tumor": [1.0, 0.99, 0.99, 0.84, 0.83],
+                                                          "tumor": [0.067, 0.033, 0.022, 0.011, 0.011]},
+                "worst_class_certified_acc": [0.067, 0.033, 0.022, 0.011, 0.011]},
+        "0.12": {"radii": [0.0, 0.25], "certified_acc_by_class": {"no_tumor": [1.0, 1.0], "tumor": [0.778, 0.678]},
+                 "worst_class_certified_acc": [0.778, 0.678]}}}
+    lines = _by_class_lines(cert)
+    assert "| σ | class | r 0 | r 0.25 | r 0.5 | r 1 | r 1.0039 |" in lines
+    assert "| 0.5 | tumor | 6.7 % | 3.3 % | 2.2 % | 1.1 % | 1.1 % |" in lines
+    assert "| 0.5 | **worst class** | 6.7 % | 3.3 % | 2.2 % | 1.1 % | 1.1 % |" in lines
+    assert "| 0.12 | tumor | 77.8 % | 67.8 % | – | – | – |" in lines  # radii σ 0.12 did not report
+    warn = [ln for ln in lines if ln.startswith("- σ")]
+    assert warn == ["- σ 0.5: the smoothed classifier certifies only 6.7 % of the tumor scans even at r 0 (chance "
+                    "50.0 %): it votes mostly for another class, so its pooled certified accuracy says little."]
+    assert _by_class_lines({"per_sigma": {"0.5": {"radii": [0.0], "certified_acc": [0.5]}}}) == []  # older reports

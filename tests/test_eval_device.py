@@ -228,6 +228,15 @@ def test_certifying_a_phase_in_one_call_equals_the_cpu_batches(bundle, monkeypat
         for r, acc in zip(v["radii"], v["certified_acc"], strict=True):
             right = sum(c["label"] == c["true"] and c["radius"] >= r for c in v["scans"])
             assert acc == pytest.approx(right / 3)
+        # within each true class the same count over that class's scans; the worst class is their minimum
+        assert set(v["certified_acc_by_class"]) == {"no_tumor", "tumor"}
+        for i, r in enumerate(v["radii"]):
+            per = {}
+            for cls, n_cls in (("no_tumor", 2), ("tumor", 1)):
+                right = sum(c["label"] == cls and c["true"] == cls and c["radius"] >= r for c in v["scans"])
+                per[cls] = right / n_cls
+                assert v["certified_acc_by_class"][cls][i] == pytest.approx(per[cls])
+            assert v["worst_class_certified_acc"][i] == pytest.approx(min(per.values()))
 
 
 # the batched EOT path (the default on CUDA) against the sequential one (the CPU's), on CPU -----------

@@ -121,9 +121,41 @@ def markdown(rep: dict[str, Any]) -> str:
         if "linf_2_255_radius" in cert:
             lines.append(f"\nRadius {cert['linf_2_255_radius']:g} holds the whole ℓ∞ ball of 2/255 at this scan size: "
                          "certified at it means robust to every ℓ∞ 2/255 attack.")
+        lines += _by_class_lines(cert)
     if rep.get("figures"):
         lines += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in rep["figures"]]
     return "\n".join(lines) + "\n"
+
+
+def _by_class_lines(cert: dict[str, Any]) -> list[str]:
+    """Certified accuracy within each true class at r 0, the report radii and the ℓ∞ 2/255 ball's radius,
+    and a warning for each σ whose smoothed classifier certifies a class's scans at most at chance: its
+    pooled figure then counts mostly the other class (a near-constant vote)."""
+    rows = {s: v for s, v in cert["per_sigma"].items() if "certified_acc_by_class" in v}
+    if not rows:
+        return []
+    shown = sorted({0.0, *(r for v in rows.values() for r in v["radii"] if r in (0.25, 0.5, 1.0)),
+                    *([cert["linf_2_255_radius"]] if "linf_2_255_radius" in cert else [])})
+    out = ["", "Within each true class (the worst class is what a balanced guarantee can promise):", "",
+           "| σ | class | " + " | ".join(f"r {r:g}" for r in shown) + " |", "|---|---|" + "---|" * len(shown)]
+    warn = []
+    for sigma, v in rows.items():
+        at = {r: i for i, r in enumerate(v["radii"])}
+        by = v["certified_acc_by_class"]
+        for cls, accs in by.items():
+            out.append(f"| {sigma} | {cls} | " + " | ".join(_pct(accs[at[r]]) if r in at else "–" for r in shown)
+                       + " |")
+        out.append(f"| {sigma} | **worst class** | " + " | ".join(
+            _pct(v["worst_class_certified_acc"][at[r]]) if r in at else "–" for r in shown) + " |")
+        chance = 1.0 / len(by)
+        low = [f"{_pct(accs[at[0.0]])} of the {c} scans" for c, accs in by.items() if accs[at[0.0]] <= chance]
+        if low:
+            warn.append(f"- σ {sigma}: the smoothed classifier certifies only {' and '.join(low)} even at r 0 "
+                        f"(chance {_pct(chance)}): it votes mostly for another class, so its pooled certified "
+                        "accuracy says little.")
+    if warn:
+        out += ["", "**Near-constant smoothed classifier:**"] + warn
+    return out
 
 
 def _robust_figure(rep: dict[str, Any], path: Path) -> None:

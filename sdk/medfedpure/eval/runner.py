@@ -522,12 +522,14 @@ def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], 
     """Certified accuracy vs ℓ2 radius by denoised smoothing, per σ (the machinery of ``Defender.certify``,
     on the already-preprocessed scans: n draws, n0 = max(10, n // 10), α = 0.001), on the judged
     Defender's engine in batches of :func:`certify_batch`. Reported radii: fractions of σ, the
-    :data:`REPORT_RADII` and the ℓ2 radius of the ℓ∞ 2/255 ball at this scan size; each scan's
+    :data:`REPORT_RADII` and the ℓ2 radius of the ℓ∞ 2/255 ball at this scan size; at each, the
+    certified accuracy pooled, within each true class and its minimum over the classes; each scan's
     certificate (true label, certified label or None, radius, lower bound, seed) is kept under ``scans``."""
     from medfedpure.runtime.certify import (
         DenoisedSmoothing,
         SmoothingConfig,
         certified_accuracy,
+        certified_accuracy_by_class,
     )
 
     sm = DenoisedSmoothing(d.engine, d.bundle.classes)
@@ -542,8 +544,11 @@ def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], 
         radii = sorted({0.0, *(round(sigma * k, 4) for k in (0.25, 0.5, 1.0, 1.5, 2.0)),
                         *REPORT_RADII, linf_ball_radius})
         acc = certified_accuracy(certs, labels, radii)
+        by_class = certified_accuracy_by_class(certs, labels, radii)
         out["per_sigma"][f"{sigma:g}"] = {
             "radii": radii, "certified_acc": [acc[r] for r in radii],
+            "certified_acc_by_class": {c: [a[r] for r in radii] for c, a in by_class.items()},
+            "worst_class_certified_acc": [min(a[r] for a in by_class.values()) for r in radii],
             "abstain_rate": float(np.mean([c.abstained for c in certs])),
             "radius_median": float(np.median([c.radius for c in certs])),
             "seconds_per_scan": float(np.median([c.latency_ms["total"] for c in certs])) / 1000.0,
