@@ -50,7 +50,7 @@ def quick(data, bundle, tmp_path_factory):
     return code, output, wall, out
 
 
-def test_quick_ladder_writes_the_documented_report(quick) -> None:
+def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
     code, output, wall, out = quick
     assert code == 0, output
     assert wall < 90, f"the quick budget on the tiny bundle took {wall:.0f} s"
@@ -64,9 +64,23 @@ def test_quick_ladder_writes_the_documented_report(quick) -> None:
     assert rep["data"]["kind"] == "synthetic"
     pooled = rep["pooled"]
     assert pooled["n"] == 4 and set(pooled["clean"]) == {"undefended_acc", "defended_acc", "defended_acc_std",
-                                                         "flag_rate"}
+                                                         "flag_rate", "defended_acc_by_class"}
     rows = pooled["rows"]
     ran = [r for r in rows if r.get("skipped") is None]
+    # within each true class: the class shares of the headline add up to it, and each class's worst rung is
+    # its minimum over the rungs
+    from medfedpure.data.loader import load_split
+
+    y = load_split(data, 0, "test", size=32)[1][:4]
+    n_c = {"no_tumor": int((y == 0).sum()), "tumor": int((y == 1).sum())}
+    for r in ran + [dict(pooled["clean"], robust_acc=pooled["clean"]["defended_acc"],
+                         robust_acc_by_class=pooled["clean"]["defended_acc_by_class"])]:
+        by = r["robust_acc_by_class"]
+        assert set(by) == {c for c, n in n_c.items() if n}
+        assert sum(n_c[c] * a for c, a in by.items()) / 4 == pytest.approx(r["robust_acc"])
+    for eps, per in pooled["worst_rung_by_class"].items():
+        for cls, a in per.items():
+            assert a == min(r["robust_acc_by_class"][cls] for r in ran if r["eps_label"] == eps)
     for r in ran:
         assert ROW_KEYS <= r.keys(), r
         assert 0 <= r["robust_acc"] <= 1 and r["n"] == 4 and r["runs"] == 2
@@ -98,6 +112,7 @@ def test_quick_ladder_writes_the_documented_report(quick) -> None:
     md = (out / "report.md").read_text()
     assert md.splitlines()[2] == "**Sanity checks: all passed.**"
     assert "| 5 |" in md and "Worst rung per ε" in md and "Certified accuracy" in md
+    assert "Within each true class (clean through the defence; worst rung per ε): no_tumor" in md
     for f in rep["figures"]:
         with Image.open(out / f) as im:
             assert im.format == "PNG" and im.size[0] > 100

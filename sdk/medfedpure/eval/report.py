@@ -68,6 +68,12 @@ def _table(block: dict[str, Any]) -> list[str]:
     if block["worst_rung"]:
         lines += ["", "Worst rung per ε: " + "; ".join(
             f"{e}: rung {w['rung']} ({w['attack']}) {_pct(w['robust_acc'])}" for e, w in block["worst_rung"].items())]
+    if block.get("worst_rung_by_class"):
+        clean_by = c.get("defended_acc_by_class", {})
+        lines += ["", "Within each true class (clean through the defence; worst rung per ε): " + "; ".join(
+            f"{cls} {_pct(a)}" for cls, a in clean_by.items()) + (". " if clean_by else "") + "; ".join(
+            f"{e}: " + ", ".join(f"{cls} {_pct(a)}" for cls, a in per.items())
+            for e, per in block["worst_rung_by_class"].items())]
     return lines
 
 

@@ -267,7 +267,10 @@ class Row:
     headline_worst_of_runs: bool = False  # rung 5: the headline is the worst over runs
     params: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self, clean_score: np.ndarray | None) -> dict[str, Any]:
+    def to_dict(self, clean_score: np.ndarray | None, y: np.ndarray | None = None,
+                classes: Sequence[str] = ()) -> dict[str, Any]:
+        """The row's summary; with the scans' true labels ``y`` [N] (and the class names), also the headline
+        accuracy within each true class (``robust_acc_by_class``; a class with no scan is left out)."""
         out: dict[str, Any] = {"rung": self.rung, "attack": self.attack, "eps": self.eps, "eps_label": self.eps_label,
                                "summary": self.summary, **self.params}
         if self.skipped is not None:
@@ -280,6 +283,12 @@ class Row:
                     else s["defended_acc"],
                     "flag_rate": None if self.flag is None else float(self.flag.mean()),
                     "attack_s": round(self.attack_s, 3)})
+        if y is not None:
+            if len(y) != self.correct.shape[1]:
+                raise ValueError(f"{len(y)} labels for a row of {self.correct.shape[1]} scans")
+            right = self.correct.all(axis=0) if self.headline_worst_of_runs else self.correct.mean(axis=0)
+            out["robust_acc_by_class"] = {name: float(right[y == c].mean()) for c, name in enumerate(classes)
+                                          if (y == c).any()}
         if self.score is not None and clean_score is not None and np.isfinite(self.score).all() \
                 and np.isfinite(clean_score).all() and len(clean_score):
             out.update({"auroc": auroc(clean_score, self.score), "tpr@1%": tpr_at_fpr(clean_score, self.score, 0.01),
@@ -332,6 +341,7 @@ class Site:
     latency_ms: dict[str, float]
     surrogate: dict[str, Any]
     certified: dict[str, Any] | None = None
+    y: np.ndarray | None = None  # [N] the scans' true labels (per-class accuracies)
 
 
 def _models(ref: Any) -> None:
@@ -598,6 +608,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
         if len(y) == 0:
             raise EvalError(f"site {site} has no {cfg.split!r} scans in {cfg.data}: pick another --split or --site")
         res = evaluate_site(d, ref, cfg, site, x, y, out)
+        res.y = np.asarray(y)
         if cfg.certify_sigmas:
             res.certified = certify_site(d, x, y, cfg.certify_sigmas, cfg.certify_n, cfg.seed, cfg.progress)
         results.append(res)
@@ -623,8 +634,10 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
         "budget": {**cfg.budget.to_dict(), "limit": cfg.scan_limit},
         "paper": PAPER,
         "sanity": sanity,
-        "per_site": {str(r.site): _site_dict(r.clean, r.rows, r.clean_score, r) for r in results},
-        "pooled": _site_dict(pooled_clean, pooled_rows, pooled_clean.score, None),
+        "per_site": {str(r.site): _site_dict(r.clean, r.rows, r.clean_score, r.y, d.bundle.classes)
+                     for r in results},
+        "pooled": _site_dict(pooled_clean, pooled_rows, pooled_clean.score,
+                             np.concatenate([r.y for r in results]), d.bundle.classes),
         "latency_ms": results[0].latency_ms,
         "surrogate": {str(r.site): r.surrogate for r in results if r.surrogate},
         "certified": {str(r.site): r.certified for r in results if r.certified},
@@ -643,21 +656,32 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
-def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, site: Site | None) -> dict[str, Any]:
-    """The report's block of one site (or the pooled one): clean numbers, every row, the worst rung per ε."""
-    c = clean.to_dict(None)
+def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarray | None,
+               classes: Sequence[str]) -> dict[str, Any]:
+    """The report's block of one site (or the pooled one): clean numbers, every row, the worst rung per ε —
+    and, with the true labels ``y``, each within each true class (the worst rung of a class may be another
+    rung than the pooled one)."""
+    c = clean.to_dict(None, y, classes)
     block: dict[str, Any] = {
         "n": c["n"],
         "clean": {"undefended_acc": c["undefended_acc"], "defended_acc": c["defended_acc"],
                   "defended_acc_std": c["defended_acc_std"], "flag_rate": c["flag_rate"]},
-        "rows": [r.to_dict(clean_score) for r in rows],
+        "rows": [r.to_dict(clean_score, y, classes) for r in rows],
     }
+    if "robust_acc_by_class" in c:
+        block["clean"]["defended_acc_by_class"] = c["robust_acc_by_class"]
     worst: dict[str, Any] = {}
+    worst_by_class: dict[str, dict[str, float]] = {}
     for r in block["rows"]:
         if r.get("skipped") is not None or r["eps_label"] == "paper":
             continue
         w = worst.get(r["eps_label"])
         if w is None or r["robust_acc"] < w["robust_acc"]:
             worst[r["eps_label"]] = {"rung": r["rung"], "attack": r["attack"], "robust_acc": r["robust_acc"]}
+        per = worst_by_class.setdefault(r["eps_label"], {})
+        for cls, a in r.get("robust_acc_by_class", {}).items():
+            per[cls] = min(per.get(cls, 1.0), a)
     block["worst_rung"] = worst
+    if any(worst_by_class.values()):
+        block["worst_rung_by_class"] = worst_by_class
     return block
