@@ -46,6 +46,9 @@ class BundleBuildConfig:
         purifier_phases: ``("teacher", "student")``, or ``("teacher",)`` to skip distillation.
         schedule: the purification schedule (t_min, t_max, steps) recorded in the student and
             calibrated into the gate; default ``medfedpure.models.diffusion.PURIFY_DEFAULTS``.
+        denoise_t_max: the purifier federation trains its teacher and student on diffusion times up
+            to this (``FedConfig.denoise_t_max``; 0: the presets', 250) — what certification at
+            σ ≥ 0.25 asks the shipped student for (t 290 at σ 0.25, 496 at σ 0.5).
         threads: torch CPU threads of calibration and export.
         timeout_s: each federation is stopped (all its processes) after this many seconds.
         max_bundle_bytes: the build fails when the bundle is larger.
@@ -75,6 +78,7 @@ class BundleBuildConfig:
     purifier_max_train: int = 0
     purifier_phases: tuple[str, ...] = ("teacher", "student")
     schedule: PurifySchedule = field(default_factory=_default_schedule)
+    denoise_t_max: int = 0
     threads: int = 2
     timeout_s: float = 5400.0
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
@@ -129,6 +133,9 @@ class BundleBuildConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: every training scan)")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
+        if self.denoise_t_max and not self.schedule.t_max <= self.denoise_t_max <= 1000:
+            raise ValueError(f"denoise_t_max={self.denoise_t_max}: 0 (the presets', 250) or a diffusion time in "
+                             f"[the schedule's t_max = {self.schedule.t_max}, 1000]")
         if self.max_bundle_bytes < 1:
             raise ValueError(f"max_bundle_bytes={self.max_bundle_bytes}: must be >= 1")
         _ = self.classifier_overrides()  # validates the adversarial-training and smoothing fields

@@ -115,7 +115,7 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
     purifier = FedConfig(out_dir=str(paths.fed_purifier), phases=cfg.purifier_phases, rounds=cfg.purifier_rounds,
                          local_epochs=cfg.purifier_local_epochs, max_train=cfg.purifier_max_train,
                          student_steps=sched.steps, purify_t_min=sched.t_min, purify_t_max=sched.t_max,
-                         **common)
+                         denoise_t_max=cfg.denoise_t_max, **common)
     smoothing = {**cfg.smoothing_options(), "denoiser": str(purifier_denoiser(cfg, paths))} if cfg.smoothing else {}
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
                         local_epochs=cfg.local_epochs, max_train=cfg.max_train, **cfg.adv_options(), **smoothing,
@@ -308,7 +308,9 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     data_in = {"sites": cfg.sites, "per_site": cfg.per_site, "size": cfg.size, "seed": cfg.seed}
     pur_in = {"preset": cfg.preset, "seed": cfg.seed, "purifier_rounds": cfg.purifier_rounds,
               "purifier_local_epochs": cfg.purifier_local_epochs, "purifier_max_train": cfg.purifier_max_train,
-              "purifier_phases": list(cfg.purifier_phases), "schedule": sched}
+              "purifier_phases": list(cfg.purifier_phases), "schedule": sched,
+              # recorded only when set, so a build at the default keeps its resumable purifier step
+              **({"denoise_t_max": cfg.denoise_t_max} if cfg.denoise_t_max else {})}
     # Only the adversarial-training and smoothing options that differ from the preset's recipe are recorded
     # inputs, so a build at the defaults keeps the inputs (and the resumable steps) it had before they
     # existed. With smoothing the classifier federation also comes after the purifier federation (its

@@ -75,6 +75,9 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
             help="K: the student's sampling steps (1, 2 or 4), recorded in it."),
     _option("purify_range", tuple[int, int] | None, None, "--purify-range",
             help="t* range: t_min t_max (of T = 1000), recorded in the student."),
+    _option("denoise_t_max", int | None, None, "--denoise-t-max", min=0,
+            help="Train the purifier's teacher and student on diffusion times up to this (0: 250, the presets'); "
+                 "certifying at sigma 0.5 uses t 496."),
 )
 
 ADV_CHOICE = click.Choice(("none", "fgsm-rs", "pgd", "trades"))

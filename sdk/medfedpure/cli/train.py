@@ -362,10 +362,14 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
         typer.echo(f"signed by key {vb.signer.key_id}")
 
 
+DENOISE_T_MAX = typer.Option(None, "--denoise-t-max", min=1, help="Train on diffusion times up to this (default: the "
+                             "preset's 250); certifying at sigma 0.25 / 0.5 asks the denoiser for t 290 / 496.")
+
+
 @app.command()
 def purifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
-             epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
-             progress: bool = PROGRESS) -> None:
+             epochs: int | None = EPOCHS, denoise_t_max: int | None = DENOISE_T_MAX, resume: bool = RESUME,
+             threads: int = THREADS, dry_run: bool = DRY, progress: bool = PROGRESS) -> None:
     """Train the diffusion teacher (x0-denoiser, many-step DDIM) on site K's scans → RUN/teacher.safetensors."""
     _common_setup(config, threads, seed)
     from medfedpure.models.unet import UNet, UNetConfig
@@ -373,7 +377,11 @@ def purifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str =
     from medfedpure.train.purifier import DenoiserTrainConfig, train_denoiser
 
     ucfg = UNetConfig.preset(config)
-    tcfg = DenoiserTrainConfig.preset(config, seed=seed, epochs=epochs)
+    try:
+        tcfg = DenoiserTrainConfig.preset(config, seed=seed, epochs=epochs,
+                                          **({"t_hi": float(denoise_t_max)} if denoise_t_max else {}))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     resolved = {"model": ucfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site}
     if dry_run:
         typer.echo(json.dumps(resolved, indent=1))
@@ -394,8 +402,8 @@ def distill(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = 
             teacher: Path = typer.Option(..., "--teacher", help="Run folder holding teacher.safetensors.",
                                          exists=True, file_okay=False),
             steps: int | None = STEPS, t_min: int | None = T_MIN, t_max: int | None = T_MAX,
-            epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
-            progress: bool = PROGRESS) -> None:
+            epochs: int | None = EPOCHS, denoise_t_max: int | None = DENOISE_T_MAX, resume: bool = RESUME,
+            threads: int = THREADS, dry_run: bool = DRY, progress: bool = PROGRESS) -> None:
     """Distil the teacher into a K-step student → RUN/student.safetensors (steps, t_min, t_max in metadata)."""
     _common_setup(config, threads, seed)
     from dataclasses import replace
@@ -408,7 +416,8 @@ def distill(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = 
     try:
         given = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps)) if v is not None}
         sched = replace(PURIFY_DEFAULTS, **given)
-        dcfg = DistillConfig.preset(config, seed=seed, epochs=epochs, val_steps=sched.steps)
+        dcfg = DistillConfig.preset(config, seed=seed, epochs=epochs, val_steps=sched.steps,
+                                    **({"t_max": float(denoise_t_max)} if denoise_t_max else {}))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     t_min, t_max, steps = sched.t_min, sched.t_max, sched.steps

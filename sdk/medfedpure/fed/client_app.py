@@ -166,10 +166,10 @@ class _Site:
             # so the site's seed is fixed for the run (the local-only baseline's seed).
             return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.SITE_STRIDE * self.site, site_dir=self.site_dir,
                                   schedule=((self.round - 1) * epochs, run.rounds * epochs), classifier_overrides=over,
-                                  denoiser=run.denoiser)
+                                  denoiser=run.denoiser, denoise_t_max=run.denoise_t_max)
         return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.ROUND_STRIDE * self.round + tasks.SITE_STRIDE * self.site,
                               site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds),
-                              classifier_overrides=over, denoiser=run.denoiser)
+                              classifier_overrides=over, denoiser=run.denoiser, denoise_t_max=run.denoise_t_max)
 
 
 def train(msg: Message, context: Context) -> Message:

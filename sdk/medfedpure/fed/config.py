@@ -150,6 +150,10 @@ class FedConfig:
     student_steps / purify_t_min / purify_t_max: the student's sampling steps K and the t* range
         recorded in the student checkpoints (the gate calibration reads them); defaults
         ``models.diffusion.PURIFY_DEFAULTS``.
+    denoise_t_max: the teacher and the student train on diffusion times up to this (of T = 1000;
+        0: the presets', 250). Certification by denoised smoothing at σ asks the student for the time
+        whose noise level is 2σ (``runtime.certify.sigma_to_t``: 290 at σ 0.25, 496 at σ 0.5 on the
+        cosine schedule), beyond 250; at least ``purify_t_max`` when given.
     smoothing_sigmas / smoothing_frac / denoiser: each site's denoised-smoothing fine-tuning of its
         classifier (``ClassifierTrainConfig``'s ``smoothing_sigmas``, σ in scan units, and
         ``smoothing_frac``): that fraction of every batch is noised at a σ of the list and one-shot
@@ -191,6 +195,7 @@ class FedConfig:
     student_steps: int = PURIFY_DEFAULTS.steps
     purify_t_min: int = PURIFY_DEFAULTS.t_min
     purify_t_max: int = PURIFY_DEFAULTS.t_max
+    denoise_t_max: int = 0
     adv: str = ADV_DEFAULTS["adv"]
     adv_eps: float = ADV_DEFAULTS["adv_eps"]
     adv_steps: int = ADV_DEFAULTS["adv_steps"]
@@ -247,6 +252,9 @@ class FedConfig:
         except ValueError as exc:
             raise ValueError(f"student_steps={self.student_steps}, purify range [{self.purify_t_min}, "
                              f"{self.purify_t_max}]: {exc}") from exc
+        if self.denoise_t_max and not self.purify_t_max <= self.denoise_t_max <= 1000:
+            raise ValueError(f"denoise_t_max={self.denoise_t_max}: 0 (the presets', 250) or a diffusion time in "
+                             f"[purify_t_max = {self.purify_t_max}, 1000]: the student must cover every t* it purifies at")
         if self.poison_site >= self.num_sites:
             raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
         _ = self.classifier_overrides()  # validates the adversarial-training and smoothing fields

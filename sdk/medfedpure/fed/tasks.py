@@ -91,6 +91,8 @@ class LocalJob:
     denoiser: the frozen denoiser of denoised-smoothing fine-tuning (a bundle folder, a run folder
         or a unet ``.safetensors`` file; ``FedConfig.denoiser``), read by the classifier's round when
         its overrides set ``smoothing_sigmas``; "" (none) otherwise.
+    denoise_t_max: the diffusion times the teacher (``t_hi``) and the student (``t_max``) train on reach
+        this (``FedConfig.denoise_t_max``); 0: the presets' (250).
     """
 
     preset: str
@@ -101,6 +103,7 @@ class LocalJob:
     schedule: tuple[int, int] | None = None
     classifier_overrides: tuple[tuple[str, Any], ...] = ()
     denoiser: str = ""
+    denoise_t_max: int = 0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -118,6 +121,8 @@ class LocalJob:
         items = over.items() if isinstance(over, dict) else over
         object.__setattr__(self, "classifier_overrides", tuple(sorted((str(k), v) for k, v in items)))
         object.__setattr__(self, "denoiser", str(self.denoiser or ""))
+        if isinstance(self.denoise_t_max, bool) or not isinstance(self.denoise_t_max, int) or self.denoise_t_max < 0:
+            raise ValueError(f"denoise_t_max={self.denoise_t_max!r}: 0 (the presets') or a diffusion time > 0")
 
     def stateless(self, cls: Any, **fields: Any) -> Any:
         """``cls.preset(preset)`` as one short complete run: this round's epochs and seed, no warm-up
@@ -218,7 +223,8 @@ def train_mae_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
 def train_teacher_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
                         optimizer_state: OptimizerState | None = None) -> tuple[dict[str, float], None]:
     """The teacher's round: ``train_denoiser`` (x0-prediction on the DDPM schedule), stateless."""
-    cfg = job.stateless(DenoiserTrainConfig, warmup_steps=0)
+    cfg = job.stateless(DenoiserTrainConfig, warmup_steps=0,
+                        **({"t_hi": float(job.denoise_t_max)} if job.denoise_t_max else {}))
     out = train_denoiser(model, model.schedule, data.x_train, data.x_val, cfg, progress=False)
     return _round_metrics(out), None
 
@@ -232,7 +238,8 @@ def train_student_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
             f"no teacher at {job.site_dir}/global/teacher.safetensors: run the 'teacher' phase before 'student'"
         )
     teacher, _, _ = load_model(path)
-    cfg = job.stateless(DistillConfig, warmup_steps=0)
+    cfg = job.stateless(DistillConfig, warmup_steps=0,
+                        **({"t_max": float(job.denoise_t_max)} if job.denoise_t_max else {}))
     out = distill_student(teacher, model, teacher.schedule, data.x_train, data.x_val, cfg, progress=False,
                           init_from_teacher=False)
     return _round_metrics(out), None
