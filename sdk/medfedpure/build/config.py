@@ -106,7 +106,7 @@ class BundleBuildConfig:
         if isinstance(phases, str):
             phases = tuple(p for p in phases.split(",") if p)
         object.__setattr__(self, "purifier_phases", tuple(phases))
-        from medfedpure.fed.config import parse_sigmas
+        from medfedpure.fed.config import check_denoise_t_max, parse_sigmas
 
         object.__setattr__(self, "smoothing_sigmas", parse_sigmas(self.smoothing_sigmas))
         if self.purifier_phases not in PURIFIER_PHASES:
@@ -133,9 +133,7 @@ class BundleBuildConfig:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: every training scan)")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
-        if self.denoise_t_max and not self.schedule.t_max <= self.denoise_t_max <= 1000:
-            raise ValueError(f"denoise_t_max={self.denoise_t_max}: 0 (the presets', 250) or a diffusion time in "
-                             f"[the schedule's t_max = {self.schedule.t_max}, 1000]")
+        check_denoise_t_max(self.denoise_t_max, self.schedule.t_max)
         if self.max_bundle_bytes < 1:
             raise ValueError(f"max_bundle_bytes={self.max_bundle_bytes}: must be >= 1")
         _ = self.classifier_overrides()  # validates the adversarial-training and smoothing fields

@@ -103,6 +103,8 @@ def _summary(rep: dict, out: Path, con: object) -> None:
     """The report's headline on the terminal: sanity first, then the pooled robust accuracy per rung and ε."""
     from rich.table import Table
 
+    from medfedpure.eval.report import class_summary
+
     s = rep["sanity"]
     failed = [c["name"] for c in s["checks"] if c["passed"] is False]
     con.print("[bold green]sanity checks passed[/]" if s["passed"] else
@@ -126,10 +128,8 @@ def _summary(rep: dict, out: Path, con: object) -> None:
                     "–" if r["flag_rate"] is None else f"{100 * r['flag_rate']:.1f} %",
                     "–" if r.get("auroc") is None else f"{r['auroc']:.3f}")
     con.print(tab)
-    if p.get("worst_rung_by_class"):  # what the pooled figure hides: which class the errors fall on
-        clean_by = c.get("defended_acc_by_class", {})
-        con.print("within each class: clean " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in clean_by.items())
-                  + "".join(f"; worst rung {e}: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in per.items())
-                            for e, per in p["worst_rung_by_class"].items()))
+    by_class = class_summary(p)  # what the pooled figure hides: which class the errors fall on
+    if by_class:
+        con.print(f"within each class: {by_class}")
     con.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(rep['figures'])} figures "
               f"({rep['wall_s']:.0f} s)")

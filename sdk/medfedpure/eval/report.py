@@ -68,13 +68,23 @@ def _table(block: dict[str, Any]) -> list[str]:
     if block["worst_rung"]:
         lines += ["", "Worst rung per ε: " + "; ".join(
             f"{e}: rung {w['rung']} ({w['attack']}) {_pct(w['robust_acc'])}" for e, w in block["worst_rung"].items())]
-    if block.get("worst_rung_by_class"):
-        clean_by = c.get("defended_acc_by_class", {})
-        lines += ["", "Within each true class (clean through the defence; worst rung per ε): " + "; ".join(
-            f"{cls} {_pct(a)}" for cls, a in clean_by.items()) + (". " if clean_by else "") + "; ".join(
-            f"{e}: " + ", ".join(f"{cls} {_pct(a)}" for cls, a in per.items())
-            for e, per in block["worst_rung_by_class"].items())]
+    by_class = class_summary(block)
+    if by_class:
+        lines += ["", f"Within each true class (through the defence): {by_class}"]
     return lines
+
+
+def class_summary(block: dict[str, Any]) -> str | None:
+    """One line of a site's (or the pooled) block within each true class: clean accuracy through the defence,
+    then each ε's worst rung per class — what report.md and the terminal summary print; None when the block
+    has no per-class figures (a report written before they existed)."""
+    if not block.get("worst_rung_by_class"):
+        return None
+    def per_class(d: dict[str, float]) -> str:
+        return ", ".join(f"{cls} {_pct(a)}" for cls, a in d.items())
+    parts = [f"clean {per_class(block['clean'].get('defended_acc_by_class', {}))}"]
+    parts += [f"worst rung {e}: {per_class(per)}" for e, per in block["worst_rung_by_class"].items()]
+    return "; ".join(parts)
 
 
 def _device_line(m: dict[str, Any]) -> str:

@@ -122,6 +122,18 @@ def adv_overrides(preset: str, total_epochs: int, **values: Any) -> dict[str, An
     return out
 
 
+def check_denoise_t_max(denoise_t_max: int, purify_t_max: int) -> None:
+    """``denoise_t_max`` (``FedConfig`` and ``BundleBuildConfig``): 0 (the presets' range, t ≤ 250) or a
+    diffusion time in [``purify_t_max``, 1000] — the student must cover every t* it purifies at.
+
+    Raises:
+        ValueError: naming the value and the allowed range.
+    """
+    if denoise_t_max and not purify_t_max <= denoise_t_max <= 1000:
+        raise ValueError(f"denoise_t_max={denoise_t_max}: 0 (the presets', 250) or a diffusion time in "
+                         f"[purify_t_max = {purify_t_max}, 1000]: the student must cover every t* it purifies at")
+
+
 @dataclass(frozen=True)
 class FedConfig:
     """Options of one federated run.
@@ -252,9 +264,7 @@ class FedConfig:
         except ValueError as exc:
             raise ValueError(f"student_steps={self.student_steps}, purify range [{self.purify_t_min}, "
                              f"{self.purify_t_max}]: {exc}") from exc
-        if self.denoise_t_max and not self.purify_t_max <= self.denoise_t_max <= 1000:
-            raise ValueError(f"denoise_t_max={self.denoise_t_max}: 0 (the presets', 250) or a diffusion time in "
-                             f"[purify_t_max = {self.purify_t_max}, 1000]: the student must cover every t* it purifies at")
+        check_denoise_t_max(self.denoise_t_max, self.purify_t_max)
         if self.poison_site >= self.num_sites:
             raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
         _ = self.classifier_overrides()  # validates the adversarial-training and smoothing fields
