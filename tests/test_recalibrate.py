@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -22,6 +23,7 @@ from medfedpure.runtime.calibration import (
     recalibrate,
     score_quantile,
     score_scans,
+    score_scans_with,
 )
 from medfedpure.runtime.defender import Defender
 from PIL import Image
@@ -324,3 +326,34 @@ def test_recalibration_refuses_what_the_gate_cannot_take(tmp_path: Path, tiny: P
     d = Defender.load(tiny, "onnxruntime")
     with pytest.raises(ValueError, match="cannot take"):
         recalibrate(d.bundle, d.engine, _shifted(5, 1), min_scans=1, policy="sideways")
+
+
+def test_switching_the_statistic_runs_the_mae_once_per_batch(tiny: Path) -> None:
+    """Scoring the new statistic and the old gate shares one MAE pass; the scores are those of separate passes."""
+    d = Defender.load(tiny, "onnxruntime", timeout_s=None)
+    x = _shifted(40, 3)
+    nyq = dataclasses.replace(d.bundle.spec.gate, stat="nyqratio")
+    alone_new, alone_old = score_scans(d.engine, x, spec=nyq), score_scans(d.engine, x)
+    calls = []
+    real_mae = d.engine.mae
+
+    def counting_mae(xn):
+        calls.append(len(xn))
+        return real_mae(xn)
+
+    d.engine.mae = counting_mae
+    try:
+        both = score_scans_with(d.engine, x, (nyq, None), batch_size=16)
+        assert calls == [16, 16, 8]
+        calls.clear()
+        rec = recalibrate(d.bundle, d.engine, x, min_scans=40, stat="nyqratio")
+        assert calls == [16, 16, 8]
+    finally:
+        d.engine.mae = real_mae
+    np.testing.assert_array_equal(both[0], alone_new)
+    np.testing.assert_array_equal(both[1], alone_old)
+    assert not np.array_equal(alone_new, alone_old)
+    np.testing.assert_array_equal(rec.scores, alone_new)
+    assert rec.flagged_before == int(d.bundle.spec.gate.decide(alone_old)[0].sum())
+    with pytest.raises(ValueError, match="specs is empty"):
+        score_scans_with(d.engine, x, ())

@@ -34,7 +34,7 @@ from medfedpure.gate.calibration import DEFAULT_TAU_HIGH_K, calibrate_scores, pa
 from medfedpure.runtime.certify import clopper_pearson_lower
 
 __all__ = ["TooFewScansError", "binomial_ci", "score_scans", "ScanFolder", "load_scan_folder", "Recalibration",
-           "recalibrate", "score_quantile", "chi2_sf", "DriftReport", "DriftMonitor"]
+           "recalibrate", "score_scans_with", "score_quantile", "chi2_sf", "DriftReport", "DriftMonitor"]
 
 
 class TooFewScansError(ValueError):
@@ -91,22 +91,37 @@ def score_scans(engine: Any, x: np.ndarray, *, batch_size: int = 16, spec: GateS
     Raises:
         ValueError: ``x`` is not [N,1,S,S], or a score is not finite (the bundle cannot score these scans).
     """
+    return score_scans_with(engine, x, (spec,), batch_size=batch_size)[0]
+
+
+def score_scans_with(engine: Any, x: np.ndarray, specs: Sequence[GateSpec | None], *,
+                     batch_size: int = 16) -> list[np.ndarray]:
+    """Scores [N] float32 of ``x`` under each gate of ``specs`` (None: the engine's own), from one MAE
+    pass per batch: statistics that share the MAE's reconstruction cost one MAE run, not one each.
+
+    Raises:
+        ValueError: ``x`` is not [N,1,S,S], no specs, or a score is not finite.
+    """
     x = np.asarray(x, np.float32)
     if x.ndim != 4 or x.shape[1] != 1 or x.shape[0] < 1:
         raise ValueError(f"x has shape {x.shape}: expected [N, 1, S, S] (medfedpure.preprocess output)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    out = []
+    if len(specs) < 1:
+        raise ValueError("specs is empty: give at least one gate (None for the engine's own)")
+    out: list[list[np.ndarray]] = [[] for _ in specs]
     for i in range(0, len(x), batch_size):
         xn = engine.to_native(np.ascontiguousarray(x[i:i + batch_size]))
-        g = (engine.gate(xn, engine.mae(xn)) if spec is None
-             else run_gate(spec, xn[:, 0], engine.mae(xn), engine.visible))
-        out.append(np.asarray(engine.to_numpy(g.score), np.float32).reshape(-1))
-    scores = np.concatenate(out)
-    if not np.isfinite(scores).all():
-        raise ValueError(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} gate scores are not finite: "
-                         "the bundle cannot score these scans")
-    return scores
+        rec = engine.mae(xn)
+        for j, spec in enumerate(specs):
+            g = engine.gate(xn, rec) if spec is None else run_gate(spec, xn[:, 0], rec, engine.visible)
+            out[j].append(np.asarray(engine.to_numpy(g.score), np.float32).reshape(-1))
+    result = [np.concatenate(o) for o in out]
+    for scores in result:
+        if not np.isfinite(scores).all():
+            raise ValueError(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} gate scores are not finite: "
+                             "the bundle cannot score these scans")
+    return result
 
 
 @dataclass(frozen=True)
@@ -247,8 +262,10 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
         tau_high_k = parse_tau_high_k(old.calibration.tau_high_rule if old.calibration else None)
     k = DEFAULT_TAU_HIGH_K if tau_high_k is None else tau_high_k
     same_scores = (base.stat, base.topk) == (old.stat, old.topk)
-    scores = score_scans(engine, x, spec=None if same_scores else base)
-    old_scores = scores if same_scores else score_scans(engine, x)
+    if same_scores:
+        scores = old_scores = score_scans(engine, x)
+    else:  # one MAE pass scores both the new statistic and the old gate's
+        scores, old_scores = score_scans_with(engine, x, (base, None))
     date = (today or datetime.datetime.now(datetime.timezone.utc).date()).isoformat()
     fingerprint = pixels_sha256 or set_fingerprint([pixels_digest(a) for a in np.asarray(x, np.float32)])
     source = (f"recalibrated on {n} clean site scans (pixels sha256 {fingerprint}) on {date}, "
