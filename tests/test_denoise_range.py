@@ -83,3 +83,28 @@ def test_single_site_commands_take_the_range(tmp_path: Path) -> None:
                                  "--config", "tiny", "--teacher", str(tmp_path), "--denoise-t-max", "150", "--dry-run"],
                            env={"COLUMNS": "400"})
     assert r.exit_code == 2 and "t_max <= 150.0 (the distillation range)" in r.output  # t* must lie inside it
+
+
+def test_distill_refuses_a_range_beyond_the_teachers(tmp_path: Path) -> None:
+    """A teacher trained on t <= 250 (the presets') cannot teach a student at t 520; one trained to 520 can."""
+    from medfedpure.models.unet import UNet, UNetConfig
+    from medfedpure.models.weights import save_model
+    from medfedpure.train.purifier import DenoiserTrainConfig
+
+    ucfg = UNetConfig.preset("tiny")
+    for t_hi in (250, 520):
+        folder = tmp_path / f"teacher{t_hi}"
+        save_model(folder / "teacher.safetensors", UNet(ucfg), ucfg, "unet",
+                   extra={"role": "teacher", "train_config": DenoiserTrainConfig.preset("tiny", t_hi=float(t_hi)).to_dict()})
+    wide = {"COLUMNS": "400"}
+    base = ["train", "distill", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--config", "tiny", "--dry-run"]
+    r = CliRunner().invoke(app, [*base, "--teacher", str(tmp_path / "teacher250"), "--denoise-t-max", "520"], env=wide)
+    assert r.exit_code == 2 and "reaches t 520 but the teacher" in r.output and "trained on t <= 250" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--teacher", str(tmp_path / "teacher250")], env=wide)
+    assert r.exit_code == 0 and json.loads(r.output)["distill"]["t_max"] == 250.0, r.output
+    r = CliRunner().invoke(app, [*base, "--teacher", str(tmp_path / "teacher520"), "--denoise-t-max", "520"], env=wide)
+    assert r.exit_code == 0 and json.loads(r.output)["distill"]["t_max"] == 520.0, r.output
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "teacher.safetensors").write_bytes(b"not a model")
+    r = CliRunner().invoke(app, [*base, "--teacher", str(tmp_path / "junk")], env=wide)
+    assert r.exit_code == 2 and "not a readable teacher checkpoint" in r.output, r.output

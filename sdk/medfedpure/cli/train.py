@@ -362,6 +362,25 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
         typer.echo(f"signed by key {vb.signer.key_id}")
 
 
+def _teacher_t_hi(path: Path) -> float | None:
+    """The top of the diffusion times a ``train purifier`` teacher trained on (its ``train_config.t_hi``),
+    or None when there is no such file yet (a dry run) or its metadata does not say.
+
+    Raises:
+        typer.BadParameter: the file is not a saved model.
+    """
+    from medfedpure.models.weights import WeightsError, model_metadata
+
+    if not path.is_file():
+        return None
+    try:
+        meta = model_metadata(path)
+    except (OSError, WeightsError) as exc:
+        raise typer.BadParameter(f"--teacher: {path} is not a readable teacher checkpoint ({exc})") from exc
+    hi = (meta.get("train_config") or {}).get("t_hi") if isinstance(meta.get("train_config"), dict) else None
+    return float(hi) if isinstance(hi, (int, float)) and not isinstance(hi, bool) else None
+
+
 DENOISE_T_MAX = typer.Option(None, "--denoise-t-max", min=1, help="Train on diffusion times up to this (default: the "
                              "preset's 250); certifying at sigma 0.25 / 0.5 asks the denoiser for t 290 / 496.")
 
@@ -424,6 +443,12 @@ def distill(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = 
     if not 0 <= t_min <= t_max <= dcfg.t_max:
         raise typer.BadParameter(f"--t-min {t_min} --t-max {t_max}: need 0 <= t_min <= t_max <= {dcfg.t_max} "
                                  "(the distillation range)")
+    teacher_hi = _teacher_t_hi(teacher / "teacher.safetensors")
+    if teacher_hi is not None and dcfg.t_max > teacher_hi:
+        raise typer.BadParameter(f"the distillation range reaches t {dcfg.t_max:g} but the teacher in {teacher} was "
+                                 f"trained on t <= {teacher_hi:g}: the student would copy a teacher outside its "
+                                 f"range; retrain the teacher with `train purifier --denoise-t-max {dcfg.t_max:g}` "
+                                 f"or distil with --denoise-t-max <= {teacher_hi:g}")
     resolved = {"distill": dcfg.to_dict(), "teacher": str(teacher / "teacher.safetensors"), "data": str(data),
                 "site": site, "steps": steps, "t_min": t_min, "t_max": t_max}
     if dry_run:
