@@ -14,7 +14,13 @@ from typing import Any
 import typer
 
 from medfedpure.cli.common import BACKEND_CHOICE, DEVICE_CHOICE
-from medfedpure.cli.runtime import BACKEND_HELP, DEVICE_HELP
+from medfedpure.cli.runtime import (
+    ALLOW_UNSIGNED_HELP,
+    BACKEND_HELP,
+    DEVICE_HELP,
+    EXPECTED_ID_HELP,
+    TRUSTED_KEY_HELP,
+)
 
 
 def certify_command(
@@ -31,6 +37,9 @@ def certify_command(
     threads: int = typer.Option(0, min=0, help="Inference threads (0: the runtime's default)."),
     batch: int | None = typer.Option(None, min=1, help="Draws per engine call (default: the engine's)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar of the draws."),
+    expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
     """Certify each scan's smoothed label within an ℓ2 radius (Cohen et al. CERTIFY, with the bundle's
     one-shot diffusion denoiser); print label, radius and the lower bound on p_A."""
@@ -47,7 +56,8 @@ def certify_command(
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
-    d = _load(bundle, backend, device, threads)
+    d = _load(bundle, backend, device, threads, expected_id=expected_id, trusted_keys=trusted_key,
+              allow_unsigned=allow_unsigned)
     table = Table(title=f"medfedpure certify · bundle {d.bundle.short_id} · {d.engine.describe()['backend']} · "
                         f"σ={sigma:g} n0={n0} n={n} α={alpha:g}")
     for col in ("scan", "label", "radius", "p_A lower", "counts", "t", "seed", "s"):

@@ -16,6 +16,7 @@ import click
 import typer
 
 from medfedpure.cli.common import BACKEND_CHOICE, POLICY_CHOICE
+from medfedpure.cli.runtime import ALLOW_UNSIGNED_HELP, EXPECTED_ID_HELP, TRUSTED_KEY_HELP
 
 
 def eval_command(
@@ -53,6 +54,9 @@ def eval_command(
                                "with its CUDA provider). auto: cuda when present.",
                                click_type=click.Choice(["cpu", "cuda", "auto"])),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help=ALLOW_UNSIGNED_HELP),
 ) -> None:
     """Attack a bundle rung by rung (docs/evaluation.md), judge every adversarial scan through the real
     Defender, run the sanity checks and write report.json, report.md and figures."""
@@ -82,7 +86,8 @@ def eval_command(
                                  surrogate_epochs=surrogate_epochs),
             policy=policy, split=split, limit=limit, surrogate=None if surrogate is None else str(surrogate),
             seed=seed, bundle=None if bundle is None else str(bundle), backend=backend, threads=threads,
-            certify_sigmas=sigmas, certify_n=certify_n, progress=progress, device=device)
+            certify_sigmas=sigmas, certify_n=certify_n, progress=progress, device=device, expected_id=expected_id,
+            trusted_keys=tuple(str(k) for k in trusted_key or ()), allow_unsigned=allow_unsigned)
     except (ValueError, DataFolderError) as e:  # EvalError and DeviceError are ValueErrors
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e

@@ -138,7 +138,9 @@ class EvalConfig:
     ``limit``: overrides the budget's scan limit when not None; ``policy``: the gate policy of the
     evaluated Defender (None: the bundle's); ``device``: where the attacks, the surrogate's attacks and
     the certification run, and the judged Defender with them where its backend can
-    (:mod:`medfedpure.eval.device`; ``cpu``, ``cuda`` or ``auto``).
+    (:mod:`medfedpure.eval.device`; ``cpu``, ``cuda`` or ``auto``); ``expected_id`` / ``trusted_keys`` /
+    ``allow_unsigned``: the bundle's trust, as :meth:`medfedpure.Defender.load` (a bundle recalibrated at a
+    site is signed by the site's key, which ``trusted_keys`` names).
     """
 
     data: str
@@ -162,6 +164,9 @@ class EvalConfig:
     examples: int = 3
     progress: bool = True
     device: str = "cpu"
+    expected_id: str | None = None
+    trusted_keys: tuple[str, ...] = ()
+    allow_unsigned: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -579,9 +584,11 @@ def open_defender(cfg: EvalConfig) -> tuple[Any, Any]:
     dev = resolve_device(cfg.device)
     ddev = defender_device(cfg.backend, dev)
     torch.set_num_threads(cfg.threads)
-    d = (Defender.load(cfg.bundle, backend=cfg.backend, device=ddev, threads=cfg.threads, policy=cfg.policy)
+    trust: dict[str, Any] = dict(expected_id=cfg.expected_id, trusted_keys=list(cfg.trusted_keys) or None,
+                                 allow_unsigned=cfg.allow_unsigned)
+    d = (Defender.load(cfg.bundle, backend=cfg.backend, device=ddev, threads=cfg.threads, policy=cfg.policy, **trust)
          if cfg.bundle else Defender.default(backend=cfg.backend, device=ddev, threads=cfg.threads,
-                                             policy=cfg.policy))
+                                             policy=cfg.policy, **trust))
     ref = TorchEngine(d.bundle, device=dev, precision="fp32", cuda_graphs=False, threads=cfg.threads)
     _models(ref)
     return d, ref
