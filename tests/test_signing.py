@@ -292,9 +292,10 @@ def test_key_files_are_bounded_and_must_exist(tmp_path: Path) -> None:
         load_private_key(tmp_path / "missing.pem")
 
 
-def test_cli_eval_and_certify_trust_a_site_key(tmp_path: Path) -> None:
+def test_cli_eval_certify_and_bench_trust_a_site_key(tmp_path: Path) -> None:
     """A bundle recalibrated at a site is signed by the site's key: `eval` and `certify` refuse it until that
-    key is trusted (--trusted-key), and run it then; --expected-id pins it; --allow-unsigned takes an unsigned one."""
+    key is trusted (--trusted-key), and run it then (`bench` too); --expected-id pins it; --allow-unsigned takes an
+    unsigned one."""
     from PIL import Image
     from tiny_bundle import cached_tiny_bundle, tiny_eval_data, tiny_scans
 
@@ -325,6 +326,13 @@ def test_cli_eval_and_certify_trust_a_site_key(tmp_path: Path) -> None:
     res = runner.invoke(app, [*cert, "--trusted-key", str(pub)], env=wide)
     assert res.exit_code == 0, res.output
     assert "radius" in json.loads(res.output.strip().splitlines()[-1])
+    bench = ["bench", "--bundle", str(b), "--backends", "onnxruntime", "--batches", "1", "--iters", "1", "--warmup",
+             "0", "--no-teacher", "--threads", "1"]
+    res = runner.invoke(app, [*bench, "--out", str(tmp_path / "bench0")], env=wide)
+    assert res.exit_code == 2 and "which is not trusted" in res.output, res.output
+    res = runner.invoke(app, [*bench, "--out", str(tmp_path / "bench1"), "--trusted-key", str(pub)], env=wide)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "bench1" / "bench.json").read_text())["config"]["trusted_keys"] == [str(pub)]
     (b / SIGNATURE_NAME).unlink()
     res = runner.invoke(app, [*cert, "--trusted-key", str(pub)], env=wide)
     assert res.exit_code == 2 and "unsigned" in res.output, res.output

@@ -58,6 +58,7 @@ class BenchConfig:
         threads: inference threads per backend (0: the runtime's default).
         gap_ms: idle time before each call. teacher: measure the teacher-sampler reference row.
         allow_unsigned: accept a bundle that no trusted key signed.
+        trusted_keys: public keys (PEM paths) trusted besides the shipped ones and ``MEDFEDPURE_TRUSTED_KEYS``.
     """
 
     bundle: str | None = None
@@ -72,6 +73,7 @@ class BenchConfig:
     teacher: bool = True
     teacher_iters: int = 5
     allow_unsigned: bool = False
+    trusted_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
@@ -153,7 +155,7 @@ def _load(cfg: BenchConfig, bundle_path: str) -> tuple[dict[str, Any], dict[str,
             continue
         try:
             d = Defender.load(bundle_path, spec.backend, spec.device, allow_unsigned=cfg.allow_unsigned,
-                              overlap=False if spec.sequential else None, threads=cfg.threads, **spec.options)
+                              trusted_keys=list(cfg.trusted_keys) or None, overlap=False if spec.sequential else None, threads=cfg.threads, **spec.options)
         except (ImportError, RuntimeError, ValueError) as e:  # EngineError is a RuntimeError
             skipped[spec.spec] = f"{type(e).__name__}: {e}"
             continue
@@ -180,7 +182,7 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str] | None = None, *,
 
     specs = cfg.specs()  # an unknown backend fails here, before any load
     bundle_path = cfg.bundle or str(default_bundle_path())
-    vb = verify_bundle(bundle_path, allow_unsigned=cfg.allow_unsigned)
+    vb = verify_bundle(bundle_path, allow_unsigned=cfg.allow_unsigned, trusted_keys=list(cfg.trusted_keys) or None)
     t_start = time.perf_counter()
     defenders, describe, skipped, spec_of = _load(cfg, bundle_path)
     if not defenders:

@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from medfedpure.cli.common import console
+from medfedpure.cli.runtime import TRUSTED_KEY_HELP
 
 BACKENDS_HELP = ("Comma list of BACKEND with optional :PRECISION, @DEVICE and /seq or /eager suffixes, "
                  "e.g. onnxruntime, torch, "
@@ -48,6 +49,7 @@ def bench_command(
     no_teacher: bool = typer.Option(False, "--no-teacher", help="Skip the teacher-sampler reference row."),
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Accept a bundle that no trusted key "
                                         "signed."),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
 ) -> None:
     """Measure the bundle: per-stage and end-to-end p50/p90/p99 of the early-exit and purified paths per
     backend × batch, the ratio to torch eager FP32 in the same run, throughput at batch 8, the
@@ -57,7 +59,8 @@ def bench_command(
     from medfedpure.runtime.bundle import BundleError
 
     kw: dict[str, object] = {"bundle": str(bundle) if bundle is not None else None, "threads": threads,
-                             "teacher": not no_teacher, "allow_unsigned": allow_unsigned}
+                             "teacher": not no_teacher, "allow_unsigned": allow_unsigned,
+                             "trusted_keys": tuple(str(k) for k in trusted_key or ())}
     if backends is not None:
         kw["backends"] = tuple(s.strip() for s in backends.split(",") if s.strip())
     if batches is not None:
