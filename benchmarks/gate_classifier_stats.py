@@ -23,6 +23,7 @@ an upper bound on what the statistic would catch from an adaptive one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def main() -> None:
     root = (args.bundle or default_bundle_path()) / "torch"
     clf, den = (load_model(root / f"{name}.safetensors")[0].eval() for name in ("classifier", "denoiser"))
     eps_list = [float(e) for e in args.eps.split(",")]
-    fn = lambda x: statistics(clf, den, x)  # noqa: E731
+    fn = functools.partial(statistics, clf, den)
     results: dict[str, dict] = {}
     for site in (int(s) for s in args.sites.split(",")):
         t0 = time.perf_counter()

@@ -377,7 +377,8 @@ def _teacher_t_hi(path: Path) -> float | None:
         meta = model_metadata(path)
     except (OSError, WeightsError) as exc:
         raise typer.BadParameter(f"--teacher: {path} is not a readable teacher checkpoint ({exc})") from exc
-    hi = (meta.get("train_config") or {}).get("t_hi") if isinstance(meta.get("train_config"), dict) else None
+    train_config = meta.get("train_config")
+    hi = train_config.get("t_hi") if isinstance(train_config, dict) else None
     return float(hi) if isinstance(hi, (int, float)) and not isinstance(hi, bool) else None
 
 
