@@ -333,6 +333,10 @@ def test_cli_eval_certify_and_bench_trust_a_site_key(tmp_path: Path) -> None:
     res = runner.invoke(app, [*bench, "--out", str(tmp_path / "bench1"), "--trusted-key", str(pub)], env=wide)
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "bench1" / "bench.json").read_text())["config"]["trusted_keys"] == [str(pub)]
+    res = runner.invoke(app, [*bench, "--out", str(tmp_path / "bench2"), "--trusted-key", str(pub), "--expected-id",
+                              "0" * 16], env=wide)
+    assert res.exit_code == 2 and "does not match the pinned id" in res.output, res.output
+    assert not (tmp_path / "bench2" / "bench.json").exists()
     (b / SIGNATURE_NAME).unlink()
     res = runner.invoke(app, [*cert, "--trusted-key", str(pub)], env=wide)
     assert res.exit_code == 2 and "unsigned" in res.output, res.output

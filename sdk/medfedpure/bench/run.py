@@ -59,6 +59,8 @@ class BenchConfig:
         gap_ms: idle time before each call. teacher: measure the teacher-sampler reference row.
         allow_unsigned: accept a bundle that no trusted key signed.
         trusted_keys: public keys (PEM paths) trusted besides the shipped ones and ``MEDFEDPURE_TRUSTED_KEYS``.
+        expected_id: pin the bundle id (its full sha256 or a prefix of at least 16 hex digits); a
+            different bundle is refused before anything is timed.
     """
 
     bundle: str | None = None
@@ -74,6 +76,7 @@ class BenchConfig:
     teacher_iters: int = 5
     allow_unsigned: bool = False
     trusted_keys: tuple[str, ...] = ()
+    expected_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
@@ -182,7 +185,8 @@ def run_bench(cfg: BenchConfig, out: str | os.PathLike[str] | None = None, *,
 
     specs = cfg.specs()  # an unknown backend fails here, before any load
     bundle_path = cfg.bundle or str(default_bundle_path())
-    vb = verify_bundle(bundle_path, allow_unsigned=cfg.allow_unsigned, trusted_keys=list(cfg.trusted_keys) or None)
+    vb = verify_bundle(bundle_path, expected_id=cfg.expected_id, allow_unsigned=cfg.allow_unsigned,
+                       trusted_keys=list(cfg.trusted_keys) or None)
     t_start = time.perf_counter()
     defenders, describe, skipped, spec_of = _load(cfg, bundle_path)
     if not defenders:

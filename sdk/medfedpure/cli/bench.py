@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from medfedpure.cli.common import console
-from medfedpure.cli.runtime import TRUSTED_KEY_HELP
+from medfedpure.cli.runtime import EXPECTED_ID_HELP, TRUSTED_KEY_HELP
 
 BACKENDS_HELP = ("Comma list of BACKEND with optional :PRECISION, @DEVICE and /seq or /eager suffixes, "
                  "e.g. onnxruntime, torch, "
@@ -50,6 +50,7 @@ def bench_command(
     allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Accept a bundle that no trusted key "
                                         "signed."),
     trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False, help=TRUSTED_KEY_HELP),
+    expected_id: str | None = typer.Option(None, "--expected-id", help=EXPECTED_ID_HELP),
 ) -> None:
     """Measure the bundle: per-stage and end-to-end p50/p90/p99 of the early-exit and purified paths per
     backend × batch, the ratio to torch eager FP32 in the same run, throughput at batch 8, the
@@ -60,7 +61,7 @@ def bench_command(
 
     kw: dict[str, object] = {"bundle": str(bundle) if bundle is not None else None, "threads": threads,
                              "teacher": not no_teacher, "allow_unsigned": allow_unsigned,
-                             "trusted_keys": tuple(str(k) for k in trusted_key or ())}
+                             "trusted_keys": tuple(str(k) for k in trusted_key or ()), "expected_id": expected_id}
     if backends is not None:
         kw["backends"] = tuple(s.strip() for s in backends.split(",") if s.strip())
     if batches is not None:
