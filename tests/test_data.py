@@ -13,15 +13,18 @@ from hypothesis import strategies as st
 from medfedpure.cli import app as root_app
 from medfedpure.data import (
     CLASSES,
+    LESION_KINDS,
     DataFolderError,
     SynthConfig,
     clear_cache,
     generate_synthetic,
+    lesion_kinds,
     load_split,
     make_site_profiles,
     make_splits,
     num_sites,
     read_splits,
+    split_files,
 )
 from medfedpure.data.anatomy import load_anatomy
 from medfedpure.data.br35h import partition_labels, read_br35h, write_br35h_sites
@@ -280,6 +283,34 @@ def test_load_split_names_a_broken_file(tiny_root, tmp_path):
     (copy / victim).unlink()
     with pytest.raises(DataFolderError, match="missing"):
         load_split(copy, 0, "val", size=32)
+
+
+def test_lesion_kinds_follow_the_split_and_refuse_a_disagreeing_record(tiny_root, tmp_path):
+    """Each scan's lesion kind in split order, from the generator's own records; a record that disagrees with
+    the scan's folder (or a missing one) is refused by name; data without records (real scans) has none."""
+    files = split_files(tiny_root, 0, "all")
+    kinds = lesion_kinds(tiny_root, 0, "all")
+    assert len(kinds) == len(files)
+    records = {json.loads(line)["file"]: json.loads(line) for line in
+               (tiny_root / "scan_params.jsonl").read_text().splitlines()}
+    for (rel, label), kind in zip(files, kinds, strict=True):
+        assert (kind == "none") == (label == 0)
+        assert kind == "none" or kind == records[rel]["tumour"]["kind"] and kind in LESION_KINDS
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_root, copy, ignore=shutil.ignore_patterns(".cache"))
+    lines = (copy / "scan_params.jsonl").read_text().splitlines()
+    yes = next(i for i, line in enumerate(lines) if json.loads(line)["tumour"] is not None
+               and json.loads(line)["site"] == 0)
+    rec = json.loads(lines[yes])
+    (copy / "scan_params.jsonl").write_text("\n".join(lines[:yes] + [json.dumps({**rec, "tumour": None})]
+                                                     + lines[yes + 1:]))
+    with pytest.raises(DataFolderError, match=Path(rec["file"]).name + ".*disagrees"):
+        lesion_kinds(copy, 0, "all")
+    (copy / "scan_params.jsonl").write_text("\n".join(lines[:yes] + lines[yes + 1:]))
+    with pytest.raises(DataFolderError, match="no record of " + rec["file"]):
+        lesion_kinds(copy, 0, "all")
+    (copy / "scan_params.jsonl").unlink()
+    assert lesion_kinds(copy, 0, "all") is None
 
 
 # -- Br35H ----------------------------------------------------------------------------------------

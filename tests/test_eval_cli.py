@@ -64,7 +64,8 @@ def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
     assert rep["data"]["kind"] == "synthetic"
     pooled = rep["pooled"]
     assert pooled["n"] == 4 and set(pooled["clean"]) == {"undefended_acc", "defended_acc", "defended_acc_std",
-                                                         "flag_rate", "defended_acc_by_class"}
+                                                         "flag_rate", "defended_acc_by_class",
+                                                         "defended_acc_by_lesion"}
     rows = pooled["rows"]
     ran = [r for r in rows if r.get("skipped") is None]
     # within each true class: the class shares of the headline add up to it, and each class's worst rung is
@@ -81,6 +82,22 @@ def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
     for eps, per in pooled["worst_rung_by_class"].items():
         for cls, a in per.items():
             assert a == min(r["robust_acc_by_class"][cls] for r in ran if r["eps_label"] == eps)
+    # within each lesion kind (synthetic data): the kinds' shares of the tumour class add up to it
+    from medfedpure.data import lesion_kinds
+
+    kinds = lesion_kinds(data, 0, "test")[:4]
+    n_k = {k: kinds.count(k) for k in set(kinds) - {"none"}}
+    assert n_k and pooled["lesion_counts"] == n_k
+    for r in ran + [dict(pooled["clean"], robust_acc_by_lesion=pooled["clean"]["defended_acc_by_lesion"],
+                         robust_acc_by_class=pooled["clean"]["defended_acc_by_class"])]:
+        by = r["robust_acc_by_lesion"]
+        assert set(by) == set(n_k)
+        assert sum(n_k[k] * a for k, a in by.items()) / sum(n_k.values()) == pytest.approx(
+            r["robust_acc_by_class"]["tumor"])
+    for eps, per in pooled["worst_rung_by_lesion"].items():
+        for kind, a in per.items():
+            assert a == min(r["robust_acc_by_lesion"][kind] for r in ran if r["eps_label"] == eps)
+    assert "by lesion kind" in (out / "report.md").read_text() and "tumours by lesion kind" in output
     for r in ran:
         assert ROW_KEYS <= r.keys(), r
         assert 0 <= r["robust_acc"] <= 1 and r["n"] == 4 and r["runs"] == 2

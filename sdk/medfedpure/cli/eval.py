@@ -108,7 +108,7 @@ def _summary(rep: dict, out: Path, con: object) -> None:
     """The report's headline on the terminal: sanity first, then the pooled robust accuracy per rung and ε."""
     from rich.table import Table
 
-    from medfedpure.eval.report import class_summary
+    from medfedpure.eval.report import class_summary, lesion_summary
 
     s = rep["sanity"]
     failed = [c["name"] for c in s["checks"] if c["passed"] is False]
@@ -136,5 +136,8 @@ def _summary(rep: dict, out: Path, con: object) -> None:
     by_class = class_summary(p)  # what the pooled figure hides: which class the errors fall on
     if by_class:
         con.print(f"within each class: {by_class}")
+    by_lesion = lesion_summary(p)  # and within the tumours, which kind is missed (synthetic data only)
+    if by_lesion:
+        con.print(f"tumours by lesion kind: {by_lesion}")
     con.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(rep['figures'])} figures "
               f"({rep['wall_s']:.0f} s)")

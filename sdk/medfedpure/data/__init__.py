@@ -6,7 +6,7 @@ Folder layout and names: ``docs/interfaces.md`` ("Data"). The public entry point
   :func:`num_sites`; :data:`CLASSES` = ("no_tumor", "tumor").
 - :func:`generate_synthetic` / :class:`SynthConfig` (``medfedpure data synth``).
 - :func:`read_br35h`, :func:`partition_labels`, :func:`write_br35h_sites` (``medfedpure data split``).
-- :func:`make_splits`, :func:`read_splits`.
+- :func:`make_splits`, :func:`read_splits`; :func:`lesion_kinds` (synthetic data: each scan's lesion kind).
 
 Heavy parts (the anatomy templates) load lazily on first use.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from medfedpure.data.br35h import Br35HIndex, partition_labels, read_br35h, write_br35h_sites
 from medfedpure.data.layout import CLASSES, LABEL_DIRS, DataFolderError, fingerprint, num_sites
-from medfedpure.data.loader import clear_cache, load_split, split_files
+from medfedpure.data.loader import LESION_KINDS, clear_cache, lesion_kinds, load_split, split_files
 from medfedpure.data.splits import SPLITS, make_splits, read_splits
 from medfedpure.data.synth import SiteProfile, SynthConfig, generate_synthetic, make_site_profiles
 
@@ -23,6 +23,7 @@ __all__ = [
     "CLASSES",
     "Br35HIndex",
     "LABEL_DIRS",
+    "LESION_KINDS",
     "SPLITS",
     "DataFolderError",
     "SiteProfile",
@@ -30,6 +31,7 @@ __all__ = [
     "clear_cache",
     "fingerprint",
     "generate_synthetic",
+    "lesion_kinds",
     "load_split",
     "make_site_profiles",
     "make_splits",

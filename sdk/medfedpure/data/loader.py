@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -51,6 +52,47 @@ def split_files(root: str | Path, site: int, split: str) -> list[tuple[str, int]
         if len(parts) != 3 or parts[1] not in LABEL_DIRS or parts[0] != f"site_{int(site)}":
             raise DataFolderError(f"{root}/splits.json lists {rel!r}: expected site_{site}/(yes|no)/FILE")
         out.append((rel, LABEL_DIRS[parts[1]]))
+    return out
+
+
+#: the lesion kinds of the synthetic generator's tumours (``scan_params.jsonl``), and the kind of a scan without one
+LESION_KINDS = ("conspicuous", "small", "faint")
+NO_LESION = "none"
+
+
+def lesion_kinds(root: str | Path, site: int, split: str) -> list[str] | None:
+    """Each scan's lesion kind, in :func:`split_files` order: ``"none"`` for a scan without a tumour, else
+    one of :data:`LESION_KINDS` — from the synthetic generator's ``scan_params.jsonl``; None where the
+    data has no such file (real scans carry no lesion kind).
+
+    Raises:
+        DataFolderError: the file exists but does not describe every scan of the split, or a scan's
+            recorded label or lesion kind disagrees with its folder.
+    """
+    root = Path(root)
+    path = root / "scan_params.jsonl"
+    if not path.is_file():
+        return None
+    files = split_files(root, site, split)
+    params: dict[str, dict] = {}
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                params[rec["file"]] = rec
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataFolderError(f"{path}: not one JSON record with a 'file' per line ({exc})") from None
+    out = []
+    for rel, label in files:
+        rec = params.get(rel)
+        if rec is None:
+            raise DataFolderError(f"{path} has no record of {rel}: regenerate the data or remove the file")
+        tumour = rec.get("tumour")
+        kind = NO_LESION if tumour is None else tumour.get("kind") if isinstance(tumour, dict) else None
+        if (kind == NO_LESION) != (label == 0) or (kind != NO_LESION and kind not in LESION_KINDS):
+            raise DataFolderError(f"{path}: {rel} is recorded with tumour {tumour!r}, which disagrees with its "
+                                  f"folder (label {label})")
+        out.append(kind)
     return out
 
 

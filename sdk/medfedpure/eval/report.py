@@ -71,7 +71,24 @@ def _table(block: dict[str, Any]) -> list[str]:
     by_class = class_summary(block)
     if by_class:
         lines += ["", f"Within each true class (through the defence): {by_class}"]
+    by_lesion = lesion_summary(block)
+    if by_lesion:
+        lines += ["", f"Tumours called tumours, by lesion kind (synthetic data; through the defence): {by_lesion}"]
     return lines
+
+
+def lesion_summary(block: dict[str, Any]) -> str | None:
+    """One line of the block's sensitivity within each lesion kind of the synthetic generator (conspicuous,
+    small, faint): clean, then each ε's worst rung per kind; None without lesion kinds (real data)."""
+    if not block.get("worst_rung_by_lesion") and not block["clean"].get("defended_acc_by_lesion"):
+        return None
+    n = block.get("lesion_counts", {})
+
+    def per_kind(d: dict[str, float]) -> str:
+        return ", ".join(f"{k} {_pct(a)}" + (f" (of {n[k]})" if k in n else "") for k, a in d.items())
+    parts = [f"clean {per_kind(block['clean'].get('defended_acc_by_lesion', {}))}"]
+    parts += [f"worst rung {e}: {per_kind(per)}" for e, per in block.get("worst_rung_by_lesion", {}).items()]
+    return "; ".join(parts)
 
 
 def class_summary(block: dict[str, Any]) -> str | None:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfedpure.data.loader import LESION_KINDS
 from medfedpure.eval.adaptive import (
     apgd_dlr_unsupported,
     apgd_pipeline,
@@ -273,9 +274,11 @@ class Row:
     params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self, clean_score: np.ndarray | None, y: np.ndarray | None = None,
-                classes: Sequence[str] = ()) -> dict[str, Any]:
+                classes: Sequence[str] = (), lesions: np.ndarray | None = None) -> dict[str, Any]:
         """The row's summary; with the scans' true labels ``y`` [N] (and the class names), also the headline
-        accuracy within each true class (``robust_acc_by_class``; a class with no scan is left out)."""
+        accuracy within each true class (``robust_acc_by_class``; a class with no scan is left out); with the
+        scans' lesion kinds ``lesions`` [N] (synthetic data), within each kind of tumour
+        (``robust_acc_by_lesion``: the share of that kind's tumours called tumours)."""
         out: dict[str, Any] = {"rung": self.rung, "attack": self.attack, "eps": self.eps, "eps_label": self.eps_label,
                                "summary": self.summary, **self.params}
         if self.skipped is not None:
@@ -294,6 +297,13 @@ class Row:
             right = self.correct.all(axis=0) if self.headline_worst_of_runs else self.correct.mean(axis=0)
             out["robust_acc_by_class"] = {name: float(right[y == c].mean()) for c, name in enumerate(classes)
                                           if (y == c).any()}
+        if lesions is not None:
+            if len(lesions) != self.correct.shape[1]:
+                raise ValueError(f"{len(lesions)} lesion kinds for a row of {self.correct.shape[1]} scans")
+            right = self.correct.all(axis=0) if self.headline_worst_of_runs else self.correct.mean(axis=0)
+            by_lesion = {k: float(right[lesions == k].mean()) for k in LESION_KINDS if (lesions == k).any()}
+            if by_lesion:  # scans without tumours only: nothing to say
+                out["robust_acc_by_lesion"] = by_lesion
         if self.score is not None and clean_score is not None and np.isfinite(self.score).all() \
                 and np.isfinite(clean_score).all() and len(clean_score):
             out.update({"auroc": auroc(clean_score, self.score), "tpr@1%": tpr_at_fpr(clean_score, self.score, 0.01),
@@ -347,6 +357,7 @@ class Site:
     surrogate: dict[str, Any]
     certified: dict[str, Any] | None = None
     y: np.ndarray | None = None  # [N] the scans' true labels (per-class accuracies)
+    lesions: np.ndarray | None = None  # [N] lesion kinds of synthetic scans (per-kind sensitivity), else None
 
 
 def _models(ref: Any) -> None:
@@ -597,7 +608,7 @@ def open_defender(cfg: EvalConfig) -> tuple[Any, Any]:
 def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str, Any]:
     """Run the evaluation, write ``out/report.json``, ``out/report.md`` and the figures; → the report."""
     from medfedpure.data.layout import num_sites, read_dataset_json
-    from medfedpure.data.loader import load_split
+    from medfedpure.data.loader import lesion_kinds, load_split
     from medfedpure.eval.report import write_report
     from medfedpure.eval.sanity import run_sanity
 
@@ -616,6 +627,9 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
             raise EvalError(f"site {site} has no {cfg.split!r} scans in {cfg.data}: pick another --split or --site")
         res = evaluate_site(d, ref, cfg, site, x, y, out)
         res.y = np.asarray(y)
+        kinds = lesion_kinds(cfg.data, site, cfg.split)
+        if kinds is not None:
+            res.lesions = np.asarray(kinds[:len(y)])
         if cfg.certify_sigmas:
             res.certified = certify_site(d, x, y, cfg.certify_sigmas, cfg.certify_n, cfg.seed, cfg.progress)
         results.append(res)
@@ -641,10 +655,12 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
         "budget": {**cfg.budget.to_dict(), "limit": cfg.scan_limit},
         "paper": PAPER,
         "sanity": sanity,
-        "per_site": {str(r.site): _site_dict(r.clean, r.rows, r.clean_score, r.y, d.bundle.classes)
+        "per_site": {str(r.site): _site_dict(r.clean, r.rows, r.clean_score, r.y, d.bundle.classes, r.lesions)
                      for r in results},
         "pooled": _site_dict(pooled_clean, pooled_rows, pooled_clean.score,
-                             np.concatenate([r.y for r in results]), d.bundle.classes),
+                             np.concatenate([r.y for r in results]), d.bundle.classes,
+                             None if any(r.lesions is None for r in results)
+                             else np.concatenate([r.lesions for r in results])),
         "latency_ms": results[0].latency_ms,
         "surrogate": {str(r.site): r.surrogate for r in results if r.surrogate},
         "certified": {str(r.site): r.certified for r in results if r.certified},
@@ -664,21 +680,25 @@ def _json_default(o: Any) -> Any:
 
 
 def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarray | None,
-               classes: Sequence[str]) -> dict[str, Any]:
+               classes: Sequence[str], lesions: np.ndarray | None = None) -> dict[str, Any]:
     """The report's block of one site (or the pooled one): clean numbers, every row, the worst rung per ε —
     and, with the true labels ``y``, each within each true class (the worst rung of a class may be another
-    rung than the pooled one)."""
-    c = clean.to_dict(None, y, classes)
+    rung than the pooled one); with the lesion kinds, each within each kind of tumour as well."""
+    c = clean.to_dict(None, y, classes, lesions)
     block: dict[str, Any] = {
         "n": c["n"],
         "clean": {"undefended_acc": c["undefended_acc"], "defended_acc": c["defended_acc"],
                   "defended_acc_std": c["defended_acc_std"], "flag_rate": c["flag_rate"]},
-        "rows": [r.to_dict(clean_score, y, classes) for r in rows],
+        "rows": [r.to_dict(clean_score, y, classes, lesions) for r in rows],
     }
     if "robust_acc_by_class" in c:
         block["clean"]["defended_acc_by_class"] = c["robust_acc_by_class"]
+    if "robust_acc_by_lesion" in c:
+        block["clean"]["defended_acc_by_lesion"] = c["robust_acc_by_lesion"]
+        block["lesion_counts"] = {k: int((lesions == k).sum()) for k in c["robust_acc_by_lesion"]}
     worst: dict[str, Any] = {}
     worst_by_class: dict[str, dict[str, float]] = {}
+    worst_by_lesion: dict[str, dict[str, float]] = {}
     for r in block["rows"]:
         if r.get("skipped") is not None or r["eps_label"] == "paper":
             continue
@@ -688,7 +708,12 @@ def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarr
         per = worst_by_class.setdefault(r["eps_label"], {})
         for cls, a in r.get("robust_acc_by_class", {}).items():
             per[cls] = min(per.get(cls, 1.0), a)
+        per = worst_by_lesion.setdefault(r["eps_label"], {})
+        for kind, a in r.get("robust_acc_by_lesion", {}).items():
+            per[kind] = min(per.get(kind, 1.0), a)
     block["worst_rung"] = worst
     if any(worst_by_class.values()):
         block["worst_rung_by_class"] = worst_by_class
+    if any(worst_by_lesion.values()):
+        block["worst_rung_by_lesion"] = worst_by_lesion
     return block
