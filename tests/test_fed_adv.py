@@ -180,6 +180,32 @@ def test_bundle_build_dry_run_shows_and_passes_the_options(tmp_path: Path) -> No
     assert r.exit_code == 2 and "adv_eps=0" in " ".join(r.output.replace("│", " ").split())
 
 
+def test_classifier_width_reaches_the_federation_and_reruns_only_the_classifier(tmp_path: Path,
+                                                                                 captured: dict[str, FedConfig]) -> None:
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--classifier-width", "2")])
+    assert r.exit_code == 0, r.output
+    assert captured["sim"].classifier_width == 2
+    assert FedConfig.from_run_config(captured["sim"].to_run_config()).classifier_width == 2
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--classifier-width", "0")])
+    assert r.exit_code == 2 and "classifier-width" in r.output
+    with pytest.raises(ValueError, match="classifier_width"):
+        FedConfig(data_dir=".", out_dir=".", classifier_width=0)
+    # the MAE and the purifier keep their preset's architecture
+    assert build_model("mae", "tiny", 0, width=2)[1] == build_model("mae", "tiny", 0)[1]
+    assert build_model("classifier", "tiny", 0, width=2)[1].global_widths == (8, 16)
+    work = tmp_path / "work"
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(tmp_path / "dest"), "--dry-run",
+                                 "--classifier-width", "2"])
+    assert r.exit_code == 0, r.output
+    cfg = BundleBuildConfig.from_dict(json.loads((work / "config.json").read_text()))
+    pur, cls = fed_configs(cfg, BuildPaths(work))
+    assert (cfg.classifier_width, cls.classifier_width, pur.classifier_width) == (2, 2, 1)
+    steps = {s.name: s for s in make_steps(cfg, BuildPaths(work), federate=lambda c, t: {})}
+    base = {s.name: s for s in make_steps(BundleBuildConfig(), BuildPaths(work), federate=lambda c, t: {})}
+    assert steps["fed_cls_mae"].inputs["classifier_width"] == 2
+    assert steps["fed_purifier"].inputs == base["fed_purifier"].inputs  # the purifier federation is reused
+
+
 def test_bundle_build_fields_match_fedconfig() -> None:
     names = {f.name for f in fields(BundleBuildConfig)}
     assert set(ADV_FIELDS) <= names
@@ -218,3 +244,25 @@ def test_tiny_sim_trains_adversarially_and_records_robust_accuracy(tiny_data: Pa
         assert used["adv_eps"] == pytest.approx(EPS8) and used["seed"] == tasks.SITE_STRIDE * k
     assert (out / "site_0" / "classifier.safetensors").is_file()
     assert FedConfig.load(out / "config.json").classifier_overrides()["adv"] == "pgd"
+
+
+@pytest.mark.slow
+def test_tiny_sim_trains_a_wider_classifier(tiny_data: Path, tmp_path: Path) -> None:
+    """--classifier-width 2: the server's global expert and every site's MoE have twice the channels (and the
+    personalised split still keeps the local expert at home)."""
+    from medfedpure.models.weights import load_model
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["fed", "sim", "--data", str(tiny_data), "--out", str(out), "--sites", "2",
+                                 "--config", "tiny", "--rounds", "1", "--phases", "classifier", "--no-calibrate",
+                                 "--max-train", "8", "--classifier-width", "2", "--timeout", "600"])
+    assert r.exit_code == 0, r.output
+    for k in range(2):
+        model, mcfg, _ = load_model(out / f"site_{k}" / "classifier.safetensors")
+        assert (mcfg.global_widths, mcfg.local_widths) == ((8, 16), (8, 8))
+        assert model(torch.rand(1, 1, 32, 32)).shape == (1, 2)
+    from safetensors.numpy import load_file
+
+    glob = load_file(str(out / "classifier_global.safetensors"))  # what travelled: the global expert only
+    first = next(v for k, v in sorted(glob.items()) if k.endswith("stages.0.conv1.weight"))
+    assert first.shape[0] == 8 and not any("local_expert" in k for k in glob)

@@ -66,6 +66,20 @@ def test_bad_config_raises(kwargs):
         MoEConfig(**{**MoEConfig.preset("tiny").to_dict(), **kwargs})
 
 
+def test_width_multiplies_every_experts_channels():
+    base, wide = MoEConfig.preset("small"), MoEConfig.preset("small", width=2)
+    assert wide.global_widths == tuple(2 * w for w in base.global_widths) == (24, 48, 96, 192)
+    assert wide.local_widths == tuple(2 * w for w in base.local_widths)
+    assert (wide.image_size, wide.gate_hidden) == (base.image_size, base.gate_hidden)
+    n = [sum(p.numel() for p in MoEClassifier(c).parameters()) for c in (base, wide)]
+    assert 3.5 < n[1] / n[0] < 4.1  # conv weights grow with the square of the width
+    m = MoEClassifier(MoEConfig.preset("tiny", width=3)).eval()
+    assert m(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="width="):
+            MoEConfig.preset("small", width=bad)
+
+
 def test_bad_input_shape_raises():
     with pytest.raises(ValueError, match="expected"):
         _model()(torch.rand(2, 3, 32, 32))

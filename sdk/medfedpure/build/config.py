@@ -41,6 +41,8 @@ class BundleBuildConfig:
         preset: model and training preset of the federations, ``"tiny"`` (tests) or ``"small"``.
         rounds / local_epochs / max_train: the classifier + MAE federation (rounds per phase, local
             epochs per round, training scans per site, 0: all).
+        classifier_width: multiplies the classifier's channel counts (``FedConfig.classifier_width``;
+            1: the preset's).
         purifier_rounds / purifier_local_epochs / purifier_max_train: the purifier federation's own
             budget (teacher, then the distilled student).
         purifier_phases: ``("teacher", "student")``, or ``("teacher",)`` to skip distillation.
@@ -79,6 +81,7 @@ class BundleBuildConfig:
     purifier_phases: tuple[str, ...] = ("teacher", "student")
     schedule: PurifySchedule = field(default_factory=_default_schedule)
     denoise_t_max: int = 0
+    classifier_width: int = 1
     threads: int = 2
     timeout_s: float = 5400.0
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
@@ -125,7 +128,8 @@ class BundleBuildConfig:
             raise ValueError(f"preset={self.preset!r}: use one of {PRESETS}")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed}: use a non-negative integer")
-        for name in ("rounds", "local_epochs", "purifier_rounds", "purifier_local_epochs", "threads"):
+        for name in ("rounds", "local_epochs", "purifier_rounds", "purifier_local_epochs", "threads",
+                     "classifier_width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
         for name in ("max_train", "purifier_max_train"):

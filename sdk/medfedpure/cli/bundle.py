@@ -83,6 +83,9 @@ def build(
     denoise_t_max: int = typer.Option(_D["denoise_t_max"], "--denoise-t-max", min=0, help="Train the purifier's "
                                       "teacher and student on diffusion times up to this (0: 250, the presets'); "
                                       "certifying at sigma 0.25 / 0.5 asks the student for t 290 / 496."),
+    classifier_width: int = typer.Option(_D["classifier_width"], "--classifier-width", min=1, help="Multiply the "
+                                         "classifier's channel counts (1: the preset's; 2: about 4x the parameters "
+                                         "and the classifier federation's time)."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
     export → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
@@ -99,7 +102,7 @@ def build(
             local_epochs=local_epochs, max_train=max_train, purifier_rounds=purifier_rounds,
             purifier_local_epochs=purifier_local_epochs, purifier_max_train=purifier_max_train,
             purifier_phases=purifier_phases, schedule=replace(PURIFY_DEFAULTS, **given),
-            denoise_t_max=denoise_t_max, threads=threads,
+            denoise_t_max=denoise_t_max, classifier_width=classifier_width, threads=threads,
             timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,

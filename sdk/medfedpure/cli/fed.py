@@ -59,6 +59,9 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("calibrate", bool, True, "--calibrate/--no-calibrate", help="End with per-site gate calibration."),
     _option("classifier_split", str | None, None, "--classifier-split", click_type=CLASSIFIER_SPLIT_CHOICE,
             help="moe (global expert only) | fedbn | all."),
+    _option("classifier_width", int | None, None, "--classifier-width", min=1,
+            help="Multiply the classifier's channel counts (1: the preset's; 2: about 4x the parameters and "
+                 "the training time)."),
     _option("max_update_norm", float | None, None, "--max-update-norm", min=0.0,
             help="Drop updates with ‖Δ‖₂ above this (0: no bound)."),
     _option("max_relative_norm", float | None, None, "--max-relative-norm", min=0.0,

@@ -91,6 +91,8 @@ def _finish(out: Path, section: str, resolved: dict, metrics: dict) -> None:
 def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str = CONFIG, seed: int = SEED,
                epochs: int | None = EPOCHS, resume: bool = RESUME, threads: int = THREADS, dry_run: bool = DRY,
                progress: bool = PROGRESS,
+               width: int = typer.Option(1, "--width", min=1, help="Multiply the preset's channel counts (2: about "
+                                         "4x the parameters and the training time)."),
                adv_eps: float | None = typer.Option(
                    None, "--adv-eps", min=0.0, max=25.5,
                    help="FGSM-RS adversarial-training radius in 1/255 units (0 disables; default: the preset's)."),
@@ -141,7 +143,7 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
     from medfedpure.models.weights import save_model
     from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 
-    mcfg = MoEConfig.preset(config)
+    mcfg = MoEConfig.preset(config, width=width)
     adv_given = adv is not None and adv != "none"
     try:
         sigmas = None

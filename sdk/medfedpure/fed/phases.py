@@ -75,7 +75,7 @@ class Phase:
 
     name: str
     kind: str
-    model_config: Callable[[str, int], Any]
+    model_config: Callable[[str, int, int], Any]
     model: Callable[[Any], torch.nn.Module]
     travels: str
     train: tasks.LocalTrain
@@ -96,17 +96,18 @@ class Phase:
         """The split policy of this phase in the run ``cfg``."""
         return str(getattr(cfg, self.split_option)) if self.split_option else self.travels
 
-    def config(self, preset: str, size: int = 0) -> Any:
-        """The architecture config at ``preset`` (``size > 0`` overrides the image side)."""
+    def config(self, preset: str, size: int = 0, width: int = 1) -> Any:
+        """The architecture config at ``preset`` (``size > 0`` overrides the image side; ``width`` multiplies
+        the classifier's channel counts, ``FedConfig.classifier_width``, and leaves the other phases alone)."""
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}: use 'tiny' or 'small'")
         if size < 0:
             raise ValueError(f"size={size}: 0 (the preset's) or a positive image side")
-        return self.model_config(preset, size)
+        return self.model_config(preset, size, width)
 
-    def build(self, preset: str, seed: int, size: int = 0) -> tuple[torch.nn.Module, Any]:
+    def build(self, preset: str, seed: int, size: int = 0, width: int = 1) -> tuple[torch.nn.Module, Any]:
         """A fresh model initialised from ``seed`` (global RNG untouched) → ``(model, config)``."""
-        cfg = self.config(preset, size)
+        cfg = self.config(preset, size, width)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.model(cfg)
@@ -123,7 +124,7 @@ class Phase:
         return Path(f"{self.name}.safetensors") if self.personalised else Path("global") / f"{self.name}.safetensors"
 
 
-def _unet_config(preset: str, size: int) -> UNetConfig:
+def _unet_config(preset: str, size: int, width: int = 1) -> UNetConfig:
     return UNetConfig.preset(preset, **({"image_size": size} if size else {}))
 
 
@@ -134,10 +135,11 @@ def _student_metadata(cfg: FedConfig) -> dict[str, Any]:
 PHASES: dict[str, Phase] = {
     p.name: p
     for p in (
-        Phase("classifier", "moe", lambda preset, size: MoEConfig.preset(preset, image_size=size or None),
+        Phase("classifier", "moe", lambda preset, size, width: MoEConfig.preset(preset, image_size=size or None,
+                                                                                width=width),
               MoEClassifier, "moe", tasks.train_classifier_round, tasks.evaluate_classifier_site,
               stateful=True, split_option="classifier_split", personalised=True),
-        Phase("mae", "mae", lambda preset, size: MAEConfig.preset(preset, image_size=size or None),
+        Phase("mae", "mae", lambda preset, size, width: MAEConfig.preset(preset, image_size=size or None),
               MaskedAutoencoder, "all", tasks.train_mae_round, tasks.evaluate_mae_site),
         Phase("teacher", "unet", _unet_config, UNet, "all", tasks.train_teacher_round, tasks.evaluate_denoiser_site),
         # The student has the teacher's architecture: distillation starts it from the teacher's weights.
@@ -155,9 +157,9 @@ def lookup(name: str) -> Phase:
         raise ValueError(f"unknown phase {name!r}: one of {', '.join(PHASES)}") from None
 
 
-def build_model(name: str, preset: str, seed: int, size: int = 0) -> tuple[torch.nn.Module, Any]:
+def build_model(name: str, preset: str, seed: int, size: int = 0, width: int = 1) -> tuple[torch.nn.Module, Any]:
     """A fresh model of phase ``name`` at ``preset`` initialised from ``seed`` → ``(model, config)``."""
-    return lookup(name).build(preset, seed, size)
+    return lookup(name).build(preset, seed, size, width)
 
 
 def image_size(preset: str, size: int = 0) -> int:

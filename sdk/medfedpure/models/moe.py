@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -76,13 +76,21 @@ class MoEConfig:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
 
     @classmethod
-    def preset(cls, name: str, image_size: int | None = None) -> MoEConfig:
-        """``tiny`` (tests: 32 px, a few thousand parameters) or ``small`` (the default bundle)."""
+    def preset(cls, name: str, image_size: int | None = None, width: int = 1) -> MoEConfig:
+        """``tiny`` (tests: 32 px, a few thousand parameters) or ``small`` (the default bundle); ``width``
+        multiplies every expert's channel counts (2: about 4× the parameters and the compute)."""
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width={width!r}: a whole multiple >= 1 of the preset's channel counts")
         if name == "tiny":
-            return cls(image_size=image_size or 32, global_widths=(4, 8), local_widths=(4, 4), gate_hidden=4)
-        if name == "small":
-            return cls(image_size=image_size or 128)
-        raise ValueError(f"unknown preset {name!r}: use 'tiny' or 'small'")
+            base = cls(image_size=image_size or 32, global_widths=(4, 8), local_widths=(4, 4), gate_hidden=4)
+        elif name == "small":
+            base = cls(image_size=image_size or 128)
+        else:
+            raise ValueError(f"unknown preset {name!r}: use 'tiny' or 'small'")
+        if width == 1:
+            return base
+        return replace(base, global_widths=tuple(width * w for w in base.global_widths),
+                       local_widths=tuple(width * w for w in base.local_widths))
 
     def to_dict(self) -> dict:
         return asdict(self)
