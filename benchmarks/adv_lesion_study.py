@@ -1,0 +1,111 @@
+"""Which tumours does adversarial training give up? One site, one recipe per call (research; results in
+benchmarks/RESULTS.md, "Robustness").
+
+Fine-tunes a clean classifier of one site with PGD adversarial batches (or trains a wider one from scratch,
+clean, first), then attacks the result alone with PGD-20 at 2, 4 and 8/255 (ℓ∞, one random start, step
+2.5·ε/20) on every validation and test scan of the site, and counts the scans kept right by lesion kind of
+the synthetic generator (no tumour / conspicuous / small / faint; ``medfedpure.data.lesion_kinds``).
+
+    medfedpure train classifier --data D --site 2 --out runs/ss/base --adv none --epochs 30 --threads 2
+    python benchmarks/adv_lesion_study.py --data D --site 2 --name pgd8 \
+        --base runs/ss/base/site_2/classifier.safetensors --epochs 10 --eps 8 --out runs/ss
+    python benchmarks/adv_lesion_study.py ... --name wide2 --width 2 --epochs 10 --eps 8   # no --base
+    python benchmarks/adv_lesion_study.py ... --name tw3 --tumour-weight 3 ...
+
+``--tumour-weight`` weights the tumour class's cross-entropy in training (by patching the trainer's
+``nll_loss`` in this process only; the attacks keep the plain loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from medfedpure.data import lesion_kinds, load_split
+from medfedpure.models.moe import MoEClassifier, MoEConfig
+from medfedpure.models.weights import load_model, save_model
+from medfedpure.train.attacks import pgd
+from medfedpure.train.classifier import ClassifierTrainConfig, train_classifier
+
+KINDS = ("none", "conspicuous", "small", "faint")
+EPS = (0, 2, 4, 8)
+
+
+def _weight_tumours(weight: float) -> None:
+    import medfedpure.train.classifier as trainer
+    import torch.nn.functional as F
+
+    w = torch.tensor([1.0, weight])
+    plain = F.nll_loss
+    patched = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+    patched.nll_loss = lambda lp, y, **kw: plain(lp, y, weight=w)
+    trainer.F = patched  # type: ignore[attr-defined]
+
+
+def by_kind(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, kinds: np.ndarray, seed: int = 0) -> dict:
+    """Per ε: accuracy over all scans and ``right/total`` per lesion kind under PGD-20."""
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for e in EPS:
+        xa = xt if e == 0 else torch.cat([pgd(model, xt[i:i + 60], yt[i:i + 60], e / 255, steps=20, generator=g)
+                                          for i in range(0, len(xt), 60)])
+        with torch.no_grad():
+            ok = model(xa).argmax(1).numpy() == y
+        out[str(e)] = {"all": round(float(ok.mean()) * 100, 1),
+                       **{k: f"{int(ok[kinds == k].sum())}/{int((kinds == k).sum())}" for k in KINDS}}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--site", type=int, default=2)
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--base", type=Path, help="the clean classifier to fine-tune (else: train one, --width)")
+    ap.add_argument("--width", type=int, default=1, help="without --base: channel multiplier of the new one")
+    ap.add_argument("--epochs", type=int, default=10, help="PGD fine-tuning epochs (0: evaluate only)")
+    ap.add_argument("--eps", type=float, default=8.0, help="training radius, /255")
+    ap.add_argument("--adv-frac", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--tumour-weight", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.tumour_weight != 1.0:
+        _weight_tumours(a.tumour_weight)
+    tr, va, te = (load_split(a.data, a.site, s, 128) for s in ("train", "val", "test"))
+    t0 = time.perf_counter()
+    if a.base is not None:
+        model, mcfg, _ = load_model(a.base)
+    else:
+        mcfg = MoEConfig.preset("small", width=a.width)
+        model = MoEClassifier(mcfg)
+        train_classifier(model, tr, va, ClassifierTrainConfig.preset("small", epochs=30, adv="none"), progress=False)
+    clean_s = time.perf_counter() - t0
+    if a.epochs > 0:
+        cfg = ClassifierTrainConfig.preset("small", epochs=a.epochs, lr=a.lr, warmup_epochs=0, adv_start_epoch=0,
+                                           patience=a.epochs, adv="pgd", adv_eps=a.eps / 255, adv_steps=5,
+                                           adv_frac=a.adv_frac, robust_val=64, select="robust")
+        train_classifier(model, tr, va, cfg, progress=False)
+    model.eval()
+    res = {"name": a.name, "width": mcfg.global_widths, "params": sum(p.numel() for p in model.parameters()),
+           "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
+           "tumour_weight": a.tumour_weight, "clean_train_s": round(clean_s, 1),
+           "train_s": round(time.perf_counter() - t0 - clean_s, 1)}
+    for split, (x, y) in (("val", va), ("test", te)):
+        res[split] = by_kind(model, x, y, np.asarray(lesion_kinds(a.data, a.site, split)))
+    a.out.mkdir(parents=True, exist_ok=True)
+    save_model(a.out / f"{a.name}.safetensors", model, mcfg, "moe")
+    (a.out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
