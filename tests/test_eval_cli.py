@@ -122,6 +122,13 @@ def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
     assert cert["radii"][0] == 0 and len(cert["radii"]) == len(cert["certified_acc"])
     assert all(0 <= a <= 1 for a in cert["certified_acc"])
     assert cert["certified_acc"] == sorted(cert["certified_acc"], reverse=True)  # non-increasing in the radius
+    # within each lesion kind: recomputed from the per-scan certificates (right label, radius at least r)
+    assert cert["lesion_counts"] == n_k
+    for kind, accs in cert["certified_acc_by_lesion"].items():
+        mine = [c for c, k in zip(cert["scans"], kinds, strict=True) if k == kind]
+        for r, a in zip(cert["radii"], accs, strict=True):
+            assert a == pytest.approx(sum(c["label"] == c["true"] and c["radius"] >= r for c in mine) / len(mine))
+    assert "tumour: conspicuous" in (out / "report.md").read_text()
     # sanity checks: every documented one, passed, and the report says so first
     names = [c["name"] for c in rep["sanity"]["checks"]]
     assert names == ["unbounded", "more_steps", "transfer_le_whitebox", "masking_detector", "reference_agreement"]

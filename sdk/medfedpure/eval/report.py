@@ -180,6 +180,9 @@ def _by_class_lines(cert: dict[str, Any]) -> list[str]:
                        + " |")
         out.append(f"| {sigma} | **worst class** | " + " | ".join(
             _pct(v["worst_class_certified_acc"][at[r]]) if r in at else "–" for r in shown) + " |")
+        for kind, accs in v.get("certified_acc_by_lesion", {}).items():
+            out.append(f"| {sigma} | tumour: {kind} ({v['lesion_counts'][kind]}) | "
+                       + " | ".join(_pct(accs[at[r]]) if r in at else "–" for r in shown) + " |")
         chance = 1.0 / len(by)
         low = [f"{_pct(accs[at[0.0]])} of the {c} scans" for c, accs in by.items() if accs[at[0.0]] <= chance]
         if low:

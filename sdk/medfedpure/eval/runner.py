@@ -544,13 +544,15 @@ REPORT_RADII = (0.25, 0.5, 1.0)  # ℓ2 radii every certification table reports,
 
 
 def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], n: int, seed: int,
-                 progress: bool) -> dict[str, Any]:
+                 progress: bool, lesions: Sequence[str] | None = None) -> dict[str, Any]:
     """Certified accuracy vs ℓ2 radius by denoised smoothing, per σ (the machinery of ``Defender.certify``,
     on the already-preprocessed scans: n draws, n0 = max(10, n // 10), α = 0.001), on the judged
     Defender's engine in batches of :func:`certify_batch`. Reported radii: fractions of σ, the
     :data:`REPORT_RADII` and the ℓ2 radius of the ℓ∞ 2/255 ball at this scan size; at each, the
     certified accuracy pooled, within each true class and its minimum over the classes; each scan's
-    certificate (true label, certified label or None, radius, lower bound, seed) is kept under ``scans``."""
+    certificate (true label, certified label or None, radius, lower bound, seed) is kept under ``scans``.
+    With the scans' lesion kinds (synthetic data), also within each kind of tumour
+    (``certified_acc_by_lesion``, ``lesion_counts``)."""
     from medfedpure.runtime.certify import (
         DenoisedSmoothing,
         SmoothingConfig,
@@ -575,12 +577,34 @@ def certify_site(d: Any, x: np.ndarray, y: np.ndarray, sigmas: Sequence[float], 
             "radii": radii, "certified_acc": [acc[r] for r in radii],
             "certified_acc_by_class": {c: [a[r] for r in radii] for c, a in by_class.items()},
             "worst_class_certified_acc": [min(a[r] for a in by_class.values()) for r in radii],
+            **_certified_by_lesion(certs, labels, radii, lesions),
             "abstain_rate": float(np.mean([c.abstained for c in certs])),
             "radius_median": float(np.median([c.radius for c in certs])),
             "seconds_per_scan": float(np.median([c.latency_ms["total"] for c in certs])) / 1000.0,
             "scans": [{"label": c.label, "true": y_, "radius": c.radius, "p_lower": c.p_lower, "seed": c.seed}
                       for c, y_ in zip(certs, labels, strict=True)]}
     return out
+
+
+def _certified_by_lesion(certs: Sequence[Any], labels: Sequence[str], radii: Sequence[float],
+                         lesions: Sequence[str] | None) -> dict[str, Any]:
+    """``certified_acc_by_lesion`` (per tumour kind present, at each radius) and ``lesion_counts``; {} without
+    lesion kinds or tumours."""
+    from medfedpure.runtime.certify import certified_accuracy
+
+    if lesions is None:
+        return {}
+    if len(lesions) != len(certs):
+        raise ValueError(f"{len(lesions)} lesion kinds for {len(certs)} certificates")
+    kinds = [k for k in LESION_KINDS if k in lesions]
+    if not kinds:
+        return {}
+    by = {}
+    for k in kinds:
+        idx = [i for i, v in enumerate(lesions) if v == k]
+        acc = certified_accuracy([certs[i] for i in idx], [labels[i] for i in idx], radii)
+        by[k] = [acc[r] for r in radii]
+    return {"certified_acc_by_lesion": by, "lesion_counts": {k: lesions.count(k) for k in kinds}}
 
 
 # the whole run -----------------------------------------------------------------------------------
@@ -631,7 +655,8 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
         if kinds is not None:
             res.lesions = np.asarray(kinds[:len(y)])
         if cfg.certify_sigmas:
-            res.certified = certify_site(d, x, y, cfg.certify_sigmas, cfg.certify_n, cfg.seed, cfg.progress)
+            res.certified = certify_site(d, x, y, cfg.certify_sigmas, cfg.certify_n, cfg.seed, cfg.progress,
+                                         None if res.lesions is None else list(res.lesions))
         results.append(res)
     pooled_rows = pool([r.rows for r in results])
     pooled_clean = pool([[r.clean] for r in results])[0]
