@@ -10,6 +10,7 @@ the synthetic generator (no tumour / conspicuous / small / faint; ``medfedpure.d
     python benchmarks/adv_lesion_study.py --data D --site 2 --name pgd8 \
         --base runs/ss/base/site_2/classifier.safetensors --epochs 10 --eps 8 --out runs/ss
     python benchmarks/adv_lesion_study.py ... --name wide2 --width 2 --epochs 10 --eps 8   # no --base
+    python benchmarks/adv_lesion_study.py ... --name stem1 --stem 1 --epochs 10 --eps 8    # no --base
     python benchmarks/adv_lesion_study.py ... --name tw3 --tumour-weight 3 ...
 
 ``--tumour-weight`` weights the tumour class's cross-entropy in training (by patching the trainer's
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--name", required=True)
     ap.add_argument("--base", type=Path, help="the clean classifier to fine-tune (else: train one, --width)")
     ap.add_argument("--width", type=int, default=1, help="without --base: channel multiplier of the new one")
+    ap.add_argument("--stem", type=int, default=0, help="without --base: full-resolution layers before the stages")
     ap.add_argument("--epochs", type=int, default=10, help="PGD fine-tuning epochs (0: evaluate only)")
     ap.add_argument("--eps", type=float, default=8.0, help="training radius, /255")
     ap.add_argument("--adv-frac", type=float, default=0.5)
@@ -85,7 +87,7 @@ def main() -> None:
     if a.base is not None:
         model, mcfg, _ = load_model(a.base)
     else:
-        mcfg = MoEConfig.preset("small", width=a.width)
+        mcfg = MoEConfig.preset("small", width=a.width, stem=a.stem)
         model = MoEClassifier(mcfg)
         train_classifier(model, tr, va, ClassifierTrainConfig.preset("small", epochs=30, adv="none"), progress=False)
     clean_s = time.perf_counter() - t0
@@ -95,7 +97,7 @@ def main() -> None:
                                            adv_frac=a.adv_frac, robust_val=64, select="robust")
         train_classifier(model, tr, va, cfg, progress=False)
     model.eval()
-    res = {"name": a.name, "width": mcfg.global_widths, "params": sum(p.numel() for p in model.parameters()),
+    res = {"name": a.name, "width": mcfg.global_widths, "stem": mcfg.stem, "params": sum(p.numel() for p in model.parameters()),
            "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
            "tumour_weight": a.tumour_weight, "clean_train_s": round(clean_s, 1),
            "train_s": round(time.perf_counter() - t0 - clean_s, 1)}

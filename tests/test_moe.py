@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,6 +81,30 @@ def test_width_multiplies_every_experts_channels():
             MoEConfig.preset("small", width=bad)
 
 
+def test_stem_adds_full_resolution_layers_and_keeps_the_stemless_layout():
+    plain, stem = MoEConfig.preset("tiny"), MoEConfig.preset("tiny", stem=2)
+    assert stem.stem == 2 and replace(stem, stem=0) == plain
+    m0, m2 = MoEClassifier(plain), MoEClassifier(stem)
+    # no stem: the state_dict keys of every bundle written before the option existed
+    assert not any(".stem." in k for k in m0.state_dict())
+    extra = set(m2.state_dict()) - set(m0.state_dict())
+    assert extra and all(k.split(".")[1] == "stem" for k in extra)
+    assert m2.global_expert.stem[0].conv.weight.shape == (4, 1, 3, 3)  # 1 → the first width
+    assert m2.global_expert.stem[1].conv.weight.shape == (4, 4, 3, 3)
+    assert m2.global_expert.stages[0].conv1.weight.shape == (4, 4, 3, 3)
+    # the global expert's stem convolutions travel; its norms stay local (FedBN)
+    groups = m2.param_groups()
+    assert "global_expert.stem.0.conv.weight" in groups["global"]
+    assert "global_expert.stem.0.norm.weight" in groups["local"]
+    assert "local_expert.stem.0.conv.weight" in groups["local"]
+    assert MoEConfig.from_dict({k: v for k, v in plain.to_dict().items() if k != "stem"}) == plain
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert m2.eval()(x).shape == (3, 2)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="stem="):
+            MoEConfig.preset("tiny", stem=bad)
+
+
 def test_bad_input_shape_raises():
     with pytest.raises(ValueError, match="expected"):
         _model()(torch.rand(2, 3, 32, 32))
@@ -108,3 +133,9 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(out, m(x).detach().numpy(), atol=1e-5)
+    torch.manual_seed(0)
+    stem = MoEClassifier(MoEConfig.preset("tiny", stem=1)).eval()
+    torch.onnx.export(stem, (x,), str(tmp_path / "stem.onnx"), dynamo=True, opset_version=20, external_data=False)
+    sess = ort.InferenceSession(str(tmp_path / "stem.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, stem(x).detach().numpy(), atol=1e-5)

@@ -42,6 +42,9 @@ class MoEConfig:
         dropout: dropout before each expert's linear head (0, the default, disables it). Dropout
             draws from torch's global generator (``nn.Dropout`` takes none), so a non-zero value
             makes training depend on global RNG state and breaks exact resumption.
+        stem: full-resolution Conv3×3 → BN → ReLU layers (each expert's first width in channels)
+            before the first stride-2 stage; 0, the default, has none. A tumour 2–3 px across is
+            seen at full resolution only by the first stage's single strided convolution without one.
 
     The defaults are the ``small`` preset (203 k parameters), sized for the runtime's latency budget;
     wider experts trained slower without being more accurate on the synthetic set, and half these
@@ -54,6 +57,7 @@ class MoEConfig:
     local_widths: tuple[int, ...] = (8, 16, 24, 32)
     gate_hidden: int = 32
     dropout: float = 0.0
+    stem: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "global_widths", tuple(int(w) for w in self.global_widths))
@@ -74,13 +78,18 @@ class MoEConfig:
             raise ValueError(f"gate_hidden={self.gate_hidden}: must be >= 1")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout}: must be in [0, 1)")
+        if isinstance(self.stem, bool) or not isinstance(self.stem, int) or self.stem < 0:
+            raise ValueError(f"stem={self.stem!r}: a whole number >= 0 of full-resolution layers")
 
     @classmethod
-    def preset(cls, name: str, image_size: int | None = None, width: int = 1) -> MoEConfig:
+    def preset(cls, name: str, image_size: int | None = None, width: int = 1, stem: int = 0) -> MoEConfig:
         """``tiny`` (tests: 32 px, a few thousand parameters) or ``small`` (the default bundle); ``width``
-        multiplies every expert's channel counts (2: about 4× the parameters and the compute)."""
+        multiplies every expert's channel counts (2: about 4× the parameters and the compute); ``stem``
+        adds that many full-resolution layers before each expert's stages."""
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width={width!r}: a whole multiple >= 1 of the preset's channel counts")
+        if stem:
+            return replace(cls.preset(name, image_size, width), stem=stem)
         if name == "tiny":
             base = cls(image_size=image_size or 32, global_widths=(4, 8), local_widths=(4, 4), gate_hidden=4)
         elif name == "small":
@@ -97,7 +106,7 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MoEConfig:
-        return cls(**d)
+        return cls(**d)  # a manifest written before ``stem`` existed has none: the default 0 is right
 
 
 class _Stage(nn.Module):
@@ -116,8 +125,22 @@ class _Stage(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
+class _Full(nn.Module):
+    """Conv3x3(stride 1) → BN → ReLU at full resolution: ``[B,Cin,H,W] -> [B,Cout,H,W]``."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x)))
+
+
 class CNNExpert(nn.Module):
-    """A plain CNN expert: stride-2 stages, global average *and* max pool, linear head.
+    """A plain CNN expert: optional full-resolution stem, stride-2 stages, global average *and* max
+    pool, linear head.
 
     The max pool matters: a tumour is a small bright region, and an average over the whole
     8×8 feature map dilutes it (with average pooling alone, training stalled at chance on the
@@ -126,15 +149,17 @@ class CNNExpert(nn.Module):
     ``forward(x [B,1,S,S]) -> (logits [B,C], features [B, 2·widths[-1]])``.
     """
 
-    def __init__(self, widths: tuple[int, ...], num_classes: int, dropout: float) -> None:
+    def __init__(self, widths: tuple[int, ...], num_classes: int, dropout: float, stem: int = 0) -> None:
         super().__init__()
-        chans = (1, *widths)
+        if stem:  # only then, so that the state_dict of a stem-less expert keeps its keys
+            self.stem = nn.Sequential(*[_Full(1 if i == 0 else widths[0], widths[0]) for i in range(stem)])
+        chans = (widths[0] if stem else 1, *widths)
         self.stages = nn.Sequential(*[_Stage(chans[i], chans[i + 1]) for i in range(len(widths))])
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(2 * widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.stages(x)
+        h = self.stages(self.stem(x) if hasattr(self, "stem") else x)
         feats = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
         return self.head(self.drop(feats)), feats
 
@@ -149,8 +174,8 @@ class MoEClassifier(nn.Module):
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.global_expert = CNNExpert(cfg.global_widths, cfg.num_classes, cfg.dropout)
-        self.local_expert = CNNExpert(cfg.local_widths, cfg.num_classes, cfg.dropout)
+        self.global_expert = CNNExpert(cfg.global_widths, cfg.num_classes, cfg.dropout, cfg.stem)
+        self.local_expert = CNNExpert(cfg.local_widths, cfg.num_classes, cfg.dropout, cfg.stem)
         self.gate = nn.Sequential(
             nn.Linear(2 * (cfg.global_widths[-1] + cfg.local_widths[-1]), cfg.gate_hidden),
             nn.ReLU(),
