@@ -88,18 +88,17 @@ class MoEConfig:
         adds that many full-resolution layers before each expert's stages."""
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise ValueError(f"width={width!r}: a whole multiple >= 1 of the preset's channel counts")
-        if stem:
-            return replace(cls.preset(name, image_size, width), stem=stem)
         if name == "tiny":
             base = cls(image_size=image_size or 32, global_widths=(4, 8), local_widths=(4, 4), gate_hidden=4)
         elif name == "small":
             base = cls(image_size=image_size or 128)
         else:
             raise ValueError(f"unknown preset {name!r}: use 'tiny' or 'small'")
-        if width == 1:
-            return base
-        return replace(base, global_widths=tuple(width * w for w in base.global_widths),
-                       local_widths=tuple(width * w for w in base.local_widths))
+        changes: dict = {"stem": stem} if stem else {}
+        if width != 1:
+            changes.update(global_widths=tuple(width * w for w in base.global_widths),
+                           local_widths=tuple(width * w for w in base.local_widths))
+        return replace(base, **changes) if changes else base
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,15 +150,16 @@ class CNNExpert(nn.Module):
 
     def __init__(self, widths: tuple[int, ...], num_classes: int, dropout: float, stem: int = 0) -> None:
         super().__init__()
-        if stem:  # only then, so that the state_dict of a stem-less expert keeps its keys
-            self.stem = nn.Sequential(*[_Full(1 if i == 0 else widths[0], widths[0]) for i in range(stem)])
+        # Identity holds no tensors, so a stem-less expert keeps the state_dict keys it always had
+        self.stem = nn.Sequential(*[_Full(1 if i == 0 else widths[0], widths[0]) for i in range(stem)]) \
+            if stem else nn.Identity()
         chans = (widths[0] if stem else 1, *widths)
         self.stages = nn.Sequential(*[_Stage(chans[i], chans[i + 1]) for i in range(len(widths))])
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(2 * widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.stages(self.stem(x) if hasattr(self, "stem") else x)
+        h = self.stages(self.stem(x))
         feats = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
         return self.head(self.drop(feats)), feats
 
