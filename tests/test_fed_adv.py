@@ -206,6 +206,58 @@ def test_classifier_width_reaches_the_federation_and_reruns_only_the_classifier(
     assert steps["fed_purifier"].inputs == base["fed_purifier"].inputs  # the purifier federation is reused
 
 
+@pytest.mark.parametrize("bad", [True, -1, 1.5])
+def test_fedconfig_rejects_a_bad_classifier_stem(bad: object) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"classifier_stem={bad!r}")):
+        FedConfig(data_dir=".", out_dir=".", classifier_stem=bad)  # type: ignore[arg-type]
+
+
+def test_classifier_stem_builds_only_the_classifier_with_full_resolution_layers() -> None:
+    from medfedpure.fed.phases import PHASES
+
+    plain, plain_cfg = build_model("classifier", "tiny", 0)
+    stem, stem_cfg = build_model("classifier", "tiny", 0, stem=1)
+    assert (plain_cfg.stem, stem_cfg.stem) == (0, 1)
+    assert PHASES["classifier"].build("tiny", 0, stem=1, width=2)[1] == build_model("classifier", "tiny", 0, 0, 2, 1)[1]
+    keys, plain_keys = set(stem.state_dict()), set(plain.state_dict())
+    assert plain_keys < keys and not any(".stem." in k for k in plain_keys)  # stem 0: the layout it always had
+    assert {k.split(".")[1] for k in keys - plain_keys} == {"stem"}
+    assert {k.split(".")[0] for k in keys - plain_keys} == {"global_expert", "local_expert"}
+    for name in ("mae", "teacher", "student"):  # the other phases keep their preset's architecture
+        model, cfg = PHASES[name].build("tiny", 0, stem=1)
+        assert cfg == build_model(name, "tiny", 0)[1]
+        assert set(model.state_dict()) == set(build_model(name, "tiny", 0)[0].state_dict())
+
+
+def test_classifier_stem_reaches_the_federation_and_reruns_only_the_classifier(tmp_path: Path,
+                                                                                captured: dict[str, FedConfig]) -> None:
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--classifier-stem", "1")])
+    assert r.exit_code == 0, r.output
+    assert captured["sim"].classifier_stem == 1
+    assert FedConfig.from_run_config(captured["sim"].to_run_config()).classifier_stem == 1
+    r = CliRunner().invoke(app, ["fed", "deploy", *_fed(tmp_path, "--classifier-stem", "2", "--classifier-width", "2")])
+    assert r.exit_code == 0, r.output
+    assert (captured["deploy"].classifier_stem, captured["deploy"].classifier_width) == (2, 2)
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--classifier-stem", "-1")])
+    assert r.exit_code == 2 and "classifier-stem" in r.output
+    work = tmp_path / "work"
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(tmp_path / "dest"), "--dry-run",
+                                 "--classifier-stem", "1"])
+    assert r.exit_code == 0, r.output
+    cfg = BundleBuildConfig.from_dict(json.loads((work / "config.json").read_text()))
+    pur, cls = fed_configs(cfg, BuildPaths(work))
+    assert (cfg.classifier_stem, cls.classifier_stem, pur.classifier_stem) == (1, 1, 0)
+    steps = {s.name: s for s in make_steps(cfg, BuildPaths(work), federate=lambda c, t: {})}
+    base = {s.name: s for s in make_steps(BundleBuildConfig(), BuildPaths(work), federate=lambda c, t: {})}
+    assert steps["fed_cls_mae"].inputs["classifier_stem"] == 1
+    assert "classifier_stem" not in base["fed_cls_mae"].inputs  # stem 0: an older build's steps stay resumable
+    assert steps["fed_purifier"].inputs == base["fed_purifier"].inputs  # the purifier federation is reused
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dry-run", "--classifier-stem", "-1"])
+    assert r.exit_code == 2 and "classifier-stem" in r.output
+    with pytest.raises(ValueError, match="classifier_stem=-1"):
+        BundleBuildConfig(classifier_stem=-1)
+
+
 def test_bundle_build_fields_match_fedconfig() -> None:
     names = {f.name for f in fields(BundleBuildConfig)}
     assert set(ADV_FIELDS) <= names
@@ -266,3 +318,24 @@ def test_tiny_sim_trains_a_wider_classifier(tiny_data: Path, tmp_path: Path) -> 
     glob = load_file(str(out / "classifier_global.safetensors"))  # what travelled: the global expert only
     first = next(v for k, v in sorted(glob.items()) if k.endswith("stages.0.conv1.weight"))
     assert first.shape[0] == 8 and not any("local_expert" in k for k in glob)
+
+
+@pytest.mark.slow
+def test_tiny_sim_trains_a_classifier_with_a_stem(tiny_data: Path, tmp_path: Path) -> None:
+    """--classifier-stem 1: the server and every site build the same stem (the global expert's travels with
+    the rest of it; the local expert's stays at home) and the saved configs record it."""
+    from medfedpure.models.weights import load_model
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["fed", "sim", "--data", str(tiny_data), "--out", str(out), "--sites", "2",
+                                 "--config", "tiny", "--rounds", "1", "--phases", "classifier", "--no-calibrate",
+                                 "--max-train", "8", "--classifier-stem", "1", "--timeout", "600"])
+    assert r.exit_code == 0, r.output
+    for k in range(2):
+        model, mcfg, _ = load_model(out / f"site_{k}" / "classifier.safetensors")
+        assert mcfg.stem == 1 and model.local_expert.stem[0].conv.weight.shape == (4, 1, 3, 3)
+        assert model(torch.rand(1, 1, 32, 32)).shape == (1, 2)
+    glob = load_file(str(out / "classifier_global.safetensors"))
+    assert glob["global_expert.stem.0.conv.weight"].shape == (4, 1, 3, 3)
+    assert not any("local_expert" in k for k in glob)

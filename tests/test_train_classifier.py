@@ -253,3 +253,29 @@ def test_cli_train_classifier_and_mae_tiny(tmp_path, monkeypatch):
     assert train["adv_eps"] == pytest.approx(4 / 255) and train["adv_start_epoch"] == 40 and train["epochs"] == 60
     r = CliRunner().invoke(app, ["train", "classifier", "--data", str(data), "--out", str(run), "--adv-eps", "30"])
     assert r.exit_code != 0
+
+
+def test_cli_train_classifier_stem_and_width(tmp_path, monkeypatch):
+    """``--stem`` and ``--width`` reach the MoE config: shown by --dry-run, saved with the trained model."""
+    from medfedpure.cli import app
+    from medfedpure.cli import train as tcli
+    from medfedpure.models.weights import load_model
+    from typer.testing import CliRunner
+
+    monkeypatch.setattr(tcli, "load_site_split", lambda data, site, split, size: _blobs(
+        {"train": 16, "val": 8, "test": 8}[split], {"train": 0, "val": 1, "test": 2}[split], size))
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    base = ["train", "classifier", "--data", str(data), "--out", str(run), "--config", "tiny"]
+    r = CliRunner().invoke(app, [*base, "--stem", "2", "--width", "2", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    model = json.loads(r.output)["model"]
+    assert (model["stem"], model["global_widths"]) == (2, [8, 16])
+    r = CliRunner().invoke(app, [*base, "--dry-run"])
+    assert json.loads(r.output)["model"]["stem"] == 0  # the default: no stem
+    r = CliRunner().invoke(app, [*base, "--stem", "-1", "--dry-run"])
+    assert r.exit_code == 2 and "--stem" in r.output
+    r = CliRunner().invoke(app, [*base, "--stem", "1", "--epochs", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    m, mcfg, _ = load_model(run / "site_0" / "classifier.safetensors")
+    assert mcfg == MoEConfig.preset("tiny", stem=1) and m.global_expert.stem[0].conv.weight.shape == (4, 1, 3, 3)

@@ -43,6 +43,8 @@ class BundleBuildConfig:
             epochs per round, training scans per site, 0: all).
         classifier_width: multiplies the classifier's channel counts (``FedConfig.classifier_width``;
             1: the preset's).
+        classifier_stem: full-resolution layers before each classifier expert's stages
+            (``FedConfig.classifier_stem``; 0: none, the classifier's state_dict layout of older bundles).
         purifier_rounds / purifier_local_epochs / purifier_max_train: the purifier federation's own
             budget (teacher, then the distilled student).
         purifier_phases: ``("teacher", "student")``, or ``("teacher",)`` to skip distillation.
@@ -82,6 +84,7 @@ class BundleBuildConfig:
     schedule: PurifySchedule = field(default_factory=_default_schedule)
     denoise_t_max: int = 0
     classifier_width: int = 1
+    classifier_stem: int = 0
     threads: int = 2
     timeout_s: float = 5400.0
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
@@ -135,6 +138,9 @@ class BundleBuildConfig:
         for name in ("max_train", "purifier_max_train"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: every training scan)")
+        if self.classifier_stem < 0:
+            raise ValueError(f"classifier_stem={self.classifier_stem}: must be >= 0 (0: no full-resolution "
+                             "layers)")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
         check_denoise_t_max(self.denoise_t_max, self.schedule.t_max)

@@ -119,7 +119,7 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
     smoothing = {**cfg.smoothing_options(), "denoiser": str(purifier_denoiser(cfg, paths))} if cfg.smoothing else {}
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
                         local_epochs=cfg.local_epochs, max_train=cfg.max_train, classifier_width=cfg.classifier_width,
-                        **cfg.adv_options(), **smoothing, **common)
+                        classifier_stem=cfg.classifier_stem, **cfg.adv_options(), **smoothing, **common)
     return purifier, cls_mae
 
 
@@ -318,8 +318,9 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     over = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.classifier_overrides().items()}
     cls_in = {"preset": cfg.preset, "seed": cfg.seed, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
               "max_train": cfg.max_train, **over,
-              # recorded only when set, so a build at the preset's width keeps its resumable steps
-              **({"classifier_width": cfg.classifier_width} if cfg.classifier_width != 1 else {})}
+              # recorded only when set, so a build at the preset's width and no stem keeps its resumable steps
+              **({"classifier_width": cfg.classifier_width} if cfg.classifier_width != 1 else {}),
+              **({"classifier_stem": cfg.classifier_stem} if cfg.classifier_stem != 0 else {})}
     cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:

@@ -86,6 +86,10 @@ def build(
     classifier_width: int = typer.Option(_D["classifier_width"], "--classifier-width", min=1, help="Multiply the "
                                          "classifier's channel counts (1: the preset's; 2: about 4x the parameters "
                                          "and the classifier federation's time)."),
+    classifier_stem: int = typer.Option(_D["classifier_stem"], "--classifier-stem", min=0, help="Full-"
+                                        "resolution conv layers before each classifier expert's stages (0: "
+                                        "none; each about 2x the classifier federation's time at 128 px on "
+                                        "CPU)."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
     export → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
@@ -102,7 +106,8 @@ def build(
             local_epochs=local_epochs, max_train=max_train, purifier_rounds=purifier_rounds,
             purifier_local_epochs=purifier_local_epochs, purifier_max_train=purifier_max_train,
             purifier_phases=purifier_phases, schedule=replace(PURIFY_DEFAULTS, **given),
-            denoise_t_max=denoise_t_max, classifier_width=classifier_width, threads=threads,
+            denoise_t_max=denoise_t_max, classifier_width=classifier_width, classifier_stem=classifier_stem,
+            threads=threads,
             timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,

@@ -62,6 +62,9 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("classifier_width", int | None, None, "--classifier-width", min=1,
             help="Multiply the classifier's channel counts (1: the preset's; 2: about 4x the parameters and "
                  "the training time)."),
+    _option("classifier_stem", int | None, None, "--classifier-stem", min=0,
+            help="Full-resolution conv layers before each classifier expert's stages (0: none; each about 2x "
+                 "the training time at 128 px on CPU)."),
     _option("max_update_norm", float | None, None, "--max-update-norm", min=0.0,
             help="Drop updates with ‖Δ‖₂ above this (0: no bound)."),
     _option("max_relative_norm", float | None, None, "--max-relative-norm", min=0.0,

@@ -93,6 +93,9 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
                progress: bool = PROGRESS,
                width: int = typer.Option(1, "--width", min=1, help="Multiply the preset's channel counts (2: about "
                                          "4x the parameters and the training time)."),
+               stem: int = typer.Option(0, "--stem", min=0, help="Full-resolution conv layers before each "
+                                        "expert's stages (0: none; each about 2x the training time at 128 px "
+                                        "on CPU)."),
                adv_eps: float | None = typer.Option(
                    None, "--adv-eps", min=0.0, max=25.5,
                    help="FGSM-RS adversarial-training radius in 1/255 units (0 disables; default: the preset's)."),
@@ -143,7 +146,7 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
     from medfedpure.models.weights import save_model
     from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 
-    mcfg = MoEConfig.preset(config, width=width)
+    mcfg = MoEConfig.preset(config, width=width, stem=stem)
     adv_given = adv is not None and adv != "none"
     try:
         sigmas = None

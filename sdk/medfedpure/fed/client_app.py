@@ -144,7 +144,8 @@ class _Site:
         """The phase's model with this site's local tensors restored (state → disk → fresh init)."""
         # Local parts start from a site-specific seed; the travelling part is overwritten by the server's.
         model, _ = self.phase.build(self.run.preset, seed=self.run.seed + tasks.LOCAL_INIT_STRIDE * (self.site + 1),
-                                    size=self.run.image_size, width=self.run.classifier_width)
+                                    size=self.run.image_size, width=self.run.classifier_width,
+                                    stem=self.run.classifier_stem)
         if not params.local_names(model, self.split):
             return model
         local = self._restore("local")
@@ -221,8 +222,8 @@ def _save_final(s: _Site, model: torch.nn.Module) -> None:
     phase = s.phase
     extra: dict[str, object] = {"site": s.site, "rounds": s.run.rounds, "split": s.split, "federated": True,
                                 "role": phase.name, **phase.metadata(s.run)}
-    save_model(s.site_dir / phase.site_file, model, phase.config(s.run.preset, s.run.image_size, s.run.classifier_width), phase.kind,
-               extra=extra)
+    mcfg = phase.config(s.run.preset, s.run.image_size, s.run.classifier_width, s.run.classifier_stem)
+    save_model(s.site_dir / phase.site_file, model, mcfg, phase.kind, extra=extra)
 
 
 def query(msg: Message, context: Context) -> Message:

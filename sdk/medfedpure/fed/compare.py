@@ -63,7 +63,7 @@ def local_only(base: FedConfig, *, progress: bool = True) -> dict[str, Any]:
     for site in range(base.num_sites):
         data = tasks.load_site(base.data_dir, site, image_size(base.preset, base.image_size), base.max_train)
         model, _ = PHASES["classifier"].build(base.preset, seed=base.seed, size=base.image_size,
-                                              width=base.classifier_width)
+                                              width=base.classifier_width, stem=base.classifier_stem)
         cfg = ClassifierTrainConfig.preset(base.preset, epochs=base.rounds * base.local_epochs,
                                            seed=base.seed + tasks.SITE_STRIDE * site, patience=base.rounds * base.local_epochs + 1)
         train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=progress)

@@ -146,6 +146,11 @@ class FedConfig:
     classifier_width: multiplies the classifier's channel counts (1: the preset's; 2: about 4× the
         parameters and the training time). Adversarial training needs capacity: on one site, the
         ``small`` classifier at width 2 kept more of its clean and robust accuracy (benchmarks/RESULTS.md).
+    classifier_stem: full-resolution Conv-BN-ReLU layers before each expert's stride-2 stages
+        (``MoEConfig.stem``; 0, the default, has none and keeps the classifier's state_dict layout).
+        A tumour 2–3 px across is otherwise seen at full resolution only by one strided convolution; on
+        one site, one layer gave width 2's clean gain at 1 % more parameters, but half its robust gain,
+        and about doubled the training time at 128 px on CPU (benchmarks/RESULTS.md).
     strategy: aggregation rule for every phase (fedavg | fedmedian | fedtrimmedavg | krum).
     num_sites: sites (= nodes); every round waits for all of them.
     phases: which phases to run, in order (subset of classifier, mae, teacher, student).
@@ -194,6 +199,7 @@ class FedConfig:
     preset: str = "tiny"
     image_size: int = 0
     classifier_width: int = 1
+    classifier_stem: int = 0
     strategy: str = "fedavg"
     num_sites: int = 4
     phases: tuple[str, ...] = tuple(PHASES)
@@ -263,6 +269,10 @@ class FedConfig:
                 or self.classifier_width < 1:
             raise ValueError(f"classifier_width={self.classifier_width!r}: a whole multiple >= 1 of the preset's "
                              "channel counts")
+        if isinstance(self.classifier_stem, bool) or not isinstance(self.classifier_stem, int) \
+                or self.classifier_stem < 0:
+            raise ValueError(f"classifier_stem={self.classifier_stem!r}: a whole number >= 0 of "
+                             "full-resolution layers")
         if self.image_size < 0 or self.image_size % 16:
             raise ValueError(f"image_size={self.image_size}: 0 (the preset's) or a positive multiple of 16")
         if self.max_train < 0 or self.threads < 1 or self.round_timeout_s <= 0:

@@ -52,7 +52,9 @@ class Phase:
     Attributes:
         name: the phase's name (message config ``phase``, checkpoint role, file names).
         kind: checkpoint kind of its model (``models.registry``): "moe", "mae" or "unet".
-        model_config: ``(preset, size) -> config``; ``size > 0`` overrides the preset's image side.
+        model_config: ``(preset, size, width, stem) -> config``; ``size > 0`` overrides the preset's image
+            side; ``width`` and ``stem`` shape the classifier (``FedConfig.classifier_width`` and
+            ``classifier_stem``), and the other phases ignore them.
         model: ``config -> nn.Module``.
         travels: the split policy (``params.SPLITS``) of what goes to the server: "moe" (the global
             expert only) or "all".
@@ -75,7 +77,7 @@ class Phase:
 
     name: str
     kind: str
-    model_config: Callable[[str, int, int], Any]
+    model_config: Callable[[str, int, int, int], Any]
     model: Callable[[Any], torch.nn.Module]
     travels: str
     train: tasks.LocalTrain
@@ -96,18 +98,21 @@ class Phase:
         """The split policy of this phase in the run ``cfg``."""
         return str(getattr(cfg, self.split_option)) if self.split_option else self.travels
 
-    def config(self, preset: str, size: int = 0, width: int = 1) -> Any:
+    def config(self, preset: str, size: int = 0, width: int = 1, stem: int = 0) -> Any:
         """The architecture config at ``preset`` (``size > 0`` overrides the image side; ``width`` multiplies
-        the classifier's channel counts, ``FedConfig.classifier_width``, and leaves the other phases alone)."""
+        the classifier's channel counts, ``FedConfig.classifier_width``, and ``stem`` adds that many
+        full-resolution layers before each expert's stages, ``FedConfig.classifier_stem``; both leave the
+        other phases alone)."""
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}: use 'tiny' or 'small'")
         if size < 0:
             raise ValueError(f"size={size}: 0 (the preset's) or a positive image side")
-        return self.model_config(preset, size, width)
+        return self.model_config(preset, size, width, stem)
 
-    def build(self, preset: str, seed: int, size: int = 0, width: int = 1) -> tuple[torch.nn.Module, Any]:
+    def build(self, preset: str, seed: int, size: int = 0, width: int = 1,
+              stem: int = 0) -> tuple[torch.nn.Module, Any]:
         """A fresh model initialised from ``seed`` (global RNG untouched) → ``(model, config)``."""
-        cfg = self.config(preset, size, width)
+        cfg = self.config(preset, size, width, stem)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.model(cfg)
@@ -124,7 +129,7 @@ class Phase:
         return Path(f"{self.name}.safetensors") if self.personalised else Path("global") / f"{self.name}.safetensors"
 
 
-def _unet_config(preset: str, size: int, width: int = 1) -> UNetConfig:
+def _unet_config(preset: str, size: int, width: int = 1, stem: int = 0) -> UNetConfig:
     return UNetConfig.preset(preset, **({"image_size": size} if size else {}))
 
 
@@ -135,11 +140,12 @@ def _student_metadata(cfg: FedConfig) -> dict[str, Any]:
 PHASES: dict[str, Phase] = {
     p.name: p
     for p in (
-        Phase("classifier", "moe", lambda preset, size, width: MoEConfig.preset(preset, image_size=size or None,
-                                                                                width=width),
+        Phase("classifier", "moe", lambda preset, size, width, stem: MoEConfig.preset(
+                  preset, image_size=size or None, width=width, stem=stem),
               MoEClassifier, "moe", tasks.train_classifier_round, tasks.evaluate_classifier_site,
               stateful=True, split_option="classifier_split", personalised=True),
-        Phase("mae", "mae", lambda preset, size, width: MAEConfig.preset(preset, image_size=size or None),
+        Phase("mae", "mae", lambda preset, size, width, stem: MAEConfig.preset(
+                  preset, image_size=size or None),
               MaskedAutoencoder, "all", tasks.train_mae_round, tasks.evaluate_mae_site),
         Phase("teacher", "unet", _unet_config, UNet, "all", tasks.train_teacher_round, tasks.evaluate_denoiser_site),
         # The student has the teacher's architecture: distillation starts it from the teacher's weights.
@@ -157,9 +163,10 @@ def lookup(name: str) -> Phase:
         raise ValueError(f"unknown phase {name!r}: one of {', '.join(PHASES)}") from None
 
 
-def build_model(name: str, preset: str, seed: int, size: int = 0, width: int = 1) -> tuple[torch.nn.Module, Any]:
+def build_model(name: str, preset: str, seed: int, size: int = 0, width: int = 1,
+                stem: int = 0) -> tuple[torch.nn.Module, Any]:
     """A fresh model of phase ``name`` at ``preset`` initialised from ``seed`` → ``(model, config)``."""
-    return lookup(name).build(preset, seed, size, width)
+    return lookup(name).build(preset, seed, size, width, stem)
 
 
 def image_size(preset: str, size: int = 0) -> int:

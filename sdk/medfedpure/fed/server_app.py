@@ -57,7 +57,8 @@ def round_config(phase: str, split: str, run_token: str) -> ConfigRecord:
 
 def _initial_model(cfg: FedConfig, phase: Phase, finals: dict[str, Any]) -> tuple[Any, Any]:
     """The phase's starting model: seeded fresh, or the final model of ``phase.init_from``."""
-    model, mcfg = phase.build(cfg.preset, seed=cfg.seed, size=cfg.image_size, width=cfg.classifier_width)
+    model, mcfg = phase.build(cfg.preset, seed=cfg.seed, size=cfg.image_size, width=cfg.classifier_width,
+                              stem=cfg.classifier_stem)
     if phase.init_from is not None:
         source = finals.get(phase.init_from)
         path = Path(cfg.out_dir) / PHASES[phase.init_from].server_file
