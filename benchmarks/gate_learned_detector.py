@@ -42,6 +42,7 @@ from medfedpure.eval.defended import auroc
 from medfedpure.models.weights import load_model
 from medfedpure.runtime.bundle import default_bundle_path
 from medfedpure.train.attacks import pgd_linf
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -155,7 +156,7 @@ def evade(clf: nn.Module, det: Detector, x: torch.Tensor, y: torch.Tensor, eps: 
 
 
 def site_eval(clf: nn.Module, dets: dict[str, Detector], x_cal: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
-              eps_list: list[float], evade_eps: list[float]) -> dict:
+              eps_list: list[float], evade_eps: list[float], evade_steps: int = 20) -> dict:
     """τ on x_cal, false flags on clean xt, AUROC vs PGD-10 (seed 1) per ε, evasion per ``evade_eps``."""
     with torch.no_grad():
         clean_ok = (clf(xt).argmax(1) == yt).numpy()
@@ -176,7 +177,7 @@ def site_eval(clf: nn.Module, dets: dict[str, Detector], x_cal: torch.Tensor, xt
         for e in evade_eps:
             with torch.no_grad():
                 ok_plain = (clf(adv[e]).argmax(1) == yt).numpy() | (logits(det, adv[e]) >= tau)
-            xe = evade(clf, det, xt, yt, e / 255, tau)
+            xe = evade(clf, det, xt, yt, e / 255, tau, steps=evade_steps)
             with torch.no_grad():
                 ok_clf = (clf(xe).argmax(1) == yt).numpy()
             flagged = logits(det, xe) >= tau
@@ -210,7 +211,11 @@ def main() -> None:
     ap.add_argument("--train-eps", default="2,4,8", help="PGD radii (/255) cycled over the training scans")
     ap.add_argument("--eps", default="2,4,8", help="test PGD radii (/255)")
     ap.add_argument("--evade", default="8", help="radii (/255) of the evasion attack ('' for none)")
+    ap.add_argument("--evade-steps", type=int, default=20)
     ap.add_argument("--modes", default="image,residual")
+    ap.add_argument("--save", type=Path, default=None, help="write each trained detector's state_dict (safetensors)")
+    ap.add_argument("--load", type=Path, default=None, help="evaluate detectors saved with --save (no training)")
+    ap.add_argument("--eval-sets", default="", help="only these, e.g. 'seed-0 site 2,unseen site 0' ('' = all)")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--limit", type=int, default=0, help="test scans per site (0: all; both classes kept)")
     ap.add_argument("--threads", type=int, default=2)
@@ -222,31 +227,42 @@ def main() -> None:
     for p in clf.parameters():
         p.requires_grad_(False)
     train_eps = [float(e) for e in args.train_eps.split(",")]
+    modes = args.modes.split(",")
     eps_list = [float(e) for e in args.eps.split(",")]
     evade_eps = [float(e) for e in args.evade.split(",") if e]
     t0 = time.perf_counter()
-    clean, advs = [], []
-    for k, site in enumerate(int(s) for s in args.train_sites.split(",")):
-        x, y = load_split(args.data, site, "train", 128)
-        if args.per_site:
-            idx = np.random.default_rng(site).permutation(len(x))[:args.per_site]
-            x, y = x[idx], y[idx]
-        xt_, yt_ = torch.from_numpy(x), torch.from_numpy(y)
-        e = np.array([train_eps[(i + k) % len(train_eps)] for i in range(len(x))]) / 255
-        clean.append(xt_)
-        advs.append(attack(clf, xt_, yt_, e, seed=site))
-        print(f"training set: site {site}, {len(x)} scans attacked ({time.perf_counter() - t0:.0f} s)", flush=True)
-    clean_t, adv_t = torch.cat(clean), torch.cat(advs)
-    t_attack = time.perf_counter() - t0
-    dets = {}
-    t_train = {}
-    for mode in args.modes.split(","):
-        t1 = time.perf_counter()
-        dets[mode] = train_detector(mode, clean_t, adv_t, args.epochs, seed=0)
-        t_train[mode] = time.perf_counter() - t1
+    t_attack, t_train, dets = 0.0, {}, {}
+    if args.load:
+        for mode in modes:
+            dets[mode] = Detector(mode)
+            dets[mode].load_state_dict(load_file(args.load / f"detector_{mode}.safetensors"))
+            dets[mode].eval()
+    else:
+        clean, advs = [], []
+        for k, site in enumerate(int(s) for s in args.train_sites.split(",")):
+            x, y = load_split(args.data, site, "train", 128)
+            if args.per_site:
+                idx = np.random.default_rng(site).permutation(len(x))[:args.per_site]
+                x, y = x[idx], y[idx]
+            xt_, yt_ = torch.from_numpy(x), torch.from_numpy(y)
+            e = np.array([train_eps[(i + k) % len(train_eps)] for i in range(len(x))]) / 255
+            clean.append(xt_)
+            advs.append(attack(clf, xt_, yt_, e, seed=site))
+            print(f"training set: site {site}, {len(x)} scans attacked ({time.perf_counter() - t0:.0f} s)", flush=True)
+        clean_t, adv_t = torch.cat(clean), torch.cat(advs)
+        t_attack = time.perf_counter() - t0
+        for mode in modes:
+            t1 = time.perf_counter()
+            dets[mode] = train_detector(mode, clean_t, adv_t, args.epochs, seed=0)
+            t_train[mode] = time.perf_counter() - t1
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            for mode, det in dets.items():
+                save_file(det.state_dict(), args.save / f"detector_{mode}.safetensors")
     results: dict = {"bundle": str(root.parent), "data": str(args.data), "unseen": str(args.unseen),
                      "train_sites": args.train_sites, "per_site": args.per_site, "train_eps": train_eps,
-                     "epochs": args.epochs, "eps": eps_list, "evade": evade_eps, "t_attack_s": t_attack,
+                     "epochs": args.epochs, "eps": eps_list, "evade": evade_eps, "evade_steps": args.evade_steps,
+                     "loaded": str(args.load), "t_attack_s": t_attack,
                      "t_train_s": t_train, "sites": {}}
 
     def subset(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +274,10 @@ def main() -> None:
     sets = [("seed-0", args.data, s, "val") for s in range(4)]
     if args.unseen:
         sets += [("unseen", args.unseen, s, "train100") for s in range(4)]
+    wanted = {w.strip() for w in args.eval_sets.split(",") if w.strip()}
     for tag, data, site, cal in sets:
+        if wanted and f"{tag} site {site}" not in wanted:
+            continue
         t1 = time.perf_counter()
         if cal == "val":
             x_cal = torch.from_numpy(load_split(data, site, "val", 128)[0])
@@ -266,7 +285,7 @@ def main() -> None:
             xtr = load_split(data, site, "train", 128)[0]  # the split lists one class after the other
             x_cal = torch.from_numpy(xtr[np.random.default_rng(site).permutation(len(xtr))[:100]])
         xt, yt = subset(*load_split(data, site, "test", 128))
-        row = site_eval(clf, dets, x_cal, xt, yt, eps_list, evade_eps)
+        row = site_eval(clf, dets, x_cal, xt, yt, eps_list, evade_eps, args.evade_steps)
         row["wall_s"] = time.perf_counter() - t1
         results["sites"][f"{tag} site {site}"] = row
         print_row(f"{tag} site {site}", row, eps_list, evade_eps)

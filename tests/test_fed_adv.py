@@ -180,6 +180,20 @@ def test_bundle_build_dry_run_shows_and_passes_the_options(tmp_path: Path) -> No
     assert r.exit_code == 2 and "adv_eps=0" in " ".join(r.output.replace("│", " ").split())
 
 
+def _dry_run_build(tmp_path: Path, *opts: str) -> tuple:
+    """``bundle build --dry-run`` with ``opts``: its recorded config, the purifier and classifier federations'
+    configs, and its steps beside those of the default build, by name."""
+    work = tmp_path / "work"
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(tmp_path / "dest"), "--dry-run",
+                                 *opts])
+    assert r.exit_code == 0, r.output
+    cfg = BundleBuildConfig.from_dict(json.loads((work / "config.json").read_text()))
+    pur, cls = fed_configs(cfg, BuildPaths(work))
+    steps = {s.name: s for s in make_steps(cfg, BuildPaths(work), federate=lambda c, t: {})}
+    base = {s.name: s for s in make_steps(BundleBuildConfig(), BuildPaths(work), federate=lambda c, t: {})}
+    return cfg, pur, cls, steps, base
+
+
 def test_classifier_width_reaches_the_federation_and_reruns_only_the_classifier(tmp_path: Path,
                                                                                  captured: dict[str, FedConfig]) -> None:
     r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--classifier-width", "2")])
@@ -193,15 +207,8 @@ def test_classifier_width_reaches_the_federation_and_reruns_only_the_classifier(
     # the MAE and the purifier keep their preset's architecture
     assert build_model("mae", "tiny", 0, width=2)[1] == build_model("mae", "tiny", 0)[1]
     assert build_model("classifier", "tiny", 0, width=2)[1].global_widths == (8, 16)
-    work = tmp_path / "work"
-    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(tmp_path / "dest"), "--dry-run",
-                                 "--classifier-width", "2"])
-    assert r.exit_code == 0, r.output
-    cfg = BundleBuildConfig.from_dict(json.loads((work / "config.json").read_text()))
-    pur, cls = fed_configs(cfg, BuildPaths(work))
+    cfg, pur, cls, steps, base = _dry_run_build(tmp_path, "--classifier-width", "2")
     assert (cfg.classifier_width, cls.classifier_width, pur.classifier_width) == (2, 2, 1)
-    steps = {s.name: s for s in make_steps(cfg, BuildPaths(work), federate=lambda c, t: {})}
-    base = {s.name: s for s in make_steps(BundleBuildConfig(), BuildPaths(work), federate=lambda c, t: {})}
     assert steps["fed_cls_mae"].inputs["classifier_width"] == 2
     assert steps["fed_purifier"].inputs == base["fed_purifier"].inputs  # the purifier federation is reused
 
@@ -240,19 +247,12 @@ def test_classifier_stem_reaches_the_federation_and_reruns_only_the_classifier(t
     assert (captured["deploy"].classifier_stem, captured["deploy"].classifier_width) == (2, 2)
     r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--classifier-stem", "-1")])
     assert r.exit_code == 2 and "classifier-stem" in r.output
-    work = tmp_path / "work"
-    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(tmp_path / "dest"), "--dry-run",
-                                 "--classifier-stem", "1"])
-    assert r.exit_code == 0, r.output
-    cfg = BundleBuildConfig.from_dict(json.loads((work / "config.json").read_text()))
-    pur, cls = fed_configs(cfg, BuildPaths(work))
+    cfg, pur, cls, steps, base = _dry_run_build(tmp_path, "--classifier-stem", "1")
     assert (cfg.classifier_stem, cls.classifier_stem, pur.classifier_stem) == (1, 1, 0)
-    steps = {s.name: s for s in make_steps(cfg, BuildPaths(work), federate=lambda c, t: {})}
-    base = {s.name: s for s in make_steps(BundleBuildConfig(), BuildPaths(work), federate=lambda c, t: {})}
     assert steps["fed_cls_mae"].inputs["classifier_stem"] == 1
     assert "classifier_stem" not in base["fed_cls_mae"].inputs  # stem 0: an older build's steps stay resumable
     assert steps["fed_purifier"].inputs == base["fed_purifier"].inputs  # the purifier federation is reused
-    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dry-run", "--classifier-stem", "-1"])
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(tmp_path / "work"), "--dry-run", "--classifier-stem", "-1"])
     assert r.exit_code == 2 and "classifier-stem" in r.output
     with pytest.raises(ValueError, match="classifier_stem=-1"):
         BundleBuildConfig(classifier_stem=-1)
