@@ -299,43 +299,25 @@ def test_tiny_sim_trains_adversarially_and_records_robust_accuracy(tiny_data: Pa
 
 
 @pytest.mark.slow
-def test_tiny_sim_trains_a_wider_classifier(tiny_data: Path, tmp_path: Path) -> None:
-    """--classifier-width 2: the server's global expert and every site's MoE have twice the channels (and the
-    personalised split still keeps the local expert at home)."""
+def test_tiny_sim_trains_a_wider_classifier_with_a_stem(tiny_data: Path, tmp_path: Path) -> None:
+    """--classifier-width 2 --classifier-stem 1: the server and every site build the same wider MoE with a
+    full-resolution stem (the server refuses a site whose config differs); the global expert, stem included,
+    travels, the local expert stays at home, and the saved configs record both."""
     from medfedpure.models.weights import load_model
+    from safetensors.numpy import load_file
 
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["fed", "sim", "--data", str(tiny_data), "--out", str(out), "--sites", "2",
                                  "--config", "tiny", "--rounds", "1", "--phases", "classifier", "--no-calibrate",
-                                 "--max-train", "8", "--classifier-width", "2", "--timeout", "600"])
+                                 "--max-train", "8", "--classifier-width", "2", "--classifier-stem", "1",
+                                 "--timeout", "600"])
     assert r.exit_code == 0, r.output
     for k in range(2):
         model, mcfg, _ = load_model(out / f"site_{k}" / "classifier.safetensors")
-        assert (mcfg.global_widths, mcfg.local_widths) == ((8, 16), (8, 8))
+        assert (mcfg.global_widths, mcfg.local_widths, mcfg.stem) == ((8, 16), (8, 8), 1)
+        assert model.local_expert.stem[0].conv.weight.shape == (8, 1, 3, 3)
         assert model(torch.rand(1, 1, 32, 32)).shape == (1, 2)
-    from safetensors.numpy import load_file
-
     glob = load_file(str(out / "classifier_global.safetensors"))  # what travelled: the global expert only
     first = next(v for k, v in sorted(glob.items()) if k.endswith("stages.0.conv1.weight"))
-    assert first.shape[0] == 8 and not any("local_expert" in k for k in glob)
-
-
-@pytest.mark.slow
-def test_tiny_sim_trains_a_classifier_with_a_stem(tiny_data: Path, tmp_path: Path) -> None:
-    """--classifier-stem 1: the server and every site build the same stem (the global expert's travels with
-    the rest of it; the local expert's stays at home) and the saved configs record it."""
-    from medfedpure.models.weights import load_model
-    from safetensors.numpy import load_file
-
-    out = tmp_path / "run"
-    r = CliRunner().invoke(app, ["fed", "sim", "--data", str(tiny_data), "--out", str(out), "--sites", "2",
-                                 "--config", "tiny", "--rounds", "1", "--phases", "classifier", "--no-calibrate",
-                                 "--max-train", "8", "--classifier-stem", "1", "--timeout", "600"])
-    assert r.exit_code == 0, r.output
-    for k in range(2):
-        model, mcfg, _ = load_model(out / f"site_{k}" / "classifier.safetensors")
-        assert mcfg.stem == 1 and model.local_expert.stem[0].conv.weight.shape == (4, 1, 3, 3)
-        assert model(torch.rand(1, 1, 32, 32)).shape == (1, 2)
-    glob = load_file(str(out / "classifier_global.safetensors"))
-    assert glob["global_expert.stem.0.conv.weight"].shape == (4, 1, 3, 3)
+    assert first.shape[0] == 8 and glob["global_expert.stem.0.conv.weight"].shape == (8, 1, 3, 3)
     assert not any("local_expert" in k for k in glob)
