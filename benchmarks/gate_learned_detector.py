@@ -21,6 +21,9 @@ attacker who knows it.
    the detector's logit where it is not (``eval.adaptive.evasion_step``). Reported: the share of test scans
    where the classifier is right or the detector flags, under the plain attack and under evasion, and the
    classifier alone.
+5. Hardening (``--harden R``): R rounds of a 20-step evasion at 8/255 against the current detector on
+   ``--harden-per-site`` train scans per site, then ``--harden-epochs`` of fine-tuning on clean vs evasion
+   scans (the detector's own adversarial training). ``--save`` / ``--load`` keep the detectors between runs.
 
     python benchmarks/gate_learned_detector.py --data runs/rc520/work/data --unseen runs/unseen7/data \
         --out benchmarks/results/gate/learned_detector.json
