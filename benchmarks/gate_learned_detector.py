@@ -9,21 +9,25 @@ attacker who knows it.
 1. Training set: the train split of each ``--train-sites`` site (``--per-site`` scans, both classes),
    each scan once clean and once under PGD-10 ℓ∞ against the bundle's torch classifier alone, ε cycling
    through ``--train-eps`` (generator seed 0).
-2. Detector: 4 conv layers (16-32-64-64, stride 1-2-2-2, BatchNorm, ReLU), global average and max
-   pooling, one logit (~60 k parameters); BCE, Adam, random flips. Input: the scan (``image``) or the
-   scan minus its 3×3 median (``residual``, the fine-scale content where scanner noise and the attack
-   meet).
+2. Detector: 4 conv layers (16-32-64-64, stride 1-2-2-2, BatchNorm, ReLU), then (``--head pool``) global
+   average and max pooling and one logit (~60 k parameters), or (``--head patch``, the product's
+   ``models.detector.AttackDetector``) one logit per 8-px patch and the mean of the 16 largest; trained with
+   ``train.detector.fit_detector`` (BCE, Adam, one-cycle, random flips). Input: the scan (``image``) or the
+   scan minus its 3×3 median (``residual``, pool head only).
 3. Per site (training sites and, with ``--unseen``, profiles no model saw): τ = the 95 % quantile of the
    detector's logit on clean scans of the site (its val split; for unseen profiles 100 random
    train scans of both classes, the calibration protocol of the unseen-scanner target); false flags on the clean test
    scans; AUROC clean vs PGD-10 (seed 1) at each ``--eps``.
 4. Evasion (``--evade``): PGD-20 that raises the classifier's loss where the scan is under τ and lowers
-   the detector's logit where it is not (``eval.adaptive.evasion_step``). Reported: the share of test scans
+   the detector's logit where it is not (``train.detector.evade``; ``--evade-factors`` adds band-limited
+   perturbations, ``--eps-l2`` an ℓ2 PGD AUROC check). Reported: the share of test scans
    where the classifier is right or the detector flags, under the plain attack and under evasion, and the
    classifier alone.
 5. Hardening (``--harden R``): R rounds of a 20-step evasion at 8/255 against the current detector on
    ``--harden-per-site`` train scans per site, then ``--harden-epochs`` of fine-tuning on clean vs evasion
-   scans (the detector's own adversarial training). ``--save`` / ``--load`` keep the detectors between runs.
+   scans, with the original training set when this run trained it (the detector's own adversarial
+   training). ``--save`` / ``--load`` keep the detectors between runs (the patch head as a ``detector``
+   checkpoint that ``models.weights.load_model`` rebuilds).
 
     python benchmarks/gate_learned_detector.py --data runs/rc520/work/data --unseen runs/unseen7/data \
         --out benchmarks/results/gate/learned_detector.json
@@ -40,11 +44,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from medfedpure.data import load_split
-from medfedpure.eval.adaptive import evasion_step
 from medfedpure.eval.defended import auroc
-from medfedpure.models.weights import load_model
+from medfedpure.models.detector import AttackDetector, DetectorConfig
+from medfedpure.models.weights import load_model, save_model
 from medfedpure.runtime.bundle import default_bundle_path
-from medfedpure.train.attacks import pgd_linf
+from medfedpure.train.attacks import pgd_l2
+from medfedpure.train.detector import attacked, detector_scores, evade, fit_detector
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -56,6 +61,10 @@ def median3(x: torch.Tensor) -> torch.Tensor:
 
 
 class Detector(nn.Module):
+    """The research variant with global pooling: 4 conv layers (16-32-64-64, stride 1-2-2-2, BatchNorm,
+    ReLU), global average and max pooling, one linear logit. ``mode`` "residual" reads the scan minus its
+    3×3 median. (``--head patch`` uses the product's ``models.detector.AttackDetector`` instead.)"""
+
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode
@@ -67,158 +76,89 @@ class Detector(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(2 * cin, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def score(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "residual":
             x = (x - median3(x)) * 10.0
         h = self.features(x)
         return self.head(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))[:, 0]
 
 
-def attack(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: np.ndarray | float, seed: int,
-           bs: int = 32) -> torch.Tensor:
-    """PGD-10 ℓ∞ against the classifier alone; ``eps`` one radius or one per scan (in [0, 1] units)."""
+def save_detector(det: nn.Module, path: Path) -> None:
+    if isinstance(det, AttackDetector):
+        save_model(path, det, det.cfg, "detector")
+    else:
+        save_file(det.state_dict(), path)
+
+
+def make_detector(mode: str, head: str) -> nn.Module:
+    if head == "pool":
+        return Detector(mode)
+    if mode != "image":
+        raise SystemExit(f"--head patch reads the image only (got mode {mode!r})")
+    return AttackDetector(DetectorConfig.preset("small"))
+
+
+def attack_l2(clf: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int, bs: int = 32) -> torch.Tensor:
+    """PGD-10 ℓ2 against the classifier alone (an attack family the detector never trained on)."""
     g = torch.Generator().manual_seed(seed)
-    eps_arr = np.broadcast_to(np.asarray(eps, dtype=np.float64), (len(x),))
-    out = []
-    for i in range(0, len(x), bs):
-        e = eps_arr[i:i + bs]
-        if np.all(e == e[0]):
-            out.append(pgd_linf(clf, x[i:i + bs], y[i:i + bs], float(e[0]), steps=10, generator=g))
-        else:  # one radius per scan: attack each radius group
-            xb = x[i:i + bs].clone()
-            for v in np.unique(e):
-                m = torch.from_numpy(e == v)
-                xb[m] = pgd_linf(clf, x[i:i + bs][m], y[i:i + bs][m], float(v), steps=10, generator=g)
-            out.append(xb)
-    return torch.cat(out)
+    return torch.cat([pgd_l2(clf, x[i:i + bs], y[i:i + bs], eps, steps=10, generator=g) for i in range(0, len(x), bs)])
 
 
-@torch.no_grad()
-def logits(det: Detector, x: torch.Tensor, bs: int = 64) -> np.ndarray:
-    det.eval()
-    return torch.cat([det(x[i:i + bs]) for i in range(0, len(x), bs)]).numpy()
-
-
-def train_detector(mode: str, clean: torch.Tensor, adv: torch.Tensor, epochs: int, seed: int) -> Detector:
-    torch.manual_seed(seed)
-    det = Detector(mode)
-    opt = torch.optim.Adam(det.parameters(), lr=1e-3)
-    x = torch.cat([clean, adv])
-    t = torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))])
-    g = torch.Generator().manual_seed(seed)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=epochs * ((len(x) + 63) // 64))
-    for ep in range(epochs):
-        det.train()
-        perm = torch.randperm(len(x), generator=g)
-        tot = 0.0
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            xb = x[idx]
-            if torch.rand((), generator=g) < 0.5:
-                xb = xb.flip(3)
-            loss = F.binary_cross_entropy_with_logits(det(xb), t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(idx)
-        print(f"  [{mode}] epoch {ep + 1}/{epochs}: loss {tot / len(x):.4f}", flush=True)
-    return det.eval()
-
-
-def finetune(det: Detector, clean: torch.Tensor, adv: torch.Tensor, epochs: int, seed: int) -> Detector:
-    """A few epochs on clean vs evasion scans at a fixed small learning rate."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(det.parameters(), lr=3e-4)
-    x = torch.cat([clean, adv])
-    t = torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))])
-    for _ in range(epochs):
-        det.train()
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            loss = F.binary_cross_entropy_with_logits(det(x[idx]), t[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return det.eval()
-
-
-def evade(clf: nn.Module, det: Detector, x: torch.Tensor, y: torch.Tensor, eps: float, tau: float,
-          steps: int = 20, seed: int = 2, bs: int = 32) -> torch.Tensor:
-    """PGD-20 that stays under τ: the classifier's loss up where the scan is under τ, the detector's logit
-    down where it is not. Returns, per scan, the first iterate that is both misclassified and under τ, else
-    the last iterate."""
-    g = torch.Generator().manual_seed(seed)
-    det.eval()
-    alpha = 2.5 * eps / steps
-    out = []
-    for i in range(0, len(x), bs):
-        xb, yb = x[i:i + bs], y[i:i + bs]
-        eta = (torch.rand(xb.shape, generator=g) * 2 - 1) * eps
-        found = torch.zeros(len(xb), dtype=torch.bool)
-        best = xb.clone()
-        for _ in range(steps + 1):
-            eta = ((xb + eta).clamp(0, 1) - xb).detach().requires_grad_(True)
-            xa = xb + eta
-            p, score = clf(xa), det(xa)
-            loss = F.nll_loss(p.clamp_min(1e-12).log(), yb, reduction="sum")
-            (g_loss,) = torch.autograd.grad(loss, eta, retain_graph=True)
-            (g_score,) = torch.autograd.grad(score.sum(), eta)
-            with torch.no_grad():
-                under = score < tau
-                new = (p.argmax(1) != yb) & under & ~found
-                best[new] = xa[new]
-                found |= new
-                best[~found] = xa[~found]
-                eta = evasion_step(eta.detach(), under, g_loss, g_score, alpha, eps)
-        out.append(best.detach())
-    return torch.cat(out)
+def evasion_key(eps: float, factor: int) -> str:
+    return f"{eps:g}" if factor == 1 else f"{eps:g} band-limited x{factor}"
 
 
 def site_eval(clf: nn.Module, dets: dict[str, Detector], x_cal: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
-              eps_list: list[float], evade_eps: list[float], evade_steps: int = 20) -> dict:
-    """τ on x_cal, false flags on clean xt, AUROC vs PGD-10 (seed 1) per ε, evasion per ``evade_eps``."""
+              eps_list: list[float], evade_eps: list[float], evade_steps: int = 20, evade_factors: tuple[int, ...] = (1,),
+              l2_eps: tuple[float, ...] = ()) -> dict:
+    """τ on x_cal, false flags on clean xt, AUROC vs PGD-10 (seed 1) per ε (ℓ∞ /255, and ℓ2 per ``l2_eps``),
+    evasion per ``evade_eps`` and band-limiting factor."""
     with torch.no_grad():
         clean_ok = (clf(xt).argmax(1) == yt).numpy()
     row: dict = {"n_cal": len(x_cal), "n_test": len(xt), "clean_acc": float(clean_ok.mean()), "pgd": {}, "det": {}}
     adv = {}
     for e in eps_list:
-        adv[e] = attack(clf, xt, yt, e / 255, seed=1)
-        with torch.no_grad():
-            row["pgd"][f"{e:g}"] = float((clf(adv[e]).argmax(1) == yt).float().mean())
+        adv[f"{e:g}"] = attacked(clf, xt, yt, e / 255, seed=1)
+    for e in l2_eps:
+        adv[f"l2 {e:g}"] = attack_l2(clf, xt, yt, e, seed=1)
+    with torch.no_grad():
+        for k, xa in adv.items():
+            row["pgd"][k] = float((clf(xa).argmax(1) == yt).float().mean())
     for mode, det in dets.items():
-        tau = float(np.quantile(logits(det, x_cal), 0.95))
-        s_clean = logits(det, xt)
+        tau = float(np.quantile(detector_scores(det, x_cal), 0.95))
+        s_clean = detector_scores(det, xt)
         r: dict = {"tau": tau, "ffr_test": float((s_clean >= tau).mean()), "auroc": {}, "tpr": {}, "evasion": {}}
-        for e in eps_list:
-            s_adv = logits(det, adv[e])
-            r["auroc"][f"{e:g}"] = auroc(s_clean, s_adv)
-            r["tpr"][f"{e:g}"] = float((s_adv >= tau).mean())
+        for k, xa in adv.items():
+            s_adv = detector_scores(det, xa)
+            r["auroc"][k] = auroc(s_clean, s_adv)
+            r["tpr"][k] = float((s_adv >= tau).mean())
         for e in evade_eps:
+            xa = adv[f"{e:g}"] if f"{e:g}" in adv else attacked(clf, xt, yt, e / 255, seed=1)
             with torch.no_grad():
-                ok_plain = (clf(adv[e]).argmax(1) == yt).numpy() | (logits(det, adv[e]) >= tau)
-            xe = evade(clf, det, xt, yt, e / 255, tau, steps=evade_steps)
-            with torch.no_grad():
-                ok_clf = (clf(xe).argmax(1) == yt).numpy()
-            flagged = logits(det, xe) >= tau
-            r["evasion"][f"{e:g}"] = {"right_or_flagged_plain_pgd": float(ok_plain.mean()),
-                                      "right_or_flagged_evasion": float((ok_clf | flagged).mean()),
-                                      "flagged_evasion": float(flagged.mean())}
+                ok_plain = (clf(xa).argmax(1) == yt).numpy() | (detector_scores(det, xa) >= tau)
+            for f in evade_factors:
+                xe = evade(clf, det, xt, yt, e / 255, tau, steps=evade_steps, factor=f)
+                with torch.no_grad():
+                    ok_clf = (clf(xe).argmax(1) == yt).numpy()
+                flagged = detector_scores(det, xe) >= tau
+                r["evasion"][evasion_key(e, f)] = {"right_or_flagged_plain_pgd": float(ok_plain.mean()),
+                                                   "right_or_flagged_evasion": float((ok_clf | flagged).mean()),
+                                                   "right_evasion": float(ok_clf.mean()),
+                                                   "flagged_evasion": float(flagged.mean())}
         row["det"][mode] = r
     return row
 
 
-def print_row(name: str, row: dict, eps_list: list[float], evade_eps: list[float]) -> None:
-    pgd = " / ".join(f"{row['pgd'][f'{e:g}']:.1%}" for e in eps_list)
-    print(f"{name}: {row['n_test']} test scans, classifier clean {row['clean_acc']:.1%}, under PGD-10 "
-          f"{'/'.join(f'{e:g}' for e in eps_list)}: {pgd} ({row['wall_s']:.0f} s)")
+def print_row(name: str, row: dict) -> None:
+    pgd = " / ".join(f"{k}: {v:.1%}" for k, v in row["pgd"].items())
+    print(f"{name}: {row['n_test']} test scans, classifier clean {row['clean_acc']:.1%}, under PGD-10 {pgd} "
+          f"({row['wall_s']:.0f} s)")
     for mode, r in row["det"].items():
-        au = " / ".join(f"{r['auroc'][f'{e:g}']:.3f}" for e in eps_list)
-        tp = " / ".join(f"{r['tpr'][f'{e:g}']:.2f}" for e in eps_list)
-        ev = "; ".join(f"{e:g}/255 right-or-flagged PGD {v['right_or_flagged_plain_pgd']:.1%} -> evasion "
+        au = " / ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items())
+        tp = " / ".join(f"{v:.2f}" for v in r["tpr"].values())
+        ev = "; ".join(f"{k.replace(' ', '/255 ', 1) if ' ' in k else k + '/255'} right-or-flagged PGD {v['right_or_flagged_plain_pgd']:.1%} -> evasion "
                        f"{v['right_or_flagged_evasion']:.1%} (flagged {v['flagged_evasion']:.1%})"
-                       for e, v in ((e, r["evasion"][f"{e:g}"]) for e in evade_eps))
+                       for k, v in r["evasion"].items())
         print(f"  {mode:9s} false flags {r['ffr_test']:.1%}  AUROC {au}  TPR@τ {tp}  {ev}", flush=True)
 
 
@@ -233,7 +173,12 @@ def main() -> None:
     ap.add_argument("--eps", default="2,4,8", help="test PGD radii (/255)")
     ap.add_argument("--evade", default="8", help="radii (/255) of the evasion attack ('' for none)")
     ap.add_argument("--evade-steps", type=int, default=20)
+    ap.add_argument("--evade-factors", default="1", help="band-limiting factors of the evasion (1: pixel space; "
+                    "e.g. '1,4': also a perturbation upsampled from a 4× coarser grid, one the hardening never saw)")
+    ap.add_argument("--eps-l2", default="", help="ℓ2 radii of a PGD-10 ℓ2 AUROC check, e.g. '0.5,1' ('' for none)")
     ap.add_argument("--modes", default="image,residual")
+    ap.add_argument("--head", choices=("pool", "patch"), default="pool",
+                    help="pool: global pooling and one logit; patch: one logit per 8-px patch, top-16 mean")
     ap.add_argument("--save", type=Path, default=None, help="write each trained detector's state_dict (safetensors)")
     ap.add_argument("--load", type=Path, default=None, help="evaluate detectors saved with --save (no training)")
     ap.add_argument("--harden", type=int, default=0, help="rounds of training against the evasion (each: 20-step "
@@ -255,12 +200,19 @@ def main() -> None:
     modes = args.modes.split(",")
     eps_list = [float(e) for e in args.eps.split(",")]
     evade_eps = [float(e) for e in args.evade.split(",") if e]
+    evade_factors = tuple(int(f) for f in args.evade_factors.split(","))
+    l2_eps = tuple(float(e) for e in args.eps_l2.split(",") if e)
+    tag_head = "" if args.head == "pool" else f"_{args.head}"
     t0 = time.perf_counter()
     t_attack, t_train, dets = 0.0, {}, {}
     if args.load:
         for mode in modes:
-            dets[mode] = Detector(mode)
-            dets[mode].load_state_dict(load_file(args.load / f"detector_{mode}.safetensors"))
+            path = args.load / f"detector_{mode}{tag_head}.safetensors"
+            if args.head == "patch":
+                dets[mode] = load_model(path)[0]
+            else:
+                dets[mode] = make_detector(mode, args.head)
+                dets[mode].load_state_dict(load_file(path))
             dets[mode].eval()
     else:
         clean, advs = [], []
@@ -272,18 +224,20 @@ def main() -> None:
             xt_, yt_ = torch.from_numpy(x), torch.from_numpy(y)
             e = np.array([train_eps[(i + k) % len(train_eps)] for i in range(len(x))]) / 255
             clean.append(xt_)
-            advs.append(attack(clf, xt_, yt_, e, seed=site))
+            advs.append(attacked(clf, xt_, yt_, e, seed=site))
             print(f"training set: site {site}, {len(x)} scans attacked ({time.perf_counter() - t0:.0f} s)", flush=True)
         clean_t, adv_t = torch.cat(clean), torch.cat(advs)
         t_attack = time.perf_counter() - t0
         for mode in modes:
             t1 = time.perf_counter()
-            dets[mode] = train_detector(mode, clean_t, adv_t, args.epochs, seed=0)
+            torch.manual_seed(0)
+            dets[mode] = make_detector(mode, args.head)
+            fit_detector(dets[mode], clean_t, adv_t, epochs=args.epochs, seed=0, desc=f"detector [{mode}]")
             t_train[mode] = time.perf_counter() - t1
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
             for mode, det in dets.items():
-                save_file(det.state_dict(), args.save / f"detector_{mode}.safetensors")
+                save_detector(det, args.save / f"detector_{mode}{tag_head}.safetensors")
     t_harden = 0.0
     if args.harden:
         t1 = time.perf_counter()
@@ -298,18 +252,24 @@ def main() -> None:
             xh, yh, xval = torch.cat(xs), torch.cat(ys), torch.cat(xv)
             pos: list[torch.Tensor] = []
             for r in range(args.harden):
-                tau = float(np.quantile(logits(det, xval), 0.95))
+                tau = float(np.quantile(detector_scores(det, xval), 0.95))
                 pos.append(evade(clf, det, xh, yh, 8 / 255, tau, seed=10 + r))
-                flagged = float((logits(det, pos[-1]) >= tau).mean())
+                flagged = float((detector_scores(det, pos[-1]) >= tau).mean())
                 print(f"  [{mode}] harden round {r + 1}: {flagged:.1%} of the evasion flagged before training", flush=True)
-                dets[mode] = det = finetune(det, torch.cat([xh] * len(pos)), torch.cat(pos), args.harden_epochs, seed=r)
+                # the evasion scans of every round so far, and the original training set when this run has it
+                neg, adv_h = [xh] * len(pos), list(pos)
+                if not args.load:
+                    neg, adv_h = [clean_t, *neg], [adv_t, *adv_h]
+                fit_detector(det, torch.cat(neg), torch.cat(adv_h), epochs=args.harden_epochs, seed=r, lr=3e-4,
+                             one_cycle=False, desc=f"hardening round {r + 1}")
         t_harden = time.perf_counter() - t1
         if args.save:
             for mode, det in dets.items():
-                save_file(det.state_dict(), args.save / f"detector_{mode}_hardened.safetensors")
+                save_detector(det, args.save / f"detector_{mode}{tag_head}_hardened.safetensors")
     results: dict = {"bundle": str(root.parent), "data": str(args.data), "unseen": str(args.unseen),
                      "train_sites": args.train_sites, "per_site": args.per_site, "train_eps": train_eps,
-                     "epochs": args.epochs, "eps": eps_list, "evade": evade_eps, "evade_steps": args.evade_steps,
+                     "epochs": args.epochs, "head": args.head, "eps": eps_list, "evade": evade_eps, "evade_steps": args.evade_steps,
+                     "evade_factors": list(evade_factors), "eps_l2": list(l2_eps),
                      "loaded": str(args.load), "harden": args.harden, "t_harden_s": t_harden, "t_attack_s": t_attack,
                      "t_train_s": t_train, "sites": {}}
 
@@ -333,10 +293,10 @@ def main() -> None:
             xtr = load_split(data, site, "train", 128)[0]  # the split lists one class after the other
             x_cal = torch.from_numpy(xtr[np.random.default_rng(site).permutation(len(xtr))[:100]])
         xt, yt = subset(*load_split(data, site, "test", 128))
-        row = site_eval(clf, dets, x_cal, xt, yt, eps_list, evade_eps, args.evade_steps)
+        row = site_eval(clf, dets, x_cal, xt, yt, eps_list, evade_eps, args.evade_steps, evade_factors, l2_eps)
         row["wall_s"] = time.perf_counter() - t1
         results["sites"][f"{tag} site {site}"] = row
-        print_row(f"{tag} site {site}", row, eps_list, evade_eps)
+        print_row(f"{tag} site {site}", row)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")

@@ -65,6 +65,7 @@ from medfedpure.gate.validate import SPECTRAL_STATS
 from medfedpure.models.diffusion import purify
 from medfedpure.progress import progress as progress_bar
 from medfedpure.runtime.engines.torch_engine import TorchEngine
+from medfedpure.train.attacks import band_limited, evasion_step
 
 
 def pipeline_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
@@ -114,24 +115,6 @@ def mae_recon(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
         xb = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
         out.append(d.engine.to_numpy(d.engine.mae(d.engine.to_native(xb))).astype(np.float32))
     return np.concatenate(out)
-
-
-def band_limited(eta: torch.Tensor, factor: int) -> torch.Tensor:
-    """δ = bilinear upsampling (× ``factor``) of the coarse perturbation η; ‖δ‖∞ ≤ ‖η‖∞ (convex weights)."""
-    if factor == 1:
-        return eta
-    return F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)
-
-
-def evasion_step(eta: torch.Tensor, under: torch.Tensor, g_loss: torch.Tensor, g_score: torch.Tensor,
-                 alpha: float, eps: float) -> torch.Tensor:
-    """One sign step on η: lower the gate's score where it is still too high (keeping half the loss
-    direction), raise the loss where the scan is already under the threshold; gradients per-scan normalised."""
-    def unit(v: torch.Tensor) -> torch.Tensor:
-        return v / v.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-
-    direction = torch.where(under[:, None, None, None], unit(g_loss), -unit(g_score) + 0.5 * unit(g_loss))
-    return (eta + alpha * direction.sign()).clamp(-eps, eps)
 
 
 def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor, eps: float, *, steps: int,
@@ -200,6 +183,8 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
             if step == steps:
                 break
             eta = evasion_step(eta, under, g_ce, g_sc, alpha, eps)
+            if factor == 1:  # keep x + η in [0, 1]: a pixel clamped at 0 or 1 would get no gradient back
+                eta = (x + eta).clamp(0, 1) - x
     final = torch.where(found[:, None, None, None], best, x_adv)
     return final, {"evading_and_wrong_during_attack": float(found.float().mean()), "evasion_factor": factor}
 

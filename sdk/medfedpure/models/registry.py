@@ -7,6 +7,7 @@ registry says how to turn those back into a module::
     "moe"   medfedpure.models.moe.MoEConfig          MoEClassifier      (the classifier)
     "mae"   medfedpure.models.mae.MAEConfig          MaskedAutoencoder  (the detector)
     "unet"  medfedpure.models.unet.UNetConfig        UNet               (the purifier's denoiser)
+    "detector" medfedpure.models.detector.DetectorConfig AttackDetector (the learned attack detector)
 
 The built-in kinds are imported on first lookup, so importing this module imports no model.
 Presets stay with their config classes (``MoEConfig.preset`` …); the registry only rebuilds.
@@ -60,13 +61,15 @@ def _load_builtins() -> None:
     global _BUILTINS_LOADED
     if _BUILTINS_LOADED:
         return
+    from medfedpure.models.detector import AttackDetector, DetectorConfig
     from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
     from medfedpure.models.moe import MoEClassifier, MoEConfig
     from medfedpure.models.unet import UNet, UNetConfig
 
     for entry in (ModelKind("moe", MoEConfig.from_dict, MoEClassifier),
                   ModelKind("mae", MAEConfig.from_dict, MaskedAutoencoder),
-                  ModelKind("unet", UNetConfig.from_dict, UNet)):
+                  ModelKind("unet", UNetConfig.from_dict, UNet),
+                  ModelKind("detector", DetectorConfig.from_dict, AttackDetector)):
         _KINDS.setdefault(entry.name, entry)  # an explicit register() before first use wins
     _BUILTINS_LOADED = True
 

@@ -1,7 +1,9 @@
 """Gradient attacks against a classifier: FGSM, PGD ℓ∞ and PGD ℓ2 — the one implementation that
 adversarial training (``train.classifier``) and the evaluation (``medfedpure.eval``, rung 1 of
 docs/evaluation.md) both use, with its steps (``ball_start``, ``ascent_step``, ``project``) shared by
-the training-only attacks (TRADES, PGD through the purifier).
+the training-only attacks (TRADES, PGD through the purifier), and the two pieces of the gate-evasion
+attacks (``band_limited``, ``evasion_step``) that the evaluation's rung 3 and the detector's hardening
+(``train.detector``) share.
 
 Functions, not stateful objects: ``attack(model, x, y, eps, ..., generator=g) -> x_adv``. The model
 is any callable ``[B,1,S,S] -> [B,C]``; the loss is the cross-entropy of the true label computed
@@ -24,7 +26,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NORMS", "fgsm", "pgd", "pgd_linf", "pgd_l2", "attack_loss", "ball_start", "ascent_step", "project"]
+__all__ = ["NORMS", "fgsm", "pgd", "pgd_linf", "pgd_l2", "attack_loss", "ball_start", "ascent_step", "project",
+           "band_limited", "evasion_step"]
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
@@ -200,3 +203,21 @@ def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, *, norm: str
     for _ in range(steps):
         xa = project(xa + ascent_step(_grad(model, xa, y, output), alpha, norm), x0, eps, norm).detach()
     return xa
+
+
+def band_limited(eta: torch.Tensor, factor: int) -> torch.Tensor:
+    """δ = bilinear upsampling (× ``factor``) of the coarse perturbation η; ‖δ‖∞ ≤ ‖η‖∞ (convex weights)."""
+    if factor == 1:
+        return eta
+    return F.interpolate(eta, scale_factor=float(factor), mode="bilinear", align_corners=False)
+
+
+def evasion_step(eta: torch.Tensor, under: torch.Tensor, g_loss: torch.Tensor, g_score: torch.Tensor,
+                 alpha: float, eps: float) -> torch.Tensor:
+    """One sign step on η: lower the gate's score where it is still too high (keeping half the loss
+    direction), raise the loss where the scan is already under the threshold; gradients per-scan normalised."""
+    def unit(v: torch.Tensor) -> torch.Tensor:
+        return v / v.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+
+    direction = torch.where(under[:, None, None, None], unit(g_loss), -unit(g_score) + 0.5 * unit(g_loss))
+    return (eta + alpha * direction.sign()).clamp(-eps, eps)

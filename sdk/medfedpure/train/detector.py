@@ -1,0 +1,225 @@
+"""Training of the attack detector (``models.detector``): clean vs attacked scans, then against its own evasion.
+
+1. Attacked set (:func:`attacked`): each training scan once more under PGD-ℓ∞ against the classifier it
+   guards (the classifier alone), the radius cycling through ``train_eps`` scan by scan.
+2. :func:`fit_detector`: binary cross-entropy on the detector's score (clean 0, attacked 1), Adam, random
+   left-right flips; from scratch with a one-cycle schedule (``torch.optim.lr_scheduler.OneCycleLR``),
+   fine-tuning at a fixed learning rate.
+3. Hardening (``harden_rounds``; the detector's own adversarial training): per round, τ = the detector's
+   (1 − ``target_false_flag_rate``) quantile on clean calibration scans, then :func:`evade` — PGD that fools
+   the classifier while keeping the score under τ, as an attacker who holds the detector would — on the
+   training scans, and ``harden_epochs`` of fine-tuning on the original set plus every round's evasion scans.
+
+Without hardening an attacker who has the detector's weights walks around it (benchmarks/RESULTS.md,
+"Gate and detector": a 100-step evasion leaves +0–2 points over the classifier alone). Everything here
+works on tensors of one or many sites; which scans go in is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medfedpure.progress import progress as progress_bar
+from medfedpure.train.attacks import attack_loss, band_limited, evasion_step, pgd_linf
+from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
+
+__all__ = ["DetectorTrainConfig", "attacked", "fit_detector", "evade", "detector_scores", "train_detector"]
+
+Classifier = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class DetectorTrainConfig:
+    """Options of one detector training job.
+
+    Attributes:
+        epochs / batch_size / lr / seed: the from-scratch phase (``lr``: the one-cycle peak).
+        train_eps: ℓ∞ radii (input units, e.g. 8/255) cycled over the training scans.
+        attack_steps: PGD steps of the attacked set.
+        harden_rounds: rounds of training against the evasion (0: none).
+        harden_scans: the evasion runs on this many training scans (a random subset drawn from ``seed``;
+            0: all of them).
+        harden_eps / harden_steps: the evasion's ℓ∞ radius and steps.
+        harden_epochs / harden_lr: fine-tuning per round.
+        target_false_flag_rate: τ during hardening is the (1 − this) quantile on the clean calibration scans.
+    """
+
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    train_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
+    attack_steps: int = 10
+    harden_rounds: int = 0
+    harden_scans: int = 400
+    harden_eps: float = 8 / 255
+    harden_steps: int = 20
+    harden_epochs: int = 3
+    harden_lr: float = 3e-4
+    target_false_flag_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        freeze_tuples(self, ("train_eps",))
+        require_at_least(self, ("epochs", "batch_size", "attack_steps", "harden_steps", "harden_epochs"))
+        require_non_negative(self, ("harden_rounds", "harden_scans", "seed"))
+        require_positive(self, ("lr", "harden_lr", "harden_eps"))
+        if not self.train_eps or any(not 0 < e <= 1 for e in self.train_eps):
+            raise ValueError(f"train_eps={self.train_eps}: expected radii in (0, 1] (input units, e.g. 8/255)")
+        if not 0 < self.target_false_flag_rate < 0.5:
+            raise ValueError(f"target_false_flag_rate={self.target_false_flag_rate}: expected (0, 0.5)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def attacked(classifier: Classifier, x: Tensor, y: Tensor, eps: float | np.ndarray, *, steps: int = 10,
+             seed: int = 0, batch_size: int = 32) -> Tensor:
+    """PGD-ℓ∞ (``steps``, random start from ``seed``) against the classifier alone; ``eps`` one radius or one
+    per scan. Returns the attacked scans (the caller's tensors are not modified)."""
+    eps_arr = np.broadcast_to(np.asarray(eps, dtype=np.float64), (len(x),))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, yb, e = x[i:i + batch_size], y[i:i + batch_size], eps_arr[i:i + batch_size]
+        if np.all(e == e[0]):
+            out.append(pgd_linf(classifier, xb, yb, float(e[0]), steps=steps, generator=g))
+            continue
+        xa = xb.clone()
+        for v in np.unique(e):  # one radius per scan: attack each radius group
+            m = torch.from_numpy(e == v)
+            xa[m] = pgd_linf(classifier, xb[m], yb[m], float(v), steps=steps, generator=g)
+        out.append(xa)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def detector_scores(det: nn.Module, x: Tensor, batch_size: int = 64) -> np.ndarray:
+    """The detector's score (``det.score``) of every scan, in eval mode, as float64 numpy."""
+    det.eval()
+    return torch.cat([det.score(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).double().numpy()
+
+
+def fit_detector(det: nn.Module, clean: Tensor, adv: Tensor, *, epochs: int, seed: int, batch_size: int = 64,
+                 lr: float = 2e-3, one_cycle: bool = True, progress: bool = True, desc: str = "detector") -> list[float]:
+    """BCE on ``det.score``: clean scans 0, attacked 1; Adam, a random left-right flip per batch. ``one_cycle``:
+    the learning rate follows a one-cycle schedule peaking at ``lr`` (from scratch); else ``lr`` throughout
+    (fine-tuning). Returns the mean loss per epoch; ``det`` is trained in place and left in eval mode."""
+    if len(clean) == 0 or len(adv) == 0:
+        raise ValueError(f"fit_detector: {len(clean)} clean and {len(adv)} attacked scans; need both")
+    x = torch.cat([clean, adv])
+    t = torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))])
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(det.parameters(), lr=lr / 2 if one_cycle else lr)
+    steps = (len(x) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps) if one_cycle else None
+    losses = []
+    bar = progress_bar(range(epochs), desc=desc, unit="epoch", enabled=progress)
+    for _ in bar:
+        det.train()
+        perm = torch.randperm(len(x), generator=g)
+        tot = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            xb = x[idx]
+            if torch.rand((), generator=g) < 0.5:
+                xb = xb.flip(3)
+            loss = F.binary_cross_entropy_with_logits(det.score(xb), t[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            tot += float(loss.detach()) * len(idx)
+        losses.append(tot / len(x))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    det.eval()
+    return losses
+
+
+def evade(classifier: Classifier, det: nn.Module, x: Tensor, y: Tensor, eps: float, tau: float, *,
+          steps: int = 20, seed: int = 2, factor: int = 1, batch_size: int = 32) -> Tensor:
+    """PGD-ℓ∞ that fools the classifier and keeps the detector's score under τ: each step lowers the score
+    where a scan is still at or above τ and raises the classifier's loss where it is under
+    (``train.attacks.evasion_step``), step 2.5·ε/steps from a random start. ``factor`` > 1 band-limits the
+    perturbation (bilinear upsampling from a grid ``factor`` times coarser). Returns, per scan, the first
+    iterate that is both misclassified and under τ, else the last."""
+    if x.shape[-1] % factor:
+        raise ValueError(f"factor={factor} does not divide the scan side {x.shape[-1]}")
+    g = torch.Generator().manual_seed(seed)
+    det.eval()
+    alpha = 2.5 * eps / steps
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        coarse = (len(xb), xb.shape[1], xb.shape[2] // factor, xb.shape[3] // factor)
+        eta = (torch.rand(coarse, generator=g) * 2 - 1) * eps
+        found = torch.zeros(len(xb), dtype=torch.bool)
+        best = xb.clone()
+        for _ in range(steps + 1):
+            if factor == 1:  # keep x + η in [0, 1], so that no pixel sits where the clamp has no gradient
+                eta = (xb + eta).clamp(0, 1) - xb
+            eta = eta.detach().requires_grad_(True)
+            xa = (xb + band_limited(eta, factor)).clamp(0, 1)
+            score = det.score(xa)
+            (g_loss,) = torch.autograd.grad(attack_loss(classifier, xa, yb, "probs"), eta, retain_graph=True)
+            (g_score,) = torch.autograd.grad(score.sum(), eta)
+            with torch.no_grad():
+                under = score < tau
+                wrong = classifier(xa).argmax(1) != yb
+                new = wrong & under & ~found
+                best[new] = xa[new]
+                found |= new
+                best[~found] = xa[~found]
+                eta = evasion_step(eta.detach(), under, g_loss, g_score, alpha, eps)
+        out.append(best.detach())
+    return torch.cat(out)
+
+
+def _tau(det: nn.Module, x_cal: Tensor, rate: float) -> float:
+    return float(np.quantile(detector_scores(det, x_cal), 1 - rate))
+
+
+def train_detector(det: nn.Module, classifier: Classifier, x: Tensor, y: Tensor, x_cal: Tensor,
+                   cfg: DetectorTrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train ``det`` in place to guard ``classifier``: the attacked set of (x, y), from-scratch training, then
+    ``cfg.harden_rounds`` of hardening with τ from the clean ``x_cal``. Returns a report: losses, per-round
+    share of the evasion still flagged before that round's training, wall times."""
+    if len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"train_detector: {len(x)} scans and {len(y)} labels; need the same non-zero count")
+    if len(x_cal) < 20:
+        raise ValueError(f"train_detector: {len(x_cal)} calibration scans; need at least 20 to set τ")
+    t0 = time.perf_counter()
+    eps = np.array([cfg.train_eps[i % len(cfg.train_eps)] for i in range(len(x))])
+    adv = attacked(classifier, x, y, eps, steps=cfg.attack_steps, seed=cfg.seed)
+    t_attack = time.perf_counter() - t0
+    losses = fit_detector(det, x, adv, epochs=cfg.epochs, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr,
+                          progress=progress)
+    report: dict[str, Any] = {"config": cfg.to_dict(), "n_train": len(x), "n_cal": len(x_cal), "losses": losses,
+                              "attack_s": t_attack, "train_s": time.perf_counter() - t0 - t_attack, "rounds": []}
+    if cfg.harden_rounds:
+        pick = np.random.default_rng(cfg.seed).permutation(len(x))
+        pick = torch.from_numpy(np.sort(pick[:cfg.harden_scans] if cfg.harden_scans else pick))
+        xh, yh = x[pick], y[pick]
+    evasions: list[Tensor] = []
+    for r in range(cfg.harden_rounds):
+        t1 = time.perf_counter()
+        tau = _tau(det, x_cal, cfg.target_false_flag_rate)
+        evasions.append(evade(classifier, det, xh, yh, cfg.harden_eps, tau, steps=cfg.harden_steps,
+                              seed=cfg.seed + 10 + r))
+        flagged = float((detector_scores(det, evasions[-1]) >= tau).mean())
+        # the original set and every round's evasion scans, each against its clean scans
+        ft = fit_detector(det, torch.cat([x] + [xh] * len(evasions)), torch.cat([adv, *evasions]),
+                          epochs=cfg.harden_epochs, seed=cfg.seed + r, batch_size=cfg.batch_size, lr=cfg.harden_lr,
+                          one_cycle=False, progress=progress, desc=f"hardening round {r + 1}/{cfg.harden_rounds}")
+        report["rounds"].append({"tau": tau, "evasion_flagged_before": flagged, "losses": ft,
+                                 "wall_s": time.perf_counter() - t1})
+    report["wall_s"] = time.perf_counter() - t0
+    return report
