@@ -38,6 +38,7 @@ IO_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classifier": (("x",), ("probs",)),
     "mae": (("x",), ("recon",)),
     "denoiser": (("x_t", "t"), ("x0_hat",)),
+    "detector": (("x",), ("patch_logits",)),
 }
 OPSET = 20
 MAX_BATCH = 64
@@ -175,6 +176,12 @@ def export_mae_scorer(scorer: nn.Module, image_size: int) -> onnx.ModelProto:
     """``x [B,1,S,S] -> recon [B,K,S,S]`` (the MAE under its K fixed scoring mask sets)."""
     x = torch.rand(2, 1, image_size, image_size, generator=torch.Generator().manual_seed(0))
     return export_module(scorer, (x,), *IO_NAMES["mae"])
+
+
+def export_detector(det: nn.Module, image_size: int) -> onnx.ModelProto:
+    """``x [B,1,S,S] -> patch_logits [B,Np]`` (the attack detector's per-patch logits; the gate reduces them)."""
+    x = torch.rand(2, 1, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    return export_module(det, (x,), *IO_NAMES["detector"])
 
 
 def export_denoiser(student: nn.Module, image_size: int) -> onnx.ModelProto:

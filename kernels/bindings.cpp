@@ -95,6 +95,28 @@ py::tuple patch_gate(const py::array& x, const py::array& recon, const py::array
   return run(x, recon, visible, p, num_threads, simd);
 }
 
+// The gate's score and decision on per-patch values computed elsewhere (patch_gate.h, gate_reduce).
+py::tuple gate_reduce(const py::array& scores, int stat, int topk, double tau, double tau_high, int t_min,
+                      int t_max, bool floor) {
+  require_c_contiguous(scores, "scores");
+  if (scores.ndim() != 2) throw py::value_error("scores must have shape [B, Np]");
+  const DType dt = dtype_of(scores, "scores");
+  medfedpure::GateParams p = make_params(1, stat, topk, false, tau, tau_high, t_min, t_max, floor);
+  p.batch = static_cast<int32_t>(scores.shape(0));
+  const int64_t np = scores.shape(1);
+  if (const char* msg = medfedpure::check_reduce_params(p, np)) throw py::value_error(msg);
+  py::array_t<float> score(p.batch);
+  py::array_t<bool> flag(p.batch);
+  py::array_t<int32_t> t_star(p.batch);
+  medfedpure::GateOutputs out{score.mutable_data(), reinterpret_cast<uint8_t*>(flag.mutable_data()),
+                              t_star.mutable_data(), nullptr, nullptr};
+  {
+    py::gil_scoped_release release;
+    medfedpure::gate_reduce_cpu(scores.data(), dt, np, p, out);
+  }
+  return py::make_tuple(score, flag, t_star);
+}
+
 // One gate configuration (mask sets and parameters) fixed once, then called per batch with
 // positional (x, recon, num_threads): what a serving loop repeats, without re-parsing keyword
 // arguments or re-checking the mask sets.
@@ -135,6 +157,11 @@ PYBIND11_MODULE(_C, m) {
         "0 = mean, 1 = topk, 2 = hfratio, 3 = nyqratio (topk = m, 0 = Np/2; patch_err = the ratios e). Returns (score [B] f32, flag [B] bool, t_star [B] i32, patch_err "
         "[B,Np] f32). num_threads <= 0: chosen from the work size; simd=False forces the scalar path "
         "(same results).");
+  m.def("gate_reduce", &gate_reduce, py::arg("scores"), py::kw_only(), py::arg("stat"), py::arg("topk"),
+        py::arg("tau"), py::arg("tau_high"), py::arg("t_min"), py::arg("t_max"), py::arg("floor"),
+        "scores [B,Np] float32/float16 C-contiguous (per-patch values computed elsewhere, e.g. the attack "
+        "detector's logits); stat code 0 = mean, 1 = topk. Returns (score [B] f32, flag [B] bool, "
+        "t_star [B] i32), the same reduction and decision as patch_gate.");
   py::class_<Prepared>(m, "Prepared",
                        "patch_gate with visible [K, Np] and the parameters fixed (same keywords); "
                        "call as prepared(x, recon, num_threads) -> the same tuple.")

@@ -49,6 +49,26 @@ int patch_gate(uintptr_t x, int x_dtype, uintptr_t recon, int recon_dtype, uintp
       reinterpret_cast<void*>(stream));
 }
 
+int gate_reduce(uintptr_t scores, int dtype, int batch, int np, int stat, int topk, double tau,
+                double tau_high, int t_min, int t_max, bool floor, uintptr_t score, uintptr_t flag,
+                uintptr_t t_star, uintptr_t stream) {
+  medfedpure::GateParams p{};
+  p.batch = batch;
+  p.stat = static_cast<medfedpure::GateStat>(stat);
+  p.topk = topk;
+  p.tau = static_cast<float>(tau);
+  p.tau_high = static_cast<float>(tau_high);
+  p.t_min = t_min;
+  p.t_max = t_max;
+  p.floor = floor;
+  if (const char* msg = medfedpure::check_reduce_params(p, np)) throw py::value_error(msg);
+  if (dtype < 0 || dtype > 1) throw py::value_error("dtype codes: 0 = float32, 1 = float16");
+  medfedpure::GateOutputs out{reinterpret_cast<float*>(score), reinterpret_cast<uint8_t*>(flag),
+                              reinterpret_cast<int32_t*>(t_star), nullptr, nullptr};
+  return medfedpure::gate_reduce_cuda(reinterpret_cast<const void*>(scores), static_cast<medfedpure::DType>(dtype),
+                                      np, p, out, reinterpret_cast<void*>(stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -67,6 +87,12 @@ PYBIND11_MODULE(_C_cuda, m) {
         "-1 when the sizes exceed the kernel's limits (shared memory: max(K S + 2 S/P, Np) floats, "
         "hfratio max(K S + (2P-3) S/P, 3 Np), nyqratio max(K S + (2P-8) S/P, 3 Np), <= 12288; topk: "
         "Np <= 32 threads; B <= 65535) or hfratio / nyqratio has no work buffer.");
+  m.def("gate_reduce", &gate_reduce, py::arg("scores"), py::arg("dtype"), py::arg("batch"), py::arg("np"),
+        py::arg("stat"), py::arg("topk"), py::arg("tau"), py::arg("tau_high"), py::arg("t_min"), py::arg("t_max"),
+        py::arg("floor"), py::arg("score"), py::arg("flag"), py::arg("t_star"), py::arg("stream"),
+        "Enqueue gate_reduce on `stream`: device pointers scores [B,Np] (dtype code 0 = float32, 1 = float16), "
+        "score [B] f32, flag [B] u8, t_star [B] i32; stat 0 = mean, 1 = topk. Returns the cudaError_t of the "
+        "launch (0 = enqueued) or -1 when Np exceeds the kernel's limits (Np <= 12288; topk: Np <= 32 * 1024).");
   m.def("empty_launch", [](uintptr_t stream) { return medfedpure::empty_launch(reinterpret_cast<void*>(stream)); },
         py::arg("stream"), "Launch an empty kernel <<<1,1>>> on `stream` (the timing floor).");
   m.def("runtime_version", &medfedpure::cuda_runtime_version);

@@ -40,6 +40,12 @@
 //               - 21*z(r,j+5)) + 7*z(r,j+6)) - z(r,j+7),  then / 128     r in [0,P), j in [0,P-7)
 //     q(i,j) = the same 8 taps down rows i..i+7 of a, then / 128         i, j in [0,P-7)
 //     h = patch sum of q^2 (same order) / (P-7)^2;  d, e, w, m, selection and median as hfratio.
+//
+// gate_reduce (gate_reduce_cpu / gate_reduce_cuda): the same score and decision on per-patch values a
+// model computed elsewhere (the attack detector's patch logits): e[b,p] = scores[b,p] as float32
+// (float16 exactly converted; any sign), then score (stat mean or topk, as above: the lane32 sum over
+// the Np values, non-selected ones 0 for topk) and gate_decide. GateParams: batch, stat, topk and the
+// decision fields are read; sets, size, patch and norm_pix are not. A NaN voids the contract for its scan.
 #pragma once
 #include <cstdint>
 
@@ -145,6 +151,32 @@ int patch_gate_cuda(const void* x, DType x_dtype, const void* recon, DType recon
                     const uint8_t* visible, const GateParams& params, const GateOutputs& out,
                     uint32_t* counters, void* stream);
 
+// gate_reduce: scores [B, np] C-contiguous of the given dtype; out.score, out.flag, out.t_star are
+// written (patch_err and work are not used). CPU: throws std::invalid_argument on bad params. CUDA:
+// one launch of B blocks on `stream`, never synchronises; returns the cudaError_t of the launch, or -1
+// when np exceeds the kernel's limits (np <= 32 * 1024 for topk, np <= 12288 shared floats).
+void gate_reduce_cpu(const void* scores, DType dtype, int64_t np, const GateParams& params,
+                     const GateOutputs& out);
+int gate_reduce_cuda(const void* scores, DType dtype, int32_t np, const GateParams& params,
+                     const GateOutputs& out, void* stream);
+
+// The decision fields (tau, tau_high, t_min, t_max) of params; nullptr when fine.
+inline const char* check_decision(const GateParams& p) {
+  if (!(p.tau == p.tau) || !(p.tau_high == p.tau_high)) return "tau and tau_high must not be NaN";
+  if (!(p.tau_high > p.tau)) return "tau_high must be > tau (after rounding both to float32)";
+  if (p.t_min < 0 || p.t_min > p.t_max) return "need 0 <= t_min <= t_max";
+  return nullptr;
+}
+
+// gate_reduce's params for np patch values per scan; nullptr when fine.
+inline const char* check_reduce_params(const GateParams& p, int64_t np) {
+  if (p.batch < 1) return "batch must be >= 1";
+  if (np < 1) return "need at least one patch value per scan";
+  if (p.stat != GateStat::kMean && p.stat != GateStat::kTopK) return "gate_reduce: stat must be mean or topk";
+  if (p.stat == GateStat::kTopK && (p.topk < 1 || p.topk > np)) return "topk must be in [1, Np]";
+  return check_decision(p);
+}
+
 // Validates params (shapes, ranges, thresholds); returns nullptr when fine, else a message that
 // names the problem. Shared by both modules (the Python layer checks the same things first).
 inline const char* check_params(const GateParams& p) {
@@ -167,10 +199,7 @@ inline const char* check_params(const GateParams& p) {
     if (p.patch < 8) return "nyqratio needs patch >= 8 (8-tap corner-band filter)";
     if (p.norm_pix) return "nyqratio needs a pixel-space MAE (norm_pix must be false)";
   }
-  if (!(p.tau_high > p.tau)) return "tau_high must be > tau (after rounding both to float32)";
-  if (!(p.tau == p.tau) || !(p.tau_high == p.tau_high)) return "tau and tau_high must not be NaN";
-  if (p.t_min < 0 || p.t_min > p.t_max) return "need 0 <= t_min <= t_max";
-  return nullptr;
+  return check_decision(p);
 }
 
 }  // namespace medfedpure

@@ -834,6 +834,30 @@ void run_strip(const Ctx& c, bool simd, int64_t b, int64_t pr, Scratch& s) {
 // per-scan score and decision (all strips of scan b done)
 // ---------------------------------------------------------------------------------------------
 
+// Score of stats mean / topk from the Np patch values e (patch_gate.h): the topk largest, ties broken by
+// the lower patch index, the others counting as 0, through the lane32 sum; or the mean of all.
+float reduce_mean_topk(const float* err, int64_t np, const GateParams& p, Scratch& s) {
+  if (p.stat != GateStat::kTopK) return lane32_sum(err, np) / static_cast<float>(np);
+  s.order.assign(err, err + np);
+  const int64_t k = p.topk;
+  std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(),
+                   [](float a, float v) { return a > v; });
+  const float kth = s.order[k - 1];
+  int64_t greater = 0;
+  for (int64_t i = 0; i < np; ++i) greater += err[i] > kth;
+  int64_t ties_left = k - greater;
+  s.sel.resize(np);
+  for (int64_t i = 0; i < np; ++i) {
+    bool take = err[i] > kth;
+    if (!take && err[i] == kth && ties_left > 0) {
+      take = true;
+      --ties_left;
+    }
+    s.sel[i] = take ? err[i] : 0.0f;
+  }
+  return lane32_sum(s.sel.data(), np) / static_cast<float>(k);
+}
+
 void finish_scan(const Ctx& c, int64_t b, Scratch& s) {
   const GateParams& p = *c.p;
   const int64_t np = c.np;
@@ -867,28 +891,8 @@ void finish_scan(const Ctx& c, int64_t b, Scratch& s) {
       const float hi = *std::min_element(s.sel.begin() + mid + 1, s.sel.end());
       score = (lo + hi) / 2.0f;
     }
-  } else if (p.stat == GateStat::kTopK) {
-    // The topk largest e, ties broken by the lower patch index; the others count as 0.
-    s.order.assign(err, err + np);
-    const int64_t k = p.topk;
-    std::nth_element(s.order.begin(), s.order.begin() + (k - 1), s.order.end(),
-                     [](float a, float v) { return a > v; });
-    const float kth = s.order[k - 1];
-    int64_t greater = 0;
-    for (int64_t i = 0; i < np; ++i) greater += err[i] > kth;
-    int64_t ties_left = k - greater;
-    s.sel.resize(np);
-    for (int64_t i = 0; i < np; ++i) {
-      bool take = err[i] > kth;
-      if (!take && err[i] == kth && ties_left > 0) {
-        take = true;
-        --ties_left;
-      }
-      s.sel[i] = take ? err[i] : 0.0f;
-    }
-    score = lane32_sum(s.sel.data(), np) / static_cast<float>(k);
   } else {
-    score = lane32_sum(err, np) / static_cast<float>(np);
+    score = reduce_mean_topk(err, np, p, s);
   }
   c.out.score[b] = score;
   gate_decide(score, p, c.out.flag + b, c.out.t_star + b);
@@ -1035,6 +1039,18 @@ Pool& pool() {
 }  // namespace
 
 bool patch_gate_cpu_simd_available() { return cpu_has_avx2(); }
+
+void gate_reduce_cpu(const void* scores, DType dtype, int64_t np, const GateParams& params,
+                     const GateOutputs& out) {
+  if (const char* msg = check_reduce_params(params, np)) throw std::invalid_argument(msg);
+  Scratch& s = thread_scratch();
+  for (int64_t b = 0; b < params.batch; ++b) {
+    const float* e = rows_as_float(scores, dtype, b * np, np, s.x_buf);
+    const float score = reduce_mean_topk(e, np, params, s);
+    out.score[b] = score;
+    gate_decide(score, params, out.flag + b, out.t_star + b);
+  }
+}
 
 void patch_gate_cpu(const void* x, DType x_dtype, const void* recon, DType recon_dtype,
                     const uint8_t* visible, const GateParams& params, const GateOutputs& out,

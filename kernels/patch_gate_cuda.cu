@@ -106,6 +106,61 @@ __device__ float row_sq_err(const TR* rp, const TX* xp, int P, bool norm, float 
   return s;
 }
 
+// Score (stats mean / topk) and decision of scan b from its np values in shared memory `vals` (patch_gate.h),
+// called by every thread of the block: the last block of patch_gate_kernel and each block of
+// gate_reduce_kernel. For topk the non-selected values are zeroed in place.
+__device__ void reduce_and_decide(float* vals, int np, const GateParams& p, const GateOutputs& out, int64_t b) {
+  const float* src = vals;
+  float denom = static_cast<float>(np);
+  if (p.stat == GateStat::kTopK) {
+    // Selection = rank < topk, rank = #larger + #equal with a lower index (stable descending
+    // order); non-selected patches contribute 0 to the same lane32 sum. O(np^2 / threads).
+    // Every thread ranks its patches (i = tid, tid + blockDim, ...: at most 32 of them, checked on
+    // the host) into a register bit mask while all threads still read vals; only after a barrier
+    // are the non-selected values zeroed in place. (Writing them to a second buffer during the
+    // ranking raced with the ranking's reads under compute-sanitizer racecheck.)
+    uint32_t keep = 0u;
+    for (int i = threadIdx.x, n = 0; i < np; i += blockDim.x, ++n) {
+      const float v = vals[i];
+      int rank = 0;
+      for (int j = 0; j < np; ++j) {
+        const float u = vals[j];
+        rank += (u > v) | ((u == v) & (j < i));
+      }
+      keep |= static_cast<uint32_t>(rank < p.topk) << n;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x, n = 0; i < np; i += blockDim.x, ++n) {
+      if (!((keep >> n) & 1u)) vals[i] = 0.0f;
+    }
+    __syncthreads();
+    denom = static_cast<float>(p.topk);
+  }
+  if (threadIdx.x < 32) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < np; i += 32) s = __fadd_rn(s, src[i]);
+#pragma unroll
+    for (int w = 16; w >= 1; w >>= 1) s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, w));
+    if (threadIdx.x == 0) {
+      const float score = __fdiv_rn(s, denom);
+      out.score[b] = score;
+      gate_decide(score, p, out.flag + b, out.t_star + b);
+    }
+  }
+}
+
+// gate_reduce: block b loads scan b's np values (float32, or float16 converted exactly) into shared
+// memory and reduces them like the last block of patch_gate_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads) gate_reduce_kernel(const T* __restrict__ scores, int np,
+                                                                  GateParams p, GateOutputs out) {
+  extern __shared__ float smem[];
+  const int64_t b = blockIdx.x;
+  for (int i = threadIdx.x; i < np; i += blockDim.x) smem[i] = to_f32<T>(scores[b * np + i]);
+  __syncthreads();
+  reduce_and_decide(smem, np, p, out, b);
+}
+
 template <typename TX, typename TR, int V>
 __global__ void __launch_bounds__(kMaxThreads) patch_gate_kernel(const TX* __restrict__ x, const TR* __restrict__ recon,
                                   const uint8_t* __restrict__ visible, GateParams p,
@@ -175,44 +230,8 @@ __global__ void __launch_bounds__(kMaxThreads) patch_gate_kernel(const TX* __res
   float* vals = smem;  // [np] (the row buffers are dead now)
   for (int i = threadIdx.x; i < np; i += blockDim.x) vals[i] = __ldcg(out.patch_err + b * np + i);
   __syncthreads();
-  const float* src = vals;
-  float denom = static_cast<float>(np);
-  if (p.stat == GateStat::kTopK) {
-    // Selection = rank < topk, rank = #larger + #equal with a lower index (stable descending
-    // order); non-selected patches contribute 0 to the same lane32 sum. O(np^2 / threads).
-    // Every thread ranks its patches (i = tid, tid + blockDim, ...: at most 32 of them, checked on
-    // the host) into a register bit mask while all threads still read vals; only after a barrier
-    // are the non-selected values zeroed in place. (Writing them to a second buffer during the
-    // ranking raced with the ranking's reads under compute-sanitizer racecheck.)
-    uint32_t keep = 0u;
-    for (int i = threadIdx.x, n = 0; i < np; i += blockDim.x, ++n) {
-      const float v = vals[i];
-      int rank = 0;
-      for (int j = 0; j < np; ++j) {
-        const float u = vals[j];
-        rank += (u > v) | ((u == v) & (j < i));
-      }
-      keep |= static_cast<uint32_t>(rank < p.topk) << n;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x, n = 0; i < np; i += blockDim.x, ++n) {
-      if (!((keep >> n) & 1u)) vals[i] = 0.0f;
-    }
-    __syncthreads();
-    denom = static_cast<float>(p.topk);
-  }
-  if (threadIdx.x < 32) {
-    float s = 0.0f;
-    for (int i = threadIdx.x; i < np; i += 32) s = __fadd_rn(s, src[i]);
-#pragma unroll
-    for (int w = 16; w >= 1; w >>= 1) s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, w));
-    if (threadIdx.x == 0) {
-      const float score = __fdiv_rn(s, denom);
-      out.score[b] = score;
-      gate_decide(score, p, out.flag + b, out.t_star + b);
-      counters[b] = 0u;  // ready for the next launch on this stream
-    }
-  }
+  reduce_and_decide(vals, np, p, out, b);
+  if (threadIdx.x == 0) counters[b] = 0u;  // ready for the next launch on this stream
 }
 
 // Row partial of recon, left to right (hfratio's tissue level).
@@ -443,6 +462,23 @@ int patch_gate_cuda(const void* x, DType x_dtype, const void* recon, DType recon
   if (!xh && rh) return launch<float, __half>(x, recon, visible, params, out, counters, st);
   if (xh && !rh) return launch<__half, float>(x, recon, visible, params, out, counters, st);
   return launch<__half, __half>(x, recon, visible, params, out, counters, st);
+}
+
+int gate_reduce_cuda(const void* scores, DType dtype, int32_t np, const GateParams& params,
+                     const GateOutputs& out, void* stream) {
+  if (check_reduce_params(params, np) != nullptr || np > kMaxSharedFloats) return -1;
+  int threads = ((np + 31) / 32) * 32;
+  threads = threads < kMinThreads ? kMinThreads : (threads > kMaxThreads ? kMaxThreads : threads);
+  if (params.stat == GateStat::kTopK && np > 32 * threads) return -1;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const size_t shmem = static_cast<size_t>(np) * sizeof(float);
+  if (dtype == DType::kFloat16)
+    gate_reduce_kernel<__half><<<params.batch, threads, shmem, st>>>(static_cast<const __half*>(scores), np,
+                                                                     params, out);
+  else
+    gate_reduce_kernel<float><<<params.batch, threads, shmem, st>>>(static_cast<const float*>(scores), np,
+                                                                    params, out);
+  return static_cast<int>(cudaGetLastError());
 }
 
 int empty_launch(void* stream) {

@@ -202,3 +202,26 @@ def test_train_detector_reports_every_round_and_leaves_inputs_alone():
         assert 0.0 <= r["evasion_flagged_before"] <= 1.0 and np.isfinite(r["tau"]) and len(r["losses"]) == 1
     with pytest.raises(ValueError, match="at least 20"):
         train_detector(det, clf, x, y, x_cal[:5], cfg, progress=False)
+
+
+# --- export --------------------------------------------------------------------------------------------
+
+
+def test_onnx_export_matches_torch_fp32_and_fp16():
+    from medfedpure.export.fp16 import convert_to_fp16
+    from medfedpure.export.onnx_export import export_detector, verify_against_torch
+
+    torch.manual_seed(3)
+    det = AttackDetector(DetectorConfig.preset("tiny")).eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that the folded graph is checked
+        for m in det.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    model = export_detector(det, 32)
+    assert [o.name for o in model.graph.output] == ["patch_logits"]
+    x = {"x": _scans(5, seed=9).numpy()}
+    r32 = verify_against_torch(det, model, x)
+    assert r32.n == 5 and r32.max_abs < 1e-5
+    r16 = verify_against_torch(det, convert_to_fp16(model), x)
+    assert r16.max_abs < 2e-2

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from medfedpure.gate import STATS, patch_gate_reference
+from medfedpure.gate import STATS, gate_reduce_reference, patch_gate_reference
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 pytestmark = pytest.mark.slow  # ~20-40 s on 2 busy cores: g++ build + 256 OS threads per block
@@ -46,6 +46,16 @@ extern "C" int emu_gate(const void* x, int xd, const void* r, int rd, const uint
                                                nullptr);
   return code != 0 ? code : (emu::protocol_error ? 1000 : 0);
 }
+extern "C" int emu_reduce(const void* v, int dt, int b, int np, int stat, int topk, float tau, float tau_high,
+                          int t_min, int t_max, int floor, float* score, uint8_t* flag, int32_t* t_star) {
+  medfedpure::GateParams q{};
+  q.batch = b; q.stat = static_cast<medfedpure::GateStat>(stat); q.topk = topk; q.tau = tau;
+  q.tau_high = tau_high; q.t_min = t_min; q.t_max = t_max; q.floor = floor;
+  medfedpure::GateOutputs o{score, flag, t_star, nullptr, nullptr};
+  emu::protocol_error = 0;
+  const int code = medfedpure::gate_reduce_cuda(v, static_cast<medfedpure::DType>(dt), np, q, o, nullptr);
+  return code != 0 ? code : (emu::protocol_error ? 1000 : 0);
+}
 """
 
 
@@ -60,7 +70,7 @@ def _emulated_source() -> str:
         ),
         src,
     )
-    assert n_smem == 2 and n_launch == 7, (n_smem, n_launch)  # the kernel changed: update the rewrites
+    assert n_smem == 3 and n_launch == 9, (n_smem, n_launch)  # the kernel changed: update the rewrites
     return src
 
 
@@ -78,6 +88,7 @@ def emu(tmp_path_factory: pytest.TempPathFactory):
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     so = ctypes.CDLL(str(lib))
     so.emu_gate.restype = ctypes.c_int
+    so.emu_reduce.restype = ctypes.c_int
     return so
 
 
@@ -211,3 +222,35 @@ def test_emulated_cuda_hfratio_ties(emu, seed, b, k, patch, side, levels, mode, 
     s = patch * side
     x, recon, vis, kw = _case(seed, b, k, s, patch, "float32", "float32", stat, False, False, mode, levels=levels)
     _check(emu, x, recon, vis, kw)
+
+
+@pytest.mark.parametrize(("n", "stat", "dtype", "levels"), [
+    (1, "topk", "float32", 0),
+    (31, "mean", "float16", 0),
+    (256, "topk", "float32", 2),  # the detector's 16 x 16 patch grid, with ties
+    (784, "topk", "float16", 0),
+    (2304, "topk", "float32", 2),  # Np > 1024 threads: 3 ranked per thread
+    (5000, "mean", "float32", 0),
+])
+def test_emulated_gate_reduce_matches_reference(emu, n, stat, dtype, levels) -> None:
+    rng = np.random.default_rng(n)
+    b = 3
+    v = (rng.standard_normal((b, n)).astype(np.float32) * np.float32(3))
+    if levels:
+        v = np.round(v * levels) / np.float32(levels)
+    v = np.ascontiguousarray(v.astype(dtype))
+    topk = int(rng.integers(1, n + 1)) if stat == "topk" else 0
+    tau = float(gate_reduce_reference(v, stat=stat, topk=topk, tau=0.0, tau_high=1.0, t_min=0, t_max=1).score[1])
+    for floor in (False, True):
+        kw = dict(stat=stat, topk=topk, tau=tau, tau_high=tau + 2.0, t_min=10, t_max=100, floor=floor)
+        ref = gate_reduce_reference(v, **kw)
+        score, flag, t_star = np.zeros(b, np.float32), np.zeros(b, np.uint8), np.zeros(b, np.int32)
+        ptr = ctypes.c_void_p
+        code = emu.emu_reduce(ptr(v.ctypes.data), int(v.dtype == np.float16), b, n, STATS[stat], topk,
+                              ctypes.c_float(tau), ctypes.c_float(tau + 2.0), 10, 100, int(floor),
+                              ptr(score.ctypes.data), ptr(flag.ctypes.data), ptr(t_star.ctypes.data))
+        assert code == 0
+        np.testing.assert_array_equal(score, ref.score)
+        np.testing.assert_array_equal(flag.astype(bool), ref.flag)
+        np.testing.assert_array_equal(t_star, ref.t_star)
+        assert ref.flag[1]  # the scan whose score is τ

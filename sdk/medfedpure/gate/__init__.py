@@ -55,12 +55,17 @@ float64 and rounded half up (``floor(v + 0.5)``; v ≥ 0, so half away from zero
 therefore give the same flag everywhere. The hfratio steps are spelled out in patch_gate.h too;
 its selection and median are exact for finite inputs (a NaN or inf in x or recon voids the
 contract for that scan's hfratio score).
+
+:func:`gate_reduce` (``reduce``) is the second half alone — the same score and decision on per-patch
+values a model computed elsewhere (the attack detector's patch logits), in the same three
+implementations.
 """
 
 from __future__ import annotations
 
 from medfedpure.gate.decision import POLICIES, decide_numpy, decide_torch
 from medfedpure.gate.dispatch import BACKENDS, cuda_kernel_limits_ok, patch_gate, run_gate
+from medfedpure.gate.reduce import REDUCE_STATS, gate_reduce, gate_reduce_reference, gate_reduce_torch
 from medfedpure.gate.reference import WHITE_RATIO, gate_scores, patch_gate_reference, tissue_patches
 from medfedpure.gate.spec import GateCalibration, GateSpec
 from medfedpure.gate.torch_chain import patch_gate_torch
@@ -75,6 +80,10 @@ __all__ = [
     "BACKENDS",
     "WHITE_RATIO",
     "patch_gate",
+    "gate_reduce",
+    "gate_reduce_reference",
+    "gate_reduce_torch",
+    "REDUCE_STATS",
     "patch_gate_reference",
     "patch_gate_torch",
     "run_gate",

@@ -167,14 +167,20 @@ def _score_numpy(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, spec: _S
         target = xp
     d = rp - target[:, None]
     err = _hidden_mean_seq(_patch_sum(d * d) / p2, visible)  # [B, Np]
-    if spec.stat == "topk":
-        order = np.argsort(-err, axis=1, kind="stable")[:, : spec.topk]
+    return _reduce_numpy(err, spec.stat, spec.topk), err.astype(np.float32)
+
+
+def _reduce_numpy(err: np.ndarray, stat: str, topk: int) -> np.ndarray:
+    """[B, Np] float32 → score [B] float32 of stat "mean" or "topk": the lane32 sum of the values (for topk
+    the ``topk`` largest, ties to the lower patch index, the others 0) over Np or topk."""
+    if stat == "topk":
+        order = np.argsort(-err, axis=1, kind="stable")[:, :topk]
         keep = np.zeros_like(err, dtype=bool)
         np.put_along_axis(keep, order, True, axis=1)
-        score = _lane32_sum(np.where(keep, err, np.float32(0))) / np.float32(spec.topk)
+        score = _lane32_sum(np.where(keep, err, np.float32(0))) / np.float32(topk)
     else:
-        score = _lane32_sum(err) / np.float32(spec.num_patches)
-    return score.astype(np.float32), err.astype(np.float32)
+        score = _lane32_sum(err) / np.float32(err.shape[1])
+    return score.astype(np.float32)
 
 
 def _reference_numpy(x: np.ndarray, recon: np.ndarray, visible: np.ndarray, spec: _Spec, norm_pix: bool,
