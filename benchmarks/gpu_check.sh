@@ -3,7 +3,7 @@
 # step); every step has its own time limit so that the script always ends by itself and its files come back.
 #
 #   1. builds medfedpure._C / _C_cuda there (one architecture, from the GPU's compute capability);
-#   2. tests: tests/test_ops.py (the CUDA gate kernel against the numpy reference), the `cuda` tests of
+#   2. tests: tests/test_ops.py and tests/test_gate_reduce.py (the CUDA gate kernels against the numpy reference), the `cuda` tests of
 #      the runtime (torch backend in FP16 with CUDA graphs and the CUDA gate kernel, through the
 #      Defender, against onnxruntime FP32 on the CPU) and the engine/Defender/export tests with a GPU
 #      visible (the "auto" device paths);
@@ -111,7 +111,7 @@ fi
 
 if want ops; then
   step "tests: tests/test_ops.py (CUDA gate kernel vs numpy reference, and the CPU tests)"
-  run 240 "pytest ops" "${PYTEST[@]}" -n 8 tests/test_ops.py tests/test_ops_cuda_emulated.py --junitxml="$WORK/pytest_ops.xml"
+  run 240 "pytest ops" "${PYTEST[@]}" -n 8 tests/test_ops.py tests/test_ops_cuda_emulated.py tests/test_gate_reduce.py --junitxml="$WORK/pytest_ops.xml"
 fi
 
 if want latency; then
