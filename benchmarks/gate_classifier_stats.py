@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from medfedpure.data import load_split
-from medfedpure.eval.defended import auroc
+from medfedpure.gate.calibration import auroc
 from medfedpure.models.diffusion import purify
 from medfedpure.models.weights import load_model
 from medfedpure.runtime.bundle import default_bundle_path

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from medfedpure.data import load_split
-from medfedpure.eval.defended import auroc
+from medfedpure.gate.calibration import auroc
 from medfedpure.models.detector import AttackDetector, DetectorConfig
 from medfedpure.models.weights import load_model, save_model
 from medfedpure.runtime.bundle import default_bundle_path

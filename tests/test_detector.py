@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from medfedpure.eval.defended import auroc
+from medfedpure.gate.calibration import auroc
 from medfedpure.models.detector import AttackDetector, DetectorConfig, reduce_topk
 from medfedpure.models.moe import MoEClassifier, MoEConfig
 from medfedpure.models.weights import load_model, save_model
@@ -225,3 +225,80 @@ def test_onnx_export_matches_torch_fp32_and_fp16():
     assert r32.n == 5 and r32.max_abs < 1e-5
     r16 = verify_against_torch(det, convert_to_fp16(model), x)
     assert r16.max_abs < 2e-2
+
+
+# --- the classifier it guards, the report, the command ------------------------------------------------
+
+
+def test_load_classifier_from_file_run_folder_and_bundle(tmp_path):
+    from medfedpure.train.detector import ClassifierLoadError, load_classifier
+    from tiny_bundle import cached_tiny_bundle
+
+    clf = _classifier()
+    save_model(tmp_path / "run" / "classifier.safetensors", clf, clf.cfg, "moe")
+    x = _scans(3)
+    for src in (tmp_path / "run", tmp_path / "run" / "classifier.safetensors"):
+        got = load_classifier(src)
+        assert not got.training and not any(p.requires_grad for p in got.parameters())
+        with torch.no_grad():
+            torch.testing.assert_close(got(x), clf(x))
+    assert isinstance(load_classifier(cached_tiny_bundle()), MoEClassifier)
+    det = AttackDetector(DetectorConfig.preset("tiny"))
+    save_model(tmp_path / "det.safetensors", det, det.cfg, "detector")
+    with pytest.raises(ClassifierLoadError, match="not a classifier"):
+        load_classifier(tmp_path / "det.safetensors")
+    with pytest.raises(ClassifierLoadError, match="give a bundle folder"):
+        load_classifier(tmp_path / "missing.safetensors")
+
+
+def test_evaluate_detector_reports_the_calibrated_rates():
+    from medfedpure.train.detector import evaluate_detector
+
+    clf = _classifier()
+    torch.manual_seed(0)
+    det = AttackDetector(DetectorConfig.preset("tiny"))
+    x_cal, x = _scans(40, seed=10), _scans(20, seed=11)
+    y = torch.arange(20) % 2
+    r = evaluate_detector(det, clf, x_cal, x, y, [4 / 255, 8 / 255], steps=2)
+    s_cal = detector_scores(det, x_cal)
+    assert r["tau"] == pytest.approx(float(np.quantile(s_cal, 0.95)))
+    assert r["false_flag_rate"] == pytest.approx(float((detector_scores(det, x) >= r["tau"]).mean()))
+    assert set(r["auroc"]) == {"4/255", "8/255"} and all(0.0 <= v <= 1.0 for v in r["auroc"].values())
+    assert (r["n_cal"], r["n_test"]) == (40, 20)
+
+
+def test_cli_train_detector_tiny(tmp_path, monkeypatch):
+    import json
+
+    from medfedpure.cli import app
+    from medfedpure.cli import train as tcli
+    from typer.testing import CliRunner
+
+    def fake_split(data, site, split, size):
+        n = {"train": 24, "val": 20, "test": 10}[split]
+        x = _scans(n, s=size, seed=100 * site + len(split)).numpy()
+        return x, (np.arange(n) % 2).astype(np.int64)
+
+    monkeypatch.setattr(tcli, "load_site_split", fake_split)
+    clf = _classifier()
+    save_model(tmp_path / "clf.safetensors", clf, clf.cfg, "moe")
+    data = tmp_path / "data"
+    data.mkdir()
+    run = tmp_path / "run"
+    base = ["train", "detector", "--data", str(data), "--out", str(run), "--classifier", str(tmp_path / "clf.safetensors"),
+            "--config", "tiny", "--sites", "0,1", "--per-site", "16", "--no-progress"]
+    r = CliRunner().invoke(app, [*base, "--harden", "1", "--harden-scans", "8", "--eval-eps", "8"])
+    assert r.exit_code == 0, r.output
+    det, cfg, meta = load_model(run / "detector.safetensors")
+    assert isinstance(det, AttackDetector) and cfg == DetectorConfig.preset("tiny") and meta["sites"] == [0, 1]
+    m = json.loads((run / "metrics.json").read_text())["detector"]
+    assert m["n_train"] == 32 and m["n_cal"] == 40 and len(m["rounds"]) == 1 and len(m["losses"]) == 2
+    assert set(m["sites"]) == {"site_0", "site_1"} and "8/255" in m["sites"]["site_1"]["auroc"]
+    r = CliRunner().invoke(app, [*base, "--dry-run"])
+    assert r.exit_code == 0 and '"harden_rounds": 0' in r.output
+    r = CliRunner().invoke(app, [*base, "--train-eps", "2,x"])
+    assert r.exit_code != 0 and "comma-separated numbers" in r.output
+    r = CliRunner().invoke(app, [*base, "--train-eps", "300"])
+    assert r.exit_code != 0 and "train_eps" in r.output
+    r = CliRunner().invoke(app, [*base, "--classifier", str(run / "detector.safetensors")])
+    assert r.exit_code != 0 and "not a classifier" in r.output

@@ -2,7 +2,8 @@
 
 - :func:`defend` runs the whole Defender (gate, purifier, classifier) over preprocessed scans with
   reproducible per-scan keys;
-- :func:`auroc` and :func:`tpr_at_fpr` score the gate's separation of attacked from clean scans (the
+- :func:`medfedpure.gate.calibration.auroc` and
+  :func:`tpr_at_fpr` score the gate's separation of attacked from clean scans (the
   thresholds for the ROC come from the clean scores; the Defender itself uses the bundle's calibrated τ).
 
 The rung-1 attack itself (PGD against the classifier alone, at the MedFedPure paper's settings) and its
@@ -14,14 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from medfedpure import Defender
-
-
-def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney U)."""
-    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
-    greater = (pos[:, None] > neg[None, :]).sum()
-    ties = (pos[:, None] == neg[None, :]).sum()
-    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
 def tpr_at_fpr(neg: np.ndarray, pos: np.ndarray, fpr: float) -> float:

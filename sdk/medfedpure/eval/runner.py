@@ -42,7 +42,7 @@ from medfedpure.eval.adaptive import (
     pipeline_pgd,
     transfer_evasion,
 )
-from medfedpure.eval.defended import auroc, tpr_at_fpr
+from medfedpure.eval.defended import tpr_at_fpr
 from medfedpure.eval.device import (
     EVAL_DEVICES,
     attack_generator,
@@ -52,6 +52,7 @@ from medfedpure.eval.device import (
     resolve_device,
 )
 from medfedpure.eval.pipeline import NORMS
+from medfedpure.gate.calibration import auroc
 from medfedpure.progress import progress as progress_bar
 from medfedpure.train.attacks import pgd_l2, pgd_linf
 

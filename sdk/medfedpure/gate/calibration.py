@@ -12,6 +12,9 @@ can use it without torch.
   reaches ``t_max``, k clean spreads beyond the threshold (the spread is floored at
   ``1e-6 · max(|tau|, 1)`` so that ``tau_high > tau`` always);
 - the record: target and achieved rate, n, the clean scores' quantiles and the τ_high rule in words.
+
+:func:`auroc` measures how well a statistic separates attacked from clean scans (the evaluation's rung 1,
+the detector's training report).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 from medfedpure.gate.spec import GateCalibration
 
 __all__ = ["DEFAULT_QUANTILES", "DEFAULT_TAU_HIGH_K", "threshold_at_ffr", "tau_high_from", "tau_high_rule_text",
-           "parse_tau_high_k", "score_quantiles", "calibrate_scores"]
+           "parse_tau_high_k", "score_quantiles", "calibrate_scores", "auroc"]
 
 #: quantile levels recorded with every calibration (as strings: the manifest's keys)
 DEFAULT_QUANTILES: tuple[str, ...] = ("0.05", "0.25", "0.5", "0.75", "0.95")
@@ -93,3 +96,11 @@ def calibrate_scores(scores: np.ndarray, target_ffr: float, *, tau_high_k: float
                              num_val_scans=int(len(scores)), score_quantiles=score_quantiles(scores),
                              tau_high_rule=tau_high_rule_text(tau_high_k), source=source)
     return tau, tau_high, record
+
+
+def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann–Whitney U)."""
+    neg, pos = np.asarray(neg, np.float64), np.asarray(pos, np.float64)
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))

@@ -18,8 +18,9 @@ works on tensors of one or many sites; which scans go in is the caller's choice.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,37 @@ from medfedpure.progress import progress as progress_bar
 from medfedpure.train.attacks import attack_loss, band_limited, evasion_step, pgd_linf
 from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
 
-__all__ = ["DetectorTrainConfig", "attacked", "fit_detector", "evade", "detector_scores", "train_detector"]
+__all__ = ["DetectorTrainConfig", "ClassifierLoadError", "load_classifier", "attacked", "fit_detector", "evade",
+           "detector_scores", "train_detector", "evaluate_detector"]
 
 Classifier = Callable[[Tensor], Tensor]
+
+
+class ClassifierLoadError(ValueError):
+    """The classifier source is not a bundle, a run folder with a classifier, or a classifier checkpoint."""
+
+
+def load_classifier(path: str | Path) -> nn.Module:
+    """The classifier a detector guards, from a bundle folder (verified; its ``classifier.torch``), a run
+    folder (its ``classifier.safetensors``) or a ``.safetensors`` file of a ``moe`` model; in eval mode with
+    gradients off."""
+    from medfedpure.models.weights import WeightsError, load_model, model_from_bytes
+    from medfedpure.runtime.bundle import BundleError, verify_bundle
+
+    path = Path(path)
+    try:
+        if path.is_dir() and (path / "manifest.json").is_file():
+            model, _ = model_from_bytes(verify_bundle(path, allow_unsigned=True).read_bytes("classifier.torch"))[:2]
+            kind = "moe"
+        else:
+            model, _, meta = load_model(path / "classifier.safetensors" if path.is_dir() else path)
+            kind = meta.get("kind")
+    except (BundleError, WeightsError, OSError, KeyError, ValueError) as exc:
+        raise ClassifierLoadError(f"classifier {path}: {exc} (give a bundle folder, a run folder holding "
+                                  "classifier.safetensors, or a classifier .safetensors file)") from exc
+    if kind != "moe":
+        raise ClassifierLoadError(f"classifier {path}: a {kind!r} model, not a classifier ('moe')")
+    return model.eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)
@@ -75,6 +104,17 @@ class DetectorTrainConfig:
             raise ValueError(f"train_eps={self.train_eps}: expected radii in (0, 1] (input units, e.g. 8/255)")
         if not 0 < self.target_false_flag_rate < 0.5:
             raise ValueError(f"target_false_flag_rate={self.target_false_flag_rate}: expected (0, 0.5)")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DetectorTrainConfig:
+        """``tiny`` (tests: 2 epochs, 2-step attacks) or ``small`` (the defaults), with field overrides."""
+        presets: dict[str, dict[str, Any]] = {
+            "tiny": dict(epochs=2, batch_size=16, attack_steps=2, harden_steps=2, harden_epochs=1),
+            "small": {},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown detector training preset {name!r}: expected one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,3 +263,23 @@ def train_detector(det: nn.Module, classifier: Classifier, x: Tensor, y: Tensor,
                                  "wall_s": time.perf_counter() - t1})
     report["wall_s"] = time.perf_counter() - t0
     return report
+
+
+def evaluate_detector(det: nn.Module, classifier: Classifier, x_cal: Tensor, x: Tensor, y: Tensor,
+                      eps: Sequence[float], *, target_false_flag_rate: float = 0.05, seed: int = 1,
+                      steps: int = 10) -> dict[str, Any]:
+    """τ = the (1 − target) quantile of the score on the clean ``x_cal``; on the clean test scans (x, y) the
+    false-flag rate at τ, and per ε (ℓ∞, input units) the AUROC clean vs PGD against the classifier alone
+    (``steps``, generator ``seed``) and the share of attacked scans flagged at τ."""
+    from medfedpure.gate.calibration import auroc
+
+    tau = _tau(det, x_cal, target_false_flag_rate)
+    s_clean = detector_scores(det, x)
+    out: dict[str, Any] = {"tau": tau, "n_cal": len(x_cal), "n_test": len(x),
+                           "false_flag_rate": float((s_clean >= tau).mean()), "auroc": {}, "flagged_attacked": {}}
+    for e in eps:
+        s_adv = detector_scores(det, attacked(classifier, x, y, e, steps=steps, seed=seed))
+        key = f"{e * 255:g}/255"
+        out["auroc"][key] = auroc(s_clean, s_adv)
+        out["flagged_attacked"][key] = float((s_adv >= tau).mean())
+    return out
