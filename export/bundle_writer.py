@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from medfedpure.export.signing import PrivateKeySpec, resolve_signing_key, sign_manifest, trusted
 from medfedpure.runtime.bundle import (
     MANIFEST_NAME,
@@ -267,6 +268,76 @@ def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], 
     from medfedpure.export.model_card import with_card
 
     spec, arts = with_card(spec, arts)  # the card's calibration section now describes the new gate
+    return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)
+
+
+def write_bundle_with_detector(src: VerifiedBundle, out: str | os.PathLike[str], detector: Any, *,
+                               topk: int | None = None, verify_scans: np.ndarray | None = None,
+                               detector_provenance: Mapping[str, Any] | None = None,
+                               signing_key: PrivateKeySpec | None = None, overwrite: bool = False) -> VerifiedBundle:
+    """A copy of ``src`` that also carries the attack detector ``detector`` (a
+    :class:`medfedpure.models.detector.AttackDetector`) — ONNX FP32 and FP16 graphs and its torch weights —
+    and whose gate is ``learned``: the mean of the ``topk`` largest patch logits (default: the detector's own
+    k). τ is **not calibrated** (τ 0, τ_high 1, no record): this is the first half of attaching a detector, and
+    :func:`medfedpure.runtime.calibration.recalibrate` on the new bundle sets the gate
+    (``medfedpure calibrate --bundle B --detector D`` does both). Both graphs are checked against torch on
+    ``verify_scans`` [N,1,S,S] (default: 8 uniform random images): the agreement is recorded in
+    ``provenance.detector`` with the detector's configuration and ``detector_provenance``.
+
+    Raises:
+        ValueError: ``out`` is ``src``'s own folder, the detector's image size or patch differs from the bundle's
+            (the gate's patch grid), ``src`` already carries a detector, or a graph disagrees with torch.
+        FileExistsError: as :func:`write_bundle`.
+    """
+    import dataclasses
+
+    import torch
+    from medfedpure.export.fp16 import convert_to_fp16
+    from medfedpure.export.onnx_export import export_detector, verify_against_torch
+    from medfedpure.gate import GateSpec
+    from medfedpure.models.weights import save_model
+    from medfedpure.runtime.manifest import thaw
+
+    if Path(out).resolve() == src.root.resolve():
+        raise ValueError(f"{out} is the source bundle's own folder: write the new bundle to a new folder")
+    cfg = detector.cfg
+    size, old = src.spec.image_size, src.spec.gate
+    if cfg.image_size != size or cfg.patch != old.patch:
+        raise ValueError(f"the detector reads {cfg.image_size} px scans in {cfg.patch} px patches; the bundle's gate "
+                         f"reads {size} px scans in {old.patch} px patches: train the detector with the bundle's "
+                         "image size and patch")
+    if any(a.role == "detector" for a in src.artefacts.values()):
+        raise ValueError(f"bundle {src.short_id} already carries an attack detector")
+    k = cfg.topk if topk is None else int(topk)
+    gate = GateSpec(stat="learned", patch=old.patch, topk=k, norm_pix=old.norm_pix, tau=0.0, tau_high=1.0,
+                    t_min=old.t_min, t_max=old.t_max, policy=old.policy)
+    if not 1 <= k <= cfg.num_patches:
+        raise ValueError(f"topk={k}: expected 1..{cfg.num_patches} (the detector's patches)")
+    detector = detector.eval()
+    graph = export_detector(detector, size)
+    graphs = {"detector": graph, "detector.fp16": convert_to_fp16(graph)}
+    x = (np.random.default_rng(0).random((8, 1, size, size), dtype=np.float32) if verify_scans is None
+         else np.ascontiguousarray(verify_scans, dtype=np.float32))
+    agreement = {name: verify_against_torch(detector, g, {"x": x}).to_dict() for name, g in graphs.items()}
+    if agreement["detector"]["max_abs"] > 1e-3 or agreement["detector.fp16"]["max_abs"] > 0.1:
+        raise ValueError(f"the detector's ONNX graphs disagree with torch: {agreement}")
+    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
+                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()}
+    for name, g in graphs.items():
+        arts[name] = ArtefactSource(path=f"{name}.onnx", role="detector", format="onnx",
+                                    precision="fp16" if name.endswith(".fp16") else "fp32",
+                                    data=g.SerializeToString())
+    with tempfile.TemporaryDirectory() as td:
+        weights = save_model(Path(td) / "detector.safetensors", detector, cfg, "detector").read_bytes()
+    arts["detector.torch"] = ArtefactSource(path="torch/detector.safetensors", role="detector", format="safetensors",
+                                            precision="fp32", data=weights)
+    provenance = {**thaw(src.spec.provenance),
+                  "detector": {"config": cfg.to_dict(), "onnx_agreement": agreement, "num_verify_scans": len(x),
+                               "torch_version": torch.__version__, **dict(detector_provenance or {})}}
+    spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance, scope=src.spec.effective_scope)
+    from medfedpure.export.model_card import with_card
+
+    spec, arts = with_card(spec, arts)
     return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)
 
 

@@ -64,18 +64,19 @@ implementations.
 from __future__ import annotations
 
 from medfedpure.gate.decision import POLICIES, decide_numpy, decide_torch
-from medfedpure.gate.dispatch import BACKENDS, cuda_kernel_limits_ok, patch_gate, run_gate
+from medfedpure.gate.dispatch import BACKENDS, cuda_kernel_limits_ok, patch_gate, run_gate, run_gate_scores
 from medfedpure.gate.reduce import REDUCE_STATS, gate_reduce, gate_reduce_reference, gate_reduce_torch
 from medfedpure.gate.reference import WHITE_RATIO, gate_scores, patch_gate_reference, tissue_patches
 from medfedpure.gate.spec import GateCalibration, GateSpec
 from medfedpure.gate.torch_chain import patch_gate_torch
-from medfedpure.gate.validate import STATS, GateResult
+from medfedpure.gate.validate import LEARNED_STATS, STATS, GateResult
 
 __all__ = [
     "GateResult",
     "GateSpec",
     "GateCalibration",
     "STATS",
+    "LEARNED_STATS",
     "POLICIES",
     "BACKENDS",
     "WHITE_RATIO",
@@ -87,6 +88,7 @@ __all__ = [
     "patch_gate_reference",
     "patch_gate_torch",
     "run_gate",
+    "run_gate_scores",
     "gate_scores",
     "tissue_patches",
     "decide_numpy",

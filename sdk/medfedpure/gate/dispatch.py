@@ -20,6 +20,7 @@ from medfedpure.gate.spec import GateSpec
 from medfedpure.gate.torch_chain import patch_gate_torch
 from medfedpure.gate.validate import (
     DTYPES,
+    LEARNED_STATS,
     SPECTRAL_STATS,
     STATS,
     GateResult,
@@ -41,7 +42,7 @@ try:  # built only where nvcc was found; imports without a GPU or driver (static
 except ImportError:  # pragma: no cover
     _C_cuda = None
 
-__all__ = ["BACKENDS", "patch_gate", "run_gate", "cuda_kernel_limits_ok"]
+__all__ = ["BACKENDS", "patch_gate", "run_gate", "run_gate_scores", "cuda_kernel_limits_ok"]
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "torch")
 _CUDA_MAX_SHARED_FLOATS = 12 * 1024  # patch_gate_cuda.cu: kMaxSharedFloats
@@ -274,7 +275,23 @@ def run_gate(spec: GateSpec, x: Any, recon: Any, visible: Any, *, backend: str =
     if not isinstance(spec, GateSpec):
         raise TypeError(f"spec must be a GateSpec, got {type(spec).__name__}: build one with GateSpec(...) or "
                         "GateSpec.from_dict(manifest['gate'])")
+    if spec.stat in LEARNED_STATS:
+        raise ValueError(f"stat {spec.stat!r} scores the attack detector's patch logits, not the MAE's "
+                         "reconstruction: use run_gate_scores(spec, patch_logits)")
     return patch_gate(x, recon, visible, patch=spec.patch, stat=spec.stat, topk=spec.topk, norm_pix=spec.norm_pix,
                       tau=spec.tau, tau_high=spec.tau_high, t_min=spec.t_min, t_max=spec.t_max,
                       floor=spec.policy == "floor", return_patch_err=return_patch_err, backend=backend,
                       num_threads=num_threads)
+
+
+def run_gate_scores(spec: GateSpec, patch_scores: Any, *, backend: str = "auto") -> GateResult:
+    """A ``"learned"`` gate on per-patch values computed by its model (the attack detector's logits
+    [B, Np]): :func:`~medfedpure.gate.gate_reduce` with the top-k reduction and the decision of ``spec``."""
+    from medfedpure.gate.reduce import gate_reduce
+
+    if not isinstance(spec, GateSpec):
+        raise TypeError(f"spec must be a GateSpec, got {type(spec).__name__}")
+    if spec.stat not in LEARNED_STATS:
+        raise ValueError(f"stat {spec.stat!r} scores the MAE's reconstruction: use run_gate(spec, x, recon, visible)")
+    return gate_reduce(patch_scores, stat="topk", topk=spec.topk, tau=spec.tau, tau_high=spec.tau_high,
+                       t_min=spec.t_min, t_max=spec.t_max, floor=spec.policy == "floor", backend=backend)

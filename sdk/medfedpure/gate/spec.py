@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from medfedpure.gate.decision import POLICIES, decide_numpy
-from medfedpure.gate.validate import SPECTRAL_STATS, STATS
+from medfedpure.gate.validate import LEARNED_STATS, SPECTRAL_STATS, STATS
 
 __all__ = ["GateSpec", "GateCalibration", "POLICIES"]
 
@@ -164,9 +164,12 @@ class GateSpec:
     """A calibrated gate: the statistic it scores and the rule that turns a score into (flag, t*).
 
     Attributes:
-        stat: ``"mean"``, ``"topk"``, ``"hfratio"`` or ``"nyqratio"`` (:mod:`medfedpure.gate`).
+        stat: ``"mean"``, ``"topk"``, ``"hfratio"`` or ``"nyqratio"`` (:mod:`medfedpure.gate`), or ``"learned"``:
+            the mean of the ``topk`` largest per-patch logits of the bundle's attack detector
+            (:func:`medfedpure.gate.gate_reduce`; the bundle must carry a ``detector`` model).
         patch: the MAE's patch side P (≥ 1; ≥ 3 for ``hfratio``, ≥ 8 for ``nyqratio``).
-        topk: for ``"topk"`` the number of largest patch errors averaged (≥ 1); for ``"hfratio"`` and
+        topk: for ``"topk"`` the number of largest patch errors averaged (≥ 1), for ``"learned"`` of patch
+            logits (≥ 1); for ``"hfratio"`` and
             ``"nyqratio"`` m, the tissue patches whose median ratio is the score (0: Np // 2); ignored
             for ``"mean"``. Checked against Np = (S / P)² when the gate runs.
         norm_pix: the MAE's targets are per-patch normalised (not with ``"hfratio"`` / ``"nyqratio"``).
@@ -193,7 +196,7 @@ class GateSpec:
     calibration: GateCalibration | None = None
 
     def __post_init__(self) -> None:
-        stat = _str(self.stat, "stat", tuple(STATS))
+        stat = _str(self.stat, "stat", (*STATS, *LEARNED_STATS))
         patch = _int(self.patch, "patch")
         topk = _int(self.topk, "topk")
         norm_pix = _bool(self.norm_pix, "norm_pix")
@@ -204,8 +207,8 @@ class GateSpec:
             raise ValueError(f"patch = {patch}: expected a positive patch side")
         if topk < 0:
             raise ValueError(f"topk = {topk}: expected >= 0")
-        if stat == "topk" and topk < 1:
-            raise ValueError("topk = 0 with stat 'topk': expected the number of largest patch errors averaged (>= 1)")
+        if stat in ("topk", *LEARNED_STATS) and topk < 1:
+            raise ValueError(f"topk = 0 with stat {stat!r}: expected the number of largest patch values averaged (>= 1)")
         if stat in SPECTRAL_STATS:
             side_min = SPECTRAL_STATS[stat]
             if patch < side_min:

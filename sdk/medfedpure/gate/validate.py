@@ -18,6 +18,9 @@ STATS: dict[str, int] = {"mean": 0, "topk": 1, "hfratio": 2, "nyqratio": 3}  # c
 # smallest patch side each one's filter fits in (3x3 for hfratio's L, 8x8 for nyqratio's 8 taps).
 SPECTRAL_STATS: dict[str, int] = {"hfratio": 3, "nyqratio": 8}
 DTYPES: dict[str, int] = {"float32": 0, "float16": 1}  # codes of medfedpure::DType
+# Statistics scored by a model of their own instead of the MAE's reconstruction: the per-patch logits of
+# the attack detector (models.detector), reduced by gate_reduce (the mean of the topk largest).
+LEARNED_STATS: tuple[str, ...] = ("learned",)
 NORM_EPS = np.float32(1e-6)
 
 

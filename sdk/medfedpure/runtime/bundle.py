@@ -64,7 +64,8 @@ __all__ = ["CARD_ARTEFACT", "FORMAT_VERSION", "MANIFEST_NAME", "SIGNATURE_NAME",
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_MANIFEST_DEPTH = 32  # objects/arrays nested at most this deep (the format needs 7)
-ROLES = ("classifier", "mae", "denoiser", "card")  # card: the model card, a document (no network)
+# card: the model card, a document (no network); detector: the attack detector of a "learned" gate
+ROLES = ("classifier", "mae", "denoiser", "detector", "card")
 FORMATS = ("onnx", "onnx_data", "safetensors", "tensorrt", "markdown")  # onnx_data: a graph's external tensor data
 PRECISIONS = ("fp32", "fp16", "none")  # none: a document's
 CARD_ARTEFACT = "model_card"  # the manifest name of the model card (MODEL_CARD.md), when the bundle has one

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from medfedpure.gate import GateCalibration, GateSpec, run_gate
+from medfedpure.gate import LEARNED_STATS, GateCalibration, GateSpec, run_gate, run_gate_scores
 from medfedpure.gate.calibration import DEFAULT_TAU_HIGH_K, calibrate_scores, parse_tau_high_k
 from medfedpure.runtime.certify import clopper_pearson_lower
 
@@ -94,10 +94,15 @@ def score_scans(engine: Any, x: np.ndarray, *, batch_size: int = 16, spec: GateS
     return score_scans_with(engine, x, (spec,), batch_size=batch_size)[0]
 
 
+def _reads_mae(engine: Any, spec: GateSpec | None) -> bool:
+    return engine.gate_model == "mae" if spec is None else spec.stat not in LEARNED_STATS
+
+
 def score_scans_with(engine: Any, x: np.ndarray, specs: Sequence[GateSpec | None], *,
                      batch_size: int = 16) -> list[np.ndarray]:
     """Scores [N] float32 of ``x`` under each gate of ``specs`` (None: the engine's own), from one MAE
-    pass per batch: statistics that share the MAE's reconstruction cost one MAE run, not one each.
+    pass per batch: statistics that share the MAE's reconstruction cost one MAE run, not one each (a
+    ``learned`` gate reads the engine's attack detector instead, once per batch too).
 
     Raises:
         ValueError: ``x`` is not [N,1,S,S], no specs, or a score is not finite.
@@ -112,9 +117,15 @@ def score_scans_with(engine: Any, x: np.ndarray, specs: Sequence[GateSpec | None
     out: list[list[np.ndarray]] = [[] for _ in specs]
     for i in range(0, len(x), batch_size):
         xn = engine.to_native(np.ascontiguousarray(x[i:i + batch_size]))
-        rec = engine.mae(xn)
+        rec = engine.mae(xn) if any(_reads_mae(engine, s) for s in specs) else None
+        logits = engine.detect(xn) if any(not _reads_mae(engine, s) for s in specs) else None
         for j, spec in enumerate(specs):
-            g = engine.gate(xn, rec) if spec is None else run_gate(spec, xn[:, 0], rec, engine.visible)
+            if spec is None:
+                g = engine.gate(xn, rec if engine.gate_model == "mae" else logits)
+            elif spec.stat in LEARNED_STATS:
+                g = run_gate_scores(spec, logits)
+            else:
+                g = run_gate(spec, xn[:, 0], rec, engine.visible)
             out[j].append(np.asarray(engine.to_numpy(g.score), np.float32).reshape(-1))
     result = [np.concatenate(o) for o in out]
     for scores in result:

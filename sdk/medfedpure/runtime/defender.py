@@ -5,6 +5,7 @@ Orchestration only (no model maths here — that lives in :mod:`medfedpure.runti
     load_scan → preprocess → x [B,1,S,S]
       → MAE (K scoring mask sets) → recon [B,K,S,S]
       → fused gate → score, flag, t*          (t* = 0: not purified; policy "floor": t* ≥ t_min)
+        (a "learned" gate: attack detector → patch logits [B,Np] → top-k reduction → score, flag, t*)
       → rows with t* > 0: noise to t* with the keyed RNG, K-step student sampler   ("purify")
       → classifier on the purified rows and the untouched (early-exit) rows      ("classify")
 
@@ -29,7 +30,8 @@ error's type and message and classifies the other scans; :meth:`Defender.run` ra
 sizes are bounded by :class:`medfedpure.scan.ScanLimits`. The caller's data is never modified.
 
 Latency: ``Result.latency_ms`` holds the wall time of each stage (load, preprocess, mae, gate,
-purify, classify) and ``total`` for the call that produced it; for :meth:`Defender.run_batch`
+purify, classify; "mae" is the gate's network: the MAE, or the attack detector of a ``learned`` gate)
+and ``total`` for the call that produced it; for :meth:`Defender.run_batch`
 these are the batch's stage times (shared by its Results).
 """
 
@@ -96,7 +98,8 @@ class Result:
         bundle_id: sha256 of the bundle's manifest.
         purified: [1, S, S] float32 image the classifier saw (on request; equals the input when
             t* = 0).
-        patch_error: [Np] float32 per-patch reconstruction error (on request).
+        patch_error: [Np] float32 per-patch reconstruction error, or for a ``learned`` gate the attack detector's
+            patch logits (on request).
         error: the exception type of a refused input (e.g. ``"ScanTooLargeError"``), else None.
         score_quantile: where ``score`` sits among the gate calibration's clean scores (the fraction
             below it, interpolated from the recorded quantiles:
@@ -601,10 +604,11 @@ class Defender:
         # 1. detector --------------------------------------------------------------------------
         ts = time.perf_counter()
         recon = None
-        try:
-            recon = call(eng.mae, xn)
+        try:  # the MAE's reconstructions, or for a "learned" gate the attack detector's patch logits
+            recon = call(eng.gate_input, xn)
             bad = ~eng.finite_rows(recon)
-            fails.fail(all_rows[bad], "mae produced non-finite reconstructions")
+            fails.fail(all_rows[bad], "mae produced non-finite reconstructions" if eng.gate_model == "mae"
+                       else "the attack detector produced non-finite patch logits")
         except _StageTimeout:
             recon = None
             stage_timeout("mae")

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from medfedpure.gate import GateResult, GateSpec, run_gate
+from medfedpure.gate import LEARNED_STATS, GateResult, GateSpec, run_gate, run_gate_scores
 from medfedpure.runtime.sampler import purify_numpy
 
 
@@ -151,12 +151,31 @@ class Engine(ABC):
     def classify(self, x: Any) -> Any:
         """x [B,1,S,S] in [0,1] → probs [B,C]."""
 
+    def detect(self, x: Any) -> Any:
+        """x [B,1,S,S] in [0,1] → the attack detector's patch logits [B,Np] (bundles whose gate is ``learned``)."""
+        raise EngineError(f"the {self.name} engine has no attack detector for this bundle (its gate statistic is "
+                          f"{self.gate_spec.stat!r})")
+
+    @property
+    def gate_model(self) -> str:
+        """The network the gate reads: ``"detector"`` for a ``learned`` gate, else ``"mae"``."""
+        return "detector" if self.gate_spec.stat in LEARNED_STATS else "mae"
+
+    def gate_input(self, x: Any) -> Any:
+        """What the gate reads of x [B,1,S,S]: the MAE's reconstructions [B,K,S,S], or for a ``learned`` gate the
+        detector's patch logits [B,Np]."""
+        return self.detect(x) if self.gate_model == "detector" else self.mae(x)
+
     def gate(self, x: Any, recon: Any, *, return_patch_err: bool = False, policy: str | None = None) -> GateResult:
-        """The fused gate (:func:`medfedpure.gate.run_gate`) with the bundle's :class:`GateSpec`:
-        x [B,1,S,S], recon [B,K,S,S] native → :class:`GateResult` of native arrays (score, flag, t_star,
-        patch_err). ``policy`` overrides the calibrated policy for this call (``"adaptive"`` /
-        ``"floor"``; None: the bundle's)."""
+        """The gate with the bundle's :class:`GateSpec`: x [B,1,S,S] and what :meth:`gate_input` gave (recon
+        [B,K,S,S] for the fused gate, :func:`medfedpure.gate.run_gate`; patch logits [B,Np] for a ``learned``
+        gate, :func:`medfedpure.gate.run_gate_scores`) native → :class:`GateResult` of native arrays (score,
+        flag, t_star, patch_err: the patch errors, ratios or logits). ``policy`` overrides the calibrated policy
+        for this call (``"adaptive"`` / ``"floor"``; None: the bundle's)."""
         spec = self.gate_spec if policy is None else self.gate_spec.with_policy(policy)
+        if self.gate_model == "detector":
+            r = run_gate_scores(spec, recon)
+            return r if return_patch_err else r._replace(patch_err=None)
         return run_gate(spec, x[:, 0], recon, self.visible, return_patch_err=return_patch_err)
 
     def purify(self, x: Any, t_star: Any, noise: np.ndarray) -> Any:

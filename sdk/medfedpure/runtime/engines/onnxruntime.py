@@ -113,7 +113,7 @@ class OnnxRuntimeEngine(Engine):
             precision = "fp16" if want_cuda and bundle.find("classifier", "onnx", "fp16") else "fp32"
         self.num_classes = len(spec.classes)
         self.sessions: dict[str, Any] = {}
-        for role in _ROLES:
+        for role in (*_ROLES, *(("detector",) if self.gate_model == "detector" else ())):
             art = bundle.find(role, "onnx", precision)
             if art is None:
                 raise EngineError(f"bundle {bundle.short_id} has no {precision} ONNX graph for {role!r}")
@@ -152,6 +152,11 @@ class OnnxRuntimeEngine(Engine):
 
     def mae(self, x: np.ndarray) -> np.ndarray:
         return self._run("mae", {self._x_name["mae"]: np.ascontiguousarray(x, dtype=np.float32)})
+
+    def detect(self, x: np.ndarray) -> np.ndarray:
+        if "detector" not in self.sessions:
+            return super().detect(x)
+        return self._run("detector", {"x": np.ascontiguousarray(x, dtype=np.float32)})
 
     def denoise(self, x_t: np.ndarray, t: np.ndarray) -> np.ndarray:
         return self._run("denoiser", {"x_t": np.ascontiguousarray(x_t, dtype=np.float32),

@@ -42,6 +42,9 @@ class TensorRTEngine(Engine):
         super().__init__(spec.gate, spec.mae.visible, spec.purifier.alphas_cumprod, spec.purifier.steps)
         if device not in ("auto", "cuda"):
             raise EngineError("the tensorrt backend runs on CUDA only")
+        if self.gate_model == "detector":
+            raise EngineError("the tensorrt backend has no plan for the attack detector of a 'learned' gate: use the "
+                              "onnxruntime or torch backend")
         trt, torch = _import()
         self._torch = torch
         major, minor = torch.cuda.get_device_capability(0)

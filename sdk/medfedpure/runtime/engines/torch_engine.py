@@ -101,7 +101,7 @@ class TorchEngine(Engine):
         self.device, self.precision = device, precision
         self.torch_device = torch.device(device)
         mods: dict[str, torch.nn.Module] = {}
-        for role in ("classifier", "mae", "denoiser"):
+        for role in ("classifier", "mae", "denoiser", *(("detector",) if self.gate_model == "detector" else ())):
             art = bundle.find(role, "safetensors", "fp32")
             if art is None:
                 raise EngineError(f"bundle {bundle.short_id} has no torch weights for {role!r}")
@@ -156,6 +156,11 @@ class TorchEngine(Engine):
     # stages --------------------------------------------------------------------------------
     def mae(self, x: torch.Tensor) -> torch.Tensor:
         return self._calls["mae"](x)
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        if "detector" not in self._calls:
+            return super().detect(x)
+        return self._calls["detector"](x)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return self._calls["denoiser"](x_t, t.to(torch.float32))
