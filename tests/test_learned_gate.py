@@ -155,3 +155,32 @@ def test_recalibrating_a_learned_bundle_keeps_its_detector(learned: dict, tmp_pa
     assert vb.spec.gate.stat == "learned" and vb.spec.gate.calibration.target_false_flag_rate == 0.1
     assert vb.artefacts["detector.torch"].sha256 == verify_bundle(learned["out"], trusted_keys=[pub]).artefacts[
         "detector.torch"].sha256
+
+
+def test_the_evasion_differentiates_the_detector_and_lowers_its_score(learned: dict) -> None:
+    """Rung 3 on a learned gate: the torch detector's reduced logits are the attacked score; the scans it
+    reports as evading are, by the deployed gate, under 0.95 τ and misclassified."""
+    import dataclasses
+
+    from medfedpure.eval import adaptive as ae
+    from medfedpure.runtime.engines.torch_engine import TorchEngine
+
+    d = Defender.load(learned["out"], backend="onnxruntime", trusted_keys=[learned["pub"]])
+    ref = TorchEngine(d.bundle, device="cpu", precision="fp32", cuda_graphs=False)
+    assert "detector" in ref.models
+    x = torch.from_numpy(tiny_scans(12, 31))
+    with torch.no_grad():
+        y = ref.models["classifier"](x).argmax(1)
+    eng = d.engine
+    clean = eng.to_numpy(eng.gate(eng.to_native(x.numpy()), eng.gate_input(eng.to_native(x.numpy()))).score)
+    # τ at the clean median: half the scans start flagged, so the evasion has to lower the score
+    tau = float(np.median(clean))
+    eng.gate_spec = dataclasses.replace(eng.gate_spec, tau=tau, tau_high=tau + 1.0)
+    a, st = ae.evasion_pgd(d, ref, x, y, 32 / 255, steps=10, progress=False)
+    assert float((a - x).abs().max()) <= 32 / 255 + 1e-6
+    after = eng.to_numpy(eng.gate(eng.to_native(a.numpy()), eng.gate_input(eng.to_native(a.numpy()))).score)
+    assert np.median(after) < np.median(clean)
+    with torch.no_grad():
+        wrong = (ref.models["classifier"](a).argmax(1) != y).numpy()
+    evading = (after < tau - 0.05 * abs(tau)) & wrong  # under the evasion's margin below τ (logits may be < 0)
+    assert evading.sum() == round(st["evading_and_wrong_during_attack"] * len(x))

@@ -17,13 +17,14 @@ loss, ℓ∞ or ℓ2.
 Rung 3 (a), :func:`evasion_pgd`: fool the classifier while staying under the flag threshold, so that the
 scan skips the purifier. The gate's statistic is its torch version (``run_gate(..., backend="torch")``:
 the deployed score as a function of x; for ``hfratio`` with the deployed MAE's tissue map of the
-current iterate, for the error statistics with the torch MAE's reconstruction, differentiated). The
+current iterate, for the error statistics with the torch MAE's reconstruction, differentiated; for a
+``learned`` gate the torch attack detector's patch logits through ``gate_reduce_torch``). The
 perturbation may be band-limited (bilinearly upsampled from a grid ``factor`` times coarser: sign
 steps on full-resolution pixels are broadband, which is what an hfratio gate detects); each step
-follows the gradient that lowers the score for scans still above 0.95 τ and the pipeline's loss
+follows the gradient that lowers the score for scans still above τ − 0.05·|τ| (0.95 τ for a positive statistic) and the pipeline's loss
 otherwise (both normalised, sign step, no random start; the loss goes through the purifier wherever
 the deployed gate's t* > 0, as under policy ``floor``). A scan's final iterate is the last one that was
-both under 0.95 τ and misclassified, else the last. Rung 3 (b), flagged and fooled after purification,
+both under that limit and misclassified, else the last. Rung 3 (b), flagged and fooled after purification,
 is rung 2's objective.
 
 Rung 4, :func:`apgd_pipeline`: APGD with EOT from ``torchattacks`` (an independent implementation) on
@@ -60,7 +61,7 @@ from medfedpure.eval.pipeline import (
     project,
     random_start,
 )
-from medfedpure.gate import GateSpec, run_gate
+from medfedpure.gate import LEARNED_STATS, GateSpec, gate_reduce_torch, run_gate
 from medfedpure.gate.validate import SPECTRAL_STATS
 from medfedpure.models.diffusion import purify
 from medfedpure.progress import progress as progress_bar
@@ -134,13 +135,13 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
     """
     g = d.engine.gate_spec
     clf, den, sched, k = ref.models["classifier"], ref.models["denoiser"], ref.schedule, ref.steps
-    limit = g.tau * (1 - margin)
+    limit = g.tau - margin * abs(g.tau)  # (1 − margin)·τ for the positive statistics; below τ for logits too
     s = x.shape[-1]
     if s % factor:
         raise ValueError(f"evasion factor {factor} must divide the image size {s}: pick a divisor of {s}")
     # hfratio reads only its tissue map from the reconstruction: the deployed MAE's, held constant. The
     # error statistics (mean, topk) compare x with its reconstruction: the torch MAE, differentiated.
-    mae_torch = None if g.stat in SPECTRAL_STATS else ref.models["mae"]
+    mae_torch = None if g.stat in SPECTRAL_STATS or g.stat in LEARNED_STATS else ref.models["mae"]
 
     def probs(xv: torch.Tensor, ts: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """The classifier's probabilities, averaged over ``eot`` purifier draws for the rows with t* > 0."""
@@ -169,10 +170,14 @@ def evasion_pgd(d: Defender, ref: TorchEngine, x: torch.Tensor, y: torch.Tensor,
         ts = torch.from_numpy(gate_t_star(d, xa_np)).to(x.device)
         ev = eta.clone().requires_grad_(True)
         xv = (x + band_limited(ev, factor)).clamp(0, 1)
-        recon = torch.from_numpy(mae_recon(d, xa_np)).to(x.device) if mae_torch is None else mae_torch(xv)
         p = probs(xv, ts, gen)
         ce = F.nll_loss(torch.log(p.clamp_min(1e-12)), y, reduction="none")
-        score = run_gate(g, xv[:, 0], recon, d.engine.visible, backend="torch").score
+        if g.stat in LEARNED_STATS:  # the torch attack detector's patch logits, reduced as the gate does
+            score = gate_reduce_torch(ref.models["detector"](xv), stat="topk", topk=g.topk, tau=g.tau,
+                                      tau_high=g.tau_high, t_min=g.t_min, t_max=g.t_max).score
+        else:
+            recon = torch.from_numpy(mae_recon(d, xa_np)).to(x.device) if mae_torch is None else mae_torch(xv)
+            score = run_gate(g, xv[:, 0], recon, d.engine.visible, backend="torch").score
         g_ce, = torch.autograd.grad(ce.sum(), ev, retain_graph=True)
         g_sc, = torch.autograd.grad(score.sum(), ev)
         with torch.no_grad():

@@ -49,7 +49,7 @@ def gate_decision(d: Defender, x: np.ndarray, batch: int = 32) -> dict[str, np.n
     eng = d.engine
     for i in range(0, len(x), batch):
         xn = eng.to_native(np.ascontiguousarray(x[i:i + batch], dtype=np.float32))
-        g = eng.gate(xn, eng.mae(xn), policy=d.policy)
+        g = eng.gate(xn, eng.gate_input(xn), policy=d.policy)
         score.append(eng.to_numpy(g.score).astype(np.float64))
         flag.append(eng.to_numpy(g.flag).astype(bool))
         t_star.append(eng.to_numpy(g.t_star).astype(np.int64))
@@ -57,7 +57,8 @@ def gate_decision(d: Defender, x: np.ndarray, batch: int = 32) -> dict[str, np.n
 
 
 def gate_t_star(d: Defender, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    """t* [N] int64 of the deployed gate (the Defender's engine: MAE scorer + calibrated statistic)."""
+    """t* [N] int64 of the deployed gate (the Defender's engine: MAE scorer, or the attack detector of a
+    ``learned`` gate, + calibrated statistic)."""
     return gate_decision(d, x, batch)["t_star"]
 
 
