@@ -453,8 +453,9 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
         typer.echo(f"error: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2) from e
     n, lo, hi = rc.n, *rc.ffr_ci
+    attached = " with the attack detector attached" if detector is not None else ""
     typer.echo(f"scored {n} clean scans from {scans} ({len(folder.skipped)} files skipped) with bundle "
-               f"{d.bundle.short_id} ({d.engine.name})")
+               f"{source.bundle.short_id}{attached} ({d.engine.name})")
     typer.echo(f"source gate: stat={rc.previous.stat} tau={rc.previous.tau:.6g} flags {rc.flagged_before}/{n} = "
                f"{rc.flagged_before / n:.3f}")
     typer.echo(f"recalibrated: stat={rc.gate.stat} tau={rc.gate.tau:.6g} tau_high={rc.gate.tau_high:.6g} policy="
