@@ -295,7 +295,9 @@ def test_cli_train_detector_tiny(tmp_path, monkeypatch):
     assert m["n_train"] == 32 and m["n_cal"] == 40 and len(m["rounds"]) == 1 and len(m["losses"]) == 2
     assert set(m["sites"]) == {"site_0", "site_1"} and "8/255" in m["sites"]["site_1"]["auroc"]
     r = CliRunner().invoke(app, [*base, "--dry-run"])
-    assert r.exit_code == 0 and '"harden_rounds": 0' in r.output
+    assert r.exit_code == 0 and '"harden_rounds": 0' in r.output and '"harden_steps": 2' in r.output
+    r = CliRunner().invoke(app, [*base, "--dry-run", "--harden-steps", "100"])
+    assert r.exit_code == 0 and '"harden_steps": 100' in r.output
     r = CliRunner().invoke(app, [*base, "--train-eps", "2,x"])
     assert r.exit_code != 0 and "comma-separated numbers" in r.output
     r = CliRunner().invoke(app, [*base, "--train-eps", "300"])
