@@ -282,7 +282,9 @@ def write_bundle_with_detector(src: VerifiedBundle, out: str | os.PathLike[str],
     :func:`medfedpure.runtime.calibration.recalibrate` on the new bundle sets the gate
     (``medfedpure calibrate --bundle B --detector D`` does both). Both graphs are checked against torch on
     ``verify_scans`` [N,1,S,S] (default: 8 uniform random images): the agreement is recorded in
-    ``provenance.detector`` with the detector's configuration and ``detector_provenance``.
+    ``provenance.detector`` with the detector's configuration and ``detector_provenance``. The source's
+    ``provenance.measured_metrics`` (robustness measured through its own gate) move there too, out of the model
+    card's metrics: they do not describe the new gate.
 
     Raises:
         ValueError: ``out`` is ``src``'s own folder, the detector's image size or patch differs from the bundle's
@@ -331,9 +333,15 @@ def write_bundle_with_detector(src: VerifiedBundle, out: str | os.PathLike[str],
         weights = save_model(Path(td) / "detector.safetensors", detector, cfg, "detector").read_bytes()
     arts["detector.torch"] = ArtefactSource(path="torch/detector.safetensors", role="detector", format="safetensors",
                                             precision="fp32", data=weights)
-    provenance = {**thaw(src.spec.provenance),
-                  "detector": {"config": cfg.to_dict(), "onnx_agreement": agreement, "num_verify_scans": len(x),
-                               "torch_version": torch.__version__, **dict(detector_provenance or {})}}
+    provenance = thaw(src.spec.provenance)
+    # the source's measured robustness was measured through another gate: kept for the record, out of the card
+    source_metrics = provenance.pop("measured_metrics", None)
+    provenance["detector"] = {"config": cfg.to_dict(), "onnx_agreement": agreement, "num_verify_scans": len(x),
+                              "torch_version": torch.__version__, **dict(detector_provenance or {})}
+    if source_metrics:
+        provenance["detector"]["source_bundle_metrics"] = {
+            "note": "measured on the source bundle through its own gate, not through this learned gate",
+            "metrics": source_metrics}
     spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance, scope=src.spec.effective_scope)
     from medfedpure.export.model_card import with_card
 

@@ -115,6 +115,13 @@ def _metrics(prov: Mapping[str, Any]) -> list[dict[str, Any]]:
         if flags is not None:
             rows.append({"name": f"{prec.upper()} ONNX gate flag agreement with torch", "value": flags,
                          "command": cmd, "n": n})
+    det = prov.get("detector") or {}
+    for name, agr in (det.get("onnx_agreement") or {}).items():
+        if isinstance(agr, Mapping) and agr.get("max_abs") is not None:
+            prec = "FP16" if name.endswith(".fp16") else "FP32"
+            rows.append({"name": f"{prec} ONNX attack detector, largest patch-logit difference from torch",
+                         "value": agr["max_abs"], "n": det.get("num_verify_scans"),
+                         "command": "medfedpure calibrate --bundle B --detector D (its verification step)"})
     return rows
 
 

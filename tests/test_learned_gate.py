@@ -76,6 +76,9 @@ def test_the_bundle_carries_the_detector_and_a_calibrated_learned_gate(learned: 
     det = vb.spec.provenance["detector"]
     assert det["config"]["topk"] == 4 and list(det["sites"]) == [0, 1] and len(det["checkpoint_sha256"]) == 64
     assert det["onnx_agreement"]["detector"]["max_abs"] < 1e-4
+    assert "measured_metrics" not in vb.spec.provenance  # measured through another gate: not this bundle's
+    card = vb.read_bytes("model_card").decode()
+    assert "statistic learned" in card and "ONNX attack detector, largest patch-logit difference" in card
     assert "source gate: stat=" + src.spec.gate.stat in learned["output"]
     assert "recalibrated: stat=learned" in learned["output"]
 
