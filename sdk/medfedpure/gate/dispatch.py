@@ -67,6 +67,18 @@ def cuda_kernel_limits_ok(size: int, patch: int, stat: str, sets: int) -> bool:
     return need <= _CUDA_MAX_SHARED_FLOATS and not (stat == "topk" and np_ > 32 * threads)
 
 
+def auto_backend(on_cuda: bool) -> str:
+    """Backend "auto": the CUDA kernel for CUDA data, else the C++ kernel, else (unbuilt) the numpy oracle with a
+    warning."""
+    if on_cuda:
+        return "cuda"
+    if _C is not None:
+        return "cpp"
+    warnings.warn("medfedpure._C is not built: using the slow numpy reference gate (pip install -e . builds it)",
+                  RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
 def _visible_on(device: Any, vis: np.ndarray) -> Any:
     """The uint8 mask sets on `device`, uploaded once per (device, content)."""
     import torch
@@ -238,14 +250,7 @@ def patch_gate(
                             t_min=t_min, t_max=t_max, norm_pix=bool(norm_pix))
     norm_pix, floor = bool(norm_pix), bool(floor)
     if backend == "auto":
-        if on_cuda:
-            backend = "cuda"
-        elif _C is not None:
-            backend = "cpp"
-        else:
-            warnings.warn("medfedpure._C is not built: using the slow numpy reference gate (pip install -e . builds it)",
-                          RuntimeWarning, stacklevel=2)
-            backend = "reference"
+        backend = auto_backend(on_cuda)
     if backend == "cuda":
         if not on_cuda:
             raise ValueError("backend 'cuda' needs torch CUDA tensors for x and recon")

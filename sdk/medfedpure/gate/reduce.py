@@ -23,15 +23,13 @@ the contract for that scan: a caller that must fail closed checks ``isfinite`` f
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from medfedpure.gate.decision import decide_numpy, decide_torch
 from medfedpure.gate.reference import _reduce_numpy
-from medfedpure.gate.validate import DTYPES, STATS, GateResult, dtype_name, is_torch, to_numpy
+from medfedpure.gate.validate import DTYPES, STATS, GateResult, check_decision, dtype_name, is_torch, to_numpy
 
 __all__ = ["REDUCE_STATS", "gate_reduce", "gate_reduce_reference", "gate_reduce_torch"]
 
@@ -63,16 +61,7 @@ def _validate_reduce(scores: Any, *, stat: str, topk: int, tau: float, tau_high:
         raise ValueError(f"topk must be an int, got {topk!r}")
     if stat == "topk" and not 1 <= topk <= n:
         raise ValueError(f"topk = {topk} with stat 'topk': expected 1 <= topk <= Np = {n}")
-    if not (math.isfinite(tau) and math.isfinite(tau_high)):
-        raise ValueError(f"tau = {tau!r} and tau_high = {tau_high!r} must be finite numbers")
-    tau32, tau_high32 = np.float32(tau), np.float32(tau_high)
-    if not tau_high32 > tau32:
-        raise ValueError(f"tau_high = {tau_high!r} must be > tau = {tau!r} (compared after rounding both to float32)")
-    for name, t in (("t_min", t_min), ("t_max", t_max)):
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise ValueError(f"{name} must be an int (a diffusion timestep), got {t!r}")
-    if not 0 <= t_min <= t_max <= 2**31 - 1:
-        raise ValueError(f"t_min = {t_min}, t_max = {t_max}: expected 0 <= t_min <= t_max < 2^31")
+    tau32, tau_high32 = check_decision(tau, tau_high, t_min, t_max)
     return _ReduceSpec(b, n, stat, int(topk), tau32, tau_high32, int(t_min), int(t_max))
 
 
@@ -136,7 +125,7 @@ def gate_reduce(scores: Any, *, stat: str = "topk", topk: int = 0, tau: float, t
         :class:`~medfedpure.gate.GateResult`; ``patch_err`` holds the values as float32. numpy for numpy
         input, torch tensors on the input's device for torch input. The caller's array is not modified.
     """
-    from medfedpure.gate.dispatch import _C, BACKENDS
+    from medfedpure.gate.dispatch import _C, BACKENDS, auto_backend
 
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is unknown: expected one of {BACKENDS}")
@@ -146,14 +135,7 @@ def gate_reduce(scores: Any, *, stat: str = "topk", topk: int = 0, tau: float, t
     floor = bool(floor)
     on_cuda = is_torch(scores) and scores.device.type == "cuda"
     if backend == "auto":
-        if on_cuda:
-            backend = "cuda"
-        elif _C is not None:
-            backend = "cpp"
-        else:
-            warnings.warn("medfedpure._C is not built: using the numpy reference gate (pip install -e . builds it)",
-                          RuntimeWarning, stacklevel=2)
-            backend = "reference"
+        backend = auto_backend(on_cuda)
     if backend == "torch":
         if not is_torch(scores):
             raise TypeError("backend 'torch' needs a torch tensor")

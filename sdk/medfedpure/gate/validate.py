@@ -114,6 +114,22 @@ def hfratio_m(topk: int, num_patches: int) -> int:
     return int(topk) if topk > 0 else max(1, num_patches // 2)
 
 
+def check_decision(tau: float, tau_high: float, t_min: int, t_max: int) -> tuple[np.float32, np.float32]:
+    """The decision's arguments (finite τ < τ_high after rounding to float32, 0 ≤ t_min ≤ t_max < 2³¹, ints);
+    returns (τ, τ_high) as float32. Shared by ``patch_gate`` and ``gate_reduce``."""
+    if not (math.isfinite(tau) and math.isfinite(tau_high)):
+        raise ValueError(f"tau = {tau!r} and tau_high = {tau_high!r} must be finite numbers")
+    tau32, tau_high32 = np.float32(tau), np.float32(tau_high)
+    if not tau_high32 > tau32:
+        raise ValueError(f"tau_high = {tau_high!r} must be > tau = {tau!r} (compared after rounding both to float32)")
+    for name, t in (("t_min", t_min), ("t_max", t_max)):
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"{name} must be an int (a diffusion timestep), got {t!r}")
+    if not 0 <= t_min <= t_max <= 2**31 - 1:
+        raise ValueError(f"t_min = {t_min}, t_max = {t_max}: expected 0 <= t_min <= t_max < 2^31")
+    return tau32, tau_high32
+
+
 def _validate(
     x: Any,
     recon: Any,
@@ -175,16 +191,7 @@ def _validate(
                              "(use norm_pix=False)")
     elif stat != "topk" and not 0 <= topk <= num_patches:
         raise ValueError(f"topk = {topk}: expected 0 <= topk <= Np = {num_patches} (it is ignored unless stat='topk')")
-    if not (math.isfinite(tau) and math.isfinite(tau_high)):
-        raise ValueError(f"tau = {tau!r} and tau_high = {tau_high!r} must be finite numbers")
-    tau32, tau_high32 = np.float32(tau), np.float32(tau_high)
-    if not tau_high32 > tau32:
-        raise ValueError(f"tau_high = {tau_high!r} must be > tau = {tau!r} (compared after rounding both to float32)")
-    for name, t in (("t_min", t_min), ("t_max", t_max)):
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
-            raise ValueError(f"{name} must be an int (a diffusion timestep), got {t!r}")
-    if not 0 <= t_min <= t_max <= 2**31 - 1:
-        raise ValueError(f"t_min = {t_min}, t_max = {t_max}: expected 0 <= t_min <= t_max < 2^31")
+    tau32, tau_high32 = check_decision(tau, tau_high, t_min, t_max)
     topk = int(topk)
     if stat in SPECTRAL_STATS:
         topk = hfratio_m(topk, num_patches)
