@@ -246,7 +246,9 @@ def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], 
     Every artefact but the model card is copied byte for byte (each re-verified against ``src``'s
     manifest as it is read); the manifest keeps every other section and adds ``provenance.recalibration`` =
     ``recalibration`` (calibration set size, pixel fingerprint, date, source bundle id, …), and a
-    model card regenerated for the new gate (:func:`medfedpure.export.model_card.with_card`). Signed as
+    model card regenerated for the new gate (:func:`medfedpure.export.model_card.with_card`); when the statistic
+    changes, the source's ``measured_metrics`` (measured through its own gate) move to
+    ``provenance.recalibration.source_bundle_metrics``, out of the card. Signed as
     :func:`write_bundle` signs (``signing_key``, else ``MEDFEDPURE_SIGNING_KEY``, else unsigned).
 
     Raises:
@@ -263,6 +265,11 @@ def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], 
     from medfedpure.runtime.manifest import thaw
 
     provenance = {**thaw(src.spec.provenance), "recalibration": dict(recalibration)}
+    if gate.stat != src.spec.gate.stat and provenance.get("measured_metrics"):
+        # robustness measured through another statistic's gate: kept for the record, out of the card
+        provenance["recalibration"]["source_bundle_metrics"] = {
+            "note": f"measured on the source bundle through its {src.spec.gate.stat!r} gate, not this one",
+            "metrics": provenance.pop("measured_metrics")}
     # the scope it was checked against, written out (a bundle made before scopes existed had the default)
     spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance, scope=src.spec.effective_scope)
     from medfedpure.export.model_card import with_card

@@ -357,3 +357,25 @@ def test_switching_the_statistic_runs_the_mae_once_per_batch(tiny: Path) -> None
     assert rec.flagged_before == int(d.bundle.spec.gate.decide(alone_old)[0].sum())
     with pytest.raises(ValueError, match="specs is empty"):
         score_scans_with(d.engine, x, ())
+
+
+def test_a_new_statistic_moves_the_measured_metrics_out_of_the_card(tmp_path: Path) -> None:
+    """The default bundle's robustness metrics were measured through its hfratio gate: a recalibration that keeps
+    the statistic keeps them on the card, one that changes it records them aside."""
+    from medfedpure.export.bundle_writer import write_recalibrated_bundle
+
+    d = Defender.default(backend="onnxruntime", threads=1)
+    assert d.bundle.spec.provenance.get("measured_metrics")
+    rng = np.random.default_rng(0)
+    x = np.clip(0.4 + 0.1 * rng.standard_normal((100, 1, 128, 128)), 0, 1).astype(np.float32)
+    for stat, kept in ((None, True), ("nyqratio", False)):
+        rc = recalibrate(d.bundle, d.engine, x, stat=stat)
+        vb = write_recalibrated_bundle(d.bundle, tmp_path / str(stat), rc.gate, rc.provenance, signing_key=None)
+        prov = vb.spec.provenance
+        card = vb.read_bytes("model_card").decode()
+        assert ("measured_metrics" in prov) == kept
+        assert ("worst rung of the adaptive ladder" in card) == kept
+        if not kept:
+            moved = prov["recalibration"]["source_bundle_metrics"]
+            assert "'hfratio' gate" in moved["note"] and len(moved["metrics"]) == len(
+                d.bundle.spec.provenance["measured_metrics"])
