@@ -23,7 +23,7 @@ attacker who knows it.
    perturbations, ``--eps-l2`` an ℓ2 PGD AUROC check). Reported: the share of test scans
    where the classifier is right or the detector flags, under the plain attack and under evasion, and the
    classifier alone.
-5. Hardening (``--harden R``): R rounds of a 20-step evasion at 8/255 against the current detector on
+5. Hardening (``--harden R``): R rounds of a 20-step (``--harden-steps``) evasion at 8/255 against the current detector on
    ``--harden-per-site`` train scans per site, then ``--harden-epochs`` of fine-tuning on clean vs evasion
    scans, with the original training set when this run trained it (the detector's own adversarial
    training). ``--save`` / ``--load`` keep the detectors between runs (the patch head as a ``detector``
@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--harden", type=int, default=0, help="rounds of training against the evasion (each: 20-step "
                     "evasion at 8/255 on --harden-per-site train scans of each training site, then --harden-epochs)")
     ap.add_argument("--harden-per-site", type=int, default=100)
+    ap.add_argument("--harden-steps", type=int, default=20, help="steps of each hardening round's evasion")
     ap.add_argument("--harden-epochs", type=int, default=3)
     ap.add_argument("--eval-sets", default="", help="only these, e.g. 'seed-0 site 2,unseen site 0' ('' = all)")
     ap.add_argument("--epochs", type=int, default=12)
@@ -253,7 +254,7 @@ def main() -> None:
             pos: list[torch.Tensor] = []
             for r in range(args.harden):
                 tau = float(np.quantile(detector_scores(det, xval), 0.95))
-                pos.append(evade(clf, det, xh, yh, 8 / 255, tau, seed=10 + r))
+                pos.append(evade(clf, det, xh, yh, 8 / 255, tau, steps=args.harden_steps, seed=10 + r))
                 flagged = float((detector_scores(det, pos[-1]) >= tau).mean())
                 print(f"  [{mode}] harden round {r + 1}: {flagged:.1%} of the evasion flagged before training", flush=True)
                 # the evasion scans of every round so far, and the original training set when this run has it
@@ -270,7 +271,8 @@ def main() -> None:
                      "train_sites": args.train_sites, "per_site": args.per_site, "train_eps": train_eps,
                      "epochs": args.epochs, "head": args.head, "eps": eps_list, "evade": evade_eps, "evade_steps": args.evade_steps,
                      "evade_factors": list(evade_factors), "eps_l2": list(l2_eps),
-                     "loaded": str(args.load), "harden": args.harden, "t_harden_s": t_harden, "t_attack_s": t_attack,
+                     "loaded": str(args.load), "harden": args.harden, "harden_steps": args.harden_steps,
+                     "t_harden_s": t_harden, "t_attack_s": t_attack,
                      "t_train_s": t_train, "sites": {}}
 
     def subset(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
