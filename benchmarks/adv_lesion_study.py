@@ -12,6 +12,14 @@ the synthetic generator (no tumour / conspicuous / small / faint; ``medfedpure.d
     python benchmarks/adv_lesion_study.py ... --name wide2 --width 2 --epochs 10 --eps 8   # no --base
     python benchmarks/adv_lesion_study.py ... --name stem1 --stem 1 --epochs 10 --eps 8    # no --base
     python benchmarks/adv_lesion_study.py ... --name tw3 --tumour-weight 3 ...
+    python benchmarks/adv_lesion_study.py ... --name thru --purifier sdk/medfedpure/bundles/default --base ...
+
+``--purifier BUNDLE`` (the bundle's diffusion student, at ``--purifier-t``, default the bundle's t_min) puts
+the classifier behind purification of every scan (the ``floor`` policy's path): the fine-tuning crafts its
+PGD batches through the purifier (``adv_through_purifier``, EOT 2) and trains on the purified scans, and a
+second evaluation attacks the purified classifier (PGD-20 with the full gradient through the student,
+EOT 2, one fresh noise draw per judged forward), beside the bare one. ``--epochs 0`` with ``--base`` only
+evaluates.
 
 ``--tumour-weight`` weights the tumour class's cross-entropy in training (by patching the trainer's
 ``nll_loss`` in this process only; the attacks keep the plain loss).
@@ -48,16 +56,19 @@ def _weight_tumours(weight: float) -> None:
     trainer.F = patched  # type: ignore[attr-defined]
 
 
-def by_kind(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, kinds: np.ndarray, seed: int = 0) -> dict:
-    """Per ε: accuracy over all scans and ``right/total`` per lesion kind under PGD-20."""
+def by_kind(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, kinds: np.ndarray, seed: int = 0,
+            judge: torch.nn.Module | None = None) -> dict:
+    """Per ε: accuracy over all scans and ``right/total`` per lesion kind under PGD-20 against ``model``,
+    judged by ``judge`` (default ``model``; the purified classifier judges with one fresh noise draw)."""
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     g = torch.Generator().manual_seed(seed)
+    judge = model if judge is None else judge
     out = {}
     for e in EPS:
         xa = xt if e == 0 else torch.cat([pgd(model, xt[i:i + 60], yt[i:i + 60], e / 255, steps=20, generator=g)
                                           for i in range(0, len(xt), 60)])
         with torch.no_grad():
-            ok = model(xa).argmax(1).numpy() == y
+            ok = judge(xa).argmax(1).numpy() == y
         out[str(e)] = {"all": round(float(ok.mean()) * 100, 1),
                        **{k: f"{int(ok[kinds == k].sum())}/{int((kinds == k).sum())}" for k in KINDS}}
     return out
@@ -77,12 +88,24 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--tumour-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--purifier", type=Path, help="a bundle: train and attack through its student (see above)")
+    ap.add_argument("--purifier-t", type=float, help="t* of --purifier (default: the bundle's gate t_min)")
+    ap.add_argument("--plain-training", action="store_true",
+                    help="with --purifier: fine-tune on the bare classifier's PGD batches, attack both ways")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.tumour_weight != 1.0:
         _weight_tumours(a.tumour_weight)
     tr, va, te = (load_split(a.data, a.site, s, 128) for s in ("train", "val", "test"))
+    den, t_star = None, None
+    if a.purifier is not None:
+        from medfedpure.train.denoiser import load_denoiser
+
+        den, schedule = load_denoiser(a.purifier)
+        t_star = a.purifier_t if a.purifier_t is not None else float(schedule.get("t_min") or 60)
+        k_steps = int(schedule.get("steps") or 1)
+    through = den is not None and not a.plain_training
     t0 = time.perf_counter()
     if a.base is not None:
         model, mcfg, _ = load_model(a.base)
@@ -94,15 +117,27 @@ def main() -> None:
     if a.epochs > 0:
         cfg = ClassifierTrainConfig.preset("small", epochs=a.epochs, lr=a.lr, warmup_epochs=0, adv_start_epoch=0,
                                            patience=a.epochs, adv="pgd", adv_eps=a.eps / 255, adv_steps=5,
-                                           adv_frac=a.adv_frac, robust_val=64, select="robust")
-        train_classifier(model, tr, va, cfg, progress=False)
+                                           adv_frac=a.adv_frac, robust_val=64, select="robust",
+                                           adv_through_purifier=through, purifier_t=t_star or 60.0,
+                                           purifier_steps=k_steps if through else 1)
+        train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None)
     model.eval()
     res = {"name": a.name, "width": mcfg.global_widths, "stem": mcfg.stem, "params": sum(p.numel() for p in model.parameters()),
            "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
-           "tumour_weight": a.tumour_weight, "clean_train_s": round(clean_s, 1),
+           "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
+           "purifier_t": t_star, "trained_through_purifier": through,
+           "clean_train_s": round(clean_s, 1),
            "train_s": round(time.perf_counter() - t0 - clean_s, 1)}
     for split, (x, y) in (("val", va), ("test", te)):
-        res[split] = by_kind(model, x, y, np.asarray(lesion_kinds(a.data, a.site, split)))
+        kinds = np.asarray(lesion_kinds(a.data, a.site, split))
+        res[split] = by_kind(model, x, y, kinds)
+        if den is not None:
+            from medfedpure.train.classifier import PurifiedClassifier
+
+            g = torch.Generator().manual_seed(1)
+            attacked = PurifiedClassifier(model, den, t_star, k_steps, 2, g).eval()
+            judge = PurifiedClassifier(model, den, t_star, k_steps, 1, g).eval()
+            res[f"{split}_purified"] = by_kind(attacked, x, y, kinds, judge=judge)
     a.out.mkdir(parents=True, exist_ok=True)
     save_model(a.out / f"{a.name}.safetensors", model, mcfg, "moe")
     (a.out / f"{a.name}.json").write_text(json.dumps(res, indent=1))

@@ -113,6 +113,7 @@ def test_checkpoint_round_trip(tmp_path):
 @pytest.mark.parametrize("kw, match", [
     (dict(train_eps=()), "train_eps"),
     (dict(train_eps=(8,)), "train_eps"),
+    (dict(train_eps_l2=(0.5, 0.0)), "train_eps_l2"),
     (dict(epochs=0), "epochs"),
     (dict(harden_rounds=-1), "harden_rounds"),
     (dict(harden_lr=0.0), "harden_lr"),
@@ -134,6 +135,27 @@ def test_attacked_keeps_each_scans_radius():
     assert np.all(dist <= eps + 1e-6) and np.all(dist > 0.5 * eps)
     assert xa.min() >= 0 and xa.max() <= 1
     torch.testing.assert_close(attacked(clf, x, y, eps, steps=3, seed=0), xa, rtol=0, atol=0)
+
+
+def test_attacked_mixes_linf_and_l2_scan_by_scan():
+    """The config's cycle (ℓ∞ radii, then ℓ2 radii) reaches each scan; each scan stays in its own ball."""
+    cfg = DetectorTrainConfig(train_eps=(4 / 255,), train_eps_l2=(0.5, 1.0))
+    eps, norms = cfg.attacks(6)
+    assert norms.tolist() == ["linf", "l2", "l2"] * 2
+    np.testing.assert_allclose(eps, [4 / 255, 0.5, 1.0] * 2)
+    clf = _classifier()
+    x, y = _scans(6), torch.tensor([0, 1, 0, 1, 0, 1])
+    x0 = x.clone()
+    xa = attacked(clf, x, y, eps, steps=3, seed=0, norm=norms)
+    assert torch.equal(x, x0)
+    d = (xa - x).flatten(1)
+    linf, l2 = d.abs().amax(1).numpy(), d.norm(dim=1).numpy()
+    is_inf = norms == "linf"
+    assert np.all(linf[is_inf] <= eps[is_inf] + 1e-6) and np.all(linf[is_inf] > 0.5 * eps[is_inf])
+    assert np.all(l2[~is_inf] <= eps[~is_inf] + 1e-4) and np.all(l2[~is_inf] > 0.5 * eps[~is_inf])
+    # an ℓ2 ball of 0.5 at this size allows single pixels far beyond 4/255: the norms really differ
+    assert linf[~is_inf].max() > 4 / 255
+    torch.testing.assert_close(attacked(clf, x, y, eps, steps=3, seed=0, norm=norms), xa, rtol=0, atol=0)
 
 
 def test_fit_detector_learns_a_visible_attack():
@@ -259,11 +281,12 @@ def test_evaluate_detector_reports_the_calibrated_rates():
     det = AttackDetector(DetectorConfig.preset("tiny"))
     x_cal, x = _scans(40, seed=10), _scans(20, seed=11)
     y = torch.arange(20) % 2
-    r = evaluate_detector(det, clf, x_cal, x, y, [4 / 255, 8 / 255], steps=2)
+    r = evaluate_detector(det, clf, x_cal, x, y, [4 / 255, 8 / 255], steps=2, eps_l2=[0.5])
     s_cal = detector_scores(det, x_cal)
     assert r["tau"] == pytest.approx(float(np.quantile(s_cal, 0.95)))
     assert r["false_flag_rate"] == pytest.approx(float((detector_scores(det, x) >= r["tau"]).mean()))
-    assert set(r["auroc"]) == {"4/255", "8/255"} and all(0.0 <= v <= 1.0 for v in r["auroc"].values())
+    assert set(r["auroc"]) == {"4/255", "8/255", "l2 0.5"} and all(0.0 <= v <= 1.0 for v in r["auroc"].values())
+    assert set(r["flagged_attacked"]) == set(r["auroc"])
     assert (r["n_cal"], r["n_test"]) == (40, 20)
 
 
@@ -293,9 +316,14 @@ def test_cli_train_detector_tiny(tmp_path, monkeypatch):
     assert isinstance(det, AttackDetector) and cfg == DetectorConfig.preset("tiny") and meta["sites"] == [0, 1]
     m = json.loads((run / "metrics.json").read_text())["detector"]
     assert m["n_train"] == 32 and m["n_cal"] == 40 and len(m["rounds"]) == 1 and len(m["losses"]) == 2
-    assert set(m["sites"]) == {"site_0", "site_1"} and "8/255" in m["sites"]["site_1"]["auroc"]
+    assert set(m["sites"]) == {"site_0", "site_1"} and set(m["sites"]["site_1"]["auroc"]) == {"8/255", "l2 0.5"}
     r = CliRunner().invoke(app, [*base, "--dry-run"])
     assert r.exit_code == 0 and '"harden_rounds": 0' in r.output and '"harden_steps": 2' in r.output
+    assert json.loads(r.output)["train"]["train_eps_l2"] == []
+    r = CliRunner().invoke(app, [*base, "--dry-run", "--train-l2", "0.5,1"])
+    assert r.exit_code == 0 and json.loads(r.output)["train"]["train_eps_l2"] == [0.5, 1.0]
+    r = CliRunner().invoke(app, [*base, "--train-l2", "-1"])
+    assert r.exit_code != 0 and "train_eps_l2" in r.output
     r = CliRunner().invoke(app, [*base, "--dry-run", "--harden-steps", "100"])
     assert r.exit_code == 0 and '"harden_steps": 100' in r.output
     r = CliRunner().invoke(app, [*base, "--train-eps", "2,x"])

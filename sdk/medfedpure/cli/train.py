@@ -217,6 +217,8 @@ def detector(
     config: str = CONFIG, seed: int = SEED, epochs: int | None = EPOCHS, threads: int = THREADS,
     per_site: int = typer.Option(400, "--per-site", min=0, help="Train scans per site (random; 0: all)."),
     train_eps: str = typer.Option("2,4,8", "--train-eps", help="PGD ℓ∞ radii (/255) cycled over the train scans."),
+    train_l2: str = typer.Option("", "--train-l2", help="PGD ℓ2 radii (input units, e.g. 0.5) cycled with the ℓ∞ "
+                                 "ones ('' : ℓ∞ only)."),
     harden: int = typer.Option(0, "--harden", min=0, help="Rounds of training against the detector's own "
                                "evasion (PGD that keeps the score under τ)."),
     harden_scans: int = typer.Option(400, "--harden-scans", min=0, help="Train scans the evasion runs on (0: all)."),
@@ -224,14 +226,15 @@ def detector(
                                             "evasion (default: the preset's, 20 for small; 20 left 95 % of the evasion "
                                             "flagged in the measurements, so more steps teach more)."),
     eval_eps: str = typer.Option("4,8", "--eval-eps", help="Radii (/255) of the report's AUROC on each site's test split."),
+    eval_l2: str = typer.Option("0.5", "--eval-l2", help="ℓ2 radii of the report's AUROC ('' : none)."),
     dry_run: bool = DRY, progress: bool = PROGRESS,
 ) -> None:
     """Train the attack detector for a classifier on clean and PGD-attacked scans → RUN/detector.safetensors.
 
-    The detector scores every gate patch (one logit per patch; the gate takes the mean of the top k). It is a
-    research component: bundles do not carry it yet. The report (metrics.json) gives, per site, τ at a 5 %
-    false-flag rate on the val split, the false-flag rate on the test split and the AUROC clean vs PGD-10
-    against the classifier alone.
+    The detector scores every gate patch (one logit per patch; the gate takes the mean of the top k);
+    `medfedpure calibrate --detector` puts it in a bundle as the gate. The report (metrics.json) gives, per
+    site, τ at a 5 % false-flag rate on the val split, the false-flag rate on the test split and the AUROC
+    clean vs PGD-10 (ℓ∞ and ℓ2) against the classifier alone.
     """
     _common_setup(config, threads, seed)
     import numpy as np
@@ -251,12 +254,16 @@ def detector(
     try:
         site_list = [int(v) for v in sites.split(",")]
         radii = tuple(float(v) / 255 for v in train_eps.split(","))
+        radii_l2 = tuple(float(v) for v in train_l2.split(",") if v)
         report_radii = [float(v) / 255 for v in eval_eps.split(",") if v]
+        report_l2 = [float(v) for v in eval_l2.split(",") if v]
     except ValueError as exc:
-        raise typer.BadParameter(f"--sites / --train-eps / --eval-eps: comma-separated numbers ({exc})") from exc
+        raise typer.BadParameter(f"--sites / --train-eps / --train-l2 / --eval-eps / --eval-l2: comma-separated "
+                                 f"numbers ({exc})") from exc
     mcfg = DetectorConfig.preset(config)
     try:
-        tcfg = DetectorTrainConfig.preset(config, seed=seed, train_eps=radii, harden_rounds=harden,
+        tcfg = DetectorTrainConfig.preset(config, seed=seed, train_eps=radii, train_eps_l2=radii_l2,
+                                          harden_rounds=harden,
                                           harden_scans=harden_scans, **({"epochs": epochs} if epochs else {}),
                                           **({"harden_steps": harden_steps} if harden_steps else {}))
     except ValueError as exc:
@@ -289,7 +296,7 @@ def detector(
     for site, x_cal in zip(site_list, xcal, strict=True):
         xt, yt = load_site_split(data, site, "test", size)
         per_site_eval[f"site_{site}"] = evaluate_detector(det, clf, x_cal, torch.from_numpy(xt), torch.from_numpy(yt),
-                                                          report_radii, seed=seed + 1)
+                                                          report_radii, seed=seed + 1, eps_l2=report_l2)
     save_model(out / "detector.safetensors", det, mcfg, "detector",
                extra={"sites": site_list, "classifier": str(source), "train_config": tcfg.to_dict(),
                       "report": per_site_eval})

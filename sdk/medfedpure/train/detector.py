@@ -1,7 +1,8 @@
 """Training of the attack detector (``models.detector``): clean vs attacked scans, then against its own evasion.
 
-1. Attacked set (:func:`attacked`): each training scan once more under PGD-ℓ∞ against the classifier it
-   guards (the classifier alone), the radius cycling through ``train_eps`` scan by scan.
+1. Attacked set (:func:`attacked`): each training scan once more under PGD against the classifier it
+   guards (the classifier alone), the attack cycling scan by scan through the ℓ∞ radii ``train_eps`` and
+   then the ℓ2 radii ``train_eps_l2``.
 2. :func:`fit_detector`: binary cross-entropy on the detector's score (clean 0, attacked 1), Adam, random
    left-right flips; from scratch with a one-cycle schedule (``torch.optim.lr_scheduler.OneCycleLR``),
    fine-tuning at a fixed learning rate.
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medfedpure.progress import progress as progress_bar
-from medfedpure.train.attacks import attack_loss, band_limited, evasion_step, pgd_linf
+from medfedpure.train.attacks import attack_loss, band_limited, evasion_step, pgd
 from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
 
 __all__ = ["DetectorTrainConfig", "ClassifierLoadError", "load_classifier", "attacked", "fit_detector", "evade",
@@ -72,6 +73,7 @@ class DetectorTrainConfig:
     Attributes:
         epochs / batch_size / lr / seed: the from-scratch phase (``lr``: the one-cycle peak).
         train_eps: ℓ∞ radii (input units, e.g. 8/255) cycled over the training scans.
+        train_eps_l2: ℓ2 radii (input units, e.g. 0.5) cycled with them (empty: ℓ∞ only).
         attack_steps: PGD steps of the attacked set.
         harden_rounds: rounds of training against the evasion (0: none).
         harden_scans: the evasion runs on this many training scans (a random subset drawn from ``seed``;
@@ -86,6 +88,7 @@ class DetectorTrainConfig:
     lr: float = 2e-3
     seed: int = 0
     train_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255)
+    train_eps_l2: tuple[float, ...] = ()
     attack_steps: int = 10
     harden_rounds: int = 0
     harden_scans: int = 400
@@ -96,12 +99,14 @@ class DetectorTrainConfig:
     target_false_flag_rate: float = 0.05
 
     def __post_init__(self) -> None:
-        freeze_tuples(self, ("train_eps",))
+        freeze_tuples(self, ("train_eps", "train_eps_l2"))
         require_at_least(self, ("epochs", "batch_size", "attack_steps", "harden_steps", "harden_epochs"))
         require_non_negative(self, ("harden_rounds", "harden_scans", "seed"))
         require_positive(self, ("lr", "harden_lr", "harden_eps"))
         if not self.train_eps or any(not 0 < e <= 1 for e in self.train_eps):
             raise ValueError(f"train_eps={self.train_eps}: expected radii in (0, 1] (input units, e.g. 8/255)")
+        if any(not e > 0 for e in self.train_eps_l2):
+            raise ValueError(f"train_eps_l2={self.train_eps_l2}: expected positive ℓ2 radii (input units, e.g. 0.5)")
         if not 0 < self.target_false_flag_rate < 0.5:
             raise ValueError(f"target_false_flag_rate={self.target_false_flag_rate}: expected (0, 0.5)")
 
@@ -119,23 +124,34 @@ class DetectorTrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def attacks(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per training scan (``n``), its attack: the radius and the norm (``"linf"`` / ``"l2"``), cycling
+        through ``train_eps`` then ``train_eps_l2``."""
+        cycle = [("linf", e) for e in self.train_eps] + [("l2", e) for e in self.train_eps_l2]
+        norms = np.array([cycle[i % len(cycle)][0] for i in range(n)])
+        return np.array([cycle[i % len(cycle)][1] for i in range(n)], dtype=np.float64), norms
+
 
 def attacked(classifier: Classifier, x: Tensor, y: Tensor, eps: float | np.ndarray, *, steps: int = 10,
-             seed: int = 0, batch_size: int = 32) -> Tensor:
-    """PGD-ℓ∞ (``steps``, random start from ``seed``) against the classifier alone; ``eps`` one radius or one
-    per scan. Returns the attacked scans (the caller's tensors are not modified)."""
+             seed: int = 0, batch_size: int = 32, norm: str | np.ndarray = "linf") -> Tensor:
+    """PGD (``steps``, random start from ``seed``) against the classifier alone; ``eps`` and ``norm``
+    (``"linf"`` / ``"l2"``) one for all or one per scan. Returns the attacked scans (the caller's tensors
+    are not modified)."""
     eps_arr = np.broadcast_to(np.asarray(eps, dtype=np.float64), (len(x),))
+    norm_arr = np.broadcast_to(np.asarray(norm), (len(x),))
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(0, len(x), batch_size):
-        xb, yb, e = x[i:i + batch_size], y[i:i + batch_size], eps_arr[i:i + batch_size]
-        if np.all(e == e[0]):
-            out.append(pgd_linf(classifier, xb, yb, float(e[0]), steps=steps, generator=g))
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        e, nb = eps_arr[i:i + batch_size], norm_arr[i:i + batch_size]
+        groups = sorted(set(zip(nb.tolist(), e.tolist(), strict=True)))
+        if len(groups) == 1:
+            out.append(pgd(classifier, xb, yb, groups[0][1], norm=groups[0][0], steps=steps, generator=g))
             continue
         xa = xb.clone()
-        for v in np.unique(e):  # one radius per scan: attack each radius group
-            m = torch.from_numpy(e == v)
-            xa[m] = pgd_linf(classifier, xb[m], yb[m], float(v), steps=steps, generator=g)
+        for nv, v in groups:  # one attack per scan: attack each (norm, radius) group
+            m = torch.from_numpy((nb == nv) & (e == v))
+            xa[m] = pgd(classifier, xb[m], yb[m], v, norm=nv, steps=steps, generator=g)
         out.append(xa)
     return torch.cat(out)
 
@@ -237,8 +253,8 @@ def train_detector(det: nn.Module, classifier: Classifier, x: Tensor, y: Tensor,
     if len(x_cal) < 20:
         raise ValueError(f"train_detector: {len(x_cal)} calibration scans; need at least 20 to set τ")
     t0 = time.perf_counter()
-    eps = np.array([cfg.train_eps[i % len(cfg.train_eps)] for i in range(len(x))])
-    adv = attacked(classifier, x, y, eps, steps=cfg.attack_steps, seed=cfg.seed)
+    eps, norms = cfg.attacks(len(x))
+    adv = attacked(classifier, x, y, eps, steps=cfg.attack_steps, seed=cfg.seed, norm=norms)
     t_attack = time.perf_counter() - t0
     losses = fit_detector(det, x, adv, epochs=cfg.epochs, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr,
                           progress=progress)
@@ -267,19 +283,20 @@ def train_detector(det: nn.Module, classifier: Classifier, x: Tensor, y: Tensor,
 
 def evaluate_detector(det: nn.Module, classifier: Classifier, x_cal: Tensor, x: Tensor, y: Tensor,
                       eps: Sequence[float], *, target_false_flag_rate: float = 0.05, seed: int = 1,
-                      steps: int = 10) -> dict[str, Any]:
+                      steps: int = 10, eps_l2: Sequence[float] = ()) -> dict[str, Any]:
     """τ = the (1 − target) quantile of the score on the clean ``x_cal``; on the clean test scans (x, y) the
-    false-flag rate at τ, and per ε (ℓ∞, input units) the AUROC clean vs PGD against the classifier alone
-    (``steps``, generator ``seed``) and the share of attacked scans flagged at τ."""
+    false-flag rate at τ, and per radius (``eps`` ℓ∞, ``eps_l2`` ℓ2; input units) the AUROC clean vs PGD
+    against the classifier alone (``steps``, generator ``seed``) and the share of attacked scans flagged
+    at τ. Keys: ``"8/255"`` (ℓ∞), ``"l2 0.5"``."""
     from medfedpure.gate.calibration import auroc
 
     tau = _tau(det, x_cal, target_false_flag_rate)
     s_clean = detector_scores(det, x)
     out: dict[str, Any] = {"tau": tau, "n_cal": len(x_cal), "n_test": len(x),
                            "false_flag_rate": float((s_clean >= tau).mean()), "auroc": {}, "flagged_attacked": {}}
-    for e in eps:
-        s_adv = detector_scores(det, attacked(classifier, x, y, e, steps=steps, seed=seed))
-        key = f"{e * 255:g}/255"
+    for norm, e in [("linf", e) for e in eps] + [("l2", e) for e in eps_l2]:
+        s_adv = detector_scores(det, attacked(classifier, x, y, e, steps=steps, seed=seed, norm=norm))
+        key = f"{e * 255:g}/255" if norm == "linf" else f"l2 {e:g}"
         out["auroc"][key] = auroc(s_clean, s_adv)
         out["flagged_attacked"][key] = float((s_adv >= tau).mean())
     return out
