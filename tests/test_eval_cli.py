@@ -115,6 +115,10 @@ def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
         five = next(r for r in at.values() if r["rung"] == 5)
         assert all(five["robust_acc"] <= r["defended_acc"] + 1e-9 for r in at.values() if r["rung"] in (2, 3, 4))
         assert pooled["worst_rung"][eps]["robust_acc"] == min(r["robust_acc"] for r in at.values())
+        # a flag read as "send to a reader": never below the plain headline, and its worst is the rows' minimum
+        assert all(r["right_or_flagged"] >= r["robust_acc"] - 1e-9 for r in at.values()), at
+        assert pooled["worst_rung_right_or_flagged"][eps]["right_or_flagged"] == min(
+            r["right_or_flagged"] for r in at.values())
     assert rep["per_site"]["0"]["rows"] == rows  # one site: pooled = that site
     assert rep["surrogate"]["0"]["trained_here"] is True and rep["surrogate"]["0"]["train_s"] > 0
     assert (out / "surrogate_site0.safetensors").is_file()
@@ -268,6 +272,26 @@ def test_pool_concatenates_scans() -> None:
     (p,) = pool([[a], [b]])
     assert p.correct.shape == (2, 3) and p.to_dict(np.array([0.0, 0.05]))["defended_acc"] == pytest.approx(3 / 6)
     assert p.to_dict(None)["defended_acc_worst_of_runs"] == pytest.approx(1 / 3)
+    assert p.to_dict(None)["right_or_flagged"] == pytest.approx(5 / 6)  # b's wrong scan is flagged in both runs
+
+
+def test_right_or_flagged_of_a_per_scan_worst_case() -> None:
+    """A combination keeps each part's own "right or flagged" per scan and run: evading the flag in one part
+    and being flagged-but-wrong in another leaves the scan lost only where some part lost it."""
+    from medfedpure.eval.runner import Row, _combine
+
+    ev = Row(3, "evasion", 0.1, "x", correct=np.array([[False, True, False]]), flag=np.array([[False, False, True]]))
+    fl = Row(3, "flagged", 0.1, "x", correct=np.array([[False, False, True]]), flag=np.array([[True, True, True]]))
+    both = _combine(3, "worst", [ev, fl])
+    d = both.to_dict(None)
+    assert d["defended_acc"] == 0.0  # no scan right in both parts
+    # scan 0: evaded unflagged and wrong (lost); scan 1: right, then flagged (kept); scan 2: flagged in both
+    assert d["right_or_flagged"] == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(both.kept_or_none(), [[False, True, True]])
+    assert "right_or_flagged" not in Row(1, "no gate", 0.1, "x", correct=np.ones((1, 2), bool)).to_dict(None)
+    five = _combine(5, "worst of runs", [Row(2, "p", 0.1, "x", correct=np.array([[True], [False]]),
+                                             flag=np.array([[False], [False]]))], headline_worst_of_runs=True)
+    assert five.to_dict(None)["right_or_flagged"] == 0.0  # rung 5: lost in one run is lost
 
 
 def test_certification_report_shows_each_class_and_warns_of_a_constant_vote() -> None:

@@ -54,20 +54,26 @@ def _table(block: dict[str, Any]) -> list[str]:
     c = block["clean"]
     lines = [f"n = {block['n']} scans. Clean: classifier alone {_pct(c['undefended_acc'])}, through the defence "
              f"{_pct(c['defended_acc'])} (± {_pct(c['defended_acc_std'])} over runs), flag rate {_pct(c['flag_rate'])}.",
-             "", "| rung | attack | ε | undefended acc | defended acc | worst of runs | flagged | AUROC | TPR@1% | "
-             "TPR@5% | attack s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| rung | attack | ε | undefended acc | defended acc | worst of runs | flagged | right or flagged "
+             "| AUROC | TPR@1% | TPR@5% | attack s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in block["rows"]:
         if r.get("skipped") is not None:
             lines.append(f"| {r['rung']} | {r['attack']} | {r['eps_label']} | skipped: {r['skipped']} "
-                         "| | | | | | | |")
+                         "| | | | | | | | |")
             continue
         acc = f"**{_pct(r['robust_acc'])}**" if r["rung"] == 5 else _pct(r["defended_acc"])
         lines.append(f"| {r['rung']} | {r['attack']} | {r['eps_label']} | {_pct(r['undefended_acc'])} | {acc} | "
-                     f"{_pct(r['defended_acc_worst_of_runs'])} | {_pct(r['flag_rate'])} | {_num(r.get('auroc'))} | "
+                     f"{_pct(r['defended_acc_worst_of_runs'])} | {_pct(r['flag_rate'])} | "
+                     f"{_pct(r.get('right_or_flagged'))} | {_num(r.get('auroc'))} | "
                      f"{_pct(r.get('tpr@1%'))} | {_pct(r.get('tpr@5%'))} | {r['attack_s']:.1f} |")
     if block["worst_rung"]:
         lines += ["", "Worst rung per ε: " + "; ".join(
             f"{e}: rung {w['rung']} ({w['attack']}) {_pct(w['robust_acc'])}" for e, w in block["worst_rung"].items())]
+    if block.get("worst_rung_right_or_flagged"):
+        lines += ["", "Worst rung per ε, a flag read as \"send to a reader\" (right or flagged; the clean flag rate "
+                  "above is what the readers pay): " + "; ".join(
+                      f"{e}: rung {w['rung']} ({w['attack']}) {_pct(w['right_or_flagged'])}"
+                      for e, w in block["worst_rung_right_or_flagged"].items())]
     by_class = class_summary(block)
     if by_class:
         lines += ["", f"Within each true class (through the defence): {by_class}"]

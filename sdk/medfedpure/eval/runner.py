@@ -267,12 +267,23 @@ class Row:
     undefended: np.ndarray | None = None  # [N] bool: the bare classifier right on the adversarial scan
     correct: np.ndarray | None = None  # [R, N] bool: the Defender right
     flag: np.ndarray | None = None  # [R, N]
+    kept: np.ndarray | None = None  # [R, N] bool: right or flagged (None: correct | flag when both known)
     score: np.ndarray | None = None  # [N] gate scores of the adversarial scans (run 0)
     skipped: str | None = None
     attack_s: float = 0.0
     summary: bool = True  # a row of the rung's headline (the figure plots these)
     headline_worst_of_runs: bool = False  # rung 5: the headline is the worst over runs
     params: dict[str, Any] = field(default_factory=dict)
+
+    def kept_or_none(self) -> np.ndarray | None:
+        """[R, N]: the Defender right or the scan flagged (sent to a reader) — the reading of a flag as "review
+        this scan" rather than "purify it"; None where the row has no flags (a per-scan worst over parts
+        keeps the parts' own)."""
+        if self.kept is not None:
+            return self.kept
+        if self.correct is None or self.flag is None:
+            return None
+        return self.correct | self.flag
 
     def to_dict(self, clean_score: np.ndarray | None, y: np.ndarray | None = None,
                 classes: Sequence[str] = (), lesions: np.ndarray | None = None) -> dict[str, Any]:
@@ -292,6 +303,9 @@ class Row:
                     else s["defended_acc"],
                     "flag_rate": None if self.flag is None else float(self.flag.mean()),
                     "attack_s": round(self.attack_s, 3)})
+        kept = self.kept_or_none()
+        if kept is not None:  # the headline rule of the row (mean over runs, or rung 5's worst of them)
+            out["right_or_flagged"] = float(kept.all(axis=0).mean() if self.headline_worst_of_runs else kept.mean())
         if y is not None:
             if len(y) != self.correct.shape[1]:
                 raise ValueError(f"{len(y)} labels for a row of {self.correct.shape[1]} scans")
@@ -318,9 +332,11 @@ def _combine(rung: int, attack: str, parts: Sequence[Row], **kw: Any) -> Row:
     if not live:
         return Row(rung, attack, parts[0].eps, parts[0].eps_label, skipped="no part ran", **kw)
     und = [p.undefended for p in live if p.undefended is not None]
+    kept = [p.kept_or_none() for p in live]
     return Row(rung, attack, live[0].eps, live[0].eps_label,
                undefended=np.logical_and.reduce(und) if und else None,
                correct=np.logical_and.reduce([p.correct for p in live]),
+               kept=None if any(k is None for k in kept) else np.logical_and.reduce(kept),
                attack_s=sum(p.attack_s for p in live), params={"of": [p.attack for p in live]}, **kw)
 
 
@@ -338,7 +354,7 @@ def pool(rows_per_site: Sequence[list[Row]]) -> list[Row]:
             return None if any(v is None for v in vals) else np.concatenate(vals, axis=axis)
 
         out.append(replace(r0, undefended=cat("undefended", 0), correct=cat("correct", 1), flag=cat("flag", 1),
-                           score=cat("score", 0), attack_s=sum(r.attack_s for r in rows)))
+                           kept=cat("kept", 1), score=cat("score", 0), attack_s=sum(r.attack_s for r in rows)))
     return out
 
 
@@ -723,6 +739,7 @@ def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarr
         block["clean"]["defended_acc_by_lesion"] = c["robust_acc_by_lesion"]
         block["lesion_counts"] = {k: int((lesions == k).sum()) for k in c["robust_acc_by_lesion"]}
     worst: dict[str, Any] = {}
+    worst_review: dict[str, Any] = {}
     worst_by_class: dict[str, dict[str, float]] = {}
     worst_by_lesion: dict[str, dict[str, float]] = {}
     for r in block["rows"]:
@@ -731,6 +748,10 @@ def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarr
         w = worst.get(r["eps_label"])
         if w is None or r["robust_acc"] < w["robust_acc"]:
             worst[r["eps_label"]] = {"rung": r["rung"], "attack": r["attack"], "robust_acc": r["robust_acc"]}
+        w = worst_review.get(r["eps_label"], {"right_or_flagged": 2.0})
+        if "right_or_flagged" in r and r["right_or_flagged"] < w["right_or_flagged"]:
+            worst_review[r["eps_label"]] = {"rung": r["rung"], "attack": r["attack"],
+                                            "right_or_flagged": r["right_or_flagged"]}
         per = worst_by_class.setdefault(r["eps_label"], {})
         for cls, a in r.get("robust_acc_by_class", {}).items():
             per[cls] = min(per.get(cls, 1.0), a)
@@ -738,6 +759,8 @@ def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarr
         for kind, a in r.get("robust_acc_by_lesion", {}).items():
             per[kind] = min(per.get(kind, 1.0), a)
     block["worst_rung"] = worst
+    if worst_review:
+        block["worst_rung_right_or_flagged"] = worst_review
     if any(worst_by_class.values()):
         block["worst_rung_by_class"] = worst_by_class
     if any(worst_by_lesion.values()):
