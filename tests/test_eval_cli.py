@@ -142,6 +142,9 @@ def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
     assert "| 5 |" in md and "Worst rung per ε" in md and "Certified accuracy" in md
     assert "Within each true class (through the defence): clean no_tumor" in md
     assert "within each class: clean no_tumor" in " ".join(output.split())  # the terminal summary says it too
+    assert "right or flagged" in md and "Worst rung per ε, a flag read as" in md
+    flat = " ".join(output.split())
+    assert "a flag read as 'send to a reader' (right or flagged), worst rung: 4/255" in flat
     for f in rep["figures"]:
         with Image.open(out / f) as im:
             assert im.format == "PNG" and im.size[0] > 100

@@ -133,6 +133,11 @@ def _summary(rep: dict, out: Path, con: object) -> None:
                     "–" if r["flag_rate"] is None else f"{100 * r['flag_rate']:.1f} %",
                     "–" if r.get("auroc") is None else f"{r['auroc']:.3f}")
     con.print(tab)
+    review = p.get("worst_rung_right_or_flagged")
+    if review:  # the other reading of a flag: the scan goes to a reader; readers pay the clean flag rate
+        con.print("a flag read as 'send to a reader' (right or flagged), worst rung: " + "; ".join(
+            f"{e} {100 * w['right_or_flagged']:.1f} % (rung {w['rung']})" for e, w in review.items())
+            + f"; clean scans flagged {100 * c['flag_rate']:.1f} %")
     by_class = class_summary(p)  # what the pooled figure hides: which class the errors fall on
     if by_class:
         con.print(f"within each class: {by_class}")
