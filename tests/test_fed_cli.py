@@ -62,12 +62,23 @@ def test_options_left_out_take_fedconfig_defaults(tmp_path: Path, captured: dict
         PURIFY_DEFAULTS.steps, PURIFY_DEFAULTS.t_min, PURIFY_DEFAULTS.t_max)
 
 
+def test_detector_phase_options_reach_the_config(tmp_path: Path, captured: dict[str, object]) -> None:
+    _invoke("sim", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--sites", "2", "--rounds", "3",
+            "--phases", "classifier,mae,detector", "--detector-harden-rounds", "2", "--detector-l2", "0.5")
+    cfg = captured["sim"]
+    assert cfg.phases == ("classifier", "mae", "detector") and cfg.detector_harden_rounds == 2
+    assert cfg.detector_l2 == 0.5
+    res = CliRunner().invoke(app, ["fed", "sim", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--sites", "2",
+                                   "--rounds", "2", "--phases", "classifier,detector", "--detector-harden-rounds", "3"])
+    assert res.exit_code == 2 and "detector_harden_rounds" in res.output
+
+
 def test_bad_option_is_a_usage_error_and_every_option_is_listed(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["fed", "deploy", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
                                    "--sites", "2", "--strategy", "fedsgd"])
     assert res.exit_code == 2 and "strategy" in res.output
     names = {p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS}
-    assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 24
+    assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 26
     fed = typer.main.get_command(app).commands["fed"]  # type: ignore[attr-defined]
     params = {name: [p.name for p in fed.commands[name].params] for name in ("sim", "deploy", "compare")}
     assert params["sim"] == params["deploy"] == [

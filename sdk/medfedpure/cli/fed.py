@@ -55,7 +55,8 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("strategy", str | None, None, "--strategy", click_type=STRATEGY_CHOICE,
             help="fedavg | fedmedian | fedtrimmedavg | krum (every phase)."),
     _option("phases", str | None, None, "--phases",
-            help="Comma-separated phases, in order (subset of classifier,mae,teacher,student)."),
+            help="Comma-separated phases, in order (subset of classifier,mae,teacher,student,detector; default "
+                 "the first four: the attack detector of a learned gate is opt-in)."),
     _option("calibrate", bool, True, "--calibrate/--no-calibrate", help="End with per-site gate calibration."),
     _option("classifier_split", str | None, None, "--classifier-split", click_type=CLASSIFIER_SPLIT_CHOICE,
             help="moe (global expert only) | fedbn | all."),
@@ -81,6 +82,12 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
             help="K: the student's sampling steps (1, 2 or 4), recorded in it."),
     _option("purify_range", tuple[int, int] | None, None, "--purify-range",
             help="t* range: t_min t_max (of T = 1000), recorded in the student."),
+    _option("detector_harden_rounds", int | None, None, "--detector-harden-rounds", min=0,
+            help="With the detector phase: its last N rounds also train on each site's evasion of the round's "
+                 "detector."),
+    _option("detector_l2", float | None, None, "--detector-l2", min=0.0,
+            help="With the detector phase: add PGD at this l2 radius (scan units, e.g. 0.5) to its training "
+                 "attacks (0: linf only)."),
     _option("denoise_t_max", int | None, None, "--denoise-t-max", min=0,
             help="Train the purifier's teacher and student on diffusion times up to this (0: 250, the presets'); "
                  "certifying at sigma 0.5 uses t 496."),

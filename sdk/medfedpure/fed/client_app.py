@@ -170,7 +170,9 @@ class _Site:
                                   denoiser=run.denoiser, denoise_t_max=run.denoise_t_max)
         return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.ROUND_STRIDE * self.round + tasks.SITE_STRIDE * self.site,
                               site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds),
-                              classifier_overrides=over, denoiser=run.denoiser, denoise_t_max=run.denoise_t_max)
+                              classifier_overrides=over, denoiser=run.denoiser, denoise_t_max=run.denoise_t_max,
+                              harden=self.round > run.rounds - run.detector_harden_rounds,
+                              detector_l2=run.detector_l2)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -209,7 +211,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = s.model()
     params.set_travelling(model, msg.content["arrays"], s.split)
     data = s.data()
-    metrics = s.phase.evaluate(model, data, s.run.seed)
+    metrics = s.phase.evaluate(model, data, s.run.seed, s.site_dir)
     if s.run.rounds and s.round == s.run.rounds:
         _save_final(s, model)
     record = MetricRecord({"num-examples": len(data.x_val), "site": s.site, **metrics})

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from medfedpure.fed.params import SPLITS
-from medfedpure.fed.phases import PHASES, PRESETS
+from medfedpure.fed.phases import DEFAULT_PHASES, PHASES, PRESETS
 from medfedpure.fed.strategies import STRATEGIES
 from medfedpure.fed.validation import DEFAULT_MEDIAN_RATIO, UpdateValidationConfig
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
@@ -153,7 +153,12 @@ class FedConfig:
         and about doubled the training time at 128 px on CPU (benchmarks/RESULTS.md).
     strategy: aggregation rule for every phase (fedavg | fedmedian | fedtrimmedavg | krum).
     num_sites: sites (= nodes); every round waits for all of them.
-    phases: which phases to run, in order (subset of classifier, mae, teacher, student).
+    phases: which phases to run, in order (subset of classifier, mae, teacher, student, detector; default
+        the first four — the attack detector of a learned gate is opt-in).
+    detector_harden_rounds: the detector phase's last this many rounds also train against each site's
+        evasion of the round's detector (0: none; at most ``rounds``).
+    detector_l2: an ℓ2 radius (scan units, e.g. 0.5) added to the detector's PGD training attacks (0: ℓ∞
+        radii 2, 4, 8/255 only).
     calibrate: finish with each site calibrating its own gate (needs mae + student).
     classifier_split: what travels for the classifier: "moe" (global expert only; the
         personalised MoE), "all" (FedAvg of one model), "fedbn" (all but normalisation layers).
@@ -202,7 +207,7 @@ class FedConfig:
     classifier_stem: int = 0
     strategy: str = "fedavg"
     num_sites: int = 4
-    phases: tuple[str, ...] = tuple(PHASES)
+    phases: tuple[str, ...] = DEFAULT_PHASES
     calibrate: bool = True
     classifier_split: str = "moe"
     max_update_norm: float = math.inf
@@ -229,6 +234,8 @@ class FedConfig:
     smoothing_sigmas: tuple[float, ...] = SMOOTHING_DEFAULTS["smoothing_sigmas"]
     smoothing_frac: float = SMOOTHING_DEFAULTS["smoothing_frac"]
     denoiser: str = ""
+    detector_harden_rounds: int = 0
+    detector_l2: float = 0.0
     seed: int = 0
     threads: int = 1
     round_timeout_s: float = 3600.0
@@ -283,6 +290,10 @@ class FedConfig:
             raise ValueError(f"student_steps={self.student_steps}, purify range [{self.purify_t_min}, "
                              f"{self.purify_t_max}]: {exc}") from exc
         check_denoise_t_max(self.denoise_t_max, self.purify_t_max)
+        if isinstance(self.detector_harden_rounds, bool) or not 0 <= self.detector_harden_rounds <= self.rounds:
+            raise ValueError(f"detector_harden_rounds={self.detector_harden_rounds!r}: from 0 to rounds ({self.rounds})")
+        if not (self.detector_l2 >= 0 and math.isfinite(self.detector_l2)):
+            raise ValueError(f"detector_l2={self.detector_l2!r}: 0 (ℓ∞ only) or a positive ℓ2 radius in scan units")
         if self.poison_site >= self.num_sites:
             raise ValueError(f"poison_site={self.poison_site}: -1 (none) or a site index < num_sites")
         _ = self.classifier_overrides()  # validates the adversarial-training and smoothing fields

@@ -10,6 +10,8 @@ classifier   moe   MoEClassifier global expert ``train_classifier``, continuing 
 mae          mae   MAE          everything     ``train_mae``
 teacher      unet  UNet         everything     ``train_denoiser`` (x0-prediction on the DDPM schedule)
 student      unet  UNet         everything     ``distill_student`` from the site's copy of the final teacher
+detector     det.  AttackDetect everything     ``fit_detector`` on the site's scans and their PGD copies against
+                                               its own final classifier (opt-in: not in :data:`DEFAULT_PHASES`)
 ============ ===== ============ ============== ===========================================================
 
 The classifier's split is the run's choice (``FedConfig.classifier_split``: "moe", "fedbn" or
@@ -29,6 +31,7 @@ import torch
 from medfedpure.fed import tasks
 from medfedpure.fed.params import SPLITS
 from medfedpure.fed.tasks import PRESETS
+from medfedpure.models.detector import AttackDetector, DetectorConfig
 from medfedpure.models.mae import MAEConfig, MaskedAutoencoder
 from medfedpure.models.moe import MoEClassifier, MoEConfig
 from medfedpure.models.unet import UNet, UNetConfig
@@ -36,9 +39,9 @@ from medfedpure.models.unet import UNet, UNetConfig
 if TYPE_CHECKING:
     from medfedpure.fed.config import FedConfig
 
-__all__ = ["PHASES", "PRESETS", "Phase", "build_model", "image_size", "lookup"]
+__all__ = ["DEFAULT_PHASES", "PHASES", "PRESETS", "Phase", "build_model", "image_size", "lookup"]
 
-KINDS = ("moe", "mae", "unet")
+KINDS = ("moe", "mae", "unet", "detector")
 
 
 def _no_metadata(cfg: FedConfig) -> dict[str, Any]:
@@ -51,7 +54,7 @@ class Phase:
 
     Attributes:
         name: the phase's name (message config ``phase``, checkpoint role, file names).
-        kind: checkpoint kind of its model (``models.registry``): "moe", "mae" or "unet".
+        kind: checkpoint kind of its model (``models.registry``): "moe", "mae", "unet" or "detector".
         model_config: ``(preset, size, width, stem) -> config``; ``size > 0`` overrides the preset's image
             side; ``width`` and ``stem`` shape the classifier (``FedConfig.classifier_width`` and
             ``classifier_stem``), and the other phases ignore them.
@@ -60,7 +63,8 @@ class Phase:
             expert only) or "all".
         train: one round of local work (``tasks.LocalTrain``): ``(model, data, job, optimizer
             state) -> (metrics, optimizer state or None)``.
-        evaluate: ``(model, data, seed) -> metrics`` on the site's validation and test splits.
+        evaluate: ``(model, data, seed, site_dir) -> metrics`` on the site's validation and test splits
+            (``site_dir``: the site's folder, where the detector finds the classifier it guards).
         stateful: the site keeps its optimizer state across rounds and round r continues one
             federation-wide warm-up + cosine schedule; otherwise every round is a short complete run
             under the server's envelope over rounds (``tasks.round_lr_scale``).
@@ -151,8 +155,15 @@ PHASES: dict[str, Phase] = {
         # The student has the teacher's architecture: distillation starts it from the teacher's weights.
         Phase("student", "unet", _unet_config, UNet, "all", tasks.train_student_round, tasks.evaluate_denoiser_site,
               init_from="teacher", metadata=_student_metadata),
+        # The attack detector of a learned gate: after the classifier phase (it attacks each site's final one).
+        Phase("detector", "detector", lambda preset, size, width, stem: DetectorConfig.preset(
+                  preset, **({"image_size": size} if size else {})),
+              AttackDetector, "all", tasks.train_detector_round, tasks.evaluate_detector_site),
     )
 }
+
+#: The phases a run trains unless told otherwise (the detector is opt-in: ``--phases …,detector``).
+DEFAULT_PHASES: tuple[str, ...] = ("classifier", "mae", "teacher", "student")
 
 
 def lookup(name: str) -> Phase:

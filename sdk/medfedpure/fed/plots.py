@@ -11,6 +11,7 @@ PANEL = {
     "mae": ("test_masked_mse", "MAE masked MSE (test)"),
     "teacher": ("test_denoise_mse", "teacher x0 MSE (test)"),
     "student": ("test_denoise_mse", "student x0 MSE (test)"),
+    "detector": ("test_auroc_8", "detector AUROC, PGD 8/255 (test)"),
 }
 
 

@@ -25,6 +25,7 @@ from medfedpure.models.weights import load_model
 from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate
 from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 from medfedpure.train.denoiser import load_denoiser_cached
+from medfedpure.train.detector import DetectorTrainConfig, attacked, detector_scores, evade, fit_detector
 from medfedpure.train.distill import DistillConfig, distill_student
 from medfedpure.train.loop import cosine_lr
 from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
@@ -93,6 +94,10 @@ class LocalJob:
         its overrides set ``smoothing_sigmas``; "" (none) otherwise.
     denoise_t_max: the diffusion times the teacher (``t_hi``) and the student (``t_max``) train on reach
         this (``FedConfig.denoise_t_max``); 0: the presets' (250).
+    harden: the detector's round also trains against the site's evasion of the round's model
+        (``FedConfig.detector_harden_rounds``); other phases ignore it.
+    detector_l2: an ℓ2 radius (scan units) added to the detector's attacked set (0: ℓ∞ only;
+        ``FedConfig.detector_l2``).
     """
 
     preset: str
@@ -104,6 +109,8 @@ class LocalJob:
     classifier_overrides: tuple[tuple[str, Any], ...] = ()
     denoiser: str = ""
     denoise_t_max: int = 0
+    harden: bool = False
+    detector_l2: float = 0.0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -134,7 +141,7 @@ class LocalJob:
 
 LocalTrain = Callable[[torch.nn.Module, SiteData, LocalJob, "OptimizerState | None"],
                       "tuple[dict[str, float], OptimizerState | None]"]
-LocalEvaluate = Callable[[torch.nn.Module, SiteData, int], "dict[str, float]"]
+LocalEvaluate = Callable[[torch.nn.Module, SiteData, int, "Path | None"], "dict[str, float]"]
 
 
 def round_lr_scale(server_round: int, num_rounds: int) -> float:
@@ -245,12 +252,96 @@ def train_student_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
     return _round_metrics(out), None
 
 
+def _site_classifier(site_dir: Path | None) -> tuple[torch.nn.Module, Path]:
+    """The site's own final classifier (``SITE/classifier.safetensors``, written by the classifier phase), in eval
+    mode with gradients off, and its path."""
+    path = None if site_dir is None else site_dir / "classifier.safetensors"
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"no classifier at {path}: run the 'classifier' phase before 'detector' (the "
+                                "detector guards the site's own classifier)")
+    model, _, meta = load_model(path)
+    if meta.get("kind") != "moe":
+        raise ValueError(f"{path}: a {meta.get('kind')!r} model, not the site's classifier ('moe')")
+    return model.eval().requires_grad_(False), path
+
+
+def _attacked_train_set(site_dir: Path, clf: torch.nn.Module, clf_path: Path, x: torch.Tensor, y: torch.Tensor,
+                        cfg: DetectorTrainConfig) -> torch.Tensor:
+    """The detector's attacked copy of the site's training scans, against the site's classifier: computed once
+    and kept in ``SITE/detector_attacked.safetensors`` under a key of the classifier's bytes, the scans and the
+    attack, so that later rounds (often a fresh client process) reuse it. Seeded by ``cfg.seed``."""
+    import hashlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    eps, norms = cfg.attacks(len(x))
+    h = hashlib.sha256(clf_path.read_bytes())
+    h.update(x.numpy().tobytes())
+    h.update(json.dumps([eps.tolist(), norms.tolist(), cfg.attack_steps, cfg.seed]).encode())
+    key, path = h.hexdigest(), site_dir / "detector_attacked.safetensors"
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                return f.get_tensor("adv")
+    adv = attacked(clf, x, y, eps, steps=cfg.attack_steps, seed=cfg.seed, norm=norms)
+    site_dir.mkdir(parents=True, exist_ok=True)
+    save_file({"adv": adv.contiguous()}, str(path), metadata={"key": key})
+    return adv
+
+
+def train_detector_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
+                         optimizer_state: OptimizerState | None = None) -> tuple[dict[str, float], None]:
+    """The attack detector's round (stateless): BCE on the site's clean training scans against their PGD copies
+    crafted on the site's own final classifier (``train.detector``; ℓ∞ radii of the preset, plus
+    ``job.detector_l2``), Adam at the preset's rate × the round's envelope. With ``job.harden`` the site first
+    runs the detector's evasion (PGD that fools its classifier and keeps the score under τ, τ at the target
+    false-flag rate on its clean validation scans) on ``harden_scans`` training scans against the model it
+    received, and trains on those too: federated adversarial training of the detector. Scans and classifier
+    never leave the site. Metrics: ``train_loss``, and with hardening ``evasion_flagged_before`` (the share of
+    the evasion the received model still flagged)."""
+    cfg = DetectorTrainConfig.preset(job.preset, train_eps_l2=(job.detector_l2,) if job.detector_l2 else ())
+    clf, clf_path = _site_classifier(job.site_dir)
+    assert job.site_dir is not None
+    x, y = torch.from_numpy(np.ascontiguousarray(data.x_train)), torch.from_numpy(np.ascontiguousarray(data.y_train))
+    clean, adv = [x], [_attacked_train_set(job.site_dir, clf, clf_path, x, y, cfg)]
+    metrics: dict[str, float] = {}
+    if job.harden:
+        x_cal = torch.from_numpy(np.ascontiguousarray(data.x_val))
+        tau = float(np.quantile(detector_scores(model, x_cal), 1 - cfg.target_false_flag_rate))
+        pick = np.random.default_rng(job.seed).permutation(len(x))
+        pick = torch.from_numpy(np.sort(pick[:cfg.harden_scans] if cfg.harden_scans else pick))
+        ev = evade(clf, model, x[pick], y[pick], cfg.harden_eps, tau, steps=cfg.harden_steps, seed=job.seed)
+        metrics["evasion_flagged_before"] = float((detector_scores(model, ev) >= tau).mean())
+        clean.append(x[pick])
+        adv.append(ev)
+    losses = fit_detector(model, torch.cat(clean), torch.cat(adv), epochs=job.epochs, seed=job.seed,
+                          batch_size=cfg.batch_size, lr=cfg.lr * job.lr_scale, one_cycle=False, progress=False)
+    return {"train_loss": float(losses[-1]), **metrics}, None
+
+
+def evaluate_detector_site(model: torch.nn.Module, data: SiteData, seed: int = 0,
+                           site_dir: Path | None = None) -> dict[str, float]:
+    """``val_tau`` (the score's 95 % quantile on the clean validation scans), ``test_false_flag_rate`` at it, and
+    ``test_auroc_4`` / ``test_auroc_8``: clean test scans against their PGD-10 ℓ∞ 4 and 8/255 copies on the site's
+    own classifier (``train.detector.evaluate_detector``)."""
+    from medfedpure.train.detector import evaluate_detector
+
+    clf, _ = _site_classifier(site_dir)
+    r = evaluate_detector(model, clf, torch.from_numpy(np.ascontiguousarray(data.x_val)),
+                          torch.from_numpy(np.ascontiguousarray(data.x_test)),
+                          torch.from_numpy(np.ascontiguousarray(data.y_test)), [4 / 255, 8 / 255], seed=seed + 1)
+    return {"val_tau": float(r["tau"]), "test_false_flag_rate": float(r["false_flag_rate"]),
+            "test_auroc_4": float(r["auroc"]["4/255"]), "test_auroc_8": float(r["auroc"]["8/255"])}
+
+
 def _eval_splits(data: SiteData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
 
 
 @torch.no_grad()
-def evaluate_classifier_site(model: torch.nn.Module, data: SiteData, seed: int = 0) -> dict[str, float]:
+def evaluate_classifier_site(model: torch.nn.Module, data: SiteData, seed: int = 0,
+                             site_dir: Path | None = None) -> dict[str, float]:
     """``val_/test_accuracy`` and ``val_/test_loss`` of the personalised model (global + local part)."""
     model.eval()
     out: dict[str, float] = {}
@@ -262,7 +353,8 @@ def evaluate_classifier_site(model: torch.nn.Module, data: SiteData, seed: int =
 
 
 @torch.no_grad()
-def evaluate_mae_site(model: torch.nn.Module, data: SiteData, seed: int = 0) -> dict[str, float]:
+def evaluate_mae_site(model: torch.nn.Module, data: SiteData, seed: int = 0,
+                      site_dir: Path | None = None) -> dict[str, float]:
     """``val_/test_masked_mse`` of the MAE."""
     model.eval()
     return {f"{split}_masked_mse": float(evaluate_mae(model, x)["masked_mse"])
@@ -270,7 +362,8 @@ def evaluate_mae_site(model: torch.nn.Module, data: SiteData, seed: int = 0) -> 
 
 
 @torch.no_grad()
-def evaluate_denoiser_site(model: torch.nn.Module, data: SiteData, seed: int = 0) -> dict[str, float]:
+def evaluate_denoiser_site(model: torch.nn.Module, data: SiteData, seed: int = 0,
+                           site_dir: Path | None = None) -> dict[str, float]:
     """``val_/test_denoise_mse``: the x0-prediction MSE of a teacher or student at fixed times {50, 150}.
 
     On the first 32 scans of each split (``[32,1,S,S]`` in model space), with noise drawn from
