@@ -438,6 +438,7 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
 
     from medfedpure.cli.runtime import _load
     from medfedpure.export.bundle_writer import write_recalibrated_bundle
+    from medfedpure.export.learned_gate import calibrate_with_detector
     from medfedpure.runtime.bundle import BundleError
     from medfedpure.runtime.calibration import TooFewScansError, load_scan_folder, recalibrate
 
@@ -445,17 +446,14 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     tmp = tempfile.TemporaryDirectory(prefix="medfedpure-detector-")
     try:
         folder = load_scan_folder(scans, d.image_size, limits=d.limits)
-        source = d
+        source, target = d, d.bundle
+        kw = dict(target_ffr=target_ffr, min_scans=min_scans, pixels_sha256=folder.pixels_sha256,
+                  tau_high_k=tau_high_k, description=description, policy=policy)
         if detector is not None:
-            if stat is not None and stat != "learned":
-                raise ValueError(f"--detector calibrates the 'learned' gate; --stat {stat} contradicts it")
-            d = _with_detector(d, detector, topk, folder.x, Path(tmp.name) / "bundle", backend, threads)
-            stat = topk = None
-        rc = recalibrate(d.bundle, d.engine, folder.x, target_ffr=target_ffr, min_scans=min_scans,
-                         pixels_sha256=folder.pixels_sha256, tau_high_k=tau_high_k, description=description,
-                         stat=stat, topk=topk, policy=policy)
-        if detector is not None:
-            rc = _against_source_gate(rc, source, folder.x)
+            rc, target = calibrate_with_detector(d, detector, folder.x, tmp.name, topk=topk, backend=backend,
+                                                 threads=threads, stat=stat, **kw)
+        else:
+            rc = recalibrate(d.bundle, d.engine, folder.x, stat=stat, topk=topk, **kw)
     except TooFewScansError as e:
         typer.echo(f"error: TooFewScansError: {e} ({len(folder.skipped)} files in {scans} were not usable scans)",
                    err=True)
@@ -474,7 +472,7 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     typer.echo(f"achieved false-flag rate on the calibration scans: {rc.flagged}/{n} = {rc.achieved_ffr:.4f}, "
                f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)")
     try:
-        vb = write_recalibrated_bundle(d.bundle, out, rc.gate, rc.provenance, signing_key=key, overwrite=overwrite)
+        vb = write_recalibrated_bundle(target, out, rc.gate, rc.provenance, signing_key=key, overwrite=overwrite)
     except (BundleError, ValueError, FileExistsError) as e:
         typer.echo(f"error: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2) from e
@@ -486,52 +484,6 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
                    f"{vb.root} --key KEY`) by a trusted key, or loaded with allow_unsigned / --allow-unsigned")
     else:
         typer.echo(f"signed by key {vb.signer.key_id}")
-
-
-def _with_detector(d: Any, detector: Path, topk: int | None, x: Any, out: Path, backend: str, threads: int) -> Any:
-    """A Defender on an unsigned copy of ``d``'s bundle at ``out`` carrying the attack detector (``learned`` gate,
-    τ not yet set); its ONNX graphs are checked against torch on the calibration scans ``x``."""
-    from medfedpure.cli.runtime import _load
-    from medfedpure.export.bundle_writer import write_bundle_with_detector
-    from medfedpure.models.detector import AttackDetector
-    from medfedpure.models.weights import load_model, model_metadata
-
-    det, _, meta = load_model(detector)
-    if not isinstance(det, AttackDetector):
-        raise ValueError(f"{detector}: a {model_metadata(detector).get('kind')!r} model, not an attack detector "
-                         "(train one with `medfedpure train detector`)")
-    prov = {"checkpoint_sha256": _sha256(detector), **{k: meta[k] for k in ("sites", "classifier", "train_config")
-                                                       if k in meta}}
-    write_bundle_with_detector(d.bundle, out, det, topk=topk, verify_scans=x[:32], detector_provenance=prov,
-                               signing_key=None)
-    return _load(out, backend, "auto", threads, allow_unsigned=True)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _against_source_gate(rc: Any, source: Any, x: Any) -> Any:
-    """The recalibration of a detector copy, with its provenance and ``previous`` pointing at the source bundle
-    and its gate (the copy's provisional gate is an intermediate, not a gate anyone ran)."""
-    import dataclasses
-
-    from medfedpure.runtime.calibration import score_scans
-
-    old = source.bundle.spec.gate
-    flagged_before = int(old.decide(score_scans(source.engine, x))[0].sum())
-    prov = {**rc.provenance, "source_bundle_id": source.bundle.bundle_id, "flagged_by_source_gate": flagged_before,
-            "previous_gate": {"tau": old.tau, "tau_high": old.tau_high, "stat": old.stat, "topk": old.topk,
-                              "policy": old.policy},
-            "changed": {"stat": rc.gate.stat, "topk": rc.gate.topk, "detector": "attached"}}
-    cal = rc.gate.calibration
-    copy_id = rc.provenance["source_bundle_id"]
-    text = f"bundle {source.bundle.bundle_id} with an attack detector attached"
-    gate = dataclasses.replace(rc.gate, calibration=dataclasses.replace(cal, source=cal.source.replace(
-        f"bundle {copy_id}", text)))
-    return dataclasses.replace(rc, gate=gate, previous=old, flagged_before=flagged_before, provenance=prov)
 
 
 def _teacher_t_hi(path: Path) -> float | None:
