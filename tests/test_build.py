@@ -36,6 +36,7 @@ def test_config_defaults_are_the_default_bundles():
     assert d["schedule"] == {"t_min": 60, "t_max": 200, "steps": 1} and d["purifier_phases"] == ["teacher", "student"]
     assert BundleBuildConfig.from_dict(json.loads(json.dumps(d))) == c
     assert BundleBuildConfig(purifier_phases="teacher").purifier_phases == ("teacher",)
+    assert (c.detector_rounds, c.detector_local_epochs, c.detector_harden_rounds, c.detector_l2) == (0, 2, 0, 0.0)
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -48,6 +49,9 @@ def test_config_defaults_are_the_default_bundles():
     (dict(schedule={"t_min": 300, "t_max": 200, "steps": 1}), "t_min"),
     (dict(schedule={"t_min": 60, "t_max": 200, "steps": 3}), "K = 1, 2 or 4"),
     (dict(schedule=(60, 200, 1)), "schedule"),
+    (dict(detector_rounds=-1), "detector_rounds"), (dict(detector_rounds=2, detector_local_epochs=0), "detector_rounds"),
+    (dict(detector_rounds=2, detector_harden_rounds=3), "detector_harden_rounds"),
+    (dict(detector_harden_rounds=1), "detector_harden_rounds"), (dict(detector_l2=-0.1), "detector_l2"),
 ])
 def test_config_rejects_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -213,6 +217,12 @@ def fake_federate(fed_cfg, timeout_s: float) -> dict:
                 for k in range(fed_cfg.num_sites):
                     m = MoEClassifier(MoEConfig.preset(fed_cfg.preset))
                     save_model(out / f"site_{k}" / "classifier.safetensors", m, m.cfg, "moe")
+            elif phase == "detector":
+                from medfedpure.models.detector import AttackDetector, DetectorConfig
+
+                assert all((out / f"site_{k}" / "classifier.safetensors").is_file() for k in range(fed_cfg.num_sites))
+                m = AttackDetector(DetectorConfig.preset(fed_cfg.preset))
+                save_model(out / "detector.safetensors", m, m.cfg, "detector", extra={"role": phase})
             else:
                 m = MaskedAutoencoder(MAEConfig.preset(fed_cfg.preset)) if phase == "mae" \
                     else UNet(UNetConfig.preset(fed_cfg.preset))
@@ -285,6 +295,44 @@ def test_bundle_build_end_to_end_and_resume(tmp_path):
     assert json.loads((work / "config.json").read_text())["site"] == 0  # the dry run wrote its config
 
 
+def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path):
+    from medfedpure.build.pipeline import build_bundle
+    from medfedpure.runtime.bundle import verify_bundle
+
+    work, dest = tmp_path / "work", tmp_path / "dest"
+    cfg = BundleBuildConfig(sites=2, per_site=20, size=32, site=1, preset="tiny", rounds=1, local_epochs=1,
+                            purifier_rounds=1, purifier_local_epochs=1, threads=1, purifier_phases=("teacher",),
+                            dest=str(dest), detector_rounds=2, detector_harden_rounds=1, detector_l2=0.5)
+    calls: list = []
+
+    def federate(fed_cfg, timeout_s):
+        calls.append((fed_cfg.phases, fed_cfg.rounds, fed_cfg.detector_harden_rounds, fed_cfg.detector_l2))
+        return fake_federate(fed_cfg, timeout_s)
+
+    out = build_bundle(cfg, work, federate=federate, log=lambda m: None)
+    assert [c[0] for c in calls] == [("teacher",), ("classifier", "mae"), ("detector",)]
+    assert calls[2][1:] == (2, 1, 0.5)
+    for k in (0, 1):  # each site's detector federation starts from its own classifier
+        assert (work / "fed_detector" / f"site_{k}" / "classifier.safetensors").read_bytes() == (
+            work / "fed_cls_mae" / f"site_{k}" / "classifier.safetensors").read_bytes()
+    assert set(out["step_seconds"]) == {*STEP_NAMES, "fed_detector", "learned_gate"}
+    vb = verify_bundle(dest)
+    g = vb.spec.gate
+    assert vb.bundle_id == out["bundle_id"] and g.stat == "learned" and out["gate"]["stat"] == "learned"
+    assert {a.role for a in vb.artefacts.values()} >= {"detector", "classifier", "mae", "denoiser"}
+    assert out["gate"]["tau"] == pytest.approx(g.tau) and out["gate"]["num_val_scans"] == g.calibration.num_val_scans
+    prov = vb.spec.provenance
+    assert prov["detector"]["federation"] == "fed_detector" and prov["detector"]["harden_rounds"] == 1
+    assert "site 1" in prov["recalibration"]["description"]
+    # the hfratio bundle staged before the detector is untouched; a dry rerun plans nothing but the checks
+    assert verify_bundle(work / "bundle", allow_unsigned=True).spec.gate.stat != "learned"
+    plan = build_bundle(cfg, work, federate=federate, dry_run=True, log=lambda m: None)["plan"]
+    assert [p["step"] for p in plan if p["run"]] == ["verify", "size_check", "install"]
+    plan = build_bundle(BundleBuildConfig(**{**cfg.to_dict(), "detector_l2": 0.0}), work, federate=federate,
+                        dry_run=True, log=lambda m: None)["plan"]
+    assert [p["step"] for p in plan if p["run"]] == ["fed_detector", "learned_gate", "verify", "size_check", "install"]
+
+
 @pytest.mark.slow
 def test_bundle_build_with_flower_simulation(tmp_path):
     """The real federations (Flower simulation, one round each) at the tiniest settings; about a minute."""
@@ -296,9 +344,12 @@ def test_bundle_build_with_flower_simulation(tmp_path):
     work, dest = tmp_path / "work", tmp_path / "dest"
     cfg = BundleBuildConfig(sites=2, per_site=20, size=32, site=1, preset="tiny", rounds=1, local_epochs=1,
                             max_train=8, purifier_rounds=1, purifier_local_epochs=1, purifier_max_train=8,
-                            threads=1, timeout_s=600, dest=str(dest))
+                            threads=1, timeout_s=600, dest=str(dest), detector_rounds=1)
     out = build_bundle(cfg, work, log=lambda m: None)
     assert verify_bundle(dest).bundle_id == out["bundle_id"] and out["student_is_teacher"] is False
+    assert verify_bundle(dest).spec.gate.stat == "learned"  # the detector federation ran for real
+    det = json.loads((work / "fed_detector" / "metrics.json").read_text())["phases"]["detector"]
+    assert not det["errors"] and {r["site"] for r in det["per_site"] if r["kind"] == "evaluate"} == {0, 1}
     run = work / "run"
     assert Path(FedConfig.load(run / "config.json").data_dir) == (work / "data").resolve()
     metrics = json.loads((run / "metrics.json").read_text())

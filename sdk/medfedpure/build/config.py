@@ -66,6 +66,11 @@ class BundleBuildConfig:
             denoiser is the purifier federation's student (its teacher when ``purifier_phases`` is
             ``("teacher",)``): the weights the bundle ships, so the classifier federation then comes
             after the purifier federation and reruns when it does.
+        detector_rounds / detector_local_epochs / detector_harden_rounds / detector_l2: a third federation
+            trains the attack detector (``fed`` phase ``detector``: each site attacks its own final
+            classifier; ``FedConfig.detector_harden_rounds`` and ``detector_l2``), and the bundle's gate is the
+            ``learned`` one on it, calibrated on the site's validation scans. ``detector_rounds`` 0 (the
+            default): no detector, the bundle keeps the MAE-side statistic.
     """
 
     sites: int = 2
@@ -100,6 +105,10 @@ class BundleBuildConfig:
     select: str = "clean"
     smoothing_sigmas: tuple[float, ...] = ()
     smoothing_frac: float = 0.25
+    detector_rounds: int = 0
+    detector_local_epochs: int = 2
+    detector_harden_rounds: int = 0
+    detector_l2: float = 0.0
 
     def __post_init__(self) -> None:
         from medfedpure.models.diffusion import PurifySchedule
@@ -138,6 +147,14 @@ class BundleBuildConfig:
         for name in ("max_train", "purifier_max_train"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: every training scan)")
+        if self.detector_rounds < 0 or self.detector_local_epochs < 1:
+            raise ValueError(f"detector_rounds={self.detector_rounds}, detector_local_epochs="
+                             f"{self.detector_local_epochs}: rounds >= 0 (0: no detector), local epochs >= 1")
+        if not 0 <= self.detector_harden_rounds <= self.detector_rounds:
+            raise ValueError(f"detector_harden_rounds={self.detector_harden_rounds}: from 0 to detector_rounds "
+                             f"({self.detector_rounds})")
+        if not self.detector_l2 >= 0:
+            raise ValueError(f"detector_l2={self.detector_l2}: 0 (linf only) or a positive l2 radius")
         if self.classifier_stem < 0:
             raise ValueError(f"classifier_stem={self.classifier_stem}: must be >= 0 (0: no full-resolution "
                              "layers)")

@@ -10,8 +10,12 @@ The work folder ``WORK`` (default ``runs/default_bundle``) holds::
     WORK/data/                  the synthetic data set (dataset.json, splits.json, site_k/)
     WORK/fed_purifier/          the purifier federation's run folder (teacher, student)
     WORK/fed_cls_mae/           the classifier + MAE federation's run folder
+    WORK/fed_detector/          with ``detector_rounds``: the attack detector's federation (each site's folder
+                                starts with its classifier from fed_cls_mae)
     WORK/run/                   the merged run folder (docs/interfaces.md "Run folder")
     WORK/bundle/                the exported, verified bundle before it is installed
+    WORK/bundle_learned/        with ``detector_rounds``: the same bundle carrying the detector, its
+                                ``learned`` gate calibrated on the site's validation scans (installed instead)
 
 The purifier trains in a federation of its own (its own rounds and local epochs): it does not
 depend on the classifier, so a re-tuned classifier federation reruns without retraining it. With
@@ -45,8 +49,8 @@ from medfedpure.build.steps import Step, StepsReport, read_record, run_steps
 if TYPE_CHECKING:
     from medfedpure.fed.config import FedConfig
 
-__all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "fed_configs", "pin_default_bundle_id",
-           "purifier_denoiser"]
+__all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "detector_fed_config", "fed_configs",
+           "pin_default_bundle_id", "purifier_denoiser"]
 
 Federate = Callable[["FedConfig", float], Mapping[str, Any]]
 
@@ -86,8 +90,16 @@ class BuildPaths:
         return self.work / "fed_cls_mae"
 
     @property
+    def fed_detector(self) -> Path:
+        return self.work / "fed_detector"
+
+    @property
     def run(self) -> Path:
         return self.work / "run"
+
+    @property
+    def learned(self) -> Path:
+        return self.work / "bundle_learned"
 
     @property
     def stage(self) -> Path:
@@ -99,6 +111,17 @@ def purifier_denoiser(cfg: BundleBuildConfig, paths: BuildPaths) -> Path:
     teacher when the build skips distillation (``_merge`` copies the same file into the run)."""
     name = "student" if "student" in cfg.purifier_phases else "teacher"
     return paths.fed_purifier / f"{name}.safetensors"
+
+
+def detector_fed_config(cfg: BundleBuildConfig, paths: BuildPaths) -> FedConfig:
+    """The attack detector's federation (phase ``detector`` only; its sites' classifiers come from fed_cls_mae)."""
+    from medfedpure.fed.config import FedConfig
+
+    return FedConfig(data_dir=str(paths.data), out_dir=str(paths.fed_detector), preset=cfg.preset,
+                     num_sites=cfg.sites, seed=cfg.seed, calibrate=False, phases=("detector",),
+                     rounds=max(cfg.detector_rounds, 1), local_epochs=cfg.detector_local_epochs,
+                     max_train=cfg.max_train, detector_harden_rounds=cfg.detector_harden_rounds,
+                     detector_l2=cfg.detector_l2)
 
 
 def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, FedConfig]:
@@ -148,6 +171,49 @@ def _data(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
 def _federate(fed_cfg: FedConfig, federate: Federate, timeout_s: float) -> dict[str, Any]:
     metrics = federate(fed_cfg, timeout_s)
     return {k: metrics[k] for k in ("sim_wall_s", "wall_s", "leftover_pids") if k in metrics}
+
+
+def _federate_detector(cfg: BundleBuildConfig, paths: BuildPaths, federate: Federate) -> dict[str, Any]:
+    """Each site's folder of the detector federation gets its final classifier from the classifier federation
+    (the detector of a site guards that classifier); then the federation."""
+    for k in range(cfg.sites):
+        src = paths.fed_cls_mae / f"site_{k}" / "classifier.safetensors"
+        if not src.is_file():
+            raise BundleBuildError(f"the classifier federation left no {src}: rerun the build")
+        dst = paths.fed_detector / f"site_{k}"
+        dst.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / "classifier.safetensors")
+    return _federate(detector_fed_config(cfg, paths), federate, cfg.timeout_s)
+
+
+def _learned_gate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
+    """The staged bundle with the federated detector attached and its ``learned`` gate calibrated on the site's
+    clean validation scans (the same call as ``medfedpure calibrate --bundle B --detector D``) →
+    ``WORK/bundle_learned`` (unsigned; signed on install)."""
+    import tempfile
+
+    import torch
+
+    from medfedpure.data import load_split
+    from medfedpure.export.bundle_writer import write_recalibrated_bundle
+    from medfedpure.export.learned_gate import calibrate_with_detector
+    from medfedpure.runtime.defender import Defender
+
+    torch.set_num_threads(cfg.threads)
+    source = Defender.load(paths.stage, "onnxruntime", "auto", threads=cfg.threads, allow_unsigned=True)
+    x_val, _ = load_split(paths.data, cfg.site, "val", source.image_size)
+    with tempfile.TemporaryDirectory(prefix="medfedpure-build-detector-") as tmp:
+        rc, target = calibrate_with_detector(
+            source, paths.fed_detector / "detector.safetensors", x_val, tmp, backend="onnxruntime",
+            threads=cfg.threads, min_scans=min(100, len(x_val)),
+            description=f"the {len(x_val)} clean validation scans of site {cfg.site} (bundle build)",
+            detector_provenance={"federation": "fed_detector", "rounds": cfg.detector_rounds,
+                                 "harden_rounds": cfg.detector_harden_rounds, "l2": cfg.detector_l2})
+        vb = write_recalibrated_bundle(target, paths.learned, rc.gate, rc.provenance, signing_key=None,
+                                       overwrite=True)
+    g = rc.gate
+    return {"bundle_id": vb.bundle_id, "stat": g.stat, "tau": g.tau, "tau_high": g.tau_high, "topk": g.topk,
+            "t_min": g.t_min, "t_max": g.t_max, "val_false_flag_rate": rc.achieved_ffr, "num_val_scans": rc.n}
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -260,8 +326,14 @@ def pin_default_bundle_id(bundle_id: str, module: Path | None = None) -> Path:
     return module
 
 
+def _final(cfg: BundleBuildConfig, paths: BuildPaths) -> Path:
+    """The staged bundle that is checked and installed: the one with the learned gate when the build trains a
+    detector."""
+    return paths.learned if cfg.detector_rounds else paths.stage
+
+
 def _size_check(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
-    nbytes = _bundle_bytes(paths.stage)
+    nbytes = _bundle_bytes(_final(cfg, paths))
     if nbytes > cfg.max_bundle_bytes:
         raise BundleBuildError(f"the bundle is {nbytes} bytes, more than max_bundle_bytes={cfg.max_bundle_bytes}: "
                                "build with a smaller preset or raise --max-bytes")
@@ -277,14 +349,15 @@ def _install(cfg: BundleBuildConfig, paths: BuildPaths, signing_key: Any = None)
     work = paths.work.resolve()
     if dest == work or dest in work.parents:
         raise BundleBuildError(f"dest {dest} contains the work folder {work}: choose another --dest")
-    if dest == paths.stage.resolve() or paths.stage.resolve() in dest.parents:
-        raise BundleBuildError(f"dest {dest} is the build's staging folder: choose another --dest")
+    for staged in (paths.stage.resolve(), paths.learned.resolve()):
+        if dest == staged or staged in dest.parents:
+            raise BundleBuildError(f"dest {dest} is the build's staging folder: choose another --dest")
     if dest.exists():
         if not dest.is_dir() or (any(dest.iterdir()) and not (dest / "manifest.json").is_file()):
             raise BundleBuildError(f"dest {dest} exists and is not a bundle folder (no manifest.json): "
                                    "remove it or choose another --dest")
         shutil.rmtree(dest)
-    shutil.copytree(paths.stage, dest)
+    shutil.copytree(_final(cfg, paths), dest)
     trusted = None
     if signing_key is not None:
         from medfedpure.export.signing import load_private_key, sign_bundle
@@ -326,6 +399,15 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     if "student" in cfg.purifier_phases:
         pur_out += (paths.fed_purifier / "student.safetensors",)
     site_dir = f"site_{cfg.site}"
+    det_in = {"detector_rounds": cfg.detector_rounds, "detector_local_epochs": cfg.detector_local_epochs,
+              "detector_harden_rounds": cfg.detector_harden_rounds, "detector_l2": cfg.detector_l2}
+    detector_steps = [
+        Step("fed_detector", lambda: _federate_detector(cfg, paths, fed_run), det_in,
+             (paths.fed_detector / "detector.safetensors", paths.fed_detector / "metrics.json"), ("fed_cls_mae",)),
+        Step("learned_gate", lambda: _learned_gate(cfg, paths), {"site": cfg.site},
+             (paths.learned / "manifest.json",), ("export", "fed_detector")),
+    ] if cfg.detector_rounds else []
+    checked = ("learned_gate",) if cfg.detector_rounds else ("export",)
     return [
         Step("data", lambda: _data(cfg, paths), data_in,
              (paths.data / "dataset.json", paths.data / "splits.json")),
@@ -341,9 +423,10 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
              (paths.run / site_dir / "calibration.json",), ("data", "merge")),
         Step("export", lambda: _export(cfg, paths, log), {"site": cfg.site}, (paths.stage / "manifest.json",),
              ("calibrate",)),
-        Step("verify", lambda: _verify(paths.stage), {}, (), ("export",)),
+        *detector_steps,
+        Step("verify", lambda: _verify(_final(cfg, paths)), {}, (), checked),
         Step("size_check", lambda: _size_check(cfg, paths), {"max_bundle_bytes": cfg.max_bundle_bytes}, (),
-             ("export",)),
+             checked),
         Step("install", lambda: _install(cfg, paths, signing_key), {"dest": str(cfg.dest_path)}, (), ("verify", "size_check")),
     ]
 
@@ -357,7 +440,7 @@ def _summary(cfg: BundleBuildConfig, rep: StepsReport) -> dict[str, Any]:
         "bundle_bytes": (res.get("size_check") or {}).get("bundle_bytes"),
         "bundle_id": (res.get("verify") or {}).get("bundle_id"),
         "installed": (res.get("install") or {}).get("dest"),
-        "gate": res.get("calibrate"),
+        "gate": res.get("learned_gate") or res.get("calibrate"),
         "purifier_steps": cfg.schedule.steps,
         "verification": (res.get("export") or {}).get("verification"),
     }

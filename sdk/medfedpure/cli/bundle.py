@@ -90,9 +90,19 @@ def build(
                                         "resolution conv layers before each classifier expert's stages (0: "
                                         "none; each about 2x the classifier federation's time at 128 px on "
                                         "CPU)."),
+    detector_rounds: int = typer.Option(_D["detector_rounds"], "--detector-rounds", min=0, help="Train the attack "
+                                        "detector in a third federation of this many rounds (each site attacks its "
+                                        "own classifier) and ship the 'learned' gate on it (0: no detector)."),
+    detector_local_epochs: int = typer.Option(_D["detector_local_epochs"], "--detector-local-epochs", min=1,
+                                              help="Detector federation: local epochs per round."),
+    detector_harden_rounds: int = typer.Option(_D["detector_harden_rounds"], "--detector-harden-rounds", min=0,
+                                               help="Detector federation: its last N rounds also train on each "
+                                                    "site's evasion of the round's detector."),
+    detector_l2: float = typer.Option(_D["detector_l2"], "--detector-l2", min=0.0, help="Detector federation: add "
+                                      "PGD at this l2 radius (scan units, e.g. 0.5) to the training attacks."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
-    export → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
+    export → [federated attack detector → learned gate] → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
     inputs match is skipped; a changed option reruns the steps it reaches."""
     from dataclasses import replace
 
@@ -107,7 +117,8 @@ def build(
             purifier_local_epochs=purifier_local_epochs, purifier_max_train=purifier_max_train,
             purifier_phases=purifier_phases, schedule=replace(PURIFY_DEFAULTS, **given),
             denoise_t_max=denoise_t_max, classifier_width=classifier_width, classifier_stem=classifier_stem,
-            threads=threads,
+            detector_rounds=detector_rounds, detector_local_epochs=detector_local_epochs,
+            detector_harden_rounds=detector_harden_rounds, detector_l2=detector_l2, threads=threads,
             timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,
