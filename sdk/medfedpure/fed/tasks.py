@@ -290,11 +290,18 @@ def _attacked_train_set(site_dir: Path, clf: torch.nn.Module, clf_path: Path, x:
     return adv
 
 
+#: The detector's federated rounds train at this fraction of ``DetectorTrainConfig.lr`` (the one-cycle peak of a
+#: centralised run): a round's update must stay within the update validation's relative-norm bound.
+DETECTOR_ROUND_LR_FRACTION = 0.25
+
+
 def train_detector_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
                          optimizer_state: OptimizerState | None = None) -> tuple[dict[str, float], None]:
     """The attack detector's round (stateless): BCE on the site's clean training scans against their PGD copies
     crafted on the site's own final classifier (``train.detector``; ℓ∞ radii of the preset, plus
-    ``job.detector_l2``), Adam at the preset's rate × the round's envelope. With ``job.harden`` the site first
+    ``job.detector_l2``), Adam at :data:`DETECTOR_ROUND_LR_FRACTION` of the preset's from-scratch peak × the
+    round's envelope — at the full peak three of four sites' round-2 updates were 1.1–2.4 × the weights' norm and
+    the federation's update validation (``max_relative_norm`` 1) dropped them. With ``job.harden`` the site first
     runs the detector's evasion (PGD that fools its classifier and keeps the score under τ, τ at the target
     false-flag rate on its clean validation scans) on ``harden_scans`` training scans against the model it
     received, and trains on those too: federated adversarial training of the detector. Scans and classifier
@@ -316,7 +323,8 @@ def train_detector_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
         clean.append(x[pick])
         adv.append(ev)
     losses = fit_detector(model, torch.cat(clean), torch.cat(adv), epochs=job.epochs, seed=job.seed,
-                          batch_size=cfg.batch_size, lr=cfg.lr * job.lr_scale, one_cycle=False, progress=False)
+                          batch_size=cfg.batch_size, lr=cfg.lr * DETECTOR_ROUND_LR_FRACTION * job.lr_scale,
+                          one_cycle=False, progress=False)
     return {"train_loss": float(losses[-1]), **metrics}, None
 
 
