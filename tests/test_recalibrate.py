@@ -326,6 +326,36 @@ def test_recalibration_refuses_what_the_gate_cannot_take(tmp_path: Path, tiny: P
     d = Defender.load(tiny, "onnxruntime")
     with pytest.raises(ValueError, match="cannot take"):
         recalibrate(d.bundle, d.engine, _shifted(5, 1), min_scans=1, policy="sideways")
+    g = d.bundle.spec.gate
+    for bad in (g.t_min - 1, g.t_max + 1, float(g.t_max)):  # widening the range, or not an int
+        with pytest.raises(ValueError, match="can only narrow"):
+            recalibrate(d.bundle, d.engine, _shifted(5, 1), min_scans=1, t_max=bad)
+    r = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "b3"), "--t-max", str(g.t_max + 1)], env=wide)
+    assert r.exit_code == 2 and "can only narrow" in r.output and not (tmp_path / "b3").exists()
+
+
+def test_narrowing_the_purification_range_purifies_every_flag_at_t_min(tmp_path: Path, tiny: Path) -> None:
+    """--t-max t_min: the same τ and flags, every flagged scan purified at t_min (the kernels' rule with t_max =
+    t_min), and the change recorded."""
+    from medfedpure.cli import app
+
+    src = Defender.load(tiny, "onnxruntime")
+    g = src.bundle.spec.gate
+    _write_pngs(tmp_path / "cal", _shifted(40, 2))
+    r = CliRunner().invoke(app, ["calibrate", "--bundle", str(tiny), "--scans", str(tmp_path / "cal"), "--min-scans",
+                                 "20", "--backend", "onnxruntime", "--out", str(tmp_path / "b"), "--t-max",
+                                 str(g.t_min)], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    assert f"t*∈[{g.t_min}, {g.t_min}]" in r.output
+    new = Defender.load(tmp_path / "b", "onnxruntime", allow_unsigned=True)
+    ng = new.bundle.spec.gate
+    assert (ng.t_min, ng.t_max) == (g.t_min, g.t_min)
+    rec = new.bundle.spec.provenance["recalibration"]
+    assert rec["changed"] == {"t_max": g.t_min} and rec["previous_gate"]["t_max"] == g.t_max
+    scores = np.linspace(ng.tau - 1, ng.tau_high + 5, 50)
+    flag, t_star = ng.decide(scores)
+    assert flag.any() and (~flag).any()
+    assert np.all(t_star[flag] == g.t_min) and np.all(t_star[~flag] == 0)
 
 
 def test_switching_the_statistic_runs_the_mae_once_per_batch(tiny: Path) -> None:

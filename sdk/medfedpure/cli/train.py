@@ -367,7 +367,9 @@ def calibrate_command(
     tau_high_k_given: float | None = typer.Option(None, "--tau-high-k", help="tau_high = tau + k * (tau - median) "
                                                   "(default 2; with --bundle: the bundle's recorded k)."),
     t_min: int | None = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format("t_min")),
-    t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format("t_max")),
+    t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format("t_max") + " With --bundle: "
+                                     "narrow the purification range to [t_min, T] within the bundle's (T = t_min: "
+                                     "every flagged scan purified at t_min)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format("steps")),
     policy: str | None = typer.Option(None, "--policy", help="adaptive or floor (default adaptive; with --bundle: "
                                       "the bundle's).", click_type=POLICY_CHOICE),
@@ -386,17 +388,16 @@ def calibrate_command(
         if scans is None or out is None:
             raise typer.BadParameter("--bundle needs --scans DIR (the site's clean scans) and --out DIR (the new "
                                      "bundle)")
-        fixed = [f"--{n.replace('_', '-')}" for n, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps))
-                 if v is not None]
+        fixed = [f"--{n.replace('_', '-')}" for n, v in (("t_min", t_min), ("steps", steps)) if v is not None]
         if fixed:
             raise typer.BadParameter(f"{', '.join(fixed)}: --bundle recalibrates the gate of a built bundle, whose "
-                                     "purification schedule belongs to its student denoiser; rebuild or re-export "
-                                     "the bundle to change it")
+                                     "purification schedule belongs to its student denoiser (only --t-max may narrow "
+                                     "its range); rebuild or re-export the bundle to change it")
         _recalibrate_bundle(bundle, scans, out, target_ffr=target_ffr, min_scans=min_scans, key=key,
                             trusted_keys=trusted_key, allow_unsigned=allow_unsigned, backend=backend,
                             threads=threads, overwrite=overwrite,
                             tau_high_k=tau_high_k_given, description=description, stat=stat, topk=topk,
-                            policy=policy, detector=detector)
+                            policy=policy, detector=detector, t_max=t_max)
         return
     if detector is not None:
         raise typer.BadParameter("--detector attaches an attack detector to a bundle: use it with --bundle")
@@ -430,7 +431,7 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
                         key: Path | None, trusted_keys: list[Path] | None, allow_unsigned: bool, backend: str,
                         threads: int, overwrite: bool, tau_high_k: float | None,
                         description: str | None = None, stat: str | None = None, topk: int | None = None,
-                        policy: str | None = None, detector: Path | None = None) -> None:
+                        policy: str | None = None, detector: Path | None = None, t_max: int | None = None) -> None:
     """The bundle form of ``calibrate``: score, set τ, report, write. Exit 2 on a refusal. With ``detector``:
     first a copy of the bundle carrying it (unsigned, in a temporary folder) whose gate is ``learned``, then
     the same recalibration on that copy; the provenance names the original bundle and its gate."""
@@ -448,7 +449,7 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
         folder = load_scan_folder(scans, d.image_size, limits=d.limits)
         source, target = d, d.bundle
         kw = dict(target_ffr=target_ffr, min_scans=min_scans, pixels_sha256=folder.pixels_sha256,
-                  tau_high_k=tau_high_k, description=description, policy=policy)
+                  tau_high_k=tau_high_k, description=description, policy=policy, t_max=t_max)
         if detector is not None:
             rc, target = calibrate_with_detector(d, detector, folder.x, tmp.name, topk=topk, backend=backend,
                                                  threads=threads, stat=stat, **kw)
@@ -468,7 +469,7 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     typer.echo(f"source gate: stat={rc.previous.stat} tau={rc.previous.tau:.6g} flags {rc.flagged_before}/{n} = "
                f"{rc.flagged_before / n:.3f}")
     typer.echo(f"recalibrated: stat={rc.gate.stat} tau={rc.gate.tau:.6g} tau_high={rc.gate.tau_high:.6g} policy="
-               f"{rc.gate.policy} (target false-flag rate {target_ffr:g})")
+               f"{rc.gate.policy} t*∈[{rc.gate.t_min}, {rc.gate.t_max}] (target false-flag rate {target_ffr:g})")
     typer.echo(f"achieved false-flag rate on the calibration scans: {rc.flagged}/{n} = {rc.achieved_ffr:.4f}, "
                f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)")
     try:

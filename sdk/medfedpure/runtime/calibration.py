@@ -233,7 +233,7 @@ class Recalibration:
 def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 0.05, min_scans: int = 100,
                 pixels_sha256: str | None = None, tau_high_k: float | None = None,
                 today: datetime.date | None = None, description: str | None = None, stat: str | None = None,
-                topk: int | None = None, policy: str | None = None) -> Recalibration:
+                topk: int | None = None, policy: str | None = None, t_max: int | None = None) -> Recalibration:
     """Recalibrate ``bundle``'s gate (a :class:`~medfedpure.runtime.bundle.VerifiedBundle`) on clean,
     unlabelled preprocessed scans ``x`` [N,1,S,S] scored by ``engine`` (built for that bundle).
 
@@ -243,7 +243,9 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
     provenance (and so in the model card). ``stat`` / ``topk`` / ``policy``: change the gate's statistic
     (e.g. ``"nyqratio"`` on a scanner that keeps most of k-space), its m (or k) and its policy; None keeps
     the bundle's. The scores are then those of the new statistic, and ``flagged_before`` counts the old
-    gate on its own statistic's scores of the same scans.
+    gate on its own statistic's scores of the same scans. ``t_max``: narrow the purification range to
+    [t_min, t_max] (t_min ≤ t_max ≤ the bundle's t_max, the range its denoiser was distilled for; equal to
+    t_min, every flagged scan is purified at t_min); None keeps the bundle's.
 
     Raises:
         TooFewScansError: fewer than ``min_scans`` scans.
@@ -263,7 +265,12 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
                                "folder (at a target rate f, about 20/f scans give a stable τ), or lower "
                                "--min-scans knowingly")
     old: GateSpec = bundle.spec.gate
-    changes = {k: v for k, v in (("stat", stat), ("topk", topk), ("policy", policy)) if v is not None}
+    if t_max is not None and (isinstance(t_max, bool) or not isinstance(t_max, int)
+                              or not old.t_min <= t_max <= old.t_max):
+        raise ValueError(f"t_max={t_max!r}: the purification range can only narrow within the bundle's [{old.t_min}, "
+                         f"{old.t_max}] (its denoiser's range): give an int from {old.t_min} to {old.t_max}")
+    changes = {k: v for k, v in (("stat", stat), ("topk", topk), ("policy", policy), ("t_max", t_max))
+               if v is not None}
     try:
         base = dataclasses.replace(old, **changes)
     except ValueError as exc:
@@ -292,7 +299,7 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
                   "flagged_by_source_gate": flagged_before, "tau_high_k": k,
                   "previous_gate": {"tau": old.tau, "tau_high": old.tau_high}}
     if changes:
-        provenance["previous_gate"].update(stat=old.stat, topk=old.topk, policy=old.policy)
+        provenance["previous_gate"].update(stat=old.stat, topk=old.topk, policy=old.policy, t_max=old.t_max)
         provenance["changed"] = {k: getattr(gate, k) for k in changes}
     if description is not None:
         provenance["description"] = description.strip()
