@@ -319,6 +319,7 @@ def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path
     vb = verify_bundle(dest)
     g = vb.spec.gate
     assert vb.bundle_id == out["bundle_id"] and g.stat == "learned" and out["gate"]["stat"] == "learned"
+    assert g.t_max == g.t_min == out["gate"]["t_max"]  # flagged scans purified at t_min
     assert {a.role for a in vb.artefacts.values()} >= {"detector", "classifier", "mae", "denoiser"}
     assert out["gate"]["tau"] == pytest.approx(g.tau) and out["gate"]["num_val_scans"] == g.calibration.num_val_scans
     prov = vb.spec.provenance

@@ -73,6 +73,8 @@ def test_the_bundle_carries_the_detector_and_a_calibrated_learned_gate(learned: 
     assert rec["previous_gate"]["stat"] == src.spec.gate.stat and rec["changed"]["stat"] == "learned"
     assert rec["achieved_false_flag_rate"] == 0.05
     assert src.bundle_id in g.calibration.source
+    # without --t-max the command says what purifying flags at up to t_max cost
+    assert f"note: flagged scans will be purified at up to t*={g.t_max}" in " ".join(learned["output"].split())
     det = vb.spec.provenance["detector"]
     assert det["config"]["topk"] == 4 and list(det["sites"]) == [0, 1] and len(det["checkpoint_sha256"]) == 64
     assert det["onnx_agreement"]["detector"]["max_abs"] < 1e-4

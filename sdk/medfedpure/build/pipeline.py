@@ -119,7 +119,7 @@ def detector_fed_config(cfg: BundleBuildConfig, paths: BuildPaths) -> FedConfig:
 
     return FedConfig(data_dir=str(paths.data), out_dir=str(paths.fed_detector), preset=cfg.preset,
                      num_sites=cfg.sites, seed=cfg.seed, calibrate=False, phases=("detector",),
-                     rounds=max(cfg.detector_rounds, 1), local_epochs=cfg.detector_local_epochs,
+                     rounds=cfg.detector_rounds, local_epochs=cfg.detector_local_epochs,
                      max_train=cfg.max_train, detector_harden_rounds=cfg.detector_harden_rounds,
                      detector_l2=cfg.detector_l2)
 
@@ -188,8 +188,10 @@ def _federate_detector(cfg: BundleBuildConfig, paths: BuildPaths, federate: Fede
 
 def _learned_gate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     """The staged bundle with the federated detector attached and its ``learned`` gate calibrated on the site's
-    clean validation scans (the same call as ``medfedpure calibrate --bundle B --detector D``) →
-    ``WORK/bundle_learned`` (unsigned; signed on install)."""
+    clean validation scans (the same call as ``medfedpure calibrate --bundle B --detector D --t-max T_MIN``) →
+    ``WORK/bundle_learned`` (unsigned; signed on install). The purification range narrows to t_min: a flagged scan
+    purified at up to t_max lost its class (site 2's worst rung 87.5 → 80.8 % at 4/255, benchmarks/RESULTS.md,
+    "Gate and detector"), at t_min it keeps the classifier's answer."""
     import tempfile
 
     import torch
@@ -205,7 +207,7 @@ def _learned_gate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="medfedpure-build-detector-") as tmp:
         rc, target = calibrate_with_detector(
             source, paths.fed_detector / "detector.safetensors", x_val, tmp, backend="onnxruntime",
-            threads=cfg.threads, min_scans=min(100, len(x_val)),
+            threads=cfg.threads, min_scans=min(100, len(x_val)), t_max=source.bundle.spec.gate.t_min,
             description=f"the {len(x_val)} clean validation scans of site {cfg.site} (bundle build)",
             detector_provenance={"federation": "fed_detector", "rounds": cfg.detector_rounds,
                                  "harden_rounds": cfg.detector_harden_rounds, "l2": cfg.detector_l2})

@@ -472,6 +472,10 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
                f"{rc.gate.policy} t*∈[{rc.gate.t_min}, {rc.gate.t_max}] (target false-flag rate {target_ffr:g})")
     typer.echo(f"achieved false-flag rate on the calibration scans: {rc.flagged}/{n} = {rc.achieved_ffr:.4f}, "
                f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)")
+    if detector is not None and rc.gate.t_max > rc.gate.t_min:
+        typer.echo(f"note: flagged scans will be purified at up to t*={rc.gate.t_max}; with a learned gate "
+                   f"--t-max {rc.gate.t_min} kept the robust accuracy that t* up to 200 lost (benchmarks/RESULTS.md, "
+                   "'Gate and detector')")
     try:
         vb = write_recalibrated_bundle(target, out, rc.gate, rc.provenance, signing_key=key, overwrite=overwrite)
     except (BundleError, ValueError, FileExistsError) as e:

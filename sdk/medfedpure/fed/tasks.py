@@ -25,7 +25,16 @@ from medfedpure.models.weights import load_model
 from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate
 from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
 from medfedpure.train.denoiser import load_denoiser_cached
-from medfedpure.train.detector import DetectorTrainConfig, attacked, detector_scores, evade, fit_detector
+from medfedpure.train.detector import (
+    ClassifierLoadError,
+    DetectorTrainConfig,
+    attacked,
+    detector_scores,
+    evade,
+    evaluate_detector,
+    fit_detector,
+    load_classifier,
+)
 from medfedpure.train.distill import DistillConfig, distill_student
 from medfedpure.train.loop import cosine_lr
 from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
@@ -253,16 +262,16 @@ def train_student_round(model: torch.nn.Module, data: SiteData, job: LocalJob,
 
 
 def _site_classifier(site_dir: Path | None) -> tuple[torch.nn.Module, Path]:
-    """The site's own final classifier (``SITE/classifier.safetensors``, written by the classifier phase), in eval
-    mode with gradients off, and its path."""
+    """The site's own final classifier (``SITE/classifier.safetensors``, written by the classifier phase), loaded by
+    ``train.detector.load_classifier`` (eval mode, gradients off), and its path."""
     path = None if site_dir is None else site_dir / "classifier.safetensors"
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no classifier at {path}: run the 'classifier' phase before 'detector' (the "
                                 "detector guards the site's own classifier)")
-    model, _, meta = load_model(path)
-    if meta.get("kind") != "moe":
-        raise ValueError(f"{path}: a {meta.get('kind')!r} model, not the site's classifier ('moe')")
-    return model.eval().requires_grad_(False), path
+    try:
+        return load_classifier(path), path
+    except ClassifierLoadError as exc:
+        raise ValueError(f"{path} is not the site's classifier: {exc}") from exc
 
 
 def _attacked_train_set(site_dir: Path, clf: torch.nn.Module, clf_path: Path, x: torch.Tensor, y: torch.Tensor,
@@ -333,8 +342,6 @@ def evaluate_detector_site(model: torch.nn.Module, data: SiteData, seed: int = 0
     """``val_tau`` (the score's 95 % quantile on the clean validation scans), ``test_false_flag_rate`` at it, and
     ``test_auroc_4`` / ``test_auroc_8``: clean test scans against their PGD-10 ℓ∞ 4 and 8/255 copies on the site's
     own classifier (``train.detector.evaluate_detector``)."""
-    from medfedpure.train.detector import evaluate_detector
-
     clf, _ = _site_classifier(site_dir)
     r = evaluate_detector(model, clf, torch.from_numpy(np.ascontiguousarray(data.x_val)),
                           torch.from_numpy(np.ascontiguousarray(data.x_test)),
