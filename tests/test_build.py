@@ -345,7 +345,7 @@ def test_bundle_build_with_flower_simulation(tmp_path):
     work, dest = tmp_path / "work", tmp_path / "dest"
     cfg = BundleBuildConfig(sites=2, per_site=20, size=32, site=1, preset="tiny", rounds=1, local_epochs=1,
                             max_train=8, purifier_rounds=1, purifier_local_epochs=1, purifier_max_train=8,
-                            threads=1, timeout_s=600, dest=str(dest), detector_rounds=1)
+                            threads=1, timeout_s=240, dest=str(dest), detector_rounds=1)
     out = build_bundle(cfg, work, log=lambda m: None)
     assert verify_bundle(dest).bundle_id == out["bundle_id"] and out["student_is_teacher"] is False
     assert verify_bundle(dest).spec.gate.stat == "learned"  # the detector federation ran for real

@@ -107,7 +107,7 @@ def test_simulation_trains_a_federated_detector(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = FedConfig(data_dir=str(data), out_dir=str(out), rounds=2, num_sites=2, max_train=8,
                     phases=("classifier", "detector"), calibrate=False, detector_harden_rounds=1, detector_l2=0.5)
-    m = run_sim(cfg, progress=False, timeout_s=900)
+    m = run_sim(cfg, progress=False, timeout_s=600)
     server, mcfg, meta = load_model(out / "detector.safetensors")
     assert isinstance(server, AttackDetector) and mcfg == DetectorConfig.preset("tiny") and meta["kind"] == "detector"
     for k in range(2):

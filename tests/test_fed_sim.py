@@ -92,7 +92,7 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     # K = 2 is not the default: it reaches the student's metadata only through the run config.
     cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=2, num_sites=2, max_train=8, student_steps=2)
-    m = run_sim(cfg, progress=False, timeout_s=900)
+    m = run_sim(cfg, progress=False, timeout_s=600)
 
     for name in ("config.json", "metrics.json", "fed_metrics.png", "mae.safetensors", "teacher.safetensors",
                  "student.safetensors", "classifier_global.safetensors"):
