@@ -173,6 +173,11 @@ def render_card(card: Mapping[str, Any]) -> str:
     if rec:
         lines += ["- recalibration (size, fingerprint, date, source bundle, achieved rate with its interval):"]
         lines += [f"  - {k}: {_num(v)}" for k, v in rec.items() if not isinstance(v, Mapping)]
+        guarantee = rec.get("false_flag_guarantee")
+        if isinstance(guarantee, Mapping):
+            lines += [f"- guarantee: the false-flag rate on new clean scans like the calibration set is at most "
+                      f"{_num(guarantee.get('rate'))} with probability {_num(guarantee.get('confidence'))} (over the "
+                      "draw of the calibration scans)"]
     lines += ["", "## Measured metrics", ""]
     if card["metrics"]:
         lines += ["| metric | value | split | n | command |", "|---|---|---|---|---|"]

@@ -11,7 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from medfedpure.gate import GateCalibration
-from medfedpure.gate.calibration import calibrate_scores, tau_high_from, tau_high_rule_text, threshold_at_ffr
+from medfedpure.gate.calibration import (
+    binomial_cdf,
+    calibrate_scores,
+    expected_ffr,
+    flagged_at_confidence,
+    min_scans_for_confidence,
+    tau_high_from,
+    tau_high_rule_text,
+    threshold_at_ffr,
+)
 from medfedpure.runtime.bundle import BundleError, verify_bundle
 from medfedpure.runtime.calibration import (
     DriftMonitor,
@@ -94,6 +103,46 @@ def test_statistics_match_scipy() -> None:
         assert lo == pytest.approx(ci.low, abs=1e-9) and hi == pytest.approx(ci.high, abs=1e-9)
     with pytest.raises(ValueError, match="dof"):
         chi2_sf(1.0, 0)
+
+
+def test_binomial_cdf_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    for k, n, p in ((0, 59, 0.05), (3, 100, 0.07), (9, 180, 0.05), (40, 1000, 0.05), (2, 3, 0.5), (700, 20000, 0.03)):
+        assert binomial_cdf(k, n, p) == pytest.approx(stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300)
+    assert binomial_cdf(-1, 10, 0.1) == 0.0 and binomial_cdf(10, 10, 0.1) == 1.0
+
+
+def test_confidence_rule_counts() -> None:
+    # P(Bin(100, 0.07) <= 3) = 0.074 <= 0.1 < P(<= 4) = 0.163: 3 of 100 flagged
+    assert flagged_at_confidence(100, 0.07, 0.9) == 3
+    assert flagged_at_confidence(100, 0.07, 0.95) == 2 and flagged_at_confidence(180, 0.05, 0.95) == 3  # P(<= 4) = 0.0507
+    assert min_scans_for_confidence(0.05, 0.95) == 59  # 0.95^58 = 0.051 > 0.05 >= 0.95^59 = 0.048
+    assert flagged_at_confidence(59, 0.05, 0.95) == 0
+    with pytest.raises(ValueError, match="at least 59 are needed"):
+        flagged_at_confidence(58, 0.05, 0.95)
+    for bad in (0.0, 1.0, True, "0.9"):
+        with pytest.raises(ValueError, match="confidence"):
+            min_scans_for_confidence(0.05, bad)
+    s = np.random.default_rng(1).normal(size=100).astype(np.float32)
+    tau, achieved = threshold_at_ffr(s, 0.07, confidence=0.9)
+    assert int((s >= np.float32(tau)).sum()) == 3 and achieved == 0.03
+    assert expected_ffr(100, 3) == pytest.approx(4 / 101)
+    _, _, rec = calibrate_scores(s, 0.07, confidence=0.9)
+    assert rec.val_false_flag_rate == 0.03 and rec.target_false_flag_rate == 0.07
+
+
+def test_confidence_rule_holds_its_guarantee_by_simulation() -> None:
+    """Uniform clean scores: τ's rate on new scans is exactly 1 − τ. Over 4000 calibration draws of 100 scans the
+    share of draws whose rate exceeds 7 % is the rule's P(Bin(100, 0.07) <= 3) = 0.081 (not above 0.1), where
+    flagging ⌊f·n⌋ = 7 exceeds it in about half of the draws."""
+    rng = np.random.default_rng(0)
+    draws = rng.random((4000, 100))
+    over_conf = np.mean([1.0 - threshold_at_ffr(d, 0.07, confidence=0.9)[0] > 0.07 for d in draws])
+    over_plain = np.mean([1.0 - threshold_at_ffr(d, 0.07)[0] > 0.07 for d in draws])
+    assert abs(over_conf - binomial_cdf(3, 100, 0.07)) < 0.015 and over_conf <= 0.1
+    assert abs(over_plain - binomial_cdf(7, 100, 0.07)) < 0.03 and over_plain > 0.4
+    mean_rate = np.mean([1.0 - threshold_at_ffr(d, 0.07, confidence=0.9)[0] for d in draws[:1000]])
+    assert mean_rate == pytest.approx(expected_ffr(100, 3), abs=0.003)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,3 +458,31 @@ def test_a_new_statistic_moves_the_measured_metrics_out_of_the_card(tmp_path: Pa
             moved = prov["recalibration"]["source_bundle_metrics"]
             assert "'hfratio' gate" in moved["note"] and len(moved["metrics"]) == len(
                 d.bundle.spec.provenance["measured_metrics"])
+
+
+def test_cli_confidence_bounds_the_site_rate_and_says_so(tmp_path: Path, tiny: Path) -> None:
+    from medfedpure.cli import app
+
+    _write_pngs(tmp_path / "cal", _shifted(100, 21))
+    priv, pub = key_files()
+    args = ["calibrate", "--bundle", str(tiny), "--scans", str(tmp_path / "cal"), "--key", str(priv),
+            "--backend", "onnxruntime", "--target-ffr", "0.07", "--confidence", "0.9"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b2")])
+    assert r.exit_code == 0, r.output
+    assert "3/100 = 0.0300" in r.output and f"expected on new clean scans like them: {4 / 101:.4f}" in r.output
+    assert "at most 0.07 with probability 0.9" in r.output
+    vb = verify_bundle(tmp_path / "b2", trusted_keys=[pub])
+    rec = vb.spec.provenance["recalibration"]
+    assert rec["false_flag_guarantee"]["confidence"] == 0.9 and rec["false_flag_guarantee"]["rate"] == 0.07
+    assert rec["expected_false_flag_rate"] == pytest.approx(4 / 101) and rec["achieved_false_flag_rate"] == 0.03
+    assert "probability 0.9" in vb.spec.gate.calibration.source
+    card = (tmp_path / "b2" / "MODEL_CARD.md").read_text()
+    assert "is at most 0.07 with probability 0.9" in card
+    d = Defender.load(tmp_path / "b2", "onnxruntime", trusted_keys=[pub], timeout_s=None)
+    files = sorted((tmp_path / "cal").glob("*.png"))
+    assert sum(x.flagged for x in d.run_batch([str(f) for f in files], seeds=[0] * len(files))) == 3
+    # too few scans for the guarantee: refused before anything is written, with the count that would do
+    r = CliRunner().invoke(app, [*args[:-1], "0.9995", "--out", str(tmp_path / "b3")])
+    assert r.exit_code == 2 and "at least 105 are needed" in r.output and not (tmp_path / "b3").exists()
+    r = CliRunner().invoke(app, ["calibrate", "--data", str(tmp_path), "--run", str(tmp_path), "--confidence", "0.9"])
+    assert r.exit_code == 2 and "use it with --bundle" in r.output

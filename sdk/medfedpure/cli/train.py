@@ -377,6 +377,10 @@ def calibrate_command(
                                          "this attack detector (`medfedpure train detector` → detector.safetensors) "
                                          "and calibrate a 'learned' gate on it (--topk: its k, default the "
                                          "detector's)."),
+    confidence: float | None = typer.Option(None, "--confidence", min=0.0, max=1.0, help="Bundle form: set τ so "
+                                            "that the false-flag rate on the site's new clean scans is at most "
+                                            "--target-ffr with this probability (e.g. 0.95); flags fewer "
+                                            "calibration scans. Default: flag --target-ffr of them."),
     threads: int = THREADS,
 ) -> None:
     """Calibrate site K's gate on its clean validation scans → RUN/site_K/calibration.json; or, with
@@ -397,10 +401,13 @@ def calibrate_command(
                             trusted_keys=trusted_key, allow_unsigned=allow_unsigned, backend=backend,
                             threads=threads, overwrite=overwrite,
                             tau_high_k=tau_high_k_given, description=description, stat=stat, topk=topk,
-                            policy=policy, detector=detector, t_max=t_max)
+                            policy=policy, detector=detector, t_max=t_max, confidence=confidence)
         return
     if detector is not None:
         raise typer.BadParameter("--detector attaches an attack detector to a bundle: use it with --bundle")
+    if confidence is not None:
+        raise typer.BadParameter("--confidence sets a shipped bundle's τ for a site's future scans: use it with "
+                                 "--bundle")
     if data is None or run is None:
         raise typer.BadParameter("give --data DIR and --run RUN (training-side calibration), or --bundle B --scans "
                                  "DIR --out B2 (recalibrate a bundle)")
@@ -431,7 +438,8 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
                         key: Path | None, trusted_keys: list[Path] | None, allow_unsigned: bool, backend: str,
                         threads: int, overwrite: bool, tau_high_k: float | None,
                         description: str | None = None, stat: str | None = None, topk: int | None = None,
-                        policy: str | None = None, detector: Path | None = None, t_max: int | None = None) -> None:
+                        policy: str | None = None, detector: Path | None = None, t_max: int | None = None,
+                        confidence: float | None = None) -> None:
     """The bundle form of ``calibrate``: score, set τ, report, write. Exit 2 on a refusal. With ``detector``:
     first a copy of the bundle carrying it (unsigned, in a temporary folder) whose gate is ``learned``, then
     the same recalibration on that copy; the provenance names the original bundle and its gate."""
@@ -449,7 +457,8 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
         folder = load_scan_folder(scans, d.image_size, limits=d.limits)
         source, target = d, d.bundle
         kw = dict(target_ffr=target_ffr, min_scans=min_scans, pixels_sha256=folder.pixels_sha256,
-                  tau_high_k=tau_high_k, description=description, policy=policy, t_max=t_max)
+                  tau_high_k=tau_high_k, description=description, policy=policy, t_max=t_max,
+                  confidence=confidence)
         if detector is not None:
             rc, target = calibrate_with_detector(d, detector, folder.x, tmp.name, topk=topk, backend=backend,
                                                  threads=threads, stat=stat, **kw)
@@ -471,7 +480,11 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     typer.echo(f"recalibrated: stat={rc.gate.stat} tau={rc.gate.tau:.6g} tau_high={rc.gate.tau_high:.6g} policy="
                f"{rc.gate.policy} t*∈[{rc.gate.t_min}, {rc.gate.t_max}] (target false-flag rate {target_ffr:g})")
     typer.echo(f"achieved false-flag rate on the calibration scans: {rc.flagged}/{n} = {rc.achieved_ffr:.4f}, "
-               f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)")
+               f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson); expected on new clean scans like them: "
+               f"{rc.provenance['expected_false_flag_rate']:.4f}")
+    if confidence is not None:
+        typer.echo(f"guarantee: the false-flag rate on new clean scans like these is at most {target_ffr:g} with "
+                   f"probability {confidence:g}")
     if detector is not None and rc.gate.t_max > rc.gate.t_min:
         typer.echo(f"note: flagged scans will be purified at up to t*={rc.gate.t_max}; with a learned gate "
                    f"--t-max {rc.gate.t_min} kept the robust accuracy that t* up to 200 lost (benchmarks/RESULTS.md, "

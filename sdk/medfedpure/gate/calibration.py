@@ -13,12 +13,21 @@ can use it without torch.
   ``1e-6 · max(|tau|, 1)`` so that ``tau_high > tau`` always);
 - the record: target and achieved rate, n, the clean scores' quantiles and the τ_high rule in words.
 
+With a ``confidence`` c, τ instead carries a guarantee about the site's *future* clean scans: with
+probability at least c over the draw of the n calibration scans, the false-flag rate on new clean scans
+like them is at most f. If τ sits just above the (k+1)-th highest of n exchangeable scores, the share of
+new scores above it is Beta(k+1, n−k) distributed, so P(rate > f) = P(Binomial(n, f) ≤ k); the rule
+flags the largest k with that probability at most 1 − c (:func:`flagged_at_confidence`). It flags fewer
+calibration scans than ``⌊f·n⌋`` and needs n ≥ ln(1 − c) / ln(1 − f) scans (59 at f = 0.05, c = 0.95).
+Without it, the expected rate on new scans is (k+1)/(n+1) with k = ``⌊f·n⌋`` (:func:`expected_ffr`).
+
 :func:`auroc` measures how well a statistic separates attacked from clean scans (the evaluation's rung 1,
 the detector's training report).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -26,7 +35,8 @@ import numpy as np
 
 from medfedpure.gate.spec import GateCalibration
 
-__all__ = ["DEFAULT_QUANTILES", "DEFAULT_TAU_HIGH_K", "threshold_at_ffr", "tau_high_from", "tau_high_rule_text",
+__all__ = ["DEFAULT_QUANTILES", "DEFAULT_TAU_HIGH_K", "binomial_cdf", "flagged_at_confidence", "expected_ffr",
+           "min_scans_for_confidence", "threshold_at_ffr", "tau_high_from", "tau_high_rule_text",
            "parse_tau_high_k", "score_quantiles", "calibrate_scores", "auroc"]
 
 #: quantile levels recorded with every calibration (as strings: the manifest's keys)
@@ -36,9 +46,67 @@ _RULE = "tau + {k} * (tau - median of clean val scores)"
 _RULE_RE = re.compile(r"^tau \+ ([0-9.eE+-]+) \* \(tau - median of clean val scores\)$")
 
 
-def threshold_at_ffr(scores: np.ndarray, target_ffr: float) -> tuple[float, float]:
+def _check_confidence(confidence: float) -> float:
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r}: must be a probability in (0, 1), e.g. 0.95")
+    return float(confidence)
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) ≤ k), summed exactly in log space (n up to millions)."""
+    if k < 0:
+        return 0.0
+    if k >= n:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def min_scans_for_confidence(target_ffr: float, confidence: float) -> int:
+    """The fewest calibration scans for which :func:`flagged_at_confidence` exists (it then flags none):
+    the smallest n with (1 − f)^n ≤ 1 − c."""
+    if not 0 < target_ffr < 1:
+        raise ValueError(f"target_ffr={target_ffr}: must be in (0, 1), e.g. 0.05")
+    c = _check_confidence(confidence)
+    n = max(1, math.ceil(math.log1p(-c) / math.log1p(-target_ffr)))
+    while binomial_cdf(0, n, target_ffr) > 1 - c:  # guard the float rounding of the closed form
+        n += 1
+    return n
+
+
+def flagged_at_confidence(n: int, target_ffr: float, confidence: float) -> int:
+    """How many of n calibration scans the guaranteed rule flags: the largest k with
+    P(Binomial(n, f) ≤ k) ≤ 1 − c, i.e. P(false-flag rate on new scans > f) ≤ 1 − c.
+
+    Raises:
+        ValueError: n < :func:`min_scans_for_confidence` (no k gives the guarantee; the message says how
+            many scans would).
+    """
+    need = min_scans_for_confidence(target_ffr, confidence)
+    if n < need:
+        raise ValueError(f"{n} calibration scans cannot bound the false-flag rate by {target_ffr:g} with confidence "
+                         f"{confidence:g}: at least {need} are needed")
+    k = 0
+    while k + 1 < n and binomial_cdf(k + 1, n, target_ffr) <= 1 - confidence:
+        k += 1
+    return k
+
+
+def expected_ffr(n: int, flagged: int) -> float:
+    """The expected false-flag rate on new clean scans exchangeable with the n calibration scans when τ
+    flags ``flagged`` of them and sits just above the next: (flagged + 1) / (n + 1)."""
+    return (flagged + 1) / (n + 1)
+
+
+def threshold_at_ffr(scores: np.ndarray, target_ffr: float, *,
+                     confidence: float | None = None) -> tuple[float, float]:
     """``(tau, achieved_ffr)`` of clean ``scores`` [N]: the smallest float32 ``tau`` flagging at most
-    ``⌊f·n⌋`` of them (ties at the boundary are left unflagged rather than all flagged)."""
+    ``⌊f·n⌋`` of them (ties at the boundary are left unflagged rather than all flagged); with
+    ``confidence``, at most :func:`flagged_at_confidence` of them (the rate on new scans is ≤ f with that
+    probability)."""
     s = np.sort(np.asarray(scores, np.float32).ravel())[::-1]
     n = len(s)
     if n == 0:
@@ -47,7 +115,7 @@ def threshold_at_ffr(scores: np.ndarray, target_ffr: float) -> tuple[float, floa
         raise ValueError("calibration scores contain NaN/inf: check the MAE checkpoint and the scans")
     if not 0 < target_ffr < 1:
         raise ValueError(f"target_ffr={target_ffr}: must be in (0, 1), e.g. 0.05")
-    k = int(np.floor(target_ffr * n))
+    k = int(np.floor(target_ffr * n)) if confidence is None else flagged_at_confidence(n, target_ffr, confidence)
     tau = np.nextafter(s[k], np.float32(np.inf), dtype=np.float32)
     return float(tau), float((s >= tau).mean())
 
@@ -84,13 +152,14 @@ def score_quantiles(scores: np.ndarray, levels: Sequence[str] = DEFAULT_QUANTILE
 
 
 def calibrate_scores(scores: np.ndarray, target_ffr: float, *, tau_high_k: float = DEFAULT_TAU_HIGH_K,
-                     source: str | None = None) -> tuple[float, float, GateCalibration]:
-    """``(tau, tau_high, record)`` from clean scores [N] at target false-flag rate ``target_ffr``.
+                     source: str | None = None, confidence: float | None = None) -> tuple[float, float, GateCalibration]:
+    """``(tau, tau_high, record)`` from clean scores [N] at target false-flag rate ``target_ffr`` (with
+    ``confidence``: the rate on new scans is at most the target with that probability).
 
     ``source`` (e.g. which scans and bundle) goes into the record as is.
     """
     scores = np.asarray(scores, np.float32).ravel()
-    tau, achieved = threshold_at_ffr(scores, target_ffr)
+    tau, achieved = threshold_at_ffr(scores, target_ffr, confidence=confidence)
     tau_high = tau_high_from(tau, float(np.median(scores)), tau_high_k)
     record = GateCalibration(target_false_flag_rate=target_ffr, val_false_flag_rate=achieved,
                              num_val_scans=int(len(scores)), score_quantiles=score_quantiles(scores),

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 
 from medfedpure.gate import LEARNED_STATS, GateCalibration, GateSpec, run_gate, run_gate_scores
-from medfedpure.gate.calibration import DEFAULT_TAU_HIGH_K, calibrate_scores, parse_tau_high_k
+from medfedpure.gate.calibration import (
+    DEFAULT_TAU_HIGH_K,
+    calibrate_scores,
+    expected_ffr,
+    min_scans_for_confidence,
+    parse_tau_high_k,
+)
 from medfedpure.runtime.certify import clopper_pearson_lower
 
 __all__ = ["TooFewScansError", "binomial_ci", "score_scans", "ScanFolder", "load_scan_folder", "Recalibration",
@@ -233,7 +239,8 @@ class Recalibration:
 def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 0.05, min_scans: int = 100,
                 pixels_sha256: str | None = None, tau_high_k: float | None = None,
                 today: datetime.date | None = None, description: str | None = None, stat: str | None = None,
-                topk: int | None = None, policy: str | None = None, t_max: int | None = None) -> Recalibration:
+                topk: int | None = None, policy: str | None = None, t_max: int | None = None,
+                confidence: float | None = None) -> Recalibration:
     """Recalibrate ``bundle``'s gate (a :class:`~medfedpure.runtime.bundle.VerifiedBundle`) on clean,
     unlabelled preprocessed scans ``x`` [N,1,S,S] scored by ``engine`` (built for that bundle).
 
@@ -245,10 +252,13 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
     the bundle's. The scores are then those of the new statistic, and ``flagged_before`` counts the old
     gate on its own statistic's scores of the same scans. ``t_max``: narrow the purification range to
     [t_min, t_max] (t_min ≤ t_max ≤ the bundle's t_max, the range its denoiser was distilled for; equal to
-    t_min, every flagged scan is purified at t_min); None keeps the bundle's.
+    t_min, every flagged scan is purified at t_min); None keeps the bundle's. ``confidence``: set τ so that the
+    false-flag rate on the site's new clean scans is at most ``target_ffr`` with this probability over the
+    draw of the calibration scans (:mod:`medfedpure.gate.calibration`; it flags fewer calibration scans);
+    None flags ``⌊target_ffr · n⌋`` of them.
 
     Raises:
-        TooFewScansError: fewer than ``min_scans`` scans.
+        TooFewScansError: fewer than ``min_scans`` scans, or too few for ``confidence``.
         ValueError: a bad target rate or minimum, a statistic, m or policy the bundle's gate cannot take
             (the message names it), or a score that is not finite.
     """
@@ -264,6 +274,12 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
         raise TooFewScansError(f"{n} usable clean scans, fewer than the minimum of {min_scans}: add scans to the "
                                "folder (at a target rate f, about 20/f scans give a stable τ), or lower "
                                "--min-scans knowingly")
+    if confidence is not None:
+        need = min_scans_for_confidence(target_ffr, confidence)  # also checks the confidence itself
+        if n < need:
+            raise TooFewScansError(f"{n} usable clean scans cannot bound the false-flag rate by {target_ffr:g} with "
+                                   f"confidence {confidence:g}: at least {need} are needed (more give a τ that "
+                                   "flags fewer of the site's scans); add scans or lower --confidence")
     old: GateSpec = bundle.spec.gate
     if t_max is not None and (isinstance(t_max, bool) or not isinstance(t_max, int)
                               or not old.t_min <= t_max <= old.t_max):
@@ -288,7 +304,10 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
     fingerprint = pixels_sha256 or set_fingerprint([pixels_digest(a) for a in np.asarray(x, np.float32)])
     source = (f"recalibrated on {n} clean site scans (pixels sha256 {fingerprint}) on {date}, "
               f"from bundle {bundle.bundle_id}")
-    tau, tau_high, record = calibrate_scores(scores, target_ffr, tau_high_k=k, source=source)
+    if confidence is not None:
+        source += (f"; τ bounds the false-flag rate on new clean scans by {target_ffr:g} with probability "
+                   f"{confidence:g}")
+    tau, tau_high, record = calibrate_scores(scores, target_ffr, tau_high_k=k, source=source, confidence=confidence)
     gate = dataclasses.replace(base, tau=tau, tau_high=tau_high, calibration=record)
     flagged = int(gate.decide(scores)[0].sum())
     flagged_before = int(old.decide(old_scores)[0].sum())
@@ -296,11 +315,15 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
     provenance = {"num_scans": n, "pixels_sha256": fingerprint, "date": date, "source_bundle_id": bundle.bundle_id,
                   "target_false_flag_rate": target_ffr, "achieved_false_flag_rate": flagged / n,
                   "false_flag_rate_ci95": [ci[0], ci[1]], "ci_method": "Clopper-Pearson (exact)",
+                  "expected_false_flag_rate": expected_ffr(n, flagged),
                   "flagged_by_source_gate": flagged_before, "tau_high_k": k,
                   "previous_gate": {"tau": old.tau, "tau_high": old.tau_high}}
     if changes:
         provenance["previous_gate"].update(stat=old.stat, topk=old.topk, policy=old.policy, t_max=old.t_max)
         provenance["changed"] = {k: getattr(gate, k) for k in changes}
+    if confidence is not None:
+        provenance["false_flag_guarantee"] = {"rate": target_ffr, "confidence": confidence,
+                                              "rule": "P(Binomial(n, rate) <= flagged) <= 1 - confidence"}
     if description is not None:
         provenance["description"] = description.strip()
     return Recalibration(gate=gate, previous=old, scores=scores, flagged=flagged, flagged_before=flagged_before,
