@@ -162,6 +162,8 @@ def test_recalibrated_bundle_hits_the_quantile_rule(site: dict) -> None:
     lo, hi = binomial_ci(6, 120)
     assert f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson)" in site["output"]
     assert "1 files skipped" in site["output"]
+    # τ just above the 7th-highest of 120: the rate on new scans exceeds 5 % with P(Bin(120, 0.05) <= 6) = 0.606
+    assert "exceeds 0.05 with probability 60.6%; --confidence C bounds that" in site["output"]
 
 
 def test_written_bundle_is_signed_and_carries_provenance(site: dict, tiny: Path) -> None:
@@ -174,6 +176,7 @@ def test_written_bundle_is_signed_and_carries_provenance(site: dict, tiny: Path)
     assert rec["pixels_sha256"] == folder.pixels_sha256 and len(rec["pixels_sha256"]) == 64
     assert len(rec["date"]) == 10 and rec["date"][4] == "-"
     assert rec["achieved_false_flag_rate"] == 0.05 and rec["target_false_flag_rate"] == 0.05
+    assert rec["probability_rate_above_target"] == pytest.approx(binomial_cdf(6, 120, 0.05), rel=1e-12)
     assert src.bundle_id in vb.spec.gate.calibration.source
     # everything but the gate, the provenance and the model card (its calibration section) is the source bundle's
     assert ({n: a.sha256 for n, a in vb.artefacts.items() if n != "model_card"}
@@ -470,11 +473,13 @@ def test_cli_confidence_bounds_the_site_rate_and_says_so(tmp_path: Path, tiny: P
     r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b2")])
     assert r.exit_code == 0, r.output
     assert "3/100 = 0.0300" in r.output and f"expected on new clean scans like them: {4 / 101:.4f}" in r.output
-    assert "at most 0.07 with probability 0.9" in r.output
+    assert "at most 0.07 with probability 0.9 (it exceeds it with probability 7.4%)" in r.output
     vb = verify_bundle(tmp_path / "b2", trusted_keys=[pub])
     rec = vb.spec.provenance["recalibration"]
     assert rec["false_flag_guarantee"]["confidence"] == 0.9 and rec["false_flag_guarantee"]["rate"] == 0.07
     assert rec["expected_false_flag_rate"] == pytest.approx(4 / 101) and rec["achieved_false_flag_rate"] == 0.03
+    assert rec["probability_rate_above_target"] == pytest.approx(binomial_cdf(3, 100, 0.07)) and \
+        rec["probability_rate_above_target"] <= 0.1
     assert "probability 0.9" in vb.spec.gate.calibration.source
     card = (tmp_path / "b2" / "MODEL_CARD.md").read_text()
     assert "is at most 0.07 with probability 0.9" in card

@@ -482,9 +482,13 @@ def _recalibrate_bundle(bundle: Path, scans: Path, out: Path, *, target_ffr: flo
     typer.echo(f"achieved false-flag rate on the calibration scans: {rc.flagged}/{n} = {rc.achieved_ffr:.4f}, "
                f"95% CI [{lo:.4f}, {hi:.4f}] (Clopper-Pearson); expected on new clean scans like them: "
                f"{rc.provenance['expected_false_flag_rate']:.4f}")
+    above = rc.provenance["probability_rate_above_target"]
     if confidence is not None:
         typer.echo(f"guarantee: the false-flag rate on new clean scans like these is at most {target_ffr:g} with "
-                   f"probability {confidence:g}")
+                   f"probability {confidence:g} (it exceeds it with probability {above:.1%})")
+    else:
+        typer.echo(f"note: the false-flag rate on new clean scans like these exceeds {target_ffr:g} with probability "
+                   f"{above:.1%}; --confidence C bounds that by 1 − C (it flags fewer of the site's scans)")
     if detector is not None and rc.gate.t_max > rc.gate.t_min:
         typer.echo(f"note: flagged scans will be purified at up to t*={rc.gate.t_max}; with a learned gate "
                    f"--t-max {rc.gate.t_min} kept the robust accuracy that t* up to 200 lost (benchmarks/RESULTS.md, "

@@ -32,6 +32,7 @@ import numpy as np
 from medfedpure.gate import LEARNED_STATS, GateCalibration, GateSpec, run_gate, run_gate_scores
 from medfedpure.gate.calibration import (
     DEFAULT_TAU_HIGH_K,
+    binomial_cdf,
     calibrate_scores,
     expected_ffr,
     min_scans_for_confidence,
@@ -316,6 +317,9 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
                   "target_false_flag_rate": target_ffr, "achieved_false_flag_rate": flagged / n,
                   "false_flag_rate_ci95": [ci[0], ci[1]], "ci_method": "Clopper-Pearson (exact)",
                   "expected_false_flag_rate": expected_ffr(n, flagged),
+                  # τ sits just above the (flagged+1)-th highest of n exchangeable scores: its rate on new scans
+                  # is Beta(flagged+1, n−flagged), above the target with P(Bin(n, target) ≤ flagged)
+                  "probability_rate_above_target": binomial_cdf(flagged, n, target_ffr),
                   "flagged_by_source_gate": flagged_before, "tau_high_k": k,
                   "previous_gate": {"tau": old.tau, "tau_high": old.tau_high}}
     if changes:
