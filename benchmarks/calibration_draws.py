@@ -21,20 +21,23 @@ from pathlib import Path
 
 import numpy as np
 from medfedpure.gate.calibration import expected_ffr, flagged_at_confidence, threshold_at_ffr
+from medfedpure.runtime.calibration import binomial_ci
 from medfedpure.runtime.defender import Defender
 from scipy import stats
 
 
-def site_scores(d: Defender, files: list[Path]) -> np.ndarray:
-    """The gate score of every file (batches of 32; a refused scan stops the run)."""
-    out = []
+def site_scores(d: Defender, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The gate score of every file and whether the bundle's own τ flagged it (batches of 32; a refused scan
+    stops the run)."""
+    scores, flagged = [], []
     for i in range(0, len(files), 32):
         chunk = files[i:i + 32]
         for p, r in zip(chunk, d.run_batch([str(p) for p in chunk], seeds=[0] * len(chunk)), strict=True):
             if r.status == "refused":
                 raise SystemExit(f"{p}: refused ({r.error})")
-            out.append(float(r.score))
-    return np.asarray(out, np.float32)
+            scores.append(float(r.score))
+            flagged.append(bool(r.flagged))
+    return np.asarray(scores, np.float32), np.asarray(flagged)
 
 
 def main() -> None:
@@ -49,7 +52,8 @@ def main() -> None:
     ap.add_argument("--target-ffr", type=float, default=0.05)
     ap.add_argument("--confidence", default="0.9", help="comma-separated levels, besides the plain rule")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cal-dir", type=Path, help="also the rate for this one calibration set (file names of the site)")
+    ap.add_argument("--cal-dir", type=Path, help="the set the bundle was calibrated on (file names of the site): "
+                    "also the rule's rate for it and the bundle's own flags on the rest, per split")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -64,7 +68,7 @@ def main() -> None:
     d = Defender.load(a.bundle, backend="onnxruntime", device="cpu", threads=a.threads,
                       trusted_keys=a.trusted_key or None, timeout_s=None)
     t0 = time.perf_counter()
-    s = site_scores(d, files)
+    s, bundle_flags = site_scores(d, files)
     score_s = time.perf_counter() - t0
 
     pool = np.flatnonzero(split == a.pool) if a.pool != "all" else np.arange(len(files))
@@ -109,7 +113,16 @@ def main() -> None:
                            "rank_among_draws": float((realised[name] < (s[rest] >= tau).mean()).mean())}
             print(f"  {a.cal_dir} ({len(cal)} scans), {name}: τ {tau:.6g}, {achieved:.2%} of them, "
                   f"{given[name]['on_the_rest']:.2%} of the other {len(rest)} (above {given[name]['rank_among_draws']:.0%} of the draws)")
-        rows["given_calibration_set"] = {"dir": str(a.cal_dir), "n": len(cal), **given}
+        # the bundle itself (calibrated on --cal-dir): its own flags, through the Defender, on the rest by split
+        own = {}
+        for g in [*sorted(set(split[rest])), "all"]:
+            m = rest if g == "all" else rest[split[rest] == g]
+            k, n = int(bundle_flags[m].sum()), len(m)
+            lo, hi = binomial_ci(k, n)
+            own[g] = {"flagged": k, "n": n, "rate": k / n, "ci95": [lo, hi]}
+            print(f"  the bundle's own τ {d.engine.gate_spec.tau:.6g} on the rest, {g:>5}: {k:3d}/{n:3d} = "
+                  f"{k / n:6.2%} (95 % CI {lo:.1%}–{hi:.1%})")
+        rows["given_calibration_set"] = {"dir": str(a.cal_dir), "n": len(cal), **given, "bundle_flags": own}
     # Do the site's splits and classes score alike? (the rule's exchangeability assumption)
     masks = {f"split {g}": split == g for g in sorted(set(split))}
     masks |= {f"class {g}": label == g for g in sorted(set(label))}
