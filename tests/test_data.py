@@ -73,6 +73,36 @@ def test_synth_is_determined_by_seed(tiny_root, tmp_path):
     assert same == 0, f"{same} identical scans across seeds 3 and 4"
 
 
+def test_synth_workers_never_fork_a_threaded_caller(tiny_root, tmp_path, monkeypatch):
+    """A child forked while another thread of the caller holds a lock can wait on it for ever (the generator's
+    workers hung so under pytest-xdist, inside `bundle build`). With a thread busy in numpy the whole time,
+    two workers must finish and give the same bytes, and they must not come from a plain fork."""
+    import multiprocessing as mp
+    import threading
+
+    used = []
+    real = mp.get_context
+    monkeypatch.setattr(mp, "get_context", lambda method=None: (used.append(method), real(method))[1])
+    stop = threading.Event()
+
+    def busy() -> None:
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            np.percentile(rng.random(20000), [1, 50, 99])
+
+    th = threading.Thread(target=busy, daemon=True)
+    th.start()
+    try:
+        generate_synthetic(tmp_path / "d", TINY, workers=2, progress=False)
+    finally:
+        stop.set()
+        th.join()
+    assert used and "fork" not in used and used[0] in ("forkserver", "spawn")
+    make_splits(tmp_path / "d", seed=TINY.seed)
+    a, b = _all_bytes(tiny_root), _all_bytes(tmp_path / "d")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
 def test_synth_layout_and_dataset_json(tiny_root):
     meta = json.loads((tiny_root / "dataset.json").read_text())
     assert meta["kind"] == "synthetic" and "not Br35H" in meta["note"]

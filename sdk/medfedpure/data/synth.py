@@ -469,7 +469,6 @@ def generate_synthetic(out: str | Path, cfg: SynthConfig, *, workers: int | None
     tasks = [(s, i, min(i + chunk, cfg.per_site)) for s in range(cfg.sites) for i in range(0, cfg.per_site, chunk)]
     total = cfg.sites * cfg.per_site
     workers = max(1, min(workers or os.cpu_count() or 1, 8, len(tasks)))
-    load_anatomy()  # once in the parent: forked workers share it
     records: list[dict] = []
     bar = progress_bar(total=total, desc="synth", unit="scan", enabled=progress)
     try:
@@ -480,8 +479,10 @@ def generate_synthetic(out: str | Path, cfg: SynthConfig, *, workers: int | None
                 records += recs
                 bar.update(len(recs))
         else:
-            # fork shares the loaded anatomy copy-on-write; elsewhere each worker loads it once
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            # Never plain fork: the caller may have threads (torch's pools, a test runner's), and a child forked
+            # while one of them holds a lock waits on it for ever (seen: workers stuck in numpy under pytest-xdist).
+            # forkserver forks from a clean single-threaded server; each worker loads the anatomy once (~2 s).
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             with ctx.Pool(workers, initializer=_worker_init, initargs=(cfg, profiles, str(out))) as pool:
                 for recs in pool.imap_unordered(_render_chunk, tasks):
