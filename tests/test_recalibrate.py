@@ -110,6 +110,7 @@ def test_binomial_cdf_matches_scipy() -> None:
     for k, n, p in ((0, 59, 0.05), (3, 100, 0.07), (9, 180, 0.05), (40, 1000, 0.05), (2, 3, 0.5), (700, 20000, 0.03)):
         assert binomial_cdf(k, n, p) == pytest.approx(stats.binom.cdf(k, n, p), rel=1e-9, abs=1e-300)
     assert binomial_cdf(-1, 10, 0.1) == 0.0 and binomial_cdf(10, 10, 0.1) == 1.0
+    assert binomial_cdf(0, 10, 0.0) == 1.0 and binomial_cdf(9, 10, 1.0) == 0.0 and binomial_cdf(10, 10, 1.0) == 1.0
 
 
 def test_confidence_rule_counts() -> None:

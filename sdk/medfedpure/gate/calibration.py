@@ -56,8 +56,10 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(Binomial(n, p) ≤ k), summed exactly in log space (n up to millions)."""
     if k < 0:
         return 0.0
-    if k >= n:
+    if k >= n or p <= 0.0:
         return 1.0
+    if p >= 1.0:
+        return 0.0
     lp, lq = math.log(p), math.log1p(-p)
     terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
              for i in range(k + 1)]
