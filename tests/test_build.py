@@ -281,6 +281,10 @@ def test_bundle_build_end_to_end_and_resume(tmp_path):
     assert not (run / "purifier_note.json").exists() and not (run / "metrics_purifier.json").exists()
     calib = json.loads((run / "site_1" / "calibration.json").read_text())
     assert (calib["t_min"], calib["t_max"], calib["steps"], calib["schedule_source"]) == (40, 160, 2, "options")
+    # τ on the bundle's site's validation scans (the default, calibrate_on="site"), said so in the shipped record
+    n_val = [len(json.loads((work / "data" / "splits.json").read_text())["sites"][f"site_{k}"]["val"]) for k in (0, 1)]
+    assert calib["calibration"]["num_val_scans"] == n_val[1] == vb.spec.gate.calibration.num_val_scans
+    assert vb.spec.gate.calibration.source == f"the {n_val[1]} clean validation scans of site 1 (bundle build)"
 
     # Resume: nothing with outputs reruns; a changed knob reruns the steps it reaches only.
     logs.clear()
@@ -293,6 +297,12 @@ def test_bundle_build_end_to_end_and_resume(tmp_path):
     assert [p["step"] for p in plan if p["run"]] == ["merge", "calibrate", "export", "verify", "size_check", "install"]
     assert plan[3]["reason"] == "inputs changed: site"
     assert json.loads((work / "config.json").read_text())["site"] == 0  # the dry run wrote its config
+    plan = build_bundle(BundleBuildConfig(**{**cfg.to_dict(), "calibrate_on": "pooled"}), work, federate=federate,
+                        dry_run=True, log=lambda m: None)["plan"]
+    assert [p["step"] for p in plan if p["run"]] == ["calibrate", "export", "verify", "size_check", "install"]
+    assert plan[4]["reason"] == "inputs changed: calibrate_on"
+    with pytest.raises(ValueError, match="calibrate_on='everywhere'"):
+        BundleBuildConfig(**{**cfg.to_dict(), "calibrate_on": "everywhere"})
 
 
 def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path):
@@ -302,7 +312,8 @@ def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path
     work, dest = tmp_path / "work", tmp_path / "dest"
     cfg = BundleBuildConfig(sites=2, per_site=20, size=32, site=1, preset="tiny", rounds=1, local_epochs=1,
                             purifier_rounds=1, purifier_local_epochs=1, threads=1, purifier_phases=("teacher",),
-                            dest=str(dest), detector_rounds=2, detector_harden_rounds=1, detector_l2=0.5)
+                            dest=str(dest), detector_rounds=2, detector_harden_rounds=1, detector_l2=0.5,
+                            calibrate_on="pooled")
     calls: list = []
 
     def federate(fed_cfg, timeout_s):
@@ -324,7 +335,12 @@ def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path
     assert out["gate"]["tau"] == pytest.approx(g.tau) and out["gate"]["num_val_scans"] == g.calibration.num_val_scans
     prov = vb.spec.provenance
     assert prov["detector"]["federation"] == "fed_detector" and prov["detector"]["harden_rounds"] == 1
-    assert "site 1" in prov["recalibration"]["description"]
+    assert "sites 0, 1 pooled" in prov["recalibration"]["description"]
+    n_val = [len(json.loads((work / "data" / "splits.json").read_text())["sites"][f"site_{k}"]["val"]) for k in (0, 1)]
+    assert g.calibration.num_val_scans == sum(n_val) == prov["recalibration"]["num_scans"] > n_val[1]
+    # the staged hfratio gate was set on the same pooled scans
+    staged = verify_bundle(work / "bundle", allow_unsigned=True).spec.gate.calibration
+    assert staged.num_val_scans == sum(n_val) and "sites 0, 1 pooled" in staged.source
     # the hfratio bundle staged before the detector is untouched; a dry rerun plans nothing but the checks
     assert verify_bundle(work / "bundle", allow_unsigned=True).spec.gate.stat != "learned"
     plan = build_bundle(cfg, work, federate=federate, dry_run=True, log=lambda m: None)["plan"]

@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from medfedpure.models.diffusion import PurifySchedule
 
-__all__ = ["BundleBuildConfig", "PRESETS", "PURIFIER_PHASES", "DEFAULT_MAX_BUNDLE_BYTES"]
+__all__ = ["BundleBuildConfig", "PRESETS", "PURIFIER_PHASES", "DEFAULT_MAX_BUNDLE_BYTES", "CALIBRATE_ON"]
 
 PRESETS = ("tiny", "small")
 # What the purifier federation trains: the teacher then its distilled student, or the teacher only
 # (then the teacher itself samples in K steps: "student is teacher", recorded in the run's metrics).
 PURIFIER_PHASES = (("teacher", "student"), ("teacher",))
 DEFAULT_MAX_BUNDLE_BYTES = 25 * 1024 * 1024
+#: the scans the gate's τ is set on: every site's validation scans, or the bundle's site's
+CALIBRATE_ON = ("site", "pooled")
 
 
 def _default_schedule() -> PurifySchedule:
@@ -71,6 +73,10 @@ class BundleBuildConfig:
             classifier; ``FedConfig.detector_harden_rounds`` and ``detector_l2``), and the bundle's gate is the
             ``learned`` one on it, calibrated on the site's validation scans. ``detector_rounds`` 0 (the
             default): no detector, the bundle keeps the MAE-side statistic.
+        calibrate_on: the clean scans τ is set on, for either gate: ``"site"`` (the default), the bundle's
+            site's validation scans; or ``"pooled"``, the validation scans of every site — for a bundle that will
+            meet scanners nobody calibrated it for (the shipped default's recipe, `make bundle`): one τ for all
+            of them, until a site recalibrates it on its own scans (``medfedpure calibrate --bundle``).
     """
 
     sites: int = 2
@@ -109,6 +115,7 @@ class BundleBuildConfig:
     detector_local_epochs: int = 2
     detector_harden_rounds: int = 0
     detector_l2: float = 0.0
+    calibrate_on: str = "site"
 
     def __post_init__(self) -> None:
         from medfedpure.models.diffusion import PurifySchedule
@@ -153,6 +160,8 @@ class BundleBuildConfig:
         if not 0 <= self.detector_harden_rounds <= self.detector_rounds:
             raise ValueError(f"detector_harden_rounds={self.detector_harden_rounds}: from 0 to detector_rounds "
                              f"({self.detector_rounds})")
+        if self.calibrate_on not in CALIBRATE_ON:
+            raise ValueError(f"calibrate_on={self.calibrate_on!r}: use one of {CALIBRATE_ON}")
         if not self.detector_l2 >= 0:
             raise ValueError(f"detector_l2={self.detector_l2}: 0 (linf only) or a positive l2 radius")
         if self.classifier_stem < 0:

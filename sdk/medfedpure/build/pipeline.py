@@ -186,9 +186,21 @@ def _federate_detector(cfg: BundleBuildConfig, paths: BuildPaths, federate: Fede
     return _federate(detector_fed_config(cfg, paths), federate, cfg.timeout_s)
 
 
+def _calibration_scans(cfg: BundleBuildConfig, paths: BuildPaths, size: int) -> tuple[Any, str]:
+    """The clean scans τ is set on (``cfg.calibrate_on``) [N,1,S,S] and what they are, in words."""
+    import numpy as np
+
+    from medfedpure.data import load_split
+
+    sites = list(range(cfg.sites)) if cfg.calibrate_on == "pooled" else [cfg.site]
+    x = np.concatenate([load_split(paths.data, k, "val", size)[0] for k in sites])
+    where = f"site {cfg.site}" if len(sites) == 1 else f"sites {', '.join(map(str, sites))} pooled"
+    return x, f"the {len(x)} clean validation scans of {where} (bundle build)"
+
+
 def _learned_gate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
-    """The staged bundle with the federated detector attached and its ``learned`` gate calibrated on the site's
-    clean validation scans (the same call as ``medfedpure calibrate --bundle B --detector D --t-max T_MIN``) →
+    """The staged bundle with the federated detector attached and its ``learned`` gate calibrated on the clean
+    validation scans of ``cfg.calibrate_on`` (the same call as ``medfedpure calibrate --bundle B --detector D --t-max T_MIN``) →
     ``WORK/bundle_learned`` (unsigned; signed on install). The purification range narrows to t_min: a flagged scan
     purified at up to t_max lost its class (site 2's worst rung 87.5 → 80.8 % at 4/255, benchmarks/RESULTS.md,
     "Gate and detector"), at t_min it keeps the classifier's answer."""
@@ -196,19 +208,18 @@ def _learned_gate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
 
     import torch
 
-    from medfedpure.data import load_split
     from medfedpure.export.bundle_writer import write_recalibrated_bundle
     from medfedpure.export.learned_gate import calibrate_with_detector
     from medfedpure.runtime.defender import Defender
 
     torch.set_num_threads(cfg.threads)
     source = Defender.load(paths.stage, "onnxruntime", "auto", threads=cfg.threads, allow_unsigned=True)
-    x_val, _ = load_split(paths.data, cfg.site, "val", source.image_size)
+    x_val, description = _calibration_scans(cfg, paths, source.image_size)
     with tempfile.TemporaryDirectory(prefix="medfedpure-build-detector-") as tmp:
         rc, target = calibrate_with_detector(
             source, paths.fed_detector / "detector.safetensors", x_val, tmp, backend="onnxruntime",
             threads=cfg.threads, min_scans=min(100, len(x_val)), t_max=source.bundle.spec.gate.t_min,
-            description=f"the {len(x_val)} clean validation scans of site {cfg.site} (bundle build)",
+            description=description,
             detector_provenance={"federation": "fed_detector", "rounds": cfg.detector_rounds,
                                  "harden_rounds": cfg.detector_harden_rounds, "l2": cfg.detector_l2})
         vb = write_recalibrated_bundle(target, paths.learned, rc.gate, rc.provenance, signing_key=None,
@@ -273,7 +284,6 @@ def _merge(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
 def _calibrate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     import torch
 
-    from medfedpure.data import load_split
     from medfedpure.models.weights import load_model
     from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate, write_calibration
 
@@ -281,8 +291,8 @@ def _calibrate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     s = cfg.schedule
     ccfg = CalibrationConfig(t_min=s.t_min, t_max=s.t_max, steps=s.steps, schedule_from="options")
     mae, mcfg, _ = load_model(paths.run / "mae.safetensors")
-    x_val, _ = load_split(paths.data, cfg.site, "val", mcfg.image_size)
-    calib = calibrate_gate(mae, x_val, ccfg, run=paths.run)
+    x_val, description = _calibration_scans(cfg, paths, mcfg.image_size)
+    calib = calibrate_gate(mae, x_val, ccfg, run=paths.run, source=description)
     write_calibration(paths.run / f"site_{cfg.site}" / "calibration.json", calib)
     record = {**calib, **calib.get("calibration", {})}  # the gate section's calibration record, flattened
     return {k: record[k] for k in ("stat", "tau", "tau_high", "t_min", "t_max", "steps", "val_false_flag_rate",
@@ -397,6 +407,8 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
               **({"classifier_width": cfg.classifier_width} if cfg.classifier_width != 1 else {}),
               **({"classifier_stem": cfg.classifier_stem} if cfg.classifier_stem != 0 else {})}
     cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
+    # recorded only when pooled, so a build calibrated on its site's scans keeps its resumable steps
+    calibrate_on = {"calibrate_on": cfg.calibrate_on} if cfg.calibrate_on != "site" else {}
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:
         pur_out += (paths.fed_purifier / "student.safetensors",)
@@ -406,7 +418,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     detector_steps = [
         Step("fed_detector", lambda: _federate_detector(cfg, paths, fed_run), det_in,
              (paths.fed_detector / "detector.safetensors", paths.fed_detector / "metrics.json"), ("fed_cls_mae",)),
-        Step("learned_gate", lambda: _learned_gate(cfg, paths), {"site": cfg.site},
+        Step("learned_gate", lambda: _learned_gate(cfg, paths), {"site": cfg.site, **calibrate_on},
              (paths.learned / "manifest.json",), ("export", "fed_detector")),
     ] if cfg.detector_rounds else []
     checked = ("learned_gate",) if cfg.detector_rounds else ("export",)
@@ -421,7 +433,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
              (paths.run / "config.json", paths.run / "metrics.json", paths.run / "student.safetensors",
               paths.run / "mae.safetensors", paths.run / site_dir / "classifier.safetensors"),
              ("fed_purifier", "fed_cls_mae")),
-        Step("calibrate", lambda: _calibrate(cfg, paths), {"site": cfg.site, "schedule": sched},
+        Step("calibrate", lambda: _calibrate(cfg, paths), {"site": cfg.site, "schedule": sched, **calibrate_on},
              (paths.run / site_dir / "calibration.json",), ("data", "merge")),
         Step("export", lambda: _export(cfg, paths, log), {"site": cfg.site}, (paths.stage / "manifest.json",),
              ("calibrate",)),

@@ -100,6 +100,10 @@ def build(
                                                     "site's evasion of the round's detector."),
     detector_l2: float = typer.Option(_D["detector_l2"], "--detector-l2", min=0.0, help="Detector federation: add "
                                       "PGD at this l2 radius (scan units, e.g. 0.5) to the training attacks."),
+    calibrate_on: str = typer.Option(_D["calibrate_on"], "--calibrate-on", help="The clean scans the gate's tau "
+                                     "is set on: 'pooled' (every site's validation scans: one tau for scanners "
+                                     "nobody calibrated it for, until a site runs `calibrate --bundle`) or 'site' "
+                                     "(the bundle's site's)."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
     export → [federated attack detector → learned gate] → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
@@ -118,7 +122,8 @@ def build(
             purifier_phases=purifier_phases, schedule=replace(PURIFY_DEFAULTS, **given),
             denoise_t_max=denoise_t_max, classifier_width=classifier_width, classifier_stem=classifier_stem,
             detector_rounds=detector_rounds, detector_local_epochs=detector_local_epochs,
-            detector_harden_rounds=detector_harden_rounds, detector_l2=detector_l2, threads=threads,
+            detector_harden_rounds=detector_harden_rounds, detector_l2=detector_l2, calibrate_on=calibrate_on,
+            threads=threads,
             timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,

@@ -137,8 +137,9 @@ def student_schedule(run: Path) -> dict[str, Any] | None:
 
 
 def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *, run: Path | None = None,
-                   batch_size: int = 16) -> dict[str, Any]:
-    """Calibrate one site's gate on its clean validation scans ``x_val`` ``[N,1,S,S]``.
+                   batch_size: int = 16, source: str | None = None) -> dict[str, Any]:
+    """Calibrate one site's gate on its clean validation scans ``x_val`` ``[N,1,S,S]`` (``source``: which scans,
+    in words, for the calibration record).
 
     Returns the ``calibration.json`` content: the manifest's gate section
     (:meth:`medfedpure.gate.GateSpec.to_dict`, with the calibration record: target and achieved
@@ -149,7 +150,7 @@ def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *
     if cfg.stat in SPECTRAL_STATS and topk == 0:  # m, the tissue patches scored: half of them by default
         topk = mae.cfg.num_patches // 2
     scores = score_scans(mae, x_val, stat=cfg.stat, topk=topk, batch_size=batch_size)
-    tau, tau_high, calibration = calibrate_scores(scores, cfg.target_ffr, tau_high_k=cfg.tau_high_k)
+    tau, tau_high, calibration = calibrate_scores(scores, cfg.target_ffr, tau_high_k=cfg.tau_high_k, source=source)
     sched = student_schedule(run) if run is not None and cfg.schedule_from == "student" else None
     t_min, t_max, steps = (sched["t_min"], sched["t_max"], sched["steps"]) if sched else (cfg.t_min, cfg.t_max, cfg.steps)
     spec = GateSpec(stat=cfg.stat, patch=int(mae.cfg.patch), topk=int(topk), norm_pix=bool(mae.cfg.norm_pix), tau=tau,
