@@ -57,12 +57,12 @@ lint-imports: $(STAMP)
 # resumable (`medfedpure bundle build --help`; more options through BUNDLE_ARGS, e.g. BUNDLE_ARGS="--dry-run").
 # BUNDLE_RECIPE is the shipped bundle's recipe (four scanner profiles × 1200 scans, PGD-5 adversarial training
 # at 8/255 from epoch 20 with robust model selection and denoised-smoothing batches, site 2; about 57 min on
-# 2 cores) with the gate's τ set on every site's validation scans (--calibrate-on pooled: the shipped bundle
-# meets scanners nobody calibrated it for; a site recalibrates it with `medfedpure calibrate --bundle`; the bundle
-# embedded now predates the option and was calibrated on site 2's); BUNDLE_RECIPE= gives the CLI defaults.
+# 2 cores); BUNDLE_RECIPE= gives the CLI defaults. Its gate is hfratio, calibrated on site 2's val scans: pooling
+# every site's val scans (--calibrate-on pooled) pays off only with the learned gate (--detector-rounds N), see
+# benchmarks/RESULTS.md, "Gate and detector".
 BUNDLE_RECIPE ?= --work runs/robust5 --sites 4 --per-site 1200 --adv pgd --adv-eps 8 --adv-steps 5 --adv-start-epoch 20 \
 	--robust-val 64 --select robust --smoothing-sigmas 0.12,0.25,0.5 --purifier-rounds 5 --purifier-max-train 420 \
-	--timeout 14000 --site 2 --calibrate-on pooled
+	--timeout 14000 --site 2
 bundle: $(STAMP)
 	$(BIN)/medfedpure bundle build $(BUNDLE_RECIPE) $(BUNDLE_ARGS)
 

@@ -75,8 +75,9 @@ class BundleBuildConfig:
             default): no detector, the bundle keeps the MAE-side statistic.
         calibrate_on: the clean scans τ is set on, for either gate: ``"site"`` (the default), the bundle's
             site's validation scans; or ``"pooled"``, the validation scans of every site — for a bundle that will
-            meet scanners nobody calibrated it for (the shipped default's recipe, `make bundle`): one τ for all
-            of them, until a site recalibrates it on its own scans (``medfedpure calibrate --bundle``).
+            meet scanners nobody calibrated it for: one τ for all of them, until a site recalibrates it on its own
+            scans (``medfedpure calibrate --bundle``). Measured worth it with the ``learned`` gate only (the
+            ``hfratio`` scale is the scanner's: benchmarks/RESULTS.md, "Gate and detector").
     """
 
     sites: int = 2
