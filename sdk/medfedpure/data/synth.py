@@ -450,7 +450,9 @@ def generate_synthetic(out: str | Path, cfg: SynthConfig, *, workers: int | None
     Args:
         out: data folder; must be absent or empty unless ``overwrite`` (which removes only the
             ``site_*`` folders and the JSON files this function and the splitter write).
-        workers: processes (default: CPU count, at most 8). Output bytes do not depend on it.
+        workers: processes (default: CPU count, at most 8). Output bytes do not depend on it. More than one are
+            started by ``forkserver`` (``spawn`` where there is none), which import the caller's main module:
+            call from a script under ``if __name__ == "__main__":``.
         progress: show progress on stderr (:func:`medfedpure.progress.progress`).
     Returns:
         The dataset.json content.
