@@ -303,6 +303,14 @@ def test_bundle_build_end_to_end_and_resume(tmp_path):
     assert plan[4]["reason"] == "inputs changed: calibrate_on"
     with pytest.raises(ValueError, match="calibrate_on='everywhere'"):
         BundleBuildConfig(**{**cfg.to_dict(), "calibrate_on": "everywhere"})
+    with pytest.raises(ValueError, match="calibration_confidence=1.0"):
+        BundleBuildConfig(**{**cfg.to_dict(), "calibration_confidence": 1.0})
+    # a confidence level reaches the calibration: 3 val scans cannot bound the rate by 5 % with probability 0.9
+    sure = BundleBuildConfig(**{**cfg.to_dict(), "calibration_confidence": 0.9})
+    plan = build_bundle(sure, work, federate=federate, dry_run=True, log=lambda m: None)["plan"]
+    assert plan[4]["reason"] == "inputs changed: calibration_confidence"
+    with pytest.raises(ValueError, match="at least 45 are needed"):
+        build_bundle(sure, work, federate=federate, log=lambda m: None)
 
 
 def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path):

@@ -155,6 +155,24 @@ def test_calibrate_gate_fields_and_rates(tmp_path):
         json.dumps(c)
 
 
+def test_calibrate_gate_with_a_confidence_level():
+    """τ that bounds the rate on new scans by 10 % with probability 0.9: of 40 scans it flags the largest k with
+    P(Bin(40, 0.1) <= k) <= 0.1, i.e. 1 (P(<= 1) = 0.080, P(<= 2) = 0.223); 22 scans at least."""
+    torch.manual_seed(0)
+    mae = MaskedAutoencoder(MAEConfig.preset("tiny")).eval()
+    xv = np.clip(0.5 + 0.05 * np.random.default_rng(3).standard_normal((40, 1, 32, 32)), 0, 1).astype(np.float32)
+    c = calibrate_gate(mae, xv, CalibrationConfig(stat="mean", target_ffr=0.1, confidence=0.9, t_min=10, t_max=90,
+                                                  steps=4), source="forty scans")
+    plain = calibrate_gate(mae, xv, CalibrationConfig(stat="mean", target_ffr=0.1, t_min=10, t_max=90, steps=4))
+    assert c["calibration"]["val_false_flag_rate"] == 1 / 40 and plain["calibration"]["val_false_flag_rate"] == 4 / 40
+    assert c["tau"] > plain["tau"] and c["calibration"]["source"] == "forty scans"
+    with pytest.raises(ValueError, match="at least 22 are needed"):
+        calibrate_gate(mae, xv[:21], CalibrationConfig(stat="mean", target_ffr=0.1, confidence=0.9))
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence"):
+            CalibrationConfig(confidence=bad)
+
+
 def test_student_schedule_from_checkpoint_metadata(tmp_path):
     assert student_schedule(tmp_path) is None
     save_tensors(tmp_path / "student.safetensors", {"w": torch.zeros(1)},

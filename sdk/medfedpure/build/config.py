@@ -78,6 +78,9 @@ class BundleBuildConfig:
             meet scanners nobody calibrated it for: one τ for all of them, until a site recalibrates it on its own
             scans (``medfedpure calibrate --bundle``). Measured worth it with the ``learned`` gate only (the
             ``hfratio`` scale is the scanner's: benchmarks/RESULTS.md, "Gate and detector").
+        calibration_confidence: 0 (the default) flags the target share (5 %) of those scans; a level c in (0, 1)
+            sets τ so that the rate on new clean scans like them is at most 5 % with probability c (as
+            ``medfedpure calibrate --bundle --confidence``; the build fails when there are too few scans for it).
     """
 
     sites: int = 2
@@ -117,6 +120,7 @@ class BundleBuildConfig:
     detector_harden_rounds: int = 0
     detector_l2: float = 0.0
     calibrate_on: str = "site"
+    calibration_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         from medfedpure.models.diffusion import PurifySchedule
@@ -163,6 +167,9 @@ class BundleBuildConfig:
                              f"({self.detector_rounds})")
         if self.calibrate_on not in CALIBRATE_ON:
             raise ValueError(f"calibrate_on={self.calibrate_on!r}: use one of {CALIBRATE_ON}")
+        if not 0 <= self.calibration_confidence < 1:
+            raise ValueError(f"calibration_confidence={self.calibration_confidence}: 0 (off) or a level in (0, 1), "
+                             "e.g. 0.9")
         if not self.detector_l2 >= 0:
             raise ValueError(f"detector_l2={self.detector_l2}: 0 (linf only) or a positive l2 radius")
         if self.classifier_stem < 0:

@@ -219,6 +219,7 @@ def _learned_gate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
         rc, target = calibrate_with_detector(
             source, paths.fed_detector / "detector.safetensors", x_val, tmp, backend="onnxruntime",
             threads=cfg.threads, min_scans=min(100, len(x_val)), t_max=source.bundle.spec.gate.t_min,
+            confidence=cfg.calibration_confidence or None,
             description=description,
             detector_provenance={"federation": "fed_detector", "rounds": cfg.detector_rounds,
                                  "harden_rounds": cfg.detector_harden_rounds, "l2": cfg.detector_l2})
@@ -289,7 +290,8 @@ def _calibrate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
 
     torch.set_num_threads(cfg.threads)
     s = cfg.schedule
-    ccfg = CalibrationConfig(t_min=s.t_min, t_max=s.t_max, steps=s.steps, schedule_from="options")
+    ccfg = CalibrationConfig(t_min=s.t_min, t_max=s.t_max, steps=s.steps, schedule_from="options",
+                             confidence=cfg.calibration_confidence or None)
     mae, mcfg, _ = load_model(paths.run / "mae.safetensors")
     x_val, description = _calibration_scans(cfg, paths, mcfg.image_size)
     calib = calibrate_gate(mae, x_val, ccfg, run=paths.run, source=description)
@@ -409,6 +411,8 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
     # recorded only when pooled, so a build calibrated on its site's scans keeps its resumable steps
     calibrate_on = {"calibrate_on": cfg.calibrate_on} if cfg.calibrate_on != "site" else {}
+    if cfg.calibration_confidence:  # likewise recorded only when set
+        calibrate_on["calibration_confidence"] = cfg.calibration_confidence
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:
         pur_out += (paths.fed_purifier / "student.safetensors",)

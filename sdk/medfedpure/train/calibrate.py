@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from medfedpure.gate import STATS, GateSpec, gate_scores
-from medfedpure.gate.calibration import calibrate_scores, threshold_at_ffr
+from medfedpure.gate.calibration import calibrate_scores, min_scans_for_confidence, threshold_at_ffr
 from medfedpure.gate.validate import SPECTRAL_STATS
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 from medfedpure.models.mae import MAEScorer, MaskedAutoencoder
@@ -59,6 +59,9 @@ class CalibrationConfig:
             ``"options"`` (these options whatever the checkpoint says: e.g. a student distilled for
             t ∈ [10, 250] and K ∈ {1, 2, 4} run at K = 1 on [60, 200]).
         policy: ``"adaptive"`` (unflagged scans skip purification) or ``"floor"``.
+        confidence: None flags ``⌊target_ffr · n⌋`` of the n scans; a level c in (0, 1) sets τ so that the rate on
+            new clean scans like them is at most ``target_ffr`` with probability c
+            (:mod:`medfedpure.gate.calibration`; ValueError at calibration when n is too small for it).
     """
 
     target_ffr: float = 0.05
@@ -70,6 +73,7 @@ class CalibrationConfig:
     steps: int = PURIFY_DEFAULTS.steps
     policy: str = "adaptive"
     schedule_from: str = "student"
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.schedule_from not in ("student", "options"):
@@ -87,6 +91,8 @@ class CalibrationConfig:
         PurifySchedule(t_min=self.t_min, t_max=self.t_max, steps=self.steps)  # ValueError naming the bad one
         if self.policy not in ("adaptive", "floor"):
             raise ValueError(f"policy={self.policy!r}: use 'adaptive' or 'floor'")
+        if self.confidence is not None:
+            min_scans_for_confidence(self.target_ffr, self.confidence)  # ValueError naming a bad level
 
     @property
     def schedule(self) -> PurifySchedule:
@@ -150,7 +156,8 @@ def calibrate_gate(mae: MaskedAutoencoder, x_val: Any, cfg: CalibrationConfig, *
     if cfg.stat in SPECTRAL_STATS and topk == 0:  # m, the tissue patches scored: half of them by default
         topk = mae.cfg.num_patches // 2
     scores = score_scans(mae, x_val, stat=cfg.stat, topk=topk, batch_size=batch_size)
-    tau, tau_high, calibration = calibrate_scores(scores, cfg.target_ffr, tau_high_k=cfg.tau_high_k, source=source)
+    tau, tau_high, calibration = calibrate_scores(scores, cfg.target_ffr, tau_high_k=cfg.tau_high_k, source=source,
+                                                  confidence=cfg.confidence)
     sched = student_schedule(run) if run is not None and cfg.schedule_from == "student" else None
     t_min, t_max, steps = (sched["t_min"], sched["t_max"], sched["steps"]) if sched else (cfg.t_min, cfg.t_max, cfg.steps)
     spec = GateSpec(stat=cfg.stat, patch=int(mae.cfg.patch), topk=int(topk), norm_pix=bool(mae.cfg.norm_pix), tau=tau,
