@@ -165,7 +165,8 @@ def test_calibrate_gate_with_a_confidence_level():
                                                   steps=4), source="forty scans")
     plain = calibrate_gate(mae, xv, CalibrationConfig(stat="mean", target_ffr=0.1, t_min=10, t_max=90, steps=4))
     assert c["calibration"]["val_false_flag_rate"] == 1 / 40 and plain["calibration"]["val_false_flag_rate"] == 4 / 40
-    assert c["tau"] > plain["tau"] and c["calibration"]["source"] == "forty scans"
+    assert c["tau"] > plain["tau"] and c["calibration"]["source"] == (
+        "forty scans; τ bounds the false-flag rate on new clean scans by 0.1 with probability 0.9")
     with pytest.raises(ValueError, match="at least 22 are needed"):
         calibrate_gate(mae, xv[:21], CalibrationConfig(stat="mean", target_ffr=0.1, confidence=0.9))
     for bad in (0.0, 1.0, 1.5):

@@ -409,10 +409,10 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
               **({"classifier_width": cfg.classifier_width} if cfg.classifier_width != 1 else {}),
               **({"classifier_stem": cfg.classifier_stem} if cfg.classifier_stem != 0 else {})}
     cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
-    # recorded only when pooled, so a build calibrated on its site's scans keeps its resumable steps
-    calibrate_on = {"calibrate_on": cfg.calibrate_on} if cfg.calibrate_on != "site" else {}
-    if cfg.calibration_confidence:  # likewise recorded only when set
-        calibrate_on["calibration_confidence"] = cfg.calibration_confidence
+    # The calibration's inputs, recorded only when not the defaults, so a build calibrated as before (its site's
+    # scans, the plain rule) keeps its resumable steps.
+    calib_in = {**({"calibrate_on": cfg.calibrate_on} if cfg.calibrate_on != "site" else {}),
+                **({"calibration_confidence": cfg.calibration_confidence} if cfg.calibration_confidence else {})}
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:
         pur_out += (paths.fed_purifier / "student.safetensors",)
@@ -422,7 +422,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     detector_steps = [
         Step("fed_detector", lambda: _federate_detector(cfg, paths, fed_run), det_in,
              (paths.fed_detector / "detector.safetensors", paths.fed_detector / "metrics.json"), ("fed_cls_mae",)),
-        Step("learned_gate", lambda: _learned_gate(cfg, paths), {"site": cfg.site, **calibrate_on},
+        Step("learned_gate", lambda: _learned_gate(cfg, paths), {"site": cfg.site, **calib_in},
              (paths.learned / "manifest.json",), ("export", "fed_detector")),
     ] if cfg.detector_rounds else []
     checked = ("learned_gate",) if cfg.detector_rounds else ("export",)
@@ -437,7 +437,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
              (paths.run / "config.json", paths.run / "metrics.json", paths.run / "student.safetensors",
               paths.run / "mae.safetensors", paths.run / site_dir / "classifier.safetensors"),
              ("fed_purifier", "fed_cls_mae")),
-        Step("calibrate", lambda: _calibrate(cfg, paths), {"site": cfg.site, "schedule": sched, **calibrate_on},
+        Step("calibrate", lambda: _calibrate(cfg, paths), {"site": cfg.site, "schedule": sched, **calib_in},
              (paths.run / site_dir / "calibration.json",), ("data", "merge")),
         Step("export", lambda: _export(cfg, paths, log), {"site": cfg.site}, (paths.stage / "manifest.json",),
              ("calibrate",)),

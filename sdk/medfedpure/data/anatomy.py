@@ -86,6 +86,10 @@ def _read_template(name: str) -> np.ndarray:
     return data / data.max()
 
 
+#: where the anatomy comes from (recorded in every synthetic data set)
+ANATOMY_SOURCE = "MNI152 ICBM 2009a sym templates (T1, GM, WM; 1 mm) bundled with nilearn"
+
+
 @functools.lru_cache(maxsize=1)
 def load_anatomy() -> Anatomy:
     """Load the nilearn MNI152 templates once per process (a few seconds) and derive the distance maps."""
@@ -121,7 +125,7 @@ def load_anatomy() -> Anatomy:
     return Anatomy(
         volume=np.ascontiguousarray(volume),
         z0=float(k0 + ORIGIN_MM[2]),
-        source="MNI152 ICBM 2009a sym templates (T1, GM, WM; 1 mm) bundled with nilearn",
+        source=ANATOMY_SOURCE,
     )
 
 

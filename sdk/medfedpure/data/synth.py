@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medfedpure.data.anatomy import Anatomy, load_anatomy, sample
+from medfedpure.data.anatomy import ANATOMY_SOURCE, Anatomy, load_anatomy, sample
 from medfedpure.progress import progress as progress_bar
 
 GENERATOR_VERSION = 2
@@ -407,7 +407,7 @@ def config_dict(cfg: SynthConfig, profiles: list[SiteProfile]) -> dict:
         "site_profiles": [asdict(p) for p in profiles],
         "tissue_contrast": {k: list(v) for k, v in TISSUE_CONTRAST.items()},
         "generator_version": cfg.version,
-        "anatomy": load_anatomy().source,
+        "anatomy": ANATOMY_SOURCE,
     }
 
 

@@ -158,11 +158,16 @@ def calibrate_scores(scores: np.ndarray, target_ffr: float, *, tau_high_k: float
     """``(tau, tau_high, record)`` from clean scores [N] at target false-flag rate ``target_ffr`` (with
     ``confidence``: the rate on new scans is at most the target with that probability).
 
-    ``source`` (e.g. which scans and bundle) goes into the record as is.
+    ``source`` (e.g. which scans and bundle) goes into the record; with ``confidence`` the guarantee is added
+    to it in words.
     """
     scores = np.asarray(scores, np.float32).ravel()
     tau, achieved = threshold_at_ffr(scores, target_ffr, confidence=confidence)
     tau_high = tau_high_from(tau, float(np.median(scores)), tau_high_k)
+    if confidence is not None:
+        guarantee = (f"τ bounds the false-flag rate on new clean scans by {target_ffr:g} with probability "
+                     f"{confidence:g}")
+        source = guarantee if source is None else f"{source}; {guarantee}"
     record = GateCalibration(target_false_flag_rate=target_ffr, val_false_flag_rate=achieved,
                              num_val_scans=int(len(scores)), score_quantiles=score_quantiles(scores),
                              tau_high_rule=tau_high_rule_text(tau_high_k), source=source)

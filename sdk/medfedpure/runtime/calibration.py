@@ -305,9 +305,6 @@ def recalibrate(bundle: Any, engine: Any, x: np.ndarray, *, target_ffr: float = 
     fingerprint = pixels_sha256 or set_fingerprint([pixels_digest(a) for a in np.asarray(x, np.float32)])
     source = (f"recalibrated on {n} clean site scans (pixels sha256 {fingerprint}) on {date}, "
               f"from bundle {bundle.bundle_id}")
-    if confidence is not None:
-        source += (f"; τ bounds the false-flag rate on new clean scans by {target_ffr:g} with probability "
-                   f"{confidence:g}")
     tau, tau_high, record = calibrate_scores(scores, target_ffr, tau_high_k=k, source=source, confidence=confidence)
     gate = dataclasses.replace(base, tau=tau, tau_high=tau_high, calibration=record)
     flagged = int(gate.decide(scores)[0].sum())
