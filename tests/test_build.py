@@ -305,12 +305,26 @@ def test_bundle_build_end_to_end_and_resume(tmp_path):
         BundleBuildConfig(**{**cfg.to_dict(), "calibrate_on": "everywhere"})
     with pytest.raises(ValueError, match="calibration_confidence=1.0"):
         BundleBuildConfig(**{**cfg.to_dict(), "calibration_confidence": 1.0})
+    plan = build_bundle(BundleBuildConfig(**{**cfg.to_dict(), "calibration_target_ffr": 0.07}), work,
+                        federate=federate, dry_run=True, log=lambda m: None)["plan"]
+    assert [p["step"] for p in plan if p["run"]] == ["calibrate", "export", "verify", "size_check", "install"]
+    assert plan[4]["reason"] == "inputs changed: calibration_target_ffr"
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match=f"calibration_target_ffr={bad}"):
+            BundleBuildConfig(**{**cfg.to_dict(), "calibration_target_ffr": bad})
     # a confidence level reaches the calibration: 3 val scans cannot bound the rate by 5 % with probability 0.9
     sure = BundleBuildConfig(**{**cfg.to_dict(), "calibration_confidence": 0.9})
     plan = build_bundle(sure, work, federate=federate, dry_run=True, log=lambda m: None)["plan"]
     assert plan[4]["reason"] == "inputs changed: calibration_confidence"
     with pytest.raises(ValueError, match="at least 45 are needed"):
         build_bundle(sure, work, federate=federate, log=lambda m: None)
+    # the target reaches the shipped calibration record: ⌊0.34·n⌋ of the site's n val scans flagged (0 at 5 %)
+    loose = BundleBuildConfig(**{**cfg.to_dict(), "calibration_target_ffr": 0.34})
+    assert build_bundle(loose, work, federate=federate, log=lambda m: None)["bundle_id"] != out["bundle_id"]
+    rec = verify_bundle(dest).spec.gate.calibration
+    assert rec.target_false_flag_rate == 0.34 and rec.num_val_scans == n_val[1]
+    assert rec.val_false_flag_rate == pytest.approx(int(0.34 * n_val[1]) / n_val[1]) and rec.val_false_flag_rate > 0
+    assert vb.spec.gate.calibration.val_false_flag_rate == 0
 
 
 def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path):

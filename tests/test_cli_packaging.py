@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -185,6 +186,25 @@ def test_a_valid_choice_still_runs(tmp_path):
     res = runner.invoke(app, ["bundle", "build", "--preset", "tiny", "--dry-run", "--work", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert '"preset": "tiny"' in res.output
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--calibration-confidence", "1"], "calibration_confidence=1.0"),
+    (["--target-ffr", "0"], "calibration_target_ffr=0.0"),
+    (["--target-ffr", "1.5"], "calibration_target_ffr=1.5"),
+])
+def test_bundle_build_refuses_a_calibration_it_cannot_run(tmp_path, args, named):
+    res = runner.invoke(app, ["bundle", "build", "--preset", "tiny", "--dry-run", "--work", str(tmp_path), *args])
+    assert res.exit_code == 2, res.output
+    assert named in res.output.replace("\n", " ")
+
+
+def test_bundle_build_calibration_options_reach_its_config(tmp_path):
+    res = runner.invoke(app, ["bundle", "build", "--preset", "tiny", "--dry-run", "--work", str(tmp_path),
+                              "--target-ffr", "0.07", "--calibration-confidence", "0.9"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert (cfg["calibration_target_ffr"], cfg["calibration_confidence"]) == (0.07, 0.9)
 
 
 # -- 4. piped tables ---------------------------------------------------------------------------------

@@ -78,8 +78,10 @@ class BundleBuildConfig:
             meet scanners nobody calibrated it for: one τ for all of them, until a site recalibrates it on its own
             scans (``medfedpure calibrate --bundle``). Measured worth it with the ``learned`` gate only (the
             ``hfratio`` scale is the scanner's: benchmarks/RESULTS.md, "Gate and detector").
-        calibration_confidence: 0 (the default) flags the target share (5 %) of those scans; a level c in (0, 1)
-            sets τ so that the rate on new clean scans like them is at most 5 % with probability c (as
+        calibration_target_ffr: the false-flag rate τ is set for on those scans (default 0.05, as
+            ``medfedpure calibrate --target-ffr``).
+        calibration_confidence: 0 (the default) flags the target share of those scans; a level c in (0, 1)
+            sets τ so that the rate on new clean scans like them is at most the target with probability c (as
             ``medfedpure calibrate --bundle --confidence``; the build fails when there are too few scans for it).
     """
 
@@ -120,6 +122,7 @@ class BundleBuildConfig:
     detector_harden_rounds: int = 0
     detector_l2: float = 0.0
     calibrate_on: str = "site"
+    calibration_target_ffr: float = 0.05
     calibration_confidence: float = 0.0
 
     def __post_init__(self) -> None:
@@ -167,6 +170,9 @@ class BundleBuildConfig:
                              f"({self.detector_rounds})")
         if self.calibrate_on not in CALIBRATE_ON:
             raise ValueError(f"calibrate_on={self.calibrate_on!r}: use one of {CALIBRATE_ON}")
+        if not 0 < self.calibration_target_ffr < 1:
+            raise ValueError(f"calibration_target_ffr={self.calibration_target_ffr}: a false-flag rate in (0, 1), "
+                             "e.g. 0.05")
         if not 0 <= self.calibration_confidence < 1:
             raise ValueError(f"calibration_confidence={self.calibration_confidence}: 0 (off) or a level in (0, 1), "
                              "e.g. 0.9")

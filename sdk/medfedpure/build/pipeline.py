@@ -219,7 +219,7 @@ def _learned_gate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
         rc, target = calibrate_with_detector(
             source, paths.fed_detector / "detector.safetensors", x_val, tmp, backend="onnxruntime",
             threads=cfg.threads, min_scans=min(100, len(x_val)), t_max=source.bundle.spec.gate.t_min,
-            confidence=cfg.calibration_confidence or None,
+            target_ffr=cfg.calibration_target_ffr, confidence=cfg.calibration_confidence or None,
             description=description,
             detector_provenance={"federation": "fed_detector", "rounds": cfg.detector_rounds,
                                  "harden_rounds": cfg.detector_harden_rounds, "l2": cfg.detector_l2})
@@ -291,7 +291,7 @@ def _calibrate(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     torch.set_num_threads(cfg.threads)
     s = cfg.schedule
     ccfg = CalibrationConfig(t_min=s.t_min, t_max=s.t_max, steps=s.steps, schedule_from="options",
-                             confidence=cfg.calibration_confidence or None)
+                             target_ffr=cfg.calibration_target_ffr, confidence=cfg.calibration_confidence or None)
     mae, mcfg, _ = load_model(paths.run / "mae.safetensors")
     x_val, description = _calibration_scans(cfg, paths, mcfg.image_size)
     calib = calibrate_gate(mae, x_val, ccfg, run=paths.run, source=description)
@@ -410,8 +410,10 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
               **({"classifier_stem": cfg.classifier_stem} if cfg.classifier_stem != 0 else {})}
     cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
     # The calibration's inputs, recorded only when not the defaults, so a build calibrated as before (its site's
-    # scans, the plain rule) keeps its resumable steps.
+    # scans, 5 %, the plain rule) keeps its resumable steps.
     calib_in = {**({"calibrate_on": cfg.calibrate_on} if cfg.calibrate_on != "site" else {}),
+                **({"calibration_target_ffr": cfg.calibration_target_ffr}
+                   if cfg.calibration_target_ffr != 0.05 else {}),
                 **({"calibration_confidence": cfg.calibration_confidence} if cfg.calibration_confidence else {})}
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:

@@ -104,10 +104,12 @@ def build(
                                      "is set on: 'pooled' (every site's validation scans: one tau for scanners "
                                      "nobody calibrated it for, until a site runs `calibrate --bundle`) or 'site' "
                                      "(the bundle's site's)."),
+    target_ffr: float = typer.Option(_D["calibration_target_ffr"], "--target-ffr",
+                                     help="The false-flag rate tau is set for on the calibration scans."),
     calibration_confidence: float = typer.Option(_D["calibration_confidence"], "--calibration-confidence",
-                                                 min=0.0, max=0.999999, help="0: tau flags 5 % of the calibration "
-                                                 "scans; a level C: tau bounds the false-flag rate on new clean scans "
-                                                 "like them by 5 % with probability C (fewer flagged)."),
+                                                 help="0: tau flags the target share of the calibration scans; a "
+                                                 "level C in (0, 1): tau bounds the false-flag rate on new clean "
+                                                 "scans like them by the target with probability C (fewer flagged)."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
     export → [federated attack detector → learned gate] → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
@@ -127,7 +129,7 @@ def build(
             denoise_t_max=denoise_t_max, classifier_width=classifier_width, classifier_stem=classifier_stem,
             detector_rounds=detector_rounds, detector_local_epochs=detector_local_epochs,
             detector_harden_rounds=detector_harden_rounds, detector_l2=detector_l2, calibrate_on=calibrate_on,
-            calibration_confidence=calibration_confidence, threads=threads,
+            calibration_target_ffr=target_ffr, calibration_confidence=calibration_confidence, threads=threads,
             timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,
