@@ -14,6 +14,14 @@ the synthetic generator (no tumour / conspicuous / small / faint; ``medfedpure.d
     python benchmarks/adv_lesion_study.py ... --name tw3 --tumour-weight 3 ...
     python benchmarks/adv_lesion_study.py ... --name thru --purifier sdk/medfedpure/bundles/default --base ...
 
+Data scaling on one site (a data set with more scans per site, the same profiles: ``medfedpure data synth --out
+D4 --sites 4 --per-site 4800 --seed 0 --split-seed 0``), the smaller runs on a fixed class-stratified subset of
+its train split and every run attacked on the same test split:
+
+    python benchmarks/adv_lesion_study.py --data D4 --site 1 --name n840 --train-limit 840 \
+        --save-base runs/scale/base840.safetensors --epochs 10 --eps 8 --eval-splits test --out runs/scale
+    python benchmarks/adv_lesion_study.py --data D4 --site 1 --name n3360 --epochs 10 --eps 8 --eval-splits test ...
+
 ``--purifier BUNDLE`` (the bundle's diffusion student, at ``--purifier-t``, default the bundle's t_min) puts
 the classifier behind purification of every scan (the ``floor`` policy's path): the fine-tuning crafts its
 PGD batches through the purifier (``adv_through_purifier``, EOT 2) and trains on the purified scans, and a
@@ -92,12 +100,23 @@ def main() -> None:
     ap.add_argument("--purifier-t", type=float, help="t* of --purifier (default: the bundle's gate t_min)")
     ap.add_argument("--plain-training", action="store_true",
                     help="with --purifier: fine-tune on the bare classifier's PGD batches, attack both ways")
+    ap.add_argument("--train-limit", type=int,
+                    help="train on a fixed random N scans of the train split, stratified by class (data scaling)")
+    ap.add_argument("--save-base", type=Path, help="without --base: also save the clean classifier here")
+    ap.add_argument("--eval-splits", default="val,test", help="splits to attack after training")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.tumour_weight != 1.0:
         _weight_tumours(a.tumour_weight)
     tr, va, te = (load_split(a.data, a.site, s, 128) for s in ("train", "val", "test"))
+    if a.train_limit is not None:
+        if not 0 < a.train_limit <= len(tr[1]):
+            raise SystemExit(f"--train-limit {a.train_limit}: the train split has {len(tr[1])} scans")
+        rng = np.random.default_rng(0)  # a fixed subset, each class in its share of the split
+        keep = np.sort(np.concatenate([rng.permutation(np.flatnonzero(tr[1] == c))[
+            :round(a.train_limit * float(np.mean(tr[1] == c)))] for c in (0, 1)]))
+        tr = (tr[0][keep], tr[1][keep])
     den, t_star = None, None
     if a.purifier is not None:
         from medfedpure.train.denoiser import load_denoiser
@@ -113,6 +132,8 @@ def main() -> None:
         mcfg = MoEConfig.preset("small", width=a.width, stem=a.stem)
         model = MoEClassifier(mcfg)
         train_classifier(model, tr, va, ClassifierTrainConfig.preset("small", epochs=30, adv="none"), progress=False)
+        if a.save_base is not None:
+            save_model(a.save_base, model, mcfg, "moe")
     clean_s = time.perf_counter() - t0
     if a.epochs > 0:
         cfg = ClassifierTrainConfig.preset("small", epochs=a.epochs, lr=a.lr, warmup_epochs=0, adv_start_epoch=0,
@@ -123,12 +144,14 @@ def main() -> None:
         train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None)
     model.eval()
     res = {"name": a.name, "width": mcfg.global_widths, "stem": mcfg.stem, "params": sum(p.numel() for p in model.parameters()),
-           "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
+           "train_scans": len(tr[1]), "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
            "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
            "purifier_t": t_star, "trained_through_purifier": through,
            "clean_train_s": round(clean_s, 1),
            "train_s": round(time.perf_counter() - t0 - clean_s, 1)}
     for split, (x, y) in (("val", va), ("test", te)):
+        if split not in a.eval_splits.split(","):
+            continue
         kinds = np.asarray(lesion_kinds(a.data, a.site, split))
         res[split] = by_kind(model, x, y, kinds)
         if den is not None:
