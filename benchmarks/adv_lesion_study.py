@@ -106,6 +106,9 @@ def main() -> None:
     ap.add_argument("--eval-splits", default="val,test", help="splits to attack after training")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
+    eval_splits = a.eval_splits.split(",")
+    if not eval_splits or set(eval_splits) - {"val", "test"}:
+        raise SystemExit(f"--eval-splits {a.eval_splits!r}: a comma-separated list of val and test")
     torch.set_num_threads(a.threads)
     if a.tumour_weight != 1.0:
         _weight_tumours(a.tumour_weight)
@@ -150,7 +153,7 @@ def main() -> None:
            "clean_train_s": round(clean_s, 1),
            "train_s": round(time.perf_counter() - t0 - clean_s, 1)}
     for split, (x, y) in (("val", va), ("test", te)):
-        if split not in a.eval_splits.split(","):
+        if split not in eval_splits:
             continue
         kinds = np.asarray(lesion_kinds(a.data, a.site, split))
         res[split] = by_kind(model, x, y, kinds)

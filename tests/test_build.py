@@ -58,6 +58,15 @@ def test_config_rejects_bad_values(kw, match):
         BundleBuildConfig(**kw)
 
 
+def test_config_changed_names_only_the_options_off_their_defaults():
+    cfg = BundleBuildConfig(calibrate_on="pooled", calibration_target_ffr=0.05, classifier_width=2)
+    assert cfg.changed("calibrate_on", "calibration_target_ffr", "calibration_confidence") == {"calibrate_on": "pooled"}
+    assert cfg.changed("classifier_width", "classifier_stem", "denoise_t_max") == {"classifier_width": 2}
+    assert BundleBuildConfig().changed("calibrate_on", "denoise_t_max") == {}
+    with pytest.raises(AttributeError, match="no_such_option"):
+        cfg.changed("no_such_option")
+
+
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown bundle build options \\['round'\\]"):
         BundleBuildConfig.from_dict({"round": 3})

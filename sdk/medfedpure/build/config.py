@@ -221,6 +221,12 @@ class BundleBuildConfig:
 
         return default_bundle_path()
 
+    def changed(self, *names: str) -> dict[str, Any]:
+        """The options among ``names`` whose value is not the field's default (a step's recorded inputs: options
+        added later enter them only when set, so a build at the defaults keeps its resumable steps)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {n: getattr(self, n) for n in names if getattr(self, n) != defaults[n]}
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready options (the schedule as ``{"t_min", "t_max", "steps"}``)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}

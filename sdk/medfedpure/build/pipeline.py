@@ -397,7 +397,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
               "purifier_local_epochs": cfg.purifier_local_epochs, "purifier_max_train": cfg.purifier_max_train,
               "purifier_phases": list(cfg.purifier_phases), "schedule": sched,
               # recorded only when set, so a build at the default keeps its resumable purifier step
-              **({"denoise_t_max": cfg.denoise_t_max} if cfg.denoise_t_max else {})}
+              **cfg.changed("denoise_t_max")}
     # Only the adversarial-training and smoothing options that differ from the preset's recipe are recorded
     # inputs, so a build at the defaults keeps the inputs (and the resumable steps) it had before they
     # existed. With smoothing the classifier federation also comes after the purifier federation (its
@@ -406,15 +406,11 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     cls_in = {"preset": cfg.preset, "seed": cfg.seed, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
               "max_train": cfg.max_train, **over,
               # recorded only when set, so a build at the preset's width and no stem keeps its resumable steps
-              **({"classifier_width": cfg.classifier_width} if cfg.classifier_width != 1 else {}),
-              **({"classifier_stem": cfg.classifier_stem} if cfg.classifier_stem != 0 else {})}
+              **cfg.changed("classifier_width", "classifier_stem")}
     cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
     # The calibration's inputs, recorded only when not the defaults, so a build calibrated as before (its site's
     # scans, 5 %, the plain rule) keeps its resumable steps.
-    calib_in = {**({"calibrate_on": cfg.calibrate_on} if cfg.calibrate_on != "site" else {}),
-                **({"calibration_target_ffr": cfg.calibration_target_ffr}
-                   if cfg.calibration_target_ffr != 0.05 else {}),
-                **({"calibration_confidence": cfg.calibration_confidence} if cfg.calibration_confidence else {})}
+    calib_in = cfg.changed("calibrate_on", "calibration_target_ffr", "calibration_confidence")
     pur_out = (paths.fed_purifier / "teacher.safetensors", paths.fed_purifier / "metrics.json")
     if "student" in cfg.purifier_phases:
         pur_out += (paths.fed_purifier / "student.safetensors",)
