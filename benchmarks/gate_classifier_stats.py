@@ -1,5 +1,5 @@
 """Classifier-side detection statistics against the shipped spectral gate's blind spot (research;
-results in benchmarks/RESULTS.md, "Gate and detector").
+summary in benchmarks/RESULTS.md, "Gate and detector"; full table in docs/history.md).
 
 The spectral gate statistics see nothing on a scanner that keeps ~96 % of k-space when the classifier
 is adversarially trained (its perturbations are smooth). This measures statistics that look at the

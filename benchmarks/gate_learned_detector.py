@@ -1,5 +1,5 @@
-"""A detector trained on attacked scans, against the spectral gate's blind spot (research; results in
-benchmarks/RESULTS.md, "Gate and detector").
+"""A detector trained on attacked scans, against the spectral gate's blind spot (research; summary in
+benchmarks/RESULTS.md, "Gate and detector"; full tables in docs/history.md).
 
 Every fixed statistic measured so far (spectral, MAE error, classifier confidence) is blind on a scanner
 that keeps ~96 % of k-space once the classifier is adversarially trained. This measures the remaining
