@@ -65,10 +65,11 @@ def _weight_tumours(weight: float) -> None:
 
 
 def by_kind(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, kinds: np.ndarray, seed: int = 0,
-            judge: torch.nn.Module | None = None) -> dict:
+            judge: torch.nn.Module | None = None, device: str = "cpu") -> dict:
     """Per ε: accuracy over all scans and ``right/total`` per lesion kind under PGD-20 against ``model``,
-    judged by ``judge`` (default ``model``; the purified classifier judges with one fresh noise draw)."""
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    judged by ``judge`` (default ``model``; the purified classifier judges with one fresh noise draw). The
+    attack's draws come from a CPU generator on every ``device`` (where ``model`` and ``judge`` are)."""
+    xt, yt = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
     g = torch.Generator().manual_seed(seed)
     judge = model if judge is None else judge
     out = {}
@@ -76,7 +77,7 @@ def by_kind(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, kinds: np.ndar
         xa = xt if e == 0 else torch.cat([pgd(model, xt[i:i + 60], yt[i:i + 60], e / 255, steps=20, generator=g)
                                           for i in range(0, len(xt), 60)])
         with torch.no_grad():
-            ok = judge(xa).argmax(1).numpy() == y
+            ok = judge(xa).argmax(1).cpu().numpy() == y
         out[str(e)] = {"all": round(float(ok.mean()) * 100, 1),
                        **{k: f"{int(ok[kinds == k].sum())}/{int((kinds == k).sum())}" for k in KINDS}}
     return out
@@ -104,11 +105,16 @@ def main() -> None:
                     help="train on a fixed random N scans of the train split, stratified by class (data scaling)")
     ap.add_argument("--save-base", type=Path, help="without --base: also save the clean classifier here")
     ap.add_argument("--eval-splits", default="val,test", help="splits to attack after training")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="where the training and the attacks run (the draws are the CPU run's)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     eval_splits = a.eval_splits.split(",")
     if not eval_splits or set(eval_splits) - {"val", "test"}:
         raise SystemExit(f"--eval-splits {a.eval_splits!r}: a comma-separated list of val and test")
+    from medfedpure.train.device import resolve_device
+
+    device = resolve_device(a.device)  # a missing GPU is an error before any work
     torch.set_num_threads(a.threads)
     if a.tumour_weight != 1.0:
         _weight_tumours(a.tumour_weight)
@@ -134,7 +140,8 @@ def main() -> None:
     else:
         mcfg = MoEConfig.preset("small", width=a.width, stem=a.stem)
         model = MoEClassifier(mcfg)
-        train_classifier(model, tr, va, ClassifierTrainConfig.preset("small", epochs=30, adv="none"), progress=False)
+        train_classifier(model, tr, va, ClassifierTrainConfig.preset("small", epochs=30, adv="none"), progress=False,
+                         device=device)
         if a.save_base is not None:
             save_model(a.save_base, model, mcfg, "moe")
     clean_s = time.perf_counter() - t0
@@ -144,19 +151,21 @@ def main() -> None:
                                            adv_frac=a.adv_frac, robust_val=64, select="robust",
                                            adv_through_purifier=through, purifier_t=t_star or 60.0,
                                            purifier_steps=k_steps if through else 1)
-        train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None)
+        train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None, device=device)
     model.eval()
     res = {"name": a.name, "width": mcfg.global_widths, "stem": mcfg.stem, "params": sum(p.numel() for p in model.parameters()),
            "train_scans": len(tr[1]), "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
            "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
            "purifier_t": t_star, "trained_through_purifier": through,
-           "clean_train_s": round(clean_s, 1),
+           "device": device, "clean_train_s": round(clean_s, 1),
            "train_s": round(time.perf_counter() - t0 - clean_s, 1)}
+    t_eval = time.perf_counter()
     for split, (x, y) in (("val", va), ("test", te)):
         if split not in eval_splits:
             continue
         kinds = np.asarray(lesion_kinds(a.data, a.site, split))
-        res[split] = by_kind(model, x, y, kinds)
+        res[split] = by_kind(model.to(device), x, y, kinds, device=device)
+        model.cpu()
         if den is not None:
             from medfedpure.train.classifier import PurifiedClassifier
 
@@ -164,6 +173,7 @@ def main() -> None:
             attacked = PurifiedClassifier(model, den, t_star, k_steps, 2, g).eval()
             judge = PurifiedClassifier(model, den, t_star, k_steps, 1, g).eval()
             res[f"{split}_purified"] = by_kind(attacked, x, y, kinds, judge=judge)
+    res["eval_s"] = round(time.perf_counter() - t_eval, 1)
     a.out.mkdir(parents=True, exist_ok=True)
     save_model(a.out / f"{a.name}.safetensors", model, mcfg, "moe")
     (a.out / f"{a.name}.json").write_text(json.dumps(res, indent=1))

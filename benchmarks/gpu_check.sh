@@ -22,9 +22,12 @@
 # Only some steps:                    STEPS="build runtime latency" bash benchmarks/gpu_check.sh
 # The eval alone (needs build: the CUDA gate kernel): STEPS="machine build eval" (~6 min; EVAL_LIMIT=N
 #   scans per site; torchattacks must be installed there, e.g. its wheel in .whl)
+# Training on the GPU (opt-in, not in the default STEPS): STEPS="machine build train" (~4-8 min; step `train`
+#   below: the CUDA training test, one site's adversarial epochs, two federated rounds sharing the GPU; flwr and
+#   ray must be importable there for the federated part)
 #
 # What comes back (at most 8 files): gpu_check.log, bench.json, bench.png, eval_report.md, eval_report.json,
-# gpu_check_files.tgz (junit XML of every pytest run, kernel benchmark JSON, sanitizer logs, the eval folder).
+# train_site1.json (step train), gpu_check_files.tgz (junit XML of every pytest run, kernel benchmark JSON, sanitizer logs, the eval folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out/gpu_check}"
@@ -202,6 +205,29 @@ EOF
   echo "eval step wall time: $(( $(date +%s) - t_eval )) s (EVAL_LIMIT=$EVAL_LIMIT scans per site)"
   cp "$WORK/eval/report.md" "$OUT/eval_report.md" 2>/dev/null
   cp "$WORK/eval/report.json" "$OUT/eval_report.json" 2>/dev/null
+fi
+
+if want train; then
+  # Opt-in (not in the default STEPS): `STEPS="machine build train"`, ~4-8 min. Training on the GPU, to size a
+  # robust bundle build there: the CPU/CUDA agreement test of train_classifier; one site's clean base (30 epochs)
+  # and 10 PGD-5 8/255 epochs, attacked with PGD-20 (benchmarks/adv_lesion_study.py; the dev box's one-thread
+  # figures for the same recipe on site 1 are in benchmarks/RESULTS.md, "Robustness"); then two federated rounds
+  # of the classifier phase with the four sites sharing the GPU (`fed sim --device cuda`).
+  step "train: train_classifier on CUDA, one site's adversarial epochs, two federated rounds sharing the GPU"
+  TRAIN_DATA="${TRAIN_DATA:-/tmp/medfedpure_train_data}"  # outside WORK: not packed
+  run 120 "pytest train cuda" "${PYTEST[@]}" tests/test_adv_train.py -m cuda --junitxml="$WORK/pytest_train_cuda.xml"
+  run 120 "train data" "$PY" -m medfedpure data synth --out "$TRAIN_DATA" --overwrite --workers 8 --sites 4 \
+    --per-site 1200 --seed 0 --split-seed 0
+  t_train=$(date +%s)
+  run 300 "train one site" "$PY" benchmarks/adv_lesion_study.py --data "$TRAIN_DATA" --site 1 --name gpu_site1 \
+    --epochs 10 --eps 8 --eval-splits test --device cuda --threads 8 --out "$WORK/train"
+  echo "one-site study wall time: $(( $(date +%s) - t_train )) s"
+  cp "$WORK/train/gpu_site1.json" "$OUT/train_site1.json" 2>/dev/null
+  t_fed=$(date +%s)
+  run 300 "train federated" "$PY" -m medfedpure fed sim --data "$TRAIN_DATA" --out "$WORK/fed_gpu" --config small \
+    --rounds 2 --local-epochs 1 --phases classifier --no-calibrate --adv pgd --adv-eps 8 --adv-steps 5 \
+    --adv-start-epoch 0 --robust-val 64 --device cuda --timeout 280
+  echo "federated classifier, 2 rounds x 1 epoch, 4 sites on one GPU: $(( $(date +%s) - t_fed )) s"
 fi
 
 [ "${#FAILED[@]}" -eq 0 ]

@@ -275,9 +275,13 @@ def test_cli_adversarial_options(tmp_path, monkeypatch):
                                  "--trades-beta", "3", "--dry-run"])
     t = json.loads(r.output)["train"]
     assert (t["adv"], t["adv_norm"], t["adv_eps"], t["trades_beta"]) == ("trades", "l2", 0.5, 3.0)
-    # no --adv: the preset's recipe exactly
-    r = CliRunner().invoke(app, [*base, "--dry-run"])
+    # no --adv: the preset's recipe exactly; --device resolved before any data is read
+    r = CliRunner().invoke(app, [*base, "--dry-run", "--device", "auto"])
     t = json.loads(r.output)["train"]
+    assert json.loads(r.output)["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(app, [*base, "--dry-run", "--device", "cuda"])
+        assert r.exit_code == 2 and "no CUDA" in r.output and "--device" in r.output
     assert (t["adv"], t["select"], t["robust_val"], t["smoothing_sigmas"]) == ("fgsm-rs", "clean", 0, [])
     for bad in (["--adv", "madry"], ["--adv", "fgsm-rs", "--adv-norm", "l2", "--adv-eps", "0.5"],
                 ["--smoothing-sigmas", "0.25"], ["--smoothing-sigmas", "0.25,x", "--denoiser", str(data)]):
@@ -357,3 +361,99 @@ def test_through_purifier_config_and_training_need_pgd_and_denoiser():
         train_classifier(_model(), _blobs(16, 1), _blobs(8, 2), cfg, progress=False)
     out = train_classifier(_model(), _blobs(16, 1), _blobs(8, 2), cfg, progress=False, denoiser=_tiny_unet())
     assert out["epochs_run"] == 1 and np.isfinite(out["history"][0]["train_loss"])
+
+
+# where training runs (--device) ---------------------------------------------------------------------------
+
+def test_train_device_refusals_come_before_any_work():
+    from medfedpure.train.device import DeviceError, resolve_device
+
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("auto", cuda_available=True) == "cuda"
+    with pytest.raises(DeviceError, match="sees no CUDA device"):
+        resolve_device("cuda", cuda_available=False)
+    with pytest.raises(DeviceError, match="expected one of cpu, cuda, auto"):
+        resolve_device("gpu")
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(DeviceError, match="--device 'tpu'"):
+        train_classifier(m, _blobs(16, 1), _blobs(8, 2), ClassifierTrainConfig.preset("tiny", epochs=1),
+                         progress=False, device="tpu")
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_train_device_auto_on_a_cpu_machine_is_the_cpu_run_bit_for_bit():
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=2, adv="pgd", adv_eps=8 / 255, adv_steps=2,
+                                       smoothing_sigmas=(0.25,), smoothing_frac=0.25, robust_val=4)
+    runs = []
+    for device in ("cpu", "auto"):
+        m, den = _model(), _tiny_unet()
+        out = train_classifier(m, _blobs(16, 1), _blobs(8, 2), cfg, progress=False, denoiser=den,
+                               return_optimizer_state=True, device=device)
+        runs.append((m, den, out))
+    if torch.cuda.is_available():
+        pytest.skip("auto is CUDA here: the CPU-only claim does not apply")
+    (m0, _, o0), (m1, den1, o1) = runs
+    assert [r["train_loss"] for r in o0["history"]] == [r["train_loss"] for r in o1["history"]]
+    assert all(torch.equal(a, b) for a, b in zip(m0.state_dict().values(), m1.state_dict().values(), strict=True))
+    assert all(v.device.type == "cpu" for v in o1["optimizer_state"].values())
+    assert next(den1.parameters()).device.type == "cpu"
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def test_train_device_model_and_denoiser_return_home_on_an_error():
+    """The moves are undone in a ``finally``: an error in the user's augment hook still moves both modules
+    back to the device they came on (recorded here on the CPU; the CUDA test below checks it on a GPU)."""
+    m, den = _model(), _tiny_unet()
+    moves: list[tuple[str, str]] = []
+    for name, mod in (("model", m), ("denoiser", den)):
+        plain = mod.to
+
+        def to(*a, _name=name, _plain=plain, **kw):
+            moves.append((_name, str(a[0] if a else kw.get("device"))))
+            return _plain(*a, **kw)
+
+        mod.to = to  # type: ignore[method-assign]
+
+    def hook(x, g):
+        raise _Boom("in the hook")
+
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=1, smoothing_sigmas=(0.25,), smoothing_frac=0.25)
+    with pytest.raises(_Boom):
+        train_classifier(m, _blobs(16, 1), _blobs(8, 2), cfg, progress=False, augment=hook, denoiser=den,
+                         device="cpu")
+    assert moves == [("model", "cpu"), ("denoiser", "cpu"), ("model", "cpu"), ("denoiser", "cpu")]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_on_cuda_agrees_with_the_cpu_run():
+    """The same draws on both devices (CPU generators): a clean run agrees to float order, an adversarial
+    run with smoothing batches and robust selection runs end to end and lands near the CPU run; the modules
+    come back to the CPU, the optimizer state is on the CPU."""
+    clean = ClassifierTrainConfig.preset("tiny", epochs=2)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        m = _model()
+        outs[device] = (m, train_classifier(m, _blobs(32, 1), _blobs(16, 2), clean, progress=False, device=device))
+    lc = [r["train_loss"] for r in outs["cpu"][1]["history"]]
+    lg = [r["train_loss"] for r in outs["cuda"][1]["history"]]
+    np.testing.assert_allclose(lg, lc, rtol=1e-3)
+    assert next(outs["cuda"][0].parameters()).device.type == "cpu"
+    for a, b in zip(outs["cpu"][0].state_dict().values(), outs["cuda"][0].state_dict().values(), strict=True):
+        torch.testing.assert_close(b.float(), a.float(), atol=1e-3, rtol=1e-3)
+    adv = ClassifierTrainConfig.preset("tiny", epochs=2, adv="pgd", adv_eps=8 / 255, adv_steps=2, robust_val=8,
+                                       select="robust", smoothing_sigmas=(0.25,), smoothing_frac=0.25)
+    res = {}
+    for device in ("cpu", "cuda"):
+        m, den = _model(), _tiny_unet()
+        res[device] = train_classifier(m, _blobs(32, 1), _blobs(16, 2), adv, progress=False, denoiser=den,
+                                       return_optimizer_state=True, device=device)
+        assert next(m.parameters()).device.type == "cpu" and next(den.parameters()).device.type == "cpu"
+    assert all(v.device.type == "cpu" for v in res["cuda"]["optimizer_state"].values())
+    for rc, rg in zip(res["cpu"]["history"], res["cuda"]["history"], strict=True):
+        assert abs(rg["train_loss"] - rc["train_loss"]) <= 0.05 * abs(rc["train_loss"]) + 1e-3
+    assert abs(res["cuda"]["val"]["accuracy"] - res["cpu"]["val"]["accuracy"]) <= 2 / 16

@@ -213,6 +213,47 @@ def test_classifier_width_reaches_the_federation_and_reruns_only_the_classifier(
     assert steps["fed_purifier"].inputs == base["fed_purifier"].inputs  # the purifier federation is reused
 
 
+def test_device_reaches_the_sites_and_is_not_a_build_input(tmp_path: Path, captured: dict[str, FedConfig],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device``: fed sim/deploy and bundle build carry it to each site's classifier rounds (the run config,
+    LocalJob, ``train_classifier(device=…)``); the simulation shares one GPU among the concurrent sites; a
+    build keeps its step keys (the device is where, not what); a missing GPU or a bad name exits 2."""
+    from medfedpure.fed.sim import ray_backend_config
+
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--device", "auto")])
+    assert r.exit_code == 0, r.output
+    cfg = captured["sim"]
+    assert cfg.device == "auto" and FedConfig.from_run_config(cfg.to_run_config()).device == "auto"
+    assert FedConfig(data_dir=".", out_dir=".").device == "cpu"
+    with pytest.raises(ValueError, match="device='tpu'"):
+        FedConfig(data_dir=".", out_dir=".", device="tpu")
+    for bad in (["--device", "tpu"], *([["--device", "cuda"]] if not torch.cuda.is_available() else [])):
+        r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, *bad)])
+        assert r.exit_code == 2 and "--device" in r.output, (bad, r.output)
+    # Ray resources: a GPU share per concurrent site only on cuda
+    assert ray_backend_config(cfg, 2, "cpu")["client_resources"]["num_gpus"] == 0.0
+    gpu = ray_backend_config(cfg, 4, "cuda")
+    assert gpu["client_resources"]["num_gpus"] == 0.25 and gpu["init_args"]["num_gpus"] == 1
+    # the job's device reaches train_classifier
+    seen: dict[str, object] = {}
+
+    def fake_train(model, train, val, cfg, **kw):  # type: ignore[no-untyped-def]
+        seen.update(kw)
+        return {"history": [{"train_loss": 0.5}], "val": {"loss": 0.5, "accuracy": 0.5}, "optimizer_state": {}}
+
+    monkeypatch.setattr(tasks, "train_classifier", fake_train)
+    job = tasks.LocalJob("tiny", 1, seed=3, schedule=(0, 2), device="auto")
+    tasks.train_classifier_round(build_model("classifier", "tiny", seed=0)[0], _tiny_site(), job, None)
+    assert seen["device"] == "auto"
+    # bundle build: to the classifier federation only, and not a step input
+    cfg_b, pur, cls, steps, base = _dry_run_build(tmp_path, "--device", "auto")
+    assert (cfg_b.device, cls.device, pur.device) == ("auto", "auto", "cpu")
+    same = {n: s.inputs for n, s in steps.items() if n != "install"}  # install: --dest differs from the base
+    assert same == {n: s.inputs for n, s in base.items() if n != "install"} and "fed_cls_mae" in same
+    with pytest.raises(ValueError, match="device='gpu'"):
+        BundleBuildConfig(device="gpu")
+
+
 @pytest.mark.parametrize("bad", [True, -1, 1.5])
 def test_fedconfig_rejects_a_bad_classifier_stem(bad: object) -> None:
     with pytest.raises(ValueError, match=re.escape(f"classifier_stem={bad!r}")):

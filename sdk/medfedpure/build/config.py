@@ -56,6 +56,9 @@ class BundleBuildConfig:
             to this (``FedConfig.denoise_t_max``; 0: the presets', 250) — what certification at
             σ ≥ 0.25 asks the shipped student for (t 290 at σ 0.25, 496 at σ 0.5).
         threads: torch CPU threads of calibration and export.
+        device: where each site's classifier rounds train in the classifier + MAE federation
+            (``FedConfig.device``: ``cpu``, ``cuda`` or ``auto``). Like ``threads``, not a step input: a build
+            resumes across devices (the draws are the CPU run's; the result differs by floating-point order).
         timeout_s: each federation is stopped (all its processes) after this many seconds.
         max_bundle_bytes: the build fails when the bundle is larger.
         dest: where the verified bundle is installed ("": the package's embedded default bundle).
@@ -103,6 +106,7 @@ class BundleBuildConfig:
     classifier_width: int = 1
     classifier_stem: int = 0
     threads: int = 2
+    device: str = "cpu"
     timeout_s: float = 5400.0
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     dest: str = ""
@@ -183,6 +187,8 @@ class BundleBuildConfig:
                              "layers)")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device={self.device!r}: one of cpu, cuda, auto")
         check_denoise_t_max(self.denoise_t_max, self.schedule.t_max)
         if self.max_bundle_bytes < 1:
             raise ValueError(f"max_bundle_bytes={self.max_bundle_bytes}: must be >= 1")

@@ -142,7 +142,8 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
     smoothing = {**cfg.smoothing_options(), "denoiser": str(purifier_denoiser(cfg, paths))} if cfg.smoothing else {}
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
                         local_epochs=cfg.local_epochs, max_train=cfg.max_train, classifier_width=cfg.classifier_width,
-                        classifier_stem=cfg.classifier_stem, **cfg.adv_options(), **smoothing, **common)
+                        classifier_stem=cfg.classifier_stem, device=cfg.device, **cfg.adv_options(), **smoothing,
+                        **common)
     return purifier, cls_mae
 
 

@@ -10,6 +10,7 @@ import json
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+import click
 import typer
 
 from medfedpure.build.config import BundleBuildConfig
@@ -58,6 +59,10 @@ def build(
     steps: int | None = typer.Option(None, "--steps", min=1, help="K, the student's sampling steps (1, 2 or 4). "
                                      + _SCHED.format("steps")),
     threads: int = typer.Option(_D["threads"], "--threads", min=1, help="torch CPU threads of calibration and export."),
+    device: str = typer.Option(_D["device"], "--device", click_type=click.Choice(("cpu", "cuda", "auto")),
+                               help="Where each site's classifier rounds train (cuda: the sites share one GPU); "
+                                    "the other phases train on the CPU. Not a step input: a build resumes across "
+                                    "devices."),
     timeout: float = typer.Option(_D["timeout_s"], "--timeout", min=1.0,
                                   help="Stop a federation (all its processes) after this many seconds."),
     max_bytes: int = typer.Option(_D["max_bundle_bytes"], "--max-bytes", min=1,
@@ -130,12 +135,15 @@ def build(
             detector_rounds=detector_rounds, detector_local_epochs=detector_local_epochs,
             detector_harden_rounds=detector_harden_rounds, detector_l2=detector_l2, calibrate_on=calibrate_on,
             calibration_target_ffr=target_ffr, calibration_confidence=calibration_confidence, threads=threads,
-            timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
+            device=device, timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,
                          select=select),
             **{k: v for k, v in (("smoothing_sigmas", smoothing_sigmas), ("smoothing_frac", smoothing_frac))
                if v is not None})
+        from medfedpure.train.device import resolve_device
+
+        resolve_device(cfg.device)  # a missing GPU is an error before any step runs
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 

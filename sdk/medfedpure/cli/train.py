@@ -139,8 +139,18 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
                    "t_min, else the student's, else 60)."),
                purifier_eot: int | None = typer.Option(None, "--purifier-eot", min=1,
                                                        help="Purifier-noise draws per attack gradient (default 2)."),
+               device: str = typer.Option(
+                   "cpu", "--device", help="Where the training runs: cpu, cuda or auto (CUDA when torch sees a "
+                   "GPU). The random draws are the CPU run's on every device; the result is saved for the CPU.",
+                   click_type=click.Choice(("cpu", "cuda", "auto"))),
                ) -> None:
     """Train the personalized MoE classifier on site K → RUN/site_K/classifier.safetensors."""
+    from medfedpure.train.device import DeviceError, resolve_device
+
+    try:
+        on = resolve_device(device)  # a missing GPU is an error before any data is read
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
     _common_setup(config, threads, seed)
     from medfedpure.models.moe import MoEClassifier, MoEConfig
     from medfedpure.models.weights import save_model
@@ -176,7 +186,7 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
             tcfg = replace(tcfg, purifier_t=float(t_star), purifier_steps=int(schedule.get("steps") or 1))
     section = f"classifier/site_{site}"
     resolved = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site,
-                "denoiser": None if denoiser is None else str(denoiser)}
+                "denoiser": None if denoiser is None else str(denoiser), "device": on}
     if dry_run:
         typer.echo(json.dumps(resolved, indent=1))
         return
@@ -185,7 +195,7 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
     model = MoEClassifier(mcfg)
     t0 = time.perf_counter()
     hist = train_classifier(model, train, val, tcfg, progress=progress, checkpoint_dir=out / "train_state" / f"site_{site}",
-                            resume=resume, denoiser=den)
+                            resume=resume, denoiser=den, device=on)
     wall = time.perf_counter() - t0
     test_m = evaluate_classifier(model, *test)
     save_model(out / f"site_{site}" / "classifier.safetensors", model, mcfg, "moe",

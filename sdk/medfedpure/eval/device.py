@@ -24,35 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfedpure.train.device import DEVICES, DeviceError, resolve_device
+
 __all__ = ["EVAL_DEVICES", "DeviceError", "attack_generator", "defender_device", "device_info", "host",
            "onnxruntime_has_cuda", "resolve_device"]
 
-#: what ``medfedpure eval --device`` accepts
-EVAL_DEVICES = ("cpu", "cuda", "auto")
-
-
-class DeviceError(ValueError):
-    """The evaluation device asked for cannot be used here; the message names the fix."""
-
-
-def resolve_device(device: str, *, cuda_available: bool | None = None) -> str:
-    """``cpu`` / ``cuda`` / ``auto`` → the device the evaluation runs on (``cpu`` or ``cuda``).
-
-    ``cuda_available`` overrides ``torch.cuda.is_available()`` (tests). ``auto`` is CUDA when available.
-
-    Raises:
-        DeviceError: an unknown name, or ``cuda`` where torch sees no CUDA device.
-    """
-    if device not in EVAL_DEVICES:
-        raise DeviceError(f"--device {device!r}: expected one of {', '.join(EVAL_DEVICES)}")
-    has_cuda = torch.cuda.is_available() if cuda_available is None else bool(cuda_available)
-    if device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if device == "cuda" and not has_cuda:
-        raise DeviceError(f"--device cuda: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() "
-                          "is False); run on a machine with an NVIDIA GPU and a CUDA build of torch, or use "
-                          "--device cpu (or auto)")
-    return device
+#: what ``medfedpure eval --device`` accepts (the training side's resolver: one semantics)
+EVAL_DEVICES = DEVICES
 
 
 def onnxruntime_has_cuda() -> bool:

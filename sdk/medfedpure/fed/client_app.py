@@ -167,12 +167,12 @@ class _Site:
             # so the site's seed is fixed for the run (the local-only baseline's seed).
             return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.SITE_STRIDE * self.site, site_dir=self.site_dir,
                                   schedule=((self.round - 1) * epochs, run.rounds * epochs), classifier_overrides=over,
-                                  denoiser=run.denoiser, denoise_t_max=run.denoise_t_max)
+                                  denoiser=run.denoiser, denoise_t_max=run.denoise_t_max, device=run.device)
         return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.ROUND_STRIDE * self.round + tasks.SITE_STRIDE * self.site,
                               site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds),
                               classifier_overrides=over, denoiser=run.denoiser, denoise_t_max=run.denoise_t_max,
                               harden=self.round > run.rounds - run.detector_harden_rounds,
-                              detector_l2=run.detector_l2)
+                              detector_l2=run.detector_l2, device=run.device)
 
 
 def train(msg: Message, context: Context) -> Message:

@@ -29,6 +29,7 @@ from medfedpure.fed.strategies import STRATEGIES
 from medfedpure.fed.validation import DEFAULT_MEDIAN_RATIO, UpdateValidationConfig
 from medfedpure.models.diffusion import PURIFY_DEFAULTS, PurifySchedule
 from medfedpure.train.classifier import ADV_METHODS, ADV_NORMS, ClassifierTrainConfig
+from medfedpure.train.device import DEVICES
 
 #: The ``FedConfig`` fields passed to each site's ``ClassifierTrainConfig`` (same names there).
 ADV_FIELDS = ("adv", "adv_eps", "adv_steps", "adv_norm", "adv_start_epoch", "trades_beta", "robust_val", "select")
@@ -194,6 +195,9 @@ class FedConfig:
         carries ``val_robust_accuracy``. The defaults give the preset's recipe.
     seed: seeds model initialisation and every local training job.
     threads: torch threads per client process.
+    device: where each site's classifier rounds train: ``cpu`` (the default), ``cuda`` or ``auto``
+        (``train.device.resolve_device``); the simulation then gives every site an equal share of one GPU.
+        The other phases train on the CPU. Not part of what a run computes: the draws are the CPU run's.
     round_timeout_s: how long the server waits for a round's replies.
     """
 
@@ -238,6 +242,7 @@ class FedConfig:
     detector_l2: float = 0.0
     seed: int = 0
     threads: int = 1
+    device: str = "cpu"
     round_timeout_s: float = 3600.0
 
     def __post_init__(self) -> None:
@@ -284,6 +289,8 @@ class FedConfig:
             raise ValueError(f"image_size={self.image_size}: 0 (the preset's) or a positive multiple of 16")
         if self.max_train < 0 or self.threads < 1 or self.round_timeout_s <= 0:
             raise ValueError("max_train must be >= 0, threads >= 1, round_timeout_s > 0")
+        if self.device not in DEVICES:
+            raise ValueError(f"device={self.device!r}: one of {', '.join(DEVICES)}")
         try:
             _ = self.purify_schedule  # validates student_steps and the t* range
         except ValueError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 
 from medfedpure.fed import procs
 from medfedpure.fed.config import FedConfig
+from medfedpure.train.device import resolve_device
 
 
 class FederationError(RuntimeError):
@@ -78,6 +79,7 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
 
     Raises :class:`FederationError` when the run fails or times out (after stopping its processes).
     """
+    resolve_device(cfg.device)  # a missing GPU is an error before any process starts
     cfg = prepare_run_folder(cfg)
     out = Path(cfg.out_dir)
     log_path = out / "fed_sim.log"
@@ -137,6 +139,18 @@ def parallel_clients(num_sites: int, threads: int, cpus: int | None = None) -> i
     return max(1, min(num_sites, cpus // max(1, threads)))
 
 
+def ray_backend_config(cfg: FedConfig, workers: int, device: str) -> dict[str, Any]:
+    """The simulation's Ray resources: ``cfg.threads`` CPUs per site and ``workers`` sites at a time; with
+    ``device == "cuda"`` one GPU shared equally by the ``workers`` concurrent sites (Ray hides the GPU from a
+    client that asks for none, so the share is what makes it visible to the classifier's rounds)."""
+    gpu = device == "cuda"
+    return {
+        "client_resources": {"num_cpus": cfg.threads, "num_gpus": 1.0 / workers if gpu else 0.0},
+        "init_args": {"num_cpus": workers * cfg.threads, "num_gpus": 1 if gpu else 0, "include_dashboard": False,
+                      "logging_level": "warning"},
+    }
+
+
 def _worker(config_path: str) -> int:
     """Child-process entry: run the simulation for the config at ``config_path``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -150,15 +164,11 @@ def _worker(config_path: str) -> int:
     cfg = FedConfig.load(Path(config_path))
     run_config = cfg.to_run_config()
     workers = parallel_clients(cfg.num_sites, cfg.threads)
-    logging.getLogger(__name__).info("%d site(s) train at a time (%d torch thread(s) each)", workers, cfg.threads)
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.threads, "num_gpus": 0.0},
-        "init_args": {"num_cpus": workers * cfg.threads, "num_gpus": 0, "include_dashboard": False,
-                      "logging_level": "warning"},
-    }
+    logging.getLogger(__name__).info("%d site(s) train at a time (%d torch thread(s) each, classifier on %s)", workers,
+                                     cfg.threads, cfg.device)
     run_simulation(
         server_app=make_server_app(run_config), client_app=make_client_app(run_config), num_supernodes=cfg.num_sites,
-        backend_name="ray", backend_config=backend_config,
+        backend_name="ray", backend_config=ray_backend_config(cfg, workers, resolve_device(cfg.device)),
     )
     # run_simulation logs ServerApp exceptions instead of raising them: the metrics decide.
     metrics_path = Path(cfg.out_dir) / "metrics.json"

@@ -107,6 +107,8 @@ class LocalJob:
         (``FedConfig.detector_harden_rounds``); other phases ignore it.
     detector_l2: an ℓ2 radius (scan units) added to the detector's attacked set (0: ℓ∞ only;
         ``FedConfig.detector_l2``).
+    device: where the classifier's round trains (``FedConfig.device``: cpu, cuda or auto); other phases
+        train on the CPU.
     """
 
     preset: str
@@ -120,6 +122,7 @@ class LocalJob:
     denoise_t_max: int = 0
     harden: bool = False
     detector_l2: float = 0.0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -221,7 +224,7 @@ def train_classifier_round(model: torch.nn.Module, data: SiteData, job: LocalJob
         (job.site_dir / "classifier_train_config.json").write_text(json.dumps(record, indent=1, sort_keys=True))
     out = train_classifier(model, (data.x_train, data.y_train), (data.x_val, data.y_val), cfg, progress=False,
                            optimizer_state=optimizer_state, schedule_offset=offset, schedule_total=total,
-                           return_optimizer_state=True, denoiser=denoiser)
+                           return_optimizer_state=True, denoiser=denoiser, device=job.device)
     metrics = {"train_loss": _last(out, "train_loss"), "val_loss": float(out["val"]["loss"]),
                "val_accuracy": float(out["val"]["accuracy"])}
     if "robust_val" in out:

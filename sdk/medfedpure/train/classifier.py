@@ -52,6 +52,7 @@ from medfedpure.models.diffusion import purify
 from medfedpure.runtime.certify import sigma_to_t
 from medfedpure.runtime.sampler import interp_alpha_bar
 from medfedpure.train.attacks import NORMS, ascent_step, pgd, project
+from medfedpure.train.device import module_device, resolve_device
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit, load_optimizer_state
 from medfedpure.train.loop import optimizer_state as optimizer_state_of
 from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
@@ -246,8 +247,8 @@ def augment_batch(x: torch.Tensor, cfg: ClassifierTrainConfig, generator: torch.
     b, _, s, _ = x.shape
     g = generator
 
-    def u(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=g)
+    def u(*shape: int) -> torch.Tensor:  # drawn on the generator's device (CPU), used on x's
+        return torch.rand(shape, generator=g).to(x.device)
 
     out = x.clone()
     if cfg.flip:
@@ -256,8 +257,8 @@ def augment_batch(x: torch.Tensor, cfg: ClassifierTrainConfig, generator: torch.
     if cfg.shift_px > 0:
         pad = cfg.shift_px
         padded = F.pad(out, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).tolist()
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).tolist()
         out = torch.stack([padded[i, :, dy[i]:dy[i] + s, dx[i]:dx[i] + s] for i in range(b)])
     apply = (u(b) < cfg.aug_prob).float().view(b, 1, 1, 1)
     if cfg.gamma > 1:
@@ -269,7 +270,7 @@ def augment_batch(x: torch.Tensor, cfg: ClassifierTrainConfig, generator: torch.
         out = apply * out * scale + (1 - apply) * out
     if cfg.noise_std > 0:
         sigma = (u(b) * cfg.noise_std).view(b, 1, 1, 1)
-        out = out + apply * sigma * torch.randn(out.shape, generator=g)
+        out = out + apply * sigma * torch.randn(out.shape, generator=g).to(x.device)
     return out.clamp(0.0, 1.0)
 
 
@@ -349,8 +350,9 @@ class PurifiedClassifier(torch.nn.Module):
 
     def purified(self, x: torch.Tensor) -> torch.Tensor:
         """One purification of ``x`` at t* with fresh noise from the generator."""
-        noise = torch.randn(x.shape, generator=self.generator)
-        return purify(self.denoiser, x, torch.full((x.shape[0],), self.t_star), self.steps, noise=noise)
+        noise = torch.randn(x.shape, generator=self.generator).to(x.device)
+        return purify(self.denoiser, x, torch.full((x.shape[0],), self.t_star, device=x.device), self.steps,
+                      noise=noise)
 
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
         lps = torch.stack([_log_probs(self.classifier, self.purified(x)) for _ in range(self.eot)])
@@ -395,7 +397,7 @@ def trades_adversary(model: torch.nn.Module, x: torch.Tensor, eps: float, steps:
     try:
         with torch.no_grad():
             p_clean = _log_probs(model, x0).exp()
-        xa = project(x0 + 0.001 * torch.randn(x0.shape, generator=generator), x0, eps, norm)
+        xa = project(x0 + 0.001 * torch.randn(x0.shape, generator=generator).to(x0.device), x0, eps, norm)
         for _ in range(steps):
             xg = xa.detach().requires_grad_(True)
             kl = F.kl_div(_log_probs(model, xg), p_clean, reduction="sum")
@@ -450,12 +452,12 @@ def denoised_smoothing_batch(x: torch.Tensor, denoiser: Denoiser, alphas_cumprod
     pick = torch.randint(0, len(sigmas), (m,), generator=generator)
     sig = torch.tensor([sigmas[int(i)] for i in pick], dtype=torch.float32)
     t = torch.tensor([sigma_to_t(table, float(s)) for s in sig], dtype=torch.float32)
-    ab = torch.from_numpy(interp_alpha_bar(table, t.numpy())).view(m, 1, 1, 1)
-    eps = torch.randn((m,) + tuple(x.shape[1:]), generator=generator)
-    noisy = x[b - m:] + sig.view(m, 1, 1, 1) * eps
+    ab = torch.from_numpy(interp_alpha_bar(table, t.numpy())).view(m, 1, 1, 1).to(x.device)
+    eps = torch.randn((m,) + tuple(x.shape[1:]), generator=generator).to(x.device)
+    noisy = x[b - m:] + sig.view(m, 1, 1, 1).to(x.device) * eps
     x_t = ab.sqrt() * (noisy * 2 - 1)
     with torch.no_grad():
-        x0 = denoiser(x_t, t)
+        x0 = denoiser(x_t, t.to(x.device))
     return torch.cat([x[:b - m], ((x0.detach() + 1) / 2).clamp(0.0, 1.0)])
 
 
@@ -469,7 +471,7 @@ def fgsm_rs_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     """
     n = max(1, int(round(frac * x.shape[0])))
     xa = x[:n]
-    delta = ((torch.rand(xa.shape, generator=generator) * 2 - 1) * eps).requires_grad_(True)
+    delta = ((torch.rand(xa.shape, generator=generator).to(x.device) * 2 - 1) * eps).requires_grad_(True)
     was_training = model.training
     model.eval()
     try:
@@ -486,12 +488,13 @@ def fgsm_rs_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
 def evaluate_classifier(model: torch.nn.Module, x: Any, y: Any, *, batch_size: int = 128) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``x`` ``[N,1,S,S]``, ``y`` ``[N]``."""
     xt, yt = _as_tensors((x, y), "evaluation data")
+    dev = module_device(model)
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
     for i in range(0, len(xt), batch_size):
-        p = model(xt[i:i + batch_size])
-        yb = yt[i:i + batch_size]
+        p = model(xt[i:i + batch_size].to(dev))
+        yb = yt[i:i + batch_size].to(dev)
         total_loss += float(F.nll_loss(torch.log(p.clamp_min(1e-12)), yb, reduction="sum"))
         correct += int((p.argmax(1) == yb).sum())
     model.train(was_training)
@@ -515,6 +518,7 @@ def train_classifier(
     return_optimizer_state: bool = False,
     denoiser: Denoiser | None = None,
     denoiser_alphas_cumprod: Any = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train ``model`` on ``train = (x, y)``, select the epoch with the best ``val`` accuracy.
 
@@ -536,6 +540,12 @@ def train_classifier(
         denoiser: the frozen diffusion denoiser ``(x_t, t) -> x̂₀`` of denoised-smoothing
             fine-tuning; required when ``cfg.smoothing_sigmas`` is set, unused otherwise.
         denoiser_alphas_cumprod: its ᾱ table ``[T + 1]`` (default: ``denoiser.schedule``'s).
+        device: ``cpu``, ``cuda`` or ``auto`` (:func:`medfedpure.train.device.resolve_device`; a missing GPU
+            is a ``DeviceError`` before any work). The model (and the denoiser) train there and are moved
+            back to the device they came on when the call ends, also on an error; the data stay the
+            caller's. Every random draw (batch order, augmentation, attack starts, smoothing noise) comes
+            from the same CPU generators on every device, so a CUDA run sees the CPU run's draws and
+            differs from it only by floating-point order.
 
     With the defaults this is one self-contained run. Calls with ``epochs=k``, offsets ``0, k, 2k, …``,
     one ``schedule_total`` and the returned optimizer state carried from call to call reproduce one
@@ -550,10 +560,38 @@ def train_classifier(
     Returns: the history dict of ``fit`` plus ``"val": evaluate_classifier(best model, val)`` and,
     with ``return_optimizer_state``, ``"optimizer_state"``: ``dict[str, Tensor]`` keyed
     ``"{param_index}.{exp_avg|exp_avg_sq|step}"``, the AdamW state after the last step (of the last
-    epoch, even when an earlier epoch's weights are kept as the best). The model ends in eval mode holding the best weights.
+    epoch, even when an earlier epoch's weights are kept as the best; on the CPU whatever the device). The model
+    ends in eval mode holding the best weights.
     """
+    dev = torch.device(resolve_device(device))
     xt, yt = _as_tensors(train, "train")
     xv, yv = _as_tensors(val, "val")
+    homes = [(m, module_device(m)) for m in (model, denoiser) if isinstance(m, torch.nn.Module)]
+    try:
+        for m, _ in homes:
+            m.to(dev)
+        out = _train_on_device(model, (xt.to(dev), yt.to(dev)), (xv, yv), cfg, dev, progress=progress,
+                               augment=augment, checkpoint_dir=checkpoint_dir, resume=resume, name=name,
+                               optimizer_state=optimizer_state, schedule_offset=schedule_offset,
+                               schedule_total=schedule_total, return_optimizer_state=return_optimizer_state,
+                               denoiser=denoiser, denoiser_alphas_cumprod=denoiser_alphas_cumprod)
+    finally:
+        for m, home in homes:
+            m.to(home)
+    if "optimizer_state" in out:
+        out["optimizer_state"] = {k: v.cpu() for k, v in out["optimizer_state"].items()}
+    return out
+
+
+def _train_on_device(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+                     val: tuple[torch.Tensor, torch.Tensor], cfg: ClassifierTrainConfig, dev: torch.device, *,
+                     progress: bool, augment: Augment | None, checkpoint_dir: str | Path | None, resume: bool,
+                     name: str, optimizer_state: dict[str, torch.Tensor] | None, schedule_offset: int,
+                     schedule_total: int | None, return_optimizer_state: bool, denoiser: Denoiser | None,
+                     denoiser_alphas_cumprod: Any) -> dict[str, Any]:
+    """:func:`train_classifier`'s run, the model (and denoiser) on ``dev``, ``train`` there, ``val`` anywhere."""
+    xt, yt = train
+    xv, yv = val
     table: np.ndarray | None = None
     if cfg.adv_through_purifier:
         if denoiser is None or getattr(denoiser, "schedule", None) is None:
@@ -578,7 +616,7 @@ def train_classifier(
     if cfg.robust_val > 0:
         # a fixed subset, the same every epoch (and across resumptions): comparable robust accuracies
         sub = torch.randperm(len(xv), generator=epoch_generator(cfg.seed, 0, stream=7))[:cfg.robust_val]
-        xv_rob, yv_rob = xv[sub], yv[sub]
+        xv_rob, yv_rob = xv[sub].to(dev), yv[sub].to(dev)
     total_epochs = cfg.epochs if schedule_total is None else int(schedule_total)
     if schedule_offset < 0:
         raise ValueError(f"schedule_offset={schedule_offset}: must be >= 0 (epochs already run)")
@@ -600,7 +638,7 @@ def train_classifier(
         perm = torch.randperm(len(xt), generator=g)
         tot, n = 0.0, 0
         for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].to(dev)
             if len(idx) < 2 and i > 0:  # BatchNorm needs more than one sample
                 continue
             xb = augment_batch(xt[idx], cfg, g)
