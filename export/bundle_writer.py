@@ -356,6 +356,44 @@ def write_bundle_with_detector(src: VerifiedBundle, out: str | os.PathLike[str],
     return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)
 
 
+def write_policy_bundle(src: VerifiedBundle, out: str | os.PathLike[str], choice: Mapping[str, Any], *,
+                        signing_key: PrivateKeySpec | None = None, overwrite: bool = False) -> VerifiedBundle:
+    """A copy of ``src`` whose gate runs the policy of ``choice`` (``medfedpure.eval.policy.PolicyChoice.to_dict()``:
+    ``policy``, ``reason``, ``budget``, ``rule``, ``evidence``), recorded whole in ``provenance.policy_choice``
+    with the date and the source bundle id, and in the model card's calibration section. Models and τ are
+    copied unchanged (each artefact re-verified against ``src``'s manifest as it is read); with the same policy
+    as ``src`` only the record changes. Signed as :func:`write_bundle` signs.
+
+    Raises:
+        ValueError: ``out`` is ``src``'s own folder, a policy other than adaptive / floor, or no reason.
+        FileExistsError: as :func:`write_bundle`.
+    """
+    import dataclasses
+    import datetime
+
+    from medfedpure.export.model_card import with_card
+    from medfedpure.runtime.bundle import CARD_ARTEFACT
+    from medfedpure.runtime.manifest import thaw
+
+    if Path(out).resolve() == src.root.resolve():
+        raise ValueError(f"{out} is the source bundle's own folder: write the new bundle to a new folder")
+    policy, reason = choice.get("policy"), choice.get("reason")
+    if policy not in ("adaptive", "floor"):
+        raise ValueError(f"policy={policy!r}: use 'adaptive' or 'floor'")
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("choice has no reason: a policy is recorded with why it was chosen")
+    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
+                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()
+            if name != CARD_ARTEFACT}
+    record = {**json_safe(dict(choice)), "source_bundle_id": src.bundle_id, "previous_policy": src.spec.gate.policy,
+              "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
+    provenance = {**thaw(src.spec.provenance), "policy_choice": record}
+    gate = dataclasses.replace(src.spec.gate, policy=policy)
+    spec = dataclasses.replace(src.spec, gate=gate, provenance=provenance, scope=src.spec.effective_scope)
+    spec, arts = with_card(spec, arts)
+    return write_bundle(out, arts, spec, signing_key=signing_key, overwrite=overwrite)
+
+
 def write_reissued_bundle(src: VerifiedBundle, out: str | os.PathLike[str], *, reason: str,
                           metrics: Sequence[Mapping[str, Any]] = (), signing_key: PrivateKeySpec | None = None,
                           overwrite: bool = False) -> VerifiedBundle:

@@ -95,6 +95,10 @@ def _calibration(spec: BundleSpec) -> dict[str, Any]:
         for key in ("num_scans", "achieved_false_flag_rate", "target_false_flag_rate"):
             if rec.get(key) is not None:
                 out[key] = rec[key]
+    choice = spec.provenance.get("policy_choice")
+    if choice:
+        choice = thaw(choice)
+        out["policy_choice"] = {k: choice.get(k) for k in ("policy", "reason", "budget", "date")}
     return out
 
 
@@ -178,6 +182,10 @@ def render_card(card: Mapping[str, Any]) -> str:
             lines += [f"- guarantee: the false-flag rate on new clean scans like the calibration set is at most "
                       f"{_num(guarantee.get('rate'))} with probability {_num(guarantee.get('confidence'))} (over the "
                       "draw of the calibration scans)"]
+    choice = cal.get("policy_choice")
+    if choice:
+        lines += [f"- policy chosen by `medfedpure bundle choose-policy` ({_num(choice.get('date'))}, "
+                  f"{_num(choice.get('budget'))} budget): {_num(choice.get('reason'))}"]
     lines += ["", "## Measured metrics", ""]
     if card["metrics"]:
         lines += ["| metric | value | split | n | command |", "|---|---|---|---|---|"]

@@ -61,7 +61,7 @@ def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
     assert rep["budget"]["steps"] == 5 and rep["budget"]["eot"] == 2 and rep["budget"]["repeats"] == 2
     assert rep["paper"] == {"attack": "PGD against the classifier alone", "norm": "linf", "eps": 0.015, "steps": 7}
     assert rep["eps"] == pytest.approx([4 / 255, 8 / 255]) and rep["eps_labels"] == ["4/255", "8/255"]
-    assert rep["data"]["kind"] == "synthetic"
+    assert rep["data"]["kind"] == "synthetic" and len(rep["data"]["fingerprint"]) == 64  # what choose-policy compares
     pooled = rep["pooled"]
     assert pooled["n"] == 4 and set(pooled["clean"]) == {"undefended_acc", "defended_acc", "defended_acc_std",
                                                          "flag_rate", "defended_acc_by_class",

@@ -204,3 +204,65 @@ def reissue(
         raise typer.Exit(2) from e
     signed = f"signed by key {vb.signer.key_id}" if vb.signer is not None else "UNSIGNED (no --key)"
     typer.echo(f"wrote {out} (bundle id {vb.bundle_id}, from {src.bundle_id}); {signed}")
+
+
+@app.command("choose-policy")
+def choose_policy_command(
+    bundle: Path = typer.Argument(..., help="The bundle the reports evaluated (verified first).", exists=True,
+                                  file_okay=False),
+    report: list[Path] = typer.Option(..., "--report", "-r", exists=True, dir_okay=False,
+                                      help="A `medfedpure eval` report.json: one with --policy adaptive and one "
+                                           "with --policy floor, otherwise the same command."),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="The new bundle's folder (created)."),
+    min_gain: float = typer.Option(2.0, "--min-gain", min=0.0, help="Smallest worst-rung gain, in points, that "
+                                   "justifies purifying every scan (the rule also needs twice the standard error)."),
+    allow_quick: bool = typer.Option(False, "--allow-quick", help="Accept reports below the full budget (an upper "
+                                     "bound on robustness): the choice is recorded as provisional."),
+    key: Path | None = typer.Option(None, "--key", "-k", dir_okay=False, help="Ed25519 private key (PEM) that "
+                                    "signs the new bundle (default: MEDFEDPURE_SIGNING_KEY; else unsigned)."),
+    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False,
+                                                  help="Also trust this public key (PEM) for the source bundle."),
+    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Accept an unsigned source bundle."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+) -> None:
+    """Set the bundle's purification policy (adaptive or floor) from two evaluations of it, one per policy, and
+    record the reason and the evidence in its provenance and model card; a new bundle signed with --key."""
+    import hashlib
+
+    from rich.table import Table
+
+    from medfedpure.cli.common import console as make_console
+    from medfedpure.eval.policy import PolicyChoiceError, PolicyReport, choose_policy
+    from medfedpure.export.bundle_writer import write_policy_bundle
+    from medfedpure.runtime.bundle import BundleError, verify_bundle
+
+    console = make_console(highlight=False)
+    try:
+        src = verify_bundle(bundle, trusted_keys=list(trusted_key or []) or None, allow_unsigned=allow_unsigned)
+        reports = []
+        for path in report:
+            raw = path.read_bytes()
+            try:
+                rep = json.loads(raw)
+            except ValueError as exc:
+                raise PolicyChoiceError(f"{path}: not JSON ({exc})") from exc
+            reports.append(PolicyReport(str(path), hashlib.sha256(raw).hexdigest(), rep))
+        choice = choose_policy(reports, min_gain=min_gain, allow_quick=allow_quick, bundle_id=src.bundle_id)
+        table = Table(title=f"bundle {src.short_id}: {choice.rule['norm']}, sites {choice.rule['sites']}, "
+                            f"{choice.evidence[0]['n']} scans, {choice.budget} budget")
+        radii = list(choice.evidence[0]["worst_rung"])
+        for col in ("policy", "clean (defence)", *(f"worst rung {e}" for e in radii), "median clean call, ms"):
+            table.add_column(col, justify="left" if col == "policy" else "right")
+        for e in choice.evidence:
+            lat = e.get("latency_ms_total")
+            table.add_row(e["policy"], f"{100 * e['clean']:.1f} %",
+                          *(f"{100 * e['worst_rung'][r]:.1f} %" for r in radii),
+                          "–" if lat is None else f"{float(lat):.1f}")
+        console.print(table)
+        vb = write_policy_bundle(src, out, choice.to_dict(), signing_key=key, overwrite=overwrite)
+    except (BundleError, ValueError, OSError) as e:
+        console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+        raise typer.Exit(2) from e
+    console.print(f"policy [bold]{choice.policy}[/bold] (was {src.spec.gate.policy}): {choice.reason}")
+    signed = f"signed by key {vb.signer.key_id}" if vb.signer is not None else "UNSIGNED (no --key)"
+    console.print(f"wrote {out} (bundle id {vb.bundle_id}, from {src.bundle_id}); {signed}")

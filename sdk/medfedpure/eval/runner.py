@@ -680,9 +680,10 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
     x0, y0 = load_split(cfg.data, sites[0], cfg.split, size=d.image_size)
     sanity = run_sanity(d, ref, cfg, x0, y0, pooled_rows)
     try:
-        kind = read_dataset_json(cfg.data).get("kind", "unknown")
+        meta = read_dataset_json(cfg.data)
+        kind, data_fp = meta.get("kind", "unknown"), meta.get("fingerprint")
     except (OSError, ValueError):
-        kind = "unknown"
+        kind, data_fp = "unknown", None
     report = {
         "schema": 1,
         "command": command,
@@ -690,7 +691,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, command: str = "") -> dict[str
         "backend": cfg.backend, "policy": d.policy, "gate": d.bundle.spec.gate.to_dict(),
         "purifier_steps": int(ref.steps),
         "data": {"root": str(Path(cfg.data).resolve()), "kind": kind, "split": cfg.split,
-                 "num_sites": num_sites(cfg.data)},
+                 "num_sites": num_sites(cfg.data), "fingerprint": data_fp},
         "sites": list(sites), "norm": cfg.norm, "eps": list(cfg.eps), "eps_labels": list(cfg.eps_labels),
         "eps_units": "/255 of the [0, 1] model input" if cfg.norm == "linf" else "ℓ2 norm in [0, 1] model-input units",
         "rungs": list(cfg.rungs), "seed": cfg.seed,
