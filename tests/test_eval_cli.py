@@ -65,7 +65,12 @@ def test_quick_ladder_writes_the_documented_report(quick, data) -> None:
     pooled = rep["pooled"]
     assert pooled["n"] == 4 and set(pooled["clean"]) == {"undefended_acc", "defended_acc", "defended_acc_std",
                                                          "flag_rate", "defended_acc_by_class",
-                                                         "defended_acc_by_lesion"}
+                                                         "defended_acc_by_lesion", "right_by_scan"}
+    # the per-scan headline (what choose-policy pairs): its mean is the summary, clean and at every worst rung
+    assert len(pooled["clean"]["right_by_scan"]) == 4
+    assert sum(pooled["clean"]["right_by_scan"]) / 4 == pytest.approx(pooled["clean"]["defended_acc"])
+    for w in pooled["worst_rung"].values():
+        assert len(w["right_by_scan"]) == 4 and sum(w["right_by_scan"]) / 4 == pytest.approx(w["robust_acc"])
     rows = pooled["rows"]
     ran = [r for r in rows if r.get("skipped") is None]
     # within each true class: the class shares of the headline add up to it, and each class's worst rung is

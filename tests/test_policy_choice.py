@@ -56,6 +56,27 @@ def test_floor_is_chosen_only_beyond_the_margin_and_without_losses():
     assert got.policy == "adaptive" and got.rule["margin_points"] == 12
 
 
+def test_per_scan_results_give_the_paired_margin():
+    """The same 8-point gain on 100 scans: 8 scans flipped from wrong to right and nothing else is far beyond the
+    paired error (margin 5.45 points) but inside the unpaired one (13.5), so the per-scan arrays decide it."""
+    right_a = [1.0] * 60 + [0.0] * 40
+    right_f = [1.0] * 68 + [0.0] * 32
+    a = _report("adaptive", 0.95, {"8/255": 0.60}, n=100)
+    f = _report("floor", 0.95, {"8/255": 0.68}, n=100)
+    unpaired = choose_policy(_pair(a, f))
+    assert unpaired.policy == "adaptive" and unpaired.rule["paired"] is False
+    assert unpaired.rule["margin_points"] == pytest.approx(2 * 100 * ((0.6 * 0.4 + 0.68 * 0.32) / 100) ** 0.5, abs=0.01)
+    a["pooled"]["worst_rung"]["8/255"]["right_by_scan"] = right_a
+    f["pooled"]["worst_rung"]["8/255"]["right_by_scan"] = right_f
+    paired = choose_policy(_pair(a, f))
+    assert paired.policy == "floor" and paired.rule["paired"] is True and "paired error" in paired.reason
+    assert paired.rule["margin_points"] == pytest.approx(2 * 100 * (0.08 * 0.92 * 100 / 99) ** 0.5 / 10, abs=0.01)
+    assert all("right_by_scan" not in e for e in paired.evidence)  # the record keeps the numbers, not the arrays
+    # without a common data fingerprint the scans cannot be matched: unpaired
+    a["data"]["fingerprint"] = None
+    assert choose_policy(_pair(a, f)).rule["paired"] is False
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda a, f: f.update(policy="adaptive"), "two reports for policy adaptive"),
     (lambda a, f: f.update(eps_labels=["2/255"]), "differ in eps"),

@@ -7,8 +7,11 @@ report per policy for the same bundle, data, sites, norm, radii and attack budge
 
 - ``gain``: floor's worst-rung accuracy minus adaptive's at the largest radius evaluated, in points;
 - ``margin``: the larger of ``min_gain`` (default 2 points) and twice the standard error of that
-  difference over the ``n`` judged scans, √(p_a(1 − p_a)/n + p_f(1 − p_f)/n) — read as independent
-  samples, which over-states the error of a paired comparison on the same scans (a conservative rule);
+  difference over the ``n`` judged scans. Both reports judge the same scans in the same order (same data
+  fingerprint, sites, split and limit), so when both carry the per-scan headline (``right_by_scan``, written
+  by ``medfedpure eval`` since it records the data fingerprint) the error is the paired one, sd(f_i − a_i)/√n;
+  otherwise (older reports) the independent-samples √(p_a(1 − p_a)/n + p_f(1 − p_f)/n), which over-states
+  it — a conservative rule;
 - floor is chosen when ``gain ≥ margin`` and at no radius, nor on clean scans, does floor lose more than
   ``margin``; otherwise adaptive.
 
@@ -71,6 +74,7 @@ def _summary(r: PolicyReport) -> dict[str, Any]:
             "split": str(rep["data"]["split"]), "data_fingerprint": rep["data"].get("fingerprint"),
             "n": int(pooled["n"]), "clean": float(pooled["clean"]["defended_acc"]),
             "worst_rung": {str(k): float(v["robust_acc"]) for k, v in pooled["worst_rung"].items()},
+            "right_by_scan": {str(k): v.get("right_by_scan") for k, v in pooled["worst_rung"].items()},
             "latency_ms_total": (rep.get("latency_ms") or {}).get("total"),
             "sanity_passed": (rep.get("sanity") or {}).get("passed"),
         }
@@ -139,7 +143,15 @@ def choose_policy(reports: Sequence[PolicyReport], *, min_gain: float = 2.0, all
     n = a["n"]
     top = a["eps"][-1]  # the largest radius: labels are in the order given, which eval keeps ascending
     pa, pf = a["worst_rung"][top], f["worst_rung"][top]
-    se = math.sqrt(pa * (1 - pa) / n + pf * (1 - pf) / n)
+    ra, rf = a["right_by_scan"].get(top), f["right_by_scan"].get(top)
+    paired = (bool(a["data_fingerprint"]) and a["data_fingerprint"] == f["data_fingerprint"]
+              and isinstance(ra, list) and isinstance(rf, list) and len(ra) == len(rf) == n and n > 1)
+    if paired:
+        d = [float(x) - float(y) for x, y in zip(rf, ra, strict=True)]
+        mean = sum(d) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+    else:
+        se = math.sqrt(pa * (1 - pa) / n + pf * (1 - pf) / n)
     margin = max(min_gain, _points(2 * se))
     gain = _points(pf - pa)
     losses = {e: _points(a["worst_rung"][e] - f["worst_rung"][e]) for e in a["eps"]}
@@ -148,7 +160,7 @@ def choose_policy(reports: Sequence[PolicyReport], *, min_gain: float = 2.0, all
     floor_wins = gain >= margin and worst_loss <= margin
     budget = a["budget"] if full else f"{a['budget']}, provisional"
     nums = (f"worst rung at {top}: floor {_points(pf)} % vs adaptive {_points(pa)} % on {n} scans "
-            f"(gain {gain:+.2f} points, margin {margin:.2f})")
+            f"(gain {gain:+.2f} points, margin {margin:.2f}, {'paired' if paired else 'unpaired'} error)")
     if floor_wins:
         reason = (f"floor: purifying every scan raises the {a['norm']} worst rung by at least the margin — {nums}; "
                   f"its largest loss elsewhere is {worst_loss:.2f} points ({worst_loss_at}); {budget} budget")
@@ -161,6 +173,7 @@ def choose_policy(reports: Sequence[PolicyReport], *, min_gain: float = 2.0, all
     evidence = [{k: row[k] for k in ("report", "sha256", "policy", "budget", "full_budget", "n", "clean",
                                       "worst_rung", "latency_ms_total", "data_fingerprint")} for row in (a, f)]
     rule = {"min_gain_points": min_gain, "margin_points": margin, "gain_points": gain, "radius": top,
+            "paired": paired,
             "largest_loss_points": worst_loss, "largest_loss_at": worst_loss_at, "norm": a["norm"],
             "sites": a["sites"], "split": a["split"]}
     return PolicyChoice("floor" if floor_wins else "adaptive", reason, budget, rule, evidence)

@@ -285,6 +285,12 @@ class Row:
             return None
         return self.correct | self.flag
 
+    def right_by_scan(self) -> np.ndarray:
+        """[N] the headline per scan: the share of runs the Defender was right (rung 5: 1 only if right in every
+        run), so that its mean is the row's ``robust_acc``; what a paired comparison of two reports reads."""
+        assert self.correct is not None
+        return self.correct.all(axis=0).astype(float) if self.headline_worst_of_runs else self.correct.mean(axis=0)
+
     def to_dict(self, clean_score: np.ndarray | None, y: np.ndarray | None = None,
                 classes: Sequence[str] = (), lesions: np.ndarray | None = None) -> dict[str, Any]:
         """The row's summary; with the scans' true labels ``y`` [N] (and the class names), also the headline
@@ -722,6 +728,11 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
 
 
+def _per_scan(right: np.ndarray) -> list[float]:
+    """A per-scan headline array for the report (shares of runs, rounded: R ≤ 10 runs need no more digits)."""
+    return [round(float(v), 4) for v in right]
+
+
 def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarray | None,
                classes: Sequence[str], lesions: np.ndarray | None = None) -> dict[str, Any]:
     """The report's block of one site (or the pooled one): clean numbers, every row, the worst rung per ε —
@@ -731,7 +742,8 @@ def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarr
     block: dict[str, Any] = {
         "n": c["n"],
         "clean": {"undefended_acc": c["undefended_acc"], "defended_acc": c["defended_acc"],
-                  "defended_acc_std": c["defended_acc_std"], "flag_rate": c["flag_rate"]},
+                  "defended_acc_std": c["defended_acc_std"], "flag_rate": c["flag_rate"],
+                  "right_by_scan": _per_scan(clean.right_by_scan())},
         "rows": [r.to_dict(clean_score, y, classes, lesions) for r in rows],
     }
     if "robust_acc_by_class" in c:
@@ -743,12 +755,13 @@ def _site_dict(clean: Row, rows: list[Row], clean_score: np.ndarray, y: np.ndarr
     worst_review: dict[str, Any] = {}
     worst_by_class: dict[str, dict[str, float]] = {}
     worst_by_lesion: dict[str, dict[str, float]] = {}
-    for r in block["rows"]:
+    for row, r in zip(rows, block["rows"], strict=True):
         if r.get("skipped") is not None or r["eps_label"] == "paper":
             continue
         w = worst.get(r["eps_label"])
         if w is None or r["robust_acc"] < w["robust_acc"]:
-            worst[r["eps_label"]] = {"rung": r["rung"], "attack": r["attack"], "robust_acc": r["robust_acc"]}
+            worst[r["eps_label"]] = {"rung": r["rung"], "attack": r["attack"], "robust_acc": r["robust_acc"],
+                                     "right_by_scan": _per_scan(row.right_by_scan())}
         w = worst_review.get(r["eps_label"], {"right_or_flagged": 2.0})
         if "right_or_flagged" in r and r["right_or_flagged"] < w["right_or_flagged"]:
             worst_review[r["eps_label"]] = {"rung": r["rung"], "attack": r["attack"],
