@@ -300,8 +300,12 @@ def test_classifier_stem_reaches_the_federation_and_reruns_only_the_classifier(t
 
 
 def test_bundle_build_fields_match_fedconfig() -> None:
+    from medfedpure.fed.config import THROUGH_DEFAULTS, THROUGH_FIELDS
+
     names = {f.name for f in fields(BundleBuildConfig)}
-    assert set(ADV_FIELDS) <= names
+    assert set(ADV_FIELDS) | set(THROUGH_FIELDS) <= names
+    b = BundleBuildConfig()
+    assert {n: getattr(b, n) for n in THROUGH_FIELDS} == THROUGH_DEFAULTS  # the literals of the torch-free config
 
 
 # --- one tiny federated run ---------------------------------------------------------------------

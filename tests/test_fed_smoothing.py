@@ -113,7 +113,7 @@ def test_defaults_change_nothing(tmp_path: Path, captured: dict[str, FedConfig])
      "adv_frac \\+ smoothing_frac = 1.25 > 1"),
     (("--smoothing-frac", "0.5", "DEN"), "without smoothing_sigmas does nothing"),
     (("--smoothing-frac", "0.5"), "without smoothing_sigmas does nothing"),
-    (("DEN",), "without smoothing_sigmas is never used"),
+    (("DEN",), "without smoothing_sigmas or adv_through_purifier is never used"),
     (("--smoothing-sigmas", "0.25", "--smoothing-frac", "1.5", "DEN"), "--smoothing-frac"),
     (("--smoothing-sigmas", "0.25", "NOTUNET"), "not a diffusion unet"),
 ])

@@ -66,6 +66,11 @@ class BundleBuildConfig:
             each site's adversarial classifier training in the classifier + MAE federation
             (``medfedpure.fed.config.FedConfig``'s fields of those names, with its defaults: the
             preset's recipe).
+        adv_through_purifier / purifier_t / purifier_eot: each site crafts its ``pgd`` batches through the
+            purification the deployed classifier sees — the purifier federation's student at t* ``purifier_t``
+            (0: the schedule's t_min), EOT over ``purifier_eot`` noise draws — and trains on the purified scans
+            (``FedConfig``'s fields of those names); like smoothing, the classifier federation then comes
+            after the purifier federation.
         smoothing_sigmas / smoothing_frac: each site's denoised-smoothing fine-tuning in the
             classifier + MAE federation (``FedConfig``'s fields of those names; ``()``: off). The
             denoiser is the purifier federation's student (its teacher when ``purifier_phases`` is
@@ -119,6 +124,9 @@ class BundleBuildConfig:
     trades_beta: float = 6.0
     robust_val: int = 0
     select: str = "clean"
+    adv_through_purifier: bool = False
+    purifier_t: float = 0.0
+    purifier_eot: int = 2
     smoothing_sigmas: tuple[float, ...] = ()
     smoothing_frac: float = 0.25
     detector_rounds: int = 0
@@ -206,17 +214,29 @@ class BundleBuildConfig:
 
         return {name: getattr(self, name) for name in SMOOTHING_FIELDS}
 
+    def through_options(self) -> dict[str, Any]:
+        """The through-the-purifier fields, for the classifier federation's ``FedConfig``."""
+        from medfedpure.fed.config import THROUGH_FIELDS
+
+        return {name: getattr(self, name) for name in THROUGH_FIELDS}
+
     @property
     def smoothing(self) -> bool:
         """Whether the classifier federation fine-tunes with denoised smoothing (through the purifier's student)."""
         return bool(self.smoothing_sigmas)
 
+    @property
+    def uses_student(self) -> bool:
+        """Whether the classifier federation needs the purifier federation's student (smoothing or through it)."""
+        return self.smoothing or self.adv_through_purifier
+
     def classifier_overrides(self) -> dict[str, Any]:
         """What each site's ``ClassifierTrainConfig`` overrides ({} at the defaults; ``ValueError`` if bad)."""
-        from medfedpure.fed.config import adv_overrides, smoothing_overrides
+        from medfedpure.fed.config import adv_overrides, smoothing_overrides, through_overrides
 
         adv = adv_overrides(self.preset, self.rounds * self.local_epochs, **self.adv_options())
-        return {**adv, **smoothing_overrides(self.preset, adv, **self.smoothing_options())}
+        return {**adv, **through_overrides(self.preset, adv, **self.through_options()),
+                **smoothing_overrides(self.preset, adv, **self.smoothing_options())}
 
     @property
     def dest_path(self) -> Path:

@@ -127,8 +127,9 @@ def detector_fed_config(cfg: BundleBuildConfig, paths: BuildPaths) -> FedConfig:
 def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, FedConfig]:
     """``(purifier federation, classifier + MAE federation)`` configs of a build.
 
-    With ``cfg.smoothing`` the classifier federation's ``denoiser`` is :func:`purifier_denoiser` (a
-    file the purifier federation writes before the classifier federation starts).
+    With smoothing or training through the purifier (``cfg.uses_student``) the classifier federation's
+    ``denoiser`` is :func:`purifier_denoiser` (a file the purifier federation writes before the classifier
+    federation starts).
     """
     from medfedpure.fed.config import FedConfig
 
@@ -139,7 +140,8 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
                          local_epochs=cfg.purifier_local_epochs, max_train=cfg.purifier_max_train,
                          student_steps=sched.steps, purify_t_min=sched.t_min, purify_t_max=sched.t_max,
                          denoise_t_max=cfg.denoise_t_max, **common)
-    smoothing = {**cfg.smoothing_options(), "denoiser": str(purifier_denoiser(cfg, paths))} if cfg.smoothing else {}
+    student = {"denoiser": str(purifier_denoiser(cfg, paths))} if cfg.uses_student else {}
+    smoothing = {**cfg.smoothing_options(), **cfg.through_options(), **student}
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
                         local_epochs=cfg.local_epochs, max_train=cfg.max_train, classifier_width=cfg.classifier_width,
                         classifier_stem=cfg.classifier_stem, device=cfg.device, **cfg.adv_options(), **smoothing,
@@ -401,14 +403,14 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
               **cfg.changed("denoise_t_max")}
     # Only the adversarial-training and smoothing options that differ from the preset's recipe are recorded
     # inputs, so a build at the defaults keeps the inputs (and the resumable steps) it had before they
-    # existed. With smoothing the classifier federation also comes after the purifier federation (its
-    # denoiser): the purifier's key enters the classifier's, and a rerun purifier reruns it.
+    # existed. With smoothing or through-the-purifier training the classifier federation also comes after the
+    # purifier federation (its denoiser): the purifier's key enters the classifier's, and a rerun purifier reruns it.
     over = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.classifier_overrides().items()}
     cls_in = {"preset": cfg.preset, "seed": cfg.seed, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
               "max_train": cfg.max_train, **over,
               # recorded only when set, so a build at the preset's width and no stem keeps its resumable steps
               **cfg.changed("classifier_width", "classifier_stem")}
-    cls_after = ("data", "fed_purifier") if cfg.smoothing else ("data",)
+    cls_after = ("data", "fed_purifier") if cfg.uses_student else ("data",)
     # The calibration's inputs, recorded only when not the defaults, so a build calibrated as before (its site's
     # scans, 5 %, the plain rule) keeps its resumable steps.
     calib_in = cfg.changed("calibrate_on", "calibration_target_ffr", "calibration_confidence")

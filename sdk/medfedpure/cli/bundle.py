@@ -78,6 +78,9 @@ def build(
     trades_beta: float | None = _ADV["trades_beta"],
     robust_val: int | None = _ADV["robust_val"],
     select: str | None = _ADV["select"],
+    adv_through_purifier: bool = _ADV["adv_through_purifier"],
+    purifier_t: float | None = _ADV["purifier_t"],
+    purifier_eot: int | None = _ADV["purifier_eot"],
     smoothing_sigmas: str | None = typer.Option(
         None, "--smoothing-sigmas", help="Denoised-smoothing fine-tuning of each site's classifier through the "
         "purifier federation's student (the shipped denoiser): comma-separated sigmas in scan units, e.g. "
@@ -139,8 +142,9 @@ def build(
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,
                          select=select),
-            **{k: v for k, v in (("smoothing_sigmas", smoothing_sigmas), ("smoothing_frac", smoothing_frac))
-               if v is not None})
+            **{k: v for k, v in (("smoothing_sigmas", smoothing_sigmas), ("smoothing_frac", smoothing_frac),
+                                 ("adv_through_purifier", adv_through_purifier), ("purifier_t", purifier_t),
+                                 ("purifier_eot", purifier_eot)) if v is not None})
         from medfedpure.train.device import resolve_device
 
         resolve_device(cfg.device)  # a missing GPU is an error before any step runs

@@ -117,6 +117,14 @@ ADV_OPTIONS: tuple[inspect.Parameter, ...] = (
                  "default 128 with --adv, else 0 = off); recorded per round as val_robust_accuracy."),
     _option("select", str | None, None, "--select", click_type=click.Choice(("clean", "robust")),
             help="Each round's kept epoch: clean or robust (robust validation accuracy; the default with --adv)."),
+    _option("adv_through_purifier", bool, False, "--adv-through-purifier/--no-adv-through-purifier",
+            help="With --adv pgd: craft each site's attack through the purification the deployed classifier sees "
+                 "(the denoiser at --purifier-t, EOT over its noise) and train on the purified scans (needs "
+                 "--denoiser; bundle build: the purifier federation's student). About 5x the PGD epochs' time."),
+    _option("purifier_t", float | None, None, "--purifier-t", min=0.0,
+            help="t* of --adv-through-purifier (0 or left out: the denoiser's t_min)."),
+    _option("purifier_eot", int | None, None, "--purifier-eot", min=1,
+            help="Purifier-noise draws per attack gradient with --adv-through-purifier (default 2)."),
 )
 
 
@@ -129,7 +137,7 @@ SMOOTHING_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("smoothing_frac", float | None, None, "--smoothing-frac", min=0.0, max=1.0,
             help="Fraction of each batch noised and denoised (with --smoothing-sigmas; adv_frac + this <= 1)."),
     _option("denoiser", Path | None, None, "--denoiser", exists=True,
-            help="The frozen denoiser every site uses with --smoothing-sigmas: a bundle folder, a run folder "
+            help="The frozen denoiser every site uses with --smoothing-sigmas or --adv-through-purifier: a bundle folder, a run folder "
                  "holding student.safetensors, or a unet .safetensors file (read by each site, never sent)."),
 )
 

@@ -43,6 +43,11 @@ ADV_DEFAULTS: dict[str, Any] = {"adv": _CLS.adv, "adv_eps": -1.0, "adv_steps": _
 SMOOTHING_FIELDS = ("smoothing_sigmas", "smoothing_frac")
 #: Their defaults: ``ClassifierTrainConfig``'s (no sigmas: smoothing off).
 SMOOTHING_DEFAULTS: dict[str, Any] = {"smoothing_sigmas": (), "smoothing_frac": _CLS.smoothing_frac}
+#: The ``FedConfig`` fields of adversarial training through the purifier (same names in ``ClassifierTrainConfig``).
+THROUGH_FIELDS = ("adv_through_purifier", "purifier_t", "purifier_eot")
+#: Their defaults: off; ``purifier_t`` 0 means the denoiser's own t_min (recorded in its schedule), else 60.
+THROUGH_DEFAULTS: dict[str, Any] = {"adv_through_purifier": False, "purifier_t": 0.0,
+                                    "purifier_eot": _CLS.purifier_eot}
 
 
 def parse_sigmas(value: Any) -> tuple[float, ...]:
@@ -86,6 +91,34 @@ def smoothing_overrides(preset: str, adv: dict[str, Any] | None = None, **values
             ClassifierTrainConfig.preset(preset, **{**(adv or {}), **out})
         except ValueError as exc:
             raise ValueError(f"classifier denoised-smoothing training: {exc}") from exc
+    return out
+
+
+def through_overrides(preset: str, adv: dict[str, Any] | None = None, **values: Any) -> dict[str, Any]:
+    """The ``ClassifierTrainConfig`` overrides of training through the purifier (``THROUGH_FIELDS``).
+
+    Only the values that differ from :data:`THROUGH_DEFAULTS` are returned ({} at the defaults); a
+    ``purifier_t`` of 0 is left out (the site resolves it from its denoiser's schedule). Validated with the
+    adversarial overrides ``adv``: through the purifier needs ``adv='pgd'``, and ``purifier_t`` /
+    ``purifier_eot`` without ``adv_through_purifier`` do nothing (``ValueError``s naming the fix).
+    """
+    unknown = sorted(set(values) - set(THROUGH_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown through-the-purifier options {unknown}: use {', '.join(THROUGH_FIELDS)}")
+    vals = {**THROUGH_DEFAULTS, **values}
+    vals["adv_through_purifier"] = bool(vals["adv_through_purifier"])
+    vals["purifier_t"], vals["purifier_eot"] = float(vals["purifier_t"]), int(vals["purifier_eot"])
+    out = {k: v for k, v in vals.items() if v != THROUGH_DEFAULTS[k]}
+    if out and not vals["adv_through_purifier"]:
+        raise ValueError(f"{', '.join(sorted(out))} without adv_through_purifier does nothing: add "
+                         "--adv-through-purifier or drop them")
+    if vals["purifier_t"] < 0:
+        raise ValueError(f"purifier_t={vals['purifier_t']}: 0 (the denoiser's t_min) or a DDPM step > 0")
+    if out:
+        try:
+            ClassifierTrainConfig.preset(preset, **{**(adv or {}), **out})
+        except ValueError as exc:
+            raise ValueError(f"classifier adversarial training through the purifier: {exc}") from exc
     return out
 
 
@@ -180,6 +213,10 @@ class FedConfig:
         0: the presets', 250). Certification by denoised smoothing at σ asks the student for the time
         whose noise level is 2σ (``runtime.certify.sigma_to_t``: 290 at σ 0.25, 496 at σ 0.5 on the
         cosine schedule), beyond 250; at least ``purify_t_max`` when given.
+    adv_through_purifier / purifier_t / purifier_eot: each site crafts its ``pgd`` batches through the
+        purification the deployed classifier sees (the frozen ``denoiser`` at t* ``purifier_t``, 0: the
+        denoiser's t_min; EOT over ``purifier_eot`` noise draws) and trains on the purified scans
+        (``ClassifierTrainConfig``'s fields of those names; needs ``adv='pgd'`` and a denoiser).
     smoothing_sigmas / smoothing_frac / denoiser: each site's denoised-smoothing fine-tuning of its
         classifier (``ClassifierTrainConfig``'s ``smoothing_sigmas``, σ in scan units, and
         ``smoothing_frac``): that fraction of every batch is noised at a σ of the list and one-shot
@@ -235,6 +272,9 @@ class FedConfig:
     trades_beta: float = ADV_DEFAULTS["trades_beta"]
     robust_val: int = ADV_DEFAULTS["robust_val"]
     select: str = ADV_DEFAULTS["select"]
+    adv_through_purifier: bool = THROUGH_DEFAULTS["adv_through_purifier"]
+    purifier_t: float = THROUGH_DEFAULTS["purifier_t"]
+    purifier_eot: int = THROUGH_DEFAULTS["purifier_eot"]
     smoothing_sigmas: tuple[float, ...] = SMOOTHING_DEFAULTS["smoothing_sigmas"]
     smoothing_frac: float = SMOOTHING_DEFAULTS["smoothing_frac"]
     denoiser: str = ""
@@ -308,16 +348,21 @@ class FedConfig:
             raise ValueError(f"smoothing_sigmas={self.smoothing_sigmas} needs a denoiser: give --denoiser "
                              "BUNDLE|RUN (a bundle folder or a run folder holding student.safetensors) or "
                              "drop --smoothing-sigmas")
-        if self.denoiser and not self.smoothing_sigmas:
-            raise ValueError(f"denoiser={self.denoiser!r} without smoothing_sigmas is never used: give "
-                             "--smoothing-sigmas (e.g. 0.12,0.25,0.5) or drop --denoiser")
+        if self.adv_through_purifier and not self.denoiser:
+            raise ValueError("adv_through_purifier needs a denoiser: give --denoiser BUNDLE|RUN (the purifier the "
+                             "attack is crafted through) or drop --adv-through-purifier")
+        if self.denoiser and not (self.smoothing_sigmas or self.adv_through_purifier):
+            raise ValueError(f"denoiser={self.denoiser!r} without smoothing_sigmas or adv_through_purifier is never "
+                             "used: give --smoothing-sigmas (e.g. 0.12,0.25,0.5) or --adv-through-purifier, or drop "
+                             "--denoiser")
 
     def classifier_overrides(self) -> dict[str, Any]:
         """``ClassifierTrainConfig`` fields each site's classifier training overrides ({} at the defaults)."""
         adv = adv_overrides(self.preset, self.rounds * self.local_epochs,
                             **{name: getattr(self, name) for name in ADV_FIELDS})
-        return {**adv, **smoothing_overrides(self.preset, adv,
-                                             **{name: getattr(self, name) for name in SMOOTHING_FIELDS})}
+        return {**adv, **through_overrides(self.preset, adv, **{name: getattr(self, name) for name in THROUGH_FIELDS}),
+                **smoothing_overrides(self.preset, adv,
+                                      **{name: getattr(self, name) for name in SMOOTHING_FIELDS})}
 
     @property
     def validation(self) -> UpdateValidationConfig:

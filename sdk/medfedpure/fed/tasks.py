@@ -196,7 +196,9 @@ def train_classifier_round(model: torch.nn.Module, data: SiteData, job: LocalJob
     ``val_robust_accuracy`` (PGD at the training ε on the site's fixed validation subset, of the
     kept model). When they set ``smoothing_sigmas``, the round fine-tunes with denoised smoothing
     through ``job.denoiser`` (loaded once per process, ``train.denoiser.load_denoiser_cached``; it
-    stays on the site); without them the denoiser is never loaded. With ``job.site_dir`` the config the round trained with is written to
+    stays on the site); when they set ``adv_through_purifier``, the PGD batches are crafted through that
+    denoiser's purification (t* the run's ``purifier_t``, else the denoiser's recorded t_min, else 60; K its
+    recorded steps) and the round trains on the purified scans; without either the denoiser is never loaded. With ``job.site_dir`` the config the round trained with is written to
     ``SITE/classifier_train_config.json`` (overwritten each round).
 
     Returns ``(metrics, the AdamW state after the round)``.
@@ -211,11 +213,15 @@ def train_classifier_round(model: torch.nn.Module, data: SiteData, job: LocalJob
                                            **over)
         cfg = replace(cfg, lr=cfg.lr * job.lr_scale)
     denoiser = None
-    if cfg.smoothing_sigmas:
+    if cfg.smoothing_sigmas or cfg.adv_through_purifier:
         if not job.denoiser:
-            raise ValueError(f"smoothing_sigmas={cfg.smoothing_sigmas} but the job has no denoiser: set the run's "
-                             "denoiser (--denoiser BUNDLE|RUN)")
-        denoiser = load_denoiser_cached(job.denoiser)[0]
+            what = "smoothing_sigmas" if cfg.smoothing_sigmas else "adv_through_purifier"
+            raise ValueError(f"{what} is set but the job has no denoiser: set the run's denoiser "
+                             "(--denoiser BUNDLE|RUN)")
+        denoiser, schedule = load_denoiser_cached(job.denoiser)
+        if cfg.adv_through_purifier:  # t* (unless the run set one) and K from the denoiser's own schedule
+            t_star = over.get("purifier_t") or schedule.get("t_min") or 60
+            cfg = replace(cfg, purifier_t=float(t_star), purifier_steps=int(schedule.get("steps") or 1))
     if job.site_dir is not None:
         job.site_dir.mkdir(parents=True, exist_ok=True)
         record = {"train": cfg.to_dict(), "overrides": over, "schedule": [offset, total]}
