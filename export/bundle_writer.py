@@ -237,6 +237,19 @@ def convert_v1_bundle(src: str | os.PathLike[str], out: str | os.PathLike[str], 
     return write_bundle(out, arts, spec, overwrite=overwrite)
 
 
+def _copy_of(src: VerifiedBundle, out: str | os.PathLike[str], *, card: bool = True) -> dict[str, ArtefactSource]:
+    """Every artefact of ``src`` as a source for :func:`write_bundle` (each re-verified against ``src``'s manifest
+    as it is read; ``card=False`` leaves the model card out, for a writer that regenerates it), after refusing
+    ``out`` when it is ``src``'s own folder (``ValueError``)."""
+    from medfedpure.runtime.bundle import CARD_ARTEFACT
+
+    if Path(out).resolve() == src.root.resolve():
+        raise ValueError(f"{out} is the source bundle's own folder: write the new bundle to a new folder")
+    return {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
+                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()
+            if card or name != CARD_ARTEFACT}
+
+
 def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], gate: Any,
                               recalibration: Mapping[str, Any], *, signing_key: PrivateKeySpec | None = None,
                               overwrite: bool = False) -> VerifiedBundle:
@@ -258,10 +271,7 @@ def write_recalibrated_bundle(src: VerifiedBundle, out: str | os.PathLike[str], 
     """
     import dataclasses
 
-    if Path(out).resolve() == src.root.resolve():
-        raise ValueError(f"{out} is the source bundle's own folder: write the recalibrated bundle to a new folder")
-    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
-                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()}
+    arts = _copy_of(src, out)
     from medfedpure.runtime.manifest import thaw
 
     provenance = {**thaw(src.spec.provenance), "recalibration": dict(recalibration)}
@@ -330,8 +340,7 @@ def write_bundle_with_detector(src: VerifiedBundle, out: str | os.PathLike[str],
     agreement = {name: verify_against_torch(detector, g, {"x": x}).to_dict() for name, g in graphs.items()}
     if agreement["detector"]["max_abs"] > 1e-3 or agreement["detector.fp16"]["max_abs"] > 0.1:
         raise ValueError(f"the detector's ONNX graphs disagree with torch: {agreement}")
-    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
-                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()}
+    arts = _copy_of(src, out)
     for name, g in graphs.items():
         arts[name] = ArtefactSource(path=f"{name}.onnx", role="detector", format="onnx",
                                     precision="fp16" if name.endswith(".fp16") else "fp32",
@@ -372,19 +381,14 @@ def write_policy_bundle(src: VerifiedBundle, out: str | os.PathLike[str], choice
     import datetime
 
     from medfedpure.export.model_card import with_card
-    from medfedpure.runtime.bundle import CARD_ARTEFACT
     from medfedpure.runtime.manifest import thaw
 
-    if Path(out).resolve() == src.root.resolve():
-        raise ValueError(f"{out} is the source bundle's own folder: write the new bundle to a new folder")
     policy, reason = choice.get("policy"), choice.get("reason")
     if policy not in ("adaptive", "floor"):
         raise ValueError(f"policy={policy!r}: use 'adaptive' or 'floor'")
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError("choice has no reason: a policy is recorded with why it was chosen")
-    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
-                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()
-            if name != CARD_ARTEFACT}
+    arts = _copy_of(src, out, card=False)
     record = {**json_safe(dict(choice)), "source_bundle_id": src.bundle_id, "previous_policy": src.spec.gate.policy,
               "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat()}
     provenance = {**thaw(src.spec.provenance), "policy_choice": record}
@@ -415,16 +419,11 @@ def write_reissued_bundle(src: VerifiedBundle, out: str | os.PathLike[str], *, r
     import datetime
 
     from medfedpure.export.model_card import with_card
-    from medfedpure.runtime.bundle import CARD_ARTEFACT
     from medfedpure.runtime.manifest import thaw
 
-    if Path(out).resolve() == src.root.resolve():
-        raise ValueError(f"{out} is the source bundle's own folder: write the reissued bundle to a new folder")
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError("reason: say why the bundle is reissued (recorded in its provenance)")
-    arts = {name: ArtefactSource(path=a.path, role=a.role, format=a.format, precision=a.precision,
-                                 data=src.read_bytes(name)) for name, a in src.artefacts.items()
-            if name != CARD_ARTEFACT}
+    arts = _copy_of(src, out, card=False)
     rows = []
     for i, m in enumerate(metrics):
         ok = (isinstance(m, Mapping) and isinstance(m.get("name"), str) and m["name"].strip()

@@ -177,6 +177,15 @@ def build(
                   f"{out.get('installed')}; step seconds {json.dumps(out.get('step_seconds'))}")
 
 
+# the options of the commands that write a new bundle from a verified one (reissue, choose-policy)
+_NEW_KEY = typer.Option(None, "--key", "-k", dir_okay=False, help="Ed25519 private key (PEM) that signs the new "
+                        "bundle (default: MEDFEDPURE_SIGNING_KEY; else unsigned).")
+_SOURCE_TRUSTED_KEY = typer.Option(None, "--trusted-key", dir_okay=False,
+                                   help="Also trust this public key (PEM) for the source bundle.")
+_SOURCE_UNSIGNED = typer.Option(False, "--allow-unsigned", help="Accept an unsigned source bundle.")
+_OVERWRITE_OUT = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out.")
+
+
 @app.command("reissue")
 def reissue(
     bundle: Path = typer.Argument(..., help="The bundle to reissue (verified first).", exists=True, file_okay=False),
@@ -185,12 +194,10 @@ def reissue(
     metrics: Path | None = typer.Option(None, "--metrics", exists=True, dir_okay=False, help="JSON list of "
                                         "measurements of this bundle, each {name, value, command[, split, n]}, "
                                         "added to its provenance and model card."),
-    key: Path | None = typer.Option(None, "--key", "-k", dir_okay=False, help="Ed25519 private key (PEM) that "
-                                    "signs the new bundle (default: MEDFEDPURE_SIGNING_KEY; else unsigned)."),
-    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False,
-                                                  help="Also trust this public key (PEM) for the source bundle."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Accept an unsigned source bundle."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    key: Path | None = _NEW_KEY,
+    trusted_key: list[Path] | None = _SOURCE_TRUSTED_KEY,
+    allow_unsigned: bool = _SOURCE_UNSIGNED,
+    overwrite: bool = _OVERWRITE_OUT,
 ) -> None:
     """Reissue a bundle in the current format: same models and gate (same decisions), the scope written out
     and a model card generated from its manifest; a new bundle id, signed with --key."""
@@ -222,12 +229,10 @@ def choose_policy_command(
                                    "justifies purifying every scan (the rule also needs twice the standard error)."),
     allow_quick: bool = typer.Option(False, "--allow-quick", help="Accept reports below the full budget (an upper "
                                      "bound on robustness): the choice is recorded as provisional."),
-    key: Path | None = typer.Option(None, "--key", "-k", dir_okay=False, help="Ed25519 private key (PEM) that "
-                                    "signs the new bundle (default: MEDFEDPURE_SIGNING_KEY; else unsigned)."),
-    trusted_key: list[Path] | None = typer.Option(None, "--trusted-key", dir_okay=False,
-                                                  help="Also trust this public key (PEM) for the source bundle."),
-    allow_unsigned: bool = typer.Option(False, "--allow-unsigned", help="Accept an unsigned source bundle."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out."),
+    key: Path | None = _NEW_KEY,
+    trusted_key: list[Path] | None = _SOURCE_TRUSTED_KEY,
+    allow_unsigned: bool = _SOURCE_UNSIGNED,
+    overwrite: bool = _OVERWRITE_OUT,
 ) -> None:
     """Set the bundle's purification policy (adaptive or floor) from two evaluations of it, one per policy, and
     record the reason and the evidence in its provenance and model card; a new bundle signed with --key."""
