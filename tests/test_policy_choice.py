@@ -24,7 +24,8 @@ def _report(policy: str, clean: float, worst: dict[str, float], *, n: int = 720,
     return {
         "schema": 1, "policy": policy, "bundle": {"id": bundle_id, "short_id": bundle_id[:16]},
         "budget": {"name": "full" if full else "quick", "full": full, "limit": 0},
-        "norm": "linf", "eps_labels": list(worst), "sites": [0, 1, 2, 3],
+        "norm": "linf", "eps_labels": list(worst), "eps": [int(k.split("/")[0]) / 255 for k in worst],
+        "sites": [0, 1, 2, 3],
         "data": {"split": "test", "kind": "synthetic", "fingerprint": fingerprint},
         "pooled": {"n": n, "clean": {"defended_acc": clean},
                    "worst_rung": {k: {"robust_acc": v, "rung": 5} for k, v in worst.items()}},
@@ -51,6 +52,10 @@ def test_floor_is_chosen_only_beyond_the_margin_and_without_losses():
     # the gain is there but floor loses 8 points of clean accuracy: adaptive, and the reason names the loss
     got = choose_policy(_pair(a, _report("floor", 0.87, {"2/255": 0.90, "8/255": 0.70})))
     assert got.policy == "adaptive" and got.rule["largest_loss_at"] == "clean" and "offset" in got.reason
+    # the largest radius decides, whatever order the radii were given in
+    a_rev = _report("adaptive", 0.95, {"8/255": 0.60, "2/255": 0.90})
+    got = choose_policy(_pair(a_rev, _report("floor", 0.95, {"8/255": 0.70, "2/255": 0.90})))
+    assert got.policy == "floor" and got.rule["radius"] == "8/255"
     # min_gain raises the bar above the standard error
     got = choose_policy(_pair(a, _report("floor", 0.95, {"2/255": 0.90, "8/255": 0.70})), min_gain=12)
     assert got.policy == "adaptive" and got.rule["margin_points"] == 12
@@ -79,7 +84,8 @@ def test_per_scan_results_give_the_paired_margin():
 
 @pytest.mark.parametrize("change,match", [
     (lambda a, f: f.update(policy="adaptive"), "two reports for policy adaptive"),
-    (lambda a, f: f.update(eps_labels=["2/255"]), "differ in eps"),
+    (lambda a, f: f.update(eps_labels=["2/255"], eps=[2 / 255]), "differ in eps"),
+    (lambda a, f: f.update(eps=[2 / 255]), "1 radii"),
     (lambda a, f: f["budget"].update(limit=6), "differ in scan_limit"),
     (lambda a, f: f.update(sites=[2]), "differ in sites"),
     (lambda a, f: f["bundle"].update(id="cd" * 32), "differ in bundle_id"),

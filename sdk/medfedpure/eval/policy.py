@@ -70,7 +70,8 @@ def _summary(r: PolicyReport) -> dict[str, Any]:
             "report": r.path, "sha256": r.sha256, "policy": str(rep["policy"]), "bundle_id": str(rep["bundle"]["id"]),
             "budget": str(rep["budget"]["name"]), "full_budget": bool(rep["budget"].get("full", False)),
             "scan_limit": int(rep["budget"].get("limit", 0) or 0),
-            "norm": str(rep["norm"]), "eps": [str(e) for e in rep["eps_labels"]], "sites": [int(s) for s in rep["sites"]],
+            "norm": str(rep["norm"]), "eps": [str(e) for e in rep["eps_labels"]],
+            "eps_values": [float(e) for e in rep["eps"]], "sites": [int(s) for s in rep["sites"]],
             "split": str(rep["data"]["split"]), "data_fingerprint": rep["data"].get("fingerprint"),
             "n": int(pooled["n"]), "clean": float(pooled["clean"]["defended_acc"]),
             "worst_rung": {str(k): float(v["robust_acc"]) for k, v in pooled["worst_rung"].items()},
@@ -83,6 +84,8 @@ def _summary(r: PolicyReport) -> dict[str, Any]:
     if out["policy"] not in POLICIES:
         raise PolicyChoiceError(f"{r.path}: policy {out['policy']!r}, expected one of {', '.join(POLICIES)}")
     missing = [e for e in out["eps"] if e not in out["worst_rung"]]
+    if len(out["eps_values"]) != len(out["eps"]):
+        raise PolicyChoiceError(f"{r.path}: {len(out['eps'])} radius labels for {len(out['eps_values'])} radii")
     if missing or not out["eps"] or out["n"] < 1:
         raise PolicyChoiceError(f"{r.path}: no worst-rung accuracy for {missing or 'any radius'} (n={out['n']})")
     return out
@@ -141,7 +144,7 @@ def choose_policy(reports: Sequence[PolicyReport], *, min_gain: float = 2.0, all
         raise PolicyChoiceError(f"the reports are at the {a['budget']!r} budget, an upper bound on robustness; run "
                                 "`medfedpure eval --budget full` (or accept a provisional choice: allow_quick, --allow-quick on the command line)")
     n = a["n"]
-    top = a["eps"][-1]  # the largest radius: labels are in the order given, which eval keeps ascending
+    top = a["eps"][max(range(len(a["eps"])), key=lambda i: a["eps_values"][i])]  # the largest radius
     pa, pf = a["worst_rung"][top], f["worst_rung"][top]
     ra, rf = a["right_by_scan"].get(top), f["right_by_scan"].get(top)
     paired = (bool(a["data_fingerprint"]) and a["data_fingerprint"] == f["data_fingerprint"]
