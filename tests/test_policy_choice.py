@@ -153,6 +153,10 @@ def test_cli_writes_a_signed_bundle_with_the_policy_and_its_reason(tmp_path: Pat
     old = Defender.load(src, backend="torch", device="cpu").run_array(x, seeds=[1, 2, 3, 4])
     assert all(r.t_star >= vb.spec.gate.t_min > 0 for r in new)
     assert any(r.t_star == 0 for r in old)  # the adaptive source let unflagged scans take the early exit
+    # the Defender says why its bundle runs that policy; a bundle without the record says None
+    d = Defender.load(out, backend="torch", device="cpu")
+    assert d.policy == "floor" and d.policy_choice["reason"] == rec["reason"] and d.policy_choice["source_bundle_id"] == sid
+    assert Defender.load(src, backend="torch", device="cpu").policy_choice is None
     # refusals exit 2 with the reason: reports of another bundle, an existing --out
     bad = tmp_path / "other.json"
     bad.write_text(json.dumps(_report("floor", 0.95, {"2/255": 0.91, "8/255": 0.70})))

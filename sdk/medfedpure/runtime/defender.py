@@ -57,6 +57,7 @@ from medfedpure.runtime.calibration import DriftMonitor, DriftReport, score_quan
 from medfedpure.runtime.default_id import DEFAULT_BUNDLE_ID
 from medfedpure.runtime.engines import Engine, create_engine
 from medfedpure.runtime.engines.base import Interrupt, run_interruptible
+from medfedpure.runtime.manifest import thaw
 from medfedpure.scan.limits import ScanLimits, check_limits_arg
 
 if TYPE_CHECKING:
@@ -319,6 +320,14 @@ class Defender:
     def policy(self) -> str:
         """The gate policy in force: the one given to the Defender, else the bundle's calibrated one."""
         return self._policy or self.engine.gate_spec.policy
+
+    @property
+    def policy_choice(self) -> dict[str, Any] | None:
+        """Why the bundle runs its policy: the record ``medfedpure bundle choose-policy`` wrote (policy, reason,
+        budget, the rule's numbers, each evaluation report's sha256), or None for a bundle whose policy was not
+        chosen that way. It describes the bundle's policy, not one given to this Defender."""
+        rec = self.bundle.spec.provenance.get("policy_choice")
+        return None if rec is None else thaw(rec)
 
     def close(self) -> None:
         """Release the worker threads (idempotent; a later run starts them again).
