@@ -131,8 +131,9 @@ def main() -> None:
         from medfedpure.train.denoiser import load_denoiser
 
         den, schedule = load_denoiser(a.purifier)
-        t_star = a.purifier_t if a.purifier_t is not None else float(schedule.get("t_min") or 60)
-        k_steps = int(schedule.get("steps") or 1)
+        from medfedpure.train.denoiser import purification_point
+
+        t_star, k_steps = purification_point(schedule, a.purifier_t)
     through = den is not None and not a.plain_training
     t0 = time.perf_counter()
     if a.base is not None:

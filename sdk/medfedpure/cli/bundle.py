@@ -10,11 +10,10 @@ import json
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-import click
 import typer
 
 from medfedpure.build.config import BundleBuildConfig
-from medfedpure.cli.common import PRESET_CHOICE
+from medfedpure.cli.common import DEVICE_CHOICE, PRESET_CHOICE, resolved_device
 from medfedpure.cli.fed import ADV_OPTIONS, adv_fields
 from medfedpure.cli.keys import sign_command
 
@@ -59,7 +58,7 @@ def build(
     steps: int | None = typer.Option(None, "--steps", min=1, help="K, the student's sampling steps (1, 2 or 4). "
                                      + _SCHED.format("steps")),
     threads: int = typer.Option(_D["threads"], "--threads", min=1, help="torch CPU threads of calibration and export."),
-    device: str = typer.Option(_D["device"], "--device", click_type=click.Choice(("cpu", "cuda", "auto")),
+    device: str = typer.Option(_D["device"], "--device", click_type=DEVICE_CHOICE,
                                help="Where each site's classifier rounds train (cuda: the sites share one GPU); "
                                     "the other phases train on the CPU. Not a step input: a build resumes across "
                                     "devices."),
@@ -145,11 +144,9 @@ def build(
             **{k: v for k, v in (("smoothing_sigmas", smoothing_sigmas), ("smoothing_frac", smoothing_frac),
                                  ("adv_through_purifier", adv_through_purifier), ("purifier_t", purifier_t),
                                  ("purifier_eot", purifier_eot)) if v is not None})
-        from medfedpure.train.device import resolve_device
-
-        resolve_device(cfg.device)  # a missing GPU is an error before any step runs
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    resolved_device(cfg.device)  # a missing GPU is an error before any step runs
 
     from medfedpure.cli.common import console as make_console
 

@@ -146,6 +146,21 @@ LOG_LEVEL_CHOICE = click.Choice(LOG_LEVELS, case_sensitive=False)
 PIPED_WIDTH = 160  # columns of a console whose output is not a terminal
 
 
+#: ``--device`` of the training commands (``train classifier``, ``fed sim|deploy``, ``bundle build``)
+DEVICE_CHOICE = click.Choice(("cpu", "cuda", "auto"))
+
+
+def resolved_device(device: str) -> str:
+    """``--device`` resolved before any work (``train.device.resolve_device``): ``cpu`` or ``cuda``; a name it
+    refuses, or ``cuda`` without a GPU, is a usage error naming the option (exit 2)."""
+    from medfedpure.train.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(device)
+    except DeviceError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+
+
 def console(*, stderr: bool = False, **kw: Any) -> Any:
     """The CLI's rich Console: on a terminal its width; piped or redirected, at least PIPED_WIDTH
     columns (rich would use 80) so table rows keep full names and hash prefixes."""

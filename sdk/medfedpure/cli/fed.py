@@ -21,7 +21,14 @@ from typing import Any
 import click
 import typer
 
-from medfedpure.cli.common import CLASSIFIER_SPLIT_CHOICE, PRESET_CHOICE, STRATEGY_CHOICE, check_extra
+from medfedpure.cli.common import (
+    CLASSIFIER_SPLIT_CHOICE,
+    DEVICE_CHOICE,
+    PRESET_CHOICE,
+    STRATEGY_CHOICE,
+    check_extra,
+    resolved_device,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
@@ -91,7 +98,7 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("denoise_t_max", int | None, None, "--denoise-t-max", min=0,
             help="Train the purifier's teacher and student on diffusion times up to this (0: 250, the presets'); "
                  "certifying at sigma 0.5 uses t 496."),
-    _option("device", str | None, None, "--device", click_type=click.Choice(("cpu", "cuda", "auto")),
+    _option("device", str | None, None, "--device", click_type=DEVICE_CHOICE,
             help="Where each site's classifier rounds train: cpu, cuda (the sites share one GPU) or auto; "
                  "the other phases train on the CPU."),
 )
@@ -182,12 +189,7 @@ def _config(data: Path, out: Path, sites: int, config: str | None = None, purify
         cfg = FedConfig(data_dir=str(data), out_dir=str(out), num_sites=sites or num_sites(data), **fields)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    from medfedpure.train.device import DeviceError, resolve_device
-
-    try:
-        resolve_device(cfg.device)  # a missing GPU is an error before any process starts
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+    resolved_device(cfg.device)  # a missing GPU is an error before any process starts
     if cfg.denoiser:  # every site loads it: a source that is not a diffusion unet fails here, before any launch
         from medfedpure.train.denoiser import DenoiserLoadError, load_denoiser
 

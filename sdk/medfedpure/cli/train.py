@@ -20,7 +20,7 @@ from typing import Any
 import click
 import typer
 
-from medfedpure.cli.common import POLICY_CHOICE, PRESET_CHOICE, STAT_CHOICE
+from medfedpure.cli.common import DEVICE_CHOICE, POLICY_CHOICE, PRESET_CHOICE, STAT_CHOICE, resolved_device
 
 app = typer.Typer(help="Train one model on one site's data.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -142,15 +142,10 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
                device: str = typer.Option(
                    "cpu", "--device", help="Where the training runs: cpu, cuda or auto (CUDA when torch sees a "
                    "GPU). The random draws are the CPU run's on every device; the result is saved for the CPU.",
-                   click_type=click.Choice(("cpu", "cuda", "auto"))),
+                   click_type=DEVICE_CHOICE),
                ) -> None:
     """Train the personalized MoE classifier on site K → RUN/site_K/classifier.safetensors."""
-    from medfedpure.train.device import DeviceError, resolve_device
-
-    try:
-        on = resolve_device(device)  # a missing GPU is an error before any data is read
-    except DeviceError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--device") from exc
+    on = resolved_device(device)  # a missing GPU is an error before any data is read
     _common_setup(config, threads, seed)
     from medfedpure.models.moe import MoEClassifier, MoEConfig
     from medfedpure.models.weights import save_model
@@ -182,8 +177,10 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
         if tcfg.adv_through_purifier:
             from dataclasses import replace
 
-            t_star = purifier_t if purifier_t is not None else schedule.get("t_min") or 60
-            tcfg = replace(tcfg, purifier_t=float(t_star), purifier_steps=int(schedule.get("steps") or 1))
+            from medfedpure.train.denoiser import purification_point
+
+            t_star, k = purification_point(schedule, purifier_t)
+            tcfg = replace(tcfg, purifier_t=t_star, purifier_steps=k)
     section = f"classifier/site_{site}"
     resolved = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "data": str(data), "site": site,
                 "denoiser": None if denoiser is None else str(denoiser), "device": on}

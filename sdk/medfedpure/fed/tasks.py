@@ -24,7 +24,7 @@ from medfedpure.models.diffusion import to_model_space
 from medfedpure.models.weights import load_model
 from medfedpure.train.calibrate import CalibrationConfig, calibrate_gate
 from medfedpure.train.classifier import ClassifierTrainConfig, evaluate_classifier, train_classifier
-from medfedpure.train.denoiser import load_denoiser_cached
+from medfedpure.train.denoiser import load_denoiser_cached, purification_point
 from medfedpure.train.detector import (
     ClassifierLoadError,
     DetectorTrainConfig,
@@ -220,8 +220,8 @@ def train_classifier_round(model: torch.nn.Module, data: SiteData, job: LocalJob
                              "(--denoiser BUNDLE|RUN)")
         denoiser, schedule = load_denoiser_cached(job.denoiser)
         if cfg.adv_through_purifier:  # t* (unless the run set one) and K from the denoiser's own schedule
-            t_star = over.get("purifier_t") or schedule.get("t_min") or 60
-            cfg = replace(cfg, purifier_t=float(t_star), purifier_steps=int(schedule.get("steps") or 1))
+            t_star, k = purification_point(schedule, over.get("purifier_t"))
+            cfg = replace(cfg, purifier_t=t_star, purifier_steps=k)
     if job.site_dir is not None:
         job.site_dir.mkdir(parents=True, exist_ok=True)
         record = {"train": cfg.to_dict(), "overrides": over, "schedule": [offset, total]}

@@ -14,7 +14,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DenoiserLoadError", "load_denoiser", "load_denoiser_cached"]
+__all__ = ["DenoiserLoadError", "load_denoiser", "load_denoiser_cached", "purification_point"]
+
+
+def purification_point(schedule: dict[str, Any], t_star: float | None = None) -> tuple[float, int]:
+    """``(t*, K)`` of training through the purifier: ``t_star`` when given (not None or 0), else the denoiser's
+    recorded t_min (``load_denoiser``'s ``schedule``), else 60; K its recorded steps, else 1."""
+    return float(t_star or schedule.get("t_min") or 60), int(schedule.get("steps") or 1)
 
 
 class DenoiserLoadError(ValueError):
