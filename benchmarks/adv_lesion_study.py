@@ -91,7 +91,9 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="the clean classifier to fine-tune (else: train one, --width)")
     ap.add_argument("--width", type=int, default=1, help="without --base: channel multiplier of the new one")
     ap.add_argument("--stem", type=int, default=0, help="without --base: full-resolution layers before the stages")
-    ap.add_argument("--epochs", type=int, default=10, help="PGD fine-tuning epochs (0: evaluate only)")
+    ap.add_argument("--epochs", type=int, default=10, help="adversarial fine-tuning epochs (0: evaluate only)")
+    ap.add_argument("--adv", default="pgd", choices=("pgd", "nfgsm", "fgsm-rs"),
+                    help="the fine-tuning's attack: PGD-5 (default), or the single-step N-FGSM / FGSM-RS")
     ap.add_argument("--eps", type=float, default=8.0, help="training radius, /255")
     ap.add_argument("--adv-frac", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -147,19 +149,29 @@ def main() -> None:
             save_model(a.save_base, model, mcfg, "moe")
     clean_s = time.perf_counter() - t0
     if a.epochs > 0:
+        if through and a.adv != "pgd":
+            raise SystemExit(f"--adv {a.adv} with --purifier: only pgd is crafted through the purifier "
+                             "(add --plain-training)")
         cfg = ClassifierTrainConfig.preset("small", epochs=a.epochs, lr=a.lr, warmup_epochs=0, adv_start_epoch=0,
-                                           patience=a.epochs, adv="pgd", adv_eps=a.eps / 255, adv_steps=5,
+                                           patience=a.epochs, adv=a.adv, adv_eps=a.eps / 255, adv_steps=5,
                                            adv_frac=a.adv_frac, robust_val=64, select="robust",
                                            adv_through_purifier=through, purifier_t=t_star or 60.0,
                                            purifier_steps=k_steps if through else 1)
-        train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None, device=device)
+        fit = train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None, device=device)
+        history = [{"epoch": h["epoch"], "loss": round(h["train_loss"], 4), "val": round(h["val_accuracy"], 4),
+                    "robust_val": round(h["val_robust_accuracy"], 4), "s": round(h["epoch_s"], 1)}
+                   for h in fit["history"]]
+        best_epoch = fit["best_epoch"]
+    else:
+        history, best_epoch = [], None
     model.eval()
-    res = {"name": a.name, "width": mcfg.global_widths, "stem": mcfg.stem, "params": sum(p.numel() for p in model.parameters()),
+    res = {"name": a.name, "adv": a.adv if a.epochs > 0 else None, "width": mcfg.global_widths, "stem": mcfg.stem, "params": sum(p.numel() for p in model.parameters()),
            "train_scans": len(tr[1]), "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
            "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
            "purifier_t": t_star, "trained_through_purifier": through,
            "device": device, "clean_train_s": round(clean_s, 1),
-           "train_s": round(time.perf_counter() - t0 - clean_s, 1)}
+           "train_s": round(time.perf_counter() - t0 - clean_s, 1), "best_epoch": best_epoch,
+           "history": history}
     t_eval = time.perf_counter()
     for split, (x, y) in (("val", va), ("test", te)):
         if split not in eval_splits:

@@ -16,6 +16,7 @@ from medfedpure.train.classifier import (
     ClassifierTrainConfig,
     _loss,
     denoised_smoothing_batch,
+    nfgsm_batch,
     pgd_batch,
     robust_accuracy,
     trades_adversary,
@@ -55,7 +56,8 @@ def _trained(seed: int = 0) -> MoEClassifier:
                                 dict(select="best"), dict(select="robust", robust_val=0, adv="pgd", adv_eps=0.01),
                                 dict(select="robust", robust_val=8, adv="none", adv_eps=0.01),
                                 dict(smoothing_sigmas=(0.0,)), dict(smoothing_sigmas=(1.5,)),
-                                dict(smoothing_frac=0.0),
+                                dict(smoothing_frac=0.0), dict(adv="nfgsm", adv_norm="l2", adv_eps=0.5),
+                                dict(adv="nfgsm", adv_eps=0.03, nfgsm_noise=-1.0),
                                 dict(smoothing_sigmas=(0.25,), smoothing_frac=0.6, adv="pgd", adv_eps=0.01,
                                      adv_frac=0.5)])
 def test_bad_adversarial_config_raises(kw):
@@ -89,6 +91,55 @@ def test_pgd_batch_respects_eps_box_and_fraction(norm, eps):
     assert float(d.abs().max()) > 0.5 * (eps if norm == "linf" else 1e-3)  # it moved
     assert out.min() >= 0 and out.max() <= 1
     assert torch.equal(out[6:], x[6:])  # the clean half untouched
+
+
+def test_nfgsm_batch_is_noise_plus_one_unclipped_signed_step():
+    """N-FGSM: start x + η, η ~ U[−kε, kε] from the caller's generator, then exactly ±ε along the sign of the
+    cross-entropy's gradient at the start (reference gradient computed here through ``log_probs``), clipped
+    to [0, 1] only — so it leaves the ε-ball (up to (k + 1)ε) where FGSM-RS never does."""
+    m = _trained().train()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x, y = (torch.from_numpy(a) for a in _blobs(12, 5))
+    x0 = x.clone()
+    eps, k = 8 / 255, 2.0
+    out = nfgsm_batch(m, x, y, eps, 0.5, torch.Generator().manual_seed(3), noise=k)
+    assert torch.equal(x, x0) and m.training  # pure; the mode restored
+    assert all(torch.equal(before[n], v) for n, v in m.state_dict().items())  # no BatchNorm update
+    assert torch.equal(out[6:], x[6:])  # the clean half untouched
+    assert out.min() >= 0 and out.max() <= 1
+    eta = (torch.rand(x[:6].shape, generator=torch.Generator().manual_seed(3)) * 2 - 1) * (k * eps)
+    start = (x[:6] + eta).clamp(0, 1).requires_grad_(True)
+    m.eval()
+    (grad,) = torch.autograd.grad(F.nll_loss(m.log_probs(start), y[:6]), start)
+    m.train()
+    step = out[:6] - start.detach()
+    inside = ((start.detach() + eps * grad.sign()) > 0) & ((start.detach() + eps * grad.sign()) < 1) & (grad != 0)
+    assert int(inside.sum()) > 0.5 * inside.numel()
+    torch.testing.assert_close(step[inside], eps * grad.sign()[inside], atol=1e-6, rtol=0)
+    d = (out[:6] - x[:6]).abs()
+    assert float(d.max()) <= (k + 1) * eps + 1e-6
+    assert float(d.max()) > 2 * eps  # not projected back onto the ε-ball
+    again = nfgsm_batch(m, x, y, eps, 0.5, torch.Generator().manual_seed(3), noise=k)
+    assert torch.equal(out, again)  # seeded
+    # k = 0: no noise, the plain FGSM step of ε
+    plain = nfgsm_batch(m, x, y, eps, 1.0, torch.Generator().manual_seed(3), noise=0.0)
+    assert float((plain - x).abs().max()) <= eps + 1e-6
+
+
+def test_nfgsm_training_runs_deterministic_and_differs_from_fgsm_rs():
+    x, y = _blobs(24, 4)
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=2, adv="nfgsm", adv_eps=8 / 255, robust_val=8,
+                                       select="robust")
+    a, b = _model(2), _model(2)
+    ha = train_classifier(a, (x, y), (x, y), cfg, progress=False)
+    hb = train_classifier(b, (x, y), (x, y), cfg, progress=False)
+    assert [h["train_loss"] for h in ha["history"]] == [h["train_loss"] for h in hb["history"]]
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+    assert "val_robust_accuracy" in ha["history"][0] and ha["robust_val"]["num_scans"] == 8
+    rs = ClassifierTrainConfig.preset("tiny", epochs=2, adv="fgsm-rs", adv_eps=8 / 255, robust_val=8,
+                                      select="robust")
+    hr = train_classifier(_model(2), (x, y), (x, y), rs, progress=False)
+    assert hr["history"][-1]["train_loss"] != ha["history"][-1]["train_loss"]
 
 
 def test_pgd_batch_restores_train_mode_and_keeps_bn_statistics():
@@ -283,7 +334,11 @@ def test_cli_adversarial_options(tmp_path, monkeypatch):
         r = CliRunner().invoke(app, [*base, "--dry-run", "--device", "cuda"])
         assert r.exit_code == 2 and "no CUDA" in r.output and "--device" in r.output
     assert (t["adv"], t["select"], t["robust_val"], t["smoothing_sigmas"]) == ("fgsm-rs", "clean", 0, [])
+    r = CliRunner().invoke(app, [*base, "--adv", "nfgsm", "--adv-eps", "8", "--dry-run"])
+    t = json.loads(r.output)["train"]
+    assert (t["adv"], t["nfgsm_noise"], t["robust_val"], t["select"]) == ("nfgsm", 2.0, 128, "robust")
     for bad in (["--adv", "madry"], ["--adv", "fgsm-rs", "--adv-norm", "l2", "--adv-eps", "0.5"],
+                ["--adv", "nfgsm", "--adv-norm", "l2", "--adv-eps", "0.5"],
                 ["--smoothing-sigmas", "0.25"], ["--smoothing-sigmas", "0.25,x", "--denoiser", str(data)]):
         r = CliRunner().invoke(app, [*base, *bad, "--dry-run"])
         assert r.exit_code != 0, bad

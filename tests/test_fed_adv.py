@@ -77,6 +77,11 @@ def test_adv_defaults_robust_validation_and_l2_radius(tmp_path: Path, captured: 
     cfg = captured["sim"]
     # --adv turns robust validation on and selects on it, as `train classifier` does; l2 eps is not /255
     assert (cfg.adv, cfg.adv_eps, cfg.adv_norm, cfg.robust_val, cfg.select) == ("pgd", 0.5, "l2", 128, "robust")
+    # the single-step N-FGSM reaches each site's classifier recipe
+    r = CliRunner().invoke(app, ["fed", "sim", *_fed(tmp_path, "--adv", "nfgsm", "--adv-eps", "8")])
+    assert r.exit_code == 0, r.output
+    over = captured["sim"].classifier_overrides()
+    assert (over["adv"], over["adv_eps"], over["select"]) == ("nfgsm", pytest.approx(8 / 255), "robust")
 
 
 def test_defaults_change_nothing(tmp_path: Path, captured: dict[str, FedConfig]) -> None:
@@ -97,6 +102,7 @@ def test_defaults_change_nothing(tmp_path: Path, captured: dict[str, FedConfig])
     (("--select", "robust"), "select='robust' needs robust_val > 0"),
     (("--adv", "pgd", "--adv-eps", "8", "--robust-val", "0"), "select='robust' needs robust_val > 0"),
     (("--adv", "fgsm-rs", "--adv-eps", "1", "--adv-norm", "l2"), "fgsm-rs"),
+    (("--adv", "nfgsm", "--adv-eps", "1", "--adv-norm", "l2"), "nfgsm"),
     (("--adv", "pgd", "--adv-eps", "30"), "adv_eps=0.117"),
     (("--adv", "pgd", "--adv-eps", "8", "--adv-start-epoch", "2"), "global epoch 2 but .* = 2 epochs"),
     (("--adv", "pgd2"), "'pgd2' is not one of"),

@@ -103,12 +103,13 @@ FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
                  "the other phases train on the CPU."),
 )
 
-ADV_CHOICE = click.Choice(("none", "fgsm-rs", "pgd", "trades"))
+ADV_CHOICE = click.Choice(("none", "fgsm-rs", "nfgsm", "pgd", "trades"))
 
 #: Each site's local classifier training (``FedConfig.ADV_FIELDS``); shared with ``bundle build``.
 ADV_OPTIONS: tuple[inspect.Parameter, ...] = (
     _option("adv", str | None, None, "--adv", click_type=ADV_CHOICE,
-            help="Each site's adversarial training: pgd, trades, fgsm-rs or none (default: the preset's, fgsm-rs). "
+            help="Each site's adversarial training: pgd, trades, nfgsm (single-step N-FGSM), fgsm-rs or none "
+                 "(default: the preset's, fgsm-rs). "
                  "Given (other than none), robust validation is on and selects each round's kept epoch."),
     _option("adv_eps", float | None, None, "--adv-eps", min=0.0,
             help="Adversarial radius in 1/255 units (with --adv-norm l2: the l2 radius in scan units; "

@@ -26,7 +26,7 @@ app = typer.Typer(help="Train one model on one site's data.", no_args_is_help=Tr
                   pretty_exceptions_show_locals=False)
 
 CONFIGS = ("tiny", "small")
-ADV_CHOICES = ("pgd", "trades", "fgsm-rs", "none")
+ADV_CHOICES = ("pgd", "trades", "nfgsm", "fgsm-rs", "none")
 # Image side of each preset: tiny runs on 32 px scans (tests), small on 128 px (the default bundle).
 IMAGE_SIZE = {"tiny": 32, "small": 128}
 
@@ -98,12 +98,12 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
                                         "on CPU)."),
                adv_eps: float | None = typer.Option(
                    None, "--adv-eps", min=0.0, max=25.5,
-                   help="FGSM-RS adversarial-training radius in 1/255 units (0 disables; default: the preset's)."),
+                   help="Adversarial-training radius in 1/255 units (0 disables; default: the preset's)."),
                adv_start_epoch: int | None = typer.Option(
                    None, "--adv-start-epoch", min=0, help="First epoch with adversarial batches (default: the preset's)."),
                adv: str | None = typer.Option(
-                   None, "--adv", help="Adversarial training: pgd, trades, fgsm-rs or none (default: the preset's, "
-                   "fgsm-rs). Given (other than none), robust validation is on and selects the kept epoch.",
+                   None, "--adv", help="Adversarial training: pgd, trades, nfgsm (single-step N-FGSM), fgsm-rs or none "
+                   "(default: the preset's, fgsm-rs). Given (other than none), robust validation is on and selects the kept epoch.",
                    click_type=click.Choice(ADV_CHOICES)),
                adv_steps: int | None = typer.Option(None, "--adv-steps", min=1,
                                                     help="PGD / TRADES attack steps (default 7)."),
@@ -112,7 +112,7 @@ def classifier(data: Path = DATA, site: int = SITE, out: Path = OUT, config: str
                    "units ([0, 1] pixels, whole scan), e.g. 0.5.", click_type=click.Choice(("linf", "l2"))),
                adv_frac: float | None = typer.Option(
                    None, "--adv-frac", min=0.0, max=1.0, help="Fraction of each batch made adversarial (pgd, "
-                   "fgsm-rs; default 0.5)."),
+                   "nfgsm, fgsm-rs; default 0.5)."),
                trades_beta: float | None = typer.Option(None, "--trades-beta", min=0.0,
                                                         help="TRADES KL weight beta (default 6)."),
                robust_val: int | None = typer.Option(

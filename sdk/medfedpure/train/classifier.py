@@ -17,6 +17,10 @@ Adversarial training (``ClassifierTrainConfig.adv``, active when ``adv_eps > 0``
 
 - ``fgsm-rs``: FGSM with a random start on a fraction of each batch (Wong et al., "Fast is better
   than free", ICLR 2020); cheap, but prone to catastrophic overfitting at larger ε;
+- ``nfgsm``: N-FGSM (de Jorge et al., "Make Some Noise: Reliable and Efficient Single-Step Adversarial
+  Training", NeurIPS 2022): a uniform start of ``nfgsm_noise``·ε (2ε by default), one signed step of ε
+  and no projection back onto the ε-ball; as cheap as FGSM-RS, and the stronger noise and unclipped step
+  are what keep it from catastrophic overfitting at larger ε;
 - ``pgd``: PGD-k adversarial training (Madry et al., ICLR 2018), ℓ∞ or ℓ2, on a fraction of each batch;
 - ``trades``: the TRADES objective (Zhang et al., ICML 2019), CE on the clean batch plus
   β · KL(p(x) ‖ p(x')) with x' the PGD maximiser of that KL in the ε-ball.
@@ -58,14 +62,14 @@ from medfedpure.train.loop import optimizer_state as optimizer_state_of
 from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
 
 __all__ = ["ClassifierTrainConfig", "train_classifier", "evaluate_classifier", "augment_batch", "fgsm_rs_batch",
-           "pgd_batch", "trades_adversary", "trades_loss", "robust_accuracy", "denoised_smoothing_batch",
+           "pgd_batch", "nfgsm_batch", "trades_adversary", "trades_loss", "robust_accuracy", "denoised_smoothing_batch",
            "PurifiedClassifier", "pgd_through_purifier_batch", "ADV_METHODS", "ADV_NORMS"]
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 #: ``denoiser(x_t [B,1,S,S], t [B] float32) -> x̂₀ [B,1,S,S]`` in diffusion space ([−1, 1])
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-ADV_METHODS = ("none", "fgsm-rs", "pgd", "trades")
+ADV_METHODS = ("none", "fgsm-rs", "nfgsm", "pgd", "trades")
 ADV_NORMS = NORMS  # the attack norms of train.attacks
 #: largest accepted radius per norm, in [0, 1] scan units (ℓ2 over the whole S×S scan)
 _MAX_EPS = {"linf": 0.1, "l2": 8.0}
@@ -97,7 +101,9 @@ class ClassifierTrainConfig:
         adv: adversarial-training method, one of ``ADV_METHODS`` (``fgsm-rs``, the default, is the
             presets' recipe; ``none`` disables adversarial training whatever ``adv_eps``).
         adv_steps: attack iterations of ``pgd`` and ``trades`` (step 2.5·ε/steps).
-        adv_norm: ``linf`` or ``l2`` (``fgsm-rs`` is ℓ∞ only); ``adv_eps`` is the radius in that norm.
+        adv_norm: ``linf`` or ``l2`` (``fgsm-rs`` and ``nfgsm`` are ℓ∞ only); ``adv_eps`` is the radius in
+            that norm.
+        nfgsm_noise: ``nfgsm``'s start, uniform in [−k·ε, k·ε] (k = 2, the method's default at 8/255).
         trades_beta: weight β of the TRADES KL term (0 reduces the loss to the clean CE).
         robust_val: scans of the fixed validation subset attacked each epoch (PGD at the training ε
             and norm); 0 disables the robust validation.
@@ -136,6 +142,7 @@ class ClassifierTrainConfig:
     adv: str = "fgsm-rs"
     adv_steps: int = 7
     adv_norm: str = "linf"
+    nfgsm_noise: float = 2.0
     trades_beta: float = 6.0
     robust_val: int = 0
     robust_val_steps: int = 10
@@ -166,8 +173,8 @@ class ClassifierTrainConfig:
             raise ValueError(f"adv={self.adv!r}: use one of {ADV_METHODS}")
         if self.adv_norm not in ADV_NORMS:
             raise ValueError(f"adv_norm={self.adv_norm!r}: use one of {ADV_NORMS}")
-        if self.adv == "fgsm-rs" and self.adv_norm != "linf":
-            raise ValueError("adv='fgsm-rs' is an ℓ∞ attack: use adv_norm='linf', or adv='pgd' for ℓ2")
+        if self.adv in ("fgsm-rs", "nfgsm") and self.adv_norm != "linf":
+            raise ValueError(f"adv={self.adv!r} is an ℓ∞ attack: use adv_norm='linf', or adv='pgd' for ℓ2")
         top = _MAX_EPS[self.adv_norm]
         if not 0 <= self.adv_eps <= top:
             hint = "scan units; 8/255 = 0.031" if self.adv_norm == "linf" else "ℓ2 over the scan, e.g. 0.5"
@@ -175,7 +182,7 @@ class ClassifierTrainConfig:
         if not 0 < self.adv_frac <= 1:
             raise ValueError(f"adv_frac={self.adv_frac}: must be in (0, 1]")
         require_at_least(self, ("adv_steps", "robust_val_steps"))
-        require_non_negative(self, ("trades_beta", "robust_val"))
+        require_non_negative(self, ("trades_beta", "robust_val", "nfgsm_noise"))
         if self.select not in ("clean", "robust"):
             raise ValueError(f"select={self.select!r}: use 'clean' or 'robust'")
         if self.select == "robust" and (self.robust_val == 0 or not self.adversarial):
@@ -484,6 +491,30 @@ def fgsm_rs_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     return torch.cat([(xa + delta).clamp(0.0, 1.0), x[n:]])
 
 
+def nfgsm_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, frac: float,
+                generator: torch.Generator, noise: float = 2.0) -> torch.Tensor:
+    """``x`` with its first ``round(frac·B)`` scans replaced by N-FGSM adversarial versions.
+
+    Start η ~ U[−k·ε, k·ε] (k = ``noise``), one signed-gradient step of ε on the mixture's cross-entropy at
+    x + η, and **no** projection onto the ε-ball: the training scan is x + η + ε·sign(∇), clipped to
+    [0, 1] only (up to (k + 1)·ε from x; de Jorge et al. 2022). The gradient is taken in eval mode
+    (running BatchNorm statistics); the model's mode is restored. A new tensor.
+    """
+    n = max(1, int(round(frac * x.shape[0])))
+    xa = x[:n]
+    eta = (torch.rand(xa.shape, generator=generator).to(x.device) * 2 - 1) * (noise * eps)
+    x_start = (xa + eta).clamp(0.0, 1.0).requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        p = model(x_start)
+        loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), y[:n])
+        (grad,) = torch.autograd.grad(loss, x_start)
+    finally:
+        model.train(was_training)
+    return torch.cat([(x_start.detach() + eps * grad.sign()).clamp(0.0, 1.0), x[n:]])
+
+
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, x: Any, y: Any, *, batch_size: int = 128) -> dict[str, float]:
     """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``x`` ``[N,1,S,S]``, ``y`` ``[N]``."""
@@ -651,6 +682,8 @@ def _train_on_device(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Te
             if cfg.adversarial and epoch >= cfg.adv_start_epoch:
                 if cfg.adv == "fgsm-rs":
                     xb = fgsm_rs_batch(model, xb, yt[idx], cfg.adv_eps, cfg.adv_frac, g)
+                elif cfg.adv == "nfgsm":
+                    xb = nfgsm_batch(model, xb, yt[idx], cfg.adv_eps, cfg.adv_frac, g, cfg.nfgsm_noise)
                 elif cfg.adv == "pgd" and cfg.adv_through_purifier:
                     xb = pgd_through_purifier_batch(model, xb, yt[idx], cfg, denoiser, g)
                 elif cfg.adv == "pgd":
