@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--site", type=int, default=2)
     ap.add_argument("--name", required=True)
     ap.add_argument("--base", type=Path, help="the clean classifier to fine-tune (else: train one, --width)")
+    ap.add_argument("--seed", type=int, default=0, help="without --base: seeds the new classifier's weights")
     ap.add_argument("--width", type=int, default=1, help="without --base: channel multiplier of the new one")
     ap.add_argument("--stem", type=int, default=0, help="without --base: full-resolution layers before the stages")
     ap.add_argument("--epochs", type=int, default=10, help="adversarial fine-tuning epochs (0: evaluate only)")
@@ -142,6 +143,7 @@ def main() -> None:
         model, mcfg, _ = load_model(a.base)
     else:
         mcfg = MoEConfig.preset("small", width=a.width, stem=a.stem)
+        torch.manual_seed(a.seed)  # the initial weights (before 2026-12-07 unseeded: each base its own draw)
         model = MoEClassifier(mcfg)
         train_classifier(model, tr, va, ClassifierTrainConfig.preset("small", epochs=30, adv="none"), progress=False,
                          device=device)
@@ -165,7 +167,7 @@ def main() -> None:
     else:
         history, best_epoch = [], None
     model.eval()
-    res = {"name": a.name, "adv": a.adv if a.epochs > 0 else None, "width": mcfg.global_widths, "stem": mcfg.stem, "params": sum(p.numel() for p in model.parameters()),
+    res = {"name": a.name, "adv": a.adv if a.epochs > 0 else None, "width": mcfg.global_widths, "stem": mcfg.stem, "seed": None if a.base else a.seed, "params": sum(p.numel() for p in model.parameters()),
            "train_scans": len(tr[1]), "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
            "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
            "purifier_t": t_star, "trained_through_purifier": through,
