@@ -58,6 +58,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--apgd-steps", type=int, default=100)
+    ap.add_argument("--pgd20-only", action="store_true", help="only the PGD-20 attack (the study's own)")
+    ap.add_argument("--robust-val-subset", type=int, default=0, metavar="N",
+                    help="with --split val: only the N scans training's robust validation attacks each epoch "
+                         "(ClassifierTrainConfig.robust_val = N, seed 0) — how far that estimate is from the split's")
     ap.add_argument("--batch", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
@@ -70,15 +74,24 @@ def main() -> None:
     model, _, _ = load_model(a.model)
     model.eval().requires_grad_(False)
     x_np, y_np = load_split(a.data, a.site, a.split, 128)
+    if a.robust_val_subset:
+        if a.split != "val":
+            raise SystemExit("--robust-val-subset is a subset of the val split: add --split val")
+        from medfedpure.train.loop import epoch_generator
+
+        # the subset train_classifier draws for its robust validation (seed 0)
+        sub = torch.randperm(len(y_np), generator=epoch_generator(0, 0, stream=7))[:a.robust_val_subset].numpy()
+        x_np, y_np = x_np[sub], y_np[sub]
     x, y = torch.as_tensor(x_np), torch.as_tensor(y_np)
     eps = a.eps / 255
     g = torch.Generator().manual_seed(0)
     apgd = torchattacks.APGD(_Logits(model).eval(), norm="Linf", eps=eps, steps=a.apgd_steps, n_restarts=1,
                              loss="ce", seed=0)
     attacks = {"pgd20": lambda xb, yb: pgd(model, xb, yb, eps, steps=20, generator=g)}
-    for r in range(a.restarts):
+    for r in range(0 if a.pgd20_only else a.restarts):
         attacks[f"pgd{a.steps}_r{r}"] = lambda xb, yb: pgd(model, xb, yb, eps, steps=a.steps, generator=g)
-    attacks[f"apgd_ce{a.apgd_steps}"] = lambda xb, yb: apgd(xb, yb)
+    if not a.pgd20_only:
+        attacks[f"apgd_ce{a.apgd_steps}"] = lambda xb, yb: apgd(xb, yb)
     right: dict[str, np.ndarray] = {"clean": _right(model, x, y)}
     seconds: dict[str, float] = {}
     for name, attack in attacks.items():
@@ -94,6 +107,7 @@ def main() -> None:
         print(f"{name:>14}: {100 * right[name].mean():5.1f} %  ({seconds[name]} s)", flush=True)
     worst = np.logical_and.reduce([right[k] for k in attacks])
     res = {"model": str(a.model), "data": str(a.data), "site": a.site, "split": a.split, "scans": len(y),
+           "robust_val_subset": a.robust_val_subset or None,
            "eps_255": a.eps, "accuracy": {k: round(100 * float(v.mean()), 2) for k, v in right.items()},
            "worst_case": round(100 * float(worst.mean()), 2),
            "pgd20_minus_worst_scans": int(right["pgd20"].sum() - worst.sum()),
