@@ -167,7 +167,8 @@ def main() -> None:
     else:
         history, best_epoch = [], None
     model.eval()
-    res = {"name": a.name, "adv": a.adv if a.epochs > 0 else None, "width": mcfg.global_widths, "stem": mcfg.stem, "seed": None if a.base else a.seed, "params": sum(p.numel() for p in model.parameters()),
+    res = {"name": a.name, "adv": a.adv if a.epochs > 0 else None, "width": mcfg.global_widths, "stem": mcfg.stem,
+           "seed": None if a.base else a.seed, "params": sum(p.numel() for p in model.parameters()),
            "train_scans": len(tr[1]), "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
            "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
            "purifier_t": t_star, "trained_through_purifier": through,

@@ -20,7 +20,8 @@ Adversarial training (``ClassifierTrainConfig.adv``, active when ``adv_eps > 0``
 - ``nfgsm``: N-FGSM (de Jorge et al., "Make Some Noise: Reliable and Efficient Single-Step Adversarial
   Training", NeurIPS 2022): a uniform start of ``nfgsm_noise``·ε (2ε by default), one signed step of ε
   and no projection back onto the ε-ball; as cheap as FGSM-RS, and the stronger noise and unclipped step
-  are what keep it from catastrophic overfitting at larger ε;
+  are what keep it from catastrophic overfitting at larger ε (none in 160 epochs at 8/255 here, but it
+  needed four times PGD-5's epochs for PGD-5's robustness: benchmarks/RESULTS.md);
 - ``pgd``: PGD-k adversarial training (Madry et al., ICLR 2018), ℓ∞ or ℓ2, on a fraction of each batch;
 - ``trades``: the TRADES objective (Zhang et al., ICML 2019), CE on the clean batch plus
   β · KL(p(x) ‖ p(x')) with x' the PGD maximiser of that KL in the ε-ball.
