@@ -77,10 +77,9 @@ def main() -> None:
     if a.robust_val_subset:
         if a.split != "val":
             raise SystemExit("--robust-val-subset is a subset of the val split: add --split val")
-        from medfedpure.train.loop import epoch_generator
+        from medfedpure.train.classifier import robust_val_subset
 
-        # the subset train_classifier draws for its robust validation (seed 0)
-        sub = torch.randperm(len(y_np), generator=epoch_generator(0, 0, stream=7))[:a.robust_val_subset].numpy()
+        sub = robust_val_subset(len(y_np), a.robust_val_subset, seed=0).numpy()  # train_classifier's, seed 0
         x_np, y_np = x_np[sub], y_np[sub]
     x, y = torch.as_tensor(x_np), torch.as_tensor(y_np)
     eps = a.eps / 255

@@ -64,7 +64,7 @@ from medfedpure.train.validate import freeze_tuples, require_at_least, require_n
 
 __all__ = ["ClassifierTrainConfig", "train_classifier", "evaluate_classifier", "augment_batch", "fgsm_rs_batch",
            "pgd_batch", "nfgsm_batch", "trades_adversary", "trades_loss", "robust_accuracy", "denoised_smoothing_batch",
-           "PurifiedClassifier", "pgd_through_purifier_batch", "ADV_METHODS", "ADV_NORMS"]
+           "PurifiedClassifier", "pgd_through_purifier_batch", "robust_val_subset", "ADV_METHODS", "ADV_NORMS"]
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 #: ``denoiser(x_t [B,1,S,S], t [B] float32) -> x̂₀ [B,1,S,S]`` in diffusion space ([−1, 1])
@@ -492,6 +492,12 @@ def fgsm_rs_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     return torch.cat([(xa + delta).clamp(0.0, 1.0), x[n:]])
 
 
+def robust_val_subset(num_val: int, num: int, seed: int) -> torch.Tensor:
+    """Indices of the validation scans the robust validation attacks every epoch: a fixed draw of ``num`` of
+    ``num_val``, a pure function of ``seed`` (the same every epoch and across resumptions)."""
+    return torch.randperm(num_val, generator=epoch_generator(seed, 0, stream=7))[:num]
+
+
 def nfgsm_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, frac: float,
                 generator: torch.Generator, noise: float = 2.0) -> torch.Tensor:
     """``x`` with its first ``round(frac·B)`` scans replaced by N-FGSM adversarial versions.
@@ -647,7 +653,7 @@ def _train_on_device(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Te
             denoiser.eval().requires_grad_(False)
     if cfg.robust_val > 0:
         # a fixed subset, the same every epoch (and across resumptions): comparable robust accuracies
-        sub = torch.randperm(len(xv), generator=epoch_generator(cfg.seed, 0, stream=7))[:cfg.robust_val]
+        sub = robust_val_subset(len(xv), cfg.robust_val, cfg.seed)
         xv_rob, yv_rob = xv[sub].to(dev), yv[sub].to(dev)
     total_epochs = cfg.epochs if schedule_total is None else int(schedule_total)
     if schedule_offset < 0:
