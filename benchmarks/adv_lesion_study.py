@@ -29,6 +29,10 @@ second evaluation attacks the purified classifier (PGD-20 with the full gradient
 EOT 2, one fresh noise draw per judged forward), beside the bare one. ``--epochs 0`` with ``--base`` only
 evaluates.
 
+``--checkpoint-dir DIR`` saves the fine-tuning after every epoch (``DIR/NAME.state.json`` holds the history so
+far, a progress log for runs of an hour or more); the same command again resumes where it stopped and ends with
+the same weights as an uninterrupted run (the trainer's per-epoch random streams; ``train.loop.fit``).
+
 ``--tumour-weight`` weights the tumour class's cross-entropy in training (by patching the trainer's
 ``nll_loss`` in this process only; the attacks keep the plain loss).
 """
@@ -112,6 +116,9 @@ def main() -> None:
     ap.add_argument("--eval-splits", default="val,test", help="splits to attack after training")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                     help="where the training and the attacks run (the draws are the CPU run's)")
+    ap.add_argument("--checkpoint-dir", type=Path,
+                    help="write the fine-tuning's state here after every epoch (CHECKPOINT_DIR/NAME.state.json "
+                         "holds the per-epoch history so far); the same command again resumes from it")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     eval_splits = a.eval_splits.split(",")
@@ -161,13 +168,17 @@ def main() -> None:
                                            adv_frac=a.adv_frac, robust_val=a.robust_val, select="robust",
                                            adv_through_purifier=through, purifier_t=t_star or 60.0,
                                            purifier_steps=k_steps if through else 1)
-        fit = train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None, device=device)
+        resume = a.checkpoint_dir is not None and (a.checkpoint_dir / f"{a.name}.state.json").is_file()
+        if resume:
+            print(f"resuming from {a.checkpoint_dir / a.name}.*", flush=True)
+        fit = train_classifier(model, tr, va, cfg, progress=False, denoiser=den if through else None, device=device,
+                               checkpoint_dir=a.checkpoint_dir, resume=resume, name=a.name)
         history = [{"epoch": h["epoch"], "loss": round(h["train_loss"], 4), "val": round(h["val_accuracy"], 4),
                     "robust_val": round(h["val_robust_accuracy"], 4), "s": round(h["epoch_s"], 1)}
                    for h in fit["history"]]
-        best_epoch = fit["best_epoch"]
+        best_epoch, train_s = fit["best_epoch"], fit["wall_s"]  # wall_s: every run of it, when resumed
     else:
-        history, best_epoch = [], None
+        history, best_epoch, train_s, resume = [], None, 0.0, False
     model.eval()
     res = {"name": a.name, "adv": a.adv if a.epochs > 0 else None, "width": mcfg.global_widths, "stem": mcfg.stem,
            "seed": None if a.base else a.seed, "params": sum(p.numel() for p in model.parameters()),
@@ -176,7 +187,7 @@ def main() -> None:
            "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
            "purifier_t": t_star, "trained_through_purifier": through,
            "device": device, "clean_train_s": round(clean_s, 1),
-           "train_s": round(time.perf_counter() - t0 - clean_s, 1), "best_epoch": best_epoch,
+           "train_s": round(train_s, 1), "resumed": resume, "best_epoch": best_epoch,
            "history": history}
     t_eval = time.perf_counter()
     for split, (x, y) in (("val", va), ("test", te)):
