@@ -469,6 +469,21 @@ def denoised_smoothing_batch(x: torch.Tensor, denoiser: Denoiser, alphas_cumprod
     return torch.cat([x[:b - m], ((x0.detach() + 1) / 2).clamp(0.0, 1.0)])
 
 
+def _eval_mode_grad(model: torch.nn.Module, x_in: torch.Tensor, y: torch.Tensor, wrt: torch.Tensor) -> torch.Tensor:
+    """The gradient of the mixture's cross-entropy at ``x_in`` with respect to ``wrt`` (``x_in`` or the leaf it
+    was computed from), taken in eval mode (running BatchNorm statistics, which an attack must not update);
+    the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        p = model(x_in)
+        loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), y)
+        (grad,) = torch.autograd.grad(loss, wrt)
+    finally:
+        model.train(was_training)
+    return grad
+
+
 def fgsm_rs_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, frac: float,
                   generator: torch.Generator) -> torch.Tensor:
     """``x`` with its first ``round(frac·B)`` scans replaced by FGSM-RS adversarial versions.
@@ -480,14 +495,7 @@ def fgsm_rs_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     n = max(1, int(round(frac * x.shape[0])))
     xa = x[:n]
     delta = ((torch.rand(xa.shape, generator=generator).to(x.device) * 2 - 1) * eps).requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        p = model((xa + delta).clamp(0.0, 1.0))
-        loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), y[:n])
-        (grad,) = torch.autograd.grad(loss, delta)
-    finally:
-        model.train(was_training)
+    grad = _eval_mode_grad(model, (xa + delta).clamp(0.0, 1.0), y[:n], delta)
     delta = (delta.detach() + 1.25 * eps * grad.sign()).clamp(-eps, eps)
     return torch.cat([(xa + delta).clamp(0.0, 1.0), x[n:]])
 
@@ -511,14 +519,7 @@ def nfgsm_batch(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     xa = x[:n]
     eta = (torch.rand(xa.shape, generator=generator).to(x.device) * 2 - 1) * (noise * eps)
     x_start = (xa + eta).clamp(0.0, 1.0).requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        p = model(x_start)
-        loss = F.nll_loss(torch.log(p.clamp_min(1e-12)), y[:n])
-        (grad,) = torch.autograd.grad(loss, x_start)
-    finally:
-        model.train(was_training)
+    grad = _eval_mode_grad(model, x_start, y[:n], x_start)
     return torch.cat([(x_start.detach() + eps * grad.sign()).clamp(0.0, 1.0), x[n:]])
 
 
