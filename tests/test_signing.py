@@ -278,6 +278,84 @@ def test_build_install_pins_the_default_id(tmp_path: Path) -> None:
         pin_default_bundle_id("B" * 64, mod)
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def _default_id_module(tmp_path: Path) -> Path:
+    mod = tmp_path / "default_id.py"
+    mod.write_text('"""doc"""\n\nDEFAULT_BUNDLE_ID = "' + "a" * 64 + '"\n')
+    return mod
+
+
+def test_install_default_bundle_copies_verifies_and_pins(signed: Path, tmp_path: Path) -> None:
+    from medfedpure.build.pipeline import install_default_bundle
+
+    old = tmp_path / "old"
+    write_bundle(old, {**_arts(), "mae.torch": ArtefactSource(path="torch/mae.safetensors", role="mae",
+                 format="safetensors", precision="fp32", data=b"other" * 9)}, small_spec(), signing_key=TEST_KEY)
+    dest, mod = tmp_path / "pkg" / "default", _default_id_module(tmp_path)
+    shutil.copytree(old, dest)
+    src_before = _tree(signed)
+    out = install_default_bundle(signed, dest=dest, module=mod)
+    vb = verify_bundle(signed)
+    assert _tree(signed) == src_before  # the source is not modified
+    assert _tree(dest) == src_before  # the old bundle's files are gone, the new one's are there, byte for byte
+    assert out == {"dest": str(dest.resolve()), "bundle_id": vb.bundle_id, "signer": TEST_KEY_NAME,
+                   "replaced": verify_bundle(old).bundle_id, "pinned_in": str(mod)}
+    assert mod.read_text() == f'"""doc"""\n\nDEFAULT_BUNDLE_ID = "{vb.bundle_id}"\n'
+    assert verify_bundle(dest, expected_id=vb.bundle_id).bundle_id != verify_bundle(old).bundle_id
+    fresh = tmp_path / "fresh"  # into a folder that does not exist yet
+    assert install_default_bundle(signed, dest=fresh, module=mod)["replaced"] is None
+    assert _tree(fresh) == src_before
+
+
+def test_install_default_bundle_refusals_change_nothing(signed: Path, tmp_path: Path, other_key) -> None:
+    from medfedpure.build.pipeline import BundleBuildError, install_default_bundle
+
+    dest, mod = tmp_path / "default", _default_id_module(tmp_path)
+    shutil.copytree(signed, dest)
+    unsigned, untrusted = tmp_path / "unsigned", tmp_path / "untrusted"
+    shutil.copytree(signed, unsigned)
+    (unsigned / SIGNATURE_NAME).unlink()
+    shutil.copytree(signed, untrusted)
+    sign_bundle(untrusted, other_key[0])
+    not_a_bundle = tmp_path / "notes"
+    not_a_bundle.mkdir()
+    (not_a_bundle / "keep.txt").write_text("not a bundle")
+    before = (_tree(dest), mod.read_text(), _tree(not_a_bundle))
+    cases = [(unsigned, dest, BundleError, r"unsigned, and Defender.default\(\) accepts only .*`medfedpure bundle sign "),
+             (untrusted, dest, BundleError, f"signed by key {key_id(other_key[0].public_key())[:16]}…, which is not "
+                                            "trusted"),
+             (signed, not_a_bundle, BundleBuildError, "is not a bundle folder"),
+             (dest, dest, BundleBuildError, "overlap"),
+             (dest / "torch", dest, BundleBuildError, "overlap")]
+    for src, where, err, why in cases:
+        with pytest.raises(err, match=why):
+            install_default_bundle(src, dest=where, module=mod)
+        assert (_tree(dest), mod.read_text(), _tree(not_a_bundle)) == before, src
+
+
+def test_cli_bundle_install(signed: Path, tmp_path: Path, monkeypatch) -> None:
+    """`medfedpure bundle install B` targets the embedded default bundle and default_id.py (both redirected into
+    tmp_path here) and exits 2, naming why, on a bundle that is not signed."""
+    import medfedpure.runtime.bundle as bundle_mod
+    import medfedpure.runtime.default_id as default_id
+
+    dest, mod = tmp_path / "default", _default_id_module(tmp_path)
+    monkeypatch.setattr(bundle_mod, "default_bundle_path", lambda: dest)
+    monkeypatch.setattr(default_id, "__file__", str(mod))
+    bid = verify_bundle(signed).bundle_id
+    r = CliRunner().invoke(app, ["bundle", "install", str(signed)])
+    assert r.exit_code == 0, r.output
+    assert f"installed bundle {bid} (signed by {TEST_KEY_NAME})" in r.output and "(there was none)" in r.output
+    assert mod.read_text().endswith(f'DEFAULT_BUNDLE_ID = "{bid}"\n') and _tree(dest) == _tree(signed)
+    (signed / SIGNATURE_NAME).unlink()
+    r = CliRunner().invoke(app, ["bundle", "install", str(signed)])
+    assert r.exit_code == 2 and "error: BundleError" in r.output and "is unsigned" in r.output, r.output
+    assert mod.read_text().endswith(f'DEFAULT_BUNDLE_ID = "{bid}"\n')  # unchanged by the refusal
+
+
 def test_key_files_are_bounded_and_must_exist(tmp_path: Path) -> None:
     """One bounded read for both halves of a key pair: an oversized or missing file is refused before it is read."""
     from medfedpure.runtime.signing import TrustedKey

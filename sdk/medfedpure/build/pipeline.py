@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from medfedpure.fed.config import FedConfig
 
 __all__ = ["BuildPaths", "BundleBuildError", "make_steps", "build_bundle", "detector_fed_config", "fed_configs",
-           "pin_default_bundle_id", "purifier_denoiser"]
+           "install_default_bundle", "pin_default_bundle_id", "purifier_denoiser"]
 
 Federate = Callable[["FedConfig", float], Mapping[str, Any]]
 
@@ -343,6 +343,45 @@ def pin_default_bundle_id(bundle_id: str, module: Path | None = None) -> Path:
     return module
 
 
+def _replace_bundle_dir(src: Path, dest: Path) -> None:
+    """Put a copy of bundle folder ``src`` at ``dest``, replacing the bundle there (refused when ``dest`` is
+    something else than a bundle folder or an empty one)."""
+    if dest.exists():
+        if not dest.is_dir() or (any(dest.iterdir()) and not (dest / "manifest.json").is_file()):
+            raise BundleBuildError(f"{dest} exists and is not a bundle folder (no manifest.json): "
+                                   "remove it or choose another destination")
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest)
+
+
+def install_default_bundle(src: str | Path, *, dest: str | Path | None = None,
+                           module: Path | None = None) -> dict[str, Any]:
+    """Make the bundle ``src`` the embedded default: verify it as ``Defender.default()`` will (every runtime check
+    and a signature by a key it trusts: the shipped release key or one in ``MEDFEDPURE_TRUSTED_KEYS``), copy it
+    over ``dest`` (default: the embedded default bundle's folder) and pin ``DEFAULT_BUNDLE_ID`` in ``module``
+    (default: ``medfedpure.runtime.default_id``) to its id. ``src`` is not modified. Returns ``{"dest",
+    "bundle_id", "signer", "replaced" (the id of the bundle replaced, or None), "pinned_in"}``."""
+    import hashlib
+
+    from medfedpure.runtime.bundle import SIGNATURE_NAME, BundleError, default_bundle_path, verify_bundle
+
+    src = Path(src).resolve()
+    dest = (default_bundle_path() if dest is None else Path(dest)).resolve()
+    if src == dest or dest in src.parents or src in dest.parents:
+        raise BundleBuildError(f"{src} and the default bundle's folder {dest} overlap: install from a copy "
+                               "outside it")
+    if not (src / SIGNATURE_NAME).is_file():
+        raise BundleError(f"{src} is unsigned, and Defender.default() accepts only a bundle signed by a trusted key: "
+                          f"sign it first (`medfedpure bundle sign {src} --key RELEASE_KEY.pem`)")
+    vb = verify_bundle(src)  # no allow_unsigned: an untrusted or broken signature is refused here too
+    old = dest / "manifest.json"
+    replaced = hashlib.sha256(old.read_bytes()).hexdigest() if old.is_file() else None
+    _replace_bundle_dir(src, dest)
+    installed = verify_bundle(dest, expected_id=vb.bundle_id)
+    return {"dest": str(dest), "bundle_id": installed.bundle_id, "signer": installed.signer.name,
+            "replaced": replaced, "pinned_in": str(pin_default_bundle_id(installed.bundle_id, module))}
+
+
 def _final(cfg: BundleBuildConfig, paths: BuildPaths) -> Path:
     """The staged bundle that is checked and installed: the one with the learned gate when the build trains a
     detector."""
@@ -369,12 +408,7 @@ def _install(cfg: BundleBuildConfig, paths: BuildPaths, signing_key: Any = None)
     for staged in (paths.stage.resolve(), paths.learned.resolve()):
         if dest == staged or staged in dest.parents:
             raise BundleBuildError(f"dest {dest} is the build's staging folder: choose another --dest")
-    if dest.exists():
-        if not dest.is_dir() or (any(dest.iterdir()) and not (dest / "manifest.json").is_file()):
-            raise BundleBuildError(f"dest {dest} exists and is not a bundle folder (no manifest.json): "
-                                   "remove it or choose another --dest")
-        shutil.rmtree(dest)
-    shutil.copytree(_final(cfg, paths), dest)
+    _replace_bundle_dir(_final(cfg, paths), dest)
     trusted = None
     if signing_key is not None:
         from medfedpure.export.signing import load_private_key, sign_bundle

@@ -183,6 +183,27 @@ _SOURCE_UNSIGNED = typer.Option(False, "--allow-unsigned", help="Accept an unsig
 _OVERWRITE_OUT = typer.Option(False, "--overwrite", help="Replace an existing bundle at --out.")
 
 
+@app.command("install")
+def install_command(
+    bundle: Path = typer.Argument(..., help="The bundle to install as the embedded default (a copy is made).",
+                                  exists=True, file_okay=False),
+) -> None:
+    """Make BUNDLE the embedded default bundle: verified as `Defender.default()` will verify it (signed by the
+    release key or a key in MEDFEDPURE_TRUSTED_KEYS; `medfedpure bundle sign` first), copied over
+    sdk/medfedpure/bundles/default and pinned as DEFAULT_BUNDLE_ID (medfedpure/runtime/default_id.py)."""
+    from medfedpure.build.pipeline import BundleBuildError, install_default_bundle
+    from medfedpure.runtime.bundle import BundleError
+
+    try:
+        out = install_default_bundle(bundle)
+    except (BundleError, BundleBuildError, OSError) as e:
+        typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(2) from e
+    was = f"replacing {out['replaced'][:16]}" if out["replaced"] else "(there was none)"
+    typer.echo(f"installed bundle {out['bundle_id']} (signed by {out['signer']}) at {out['dest']} {was}; "
+               f"DEFAULT_BUNDLE_ID pinned in {out['pinned_in']}")
+
+
 @app.command("reissue")
 def reissue(
     bundle: Path = typer.Argument(..., help="The bundle to reissue (verified first).", exists=True, file_okay=False),
