@@ -42,7 +42,7 @@ register_runtime_commands(app)  # run, demo, export, verify-bundle
 app.command("certify")(certify_command)  # certified radii by denoised smoothing
 app.command("eval")(eval_command)  # attack ladder + sanity checks → report
 app.command("replay")(replay_command)  # re-run an audit record and compare field by field
-app.add_typer(bundle_app, name="bundle", help="Build the default bundle (data, federated training, calibration, export, install); sign a bundle.")
+app.add_typer(bundle_app, name="bundle", help="Build the default bundle (data, federated training, calibration, export, install); sign, reissue or install a bundle; choose its policy.")
 app.add_typer(keys_app, name="keys", help="Bundle signing keys: generate an Ed25519 key pair.")
 app.command("serve")(serve_command)  # HTTP service: /v1/classify, /v1/bundle, /healthz
 app.command("listen")(listen_command)  # DICOM node: C-STORE in, Structured Report out

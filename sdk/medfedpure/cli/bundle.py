@@ -119,7 +119,7 @@ def build(
                                                  "scans like them by the target with probability C (fewer flagged)."),
 ) -> None:
     """Build the bundle: data → federated purifier → federated classifier + MAE → merge → calibrate →
-    export → [federated attack detector → learned gate] → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
+    export → (with --detector-rounds: federated attack detector → learned gate) → verify → size check → install. Resumable: a step whose outputs exist and whose recorded
     inputs match is skipped; a changed option reruns the steps it reaches."""
     from dataclasses import replace
 
