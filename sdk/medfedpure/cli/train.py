@@ -375,7 +375,7 @@ def calibrate_command(
                                                   "(default 2; with --bundle: the bundle's recorded k)."),
     t_min: int | None = typer.Option(None, "--t-min", min=0, help=SCHEDULE_HELP.format("t_min")),
     t_max: int | None = typer.Option(None, "--t-max", min=0, help=SCHEDULE_HELP.format("t_max") + " With --bundle: "
-                                     "narrow the purification range to [t_min, T] within the bundle's (T = t_min: "
+                                     "narrow the purification range to t_min … T within the bundle's (T = t_min: "
                                      "every flagged scan purified at t_min)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help=SCHEDULE_HELP.format("steps")),
     policy: str | None = typer.Option(None, "--policy", help="adaptive or floor (default adaptive; with --bundle: "
