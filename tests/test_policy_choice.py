@@ -165,3 +165,10 @@ def test_cli_writes_a_signed_bundle_with_the_policy_and_its_reason(tmp_path: Pat
     assert r.exit_code == 2 and "bundle_id" in r.output and not (tmp_path / "x").exists()
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2 and "exists" in r.output
+    # an error naming a path with brackets prints the path as it is (escaped, not read as rich markup)
+    odd = tmp_path / "[site a]" / "report.json"
+    odd.parent.mkdir()
+    odd.write_text("not json")
+    r = CliRunner().invoke(app, ["bundle", "choose-policy", str(src), "--report", str(odd), "--report", str(odd),
+                                 "--out", str(tmp_path / "y")], terminal_width=400)
+    assert r.exit_code == 2 and f"{odd}: not JSON" in r.output, r.output

@@ -11,6 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from medfedpure.build.config import BundleBuildConfig
 from medfedpure.cli.common import DEVICE_CHOICE, PRESET_CHOICE, resolved_device
@@ -165,7 +166,7 @@ def build(
     try:
         out = build_bundle(cfg, work, dry_run=dry_run, log=log, signing_key=key)
     except Exception as exc:  # noqa: BLE001 - every failure is reported with its step's message
-        console.print(f"[red]bundle build failed:[/red] {type(exc).__name__}: {exc}")
+        console.print(f"[red]bundle build failed:[/red] {type(exc).__name__}: {escape(str(exc))}")
         console.print(f"the steps done are recorded in {work / 'bundle_metrics.json'}; rerun to resume")
         raise typer.Exit(1) from exc
     if dry_run:
@@ -288,8 +289,8 @@ def choose_policy_command(
         console.print(table)
         vb = write_policy_bundle(src, out, choice.to_dict(), signing_key=key, overwrite=overwrite)
     except (BundleError, ValueError, OSError) as e:
-        console.print(f"[red]error:[/red] {type(e).__name__}: {e}")
+        console.print(f"[red]error:[/red] {type(e).__name__}: {escape(str(e))}")
         raise typer.Exit(2) from e
-    console.print(f"policy [bold]{choice.policy}[/bold] (was {src.spec.gate.policy}): {choice.reason}")
+    console.print(f"policy [bold]{choice.policy}[/bold] (was {src.spec.gate.policy}): {escape(choice.reason)}")
     signed = f"signed by key {vb.signer.key_id}" if vb.signer is not None else "UNSIGNED (no --key)"
     console.print(f"wrote {out} (bundle id {vb.bundle_id}, from {src.bundle_id}); {signed}")

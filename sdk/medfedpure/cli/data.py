@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -105,7 +106,7 @@ def info(
         raise _fail(str(e)) from None
     console = make_console()
     kind = meta.get("kind", "?")
-    console.print(f"[bold]{root}[/bold]: kind={kind}, sites={len(summaries)}, seed={meta.get('seed')}, "
+    console.print(f"[bold]{escape(str(root))}[/bold]: kind={kind}, sites={len(summaries)}, seed={meta.get('seed')}, "
                   f"fingerprint={str(meta.get('fingerprint', '?'))[:16]}…")
     if kind == "synthetic":
         console.print("synthetic data (MNI152 anatomy, simulated scanners) — not Br35H")
