@@ -278,6 +278,16 @@ def test_cli_run_and_verify_bundle(bundle_path: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "REFUSED" in res.output
     res = runner.invoke(app, ["run", str(tmp_path / "missing.png"), "--bundle", str(bundle_path)])
     assert res.exit_code == 2
+    # the table prints a path with brackets as it is (escaped, not read as rich markup), a refusal's reason too
+    odd = tmp_path / "[site a]"
+    odd.mkdir()
+    shutil.copy(png, odd / "scan.png")
+    (odd / "notes.txt").write_text("not a scan [see below]")
+    res = runner.invoke(app, ["run", str(odd / "scan.png"), str(odd / "notes.txt"), "--bundle", str(bundle_path),
+                              "--threads", "1"], terminal_width=400)
+    assert res.exit_code == 2, res.output
+    table = "\n".join(ln for ln in res.output.splitlines() if "│" in ln)  # rows wrap: "[site" / "a]/scan.png"
+    assert "a]/scan.png" in table and "a]/notes.txt" in table and "refused: ScanNotImageError" in table, res.output
 
 
 def test_embedded_default_bundle_verifies() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from medfedpure.cli.common import BACKEND_CHOICE, DEVICE_CHOICE
 from medfedpure.cli.runtime import (
@@ -78,7 +79,7 @@ def certify_command(
             if as_json:
                 typer.echo(json.dumps({"scan": s, **c.to_dict()}, allow_nan=False))
             else:
-                table.add_row(s, c.label or "abstain", f"{c.radius:.4f}", f"{c.p_lower:.4f}",
+                table.add_row(escape(s), c.label or "abstain", f"{c.radius:.4f}", f"{c.p_lower:.4f}",
                               " ".join(f"{k}:{v}" for k, v in c.counts.items()), f"{c.t:.1f}", str(c.seed),
                               f"{c.latency_ms['total'] / 1e3:.1f}")
     if not as_json:

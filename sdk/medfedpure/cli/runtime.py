@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 import typer
+from rich.markup import escape
 
 from medfedpure.cli.common import BACKEND_CHOICE, DEVICE_CHOICE, POLICY_CHOICE, check_extra, console
 
@@ -145,9 +146,9 @@ def run_command(
                 typer.echo(json.dumps({"scan": s, **({} if fi is None else {"frame": fi}), **r.to_dict()},
                                       allow_nan=False))
             else:
-                table.add_row(src, str(r.label), f"{r.probabilities.get('tumor', float('nan')):.3f}",
+                table.add_row(escape(src), str(r.label), f"{r.probabilities.get('tumor', float('nan')):.3f}",
                               str(r.flagged), f"{r.score:.4g}" if r.score is not None else "-", str(r.t_star),
-                              r.status if r.ok else f"{r.status}: {r.reason}", f"{r.latency_ms['total']:.1f}")
+                              r.status if r.ok else escape(f"{r.status}: {r.reason}"), f"{r.latency_ms['total']:.1f}")
             bar.update(1)
     finally:
         bar.close()
@@ -193,8 +194,8 @@ def _report_series(slice_results: dict, *, as_json: bool, quiet: bool) -> set[st
         if as_json:
             typer.echo(json.dumps({"kind": "series", **sr.to_dict()}, allow_nan=False))
         else:
-            table.add_row(uid, str(len(hs)), str(sr.label), "-" if sr.p_tumor is None else f"{sr.p_tumor:.3f}",
-                          sr.status if sr.ok else f"{sr.status}: {sr.reason}")
+            table.add_row(escape(uid), str(len(hs)), str(sr.label), "-" if sr.p_tumor is None else f"{sr.p_tumor:.3f}",
+                          sr.status if sr.ok else escape(f"{sr.status}: {sr.reason}"))
     if not as_json and not quiet:
         console().print(table)
     return statuses
