@@ -301,6 +301,11 @@ def test_progress_on_a_terminal_draws_a_rich_bar():
         assert bar.interactive
         bar.set(4)
     assert "rounds" in out.getvalue() and "4/4" in out.getvalue()
+    out = Tty()  # a description or postfix with brackets (a scan's path) is printed as it is, not read as markup
+    with progress(total=2, desc="scans/[site a]/x.png", unit="draw", stream=out) as bar:
+        bar.set_postfix(best="[b]")
+        bar.set(2)
+    assert "scans/[site a]/x.png" in out.getvalue() and "best=[b]" in out.getvalue(), out.getvalue()
 
 
 def test_training_loop_writes_no_carriage_return_when_not_a_tty(capfd):

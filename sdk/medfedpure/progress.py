@@ -59,9 +59,10 @@ class ProgressBar:
             TimeRemainingColumn,
         )
 
-        self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn(self.unit), TimeElapsedColumn(), TimeRemainingColumn(),
-                              TextColumn("{task.fields[postfix]}"), console=Console(file=self.stream),
+        # descriptions and postfixes hold file names and metrics: plain text, never rich markup
+        self._rich = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                              TextColumn(self.unit, markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
+                              TextColumn("{task.fields[postfix]}", markup=False), console=Console(file=self.stream),
                               transient=transient)
         try:
             self._rich.start()
