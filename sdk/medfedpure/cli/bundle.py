@@ -167,12 +167,12 @@ def build(
         out = build_bundle(cfg, work, dry_run=dry_run, log=log, signing_key=key)
     except Exception as exc:  # noqa: BLE001 - every failure is reported with its step's message
         console.print(f"[red]bundle build failed:[/red] {type(exc).__name__}: {escape(str(exc))}")
-        console.print(f"the steps done are recorded in {work / 'bundle_metrics.json'}; rerun to resume")
+        console.print(f"the steps done are recorded in {work / 'bundle_metrics.json'}; rerun to resume", markup=False)
         raise typer.Exit(1) from exc
     if dry_run:
         return
     console.print(f"bundle {out.get('bundle_id')} ({out.get('bundle_bytes')} bytes) installed in "
-                  f"{out.get('installed')}; step seconds {json.dumps(out.get('step_seconds'))}")
+                  f"{out.get('installed')}; step seconds {json.dumps(out.get('step_seconds'))}", markup=False)
 
 
 # the options of the commands that write a new bundle from a verified one (reissue, choose-policy)
@@ -293,4 +293,4 @@ def choose_policy_command(
         raise typer.Exit(2) from e
     console.print(f"policy [bold]{choice.policy}[/bold] (was {src.spec.gate.policy}): {escape(choice.reason)}")
     signed = f"signed by key {vb.signer.key_id}" if vb.signer is not None else "UNSIGNED (no --key)"
-    console.print(f"wrote {out} (bundle id {vb.bundle_id}, from {src.bundle_id}); {signed}")
+    console.print(f"wrote {out} (bundle id {vb.bundle_id}, from {src.bundle_id}); {signed}", markup=False)

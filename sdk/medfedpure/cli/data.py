@@ -134,4 +134,4 @@ def info(
         console.print(pt)
     if figure is not None:
         path = draw_examples(root, figure, per_class=per_class)
-        console.print(f"figure: {path}")
+        console.print(f"figure: {path}", markup=False)

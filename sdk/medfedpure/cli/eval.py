@@ -140,9 +140,9 @@ def _summary(rep: dict, out: Path, con: object) -> None:
             + f"; clean scans flagged {100 * c['flag_rate']:.1f} %")
     by_class = class_summary(p)  # what the pooled figure hides: which class the errors fall on
     if by_class:
-        con.print(f"within each class: {by_class}")
+        con.print(f"within each class: {by_class}", markup=False)
     by_lesion = lesion_summary(p)  # and within the tumours, which kind is missed (synthetic data only)
     if by_lesion:
-        con.print(f"tumours by lesion kind: {by_lesion}")
+        con.print(f"tumours by lesion kind: {by_lesion}", markup=False)
     con.print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {len(rep['figures'])} figures "
-              f"({rep['wall_s']:.0f} s)")
+              f"({rep['wall_s']:.0f} s)", markup=False)
