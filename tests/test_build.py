@@ -248,6 +248,45 @@ def fake_federate(fed_cfg, timeout_s: float) -> dict:
     return metrics
 
 
+def test_build_pauses_in_a_federation_and_the_same_command_continues(tmp_path, monkeypatch):
+    """``pause_after_s`` reaches each federation as the time left; a paused federation leaves the steps before
+    it recorded, and the same command (any pacing: not a step input) runs only what is left."""
+    import time
+    from dataclasses import replace
+
+    from medfedpure.build.pipeline import _federate, _run_sim, build_bundle
+    from medfedpure.fed.config import FedConfig
+    from medfedpure.fed.sim import FederationPaused
+
+    work = tmp_path / "work"
+    cfg = BundleBuildConfig(sites=2, per_site=20, size=32, site=1, preset="tiny", rounds=1, local_epochs=1,
+                            purifier_rounds=1, purifier_local_epochs=1, threads=1, purifier_phases=("teacher",),
+                            dest=str(tmp_path / "dest"), pause_after_s=3600.0)
+    seen: list[tuple[tuple[str, ...], float]] = []
+
+    def federate(fed_cfg, timeout_s):
+        seen.append((fed_cfg.phases, fed_cfg.pause_after_s))
+        if fed_cfg.phases == ("classifier", "mae") and fed_cfg.pause_after_s:
+            raise FederationPaused("the federation paused phase 'classifier' after round 1", "x")
+        return fake_federate(fed_cfg, timeout_s)
+
+    with pytest.raises(FederationPaused):
+        build_bundle(cfg, work, federate=federate, log=lambda m: None)
+    assert [p for p, _ in seen] == [("teacher",), ("classifier", "mae")]
+    assert 0 < seen[1][1] <= seen[0][1] <= 3600.0
+    assert set(read_record(work / "bundle_metrics.json")["steps"]) == {"data", "fed_purifier"}
+    out = build_bundle(replace(cfg, pause_after_s=0.0), work, federate=federate, log=lambda m: None)
+    assert seen[2:] == [(("classifier", "mae"), 0.0)] and out["bundle_id"]
+    # a budget already spent pauses before the federation starts; the build's federations always resume
+    fed_cfg = FedConfig(data_dir="d", out_dir=str(tmp_path / "f"))
+    with pytest.raises(FederationPaused, match="ran out"):
+        _federate(fed_cfg, federate, 10.0, deadline=time.monotonic() - 1.0)
+    got = {}
+    monkeypatch.setattr("medfedpure.fed.sim.run_sim", lambda c, **kw: got.update(kw) or {})
+    _run_sim(fed_cfg, 5.0)
+    assert got == {"timeout_s": 5.0, "resume": True}
+
+
 def test_bundle_build_end_to_end_and_resume(tmp_path):
     from medfedpure.build.pipeline import build_bundle
     from medfedpure.fed.config import FedConfig

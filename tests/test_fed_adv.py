@@ -34,7 +34,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, FedConfig]:
     seen: dict[str, FedConfig] = {}
 
     def fake(key: str):  # type: ignore[no-untyped-def]
-        def run(cfg: FedConfig, timeout_s: float) -> dict:
+        def run(cfg: FedConfig, timeout_s: float, **kw: object) -> dict:
             seen[key] = cfg
             return {"phases": {}, f"{key}_wall_s": 1.0, "leftover_pids": []}
         return run

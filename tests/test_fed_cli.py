@@ -20,8 +20,8 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     seen: dict[str, object] = {}
 
     def fake(key: str):  # type: ignore[no-untyped-def]
-        def run(cfg: FedConfig, timeout_s: float) -> dict:
-            seen[key], seen[f"{key}_timeout"] = cfg, timeout_s
+        def run(cfg: FedConfig, timeout_s: float, **kw: object) -> dict:
+            seen[key], seen[f"{key}_timeout"], seen[f"{key}_kw"] = cfg, timeout_s, kw
             return {"phases": {}, f"{key}_wall_s": 1.0, "leftover_pids": []}
         return run
 
@@ -81,8 +81,9 @@ def test_bad_option_is_a_usage_error_and_every_option_is_listed(tmp_path: Path) 
     assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 27
     fed = typer.main.get_command(app).commands["fed"]  # type: ignore[attr-defined]
     params = {name: [p.name for p in fed.commands[name].params] for name in ("sim", "deploy", "compare")}
-    assert params["sim"] == params["deploy"] == [
-        *(p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS + ADV_OPTIONS + SMOOTHING_OPTIONS), "timeout"]
+    shared = [*(p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS + ADV_OPTIONS + SMOOTHING_OPTIONS), "timeout"]
+    assert params["deploy"] == shared
+    assert params["sim"] == [*shared, "resume", "pause_after"]  # a simulated run pauses and resumes
     assert params["compare"] == [*(p.name for p in RUN_OPTIONS), "methods", "timeout"]
 
 
@@ -104,3 +105,29 @@ def test_robustness_command_builds_the_run(tmp_path: Path, monkeypatch: pytest.M
     assert (seen["strategies"], seen["poison_site"], seen["poison_scale"]) == (("fedavg", "krum"), -1, -20.0)
     res = CliRunner().invoke(app, ["fed", "robustness", *base, "--strategies", "fedsgd"])
     assert res.exit_code == 2 and "fedsgd" in res.output
+
+
+def test_sim_resume_and_pause_reach_the_runner_and_a_pause_exits_75(tmp_path: Path, captured: dict[str, object],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from medfedpure.fed.sim import FederationPaused
+
+    _invoke("sim", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--sites", "2", "--resume",
+            "--pause-after", "30")
+    cfg = captured["sim"]
+    assert isinstance(cfg, FedConfig) and cfg.pause_after_s == 30.0 and captured["sim_kw"] == {"resume": True}
+
+    def paused(cfg: FedConfig, timeout_s: float, **kw: object) -> dict:
+        raise FederationPaused("paused", "phase 'classifier' after round 4")
+
+    monkeypatch.setattr("medfedpure.fed.sim.run_sim", paused)
+    res = CliRunner().invoke(app, ["fed", "sim", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                   "--sites", "2", "--pause-after", "30"])
+    assert res.exit_code == 75 and "paused phase 'classifier' after round 4" in res.output and "--resume" in res.output
+
+
+def test_deployment_refuses_pausing(tmp_path: Path) -> None:
+    from medfedpure.fed.deploy import run_deployment
+
+    with pytest.raises(ValueError, match="simulation runtime"):
+        run_deployment(FedConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "r"), num_sites=2, pause_after_rounds=1))
+    assert not (tmp_path / "r").exists()

@@ -106,7 +106,9 @@ def _context(run_config: dict, site: int) -> Context:
 def test_message_carries_only_per_round_values() -> None:
     from medfedpure.fed.server_app import round_config
 
-    assert dict(round_config("classifier", "moe", "tok")) == {"phase": "classifier", "split": "moe", "run-token": "tok"}
+    assert dict(round_config("classifier", "moe", "tok")) == {"phase": "classifier", "split": "moe", "run-token": "tok",
+                                                              "round-offset": 0}
+    assert dict(round_config("mae", "all", "tok", 7))["round-offset"] == 7  # a resumed phase's rounds done
 
 
 def test_client_refuses_an_empty_run_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,10 +160,10 @@ def test_client_train_sends_only_global_and_persists_local(
 
     # A restarted site (empty context.state) resumes from disk within the same run ...
     restarted = _context(run_config, 1)
-    model = client_app._Site(_message(sent, {**conf, "server-round": 2}, monkeypatch), restarted).model()
+    model = client_app._Site(_message(sent, {**conf, "server-round": 2}, monkeypatch), restarted).model(training=True)
     assert all(torch.equal(model.state_dict()[k], disk[k]) for k in disk)
     # ... but a new run starts afresh instead of inheriting another run's local expert.
-    model = client_app._Site(_message(sent, {**conf, "run-token": "run-B"}, monkeypatch), restarted).model()
+    model = client_app._Site(_message(sent, {**conf, "run-token": "run-B"}, monkeypatch), restarted).model(training=True)
     assert torch.equal(model.state_dict()["gate.0.weight"], fresh_local["gate.0.weight"])
 
 

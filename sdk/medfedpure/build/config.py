@@ -6,6 +6,7 @@ the purification schedule's class is imported when a config is made.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,10 @@ class BundleBuildConfig:
             (``FedConfig.device``: ``cpu``, ``cuda`` or ``auto``). Like ``threads``, not a step input: a build
             resumes across devices (the draws are the CPU run's; the result differs by floating-point order).
         timeout_s: each federation is stopped (all its processes) after this many seconds.
+        pause_after_s: the build pauses at the first federated round boundary after this many seconds
+            (0: never): the running federation checkpoints and the build stops with ``FederationPaused``;
+            the same command continues it (a build always resumes its federations' round checkpoints).
+            Not a step input.
         max_bundle_bytes: the build fails when the bundle is larger.
         dest: where the verified bundle is installed ("": the package's embedded default bundle).
         adv / adv_eps / adv_steps / adv_norm / adv_start_epoch / trades_beta / robust_val / select:
@@ -113,6 +118,7 @@ class BundleBuildConfig:
     threads: int = 2
     device: str = "cpu"
     timeout_s: float = 5400.0
+    pause_after_s: float = 0.0
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     dest: str = ""
     # literals (this module must not import torch): a test pins them to medfedpure.fed.config.ADV_DEFAULTS
@@ -195,6 +201,8 @@ class BundleBuildConfig:
                              "layers)")
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s={self.timeout_s}: must be > 0 seconds")
+        if not (math.isfinite(self.pause_after_s) and self.pause_after_s >= 0):
+            raise ValueError(f"pause_after_s={self.pause_after_s}: 0 (never pause) or a positive number of seconds")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"device={self.device!r}: one of cpu, cuda, auto")
         check_denoise_t_max(self.denoise_t_max, self.schedule.t_max)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -152,7 +153,9 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
 def _run_sim(fed_cfg: FedConfig, timeout_s: float) -> Mapping[str, Any]:
     from medfedpure.fed.sim import run_sim
 
-    return run_sim(fed_cfg, timeout_s=timeout_s)
+    # A build resumes: an interrupted (or paused) federation continues from its last round checkpoint
+    # when the config is the same; a changed config starts it afresh (fed.checkpoint).
+    return run_sim(fed_cfg, timeout_s=timeout_s, resume=True)
 
 
 def _bundle_bytes(root: Path) -> int:
@@ -171,12 +174,23 @@ def _data(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     return {"fingerprint": meta.get("fingerprint")}
 
 
-def _federate(fed_cfg: FedConfig, federate: Federate, timeout_s: float) -> dict[str, Any]:
+def _federate(fed_cfg: FedConfig, federate: Federate, timeout_s: float, deadline: float | None = None) -> dict[str, Any]:
+    """Run one federation; with the build's ``deadline`` (``time.monotonic()``) it pauses at the first round
+    boundary after it."""
+    if deadline is not None:
+        from medfedpure.fed.sim import FederationPaused
+
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FederationPaused(f"the build's time ran out before the federation in {fed_cfg.out_dir} started; "
+                                   "run the same command again to continue")
+        fed_cfg = replace(fed_cfg, pause_after_s=left)
     metrics = federate(fed_cfg, timeout_s)
     return {k: metrics[k] for k in ("sim_wall_s", "wall_s", "leftover_pids") if k in metrics}
 
 
-def _federate_detector(cfg: BundleBuildConfig, paths: BuildPaths, federate: Federate) -> dict[str, Any]:
+def _federate_detector(cfg: BundleBuildConfig, paths: BuildPaths, federate: Federate,
+                       deadline: float | None = None) -> dict[str, Any]:
     """Each site's folder of the detector federation gets its final classifier from the classifier federation
     (the detector of a site guards that classifier); then the federation."""
     for k in range(cfg.sites):
@@ -186,7 +200,7 @@ def _federate_detector(cfg: BundleBuildConfig, paths: BuildPaths, federate: Fede
         dst = paths.fed_detector / f"site_{k}"
         dst.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst / "classifier.safetensors")
-    return _federate(detector_fed_config(cfg, paths), federate, cfg.timeout_s)
+    return _federate(detector_fed_config(cfg, paths), federate, cfg.timeout_s, deadline)
 
 
 def _calibration_scans(cfg: BundleBuildConfig, paths: BuildPaths, size: int) -> tuple[Any, str]:
@@ -425,8 +439,13 @@ def _install(cfg: BundleBuildConfig, paths: BuildPaths, signing_key: Any = None)
 
 def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate | None = None,
                log: Callable[[str], None] = print, signing_key: Any = None) -> list[Step]:
-    """The build's steps, in order, each with its inputs (options), outputs and predecessors."""
+    """The build's steps, in order, each with its inputs (options), outputs and predecessors.
+
+    With ``cfg.pause_after_s`` the federations pause (checkpointed) at the first round boundary that
+    many seconds after the steps were made.
+    """
     fed_run = federate or _run_sim
+    deadline = time.monotonic() + cfg.pause_after_s if cfg.pause_after_s else None
     fed_pur, fed_cls = fed_configs(cfg, paths)
     sched = cfg.schedule.to_dict()
     data_in = {"sites": cfg.sites, "per_site": cfg.per_site, "size": cfg.size, "seed": cfg.seed}
@@ -455,7 +474,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     det_in = {"detector_rounds": cfg.detector_rounds, "detector_local_epochs": cfg.detector_local_epochs,
               "detector_harden_rounds": cfg.detector_harden_rounds, "detector_l2": cfg.detector_l2}
     detector_steps = [
-        Step("fed_detector", lambda: _federate_detector(cfg, paths, fed_run), det_in,
+        Step("fed_detector", lambda: _federate_detector(cfg, paths, fed_run, deadline), det_in,
              (paths.fed_detector / "detector.safetensors", paths.fed_detector / "metrics.json"), ("fed_cls_mae",)),
         Step("learned_gate", lambda: _learned_gate(cfg, paths), {"site": cfg.site, **calib_in},
              (paths.learned / "manifest.json",), ("export", "fed_detector")),
@@ -464,8 +483,9 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     return [
         Step("data", lambda: _data(cfg, paths), data_in,
              (paths.data / "dataset.json", paths.data / "splits.json")),
-        Step("fed_purifier", lambda: _federate(fed_pur, fed_run, cfg.timeout_s), pur_in, pur_out, ("data",)),
-        Step("fed_cls_mae", lambda: _federate(fed_cls, fed_run, cfg.timeout_s), cls_in,
+        Step("fed_purifier", lambda: _federate(fed_pur, fed_run, cfg.timeout_s, deadline), pur_in, pur_out,
+             ("data",)),
+        Step("fed_cls_mae", lambda: _federate(fed_cls, fed_run, cfg.timeout_s, deadline), cls_in,
              (paths.fed_cls_mae / "mae.safetensors", paths.fed_cls_mae / site_dir / "classifier.safetensors",
               paths.fed_cls_mae / "metrics.json"), cls_after),
         Step("merge", lambda: _merge(cfg, paths), {"site": cfg.site},

@@ -65,6 +65,10 @@ def build(
                                     "devices."),
     timeout: float = typer.Option(_D["timeout_s"], "--timeout", min=1.0,
                                   help="Stop a federation (all its processes) after this many seconds."),
+    pause_after: float = typer.Option(_D["pause_after_s"], "--pause-after", min=0.0,
+                                      help="Pause at the first federated round boundary after this many seconds "
+                                           "(0: never): checkpoint and exit with status 75; the same command "
+                                           "continues. Not a step input."),
     max_bytes: int = typer.Option(_D["max_bundle_bytes"], "--max-bytes", min=1,
                                   help="Fail when the bundle is larger than this many bytes."),
     key: Path | None = typer.Option(None, "--key", dir_okay=False,
@@ -138,7 +142,7 @@ def build(
             detector_rounds=detector_rounds, detector_local_epochs=detector_local_epochs,
             detector_harden_rounds=detector_harden_rounds, detector_l2=detector_l2, calibrate_on=calibrate_on,
             calibration_target_ffr=target_ffr, calibration_confidence=calibration_confidence, threads=threads,
-            device=device, timeout_s=timeout, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
+            device=device, timeout_s=timeout, pause_after_s=pause_after, max_bundle_bytes=max_bytes, dest="" if dest is None else str(dest),
             **adv_fields(adv=adv, adv_eps=adv_eps, adv_steps=adv_steps, adv_norm=adv_norm,
                          adv_start_epoch=adv_start_epoch, trades_beta=trades_beta, robust_val=robust_val,
                          select=select),
@@ -163,8 +167,15 @@ def build(
 
     if dry_run:
         console.print_json(json.dumps({**cfg.to_dict(), "dest": str(cfg.dest_path), "work": str(work)}))
+    from medfedpure.fed.sim import FederationPaused
+
     try:
         out = build_bundle(cfg, work, dry_run=dry_run, log=log, signing_key=key)
+    except FederationPaused as exc:
+        console.print(f"bundle build paused: {exc}", markup=False)
+        console.print("run the same command again to continue (every step done and the federation's last round are "
+                      "kept)", markup=False)
+        raise typer.Exit(75) from exc
     except Exception as exc:  # noqa: BLE001 - every failure is reported with its step's message
         console.print(f"[red]bundle build failed:[/red] {type(exc).__name__}: {escape(str(exc))}")
         console.print(f"the steps done are recorded in {work / 'bundle_metrics.json'}; rerun to resume", markup=False)

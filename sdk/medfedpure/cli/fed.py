@@ -243,15 +243,32 @@ def _summary(metrics: dict, wall_key: str, wrote: str) -> None:
     typer.echo(wrote)
 
 
+# A paused run is not a failure, and not done: the exit status says "run me again" (EX_TEMPFAIL).
+PAUSED_EXIT = 75
+RESUME = typer.Option(False, "--resume", help="Continue from RUN/resume/, the round checkpoint an interrupted or "
+                      "paused run of the same options left (without it the run starts afresh).")
+PAUSE_AFTER = typer.Option(0.0, "--pause-after", min=0.0, help="Pause at the first round boundary after this many "
+                           "seconds (0: never): checkpoint, exit with status 75; --resume continues.")
+
+
 @app.command()
 @fed_options(RUN_OPTIONS, FEDERATION_OPTIONS, ADV_OPTIONS, SMOOTHING_OPTIONS)
-def sim(cfg: Any, timeout: float = TIMEOUT) -> None:
-    """Federated training on the simulation runtime (Ray; one machine) → RUN folder with per-site checkpoints."""
+def sim(cfg: Any, timeout: float = TIMEOUT, resume: bool = RESUME, pause_after: float = PAUSE_AFTER) -> None:
+    """Federated training on the simulation runtime (Ray; one machine) → RUN folder with per-site checkpoints.
+
+    Every round is checkpointed: --resume continues an interrupted or paused run where it stopped."""
     check_extra("fed")  # the simulation runs in child processes: check flwr/ray here, in one line
-    from medfedpure.fed.sim import run_sim
+    from dataclasses import replace
+
+    from medfedpure.fed.sim import FederationPaused, run_sim
 
     out = cfg.out_dir
-    _summary(run_sim(cfg, timeout_s=timeout), "sim_wall_s", f"wrote {out}/metrics.json, {out}/fed_metrics.png, {out}/site_k/")
+    try:
+        metrics = run_sim(replace(cfg, pause_after_s=pause_after), timeout_s=timeout, resume=resume)
+    except FederationPaused as exc:
+        typer.echo(f"paused {exc.where}; run the same command with --resume to continue")
+        raise typer.Exit(PAUSED_EXIT) from exc
+    _summary(metrics, "sim_wall_s", f"wrote {out}/metrics.json, {out}/fed_metrics.png, {out}/site_k/")
 
 
 @app.command()

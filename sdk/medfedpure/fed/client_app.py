@@ -73,7 +73,8 @@ class _Site:
         self.site = int(node["partition-id"])
         self.phase_name = str(msg_cfg["phase"])
         self.split = str(msg_cfg.get("split", "all"))
-        self.round = int(msg_cfg.get("server-round", 0))
+        # A resumed run's Flower rounds count from 1 again; the server sends the rounds done before.
+        self.round = int(msg_cfg.get("server-round", 0)) + int(msg_cfg.get("round-offset", 0))
         self.run_token = str(msg_cfg.get("run-token", ""))
         self.data_dir = str(node.get("data-dir", self.run.data_dir))
         self.site_dir = Path(str(node["site-dir"])) if "site-dir" in node else Path(self.run.out_dir) / f"site_{self.site}"
@@ -92,30 +93,41 @@ class _Site:
         """``context.state`` key of this phase's saved ``part`` ("local" tensors or "optim" state)."""
         return f"{self.phase_name}.{part}"
 
-    def state_path(self, part: str) -> Path:
-        """File of this phase's saved ``part``: ``SITE/<phase>_<part>.safetensors``."""
-        return self.site_dir / f"{self.phase_name}_{part}.safetensors"
+    def state_path(self, part: str, previous: bool = False) -> Path:
+        """File of this phase's saved ``part``: ``SITE/<phase>_<part>.safetensors`` (``previous``: the one
+        written the round before, ``SITE/<phase>_<part>.prev.safetensors``)."""
+        return self.site_dir / f"{self.phase_name}_{part}{'.prev' if previous else ''}.safetensors"
 
     def _restore(self, part: str, round_: int | None = None) -> dict[str, torch.Tensor] | None:
         """Saved tensors of this site: ``context.state`` → this run's file → ``None``.
 
-        The file counts only when it carries this run's token and split (a SuperNode restarted mid-run
-        resumes; a new run starts afresh), and, with ``round_``, when it was written in that round.
+        A file counts only when it carries this run's token and split (a SuperNode restarted mid-run,
+        or a resumed run, continues; a new run starts afresh), and, with ``round_``, when it was written
+        in that round: the current file or the one before it (a run stopped after a site stored round
+        r + 1 but before the server checkpointed it resumes from round r).
         """
-        key, path = self.state_key(part), self.state_path(part)
+        key = self.state_key(part)
         if key in self.context.state:
             return params.from_arrayrecord(self.context.state[key])
-        if path.is_file():
+        for path in (self.state_path(part), self.state_path(part, previous=True)):
+            if not path.is_file():
+                continue
             tensors, meta = params.load_local(path)
             if meta.get("run-token") == self.run_token and meta.get("split") == self.split \
                     and (round_ is None or int(meta.get("round", -1)) == round_):
-                LOG.info("site %d: restoring %s %s state from %s", self.site, self.phase_name, part, path)
+                LOG.info("site %d: restoring %s %s state of round %s from %s", self.site, self.phase_name, part,
+                         meta.get("round"), path)
                 return tensors
         return None
 
     def _store(self, part: str, tensors: dict[str, torch.Tensor], **extra: object) -> None:
         self.context.state[self.state_key(part)] = params.to_arrayrecord(tensors)
-        params.save_local(self.state_path(part), tensors, self._meta(**extra))
+        path = self.state_path(part)
+        if path.is_file():
+            meta = params.load_local_metadata(path)
+            if meta.get("run-token") == self.run_token and int(meta.get("round", -1)) != self.round:
+                path.replace(self.state_path(part, previous=True))  # keep the round before
+        params.save_local(path, tensors, self._meta(**extra))
 
     @property
     def stateful(self) -> bool:
@@ -140,15 +152,16 @@ class _Site:
         return tasks.load_site(self.data_dir, self.site, image_size(self.run.preset, self.run.image_size),
                                self.run.max_train)
 
-    def model(self) -> torch.nn.Module:
-        """The phase's model with this site's local tensors restored (state → disk → fresh init)."""
+    def model(self, training: bool) -> torch.nn.Module:
+        """The phase's model with this site's local tensors restored (state → disk → fresh init): those of
+        the round before (``training``) or of this round (evaluation)."""
         # Local parts start from a site-specific seed; the travelling part is overwritten by the server's.
         model, _ = self.phase.build(self.run.preset, seed=self.run.seed + tasks.LOCAL_INIT_STRIDE * (self.site + 1),
                                     size=self.run.image_size, width=self.run.classifier_width,
                                     stem=self.run.classifier_stem)
         if not params.local_names(model, self.split):
             return model
-        local = self._restore("local")
+        local = self._restore("local", self.round - 1 if training else self.round)
         if local is not None:
             params.set_local(model, local, self.split)
         return model
@@ -179,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
     """One round of local training; reply with the travelling tensors."""
     t0 = time.perf_counter()
     s = _Site(msg, context)
-    model = s.model()
+    model = s.model(training=True)
     sent: ArrayRecord = msg.content["arrays"]
     params.set_travelling(model, sent, s.split)
     data = s.data()
@@ -208,7 +221,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the server's model combined with this site's local part; save artefacts in the last round."""
     s = _Site(msg, context)
-    model = s.model()
+    model = s.model(training=False)
     params.set_travelling(model, msg.content["arrays"], s.split)
     data = s.data()
     metrics = s.phase.evaluate(model, data, s.run.seed, s.site_dir)

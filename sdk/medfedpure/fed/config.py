@@ -236,6 +236,9 @@ class FedConfig:
         (``train.device.resolve_device``); the simulation then gives every site an equal share of one GPU.
         The other phases train on the CPU. Not part of what a run computes: the draws are the CPU run's.
     round_timeout_s: how long the server waits for a round's replies.
+    pause_after_s / pause_after_rounds: stop at the first round boundary after this many seconds /
+        rounds of this run segment (0: never), checkpointed; a run started with ``resume`` continues
+        there (``fed.checkpoint``). Like ``threads``, not part of what the run computes.
     """
 
     data_dir: str
@@ -284,6 +287,8 @@ class FedConfig:
     threads: int = 1
     device: str = "cpu"
     round_timeout_s: float = 3600.0
+    pause_after_s: float = 0.0
+    pause_after_rounds: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.phases, str):
@@ -329,6 +334,11 @@ class FedConfig:
             raise ValueError(f"image_size={self.image_size}: 0 (the preset's) or a positive multiple of 16")
         if self.max_train < 0 or self.threads < 1 or self.round_timeout_s <= 0:
             raise ValueError("max_train must be >= 0, threads >= 1, round_timeout_s > 0")
+        if not (math.isfinite(self.pause_after_s) and self.pause_after_s >= 0) \
+                or isinstance(self.pause_after_rounds, bool) or not isinstance(self.pause_after_rounds, int) \
+                or self.pause_after_rounds < 0:
+            raise ValueError(f"pause_after_s={self.pause_after_s!r}, pause_after_rounds={self.pause_after_rounds!r}: "
+                             "0 (never pause) or a positive number of seconds / a whole number of rounds")
         if self.device not in DEVICES:
             raise ValueError(f"device={self.device!r}: one of {', '.join(DEVICES)}")
         try:

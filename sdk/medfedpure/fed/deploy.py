@@ -156,6 +156,9 @@ def run_deployment(cfg: FedConfig, *, timeout_s: float = 1800.0) -> dict[str, An
 
 
 def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
+    if cfg.pause_after_s or cfg.pause_after_rounds:
+        raise ValueError("pausing (pause_after_s / pause_after_rounds) is for the simulation runtime: a deployment's "
+                         "SuperNodes run at the sites, and it always starts afresh")
     cfg = prepare_run_folder(cfg)
     out = Path(cfg.out_dir)
     app_dir = write_app(cfg, out / "app")

@@ -133,6 +133,11 @@ def load_local(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
     return load_tensors(path), json.loads(raw)
 
 
+def load_local_metadata(path: Path) -> dict[str, object]:
+    """The metadata :func:`save_local` wrote, without reading the tensors."""
+    return json.loads(read_metadata(path).get("medfedpure", "{}"))
+
+
 def to_arrayrecord(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     """Local tensors → ArrayRecord for ``context.state``."""
     return ArrayRecord({k: v for k, v in tensors.items()})

@@ -33,13 +33,14 @@ import platform
 import secrets
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from medfedpure.fed import params
+from medfedpure.fed import checkpoint, params
 from medfedpure.fed.config import FedConfig
 from medfedpure.fed.phases import PHASES, Phase
 from medfedpure.fed.strategies import WEIGHT_KEY, make_strategy
@@ -50,9 +51,13 @@ LOG = logging.getLogger("medfedpure.fed")
 REGISTER_POLL_S = 0.5  # how often registration looks for nodes that have not connected yet
 
 
-def round_config(phase: str, split: str, run_token: str) -> ConfigRecord:
-    """The per-round message config; the run's constants travel as ``context.run_config`` instead."""
-    return ConfigRecord({"phase": phase, "split": split, "run-token": run_token})
+def round_config(phase: str, split: str, run_token: str, round_offset: int = 0) -> ConfigRecord:
+    """The per-round message config; the run's constants travel as ``context.run_config`` instead.
+
+    ``round-offset``: the phase's rounds run before this segment (a resumed run); a site's round in
+    the phase is Flower's ``server-round`` plus it.
+    """
+    return ConfigRecord({"phase": phase, "split": split, "run-token": run_token, "round-offset": int(round_offset)})
 
 
 def _initial_model(cfg: FedConfig, phase: Phase, finals: dict[str, Any]) -> tuple[Any, Any]:
@@ -74,7 +79,12 @@ def _initial_model(cfg: FedConfig, phase: Phase, finals: dict[str, Any]) -> tupl
 
 
 def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
-    """Run every phase of ``cfg`` on ``grid``; returns (and writes) the metrics dict."""
+    """Run every phase of ``cfg`` on ``grid``; returns (and writes) the metrics dict.
+
+    Continues from ``RUN/resume/`` when it holds a checkpoint of this config (``fed.checkpoint``; the
+    runner removes it unless asked to resume). Returns early, with ``RUN/paused.json`` written, when the
+    config's pacing says pause.
+    """
     from medfedpure.models.weights import save_model, save_tensors
 
     out = Path(cfg.out_dir)
@@ -86,45 +96,92 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
         "phases": {},
     }
     finals: dict[str, Any] = {}
-    # Identifies this run to the sites: their saved local state is reused only within the same run.
-    run_token = secrets.token_hex(8)
+    resumed = checkpoint.load(out, cfg)
+    # Identifies this run to the sites: their saved local state is reused only within the same run
+    # (a resumed run keeps its token, so every site finds its own state again).
+    run_token = resumed.run_token if resumed else secrets.token_hex(8)
     metrics["run_token"] = run_token
+    segments = list(resumed.segments) if resumed else []
+    segment: dict[str, Any] = {"started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                               "resumed_from": resumed.where() if resumed else None}
+    segments.append(segment)
+    metrics["segments"] = segments
+    if resumed:
+        LOG.info("resuming run %s: %s", run_token, resumed.where())
+    base = checkpoint.Checkpoint(identity=checkpoint.identity(cfg), run_token=run_token, segments=segments)
+    pacer = checkpoint.Pacer(cfg)
     validation = cfg.validation
     metrics["registration"] = _register(grid, cfg, validation)
     declared = {int(node): int(n) for node, n in metrics["registration"]["declared_by_node"].items()}
     t_run = time.perf_counter()
     for index, phase in enumerate(PHASES[name] for name in cfg.phases):
+        if resumed and phase.name in resumed.phases_done:
+            metrics["phases"][phase.name] = resumed.phases_done[phase.name]
+            continue
+        if pacer.due():
+            return _pause(out, metrics, replace(base, phases_done=metrics["phases"]), pacer.due(), t_run)
         split = phase.split(cfg)
         model, mcfg = _initial_model(cfg, phase, finals)
         strategy = make_strategy(
             cfg.strategy, cfg.num_sites, validation=validation, phase=phase.name, trim_beta=cfg.trim_beta,
             krum_f=None if cfg.krum_f < 0 else cfg.krum_f, declared_examples=declared,
         )
-        conf = round_config(phase.name, split, run_token)
+        arrays = params.get_travelling(model, split)
+        done, wall_before = 0, 0.0
+        if resumed and resumed.phase == phase.name:
+            done, wall_before = resumed.rounds_done, resumed.wall_s
+            arrays = resumed.arrays if resumed.arrays is not None else arrays
+            strategy.restore_records(resumed.records, done)
+        conf = round_config(phase.name, split, run_token, done)
 
         def _progress(rnd: int, phase: str = phase.name, index: int = index) -> None:
             (out / "progress.json").write_text(json.dumps({"phase": phase, "round": rnd, "rounds_done": index * cfg.rounds + rnd}))
 
         strategy.on_evaluated = _progress
         t0 = time.perf_counter()
-        result = strategy.start(
-            grid=grid, initial_arrays=params.get_travelling(model, split), num_rounds=cfg.rounds,
-            timeout=cfg.round_timeout_s, train_config=conf, evaluate_config=ConfigRecord(dict(conf)),
-        )
-        wall = time.perf_counter() - t0
+        state = {"arrays": arrays, "rounds": done}
+
+        def _round_done(rnd: int, arrays: Any, phase: str = phase.name, offset: int = done,
+                        t0: float = t0, wall_before: float = wall_before, strategy: Any = strategy,
+                        state: dict[str, Any] = state) -> None:
+            # Flower's centralised-evaluation hook: called after every round with the global tensors
+            # (and once before the first round, which is not a round).
+            if rnd == 0:
+                return None
+            state.update(arrays=arrays, rounds=offset + rnd)
+            segment["wall_s"] = time.perf_counter() - t_run
+            ckpt = replace(base, phases_done=metrics["phases"], phase=phase, rounds_done=offset + rnd, arrays=arrays,
+                           wall_s=wall_before + time.perf_counter() - t0, records=strategy.records())
+            checkpoint.save(out, ckpt)
+            pacer.tick()
+            why = pacer.due()
+            if why and offset + rnd < cfg.rounds:
+                raise checkpoint.Paused(why)
+            return None
+
+        if done < cfg.rounds:
+            try:
+                strategy.start(
+                    grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done,
+                    timeout=cfg.round_timeout_s, train_config=conf, evaluate_config=ConfigRecord(dict(conf)),
+                    evaluate_fn=_round_done,
+                )
+            except checkpoint.Paused as why:
+                return _pause(out, metrics, checkpoint.load(out, cfg) or base, str(why), t_run)
+        wall = wall_before + time.perf_counter() - t0
         n_ok = sum(1 for h in strategy.history if h["kind"] == "train")
         if n_ok == 0:
             raise RuntimeError(
                 f"phase {phase.name!r}: no site returned a valid update in {cfg.rounds} round(s); "
                 f"errors: {strategy.errors[:3]}; dropped: {strategy.rejected[:3]}"
             )
-        params.set_travelling(model, result.arrays, split)
+        params.set_travelling(model, state["arrays"], split)
         extra: dict[str, Any] = {"rounds": cfg.rounds, "strategy": cfg.strategy, "num_sites": cfg.num_sites,
                                  "federated": True, "role": phase.name, **phase.metadata(cfg)}
         if phase.personalised:  # only what travels is global; each site saves its full model
             save_tensors(
                 out / phase.server_file,
-                dict(result.arrays.to_torch_state_dict()),
+                dict(state["arrays"].to_torch_state_dict()),
                 {"kind": f"{phase.kind}-global", "config": json.dumps(mcfg.to_dict()), "split": split,
                  **{k: json.dumps(v) for k, v in extra.items()}},
             )
@@ -138,10 +195,12 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
             "per_site": strategy.history,
             "rejected": strategy.rejected,
             "errors": strategy.errors,
-            "train_aggregated": {int(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
-            "evaluate_aggregated": {int(r): dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+            "train_aggregated": strategy.aggregated["train"],
+            "evaluate_aggregated": strategy.aggregated["evaluate"],
         }
+        segment["wall_s"] = time.perf_counter() - t_run
         _write(out, metrics)
+        checkpoint.save(out, replace(base, phases_done=metrics["phases"]))
     if cfg.calibrate:
         metrics["calibration"] = _calibrate(grid, cfg)
     from medfedpure.fed.plots import plot_run
@@ -149,9 +208,23 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     plot_run(metrics, out / "fed_metrics.png")
     if "classifier" in metrics["phases"]:
         plot_run(metrics, out / "accuracy_per_site.png", phases=("classifier",))
+    segment["wall_s"] = time.perf_counter() - t_run
     # Written last: a metrics.json with "wall_s" tells the runners that the server is done.
-    metrics["wall_s"] = time.perf_counter() - t_run
+    metrics["wall_s"] = sum(float(s.get("wall_s", 0.0)) for s in segments)
     _write(out, metrics)
+    checkpoint.clear(out)
+    return metrics
+
+
+def _pause(out: Path, metrics: dict[str, Any], ckpt: checkpoint.Checkpoint, reason: str, t_run: float) -> dict[str, Any]:
+    """Stop at a round boundary: the checkpoint is on disk; leave the reason where the runner looks."""
+    metrics["segments"][-1]["wall_s"] = time.perf_counter() - t_run
+    ckpt = replace(ckpt, segments=metrics["segments"])
+    checkpoint.save(out, ckpt)
+    checkpoint.write_paused(out, ckpt, reason)
+    metrics["paused"] = {"where": ckpt.where(), "reason": reason}
+    _write(out, metrics)
+    LOG.info("paused %s: %s", ckpt.where(), reason)
     return metrics
 
 

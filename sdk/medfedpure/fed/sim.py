@@ -22,13 +22,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from medfedpure.fed import procs
+from medfedpure.fed import checkpoint, procs
 from medfedpure.fed.config import FedConfig
 from medfedpure.train.device import resolve_device
 
 
 class FederationError(RuntimeError):
     """The federated run failed; the message carries the tail of its log."""
+
+
+class FederationPaused(FederationError):
+    """The run stopped itself at a round boundary (its pacing); a run started with ``resume`` continues it."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
 
 
 def log_tail(path: Path, n: int = 40) -> str:
@@ -46,8 +54,9 @@ def _rounds_done(progress_path: Path) -> int:
         return 0
 
 
-def prepare_run_folder(cfg: FedConfig) -> FedConfig:
-    """Create RUN, write ``RUN/config.json`` and clear the previous run's result files.
+def prepare_run_folder(cfg: FedConfig, *, resume: bool = False) -> FedConfig:
+    """Create RUN, write ``RUN/config.json`` and clear the previous run's result files (and, unless
+    ``resume``, its round checkpoint: the run starts afresh).
 
     Returns ``cfg`` with absolute data and run folders and denoiser path: every process of the run
     (Ray workers, SuperNodes) reads them from the run config, whatever its working directory.
@@ -57,8 +66,10 @@ def prepare_run_folder(cfg: FedConfig) -> FedConfig:
     cfg = replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()),
                   denoiser=str(Path(cfg.denoiser).resolve()) if cfg.denoiser else "")
     cfg.save(out / "config.json")
-    for stale in ("metrics.json", "server_error.txt", "progress.json"):  # a stale file would pass for this run's result
-        (out / stale).unlink(missing_ok=True)
+    for stale in ("metrics.json", "server_error.txt", "progress.json", checkpoint.PAUSED_FILE):
+        (out / stale).unlink(missing_ok=True)  # a stale file would pass for this run's result
+    if not resume:
+        checkpoint.clear(out)
     return cfg
 
 
@@ -74,21 +85,43 @@ def finish_metrics(out: Path, wall_key: str, wall: float, token: str, stragglers
     return metrics
 
 
-def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True) -> dict[str, Any]:
+def rounds_checkpointed(cfg: FedConfig) -> tuple[int, str]:
+    """Rounds done, over all phases, by the checkpoint a resumed run of ``cfg`` would continue, and where it
+    stands in words ((0, "") without one)."""
+    try:
+        ckpt = checkpoint.load(Path(cfg.out_dir), cfg)
+    except ValueError:
+        return 0, ""
+    if ckpt is None:
+        return 0, ""
+    done = sum(1 for p in cfg.phases if p in ckpt.phases_done) * cfg.rounds + (ckpt.rounds_done if ckpt.phase else 0)
+    return done, ckpt.where()
+
+
+def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True,
+            resume: bool = False) -> dict[str, Any]:
     """Run the simulation for ``cfg``; returns ``RUN/metrics.json`` plus ``sim_wall_s`` and ``leftover_pids``.
 
-    Raises :class:`FederationError` when the run fails or times out (after stopping its processes).
+    ``resume``: continue from the run's round checkpoint when it holds one of this config
+    (``fed.checkpoint``); without it every run starts afresh.
+
+    Raises:
+        FederationPaused: the run paused itself (``cfg.pause_after_s`` / ``pause_after_rounds``), checkpointed.
+        FederationError: the run failed or timed out (after stopping its processes).
     """
     resolve_device(cfg.device)  # a missing GPU is an error before any process starts
-    cfg = prepare_run_folder(cfg)
+    cfg = prepare_run_folder(cfg, resume=resume)
     out = Path(cfg.out_dir)
     log_path = out / "fed_sim.log"
     token = procs.new_token()
     env = procs.run_env(token, out / ".flwr")
     total_rounds = cfg.rounds * len(cfg.phases)
+    already, where = rounds_checkpointed(cfg) if resume else (0, "")
+    if where:
+        logging.getLogger("medfedpure.fed").info("resuming %s: %s", out, where)
     t0 = time.perf_counter()
     rc: int | None = None
-    with open(log_path, "w") as log, procs.exit_on_signals():
+    with open(log_path, "a" if resume else "w") as log, procs.exit_on_signals():
         proc = subprocess.Popen(
             [sys.executable, "-m", "medfedpure.fed.sim", str(out / "config.json")],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -99,6 +132,7 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
                 from medfedpure.progress import progress as progress_bar
 
                 bar = progress_bar(total=total_rounds, desc="federated rounds", unit="round")
+                bar.set(already)
             while True:
                 try:
                     rc = proc.wait(timeout=1.0)
@@ -106,11 +140,11 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
                 except subprocess.TimeoutExpired:
                     pass
                 if bar is not None:
-                    bar.set(_rounds_done(out / "progress.json"))
+                    bar.set(max(already, _rounds_done(out / "progress.json")))
                 if time.perf_counter() - t0 > timeout_s:
                     break
             if bar is not None:
-                bar.set(_rounds_done(out / "progress.json"))
+                bar.set(max(already, _rounds_done(out / "progress.json")))
                 bar.close()
         finally:
             procs.stop_groups([proc])
@@ -123,6 +157,11 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True)
         raise FederationError(f"simulation failed (exit {rc}); log {log_path}:\n{log_tail(log_path)}")
     if leftover:
         raise FederationError(f"processes {leftover} of the run survived SIGKILL")
+    paused = out / checkpoint.PAUSED_FILE
+    if paused.is_file():
+        info = json.loads(paused.read_text())
+        raise FederationPaused(f"the federation paused {info['where']} ({info['reason']}); its checkpoint is in "
+                               f"{checkpoint.folder(out)}: run it again with resume to continue", info["where"])
     return finish_metrics(out, "sim_wall_s", wall, token, stragglers, leftover)
 
 
@@ -171,6 +210,8 @@ def _worker(config_path: str) -> int:
         backend_name="ray", backend_config=ray_backend_config(cfg, workers, resolve_device(cfg.device)),
     )
     # run_simulation logs ServerApp exceptions instead of raising them: the metrics decide.
+    if (Path(cfg.out_dir) / checkpoint.PAUSED_FILE).is_file():
+        return 0  # the runner reads why
     metrics_path = Path(cfg.out_dir) / "metrics.json"
     if not metrics_path.is_file():
         return 2

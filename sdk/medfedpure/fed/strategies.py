@@ -85,7 +85,9 @@ class ValidatingMixin:
     missing from it has every update dropped). ``history`` is a list of dicts
     ``{"phase", "round", "kind": "train"|"evaluate", "site", "node", <metrics>}``; ``rejected`` a list
     of ``{"phase", "round", "site", "node", "reason"}``; ``errors`` the replies that carried an error
-    (a site's exception) instead of content.
+    (a site's exception) instead of content. ``round_offset``: rounds of the phase run before this
+    ``start`` (a resumed run): Flower counts a resumed run's rounds from 1, the records count them in
+    the phase.
     """
 
     validation: UpdateValidationConfig
@@ -102,6 +104,23 @@ class ValidatingMixin:
         self.errors: list[dict[str, Any]] = []
         self.on_evaluated: Callable[[int], None] | None = None  # called after each round's evaluation
         self._sent: dict[str, np.ndarray] = {}
+        self.round_offset = 0
+        # Flower's weighted averages by round of the phase (its Result numbers a resumed segment from 1).
+        self.aggregated: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "evaluate": {}}
+
+    def restore_records(self, records: Mapping[str, Any], round_offset: int) -> None:
+        """Continue a phase checkpointed after ``round_offset`` rounds with the records it had then."""
+        self.history = list(records.get("history", []))
+        self.rejected = list(records.get("rejected", []))
+        self.errors = list(records.get("errors", []))
+        self.aggregated = {kind: {int(r): dict(m) for r, m in records.get("aggregated", {}).get(kind, {}).items()}
+                           for kind in ("train", "evaluate")}
+        self.round_offset = int(round_offset)
+
+    def records(self) -> dict[str, Any]:
+        """The per-site records so far (what :meth:`restore_records` takes back)."""
+        return {"history": self.history, "rejected": self.rejected, "errors": self.errors,
+                "aggregated": self.aggregated}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -113,7 +132,8 @@ class ValidatingMixin:
         reason = str(msg.error.reason)
         LOG.warning("round %d: %s failed on node %d: %s", server_round, kind, msg.metadata.src_node_id, reason[-500:])
         self.errors.append(
-            {"phase": self.phase, "round": server_round, "kind": kind, "node": int(msg.metadata.src_node_id), "reason": reason[-2000:]}
+            {"phase": self.phase, "round": server_round + self.round_offset, "kind": kind,
+             "node": int(msg.metadata.src_node_id), "reason": reason[-2000:]}
         )
 
     def filter_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -157,14 +177,16 @@ class ValidatingMixin:
                 self._reject(server_round, site, node, too_far[i])
                 continue
             self.history.append(
-                {**metrics, "phase": self.phase, "round": server_round, "kind": "train", "site": site, "node": node}
+                {**metrics, "phase": self.phase, "round": server_round + self.round_offset, "kind": "train",
+                 "site": site, "node": node}
             )
             kept.append(msg)
         return kept
 
     def _reject(self, server_round: int, site: int, node: int, reason: str) -> None:
         LOG.warning("round %d: dropped update from node %d (site %d): %s", server_round, node, site, reason)
-        self.rejected.append({"phase": self.phase, "round": server_round, "site": site, "node": node, "reason": reason})
+        self.rejected.append({"phase": self.phase, "round": server_round + self.round_offset, "site": site,
+                              "node": node, "reason": reason})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -173,7 +195,10 @@ class ValidatingMixin:
         if not any(not m.has_error() for m in kept):
             LOG.warning("round %d: no valid update; the global model is unchanged", server_round)
             return None, None
-        return super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, kept)  # type: ignore[misc]
+        if metrics is not None:
+            self.aggregated["train"][server_round + self.round_offset] = dict(metrics)
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = in_site_order(replies)
@@ -186,15 +211,17 @@ class ValidatingMixin:
                 {
                     **metrics,
                     "phase": self.phase,
-                    "round": server_round,
+                    "round": server_round + self.round_offset,
                     "kind": "evaluate",
                     "site": int(metrics.get("site", -1)),
                     "node": int(msg.metadata.src_node_id),
                 }
             )
         result = super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+        if result is not None:
+            self.aggregated["evaluate"][server_round + self.round_offset] = dict(result)
         if self.on_evaluated is not None:
-            self.on_evaluated(server_round)
+            self.on_evaluated(server_round + self.round_offset)
         return result
 
 
