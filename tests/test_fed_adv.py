@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fed_helpers import tiny_fed_data
 from medfedpure.build.config import BundleBuildConfig
 from medfedpure.build.pipeline import BuildPaths, fed_configs, make_steps
 from medfedpure.cli import app
@@ -319,12 +320,7 @@ def test_bundle_build_fields_match_fedconfig() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
-
-    root = tmp_path_factory.mktemp("fed_adv_data") / "synth"
-    generate_synthetic(root, SynthConfig(sites=2, per_site=20, size=32, seed=0), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
+    return tiny_fed_data(tmp_path_factory, "fed_adv_data", sites=2)
 
 
 @pytest.mark.slow

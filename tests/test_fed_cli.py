@@ -129,5 +129,6 @@ def test_deployment_refuses_pausing(tmp_path: Path) -> None:
     from medfedpure.fed.deploy import run_deployment
 
     with pytest.raises(ValueError, match="simulation runtime"):
-        run_deployment(FedConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "r"), num_sites=2, pause_after_rounds=1))
+        run_deployment(FedConfig(data_dir=str(tmp_path), out_dir=str(tmp_path / "r"), num_sites=2,
+                                 pause_after_rounds=1))
     assert not (tmp_path / "r").exists()

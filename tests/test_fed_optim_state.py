@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from fed_helpers import flower_message, tiny_fed_data
+from flwr.app import Context, RecordDict
 from medfedpure.fed import client_app, params, tasks
 from medfedpure.fed.config import FedConfig
 from medfedpure.fed.phases import PHASES, build_model
@@ -166,21 +166,9 @@ def test_site_rounds_equal_local_run() -> None:
     assert PHASES["classifier"].stateful and not any(PHASES[p].stateful for p in ("mae", "teacher", "student"))
 
 
-def _message(conf: dict, arrays: ArrayRecord, monkeypatch: pytest.MonkeyPatch) -> Message:
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}), dst_node_id=1,
-                   message_type=MessageType.TRAIN)
-
-
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
-
-    root = tmp_path_factory.mktemp("fed_optim") / "synth"
-    generate_synthetic(root, SynthConfig(sites=1, per_site=20, size=32, seed=0), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
+    return tiny_fed_data(tmp_path_factory, "fed_optim", sites=1)
 
 
 def test_client_keeps_optimizer_state_across_rounds_and_restarts(
@@ -196,7 +184,7 @@ def test_client_keeps_optimizer_state_across_rounds_and_restarts(
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config(3))
     path = tmp_path / "site_0" / "classifier_optim.safetensors"
     for r in (1, 2):
-        client_app.train(_message({**conf, "server-round": r}, sent, monkeypatch), ctx)
+        client_app.train(flower_message({**conf, "server-round": r}, sent, monkeypatch), ctx)
         st = params.from_arrayrecord(ctx.state["classifier.optim"])
         disk, meta = params.load_local(path)
         assert meta["round"] == r and meta["run-token"] == "run-A"
@@ -204,11 +192,11 @@ def test_client_keeps_optimizer_state_across_rounds_and_restarts(
         assert float(st["0.step"]) == r * 1  # max-train 8, batch 8: one step per epoch, carried
     # a restarted SuperNode (empty context.state) picks the state up from disk in round 3 ...
     fresh = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config(3))
-    site = client_app._Site(_message({**conf, "server-round": 3}, sent, monkeypatch), fresh)
+    site = client_app._Site(flower_message({**conf, "server-round": 3}, sent, monkeypatch), fresh)
     restored = site.optimizer_state()
     assert restored is not None and all(torch.equal(restored[k], disk[k]) for k in disk)
     # ... but not another run's file, nor a stale one (not from the previous round), nor in round 1
     four = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config(4))
     for other in ({"run-token": "run-B", "server-round": 3}, {"server-round": 4}, {"server-round": 1}):
-        site = client_app._Site(_message({**conf, **other}, sent, monkeypatch), four)
+        site = client_app._Site(flower_message({**conf, **other}, sent, monkeypatch), four)
         assert site.optimizer_state() is None

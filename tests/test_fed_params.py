@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from fed_helpers import flower_message, tiny_fed_data
+from flwr.app import ArrayRecord, Context, MessageType, RecordDict
 from medfedpure.fed import client_app, params
 from medfedpure.fed.config import FedConfig
 from medfedpure.fed.phases import build_model
@@ -86,12 +86,7 @@ def test_local_state_roundtrip_and_mismatch(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
-
-    root = tmp_path_factory.mktemp("fed_data") / "synth"
-    generate_synthetic(root, SynthConfig(sites=2, per_site=20, size=32, seed=0), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
+    return tiny_fed_data(tmp_path_factory, "fed_data", sites=2)
 
 
 def _run_config(data_dir: Path, run_dir: Path, **kw: object) -> dict:
@@ -112,7 +107,7 @@ def test_message_carries_only_per_round_values() -> None:
 
 
 def test_client_refuses_an_empty_run_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    msg = _message(ArrayRecord(), {"phase": "classifier", "split": "moe"}, monkeypatch)
+    msg = flower_message({"phase": "classifier", "split": "moe"}, ArrayRecord(), monkeypatch)
     with pytest.raises(ValueError, match="run config is empty"):
         client_app._Site(msg, _context({}, 0))
 
@@ -125,12 +120,6 @@ def test_bound_run_config_fills_an_empty_context_and_runtime_keys_win() -> None:
     assert seen.state is ctx.state and seen.node_config == ctx.node_config  # site state persists
 
 
-def _message(arrays: ArrayRecord, conf: dict, monkeypatch: pytest.MonkeyPatch, kind: str = MessageType.TRAIN) -> Message:
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}), dst_node_id=1, message_type=kind)
-
-
 @pytest.mark.slow
 def test_client_train_sends_only_global_and_persists_local(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -140,7 +129,7 @@ def test_client_train_sends_only_global_and_persists_local(
     conf = {"phase": "classifier", "split": "moe", "server-round": 1, "run-token": "run-A"}
     run_config = _run_config(tiny_data, tmp_path, preset="tiny", local_epochs=1, rounds=2, seed=0, max_train=8)
     ctx = _context(run_config, 1)
-    reply = client_app.train(_message(sent, conf, monkeypatch), ctx)
+    reply = client_app.train(flower_message(conf, sent, monkeypatch), ctx)
 
     arrays = reply.content["arrays"]
     assert sorted(arrays.keys()) == params.travelling_names(server_model, "moe")
@@ -160,10 +149,12 @@ def test_client_train_sends_only_global_and_persists_local(
 
     # A restarted site (empty context.state) resumes from disk within the same run ...
     restarted = _context(run_config, 1)
-    model = client_app._Site(_message(sent, {**conf, "server-round": 2}, monkeypatch), restarted).model(training=True)
+    msg = flower_message({**conf, "server-round": 2}, sent, monkeypatch)
+    model = client_app._Site(msg, restarted).model(training=True)
     assert all(torch.equal(model.state_dict()[k], disk[k]) for k in disk)
     # ... but a new run starts afresh instead of inheriting another run's local expert.
-    model = client_app._Site(_message(sent, {**conf, "run-token": "run-B"}, monkeypatch), restarted).model(training=True)
+    msg = flower_message({**conf, "run-token": "run-B"}, sent, monkeypatch)
+    model = client_app._Site(msg, restarted).model(training=True)
     assert torch.equal(model.state_dict()["gate.0.weight"], fresh_local["gate.0.weight"])
 
 
@@ -173,11 +164,11 @@ def test_client_poisoned_reply_is_scaled_update(tiny_data: Path, tmp_path: Path,
     sent = params.get_travelling(_moe(seed=0), "moe")
     conf = {"phase": "classifier", "split": "moe", "server-round": 1, "run-token": "x"}
     run = {"preset": "tiny", "local_epochs": 1, "rounds": 1, "seed": 0, "max_train": 8}
-    honest = client_app.train(_message(sent, conf, monkeypatch),
+    honest = client_app.train(flower_message(conf, sent, monkeypatch),
                               _context(_run_config(tiny_data, tmp_path, **run), 0)).content["arrays"]
     # A separate run folder: the second call must not resume from the first call's local state.
     poison = _run_config(tiny_data, tmp_path / "second", poison_site=0, poison_scale=-10.0, **run)
-    poisoned = client_app.train(_message(sent, conf, monkeypatch), _context(poison, 0)).content["arrays"]
+    poisoned = client_app.train(flower_message(conf, sent, monkeypatch), _context(poison, 0)).content["arrays"]
     for k in sent:
         d_h = honest[k].numpy() - sent[k].numpy()
         d_p = poisoned[k].numpy() - sent[k].numpy()
@@ -188,9 +179,9 @@ def test_client_registers_its_training_set_size(tiny_data: Path, tmp_path: Path,
     """The register query answers the site's training-set size: the cap on its later num-examples."""
     run_config = _run_config(tiny_data, tmp_path, preset="tiny", max_train=8)
     ctx = _context(run_config, 1)
-    msg = _message(ArrayRecord(), {"phase": "register"}, monkeypatch, MessageType.QUERY)
+    msg = flower_message({"phase": "register"}, ArrayRecord(), monkeypatch, MessageType.QUERY)
     reply = client_app.query(msg, ctx)
     assert dict(reply.content["metrics"]) == {"site": 1, "num-examples": 8}
-    bad = _message(ArrayRecord(), {"phase": "enrol"}, monkeypatch, MessageType.QUERY)
+    bad = flower_message({"phase": "enrol"}, ArrayRecord(), monkeypatch, MessageType.QUERY)
     with pytest.raises(ValueError, match="'register' and 'calibrate'"):
         client_app.query(bad, ctx)

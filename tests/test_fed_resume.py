@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from fed_helpers import flower_message, tiny_fed_data
+from flwr.app import ArrayRecord, Context, RecordDict
 from medfedpure.cli import app
 from medfedpure.fed import checkpoint, client_app, params
 from medfedpure.fed.config import FedConfig
@@ -20,19 +20,7 @@ from typer.testing import CliRunner
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
-
-    root = tmp_path_factory.mktemp("fed_resume") / "synth"
-    generate_synthetic(root, SynthConfig(sites=2, per_site=20, size=32, seed=0), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
-
-
-def _message(conf: dict, arrays: ArrayRecord, monkeypatch: pytest.MonkeyPatch) -> Message:
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}), dst_node_id=1,
-                   message_type=MessageType.TRAIN)
+    return tiny_fed_data(tmp_path_factory, "fed_resume", sites=2)
 
 
 def test_identity_ignores_how_a_run_computes_and_a_damaged_checkpoint_is_refused(tmp_path: Path) -> None:
@@ -46,7 +34,8 @@ def test_identity_ignores_how_a_run_computes_and_a_damaged_checkpoint_is_refused
                                  rounds_done=2, records={"history": [{"round": 1}]}, wall_s=1.5, arrays=arrays)
     checkpoint.save(tmp_path, ckpt)
     back = checkpoint.load(tmp_path, same)
-    assert back is not None and (back.run_token, back.phase, back.rounds_done, back.wall_s) == ("tok", "classifier", 2, 1.5)
+    assert back is not None
+    assert (back.run_token, back.phase, back.rounds_done, back.wall_s) == ("tok", "classifier", 2, 1.5)
     assert back.records == {"history": [{"round": 1}]} and back.where() == "phase 'classifier' after round 2"
     got = back.arrays.to_torch_state_dict()
     assert list(got) == ["a", "b"] and all(torch.equal(got[k], arrays.to_torch_state_dict()[k]) for k in got)
@@ -90,9 +79,9 @@ def test_site_resumes_from_the_round_before_when_it_ran_ahead_of_the_server(
                            seed=0, max_train=8, num_sites=1).to_run_config()
     conf = {"phase": "classifier", "split": "moe", "run-token": "run-A"}
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config)
-    client_app.train(_message({**conf, "server-round": 1}, sent, monkeypatch), ctx)
+    client_app.train(flower_message({**conf, "server-round": 1}, sent, monkeypatch), ctx)
     after_1 = {part: params.from_arrayrecord(ctx.state[f"classifier.{part}"]) for part in ("local", "optim")}
-    reply_2 = client_app.train(_message({**conf, "server-round": 2}, sent, monkeypatch), ctx)
+    reply_2 = client_app.train(flower_message({**conf, "server-round": 2}, sent, monkeypatch), ctx)
     site_dir = tmp_path / "site_0"
     for part in ("local", "optim"):
         assert params.load_local(site_dir / f"classifier_{part}.safetensors")[1]["round"] == 2
@@ -100,7 +89,7 @@ def test_site_resumes_from_the_round_before_when_it_ran_ahead_of_the_server(
         assert meta["round"] == 1 and all(torch.equal(prev[k], after_1[part][k]) for k in prev)
     # a fresh process (empty context.state) resumes: Flower's round 1 with round-offset 1 is round 2
     fresh = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=run_config)
-    msg = _message({**conf, "server-round": 1, "round-offset": 1}, sent, monkeypatch)
+    msg = flower_message({**conf, "server-round": 1, "round-offset": 1}, sent, monkeypatch)
     site = client_app._Site(msg, fresh)
     assert site.round == 2
     restored = site.optimizer_state()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fed_helpers import tiny_fed_data
 from medfedpure.fed import procs
 from medfedpure.fed.config import FedConfig
 from medfedpure.fed.deploy import write_app
@@ -49,12 +50,7 @@ def _flower_ray_pids() -> set[int]:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
-
-    root = tmp_path_factory.mktemp("fed_sim_data") / "synth"
-    generate_synthetic(root, SynthConfig(sites=2, per_site=20, size=32, seed=0), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
+    return tiny_fed_data(tmp_path_factory, "fed_sim_data", sites=2)
 
 
 def test_config_validation_and_run_config_roundtrip(tmp_path: Path) -> None:

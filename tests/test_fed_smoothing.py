@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from fed_helpers import flower_message, tiny_fed_data
+from flwr.app import Context, RecordDict
 from medfedpure.build.config import BundleBuildConfig
 from medfedpure.build.pipeline import BuildPaths, fed_configs, make_steps, purifier_denoiser
 from medfedpure.build.steps import plan_steps, step_keys
@@ -212,19 +212,7 @@ def test_site_round_denoises_with_smoothing_and_not_without(tmp_path: Path, stud
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from medfedpure.data import SynthConfig, generate_synthetic, make_splits
-
-    root = tmp_path_factory.mktemp("fed_smoothing_data") / "synth"
-    generate_synthetic(root, SynthConfig(sites=1, per_site=20, size=32, seed=0), workers=1, progress=False)
-    make_splits(root, seed=0)
-    return root
-
-
-def _message(conf: dict, arrays: object, monkeypatch: pytest.MonkeyPatch) -> Message:
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(conf)}), dst_node_id=1,
-                   message_type=MessageType.TRAIN)
+    return tiny_fed_data(tmp_path_factory, "fed_smoothing_data", sites=1)
 
 
 def test_client_app_rounds_use_the_runs_denoiser(tiny_data: Path, tmp_path: Path, student_run: Path,
@@ -237,7 +225,7 @@ def test_client_app_rounds_use_the_runs_denoiser(tiny_data: Path, tmp_path: Path
                    num_sites=1, smoothing_sigmas="0.12,0.5", denoiser=str(student_run)).to_run_config()
     ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0}, state=RecordDict(), run_config=rc)
     for r in (1, 2):
-        reply = client_app.train(_message({**conf, "server-round": r}, sent, monkeypatch), ctx)
+        reply = client_app.train(flower_message({**conf, "server-round": r}, sent, monkeypatch), ctx)
         assert set(reply.content["arrays"]) == set(sent)  # only the travelling tensors go back
     # max-train 8, batch 8: one batch per round, a quarter of it (2 scans) denoised
     assert counts == {"loads": 1, "calls": 2, "scans": 4}

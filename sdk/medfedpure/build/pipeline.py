@@ -174,7 +174,8 @@ def _data(cfg: BundleBuildConfig, paths: BuildPaths) -> dict[str, Any]:
     return {"fingerprint": meta.get("fingerprint")}
 
 
-def _federate(fed_cfg: FedConfig, federate: Federate, timeout_s: float, deadline: float | None = None) -> dict[str, Any]:
+def _federate(fed_cfg: FedConfig, federate: Federate, timeout_s: float,
+              deadline: float | None = None) -> dict[str, Any]:
     """Run one federation; with the build's ``deadline`` (``time.monotonic()``) it pauses at the first round
     boundary after it."""
     if deadline is not None:

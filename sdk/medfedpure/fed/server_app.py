@@ -216,7 +216,8 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     return metrics
 
 
-def _pause(out: Path, metrics: dict[str, Any], ckpt: checkpoint.Checkpoint, reason: str, t_run: float) -> dict[str, Any]:
+def _pause(out: Path, metrics: dict[str, Any], ckpt: checkpoint.Checkpoint, reason: str,
+           t_run: float) -> dict[str, Any]:
     """Stop at a round boundary: the checkpoint is on disk; leave the reason where the runner looks."""
     metrics["segments"][-1]["wall_s"] = time.perf_counter() - t_run
     ckpt = replace(ckpt, segments=metrics["segments"])
