@@ -331,3 +331,53 @@ def robustness(cfg: Any,
     run_robustness(cfg, out, strategies=chosen, poison_site=poison_site, poison_scale=poison_scale, timeout_s=timeout)
     typer.echo((out / "robustness.md").read_text())
     typer.echo(f"wrote {out}/robustness.json, robustness.md")
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+@app.command()
+def status(run: Path = typer.Argument(..., file_okay=False, help="The run folder (a `fed sim|deploy --out`, or a "
+                                      "bundle build's WORK/fed_* folder)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+    """Where a federated run stands: each phase's rounds and wall time, an estimate of the time left, each site's
+    last-round metrics. Reads the run folder only (also while the run is going)."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from medfedpure.cli.common import console as make_console
+    from medfedpure.fed.status import SITE_METRICS, RunStatusError, run_status
+
+    try:
+        st = run_status(run)
+    except RunStatusError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(st, indent=1, sort_keys=True))
+        return
+    con = make_console(highlight=False)
+    con.print(f"{st['run']}: {st['where']}", markup=False)
+    table = Table("phase", "state", "rounds", "wall", "s / round", "left at this pace")
+    for p in st["phases"]:
+        per_round = p.get("seconds_per_round")
+        table.add_row(p["phase"], p["state"], f"{p['rounds_done']} / {p['rounds']}", _fmt_s(p.get("wall_s")),
+                      "–" if per_round is None else f"{per_round:.0f} s", _fmt_s(p.get("estimate_left_s")))
+    con.print(table)
+    shown = [p for p in st["phases"] if p.get("sites")]
+    if shown:
+        p = shown[-1]
+        cols = [k for k in SITE_METRICS if any(k in m for m in p["sites"].values())]
+        sites = Table("site", *cols, title=f"{escape(p['phase'])}, round {p['last_round']}")
+        for site, m in p["sites"].items():
+            sites.add_row(str(site), *("–" if k not in m else _fmt_s(m[k]) if k == "train_s" else f"{m[k]:.4f}"
+                                       for k in cols))
+        con.print(sites)
+    if st["segments"]:
+        con.print(f"{len(st['segments'])} run segment(s); the last started {st['segments'][-1].get('started_at')}",
+                  markup=False)

@@ -1,0 +1,94 @@
+"""Where a federated run stands, read from its folder while it runs, after it paused, or after it finished.
+
+``run_status(RUN)`` reads ``RUN/config.json``, then the round checkpoint ``RUN/resume/state.json`` (a run in
+progress, stopped or paused) or ``RUN/metrics.json`` (a finished run), and ``RUN/paused.json``. It returns,
+per phase, whether it is done, in progress (rounds done of the run's rounds) or to do, its wall time so far,
+and each site's metrics in the last round recorded; plus an estimate of the time left in the phase in progress
+(its seconds per round so far times the rounds left — an estimate, and labelled so: a phase whose rounds get
+slower, such as the classifier's once its adversarial epochs start, takes longer). Nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from medfedpure.fed.checkpoint import CHECKPOINT_DIR, PAUSED_FILE
+from medfedpure.fed.config import FedConfig
+
+# The per-site numbers shown, in this order, when a row has them.
+SITE_METRICS = ("val_accuracy", "test_accuracy", "val_robust_accuracy", "train_loss", "train_s")
+
+
+class RunStatusError(ValueError):
+    """The folder is not a federated run folder (no readable ``config.json``)."""
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise RunStatusError(f"{path} is not readable JSON: {exc}") from exc
+
+
+def _last_round_by_site(rows: list[dict[str, Any]]) -> tuple[int, dict[int, dict[str, float]]]:
+    """The last round with an evaluate row, and each site's train + evaluate metrics in it."""
+    last = max((int(r["round"]) for r in rows if r.get("kind") == "evaluate"), default=0)
+    sites: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if int(r.get("round", -1)) == last:
+            site = sites.setdefault(int(r.get("site", -1)), {})
+            site.update({k: float(r[k]) for k in SITE_METRICS if k in r})
+    return last, dict(sorted(sites.items()))
+
+
+def run_status(run: str | Path) -> dict[str, Any]:
+    """The status of the federated run in ``run`` (module docstring).
+
+    Raises:
+        RunStatusError: ``run`` has no readable ``config.json`` of a federated run.
+    """
+    run = Path(run)
+    raw = _read_json(run / "config.json")
+    if raw is None or "fed" not in raw:
+        raise RunStatusError(f"{run} is not a federated run folder: no config.json with a 'fed' section "
+                             "(written by medfedpure fed sim | deploy and by each federation of bundle build)")
+    cfg = FedConfig(**raw["fed"])
+    state = _read_json(run / CHECKPOINT_DIR / "state.json")
+    metrics = _read_json(run / "metrics.json")
+    paused = _read_json(run / PAUSED_FILE)
+    finished = bool(metrics and "wall_s" in metrics and state is None)
+    done: dict[str, Any] = dict((metrics if finished else state or {}).get("phases" if finished else "phases_done", {}))
+    phases = []
+    for name in cfg.phases:
+        entry: dict[str, Any] = {"phase": name, "rounds": cfg.rounds}
+        if name in done:
+            p = done[name]
+            last, sites = _last_round_by_site(p.get("per_site", []))
+            entry.update(state="done", rounds_done=cfg.rounds, wall_s=float(p.get("wall_s", 0.0)), last_round=last,
+                         sites=sites)
+        elif state and state.get("phase") == name:
+            n, wall = int(state["rounds_done"]), float(state.get("wall_s", 0.0))
+            last, sites = _last_round_by_site(state.get("records", {}).get("history", []))
+            per_round = wall / n if n else None
+            entry.update(state="in progress", rounds_done=n, wall_s=wall, last_round=last, sites=sites,
+                         seconds_per_round=per_round,
+                         estimate_left_s=None if per_round is None else per_round * (cfg.rounds - n))
+        else:
+            entry.update(state="to do", rounds_done=0)
+        phases.append(entry)
+    if finished:
+        where = "finished"
+    elif paused:
+        where = f"paused {paused.get('where', '')}: {paused.get('reason', '')}"
+    elif state:
+        at = f"phase {state['phase']!r} after round {state['rounds_done']}" if state.get("phase") else "between phases"
+        where = f"checkpointed {at} (running, or stopped: a resumed run continues there)"
+    else:
+        where = "no round finished yet"
+    segments = (metrics if finished else state or {}).get("segments", [])
+    return {"run": str(run), "where": where, "finished": finished, "paused": paused, "phases": phases,
+            "segments": segments, "saved_at": (state or {}).get("saved_at")}

@@ -1,0 +1,71 @@
+"""``medfedpure fed status``: where a federated run stands, read from its folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from medfedpure.cli import app
+from medfedpure.fed import checkpoint
+from medfedpure.fed.config import FedConfig
+from medfedpure.fed.status import RunStatusError, run_status
+from typer.testing import CliRunner
+
+
+def _rows(rnd: int, acc: float) -> list[dict]:
+    return [{"phase": "classifier", "round": rnd, "kind": kind, "site": site, "node": 9, "train_s": 30.0 + site,
+             **({"val_robust_accuracy": acc / 2} if kind == "train" else {"val_accuracy": acc, "test_accuracy": acc + site / 100})}
+            for kind in ("train", "evaluate") for site in (0, 1)]
+
+
+def _run(tmp_path: Path) -> tuple[Path, FedConfig]:
+    run = tmp_path / "run"
+    cfg = FedConfig(data_dir="d", out_dir=str(run), rounds=10, num_sites=2, phases=("classifier", "mae"))
+    cfg.save(run / "config.json")
+    return run, cfg
+
+
+def test_a_run_in_progress_paused_and_finished(tmp_path: Path) -> None:
+    run, cfg = _run(tmp_path)
+    st = run_status(run)
+    assert st["where"] == "no round finished yet" and [p["state"] for p in st["phases"]] == ["to do", "to do"]
+    ckpt = checkpoint.Checkpoint(identity=checkpoint.identity(cfg), run_token="t", phase="classifier", rounds_done=4,
+                                 records={"history": _rows(3, 0.6) + _rows(4, 0.7)}, wall_s=400.0,
+                                 segments=[{"started_at": "x", "resumed_from": None}])
+    checkpoint.save(run, ckpt)
+    st = run_status(run)
+    cls, mae = st["phases"]
+    assert st["where"].startswith("checkpointed phase 'classifier' after round 4") and not st["finished"]
+    assert (cls["state"], cls["rounds_done"], cls["last_round"], cls["seconds_per_round"]) == ("in progress", 4, 4, 100.0)
+    assert cls["estimate_left_s"] == 600.0 and mae["state"] == "to do"
+    assert cls["sites"] == {0: {"val_accuracy": 0.7, "test_accuracy": 0.7, "val_robust_accuracy": 0.35, "train_s": 30.0},
+                            1: {"val_accuracy": 0.7, "test_accuracy": 0.71, "val_robust_accuracy": 0.35, "train_s": 31.0}}
+    checkpoint.write_paused(run, ckpt, "3600 s run in this segment (pause_after_s=3600)")
+    assert run_status(run)["where"] == ("paused phase 'classifier' after round 4: 3600 s run in this segment "
+                                        "(pause_after_s=3600)")
+    # finished: metrics.json with the run's wall time, no checkpoint
+    checkpoint.clear(run)
+    (run / "paused.json").unlink()
+    phases = {name: {"wall_s": 50.0, "per_site": _rows(10, 0.9)} for name in ("classifier", "mae")}
+    (run / "metrics.json").write_text(json.dumps({"phases": phases, "wall_s": 100.0, "segments": [{}, {}]}))
+    st = run_status(run)
+    assert st["finished"] and st["where"] == "finished" and len(st["segments"]) == 2
+    assert [(p["state"], p["rounds_done"], p["wall_s"], p["last_round"]) for p in st["phases"]] == [
+        ("done", 10, 50.0, 10), ("done", 10, 50.0, 10)]
+
+
+def test_command_prints_tables_and_json_and_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    run, cfg = _run(tmp_path)
+    checkpoint.save(run, checkpoint.Checkpoint(identity=checkpoint.identity(cfg), run_token="t", phase="classifier",
+                                               rounds_done=4, records={"history": _rows(4, 0.7)}, wall_s=400.0))
+    res = CliRunner().invoke(app, ["fed", "status", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "4 / 10" in res.output and "100 s" in res.output and "10 min" in res.output and "0.7100" in res.output
+    res = CliRunner().invoke(app, ["fed", "status", str(run), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["phases"][0]["rounds_done"] == 4
+    res = CliRunner().invoke(app, ["fed", "status", str(tmp_path)])
+    assert res.exit_code == 2 and "not a federated run folder" in res.output
+    (run / "resume" / "state.json").write_text("{not json")
+    with pytest.raises(RunStatusError, match="not readable JSON"):
+        run_status(run)
