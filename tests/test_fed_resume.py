@@ -156,6 +156,8 @@ def test_paused_and_resumed_run_equals_the_uninterrupted_run(tiny_data: Path, tm
             got = {k: {n: v for n, v in m.items() if n != "train_s"} for k, m in sliced["phases"][ph][kind].items()}
             want = {k: {n: v for n, v in m.items() if n != "train_s"} for k, m in whole["phases"][ph][kind].items()}
             assert set(got) == {"1", "2", "3"} and got == want, (ph, kind)
+        assert set(sliced["phases"][ph]["round_s"]) == {"1", "2", "3"}  # each round's wall time, over the segments
+        assert all(v > 0 for v in sliced["phases"][ph]["round_s"].values())
 
     # a run started without resume clears whatever checkpoint is there; with resume it keeps it
     from medfedpure.fed.sim import prepare_run_folder

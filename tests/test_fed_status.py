@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,12 @@ def test_a_run_in_progress_paused_and_finished(tmp_path: Path) -> None:
     assert cls["estimate_left_s"] == 600.0 and mae["state"] == "to do"
     assert cls["sites"] == {0: {"val_accuracy": 0.7, "test_accuracy": 0.7, "val_robust_accuracy": 0.35, "train_s": 30.0},
                             1: {"val_accuracy": 0.7, "test_accuracy": 0.71, "val_robust_accuracy": 0.35, "train_s": 31.0}}
+    assert cls["pace"] == "mean so far"
+    # a run that records each round's wall time is paced by its last three rounds (adversarial rounds are slower)
+    timed = replace(ckpt, records={**ckpt.records, "round_s": {"1": 40.0, "2": 90.0, "3": 120.0, "4": 150.0}})
+    checkpoint.save(run, timed)
+    cls = run_status(run)["phases"][0]
+    assert (cls["seconds_per_round"], cls["estimate_left_s"], cls["pace"]) == (120.0, 720.0, "last 3 round(s)")
     checkpoint.write_paused(run, ckpt, "3600 s run in this segment (pause_after_s=3600)")
     assert run_status(run)["where"] == ("paused phase 'classifier' after round 4: 3600 s run in this segment "
                                         "(pause_after_s=3600)")
@@ -66,6 +73,12 @@ def test_command_prints_tables_and_json_and_refuses_a_folder_that_is_not_a_run(t
     assert res.exit_code == 0 and json.loads(res.output)["phases"][0]["rounds_done"] == 4
     res = CliRunner().invoke(app, ["fed", "status", str(tmp_path)])
     assert res.exit_code == 2 and "not a federated run folder" in res.output
+    work = tmp_path / "work"  # a bundle build's work folder names its federations
+    (work / "fed_cls_mae").mkdir(parents=True)
+    (work / "bundle_metrics.json").write_text("{}")
+    cfg.save(work / "fed_cls_mae" / "config.json")
+    res = CliRunner().invoke(app, ["fed", "status", str(work)])
+    assert res.exit_code == 2 and "bundle build's work folder" in res.output and "fed_cls_mae" in res.output
     (run / "resume" / "state.json").write_text("{not json")
     with pytest.raises(RunStatusError, match="not readable JSON"):
         run_status(run)

@@ -367,7 +367,7 @@ def status(run: Path = typer.Argument(..., file_okay=False, help="The run folder
     for p in st["phases"]:
         per_round = p.get("seconds_per_round")
         table.add_row(p["phase"], p["state"], f"{p['rounds_done']} / {p['rounds']}", _fmt_s(p.get("wall_s")),
-                      "–" if per_round is None else f"{per_round:.0f} s", _fmt_s(p.get("estimate_left_s")))
+                      "–" if per_round is None else f"{per_round:.0f} s ({p['pace']})", _fmt_s(p.get("estimate_left_s")))
     con.print(table)
     shown = [p for p in st["phases"] if p.get("sites")]
     if shown:

@@ -139,7 +139,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
 
         strategy.on_evaluated = _progress
         t0 = time.perf_counter()
-        state = {"arrays": arrays, "rounds": done}
+        state = {"arrays": arrays, "round_end": t0}
 
         def _round_done(rnd: int, arrays: Any, phase: str = phase.name, offset: int = done,
                         t0: float = t0, wall_before: float = wall_before, strategy: Any = strategy,
@@ -148,8 +148,10 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
             # (and once before the first round, which is not a round).
             if rnd == 0:
                 return None
-            state.update(arrays=arrays, rounds=offset + rnd)
-            segment["wall_s"] = time.perf_counter() - t_run
+            now = time.perf_counter()
+            strategy.round_s[offset + rnd] = now - state["round_end"]
+            state.update(arrays=arrays, round_end=now)
+            segment["wall_s"] = now - t_run
             ckpt = replace(base, phases_done=metrics["phases"], phase=phase, rounds_done=offset + rnd, arrays=arrays,
                            wall_s=wall_before + time.perf_counter() - t0, records=strategy.records())
             checkpoint.save(out, ckpt)
@@ -197,6 +199,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
             "errors": strategy.errors,
             "train_aggregated": strategy.aggregated["train"],
             "evaluate_aggregated": strategy.aggregated["evaluate"],
+            "round_s": strategy.round_s,
         }
         segment["wall_s"] = time.perf_counter() - t_run
         _write(out, metrics)

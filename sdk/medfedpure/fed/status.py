@@ -4,8 +4,8 @@
 progress, stopped or paused) or ``RUN/metrics.json`` (a finished run), and ``RUN/paused.json``. It returns,
 per phase, whether it is done, in progress (rounds done of the run's rounds) or to do, its wall time so far,
 and each site's metrics in the last round recorded; plus an estimate of the time left in the phase in progress
-(its seconds per round so far times the rounds left — an estimate, and labelled so: a phase whose rounds get
-slower, such as the classifier's once its adversarial epochs start, takes longer). Nothing is written.
+(the mean wall time of its last three rounds, recorded by the server in ``round_s``, times the rounds left; for
+a run that did not record them, the phase's mean so far — an estimate, labelled with the pace it used). Nothing is written.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from medfedpure.fed.config import FedConfig
 
 # The per-site numbers shown, in this order, when a row has them.
 SITE_METRICS = ("val_accuracy", "test_accuracy", "val_robust_accuracy", "train_loss", "train_s")
+RECENT_ROUNDS = 3  # the pace of a phase in progress: its last rounds (they get slower when adversarial epochs start)
 
 
 class RunStatusError(ValueError):
@@ -54,6 +55,11 @@ def run_status(run: str | Path) -> dict[str, Any]:
     run = Path(run)
     raw = _read_json(run / "config.json")
     if raw is None or "fed" not in raw:
+        feds = sorted(p.name for p in run.glob("fed_*") if (p / "config.json").is_file())
+        if (run / "bundle_metrics.json").is_file() and feds:
+            raise RunStatusError(f"{run} is a bundle build's work folder: its federations are "
+                                 f"{', '.join(str(run / f) for f in feds)} (pass one of them); "
+                                 "`medfedpure bundle build … --dry-run` lists the build's steps done and to run")
         raise RunStatusError(f"{run} is not a federated run folder: no config.json with a 'fed' section "
                              "(written by medfedpure fed sim | deploy and by each federation of bundle build)")
     cfg = FedConfig(**raw["fed"])
@@ -72,10 +78,15 @@ def run_status(run: str | Path) -> dict[str, Any]:
                          sites=sites)
         elif state and state.get("phase") == name:
             n, wall = int(state["rounds_done"]), float(state.get("wall_s", 0.0))
-            last, sites = _last_round_by_site(state.get("records", {}).get("history", []))
-            per_round = wall / n if n else None
+            records = state.get("records", {})
+            last, sites = _last_round_by_site(records.get("history", []))
+            # The pace: the last rounds' own wall times where the run recorded them, else the phase's mean.
+            recent = [float(v) for _, v in sorted(records.get("round_s", {}).items(), key=lambda kv: int(kv[0]))]
+            recent = recent[-RECENT_ROUNDS:]
+            per_round = sum(recent) / len(recent) if recent else (wall / n if n else None)
             entry.update(state="in progress", rounds_done=n, wall_s=wall, last_round=last, sites=sites,
                          seconds_per_round=per_round,
+                         pace=f"last {len(recent)} round(s)" if recent else "mean so far",
                          estimate_left_s=None if per_round is None else per_round * (cfg.rounds - n))
         else:
             entry.update(state="to do", rounds_done=0)

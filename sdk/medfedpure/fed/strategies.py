@@ -107,6 +107,7 @@ class ValidatingMixin:
         self.round_offset = 0
         # Flower's weighted averages by round of the phase (its Result numbers a resumed segment from 1).
         self.aggregated: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "evaluate": {}}
+        self.round_s: dict[int, float] = {}  # each round's wall time (train + evaluate), set by the server
 
     def restore_records(self, records: Mapping[str, Any], round_offset: int) -> None:
         """Continue a phase checkpointed after ``round_offset`` rounds with the records it had then."""
@@ -115,12 +116,13 @@ class ValidatingMixin:
         self.errors = list(records.get("errors", []))
         self.aggregated = {kind: {int(r): dict(m) for r, m in records.get("aggregated", {}).get(kind, {}).items()}
                            for kind in ("train", "evaluate")}
+        self.round_s = {int(r): float(v) for r, v in records.get("round_s", {}).items()}
         self.round_offset = int(round_offset)
 
     def records(self) -> dict[str, Any]:
         """The per-site records so far (what :meth:`restore_records` takes back)."""
         return {"history": self.history, "rejected": self.rejected, "errors": self.errors,
-                "aggregated": self.aggregated}
+                "aggregated": self.aggregated, "round_s": self.round_s}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
