@@ -182,6 +182,25 @@ def test_cli_dry_run_lists_the_steps_and_writes_only_the_config(tmp_path):
     assert r.exit_code != 0 and "site=5" in r.output
 
 
+def test_cli_pause_after_reaches_the_build_and_a_pause_exits_75(tmp_path, monkeypatch):
+    from medfedpure.cli import app
+    from medfedpure.fed.sim import FederationPaused
+    from typer.testing import CliRunner
+
+    seen = {}
+
+    def paused(cfg, work, **kw):
+        seen["cfg"] = cfg
+        raise FederationPaused("the federation in W paused phase 'classifier' after round 7 (x)", "x")
+
+    monkeypatch.setattr("medfedpure.build.pipeline.build_bundle", paused)
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(tmp_path / "w"), "--preset", "tiny", "--size", "32",
+                                 "--pause-after", "120"])
+    assert r.exit_code == 75, r.output
+    assert seen["cfg"].pause_after_s == 120.0
+    assert "paused phase 'classifier' after round 7" in r.output and "run the same command again" in r.output
+
+
 # --- the data root of a run folder -------------------------------------------------------------
 
 

@@ -160,8 +160,8 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True,
     paused = out / checkpoint.PAUSED_FILE
     if paused.is_file():
         info = json.loads(paused.read_text())
-        raise FederationPaused(f"the federation paused {info['where']} ({info['reason']}); its checkpoint is in "
-                               f"{checkpoint.folder(out)}: run it again with resume to continue", info["where"])
+        raise FederationPaused(f"the federation in {out} paused {info['where']} ({info['reason']}); its round "
+                               f"checkpoint is in {checkpoint.folder(out)}", info["where"])
     return finish_metrics(out, "sim_wall_s", wall, token, stragglers, leftover)
 
 
