@@ -167,3 +167,43 @@ def test_paused_and_resumed_run_equals_the_uninterrupted_run(tiny_data: Path, tm
     assert checkpoint.load(run, cfg(run)) is not None
     prepare_run_folder(cfg(run))
     assert not (run / "resume").exists()
+
+
+@pytest.mark.slow
+def test_a_running_simulation_pauses_when_asked_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
+    """`fed pause` while the run is going: it stops after the round it is in, consumes the request, and the
+    resumed run finishes the rounds left."""
+    import threading
+    import time
+
+    from medfedpure.fed.sim import FederationPaused, run_sim
+
+    run, rounds = tmp_path / "run", 12
+    cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(run), rounds=rounds, num_sites=2, max_train=8,
+                    phases=("classifier",), calibrate=False)
+    outcome: dict[str, object] = {}
+
+    def go() -> None:
+        try:
+            outcome["metrics"] = run_sim(cfg, progress=False, timeout_s=600)
+        except FederationPaused as exc:
+            outcome["paused"] = exc
+
+    worker = threading.Thread(target=go)
+    worker.start()
+    deadline = time.monotonic() + 300
+    while not (run / "resume" / "state.json").is_file() and worker.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first round's checkpoint: the run is going
+    res = CliRunner().invoke(app, ["fed", "pause", str(run)])
+    assert res.exit_code == 0, res.output
+    worker.join(timeout=600)
+    assert "paused" in outcome, outcome
+    assert "pause requested" in str(outcome["paused"])
+    state = json.loads((run / "resume" / "state.json").read_text())
+    assert state["phase"] == "classifier" and 1 <= state["rounds_done"] < rounds
+    assert not (run / checkpoint.PAUSE_REQUEST_FILE).exists()  # answered
+    assert "pause requested" in json.loads((run / "paused.json").read_text())["reason"]
+    done = run_sim(cfg, progress=False, timeout_s=600, resume=True)
+    assert len(done["segments"]) == 2 and set(done["phases"]["classifier"]["round_s"]) == {
+        str(r) for r in range(1, rounds + 1)}
+    assert not (run / "resume").exists() and not (run / "paused.json").exists()

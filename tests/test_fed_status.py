@@ -82,3 +82,62 @@ def test_command_prints_tables_and_json_and_refuses_a_folder_that_is_not_a_run(t
     (run / "resume" / "state.json").write_text("{not json")
     with pytest.raises(RunStatusError, match="not readable JSON"):
         run_status(run)
+
+
+def test_pause_request_is_written_shown_and_refused_where_nothing_can_pause(tmp_path: Path) -> None:
+    run, cfg = _run(tmp_path)
+    checkpoint.save(run, checkpoint.Checkpoint(identity=checkpoint.identity(cfg), run_token="t", phase="classifier",
+                                               rounds_done=4, records={"history": _rows(4, 0.7)}, wall_s=400.0))
+    res = CliRunner().invoke(app, ["fed", "pause", str(run)])
+    assert res.exit_code == 0, res.output
+    assert "pause requested; it stops after the round in progress (last checkpoint: phase 'classifier' after round 4)" \
+        in res.output
+    req = json.loads((run / checkpoint.PAUSE_REQUEST_FILE).read_text())
+    assert set(req) == {"requested_at", "by"} and req["requested_at"]
+    st = run_status(run)
+    assert st["pause_requested"] == req and f"pause requested at {req['requested_at']}" in st["where"]
+    # the pacer of the running server takes it after the round it is in (never before a first round) ...
+    pacer = checkpoint.Pacer(cfg)
+    assert pacer.due() == ""
+    pacer.tick()
+    assert pacer.due().startswith("pause requested") and req["requested_at"] in pacer.due()
+    # ... unless the run cannot pause (the deployment runtime turns requests off)
+    deployed = checkpoint.Pacer(replace(cfg, pause_on_request=False))
+    deployed.tick()
+    assert deployed.due() == ""
+    checkpoint.clear_request(run)
+    assert checkpoint.Pacer(cfg).due() == "" and run_status(run)["pause_requested"] is None
+
+    # refused: a paused run, a finished run, a deployment run, a folder that is no run
+    checkpoint.write_paused(run, checkpoint.load(run, cfg), "requested")
+    res = CliRunner().invoke(app, ["fed", "pause", str(run)])
+    assert res.exit_code == 2 and "is paused already" in res.output
+    (run / checkpoint.PAUSED_FILE).unlink()
+    replace(cfg, pause_on_request=False).save(run / "config.json")
+    res = CliRunner().invoke(app, ["fed", "pause", str(run)])
+    assert res.exit_code == 2 and "deployment runtime, which cannot pause" in res.output
+    cfg.save(run / "config.json")
+    checkpoint.clear(run)
+    (run / "metrics.json").write_text(json.dumps({"phases": {}, "wall_s": 1.0}))
+    res = CliRunner().invoke(app, ["fed", "pause", str(run)])
+    assert res.exit_code == 2 and "has finished" in res.output
+    res = CliRunner().invoke(app, ["fed", "pause", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and not (tmp_path / "nothing" / checkpoint.PAUSE_REQUEST_FILE).exists()
+    assert not (run / checkpoint.PAUSE_REQUEST_FILE).exists()
+
+
+def test_pause_on_a_build_work_folder_asks_its_unfinished_federation(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    for name, finished in (("fed_purifier", True), ("fed_cls_mae", False)):
+        cfg = FedConfig(data_dir="d", out_dir=str(work / name), rounds=5, num_sites=2)
+        cfg.save(work / name / "config.json")
+        if finished:
+            (work / name / "metrics.json").write_text(json.dumps({"phases": {}, "wall_s": 9.0}))
+    res = CliRunner().invoke(app, ["fed", "pause", str(work)])
+    assert res.exit_code == 0, res.output
+    assert (work / "fed_cls_mae" / checkpoint.PAUSE_REQUEST_FILE).is_file()
+    assert not (work / "fed_purifier" / checkpoint.PAUSE_REQUEST_FILE).exists()
+    assert "fed_cls_mae: pause requested" in res.output and "fed_purifier" not in res.output
+    (work / "fed_cls_mae" / "metrics.json").write_text(json.dumps({"phases": {}, "wall_s": 9.0}))
+    res = CliRunner().invoke(app, ["fed", "pause", str(work)])
+    assert res.exit_code == 2 and "every federation in" in res.output and "nothing to pause" in res.output

@@ -342,6 +342,30 @@ def _fmt_s(seconds: float | None) -> str:
 
 
 @app.command()
+def pause(run: Path = typer.Argument(..., file_okay=False, help="The run folder (a `fed sim --out`), or a bundle "
+                                     "build's work folder (its federation that is running).")) -> None:
+    """Ask a running federated simulation to stop after its current round: it checkpoints and exits with status 75,
+    as with --pause-after. `fed sim --resume` (or the same `bundle build` command) continues it; `fed status RUN`
+    shows when it has stopped. A run that is not going ignores the request (its next start clears it)."""
+    import getpass
+
+    from medfedpure.fed.status import RunStatusError, request_run_pause
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name in this environment: the request says nothing about who
+        user = ""
+    try:
+        asked = request_run_pause(run, by=user)
+    except (RunStatusError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for target, where in asked:
+        typer.echo(f"{target}: pause requested; it stops after the round in progress (last checkpoint: {where}); "
+                   f"`medfedpure fed status {target}` shows when")
+
+
+@app.command()
 def status(run: Path = typer.Argument(..., file_okay=False, help="The run folder (a `fed sim|deploy --out`, or a "
                                       "bundle build's WORK/fed_* folder)."),
            as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:

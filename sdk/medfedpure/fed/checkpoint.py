@@ -15,7 +15,10 @@ removes its checkpoint.
 
 A run may also stop itself at a round boundary (``FedConfig.pause_after_s`` / ``pause_after_rounds``):
 it checkpoints, writes ``RUN/paused.json`` and exits; the runner raises :class:`FederationPaused`.
-That is how a long build proceeds in slices on a machine lent for minutes at a time.
+That is how a long build proceeds in slices on a machine lent for minutes at a time. A running
+simulation also pauses after its current round when asked to (:func:`request_pause`, ``medfedpure fed
+pause RUN``: the file ``RUN/pause_request.json``, consumed by the pause; a run that starts clears a
+stale one).
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ LOG = logging.getLogger("medfedpure.fed")
 
 CHECKPOINT_DIR = "resume"
 PAUSED_FILE = "paused.json"
+PAUSE_REQUEST_FILE = "pause_request.json"
 # Settings that change how (or how fast) a run computes, not what it computes.
-NOT_IDENTITY = ("threads", "device", "round_timeout_s", "pause_after_s", "pause_after_rounds")
+NOT_IDENTITY = ("threads", "device", "round_timeout_s", "pause_after_s", "pause_after_rounds", "pause_on_request")
 _FORMAT = 1
 
 
@@ -146,12 +150,39 @@ class Paused(Exception):  # noqa: N818 (a control-flow signal, not an error)
     """Raised inside the server's round loop when the run's pacing says stop after this round."""
 
 
+def request_pause(out: Path, by: str = "") -> dict[str, Any]:
+    """Ask the run in ``out`` to pause after its current round (writes ``RUN/pause_request.json``); → the request."""
+    req = {"requested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "by": by}
+    tmp = Path(out) / (PAUSE_REQUEST_FILE + ".tmp")
+    tmp.write_text(json.dumps(req))
+    tmp.replace(Path(out) / PAUSE_REQUEST_FILE)
+    return req
+
+
+def pause_requested(out: Path) -> dict[str, Any] | None:
+    """The pending pause request of the run in ``out`` (``None``: none; an unreadable file still counts)."""
+    path = Path(out) / PAUSE_REQUEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        req = json.loads(path.read_text())
+    except (OSError, ValueError):
+        req = None
+    return req if isinstance(req, dict) else {"requested_at": "unknown"}
+
+
+def clear_request(out: Path) -> None:
+    (Path(out) / PAUSE_REQUEST_FILE).unlink(missing_ok=True)
+
+
 class Pacer:
-    """Counts this segment's rounds and seconds against ``pause_after_rounds`` / ``pause_after_s`` (0: never)."""
+    """Counts this segment's rounds and seconds against ``pause_after_rounds`` / ``pause_after_s`` (0: never),
+    and watches for a pause request (``cfg.pause_on_request``)."""
 
     def __init__(self, cfg: FedConfig) -> None:
         self.max_rounds = int(cfg.pause_after_rounds)
         self.max_s = float(cfg.pause_after_s)
+        self.out = Path(cfg.out_dir) if cfg.pause_on_request else None
         self.rounds = 0
         self.t0 = time.monotonic()
 
@@ -167,6 +198,10 @@ class Pacer:
         elapsed = time.monotonic() - self.t0
         if self.max_s and elapsed >= self.max_s:
             return f"{elapsed:.0f} s run in this segment (pause_after_s={self.max_s:g})"
+        req = pause_requested(self.out) if self.out is not None else None
+        if req is not None:
+            by = f" by {req['by']}" if req.get("by") else ""
+            return f"pause requested{by} at {req.get('requested_at', 'unknown')}"
         return ""
 
 

@@ -239,6 +239,9 @@ class FedConfig:
     pause_after_s / pause_after_rounds: stop at the first round boundary after this many seconds /
         rounds of this run segment (0: never), checkpointed; a run started with ``resume`` continues
         there (``fed.checkpoint``). Like ``threads``, not part of what the run computes.
+    pause_on_request: stop at the next round boundary when ``RUN/pause_request.json`` appears
+        (``medfedpure fed pause RUN``), checkpointed like a paced pause. The deployment runtime turns it
+        off (its runs always start afresh). Not part of what the run computes.
     """
 
     data_dir: str
@@ -289,6 +292,7 @@ class FedConfig:
     round_timeout_s: float = 3600.0
     pause_after_s: float = 0.0
     pause_after_rounds: int = 0
+    pause_on_request: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.phases, str):

@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
     if cfg.pause_after_s or cfg.pause_after_rounds:
         raise ValueError("pausing (pause_after_s / pause_after_rounds) is for the simulation runtime: a deployment's "
                          "SuperNodes run at the sites, and it always starts afresh")
-    cfg = prepare_run_folder(cfg)
+    cfg = prepare_run_folder(replace(cfg, pause_on_request=False))
     out = Path(cfg.out_dir)
     app_dir = write_app(cfg, out / "app")
     home = out / ".flwr"

@@ -216,6 +216,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     metrics["wall_s"] = sum(float(s.get("wall_s", 0.0)) for s in segments)
     _write(out, metrics)
     checkpoint.clear(out)
+    checkpoint.clear_request(out)  # came too late: nothing left to pause
     return metrics
 
 
@@ -226,6 +227,7 @@ def _pause(out: Path, metrics: dict[str, Any], ckpt: checkpoint.Checkpoint, reas
     ckpt = replace(ckpt, segments=metrics["segments"])
     checkpoint.save(out, ckpt)
     checkpoint.write_paused(out, ckpt, reason)
+    checkpoint.clear_request(out)  # answered
     metrics["paused"] = {"where": ckpt.where(), "reason": reason}
     _write(out, metrics)
     LOG.info("paused %s: %s", ckpt.where(), reason)

@@ -66,7 +66,8 @@ def prepare_run_folder(cfg: FedConfig, *, resume: bool = False) -> FedConfig:
     cfg = replace(cfg, out_dir=str(out), data_dir=str(Path(cfg.data_dir).resolve()),
                   denoiser=str(Path(cfg.denoiser).resolve()) if cfg.denoiser else "")
     cfg.save(out / "config.json")
-    for stale in ("metrics.json", "server_error.txt", "progress.json", checkpoint.PAUSED_FILE):
+    for stale in ("metrics.json", "server_error.txt", "progress.json", checkpoint.PAUSED_FILE,
+                  checkpoint.PAUSE_REQUEST_FILE):  # a request is for the run that was going when it was made
         (out / stale).unlink(missing_ok=True)  # a stale file would pass for this run's result
     if not resume:
         checkpoint.clear(out)

@@ -1,7 +1,8 @@
 """Where a federated run stands, read from its folder while it runs, after it paused, or after it finished.
 
 ``run_status(RUN)`` reads ``RUN/config.json``, then the round checkpoint ``RUN/resume/state.json`` (a run in
-progress, stopped or paused) or ``RUN/metrics.json`` (a finished run), and ``RUN/paused.json``. It returns,
+progress, stopped or paused) or ``RUN/metrics.json`` (a finished run), ``RUN/paused.json`` and a pending
+``RUN/pause_request.json``. It returns,
 per phase, whether it is done, in progress (rounds done of the run's rounds) or to do, its wall time so far,
 and each site's metrics in the last round recorded; plus an estimate of the time left in the phase in progress
 (the mean wall time of its last three rounds, recorded by the server in ``round_s``, times the rounds left; for
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medfedpure.fed.checkpoint import CHECKPOINT_DIR, PAUSED_FILE
+from medfedpure.fed.checkpoint import CHECKPOINT_DIR, PAUSED_FILE, pause_requested
 from medfedpure.fed.config import FedConfig
 
 # The per-site numbers shown, in this order, when a row has them.
@@ -100,6 +101,50 @@ def run_status(run: str | Path) -> dict[str, Any]:
         where = f"checkpointed {at} (running, or stopped: a resumed run continues there)"
     else:
         where = "no round finished yet"
+    request = None if finished or paused else pause_requested(run)
+    if request is not None:
+        where += f"; pause requested at {request.get('requested_at', 'unknown')} (taken after the current round)"
     segments = (metrics if finished else state or {}).get("segments", [])
-    return {"run": str(run), "where": where, "finished": finished, "paused": paused, "phases": phases,
+    return {"run": str(run), "where": where, "finished": finished, "paused": paused, "pause_requested": request,
+            "phases": phases,
             "segments": segments, "saved_at": (state or {}).get("saved_at")}
+
+
+def request_run_pause(run: str | Path, by: str = "") -> list[tuple[Path, str]]:
+    """Ask the federated simulation in ``run`` to pause after its current round; on a bundle build's work folder,
+    every federation of it that has not finished (the build runs one at a time). → (run folder, its last round
+    checkpoint) for each request written.
+
+    Raises:
+        RunStatusError: not a run folder (or a work folder with federations), a run that finished or is paused
+            already, or a run of the deployment runtime (it cannot pause).
+    """
+    run = Path(run)
+    raw = _read_json(run / "config.json")
+    if raw is not None and "fed" in raw:
+        targets = [run]
+    else:
+        feds = sorted(p for p in run.glob("fed_*") if (p / "config.json").is_file())
+        if not feds:
+            run_status(run)  # raises the error that names what the folder is
+        targets = [p for p in feds if not run_status(p)["finished"]]
+        if not targets:
+            raise RunStatusError(f"every federation in {run} has finished ({', '.join(p.name for p in feds)}): "
+                                 "nothing to pause")
+    asked = []
+    for target in targets:
+        cfg = FedConfig(**json.loads((target / "config.json").read_text())["fed"])
+        st = run_status(target)
+        if not cfg.pause_on_request:
+            raise RunStatusError(f"{target} runs on the deployment runtime, which cannot pause (its runs start afresh)")
+        if st["finished"]:
+            raise RunStatusError(f"{target} has finished: nothing to pause")
+        if st["paused"]:
+            raise RunStatusError(f"{target} is paused already ({st['where']})")
+        from medfedpure.fed.checkpoint import request_pause
+
+        request_pause(target, by)
+        going = [p for p in st["phases"] if p["state"] == "in progress"]
+        asked.append((target, f"phase {going[0]['phase']!r} after round {going[0]['rounds_done']}" if going else
+                      "no round of a phase in progress yet"))
+    return asked
