@@ -12,7 +12,7 @@ same side is an error (pass one of them); clean accuracy and the paper's point, 
 are taken from the first report that has them. Every figure carries its budget: a quick one is an upper bound
 on robustness and is labelled so. Where both sides recorded each scan's outcome on the same scans (the same data
 fingerprint, split and count), the change carries twice its paired standard error; a change below minus that
-is marked as a regression.
+is marked as a regression. Figures on another number of scans than the baseline's are not compared.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _add(out: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
             raise TargetsError(f"site {site}: {key!r} is measured by both {here[key]['source']} and {path}; "
                                "pass one of them")
         entry = {"value": float(value), "budget": budget, "source": str(path), "policy": rep.get("policy"),
-                 "bundle": rep["bundle"]["short_id"], **extra}
+                 "bundle": rep["bundle"]["short_id"], "n": n, **extra}
         if right is not None and scans[0]:
             entry.update(right_by_scan=right, scans=[*scans, n])
         here[key] = entry
@@ -92,7 +92,7 @@ def _add(out: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
             right=block["clean"].get("right_by_scan"), n=block["n"])
         for row in block["rows"]:
             if row.get("eps_label") == "paper" and row.get("skipped") is None:
-                put(site, "paper", row["defended_acc"], first_wins=True)
+                put(site, "paper", row["defended_acc"], first_wins=True, n=block["n"])
         for label, worst in (block.get("worst_rung", {}) if ladder else {}).items():
             put(site, f"{rep['norm']} {label}", worst["robust_acc"], right=worst.get("right_by_scan"),
                 n=block["n"], rung=worst["rung"])
@@ -101,7 +101,8 @@ def _add(out: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
             for radius, acc in zip(c["radii"], c["certified_acc"], strict=True):
                 r = next((t for t in CERT_RADII if math.isclose(radius, t, abs_tol=1e-6)), None)
                 if r is not None:  # one entry per σ; the comparison takes each radius's best σ
-                    put(site, f"cert {r:g} @{float(sigma):g}", acc, sigma=float(sigma), draws=cert["n"])
+                    put(site, f"cert {r:g} @{float(sigma):g}", acc, n=len(c["scans"]) if "scans" in c else None,
+                        sigma=float(sigma), draws=cert["n"])
 
 
 def _paired(a: dict[str, Any], b: dict[str, Any]) -> float | None:
@@ -137,7 +138,9 @@ def compare(cand: dict, base: dict | None) -> dict[str, Any]:
             if "sigma" in f:
                 cell["sigma"] = f["sigma"]
             b = _best((base or {}).get(s, {}), key)
-            if b is not None:
+            if b is not None and None not in (f["n"], b["n"]) and f["n"] != b["n"]:
+                cell["baseline_n_differs"] = [f["n"], b["n"]]  # not comparable: another number of scans
+            elif b is not None:
                 cell["baseline"] = b["value"]
                 cell["change"] = f["value"] - b["value"]
                 se2 = _paired(f, b)
@@ -165,6 +168,8 @@ def markdown(res: dict[str, Any]) -> str:
                 txt += f" (σ {c['sigma']:g})"
             if c["budget"] != "full" and not r["key"].startswith(("clean", "cert")):
                 txt += "*"
+            if "baseline_n_differs" in c:
+                txt += f" (baseline on {c['baseline_n_differs'][1]} scans, not {c['baseline_n_differs'][0]})"
             if "change" in c:
                 se = "" if c["two_se"] is None else f" ± {100 * c['two_se']:.1f}"
                 txt += f" ({100 * c['change']:+.1f}{se}{' ⚠' if c['regression'] else ''})"

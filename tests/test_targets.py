@@ -95,3 +95,14 @@ def test_change_against_a_baseline_is_paired_when_both_recorded_every_scan(tmp_p
     printed = capsys.readouterr().out
     assert "50.0* (-25.0 ⚠)" in printed and "regressions: [('linf 8/255', '0')]" in printed
     assert json.loads(out.read_text())["regressions"] == [["linf 8/255", "0"]]
+
+
+def test_figures_on_another_number_of_scans_are_not_compared(tmp_path: Path) -> None:
+    base = _report(tmp_path / "base.json", worst={"8/255": 0.75})
+    few = json.loads(_report(tmp_path / "few.json", worst={"8/255": 0.5}).read_text())
+    few["per_site"]["0"]["n"] = 2
+    (tmp_path / "few.json").write_text(json.dumps(few))
+    res = targets.compare(targets.figures([tmp_path / "few.json"]), targets.figures([base]))
+    cell = next(r for r in res["rows"] if r["key"] == "linf 8/255")["sites"]["0"]
+    assert cell["baseline_n_differs"] == [2, 4] and "change" not in cell and res["regressions"] == []
+    assert "(baseline on 4 scans, not 2)" in targets.markdown(res)
