@@ -77,11 +77,13 @@ run_eval() {
   return $rc
 }
 
-jobs_list=()
+jobs_list=()  # every site's ladders first, certification (the longest: ≈ 30 min per σ and site at width 1) last
+for k in $SITES; do has linf && jobs_list+=("site${k}_linf $k --attacks ladder --eps 2,4,8 --limit $LIMIT"); done
+for k in $SITES; do has l2 && jobs_list+=("site${k}_l2 $k --attacks ladder --norm l2 --eps 0.5 --limit $LIMIT"); done
 for k in $SITES; do
-  has linf && jobs_list+=("site${k}_linf $k --attacks ladder --eps 2,4,8 --limit $LIMIT")
-  has l2 && jobs_list+=("site${k}_l2 $k --attacks ladder --norm l2 --eps 0.5 --limit $LIMIT")
   has floor && [[ "$k" == "$SITE_POLICY" ]] && jobs_list+=("site${k}_floor $k --attacks ladder --eps 2,8 --policy floor --limit $LIMIT")
+done
+for k in $SITES; do
   has cert && jobs_list+=("site${k}_cert $k --attacks paper --eps 8 --certify-sigmas $CERT_SIGMAS --certify-n $CERT_N --limit $CERT_LIMIT")
 done
 failed=0
