@@ -2,10 +2,11 @@
 
 ``run_status(RUN)`` reads ``RUN/config.json``, then the round checkpoint ``RUN/resume/state.json`` (a run in
 progress, stopped or paused) or ``RUN/metrics.json`` (a finished run), ``RUN/paused.json`` and a pending
-``RUN/pause_request.json``. It returns, per phase, whether it is done, in progress (rounds done of the run's rounds) or to do, its wall time so far,
-and each site's metrics in the last round recorded; plus an estimate of the time left in the phase in progress
-(the mean wall time of its last three rounds, recorded by the server in ``round_s``, times the rounds left; for
-a run that did not record them, the phase's mean so far — an estimate, labelled with the pace it used). Nothing is written.
+``RUN/pause_request.json``. It returns, per phase, whether it is done, in progress (rounds done of the run's
+rounds) or to do, its wall time so far, and each site's metrics in the last round recorded; plus an estimate of
+the time left in the phase in progress (the mean wall time of its last three rounds, recorded by the server in
+``round_s``, times the rounds left; for a run that did not record them, the phase's mean so far — an estimate,
+labelled with the pace it used). Nothing is written; ``request_run_pause`` writes the pause request.
 """
 
 from __future__ import annotations
