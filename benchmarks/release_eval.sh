@@ -13,7 +13,8 @@
 #   linf     the ladder at ℓ∞ 2, 4, 8/255 on all test scans of the site, the bundle's policy → WORK/eval/siteK_linf;
 #   l2       the ladder at ℓ2 0.5 → WORK/eval/siteK_l2;
 #   floor    site SITE_POLICY's ladder at ℓ∞ 2, 8/255 under `floor` (for `bundle choose-policy`) → WORK/eval/siteK_floor;
-#   cert     certification at σ CERT_SIGMAS, n = CERT_N, the first CERT_LIMIT test scans (0: all) → WORK/eval/siteK_cert;
+#   cert     certification at each σ of CERT_SIGMAS, n = CERT_N, the first CERT_LIMIT test scans (0: all)
+#            → WORK/eval/siteK_cert_sσ;
 #   table    benchmarks/targets.py over every report, against the shipped bundle's → WORK/eval/targets.{md,json}.
 # BUDGET=quick (default: what 2 cores allow, an upper bound, labelled in every report) or full (a GPU's job:
 # DEVICE=cuda). JOBS evals run side by side, one torch thread each (default 2: the dev machine's cores).
@@ -28,7 +29,7 @@ BUDGET="${BUDGET:-quick}"
 DEVICE="${DEVICE:-cpu}"
 JOBS="${JOBS:-2}"
 SITE_POLICY="${SITE_POLICY:-2}"
-CERT_SIGMAS="${CERT_SIGMAS:-0.12,0.25,0.5}"
+CERT_SIGMAS="${CERT_SIGMAS:-0.25 0.5 0.12}"  # one report per σ (the longest jobs: ≈ 30 min per σ and site at width 1)
 CERT_N="${CERT_N:-1000}"
 CERT_LIMIT="${CERT_LIMIT:-0}"
 LIMIT="${LIMIT:-0}"  # test scans per site of the ladders (0: all; a smaller number only for a smoke run)
@@ -77,14 +78,16 @@ run_eval() {
   return $rc
 }
 
-jobs_list=()  # every site's ladders first, certification (the longest: ≈ 30 min per σ and site at width 1) last
+jobs_list=()  # every site's ladders first, certification last
 for k in $SITES; do has linf && jobs_list+=("site${k}_linf $k --attacks ladder --eps 2,4,8 --limit $LIMIT"); done
 for k in $SITES; do has l2 && jobs_list+=("site${k}_l2 $k --attacks ladder --norm l2 --eps 0.5 --limit $LIMIT"); done
 for k in $SITES; do
   has floor && [[ "$k" == "$SITE_POLICY" ]] && jobs_list+=("site${k}_floor $k --attacks ladder --eps 2,8 --policy floor --limit $LIMIT")
 done
-for k in $SITES; do
-  has cert && jobs_list+=("site${k}_cert $k --attacks paper --eps 8 --certify-sigmas $CERT_SIGMAS --certify-n $CERT_N --limit $CERT_LIMIT")
+for sigma in $CERT_SIGMAS; do
+  for k in $SITES; do
+    has cert && jobs_list+=("site${k}_cert_s$sigma $k --attacks paper --eps 8 --certify-sigmas $sigma --certify-n $CERT_N --limit $CERT_LIMIT")
+  done
 done
 failed=0
 running=0
@@ -98,7 +101,7 @@ while (( running > 0 )); do wait -n || failed=1; running=$((running - 1)); done
 
 if has table; then
   reports=()
-  for f in "$EVAL"/site*_linf/report.json "$EVAL"/site*_l2/report.json "$EVAL"/site*_cert/report.json; do
+  for f in "$EVAL"/site*_linf/report.json "$EVAL"/site*_l2/report.json "$EVAL"/site*_cert_s*/report.json; do
     [[ -f "$f" ]] && reports+=(--report "$f")
   done
   if (( ${#reports[@]} )); then
