@@ -107,6 +107,7 @@ if has table; then
   if (( ${#reports[@]} )); then
     "$BIN/python" benchmarks/targets.py "${reports[@]}" \
       --baseline "$BASELINE/site?_linf/report.json" --baseline "$BASELINE/site?_l2/report.json" \
+      --baseline "$BASELINE/cert_site?_s*/report.json" \
       --out "$EVAL/targets.json" | tee "$EVAL/targets.md"
     table_rc=${PIPESTATUS[0]}
     (( table_rc == 1 )) && say "regressions against the shipped bundle: see $EVAL/targets.md"
