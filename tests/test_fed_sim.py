@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,18 @@ def _other_run(pid: int, token: str) -> bool:
 
 
 def _new_flower_ray_pids(before: set[int], token: str) -> set[int]:
-    """Ray / Flower processes that appeared since ``before``, other federated runs excepted."""
-    return {p for p in _flower_ray_pids() - before if not _other_run(p, token)}
+    """Ray / Flower processes that appeared since ``before`` and are still there two seconds later, other federated
+    runs excepted. (Another test's run on the other xdist worker starts and ends processes meanwhile: one listed by
+    ``ps`` that exits before its environment is read looks unmarked, and is no leftover of this run.)"""
+
+    def new() -> set[int]:
+        return {p for p in _flower_ray_pids() - before if not _other_run(p, token)}
+
+    found = new()
+    if found:
+        time.sleep(2.0)
+        found &= new()
+    return found
 
 
 def _flower_ray_pids() -> set[int]:
