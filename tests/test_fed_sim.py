@@ -47,6 +47,20 @@ def _new_flower_ray_pids(before: set[int], token: str) -> set[int]:
     return found
 
 
+def _describe(pids: set[int]) -> str:
+    """Each pid's command line and run marker, for an assertion message."""
+    out = []
+    for pid in sorted(pids):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            mark = [e.decode() for e in env if e.startswith(procs.MARKER.encode() + b"=")]
+        except OSError as exc:
+            args, mark = f"({exc})", []
+        out.append(f"{pid}: {args} marker={mark}")
+    return "; ".join(out)
+
+
 def _flower_ray_pids() -> set[int]:
     """This user's live ray / flower processes (by command line)."""
     out = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "pid=,stat=,args="],
@@ -153,7 +167,8 @@ def test_deployment_runtime_two_sites_one_round(tiny_data: Path, tmp_path: Path)
         assert (out / f"site_{k}" / "classifier_local.safetensors").is_file()
     assert (out / "classifier_global.safetensors").is_file() and not (out / "server_error.txt").exists()
     assert m["deploy_wall_s"] > 0 and m["leftover_pids"] == [] and procs.marked_pids(m["proc_token"]) == []
-    assert _new_flower_ray_pids(before, m["proc_token"]) == set()
+    left = _new_flower_ray_pids(before, m["proc_token"])
+    assert left == set(), _describe(left)
 
 
 def test_sigterm_runs_cleanup_and_stops_marked_processes(tmp_path: Path) -> None:
