@@ -22,6 +22,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 
+RAY_FLOWER = ("raylet", "gcs_server", "ray::", "flower-", "flwr-")
+FLOWER = ("flower-", "flwr-")  # the deployment runtime starts no Ray: another test's simulation is no leftover of it
+
+
 def _other_run(pid: int, token: str) -> bool:
     """True when ``pid`` belongs to another federated run (it carries a different run marker)."""
     try:
@@ -32,13 +36,13 @@ def _other_run(pid: int, token: str) -> bool:
     return bool(marks) and marks[0] != f"{procs.MARKER}={token}".encode()
 
 
-def _new_flower_ray_pids(before: set[int], token: str) -> set[int]:
+def _new_flower_ray_pids(before: set[int], token: str, words: tuple[str, ...] = RAY_FLOWER) -> set[int]:
     """Ray / Flower processes that appeared since ``before`` and are still there two seconds later, other federated
     runs excepted. (Another test's run on the other xdist worker starts and ends processes meanwhile: one listed by
     ``ps`` that exits before its environment is read looks unmarked, and is no leftover of this run.)"""
 
     def new() -> set[int]:
-        return {p for p in _flower_ray_pids() - before if not _other_run(p, token)}
+        return {p for p in _flower_ray_pids(words) - before if not _other_run(p, token)}
 
     found = new()
     if found:
@@ -61,14 +65,14 @@ def _describe(pids: set[int]) -> str:
     return "; ".join(out)
 
 
-def _flower_ray_pids() -> set[int]:
+def _flower_ray_pids(words: tuple[str, ...] = RAY_FLOWER) -> set[int]:
     """This user's live ray / flower processes (by command line)."""
     out = subprocess.run(["ps", "-u", str(os.getuid()), "-o", "pid=,stat=,args="],
                          capture_output=True, text=True).stdout
     pids = set()
     for line in out.splitlines():
         pid, stat, args = line.strip().split(None, 2)
-        if "Z" not in stat and any(w in args for w in ("raylet", "gcs_server", "ray::", "flower-", "flwr-")):
+        if "Z" not in stat and any(w in args for w in words):
             pids.add(int(pid))
     return pids
 
@@ -153,7 +157,7 @@ def test_deployment_runtime_two_sites_one_round(tiny_data: Path, tmp_path: Path)
     """SuperLink + 2 SuperNodes on 127.0.0.1, `flwr run`, 1 round of the classifier; everything stopped."""
     from medfedpure.fed.deploy import run_deployment
 
-    before = _flower_ray_pids()
+    before = _flower_ray_pids(FLOWER)
     out = tmp_path / "dep"
     cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=1, num_sites=2, max_train=8,
                     phases=("classifier",), calibrate=False)
@@ -167,7 +171,7 @@ def test_deployment_runtime_two_sites_one_round(tiny_data: Path, tmp_path: Path)
         assert (out / f"site_{k}" / "classifier_local.safetensors").is_file()
     assert (out / "classifier_global.safetensors").is_file() and not (out / "server_error.txt").exists()
     assert m["deploy_wall_s"] > 0 and m["leftover_pids"] == [] and procs.marked_pids(m["proc_token"]) == []
-    left = _new_flower_ray_pids(before, m["proc_token"])
+    left = _new_flower_ray_pids(before, m["proc_token"], FLOWER)
     assert left == set(), _describe(left)
 
 
