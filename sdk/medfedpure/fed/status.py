@@ -126,7 +126,7 @@ def request_run_pause(run: str | Path, by: str = "") -> list[tuple[Path, str]]:
         feds = sorted(p for p in run.glob("fed_*") if (p / "config.json").is_file())
         if not feds:
             run_status(run)  # raises the error that names what the folder is
-        targets = [p for p in feds if not run_status(p)["finished"]]
+        targets = [p for p in feds if not run_status(p)["finished"]]  # finished ones are left alone, not refused
         if not targets:
             raise RunStatusError(f"every federation in {run} has finished ({', '.join(p.name for p in feds)}): "
                                  "nothing to pause")
