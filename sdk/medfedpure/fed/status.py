@@ -121,19 +121,19 @@ def request_run_pause(run: str | Path, by: str = "") -> list[tuple[Path, str]]:
     run = Path(run)
     raw = _read_json(run / "config.json")
     if raw is not None and "fed" in raw:
-        targets = [run]
+        targets = {run: run_status(run)}
     else:
         feds = sorted(p for p in run.glob("fed_*") if (p / "config.json").is_file())
         if not feds:
             run_status(run)  # raises the error that names what the folder is
-        targets = [p for p in feds if not run_status(p)["finished"]]  # finished ones are left alone, not refused
+        statuses = {p: run_status(p) for p in feds}
+        targets = {p: st for p, st in statuses.items() if not st["finished"]}  # finished ones are left alone
         if not targets:
             raise RunStatusError(f"every federation in {run} has finished ({', '.join(p.name for p in feds)}): "
                                  "nothing to pause")
     asked = []
-    for target in targets:
+    for target, st in targets.items():
         cfg = FedConfig(**json.loads((target / "config.json").read_text())["fed"])
-        st = run_status(target)
         if not cfg.pause_on_request:
             raise RunStatusError(f"{target} runs on the deployment runtime, which cannot pause (its runs start afresh)")
         if st["finished"]:
