@@ -15,7 +15,7 @@
 #   floor    site SITE_POLICY's ladder at ℓ∞ 2, 8/255 under `floor` (for `bundle choose-policy`) → WORK/eval/siteK_floor;
 #   cert     certification at each σ of CERT_SIGMAS, n = CERT_N, the first CERT_LIMIT test scans (0: all)
 #            → WORK/eval/siteK_cert_sσ;
-#   table    benchmarks/targets.py over every report, against the shipped bundle's → WORK/eval/targets.{md,json}.
+#   table    benchmarks/targets.py over every report, against the shipped bundle's → WORK/eval/targets.{md,json,png}.
 # BUDGET=quick (default: what 2 cores allow, an upper bound, labelled in every report) or full (a GPU's job:
 # DEVICE=cuda). JOBS evals run side by side, one torch thread each (default 2: the dev machine's cores).
 set -uo pipefail
@@ -108,7 +108,7 @@ if has table; then
     "$BIN/python" benchmarks/targets.py "${reports[@]}" \
       --baseline "$BASELINE/site?_linf/report.json" --baseline "$BASELINE/site?_l2/report.json" \
       --baseline "$BASELINE/cert_site?_s*/report.json" \
-      --out "$EVAL/targets.json" | tee "$EVAL/targets.md"
+      --out "$EVAL/targets.json" --figure "$EVAL/targets.png" | tee "$EVAL/targets.md"
     table_rc=${PIPESTATUS[0]}
     (( table_rc == 1 )) && say "regressions against the shipped bundle: see $EVAL/targets.md"
     (( table_rc == 2 )) && failed=1

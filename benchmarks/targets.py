@@ -2,7 +2,8 @@
 another bundle's reports (the release rule: a candidate worse on any site at any radius is not released).
 
     python benchmarks/targets.py --report 'runs/w2fed/eval_*/report.json' \
-        --baseline 'benchmarks/results/eval/robust5/site?_l*/report.json' --out runs/w2fed/targets.json
+        --baseline 'benchmarks/results/eval/robust5/site?_l*/report.json' --out runs/w2fed/targets.json \
+        --figure runs/w2fed/targets.png
 
 Each report gives, for each site it evaluated: clean accuracy through the defence, the paper's classifier-only
 point (rung 1 at the paper's radius), the worst rung at each radius (ℓ∞ and ℓ2 reports of the whole ladder) and
@@ -187,11 +188,64 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def figure(res: dict[str, Any], path: Path, labels: tuple[str, str] = ("candidate", "baseline")) -> Path:
+    """One panel per target: each site's figure as a bar (beside the baseline's, with ± twice the paired standard
+    error where known), the target as a dashed line, a hatched bar where an attack ran at the quick budget (an upper bound)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    if not rows:
+        raise TargetsError("no target has a figure: nothing to plot")
+    sites = res["sites"]
+    cols = min(3, len(rows))
+    nrows = math.ceil(len(rows) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    has_base = any("baseline" in c for r in rows for c in r["sites"].values())
+    width = 0.38 if has_base else 0.6
+    for ax, r in zip(axes.flat, rows, strict=False):
+        xs = range(len(sites))
+        vals = [100 * r["sites"][s]["value"] if s in r["sites"] else math.nan for s in sites]
+        # clean and certified accuracy do not depend on the attack's budget (as in the table's `*`)
+        quick = [s in r["sites"] and r["sites"][s]["budget"] != "full" and not r["key"].startswith(("clean", "cert"))
+                 for s in sites]
+        err = [100 * (r["sites"].get(s, {}).get("two_se") or 0.0) for s in sites]
+        off = -width / 2 if has_base else 0.0
+        bars = ax.bar([x + off for x in xs], vals, width, yerr=err if has_base else None, capsize=3,
+                      color=["tab:green" if r["sites"].get(s, {}).get("met") else "tab:red" for s in sites],
+                      label=labels[0])
+        for bar, q in zip(bars, quick, strict=True):
+            if q:
+                bar.set_hatch("//")
+        if has_base:
+            base = [100 * r["sites"][s]["baseline"] if "baseline" in r["sites"].get(s, {}) else math.nan
+                    for s in sites]
+            ax.bar([x + width / 2 for x in xs], base, width, color="0.7", label=labels[1])
+        ax.axhline(100 * r["threshold"], color="k", ls="--", lw=1)
+        ax.set_xticks(list(xs), [f"site {s}" for s in sites])
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{r['target']} ≥ {100 * r['threshold']:.0f} %", fontsize=9)
+        ax.set_ylabel("%")
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("targets by site (green: met, red: missed; hatched: quick budget, an upper bound; dashed: target)",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--report", action="append", required=True, help="Report(s) of the candidate (glob patterns).")
     ap.add_argument("--baseline", action="append", default=[], help="Report(s) of the bundle to compare with.")
     ap.add_argument("--out", type=Path, help="Write the comparison as JSON here.")
+    ap.add_argument("--figure", type=Path, help="Draw the targets by site (PNG) here.")
     a = ap.parse_args(argv)
     try:
         cand = figures(_expand(a.report))
@@ -207,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=1))
         print(f"wrote {a.out}")
+    if a.figure:
+        print(f"wrote {figure(res, a.figure)}")
     return 1 if res["regressions"] else 0
 
 

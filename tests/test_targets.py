@@ -106,3 +106,18 @@ def test_figures_on_another_number_of_scans_are_not_compared(tmp_path: Path) -> 
     cell = next(r for r in res["rows"] if r["key"] == "linf 8/255")["sites"]["0"]
     assert cell["baseline_n_differs"] == [2, 4] and "change" not in cell and res["regressions"] == []
     assert "(baseline on 4 scans, not 2)" in targets.markdown(res)
+
+
+def test_figure_draws_one_panel_per_target_and_refuses_an_empty_comparison(tmp_path: Path) -> None:
+    from PIL import Image
+
+    a = _report(tmp_path / "c.json", worst={"2/255": 0.93, "8/255": 0.65}, clean=0.96, right=[1.0, 0.0, 1.0, 1.0])
+    b = _report(tmp_path / "b.json", worst={"2/255": 0.90, "8/255": 0.75}, clean=0.91, right=[1.0, 1.0, 1.0, 1.0])
+    res = targets.compare(targets.figures([a]), targets.figures([b]))
+    assert [r["key"] for r in res["rows"]] == ["linf 8/255", "linf 2/255", "clean", "paper"]
+    out = targets.figure(res, tmp_path / "fig" / "targets.png")
+    with Image.open(out) as im:  # four panels: 3 columns × 2 rows of 4.2 × 3.0 in at 110 dpi
+        assert im.format == "PNG" and im.size == (round(3 * 4.2 * 110), round(2 * 3.0 * 110))
+    with pytest.raises(targets.TargetsError, match="nothing to plot"):
+        targets.figure({"sites": [], "rows": []}, tmp_path / "empty.png")
+    assert not (tmp_path / "empty.png").exists()
