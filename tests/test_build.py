@@ -182,6 +182,30 @@ def test_cli_dry_run_lists_the_steps_and_writes_only_the_config(tmp_path):
     assert r.exit_code != 0 and "site=5" in r.output
 
 
+def test_mae_rounds_reach_the_federation_and_enter_its_step_inputs_only_when_set(tmp_path):
+    from medfedpure.build.pipeline import BuildPaths, fed_configs, make_steps
+    from medfedpure.cli import app
+    from typer.testing import CliRunner
+
+    work = tmp_path / "work"
+    r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dest", str(tmp_path / "dest"), "--dry-run",
+                                 "--preset", "tiny", "--size", "32", "--rounds", "4", "--mae-rounds", "2"])
+    assert r.exit_code == 0, r.output
+    cfg = BundleBuildConfig.from_dict(json.loads((work / "config.json").read_text()))
+    assert (cfg.rounds, cfg.mae_rounds) == (4, 2)
+    paths = BuildPaths(work)
+    cls_mae = fed_configs(cfg, paths)[1]
+    assert (cls_mae.rounds_of("classifier"), cls_mae.rounds_of("mae"), cls_mae.total_rounds) == (4, 2, 6)
+    inputs = {s.name: dict(s.inputs) for s in make_steps(cfg, paths)}
+    assert inputs["fed_cls_mae"]["mae_rounds"] == 2
+    # a build at the default records no such input, so a build made before the option existed keeps its steps
+    default = BundleBuildConfig(preset="tiny", size=32, rounds=4)
+    assert "mae_rounds" not in {s.name: dict(s.inputs) for s in make_steps(default, paths)}["fed_cls_mae"]
+    assert fed_configs(default, paths)[1].rounds_of("mae") == 4
+    with pytest.raises(ValueError, match="mae_rounds"):
+        BundleBuildConfig(mae_rounds=-1)
+
+
 def test_cli_pause_after_reaches_the_build_and_a_pause_exits_75(tmp_path, monkeypatch):
     from medfedpure.cli import app
     from medfedpure.fed.sim import FederationPaused

@@ -55,6 +55,22 @@ def test_identity_ignores_how_a_run_computes_and_a_damaged_checkpoint_is_refused
             FedConfig(data_dir="d", out_dir="o", **bad)
 
 
+def test_mae_rounds_count_per_phase_and_enter_the_identity_only_when_set() -> None:
+    cfg = FedConfig(data_dir="d", out_dir="o", rounds=3, phases=("classifier", "mae", "teacher"))
+    fewer = FedConfig(data_dir="d", out_dir="o", rounds=3, mae_rounds=1, phases=("classifier", "mae", "teacher"))
+    assert [cfg.rounds_of(p) for p in cfg.phases] == [3, 3, 3] and cfg.total_rounds == 9
+    assert [fewer.rounds_of(p) for p in fewer.phases] == [3, 1, 3] and fewer.total_rounds == 7
+    assert [fewer.rounds_before(p) for p in fewer.phases] == [0, 3, 4]
+    # A run checkpointed before the option existed keeps its identity (this config's hash then and now); set, it
+    # is another run.
+    assert checkpoint.identity(FedConfig(data_dir="d", out_dir="o", rounds=3)) == "b9f9a7b00d0a8b5c"
+    assert checkpoint.identity(FedConfig(data_dir="d", out_dir="o", rounds=3, mae_rounds=3)) != "b9f9a7b00d0a8b5c"
+    assert checkpoint.identity(cfg) != checkpoint.identity(fewer)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="mae_rounds"):
+            FedConfig(data_dir="d", out_dir="o", mae_rounds=bad)
+
+
 def test_pacer_never_pauses_before_a_round() -> None:
     pacer = checkpoint.Pacer(FedConfig(data_dir="d", out_dir="o", pause_after_s=1e-9, pause_after_rounds=0))
     assert pacer.due() == ""

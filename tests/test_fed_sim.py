@@ -109,14 +109,15 @@ def test_config_validation_and_run_config_roundtrip(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
-    """All phases + calibration on 2 tiny sites, 2 rounds: run folder, finite metrics, no process left."""
+    """All phases + calibration on 2 tiny sites, 2 rounds (the MAE 1): run folder, finite metrics, no process left."""
     from medfedpure.fed.sim import run_sim
     from medfedpure.models.weights import load_model
 
     before = _flower_ray_pids()
     out = tmp_path / "run"
     # K = 2 is not the default: it reaches the student's metadata only through the run config.
-    cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=2, num_sites=2, max_train=8, student_steps=2)
+    cfg = FedConfig(data_dir=str(tiny_data), out_dir=str(out), rounds=2, mae_rounds=1, num_sites=2, max_train=8,
+                    student_steps=2)
     m = run_sim(cfg, progress=False, timeout_s=600)
 
     for name in ("config.json", "metrics.json", "fed_metrics.png", "mae.safetensors", "teacher.safetensors",
@@ -129,8 +130,10 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert set(m["phases"]) == {"classifier", "mae", "teacher", "student"} and set(m["calibration"]) == {"0", "1"}
     for phase, p in m["phases"].items():
         rows = p["per_site"]
+        rounds = (1,) if phase == "mae" else (1, 2)
+        assert p["rounds"] == len(rounds) and sorted(int(r) for r in p["round_s"]) == list(rounds), phase
         assert {(r["round"], r["kind"], r["site"]) for r in rows} == {
-            (r, k, s) for r in (1, 2) for k in ("train", "evaluate") for s in (0, 1)}, phase
+            (r, k, s) for r in rounds for k in ("train", "evaluate") for s in (0, 1)}, phase
         assert not p["rejected"] and not p["errors"]
         for r in rows:
             vals = [v for k, v in r.items() if isinstance(v, float)]

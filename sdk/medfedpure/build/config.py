@@ -44,6 +44,8 @@ class BundleBuildConfig:
         preset: model and training preset of the federations, ``"tiny"`` (tests) or ``"small"``.
         rounds / local_epochs / max_train: the classifier + MAE federation (rounds per phase, local
             epochs per round, training scans per site, 0: all).
+        mae_rounds: the MAE's rounds in that federation when fewer (or more) than the classifier's
+            (``FedConfig.mae_rounds``; 0: ``rounds``).
         classifier_width: multiplies the classifier's channel counts (``FedConfig.classifier_width``;
             1: the preset's).
         classifier_stem: full-resolution layers before each classifier expert's stages
@@ -107,6 +109,7 @@ class BundleBuildConfig:
     rounds: int = 30
     local_epochs: int = 2
     max_train: int = 0
+    mae_rounds: int = 0
     purifier_rounds: int = 10
     purifier_local_epochs: int = 2
     purifier_max_train: int = 0
@@ -180,6 +183,8 @@ class BundleBuildConfig:
         for name in ("max_train", "purifier_max_train"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 0 (0: every training scan)")
+        if self.mae_rounds < 0:
+            raise ValueError(f"mae_rounds={self.mae_rounds}: must be >= 0 (0: as many as rounds)")
         if self.detector_rounds < 0 or self.detector_local_epochs < 1:
             raise ValueError(f"detector_rounds={self.detector_rounds}, detector_local_epochs="
                              f"{self.detector_local_epochs}: rounds >= 0 (0: no detector), local epochs >= 1")

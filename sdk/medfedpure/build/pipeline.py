@@ -144,7 +144,7 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
     student = {"denoiser": str(purifier_denoiser(cfg, paths))} if cfg.uses_student else {}
     smoothing = {**cfg.smoothing_options(), **cfg.through_options(), **student}
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
-                        local_epochs=cfg.local_epochs, max_train=cfg.max_train, classifier_width=cfg.classifier_width,
+                        mae_rounds=cfg.mae_rounds, local_epochs=cfg.local_epochs, max_train=cfg.max_train, classifier_width=cfg.classifier_width,
                         classifier_stem=cfg.classifier_stem, device=cfg.device, **cfg.adv_options(), **smoothing,
                         **common)
     return purifier, cls_mae
@@ -463,7 +463,7 @@ def make_steps(cfg: BundleBuildConfig, paths: BuildPaths, *, federate: Federate 
     cls_in = {"preset": cfg.preset, "seed": cfg.seed, "rounds": cfg.rounds, "local_epochs": cfg.local_epochs,
               "max_train": cfg.max_train, **over,
               # recorded only when set, so a build at the preset's width and no stem keeps its resumable steps
-              **cfg.changed("classifier_width", "classifier_stem")}
+              **cfg.changed("classifier_width", "classifier_stem", "mae_rounds")}
     cls_after = ("data", "fed_purifier") if cfg.uses_student else ("data",)
     # The calibration's inputs, recorded only when not the defaults, so a build calibrated as before (its site's
     # scans, 5 %, the plain rule) keeps its resumable steps.

@@ -46,6 +46,8 @@ def build(
                                      help="Classifier + MAE federation: local epochs per round."),
     max_train: int = typer.Option(_D["max_train"], "--max-train", min=0,
                                   help="Classifier + MAE federation: training scans per site (0: all)."),
+    mae_rounds: int = typer.Option(_D["mae_rounds"], "--mae-rounds", min=0,
+                                   help="Classifier + MAE federation: the MAE's rounds (0: as many as --rounds)."),
     purifier_rounds: int = typer.Option(_D["purifier_rounds"], "--purifier-rounds", min=1,
                                         help="Purifier federation: rounds per phase."),
     purifier_local_epochs: int = typer.Option(_D["purifier_local_epochs"], "--purifier-local-epochs", min=1,
@@ -135,7 +137,7 @@ def build(
         given = {k: v for k, v in (("t_min", t_min), ("t_max", t_max), ("steps", steps)) if v is not None}
         cfg = BundleBuildConfig(
             sites=sites, per_site=per_site, size=size, site=site, preset=preset, seed=seed, rounds=rounds,
-            local_epochs=local_epochs, max_train=max_train, purifier_rounds=purifier_rounds,
+            local_epochs=local_epochs, max_train=max_train, mae_rounds=mae_rounds, purifier_rounds=purifier_rounds,
             purifier_local_epochs=purifier_local_epochs, purifier_max_train=purifier_max_train,
             purifier_phases=purifier_phases, schedule=replace(PURIFY_DEFAULTS, **given),
             denoise_t_max=denoise_t_max, classifier_width=classifier_width, classifier_stem=classifier_stem,

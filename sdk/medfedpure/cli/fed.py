@@ -59,6 +59,8 @@ RUN_OPTIONS: tuple[inspect.Parameter, ...] = (
 )
 
 FEDERATION_OPTIONS: tuple[inspect.Parameter, ...] = (
+    _option("mae_rounds", int | None, None, "--mae-rounds", min=0,
+            help="The MAE phase's rounds when they should differ from --rounds (0: as many)."),
     _option("strategy", str | None, None, "--strategy", click_type=STRATEGY_CHOICE,
             help="fedavg | fedmedian | fedtrimmedavg | krum (every phase)."),
     _option("phases", str | None, None, "--phases",

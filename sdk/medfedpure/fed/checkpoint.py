@@ -44,12 +44,16 @@ PAUSED_FILE = "paused.json"
 PAUSE_REQUEST_FILE = "pause_request.json"
 # Settings that change how (or how fast) a run computes, not what it computes.
 NOT_IDENTITY = ("threads", "device", "round_timeout_s", "pause_after_s", "pause_after_rounds", "pause_on_request")
+# Settings added after runs were checkpointed: part of the identity only when set, so those runs still resume.
+IDENTITY_WHEN_SET = {"mae_rounds": 0}
 _FORMAT = 1
 
 
 def identity(cfg: FedConfig) -> str:
-    """The hash that ties a checkpoint to a config (every field but :data:`NOT_IDENTITY`)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in NOT_IDENTITY}
+    """The hash that ties a checkpoint to a config (every field but :data:`NOT_IDENTITY`; those of
+    :data:`IDENTITY_WHEN_SET` only when not at their default)."""
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k not in NOT_IDENTITY and not (k in IDENTITY_WHEN_SET and v == IDENTITY_WHEN_SET[k])}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

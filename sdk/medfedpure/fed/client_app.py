@@ -132,7 +132,7 @@ class _Site:
     @property
     def stateful(self) -> bool:
         """Whether this round carries optimizer state and a federation-wide schedule."""
-        return self.phase.stateful and self.round >= 1 and self.run.rounds >= self.round
+        return self.phase.stateful and self.round >= 1 and self.run.rounds_of(self.phase.name) >= self.round
 
     def optimizer_state(self) -> dict[str, torch.Tensor] | None:
         """This site's optimizer state from last round (state → this run's disk file → ``None``)."""
@@ -174,17 +174,18 @@ class _Site:
     def job(self) -> tasks.LocalJob:
         """This round's local training job (seed, schedule position or learning-rate envelope)."""
         run, epochs = self.run, self.run.local_epochs
+        rounds = run.rounds_of(self.phase.name)
         over = run.classifier_overrides()
         if self.stateful:
             # One schedule over the whole federation; per-epoch generators keyed by the global epoch,
             # so the site's seed is fixed for the run (the local-only baseline's seed).
             return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.SITE_STRIDE * self.site, site_dir=self.site_dir,
-                                  schedule=((self.round - 1) * epochs, run.rounds * epochs), classifier_overrides=over,
+                                  schedule=((self.round - 1) * epochs, rounds * epochs), classifier_overrides=over,
                                   denoiser=run.denoiser, denoise_t_max=run.denoise_t_max, device=run.device)
         return tasks.LocalJob(run.preset, epochs, seed=run.seed + tasks.ROUND_STRIDE * self.round + tasks.SITE_STRIDE * self.site,
-                              site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, run.rounds),
+                              site_dir=self.site_dir, lr_scale=tasks.round_lr_scale(self.round, rounds),
                               classifier_overrides=over, denoiser=run.denoiser, denoise_t_max=run.denoise_t_max,
-                              harden=self.round > run.rounds - run.detector_harden_rounds,
+                              harden=self.round > rounds - run.detector_harden_rounds,
                               detector_l2=run.detector_l2, device=run.device)
 
 
@@ -225,7 +226,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     params.set_travelling(model, msg.content["arrays"], s.split)
     data = s.data()
     metrics = s.phase.evaluate(model, data, s.run.seed, s.site_dir)
-    if s.run.rounds and s.round == s.run.rounds:
+    if s.round == s.run.rounds_of(s.phase.name):
         _save_final(s, model)
     record = MetricRecord({"num-examples": len(data.x_val), "site": s.site, **metrics})
     return Message(RecordDict({"metrics": record}), reply_to=msg)
@@ -235,7 +236,7 @@ def _save_final(s: _Site, model: torch.nn.Module) -> None:
     from medfedpure.models.weights import save_model
 
     phase = s.phase
-    extra: dict[str, object] = {"site": s.site, "rounds": s.run.rounds, "split": s.split, "federated": True,
+    extra: dict[str, object] = {"site": s.site, "rounds": s.run.rounds_of(phase.name), "split": s.split, "federated": True,
                                 "role": phase.name, **phase.metadata(s.run)}
     mcfg = phase.config(s.run.preset, s.run.image_size, s.run.classifier_width, s.run.classifier_stem)
     save_model(s.site_dir / phase.site_file, model, mcfg, phase.kind, extra=extra)

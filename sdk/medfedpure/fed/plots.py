@@ -37,11 +37,15 @@ def plot_run(metrics: dict[str, Any], path: Path, phases: tuple[str, ...] | None
     cfg = metrics.get("config", {})
     for ax, phase in zip(axes[0], phases, strict=False):
         key, label = PANEL[phase]
+        rounds: set[int] = set()
         for site, pts in per_site_series(metrics, phase, key).items():
             ax.plot([r for r, _ in pts], [v for _, v in pts], marker="o", label=f"site {site}")
+            rounds.update(int(r) for r, _ in pts)
         ax.set_title(phase)
         ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if rounds:  # whole rounds on the axis even for a phase of one round
+            ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

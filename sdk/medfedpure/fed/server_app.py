@@ -10,7 +10,7 @@ Per phase (in the order of ``phases.PHASES``; what differs between phases is in 
 1. build the phase's model from ``cfg.seed`` (or from the final model of ``Phase.init_from``: the
    student starts from the federated teacher, as distillation requires); the initial travelling
    tensors go to every site;
-2. ``strategy.start`` for ``cfg.rounds`` rounds (train on every site, validate and aggregate,
+2. ``strategy.start`` for the phase's rounds (``cfg.rounds_of``) (train on every site, validate and aggregate,
    federated evaluation on every site); each message carries only the per-round values (phase,
    split, run token; Flower adds the round);
 3. save the result into the run folder, ``RUN/<Phase.server_file>``: the full model
@@ -114,13 +114,14 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     metrics["registration"] = _register(grid, cfg, validation)
     declared = {int(node): int(n) for node, n in metrics["registration"]["declared_by_node"].items()}
     t_run = time.perf_counter()
-    for index, phase in enumerate(PHASES[name] for name in cfg.phases):
+    for phase in (PHASES[name] for name in cfg.phases):
         if resumed and phase.name in resumed.phases_done:
             metrics["phases"][phase.name] = resumed.phases_done[phase.name]
             continue
         if pacer.due():
             return _pause(out, metrics, replace(base, phases_done=metrics["phases"]), pacer.due(), t_run)
         split = phase.split(cfg)
+        n_rounds = cfg.rounds_of(phase.name)
         model, mcfg = _initial_model(cfg, phase, finals)
         strategy = make_strategy(
             cfg.strategy, cfg.num_sites, validation=validation, phase=phase.name, trim_beta=cfg.trim_beta,
@@ -134,8 +135,9 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
             strategy.restore_records(resumed.records, done)
         conf = round_config(phase.name, split, run_token, done)
 
-        def _progress(rnd: int, phase: str = phase.name, index: int = index) -> None:
-            (out / "progress.json").write_text(json.dumps({"phase": phase, "round": rnd, "rounds_done": index * cfg.rounds + rnd}))
+        def _progress(rnd: int, phase: str = phase.name) -> None:
+            before = cfg.rounds_before(phase)
+            (out / "progress.json").write_text(json.dumps({"phase": phase, "round": rnd, "rounds_done": before + rnd}))
 
         strategy.on_evaluated = _progress
         t0 = time.perf_counter()
@@ -143,7 +145,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
 
         def _round_done(rnd: int, arrays: Any, phase: str = phase.name, offset: int = done,
                         t0: float = t0, wall_before: float = wall_before, strategy: Any = strategy,
-                        state: dict[str, Any] = state) -> None:
+                        state: dict[str, Any] = state, n_rounds: int = n_rounds) -> None:
             # Flower's centralised-evaluation hook: called after every round with the global tensors
             # (and once before the first round, which is not a round).
             if rnd == 0:
@@ -157,14 +159,14 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
             checkpoint.save(out, ckpt)
             pacer.tick()
             why = pacer.due()
-            if why and offset + rnd < cfg.rounds:
+            if why and offset + rnd < n_rounds:
                 raise checkpoint.Paused(why)
             return None
 
-        if done < cfg.rounds:
+        if done < n_rounds:
             try:
                 strategy.start(
-                    grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds - done,
+                    grid=grid, initial_arrays=arrays, num_rounds=n_rounds - done,
                     timeout=cfg.round_timeout_s, train_config=conf, evaluate_config=ConfigRecord(dict(conf)),
                     evaluate_fn=_round_done,
                 )
@@ -174,11 +176,11 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
         n_ok = sum(1 for h in strategy.history if h["kind"] == "train")
         if n_ok == 0:
             raise RuntimeError(
-                f"phase {phase.name!r}: no site returned a valid update in {cfg.rounds} round(s); "
+                f"phase {phase.name!r}: no site returned a valid update in {n_rounds} round(s); "
                 f"errors: {strategy.errors[:3]}; dropped: {strategy.rejected[:3]}"
             )
         params.set_travelling(model, state["arrays"], split)
-        extra: dict[str, Any] = {"rounds": cfg.rounds, "strategy": cfg.strategy, "num_sites": cfg.num_sites,
+        extra: dict[str, Any] = {"rounds": n_rounds, "strategy": cfg.strategy, "num_sites": cfg.num_sites,
                                  "federated": True, "role": phase.name, **phase.metadata(cfg)}
         if phase.personalised:  # only what travels is global; each site saves its full model
             save_tensors(
@@ -193,7 +195,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
         metrics["phases"][phase.name] = {
             "split": split,
             "wall_s": wall,
-            "rounds": cfg.rounds,
+            "rounds": n_rounds,
             "per_site": strategy.history,
             "rejected": strategy.rejected,
             "errors": strategy.errors,

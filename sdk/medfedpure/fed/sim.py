@@ -95,7 +95,7 @@ def rounds_checkpointed(cfg: FedConfig) -> tuple[int, str]:
         return 0, ""
     if ckpt is None:
         return 0, ""
-    done = sum(1 for p in cfg.phases if p in ckpt.phases_done) * cfg.rounds + (ckpt.rounds_done if ckpt.phase else 0)
+    done = sum(cfg.rounds_of(p) for p in cfg.phases if p in ckpt.phases_done) + (ckpt.rounds_done if ckpt.phase else 0)
     return done, ckpt.where()
 
 
@@ -116,7 +116,7 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True,
     log_path = out / "fed_sim.log"
     token = procs.new_token()
     env = procs.run_env(token, out / ".flwr")
-    total_rounds = cfg.rounds * len(cfg.phases)
+    total_rounds = cfg.total_rounds
     already, where = rounds_checkpointed(cfg) if resume else (0, "")
     if where:
         logging.getLogger("medfedpure.fed").info("resuming %s: %s", out, where)

@@ -71,11 +71,11 @@ def run_status(run: str | Path) -> dict[str, Any]:
     done: dict[str, Any] = dict((metrics if finished else state or {}).get("phases" if finished else "phases_done", {}))
     phases = []
     for name in cfg.phases:
-        entry: dict[str, Any] = {"phase": name, "rounds": cfg.rounds}
+        entry: dict[str, Any] = {"phase": name, "rounds": cfg.rounds_of(name)}
         if name in done:
             p = done[name]
             last, sites = _last_round_by_site(p.get("per_site", []))
-            entry.update(state="done", rounds_done=cfg.rounds, wall_s=float(p.get("wall_s", 0.0)), last_round=last,
+            entry.update(state="done", rounds_done=cfg.rounds_of(name), wall_s=float(p.get("wall_s", 0.0)), last_round=last,
                          sites=sites)
         elif state and state.get("phase") == name:
             n, wall = int(state["rounds_done"]), float(state.get("wall_s", 0.0))
@@ -88,7 +88,7 @@ def run_status(run: str | Path) -> dict[str, Any]:
             entry.update(state="in progress", rounds_done=n, wall_s=wall, last_round=last, sites=sites,
                          seconds_per_round=per_round,
                          pace=f"last {len(recent)} round(s)" if recent else "mean so far",
-                         estimate_left_s=None if per_round is None else per_round * (cfg.rounds - n))
+                         estimate_left_s=None if per_round is None else per_round * (cfg.rounds_of(name) - n))
         else:
             entry.update(state="to do", rounds_done=0)
         phases.append(entry)
