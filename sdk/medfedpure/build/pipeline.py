@@ -144,8 +144,8 @@ def fed_configs(cfg: BundleBuildConfig, paths: BuildPaths) -> tuple[FedConfig, F
     student = {"denoiser": str(purifier_denoiser(cfg, paths))} if cfg.uses_student else {}
     smoothing = {**cfg.smoothing_options(), **cfg.through_options(), **student}
     cls_mae = FedConfig(out_dir=str(paths.fed_cls_mae), phases=("classifier", "mae"), rounds=cfg.rounds,
-                        mae_rounds=cfg.mae_rounds, local_epochs=cfg.local_epochs, max_train=cfg.max_train, classifier_width=cfg.classifier_width,
-                        classifier_stem=cfg.classifier_stem, device=cfg.device, **cfg.adv_options(), **smoothing,
+                        mae_rounds=cfg.mae_rounds, local_epochs=cfg.local_epochs, max_train=cfg.max_train,
+                        classifier_width=cfg.classifier_width, classifier_stem=cfg.classifier_stem, device=cfg.device, **cfg.adv_options(), **smoothing,
                         **common)
     return purifier, cls_mae
 
