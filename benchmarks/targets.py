@@ -211,7 +211,9 @@ def figure(res: dict[str, Any], path: Path, labels: tuple[str, str] = ("candidat
         # clean and certified accuracy do not depend on the attack's budget (as in the table's `*`)
         quick = [s in r["sites"] and r["sites"][s]["budget"] != "full" and not r["key"].startswith(("clean", "cert"))
                  for s in sites]
-        err = [100 * (r["sites"].get(s, {}).get("two_se") or 0.0) for s in sites]
+        # ± twice the paired standard error only where it is known (no bar otherwise)
+        err = [100 * r["sites"][s]["two_se"] if r["sites"].get(s, {}).get("two_se") is not None else math.nan
+               for s in sites]
         off = -width / 2 if has_base else 0.0
         bars = ax.bar([x + off for x in xs], vals, width, yerr=err if has_base else None, capsize=3,
                       color=["tab:green" if r["sites"].get(s, {}).get("met") else "tab:red" for s in sites],
