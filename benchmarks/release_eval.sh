@@ -12,7 +12,7 @@
 #            the build has not finished);
 #   linf     the ladder at ℓ∞ 2, 4, 8/255 on all test scans of the site, the bundle's policy → WORK/eval/siteK_linf;
 #   l2       the ladder at ℓ2 0.5 → WORK/eval/siteK_l2;
-#   floor    site SITE_POLICY's ladder at ℓ∞ 2, 8/255 under `floor` (for `bundle choose-policy`) → WORK/eval/siteK_floor;
+#   floor    site SITE_POLICY's ℓ∞ ladder under `floor` (for `bundle choose-policy`, against linf's) → WORK/eval/siteK_floor;
 #   cert     certification at each σ of CERT_SIGMAS, n = CERT_N, the first CERT_LIMIT test scans (0: all)
 #            → WORK/eval/siteK_cert_sσ;
 #   table    benchmarks/targets.py over every report, against the shipped bundle's → WORK/eval/targets.{md,json,png}.
@@ -82,7 +82,8 @@ jobs_list=()  # every site's ladders first, certification last
 for k in $SITES; do has linf && jobs_list+=("site${k}_linf $k --attacks ladder --eps 2,4,8 --limit $LIMIT"); done
 for k in $SITES; do has l2 && jobs_list+=("site${k}_l2 $k --attacks ladder --norm l2 --eps 0.5 --limit $LIMIT"); done
 for k in $SITES; do
-  has floor && [[ "$k" == "$SITE_POLICY" ]] && jobs_list+=("site${k}_floor $k --attacks ladder --eps 2,8 --policy floor --limit $LIMIT")
+  # the same ladder as linf's under the other policy: `bundle choose-policy` compares like with like
+  has floor && [[ "$k" == "$SITE_POLICY" ]] && jobs_list+=("site${k}_floor $k --attacks ladder --eps 2,4,8 --policy floor --limit $LIMIT")
 done
 for sigma in $CERT_SIGMAS; do
   for k in $SITES; do
