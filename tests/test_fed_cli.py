@@ -78,7 +78,7 @@ def test_bad_option_is_a_usage_error_and_every_option_is_listed(tmp_path: Path) 
                                    "--sites", "2", "--strategy", "fedsgd"])
     assert res.exit_code == 2 and "strategy" in res.output
     names = {p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS}
-    assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 27
+    assert len(names) == len(RUN_OPTIONS) + len(FEDERATION_OPTIONS) == 28
     fed = typer.main.get_command(app).commands["fed"]  # type: ignore[attr-defined]
     params = {name: [p.name for p in fed.commands[name].params] for name in ("sim", "deploy", "compare")}
     shared = [*(p.name for p in RUN_OPTIONS + FEDERATION_OPTIONS + ADV_OPTIONS + SMOOTHING_OPTIONS), "timeout"]
