@@ -7,7 +7,7 @@ of spread that the calibration rule's promise (the true rate above the target wi
 does not speak of: the other scans' own binomial spread, and which set of POPULATION scans the profile happens to
 be. This simulates both with exchangeable continuous scores (any distribution gives the same ranks):
 
-    python benchmarks/draws_null.py --population 300 --pool 212 --n-cal 100 --flagged 3 --target 0.07 \
+    python benchmarks/draws_null.py --population 300 --pool 212 --n-cal 100 --target 0.07 --confidence 0.9 \
         --observed 0.049,0.102,0.158,0.056 --out benchmarks/results/ffr/draws_null.json
 """
 
@@ -17,31 +17,32 @@ import argparse
 import json
 
 import numpy as np
+from medfedpure.gate.calibration import threshold_at_ffr
 
 
-def share_above(scores: np.ndarray, pool: int, n_cal: int, flagged: int, target: float, draws: int,
+def share_above(scores: np.ndarray, pool: int, n_cal: int, target: float, confidence: float | None, draws: int,
                 rng: np.random.Generator) -> float:
-    """For one set of scores: the share of random calibration draws (n_cal of the first ``pool``; τ leaves
-    ``flagged`` of them above it) whose flagged share of the other scans exceeds ``target``."""
+    """For one set of scores: the share of random calibration draws (n_cal of the first ``pool``, τ by the product's
+    rule, ``gate.calibration.threshold_at_ffr``) whose flagged share of the other scans exceeds ``target``."""
     n = len(scores)
     above = 0
     for _ in range(draws):
         idx = rng.permutation(pool)[:n_cal]
         rest = np.ones(n, bool)
         rest[idx] = False
-        tau = np.sort(scores[idx])[n_cal - flagged - 1]
-        above += int((scores[rest] > tau).mean() > target)
+        tau, _ = threshold_at_ffr(scores[idx], target, confidence=confidence)
+        above += int((scores[rest] >= tau).mean() > target)
     return above / draws
 
 
-def spread(population: int, pool: int, n_cal: int, flagged: int, target: float, populations: int, draws: int,
-           seed: int = 0) -> np.ndarray:
+def spread(population: int, pool: int, n_cal: int, target: float, confidence: float | None, populations: int,
+           draws: int, seed: int = 0) -> np.ndarray:
     """The share above the target for each of ``populations`` independent sets of exchangeable scores."""
-    if not 0 <= flagged < n_cal <= pool <= population:
-        raise ValueError(f"need 0 <= flagged ({flagged}) < n_cal ({n_cal}) <= pool ({pool}) <= population ({population})")
+    if not 0 < n_cal <= pool <= population:
+        raise ValueError(f"need 0 < n_cal ({n_cal}) <= pool ({pool}) <= population ({population})")
     rng = np.random.default_rng(seed)
-    return np.array([share_above(rng.standard_normal(population), pool, n_cal, flagged, target, draws, rng)
-                     for _ in range(populations)])
+    return np.array([share_above(rng.standard_normal(population).astype(np.float32), pool, n_cal, target, confidence,
+                                 draws, rng) for _ in range(populations)])
 
 
 def main() -> None:
@@ -49,15 +50,15 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=300)
     ap.add_argument("--pool", type=int, default=212)
     ap.add_argument("--n-cal", type=int, default=100)
-    ap.add_argument("--flagged", type=int, default=3, help="calibration scans τ leaves above it (the rule's k)")
     ap.add_argument("--target", type=float, default=0.07)
+    ap.add_argument("--confidence", type=float, default=0.9, help="the calibration rule's confidence (0: the plain rule)")
     ap.add_argument("--populations", type=int, default=300)
     ap.add_argument("--draws", type=int, default=400)
     ap.add_argument("--observed", default="", help="measured shares to place in the spread, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     a = ap.parse_args()
-    s = spread(a.population, a.pool, a.n_cal, a.flagged, a.target, a.populations, a.draws, a.seed)
+    s = spread(a.population, a.pool, a.n_cal, a.target, a.confidence or None, a.populations, a.draws, a.seed)
     q = {f"p{int(100 * p)}": float(np.quantile(s, p)) for p in (0.05, 0.5, 0.9, 0.95)}
     print(f"share of draws above {a.target:.0%} on the other {a.population - a.n_cal} scans, {a.populations} sets of "
           f"{a.population} exchangeable scores × {a.draws} draws: mean {s.mean():.3f}, "
