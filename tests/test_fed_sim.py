@@ -152,7 +152,8 @@ def test_simulation_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     assert (student_meta["steps"], student_meta["t_min"], student_meta["t_max"]) == (2, 60, 200)
 
     assert m["leftover_pids"] == [] and procs.marked_pids(m["proc_token"]) == []
-    assert _new_flower_ray_pids(before, m["proc_token"]) == set()
+    left = _new_flower_ray_pids(before, m["proc_token"])
+    assert left == set(), _describe(left)
 
 
 @pytest.mark.slow
