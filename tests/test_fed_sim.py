@@ -26,42 +26,69 @@ RAY_FLOWER = ("raylet", "gcs_server", "ray::", "flower-", "flwr-")
 FLOWER = ("flower-", "flwr-")  # the deployment runtime starts no Ray: another test's simulation is no leftover of it
 
 
-def _other_run(pid: int, token: str) -> bool:
-    """True when ``pid`` belongs to another federated run (it carries a different run marker)."""
+def _marker(pid: int) -> bytes | None:
+    """The run marker in ``pid``'s environment (None when it carries none or cannot be read)."""
     try:
         env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return False
+        return None
     marks = [e for e in env if e.startswith(procs.MARKER.encode() + b"=")]
-    return bool(marks) and marks[0] != f"{procs.MARKER}={token}".encode()
+    return marks[0] if marks else None
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _other_run(pid: int, token: str) -> bool:
+    """True when ``pid`` belongs to another federated run: it, or a process it descends from, carries a
+    different run marker (Ray's agents are the raylet's children, and their environment does not always
+    read back with the marker)."""
+    mine = f"{procs.MARKER}={token}".encode()
+    for _ in range(64):
+        mark = _marker(pid)
+        if mark is not None:
+            return mark != mine
+        pid = _parent(pid)
+        if pid <= 1:
+            return False
+    return False
 
 
 def _new_flower_ray_pids(before: set[int], token: str, words: tuple[str, ...] = RAY_FLOWER) -> set[int]:
-    """Ray / Flower processes that appeared since ``before`` and are still there two seconds later, other federated
+    """Ray / Flower processes that appeared since ``before`` and are still there ten seconds later, other federated
     runs excepted. (Another test's run on the other xdist worker starts and ends processes meanwhile: one listed by
-    ``ps`` that exits before its environment is read looks unmarked, and is no leftover of this run.)"""
+    ``ps`` that exits before its environment is read looks unmarked, and Ray's agents take seconds to go once their
+    raylet has; a leftover of this run stays.)"""
 
     def new() -> set[int]:
         return {p for p in _flower_ray_pids(words) - before if not _other_run(p, token)}
 
     found = new()
-    if found:
+    for _ in range(5):
+        if not found:
+            break
         time.sleep(2.0)
         found &= new()
     return found
 
 
 def _describe(pids: set[int]) -> str:
-    """Each pid's command line and run marker, for an assertion message."""
+    """Each pid's command line, parent, state, environment size and run marker, for an assertion message."""
     out = []
     for pid in sorted(pids):
         try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            mark = [e.decode() for e in env if e.startswith(procs.MARKER.encode() + b"=")]
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()[:80]
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            mark = [e.decode() for e in env.split(b"\0") if e.startswith(procs.MARKER.encode() + b"=")]
         except OSError as exc:
-            args, mark = f"({exc})", []
-        out.append(f"{pid}: {args} marker={mark}")
+            out.append(f"{pid}: ({exc})")
+            continue
+        out.append(f"{pid}: {args} parent={_parent(pid)} state={state} environ={len(env)} B marker={mark}")
     return "; ".join(out)
 
 
@@ -212,3 +239,41 @@ def test_sigterm_runs_cleanup_and_stops_marked_processes(tmp_path: Path) -> None
     assert proc.returncode == 128 + signal.SIGTERM
     assert out.strip() == "left []"
     assert procs.marked_pids(token) == []
+
+
+def test_run_processes_stop_a_descendant_whose_environment_lost_the_marker(tmp_path: Path) -> None:
+    """A marked process's child started with an empty environment (as a process whose environment reads
+    back without the marker) is missed by the marker and stopped by ``RunProcesses`` all the same; a process
+    outside the run is left alone."""
+    import sys
+    import time
+
+    token = procs.new_token()
+    env = procs.run_env(token, tmp_path / ".flwr")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.Popen(['env', '-i', 'sleep', '120']); "
+         "print('ready', flush=True); sys.stdin.read()"],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    outsider = subprocess.Popen(["sleep", "120"])
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        run = procs.RunProcesses(token)
+        deadline = time.monotonic() + 10
+        while len(run.alive()) < 2 and time.monotonic() < deadline:
+            run.poll()
+            time.sleep(0.05)
+        assert procs.marked_pids(token) == [parent.pid]
+        (child,) = set(run.alive()) - {parent.pid}
+        assert Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
+        assert _marker(child) is None and _parent(child) == parent.pid
+        # The parent goes first (its child is re-parented and keeps running): only the tracker still knows the child.
+        parent.kill()
+        parent.wait(timeout=10)
+        assert procs.marked_pids(token) == [] and run.alive() == [child]
+        assert run.stop(grace_s=5.0) == []
+        assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        assert outsider.poll() is None  # not the run's
+    finally:
+        parent.kill()
+        outsider.kill()
+        outsider.wait()

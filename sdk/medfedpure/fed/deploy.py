@@ -168,6 +168,7 @@ def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
     _write_flwr_home(home, link_port)
     token = procs.new_token()
     env = procs.run_env(token, home)
+    run_procs = procs.RunProcesses(token)
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     logs = out / "deploy_logs"
@@ -221,6 +222,7 @@ def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
                 if status.startswith("finished") and not _finished(out / "metrics.json", cfg):
                     raise FederationError(f"the run ended with status {status!r} before finishing; logs in {logs}\n"
                                           + (log_tail(err) if err.is_file() else log_tail(logs / "superlink.log")))
+            run_procs.poll()
             time.sleep(0.5)
         wall = time.perf_counter() - t0
         # Let the ServerApp process finish on its own (it reports the run's end to the SuperLink).
@@ -228,9 +230,10 @@ def _run_deployment(cfg: FedConfig, timeout_s: float) -> dict[str, Any]:
         while procs.marked_pids(token, "serverapp") and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
+        run_procs.poll()
         procs.stop_groups(reversed(started))
-        stragglers = procs.marked_pids(token)
-        leftover = procs.stop_marked(token)
+        stragglers = run_procs.alive()
+        leftover = run_procs.stop()
         for fh in handles:
             fh.close()
     if leftover:

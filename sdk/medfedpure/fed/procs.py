@@ -6,6 +6,8 @@ SuperNodes, their ClientApp and ServerApp subprocesses) inherits the environment
 every process of this user whose environment carries that token (``/proc/<pid>/environ``) and
 stops it (SIGTERM, then SIGKILL after a grace period). Processes that re-parent themselves to
 init (Ray daemons do) are found all the same; processes of other runs are never touched.
+:class:`RunProcesses` also remembers, while the run goes on, every descendant of a marked process,
+so one whose environment reads without the marker when the run ends is stopped all the same.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,9 +84,9 @@ def marked_pids(token: str, cmd_contains: str = "") -> list[int]:
     return sorted(pids)
 
 
-def stop_marked(token: str, grace_s: float = 5.0) -> list[int]:
-    """Stop every process carrying the token; returns the PIDs still alive afterwards (normally [])."""
-    pids = marked_pids(token)
+def _stop(alive: Callable[[], list[int]], grace_s: float) -> list[int]:
+    """SIGTERM to every pid ``alive()`` names, SIGKILL after ``grace_s`` to those still there; the survivors."""
+    pids = alive()
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 2.0)):
         if not pids:
             break
@@ -95,11 +97,75 @@ def stop_marked(token: str, grace_s: float = 5.0) -> list[int]:
                 pass
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            pids = marked_pids(token)
+            pids = alive()
             if not pids:
                 break
             time.sleep(0.1)
-    return marked_pids(token)
+    return alive()
+
+
+def stop_marked(token: str, grace_s: float = 5.0) -> list[int]:
+    """Stop every process carrying the token; returns the PIDs still alive afterwards (normally [])."""
+    return _stop(lambda: marked_pids(token), grace_s)
+
+
+def _table() -> dict[int, tuple[int, str, str]]:
+    """This user's live processes: pid → (parent pid, start time in clock ticks, state)."""
+    uid = os.getuid()
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if d.stat().st_uid != uid:
+                continue
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state, ppid, …; the start time is field 22 of stat (index 19 here).
+        out[int(d.name)] = (int(fields[1]), fields[19], fields[0])
+    return out
+
+
+class RunProcesses:
+    """The processes of one run: those carrying its marker, and every descendant of one of them seen
+    while the run went on (``poll`` it now and then).
+
+    The marker alone can miss a process: Ray's raylet starts agents (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) that outlive it for a while, and a process whose environment cannot be read
+    at the moment of the check looks unmarked. A descendant is remembered by pid and start time, so a
+    pid the system hands to another process later is never stopped.
+    """
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.seen: dict[int, str] = {}  # pid → start time
+
+    def poll(self) -> None:
+        """Remember the marked processes and their descendants as they are now."""
+        table = _table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo = [p for p in marked_pids(self.token) if p in table]
+        while todo:
+            pid = todo.pop()
+            if pid in self.seen and self.seen[pid] == table[pid][1]:
+                continue
+            self.seen[pid] = table[pid][1]
+            todo.extend(children.get(pid, []))
+
+    def alive(self) -> list[int]:
+        """The run's processes still running (zombies excepted), marked or remembered."""
+        table = _table()
+        me = os.getpid()
+        remembered = {p for p, start in self.seen.items() if p in table and table[p][1] == start and table[p][2] != "Z"}
+        return sorted((remembered | set(marked_pids(self.token))) - {me})
+
+    def stop(self, grace_s: float = 5.0) -> list[int]:
+        """Stop every process of the run; returns the PIDs still alive afterwards (normally [])."""
+        self.poll()
+        return _stop(self.alive, grace_s)
 
 
 @contextmanager

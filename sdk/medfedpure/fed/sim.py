@@ -116,6 +116,7 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True,
     log_path = out / "fed_sim.log"
     token = procs.new_token()
     env = procs.run_env(token, out / ".flwr")
+    run_procs = procs.RunProcesses(token)
     total_rounds = cfg.total_rounds
     already, where = rounds_checkpointed(cfg) if resume else (0, "")
     if where:
@@ -140,6 +141,7 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True,
                     break
                 except subprocess.TimeoutExpired:
                     pass
+                run_procs.poll()
                 if bar is not None:
                     bar.set(max(already, _rounds_done(out / "progress.json")))
                 if time.perf_counter() - t0 > timeout_s:
@@ -148,9 +150,10 @@ def run_sim(cfg: FedConfig, *, timeout_s: float = 3600.0, progress: bool = True,
                 bar.set(max(already, _rounds_done(out / "progress.json")))
                 bar.close()
         finally:
+            run_procs.poll()
             procs.stop_groups([proc])
-            stragglers = procs.marked_pids(token)
-            leftover = procs.stop_marked(token)
+            stragglers = run_procs.alive()
+            leftover = run_procs.stop()
     wall = time.perf_counter() - t0
     if rc is None:
         raise FederationError(f"simulation exceeded {timeout_s:.0f} s and was stopped; log {log_path}:\n{log_tail(log_path)}")
