@@ -17,7 +17,8 @@
 #            → WORK/eval/siteK_cert_sσ;
 #   table    benchmarks/targets.py over every report, against the shipped bundle's → WORK/eval/targets.{md,json,png}.
 # BUDGET=quick (default: what 2 cores allow, an upper bound, labelled in every report) or full (a GPU's job:
-# DEVICE=cuda). JOBS evals run side by side, one torch thread each (default 2: the dev machine's cores).
+# DEVICE=cuda). JOBS evals run side by side, one torch thread each (default 2: the dev machine's cores). One instance
+# per work folder (a lock; a second exits with status 4).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-.venv/bin}"
@@ -42,6 +43,9 @@ EVAL="$WORK/eval"
 mkdir -p "$EVAL"
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 say() { echo "[$(date +%H:%M:%S)] $*"; }
+# one instance per work folder: two would start the same evaluation and move its output folder under each other
+exec 9>"$EVAL/.release_eval.lock"
+if ! flock -n 9; then say "another release_eval.sh is working on $WORK (it holds $EVAL/.release_eval.lock)"; exit 4; fi
 
 if has bundles; then
   # every shared step of the build (data, the federations) must be done: otherwise `bundle build` would go on training
