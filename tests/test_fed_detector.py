@@ -86,6 +86,31 @@ def test_detector_round_attacks_the_sites_own_classifier_once(tmp_path: Path) ->
     assert all(0.0 <= ev[k] <= 1.0 for k in ("test_false_flag_rate", "test_auroc_4", "test_auroc_8"))
 
 
+def test_detector_evaluation_keeps_its_attacked_test_scans_and_scores_as_without_them(tmp_path: Path) -> None:
+    """The round's evaluation crafts the PGD copies of the test scans once per classifier: a second call reads them
+    back (files untouched) and gives the same figures as ``train.detector.evaluate_detector`` crafting them afresh;
+    a new classifier invalidates them."""
+    from medfedpure.train.detector import evaluate_detector, load_classifier
+
+    site = tmp_path / "site_0"
+    data = _site_data()
+    _write_classifier(site, seed=1)
+    det = PHASES["detector"].build("tiny", seed=0)[0]
+    first = tasks.evaluate_detector_site(det, data, seed=0, site_dir=site)
+    files = sorted(p.name for p in site.glob("detector_eval_attacked_*.safetensors"))
+    assert files == ["detector_eval_attacked_linf4.safetensors", "detector_eval_attacked_linf8.safetensors"]
+    stamps = [(site / f).stat().st_mtime_ns for f in files]
+    assert tasks.evaluate_detector_site(det, data, seed=0, site_dir=site) == first
+    assert [(site / f).stat().st_mtime_ns for f in files] == stamps
+    fresh = evaluate_detector(det, load_classifier(site / "classifier.safetensors"), torch.from_numpy(data.x_val),
+                              torch.from_numpy(data.x_test), torch.from_numpy(data.y_test), [4 / 255, 8 / 255], seed=1)
+    assert (first["test_auroc_4"], first["test_auroc_8"], first["val_tau"]) == (
+        fresh["auroc"]["4/255"], fresh["auroc"]["8/255"], fresh["tau"])
+    _write_classifier(site, seed=2)
+    tasks.evaluate_detector_site(det, data, seed=0, site_dir=site)
+    assert [(site / f).stat().st_mtime_ns for f in files] != stamps
+
+
 def test_classifier_file_of_another_kind_is_refused(tmp_path: Path) -> None:
     site = tmp_path / "site_0"
     det = AttackDetector(DetectorConfig.preset("tiny"))

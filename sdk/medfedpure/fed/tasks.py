@@ -283,29 +283,39 @@ def _site_classifier(site_dir: Path | None) -> tuple[torch.nn.Module, Path]:
         raise ValueError(f"{path} is not the site's classifier: {exc}") from exc
 
 
-def _attacked_train_set(site_dir: Path, clf: torch.nn.Module, clf_path: Path, x: torch.Tensor, y: torch.Tensor,
-                        cfg: DetectorTrainConfig) -> torch.Tensor:
-    """The detector's attacked copy of the site's training scans, against the site's classifier: computed once
-    and kept in ``SITE/detector_attacked.safetensors`` under a key of the classifier's bytes, the scans and the
-    attack, so that later rounds (often a fresh client process) reuse it. Seeded by ``cfg.seed``."""
+def _cached_attack(path: Path, clf_path: Path, x: torch.Tensor, spec: object,
+                   make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """An attacked copy of ``x`` against the site's classifier, kept in ``path`` under a key of the classifier's
+    bytes, the scans and the attack (``spec``, JSON): the first round computes it (``make``), later rounds — often
+    a fresh client process — read it back. The attack is seeded, so a reused copy is the one a recomputation
+    would give."""
     import hashlib
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    eps, norms = cfg.attacks(len(x))
     h = hashlib.sha256(clf_path.read_bytes())
     h.update(x.numpy().tobytes())
-    h.update(json.dumps([eps.tolist(), norms.tolist(), cfg.attack_steps, cfg.seed]).encode())
-    key, path = h.hexdigest(), site_dir / "detector_attacked.safetensors"
+    h.update(json.dumps(spec).encode())
+    key = h.hexdigest()
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("key") == key:
                 return f.get_tensor("adv")
-    adv = attacked(clf, x, y, eps, steps=cfg.attack_steps, seed=cfg.seed, norm=norms)
-    site_dir.mkdir(parents=True, exist_ok=True)
+    adv = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({"adv": adv.contiguous()}, str(path), metadata={"key": key})
     return adv
+
+
+def _attacked_train_set(site_dir: Path, clf: torch.nn.Module, clf_path: Path, x: torch.Tensor, y: torch.Tensor,
+                        cfg: DetectorTrainConfig) -> torch.Tensor:
+    """The detector's attacked copy of the site's training scans, against the site's classifier: computed once
+    and kept in ``SITE/detector_attacked.safetensors`` (:func:`_cached_attack`). Seeded by ``cfg.seed``."""
+    eps, norms = cfg.attacks(len(x))
+    return _cached_attack(site_dir / "detector_attacked.safetensors", clf_path, x,
+                          [eps.tolist(), norms.tolist(), cfg.attack_steps, cfg.seed],
+                          lambda: attacked(clf, x, y, eps, steps=cfg.attack_steps, seed=cfg.seed, norm=norms))
 
 
 #: The detector's federated rounds train at this fraction of ``DetectorTrainConfig.lr`` (the one-cycle peak of a
@@ -350,11 +360,23 @@ def evaluate_detector_site(model: torch.nn.Module, data: SiteData, seed: int = 0
                            site_dir: Path | None = None) -> dict[str, float]:
     """``val_tau`` (the score's 95 % quantile on the clean validation scans), ``test_false_flag_rate`` at it, and
     ``test_auroc_4`` / ``test_auroc_8``: clean test scans against their PGD-10 ℓ∞ 4 and 8/255 copies on the site's
-    own classifier (``train.detector.evaluate_detector``)."""
-    clf, _ = _site_classifier(site_dir)
+    own classifier (``train.detector.evaluate_detector``). The attacked test scans depend on the classifier and
+    the seed only, not on the detector: the first round computes them, later rounds read them back from
+    ``SITE/detector_eval_attacked_<norm><radius>.safetensors`` (:func:`_cached_attack`)."""
+    clf, clf_path = _site_classifier(site_dir)
+    assert site_dir is not None
+    steps = 10
+
+    def attack(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+        name = f"detector_eval_attacked_{norm}{eps * 255:g}.safetensors" if norm == "linf" else \
+            f"detector_eval_attacked_{norm}{eps:g}.safetensors"
+        return _cached_attack(site_dir / name, clf_path, x, [eps, norm, steps, seed + 1],
+                              lambda: attacked(clf, x, y, eps, steps=steps, seed=seed + 1, norm=norm))
+
     r = evaluate_detector(model, clf, torch.from_numpy(np.ascontiguousarray(data.x_val)),
                           torch.from_numpy(np.ascontiguousarray(data.x_test)),
-                          torch.from_numpy(np.ascontiguousarray(data.y_test)), [4 / 255, 8 / 255], seed=seed + 1)
+                          torch.from_numpy(np.ascontiguousarray(data.y_test)), [4 / 255, 8 / 255], seed=seed + 1,
+                          steps=steps, attack=attack)
     return {"val_tau": float(r["tau"]), "test_false_flag_rate": float(r["false_flag_rate"]),
             "test_auroc_4": float(r["auroc"]["4/255"]), "test_auroc_8": float(r["auroc"]["8/255"])}
 

@@ -283,11 +283,18 @@ def train_detector(det: nn.Module, classifier: Classifier, x: Tensor, y: Tensor,
 
 def evaluate_detector(det: nn.Module, classifier: Classifier, x_cal: Tensor, x: Tensor, y: Tensor,
                       eps: Sequence[float], *, target_false_flag_rate: float = 0.05, seed: int = 1,
-                      steps: int = 10, eps_l2: Sequence[float] = ()) -> dict[str, Any]:
+                      steps: int = 10, eps_l2: Sequence[float] = (),
+                      attack: Callable[[Tensor, Tensor, float, str], Tensor] | None = None) -> dict[str, Any]:
     """τ = the (1 − target) quantile of the score on the clean ``x_cal``; on the clean test scans (x, y) the
     false-flag rate at τ, and per radius (``eps`` ℓ∞, ``eps_l2`` ℓ2; input units) the AUROC clean vs PGD
     against the classifier alone (``steps``, generator ``seed``) and the share of attacked scans flagged
-    at τ. Keys: ``"8/255"`` (ℓ∞), ``"l2 0.5"``."""
+    at τ. Keys: ``"8/255"`` (ℓ∞), ``"l2 0.5"``. ``attack(x, y, radius, norm)`` gives the attacked scans
+    instead of :func:`attacked` (a caller that keeps them across calls; it must return what :func:`attacked`
+    would)."""
+    if attack is None:
+        def attack(xa: Tensor, ya: Tensor, e: float, norm: str) -> Tensor:
+            return attacked(classifier, xa, ya, e, steps=steps, seed=seed, norm=norm)
+
     from medfedpure.gate.calibration import auroc
 
     tau = _tau(det, x_cal, target_false_flag_rate)
@@ -295,7 +302,7 @@ def evaluate_detector(det: nn.Module, classifier: Classifier, x_cal: Tensor, x: 
     out: dict[str, Any] = {"tau": tau, "n_cal": len(x_cal), "n_test": len(x),
                            "false_flag_rate": float((s_clean >= tau).mean()), "auroc": {}, "flagged_attacked": {}}
     for norm, e in [("linf", e) for e in eps] + [("l2", e) for e in eps_l2]:
-        s_adv = detector_scores(det, attacked(classifier, x, y, e, steps=steps, seed=seed, norm=norm))
+        s_adv = detector_scores(det, attack(x, y, e, norm))
         key = f"{e * 255:g}/255" if norm == "linf" else f"l2 {e:g}"
         out["auroc"][key] = auroc(s_clean, s_adv)
         out["flagged_attacked"][key] = float((s_adv >= tau).mean())
