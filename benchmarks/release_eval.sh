@@ -7,8 +7,8 @@
 #   STEPS="bundles linf" SITES="1 3" bash benchmarks/release_eval.sh   # some steps, some sites
 #
 # Steps (STEPS, default all, in this order):
-#   bundles  `bundle build … --site K --dest WORK/bundle_siteK` for every site (the recipe below, which must be the
-#            build's: only the per-site steps run; a missing federation would start it, so this step refuses when
+#   bundles  `bundle build --work WORK --recorded --site K --dest WORK/bundle_siteK` for every site (the build's own
+#            recipe: only the per-site steps run; a missing federation would start it, so this step refuses when
 #            the build has not finished);
 #   linf     the ladder at ℓ∞ 2, 4, 8/255 on all test scans of the site, the bundle's policy → WORK/eval/siteK_linf;
 #   l2       the ladder at ℓ2 0.5 → WORK/eval/siteK_l2;
@@ -34,10 +34,9 @@ CERT_SIGMAS="${CERT_SIGMAS:-0.25 0.5 0.12}"  # one report per σ (the longest jo
 CERT_N="${CERT_N:-1000}"
 CERT_LIMIT="${CERT_LIMIT:-0}"
 LIMIT="${LIMIT:-0}"  # test scans per site of the ladders (0: all; a smaller number only for a smoke run)
-# The candidate's recipe (docs/release.md, step 1) without --work, --site, --dest, --key and --pause-after.
-RECIPE="${RECIPE:---sites 4 --per-site 1200 --adv pgd --adv-eps 8 --adv-steps 5 --adv-start-epoch 20 --rounds 60 \
---classifier-width 2 --robust-val 64 --select robust --smoothing-sigmas 0.25,0.5 --denoise-t-max 520 \
---purifier-rounds 5 --purifier-max-train 420 --detector-rounds 6 --calibrate-on pooled --timeout 30000}"
+# The build's recipe: by default the one recorded in WORK/config.json (`bundle build --recorded`); RECIPE, when set,
+# gives it instead (the build's options without --work, --site, --dest, --key and --pause-after).
+RECIPE="${RECIPE:---recorded}"
 BASELINE="${BASELINE:-benchmarks/results/eval/robust5}"
 EVAL="$WORK/eval"
 mkdir -p "$EVAL"

@@ -182,6 +182,43 @@ def test_cli_dry_run_lists_the_steps_and_writes_only_the_config(tmp_path):
     assert r.exit_code != 0 and "site=5" in r.output
 
 
+def test_recorded_takes_the_recipe_from_the_work_folder_and_the_given_options_from_the_command_line(tmp_path):
+    from medfedpure.cli import app
+    from typer.testing import CliRunner
+
+    work = tmp_path / "work"
+
+    def build(*args: str) -> tuple[int, str]:
+        r = CliRunner().invoke(app, ["bundle", "build", "--work", str(work), "--dry-run", *args])
+        return r.exit_code, " ".join(r.output.replace("│", " ").split())  # the error box's lines joined
+
+    code, out = build("--recorded", "--site", "0")
+    assert code == 2 and "does not exist; run the build once with its options" in out
+    code, out = build("--dest", str(tmp_path / "site2"), "--sites", "3", "--preset", "tiny", "--size", "32",
+                      "--rounds", "4", "--mae-rounds", "2", "--t-max", "150", "--adv", "pgd", "--adv-eps", "8",
+                      "--timeout", "900", "--target-ffr", "0.07", "--site", "2")
+    assert code == 0, out
+    first = json.loads((work / "config.json").read_text())
+    # another site's bundle of the same build: only --site and --dest given
+    code, out = build("--recorded", "--site", "0", "--dest", str(tmp_path / "site0"))
+    assert code == 0, out
+    again = json.loads((work / "config.json").read_text())
+    assert again == {**first, "site": 0, "dest": str(tmp_path / "site0")}
+    assert (again["rounds"], again["mae_rounds"], again["schedule"]["t_max"], again["adv_eps"]) == (4, 2, 150, 8 / 255)
+    assert (again["timeout_s"], again["calibration_target_ffr"]) == (900.0, 0.07)
+    # an option given overrides the record (also one of the schedule's, and a renamed one); the rest stays
+    code, out = build("--recorded", "--rounds", "5", "--t-min", "40", "--pause-after", "60")
+    assert code == 0, out
+    third = json.loads((work / "config.json").read_text())
+    assert third == {**again, "rounds": 5, "schedule": {**again["schedule"], "t_min": 40}, "pause_after_s": 60.0}
+    # another site without its own --dest would install over the recorded site's bundle
+    code, out = build("--recorded", "--site", "1")
+    assert code == 2 and "give --dest for site 1's" in out
+    (work / "config.json").write_text(json.dumps({**first, "roundz": 3}))
+    code, out = build("--recorded")
+    assert code == 2 and "not a bundle build's config" in out and "roundz" in out
+
+
 def test_mae_rounds_reach_the_federation_and_enter_its_step_inputs_only_when_set(tmp_path):
     from medfedpure.build.pipeline import BuildPaths, fed_configs, make_steps
     from medfedpure.cli import app

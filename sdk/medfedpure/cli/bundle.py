@@ -26,10 +26,46 @@ _SCHED = "Default: medfedpure.models.diffusion.PURIFY_DEFAULTS.{}."
 _ADV = {p.name: p.default for p in ADV_OPTIONS}  # the classifier federation's adversarial-training options
 
 
+# `bundle build` options whose config field has another name; t_min / t_max / steps are the schedule's, and
+# work / dry_run / key / recorded are no build options
+_FIELD_OF = {"timeout": "timeout_s", "pause_after": "pause_after_s", "max_bytes": "max_bundle_bytes",
+             "target_ffr": "calibration_target_ffr"}
+_NOT_FIELDS = {"work", "dry_run", "key", "recorded", "t_min", "t_max", "steps"}
+
+
+def _with_recorded(ctx: typer.Context, cfg: BundleBuildConfig, work: Path) -> BundleBuildConfig:
+    """``--recorded``: the recipe recorded in ``WORK/config.json``, with the options given on this command line."""
+    from dataclasses import replace
+
+    from click.core import ParameterSource
+
+    path = work / "config.json"
+    if not path.is_file():
+        raise typer.BadParameter(f"--recorded: {path} does not exist; run the build once with its options")
+    try:
+        rec = BundleBuildConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise typer.BadParameter(f"--recorded: {path} is not a bundle build's config: {exc}") from exc
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    if "site" in given and "dest" not in given and cfg.site != rec.site:
+        raise typer.BadParameter(f"--recorded --site {cfg.site}: the recorded build installs site {rec.site}'s "
+                                 f"bundle in {rec.dest or 'the embedded default bundle'}; give --dest for site "
+                                 f"{cfg.site}'s")
+    over = {_FIELD_OF.get(n, n) for n in given - _NOT_FIELDS}
+    schedule = replace(rec.schedule, **{n: getattr(cfg.schedule, n) for n in ("t_min", "t_max", "steps") if n in given})
+    return replace(rec, schedule=schedule, **{f: getattr(cfg, f) for f in over})
+
+
 @app.command("build")
 def build(
+    ctx: typer.Context,
     work: Path = typer.Option(Path("runs/default_bundle"), "--work", file_okay=False,
                               help="Work folder: data, run folders, staged bundle, config.json, bundle_metrics.json."),
+    recorded: bool = typer.Option(False, "--recorded", help="Every option not given on this command line takes "
+                                  "the value recorded in WORK/config.json by the build's last call: `--work W "
+                                  "--recorded --site 0 --dest D` is the same build's bundle for site 0 (only the "
+                                  "per-site steps run)."),
     dest: Path | None = typer.Option(None, "--dest", file_okay=False,
                                      help="Install the bundle here (default: the package's embedded default bundle)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and the steps that would run; "
@@ -152,6 +188,8 @@ def build(
             **{k: v for k, v in (("smoothing_sigmas", smoothing_sigmas), ("smoothing_frac", smoothing_frac),
                                  ("adv_through_purifier", adv_through_purifier), ("purifier_t", purifier_t),
                                  ("purifier_eot", purifier_eot)) if v is not None})
+        if recorded:
+            cfg = _with_recorded(ctx, cfg, work)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     resolved_device(cfg.device)  # a missing GPU is an error before any step runs
