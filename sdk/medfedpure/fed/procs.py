@@ -131,10 +131,10 @@ class RunProcesses:
     """The processes of one run: those carrying its marker, and every descendant of one of them seen
     while the run went on (``poll`` it now and then).
 
-    The marker alone can miss a process: Ray's raylet starts agents (``ray::DashboardAgent``,
-    ``ray::RuntimeEnvAgent``) that outlive it for a while, and a process whose environment cannot be read
-    at the moment of the check looks unmarked. A descendant is remembered by pid and start time, so a
-    pid the system hands to another process later is never stopped.
+    The marker alone can miss a process: one whose environment reads back without it at the moment of the
+    check looks like no process of the run (CI once saw the raylet's agents, ``ray::DashboardAgent`` and
+    ``ray::RuntimeEnvAgent``, alive and unmarked after a run had stopped everything marked). A descendant is
+    remembered by pid and start time, so a pid the system hands to another process later is never stopped.
     """
 
     def __init__(self, token: str) -> None:
