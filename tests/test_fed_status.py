@@ -10,7 +10,7 @@ import pytest
 from medfedpure.cli import app
 from medfedpure.fed import checkpoint
 from medfedpure.fed.config import FedConfig
-from medfedpure.fed.status import RunStatusError, run_status
+from medfedpure.fed.status import RunStatusError, run_status, work_status
 from typer.testing import CliRunner
 
 
@@ -73,12 +73,33 @@ def test_command_prints_tables_and_json_and_refuses_a_folder_that_is_not_a_run(t
     assert res.exit_code == 0 and json.loads(res.output)["phases"][0]["rounds_done"] == 4
     res = CliRunner().invoke(app, ["fed", "status", str(tmp_path)])
     assert res.exit_code == 2 and "not a federated run folder" in res.output
-    work = tmp_path / "work"  # a bundle build's work folder names its federations
-    (work / "fed_cls_mae").mkdir(parents=True)
+    work = tmp_path / "work"  # a bundle build's work folder: every federation, in the order they started
+    (work / "fed_detector").mkdir(parents=True)  # not a federation yet: no config.json
     (work / "bundle_metrics.json").write_text("{}")
-    cfg.save(work / "fed_cls_mae" / "config.json")
+    with pytest.raises(RunStatusError, match="work folder with federations"):
+        work_status(work)
     res = CliRunner().invoke(app, ["fed", "status", str(work)])
-    assert res.exit_code == 2 and "bundle build's work folder" in res.output and "fed_cls_mae" in res.output
+    assert res.exit_code == 2 and "not a federated run folder" in res.output
+    for name in ("fed_cls_mae", "fed_purifier", "fed_detector"):
+        replace(cfg, out_dir=str(work / name)).save(work / name / "config.json")
+    with pytest.raises(RunStatusError, match="bundle build's work folder"):
+        run_status(work)
+    checkpoint.save(work / "fed_cls_mae", checkpoint.Checkpoint(
+        identity=checkpoint.identity(cfg), run_token="t", phase="classifier", rounds_done=2,
+        records={"history": _rows(2, 0.6)}, wall_s=200.0, segments=[{"started_at": "2026-12-07T21:22:35+0000"}]))
+    (work / "fed_purifier" / "metrics.json").write_text(json.dumps({
+        "phases": {n: {"wall_s": 50.0, "per_site": _rows(10, 0.9)} for n in ("classifier", "mae")}, "wall_s": 100.0,
+        "segments": [{"started_at": "2026-12-07T21:04:13+0000"}]}))
+    st = work_status(work)
+    assert [Path(f["run"]).name for f in st["federations"]] == ["fed_purifier", "fed_cls_mae", "fed_detector"]
+    assert [f["where"].split(" ")[0] for f in st["federations"]] == ["finished", "checkpointed", "no"]
+    res = CliRunner().invoke(app, ["fed", "status", str(work)])
+    assert res.exit_code == 0, res.output
+    at = [res.output.index(f"fed_{n}: ") for n in ("purifier", "cls_mae", "detector")]
+    assert at == sorted(at) and "2 / 10" in res.output and "10 / 10" in res.output
+    res = CliRunner().invoke(app, ["fed", "status", str(work), "--json"])
+    assert res.exit_code == 0 and [f["phases"][0]["rounds_done"] for f in json.loads(res.output)["federations"]] == [
+        10, 2, 0]
     (run / "resume" / "state.json").write_text("{not json")
     with pytest.raises(RunStatusError, match="not readable JSON"):
         run_status(run)

@@ -367,27 +367,13 @@ def pause(run: Path = typer.Argument(..., file_okay=False, help="The run folder 
                    f"`medfedpure fed status {target}` shows when")
 
 
-@app.command()
-def status(run: Path = typer.Argument(..., file_okay=False, help="The run folder (a `fed sim|deploy --out`, or a "
-                                      "bundle build's WORK/fed_* folder)."),
-           as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
-    """Where a federated run stands: each phase's rounds and wall time, an estimate of the time left, each site's
-    last-round metrics. Reads the run folder only (also while the run is going)."""
+def _print_status(con: Any, st: dict[str, Any]) -> None:
+    """One federated run's status: its phases, the last round's per-site metrics, its segments."""
     from rich.markup import escape
     from rich.table import Table
 
-    from medfedpure.cli.common import console as make_console
-    from medfedpure.fed.status import SITE_METRICS, RunStatusError, run_status
+    from medfedpure.fed.status import SITE_METRICS
 
-    try:
-        st = run_status(run)
-    except RunStatusError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    if as_json:
-        typer.echo(json.dumps(st, indent=1, sort_keys=True))
-        return
-    con = make_console(highlight=False)
     con.print(f"{st['run']}: {st['where']}", markup=False)
     table = Table("phase", "state", "rounds", "wall", "s / round", "left at this pace")
     for p in st["phases"]:
@@ -407,3 +393,32 @@ def status(run: Path = typer.Argument(..., file_okay=False, help="The run folder
     if st["segments"]:
         con.print(f"{len(st['segments'])} run segment(s); the last started {st['segments'][-1].get('started_at')}",
                   markup=False)
+
+
+@app.command()
+def status(run: Path = typer.Argument(..., file_okay=False, help="The run folder (a `fed sim|deploy --out`), or a "
+                                      "bundle build's work folder (every federation of it) or one of its WORK/fed_* "
+                                      "folders."),
+           as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")) -> None:
+    """Where a federated run stands: each phase's rounds and wall time, an estimate of the time left, each site's
+    last-round metrics. On a bundle build's work folder, each of its federations in the order they started. Reads
+    the run folder only (also while the run is going)."""
+    from medfedpure.cli.common import console as make_console
+    from medfedpure.fed.status import RunStatusError, run_status, work_status
+
+    try:
+        try:
+            st = run_status(run)
+        except RunStatusError:
+            if not any((p / "config.json").is_file() for p in run.glob("fed_*")):
+                raise
+            st = work_status(run)
+    except RunStatusError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(st, indent=1, sort_keys=True))
+        return
+    con = make_console(highlight=False)
+    for one in st.get("federations", [st]):
+        _print_status(con, one)

@@ -109,6 +109,27 @@ def run_status(run: str | Path) -> dict[str, Any]:
             "phases": phases, "segments": segments, "saved_at": (state or {}).get("saved_at")}
 
 
+def work_status(work: str | Path) -> dict[str, Any]:
+    """The status of every federation of a bundle build's work folder (``WORK/fed_*``), in the order they started
+    (those not started yet last): ``{"work": …, "federations": [run_status(fed), …]}``.
+
+    Raises:
+        RunStatusError: ``work`` holds no federation's run folder.
+    """
+    work = Path(work)
+    feds = [p for p in work.glob("fed_*") if (p / "config.json").is_file()]
+    if not feds:
+        raise RunStatusError(f"{work} is neither a federated run folder nor a bundle build's work folder with "
+                             "federations (WORK/fed_*/config.json)")
+    statuses = [run_status(p) for p in feds]
+
+    def started(st: dict[str, Any]) -> tuple[int, str, str]:
+        first = st["segments"][0].get("started_at", "") if st["segments"] else ""
+        return (0, first, st["run"]) if first else (1, "", st["run"])
+
+    return {"work": str(work), "federations": sorted(statuses, key=started)}
+
+
 def request_run_pause(run: str | Path, by: str = "") -> list[tuple[Path, str]]:
     """Ask the federated simulation in ``run`` to pause after its current round; on a bundle build's work folder,
     every federation of it that has not finished (the build runs one at a time). → (run folder, its last round
