@@ -454,6 +454,37 @@ def test_bundle_build_end_to_end_and_resume(tmp_path):
     assert rec.val_false_flag_rate == pytest.approx(int(0.34 * n_val[1]) / n_val[1]) and rec.val_false_flag_rate > 0
     assert vb.spec.gate.calibration.val_false_flag_rate == 0
 
+    # benchmarks/release_eval.sh's bundles step: site 0's bundle by the recipe the work folder recorded (the last
+    # build's, target 0.34), signed by the candidate key; a second instance on the same work folder is refused
+    import fcntl
+    import os
+    import subprocess
+    import sys
+
+    from medfedpure.export.signing import generate_key_pair
+
+    root = Path(__file__).resolve().parents[1]
+    key = tmp_path / "keys" / "candidate"
+    generate_key_pair(key.parent, "candidate")
+    env = {**os.environ, "WORK": str(work), "KEY": str(key), "STEPS": "bundles", "SITES": "0",
+           "BIN": str(Path(sys.executable).parent)}
+    script = ["bash", str(root / "benchmarks" / "release_eval.sh")]
+    r = subprocess.run(script, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "site 0: bundle → " in r.stdout
+    site0 = verify_bundle(work / "bundle_site0", trusted_keys=[key.parent / "candidate.pub.pem"])
+    assert site0.signer is not None and site0.signer.name == "candidate"
+    assert site0.spec.gate.calibration.target_false_flag_rate == 0.34 and site0.bundle_id != verify_bundle(dest).bundle_id
+    assert json.loads((work / "bundle_site0" / "manifest.json").read_text())["provenance"]["site"] == 0
+    log = (work / "eval" / "bundle_site0.log").read_text()
+    assert "fed_cls_mae: skipped" in log and "merge: running (inputs changed: site)" in log
+    with open(work / "eval" / ".release_eval.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = subprocess.run(script, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4 and "another release_eval.sh is working on" in r.stdout
+    r = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "bundle_site0 exists" in r.stdout
+
 
 def test_bundle_build_with_a_detector_federation_ships_the_learned_gate(tmp_path):
     from medfedpure.build.pipeline import build_bundle
