@@ -36,11 +36,9 @@ def _marker(pid: int) -> bytes | None:
     return marks[0] if marks else None
 
 
-def _parent(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
+def _parent(pid: int, table: dict[int, procs.ProcInfo] | None = None) -> int:
+    info = (procs.process_table() if table is None else table).get(pid)
+    return info.ppid if info is not None else 0
 
 
 def _other_run(pid: int, token: str) -> bool:
@@ -48,11 +46,12 @@ def _other_run(pid: int, token: str) -> bool:
     different run marker (Ray's agents are the raylet's children, and their environment does not always
     read back with the marker)."""
     mine = f"{procs.MARKER}={token}".encode()
+    table = procs.process_table()
     for _ in range(64):
         mark = _marker(pid)
         if mark is not None:
             return mark != mine
-        pid = _parent(pid)
+        pid = _parent(pid, table)
         if pid <= 1:
             return False
     return False

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 MARKER = "MEDFEDPURE_FED_RUN"
 
@@ -51,36 +52,59 @@ def run_env(token: str, flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def marked_pids(token: str, cmd_contains: str = "") -> list[int]:
-    """PIDs of this user's live processes whose environment carries ``MARKER=token``
-    (and whose command line contains ``cmd_contains``, when given)."""
-    needle = f"{MARKER}={token}".encode()
-    me = os.getpid()
+class ProcInfo(NamedTuple):
+    ppid: int
+    start: str  # start time in clock ticks since boot: with the pid, names one process for good
+    state: str
+    marked: bool  # its environment carries the run's marker
+
+
+def process_table(token: str | None = None) -> dict[int, ProcInfo]:
+    """This user's live processes in one walk of ``/proc``: pid → parent, start time, state and whether
+    the environment carries ``MARKER=token`` (never, without a token)."""
+    needle = f"{MARKER}={token}".encode() if token is not None else None
     uid = os.getuid()
-    pids = []
+    out = {}
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
-            continue
-        pid = int(d.name)
-        if pid == me:
             continue
         try:
             if d.stat().st_uid != uid:
                 continue
-            env = (d / "environ").read_bytes()
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            # After the command name: state, ppid, …; the start time is field 22 of stat (index 19 here).
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if state == "Z":  # a zombie holds nothing; its parent reaps it
+        marked = False
+        if needle is not None:
+            try:  # an unreadable environment is an unmarked process, still one of the table (and a descendant)
+                marked = needle in (d / "environ").read_bytes().split(b"\0")
+            except OSError:
+                pass
+        out[int(d.name)] = ProcInfo(int(fields[1]), fields[19], fields[0], marked)
+    return out
+
+
+def marked_pids(token: str, cmd_contains: str = "") -> list[int]:
+    """PIDs of this user's live processes whose environment carries ``MARKER=token``
+    (and whose command line contains ``cmd_contains``, when given)."""
+    return _marked(process_table(token), cmd_contains)
+
+
+def _marked(table: dict[int, ProcInfo], cmd_contains: str = "") -> list[int]:
+    """The marked live processes of ``table`` (zombies hold nothing: their parent reaps them), this one excepted."""
+    me = os.getpid()
+    pids = []
+    for pid, proc in table.items():
+        if pid == me or not proc.marked or proc.state == "Z":
             continue
-        if needle in env.split(b"\0"):
-            if cmd_contains:
-                try:
-                    if cmd_contains.encode() not in (d / "cmdline").read_bytes():
-                        continue
-                except OSError:
+        if cmd_contains:
+            try:
+                if cmd_contains.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
                     continue
-            pids.append(pid)
+            except OSError:
+                continue
+        pids.append(pid)
     return sorted(pids)
 
 
@@ -109,24 +133,6 @@ def stop_marked(token: str, grace_s: float = 5.0) -> list[int]:
     return _stop(lambda: marked_pids(token), grace_s)
 
 
-def _table() -> dict[int, tuple[int, str, str]]:
-    """This user's live processes: pid → (parent pid, start time in clock ticks, state)."""
-    uid = os.getuid()
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if d.stat().st_uid != uid:
-                continue
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the command name: state, ppid, …; the start time is field 22 of stat (index 19 here).
-        out[int(d.name)] = (int(fields[1]), fields[19], fields[0])
-    return out
-
-
 class RunProcesses:
     """The processes of one run: those carrying its marker, and every descendant of one of them seen
     while the run went on (``poll`` it now and then).
@@ -143,24 +149,24 @@ class RunProcesses:
 
     def poll(self) -> None:
         """Remember the marked processes and their descendants as they are now."""
-        table = _table()
+        table = process_table(self.token)
         children: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
-        todo = [p for p in marked_pids(self.token) if p in table]
+        for pid, proc in table.items():
+            children.setdefault(proc.ppid, []).append(pid)
+        todo = _marked(table)
         while todo:
             pid = todo.pop()
-            if pid in self.seen and self.seen[pid] == table[pid][1]:
+            if self.seen.get(pid) == table[pid].start:
                 continue
-            self.seen[pid] = table[pid][1]
+            self.seen[pid] = table[pid].start
             todo.extend(children.get(pid, []))
 
     def alive(self) -> list[int]:
         """The run's processes still running (zombies excepted), marked or remembered."""
-        table = _table()
-        me = os.getpid()
-        remembered = {p for p, start in self.seen.items() if p in table and table[p][1] == start and table[p][2] != "Z"}
-        return sorted((remembered | set(marked_pids(self.token))) - {me})
+        table = process_table(self.token)
+        remembered = {p for p, start in self.seen.items()
+                      if p in table and table[p].start == start and table[p].state != "Z"}
+        return sorted((remembered | set(_marked(table))) - {os.getpid()})
 
     def stop(self, grace_s: float = 5.0) -> list[int]:
         """Stop every process of the run; returns the PIDs still alive afterwards (normally [])."""

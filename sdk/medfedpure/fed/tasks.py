@@ -368,8 +368,8 @@ def evaluate_detector_site(model: torch.nn.Module, data: SiteData, seed: int = 0
     steps = 10
 
     def attack(x: torch.Tensor, y: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-        name = f"detector_eval_attacked_{norm}{eps * 255:g}.safetensors" if norm == "linf" else \
-            f"detector_eval_attacked_{norm}{eps:g}.safetensors"
+        assert norm == "linf", norm  # the evaluation below asks for ℓ∞ radii only (no eps_l2)
+        name = f"detector_eval_attacked_linf{eps * 255:g}.safetensors"
         return _cached_attack(site_dir / name, clf_path, x, [eps, norm, steps, seed + 1],
                               lambda: attacked(clf, x, y, eps, steps=steps, seed=seed + 1, norm=norm))
 
