@@ -23,6 +23,7 @@ from medfedpure.train.classifier import (
     trades_loss,
     train_classifier,
 )
+from medfedpure.train.loop import epoch_generator
 
 
 def _blobs(n: int, seed: int, s: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +193,7 @@ def test_trades_loss_reduces_to_ce_at_beta_zero_and_grows_with_beta():
 
 def test_model_selection_keeps_best_robust_val_epoch(monkeypatch):
     """A scripted robust validation (0.2, 0.9, 0.4, 0.6): select='robust' keeps epoch 1's weights."""
-    script = iter([0.2, 0.9, 0.4, 0.6, 0.9])
+    script = iter([0.2, 0.9, 0.4, 0.6])
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def fake_robust(model, x, y, eps, steps, norm, generator, **kw):
@@ -208,6 +209,7 @@ def test_model_selection_keeps_best_robust_val_epoch(monkeypatch):
     assert [round(r["val_robust_accuracy"], 3) for r in out["history"]] == [0.2, 0.9, 0.4, 0.6]
     assert all(torch.equal(v, snapshots[1][k]) for k, v in m.state_dict().items())
     assert out["robust_val"]["accuracy"] == 0.9 and out["robust_val"]["num_scans"] == 8
+    assert len(snapshots) == 4  # the kept epoch's figure is read back, not attacked a fifth time
     # clean selection on the same scripted run keeps another epoch's weights
     script2 = iter([0.2, 0.9, 0.4, 0.6, 0.9])
     monkeypatch.setattr(clf, "robust_accuracy", lambda *a, **k: next(script2))
@@ -227,6 +229,13 @@ def test_real_robust_val_tracked_and_json_serialisable():
     out = train_classifier(m, _blobs(24, 1), _blobs(16, 2), cfg, progress=False)
     rob = [r["val_robust_accuracy"] for r in out["history"]]
     assert len(rob) == 2 and all(0 <= r <= 1 for r in rob)
+    # the result's figure, read back from the kept epoch's row, is what attacking the returned model gives
+    xv, yv = (torch.from_numpy(a) for a in _blobs(16, 2))
+    sub = clf.robust_val_subset(len(xv), 8, cfg.seed)
+    with torch.enable_grad():
+        again = clf.robust_accuracy(m.eval(), xv[sub], yv[sub], cfg.adv_eps, cfg.robust_val_steps, cfg.adv_norm,
+                                    epoch_generator(cfg.seed, 0, stream=8))
+    assert out["robust_val"]["accuracy"] == again == rob[out["best_epoch"]]
     assert all(r["val_robust_accuracy"] <= r["val_accuracy"] + 0.5 for r in out["history"])
     json.dumps(out)
 
