@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--adv", default="pgd", choices=("pgd", "nfgsm", "fgsm-rs"),
                     help="the fine-tuning's attack: PGD-5 (default), or the single-step N-FGSM / FGSM-RS")
     ap.add_argument("--eps", type=float, default=8.0, help="training radius, /255")
+    ap.add_argument("--adv-steps", type=int, default=5, help="PGD iterations of --adv pgd (step 2.5·ε/steps)")
     ap.add_argument("--adv-frac", type=float, default=0.5)
     ap.add_argument("--robust-val", type=int, default=64,
                     help="validation scans attacked each epoch (PGD-10) to select the kept epoch")
@@ -164,7 +165,7 @@ def main() -> None:
             raise SystemExit(f"--adv {a.adv} with --purifier: only pgd is crafted through the purifier "
                              "(add --plain-training)")
         cfg = ClassifierTrainConfig.preset("small", epochs=a.epochs, lr=a.lr, warmup_epochs=0, adv_start_epoch=0,
-                                           patience=a.epochs, adv=a.adv, adv_eps=a.eps / 255, adv_steps=5,
+                                           patience=a.epochs, adv=a.adv, adv_eps=a.eps / 255, adv_steps=a.adv_steps,
                                            adv_frac=a.adv_frac, robust_val=a.robust_val, select="robust",
                                            adv_through_purifier=through, purifier_t=t_star or 60.0,
                                            purifier_steps=k_steps if through else 1)
@@ -182,7 +183,7 @@ def main() -> None:
     model.eval()
     res = {"name": a.name, "adv": a.adv if a.epochs > 0 else None, "width": mcfg.global_widths, "stem": mcfg.stem,
            "seed": None if a.base else a.seed, "params": sum(p.numel() for p in model.parameters()),
-           "train_scans": len(tr[1]), "epochs": a.epochs, "eps_255": a.eps, "adv_frac": a.adv_frac, "lr": a.lr,
+           "train_scans": len(tr[1]), "epochs": a.epochs, "eps_255": a.eps, "adv_steps": a.adv_steps, "adv_frac": a.adv_frac, "lr": a.lr,
            "robust_val": a.robust_val,
            "tumour_weight": a.tumour_weight, "purifier": None if den is None else str(a.purifier),
            "purifier_t": t_star, "trained_through_purifier": through,
