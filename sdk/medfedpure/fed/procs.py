@@ -53,6 +53,8 @@ def run_env(token: str, flwr_home: Path) -> dict[str, str]:
 
 
 class ProcInfo(NamedTuple):
+    """One row of :func:`process_table`."""
+
     ppid: int
     start: str  # start time in clock ticks since boot: with the pid, names one process for good
     state: str
