@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -159,6 +160,40 @@ def test_train_classifier_learns_is_deterministic_and_calls_hook():
     assert h1["val"]["accuracy"] >= 0.75  # the disc is easy to see
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+    # it trains in channels-last layout on the CPU and hands the model back in the ordinary one, as it came
+    assert all(t.is_contiguous() for t in m1.state_dict().values())
+    out = train_classifier(m2, tr, va, replace(cfg, epochs=1), progress=False, return_optimizer_state=True)
+    assert all(t.is_contiguous() for t in m2.state_dict().values())
+    assert all(t.is_contiguous() for t in out["optimizer_state"].values())
+
+
+def test_channels_last_training_matches_the_ordinary_layout_to_rounding(monkeypatch):
+    """One epoch from the same weights in both layouts: the convolutions see channels-last weights only in the
+    first, and the trained models give the same scores up to floating-point order."""
+    tr, va = _blobs(32, 2), _blobs(16, 3)
+    cfg = ClassifierTrainConfig.preset("tiny", epochs=1, patience=2)
+
+    def run(model: torch.nn.Module) -> tuple[set[bool], torch.Tensor]:
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+        seen: set[bool] = set()
+        hook = conv.register_forward_pre_hook(
+            lambda mod, _: seen.add(mod.training and mod.weight.is_contiguous(memory_format=torch.channels_last)))
+        train_classifier(model, tr, va, cfg, progress=False)
+        hook.remove()
+        with torch.no_grad():
+            return seen, model.eval()(torch.from_numpy(va[0]))
+
+    seen_cl, p_cl = run(_model())
+    original = torch.nn.Module.to
+
+    def keep_layout(self, *args, **kwargs):  # the switch of train_classifier, forced off
+        kwargs.pop("memory_format", None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", keep_layout)
+    seen_ref, p_ref = run(_model())
+    assert True in seen_cl and True not in seen_ref
+    assert torch.allclose(p_cl, p_ref, atol=1e-4), float((p_cl - p_ref).abs().max())
 
 
 def test_resume_equals_uninterrupted(tmp_path):
