@@ -14,6 +14,7 @@ and evaluates once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
@@ -33,8 +34,15 @@ def main() -> None:
     ap.add_argument("--preset", default="small", choices=("tiny", "small"))
     ap.add_argument("--epochs", type=int, default=2, help="local epochs per round (the build's default 2)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a simulated site trains on 1)")
+    ap.add_argument("--ordinary-layout", action="store_true",
+                    help="switch off the channels-last layout the detector trains and the attacks run in on the CPU "
+                         "(the baseline of a comparison)")
     ap.add_argument("--out", type=Path, default=None, help="write the timings as JSON here")
     args = ap.parse_args()
+    if args.ordinary_layout:
+        from medfedpure.train import detector
+
+        detector.channels_last = lambda *modules: contextlib.nullcontext()  # type: ignore[assignment]
     if not args.classifier.is_file():
         ap.error(f"--classifier {args.classifier} does not exist")
     torch.set_num_threads(args.threads)
@@ -74,6 +82,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"site": args.site, "threads": args.threads, "epochs": args.epochs,
+                                        "layout": "ordinary" if args.ordinary_layout else "channels-last",
                                         "classifier": str(args.classifier), "rounds": rows,
                                         "craft_train_s": craft_s}, indent=1))
 

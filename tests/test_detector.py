@@ -135,6 +135,7 @@ def test_attacked_keeps_each_scans_radius():
     assert np.all(dist <= eps + 1e-6) and np.all(dist > 0.5 * eps)
     assert xa.min() >= 0 and xa.max() <= 1
     torch.testing.assert_close(attacked(clf, x, y, eps, steps=3, seed=0), xa, rtol=0, atol=0)
+    assert all(t.is_contiguous() for t in clf.state_dict().values())  # channels-last inside, put back after
 
 
 def test_attacked_mixes_linf_and_l2_scan_by_scan():
@@ -171,6 +172,7 @@ def test_fit_detector_learns_a_visible_attack():
     losses = fit_detector(det, x_tr, noisy(x_tr), epochs=6, seed=0, batch_size=32, lr=1e-2, progress=False)
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert not det.training
+    assert all(t.is_contiguous() for t in det.state_dict().values())  # trained in channels-last, put back after
     assert auroc(detector_scores(det, x_te), detector_scores(det, noisy(x_te))) > 0.95
     with pytest.raises(ValueError, match="need both"):
         fit_detector(det, x_tr, x_tr[:0], epochs=1, seed=0, progress=False)

@@ -101,6 +101,8 @@ def test_unshuffled_teacher_trains_and_distils():
                           progress=False)
     # Distillation must raise the one-step PSNR against the teacher's trajectory by a clear margin.
     assert out["val"]["psnr_k1"] > out["init_val"]["psnr_k1"] + 1.5
+    # both trained in channels-last layout on the CPU and are handed back in the ordinary one
+    assert all(t.is_contiguous() for m in (teacher, student) for t in m.state_dict().values())
 
 
 def test_one_training_step_lowers_the_loss():

@@ -19,6 +19,7 @@ from medfedpure.train.classifier import (
     fgsm_rs_batch,
     train_classifier,
 )
+from medfedpure.train.device import channels_last
 from medfedpure.train.mae import MAETrainConfig, evaluate_mae, train_mae
 
 
@@ -165,6 +166,15 @@ def test_train_classifier_learns_is_deterministic_and_calls_hook():
     out = train_classifier(m2, tr, va, replace(cfg, epochs=1), progress=False, return_optimizer_state=True)
     assert all(t.is_contiguous() for t in m2.state_dict().values())
     assert all(t.is_contiguous() for t in out["optimizer_state"].values())
+
+
+def test_channels_last_context_switches_cpu_modules_and_puts_them_back_on_an_error():
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    with pytest.raises(RuntimeError, match="inside"):
+        with channels_last(conv, bn, object(), None):
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+            raise RuntimeError("inside")
+    assert conv.weight.is_contiguous() and all(t.is_contiguous() for t in bn.state_dict().values())
 
 
 def test_channels_last_training_matches_the_ordinary_layout_to_rounding(monkeypatch):

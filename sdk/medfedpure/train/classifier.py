@@ -57,7 +57,7 @@ from medfedpure.models.diffusion import purify
 from medfedpure.runtime.certify import sigma_to_t
 from medfedpure.runtime.sampler import interp_alpha_bar
 from medfedpure.train.attacks import NORMS, ascent_step, pgd, project
-from medfedpure.train.device import module_device, resolve_device
+from medfedpure.train.device import channels_last, module_device, resolve_device
 from medfedpure.train.loop import cosine_lr, epoch_generator, fit, load_optimizer_state
 from medfedpure.train.loop import optimizer_state as optimizer_state_of
 from medfedpure.train.validate import freeze_tuples, require_at_least, require_non_negative, require_positive
@@ -606,22 +606,18 @@ def train_classifier(
     xt, yt = _as_tensors(train, "train")
     xv, yv = _as_tensors(val, "val")
     homes = [(m, module_device(m)) for m in (model, denoiser) if isinstance(m, torch.nn.Module)]
-    # On the CPU the classifier trains in channels-last layout: oneDNN's convolutions run its forward and backward
-    # passes 1.2-1.4x faster so (benchmarks/RESULTS.md, "Where a site's classifier round goes"); the values are the
-    # same up to floating-point order, and the model leaves in the ordinary layout, as it came.
-    layout = torch.channels_last if dev.type == "cpu" else torch.preserve_format
     try:
         for m, _ in homes:
-            m.to(dev, memory_format=layout if m is model else torch.preserve_format)
-        out = _train_on_device(model, (xt.to(dev), yt.to(dev)), (xv, yv), cfg, dev, progress=progress,
-                               augment=augment, checkpoint_dir=checkpoint_dir, resume=resume, name=name,
-                               optimizer_state=optimizer_state, schedule_offset=schedule_offset,
-                               schedule_total=schedule_total, return_optimizer_state=return_optimizer_state,
-                               denoiser=denoiser, denoiser_alphas_cumprod=denoiser_alphas_cumprod)
+            m.to(dev)
+        with channels_last(model):  # on the CPU: oneDNN's faster convolutions; the model leaves as it came
+            out = _train_on_device(model, (xt.to(dev), yt.to(dev)), (xv, yv), cfg, dev, progress=progress,
+                                   augment=augment, checkpoint_dir=checkpoint_dir, resume=resume, name=name,
+                                   optimizer_state=optimizer_state, schedule_offset=schedule_offset,
+                                   schedule_total=schedule_total, return_optimizer_state=return_optimizer_state,
+                                   denoiser=denoiser, denoiser_alphas_cumprod=denoiser_alphas_cumprod)
     finally:
-        back = torch.contiguous_format if layout is torch.channels_last else torch.preserve_format
         for m, home in homes:
-            m.to(home, memory_format=back if m is model else torch.preserve_format)
+            m.to(home)
     if "optimizer_state" in out:
         out["optimizer_state"] = {k: v.cpu().contiguous() for k, v in out["optimizer_state"].items()}
     return out

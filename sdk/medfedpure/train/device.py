@@ -7,9 +7,12 @@ a device; asking for ``cuda`` where there is none is a :class:`DeviceError` nami
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["DEVICES", "DeviceError", "module_device", "resolve_device"]
+__all__ = ["DEVICES", "DeviceError", "channels_last", "module_device", "resolve_device"]
 
 #: what ``--device`` accepts
 DEVICES = ("cpu", "cuda", "auto")
@@ -47,3 +50,22 @@ def module_device(module: torch.nn.Module | object) -> torch.device:
         for t in module.buffers():
             return t.device
     return torch.device("cpu")
+
+
+@contextmanager
+def channels_last(*modules: object) -> Iterator[None]:
+    """Run the block with each CPU module's 4-D weights and buffers in channels-last memory layout, and put them back
+    in the ordinary layout afterwards (also on an error).
+
+    On the CPU oneDNN's convolutions run forward and backward passes 1.2-1.5x faster so (the classifier, the attack
+    detector and the purifier's UNets; benchmarks/RESULTS.md, "Where a site's classifier round goes"); every value is
+    the same up to floating-point order. Modules on another device, and objects that are not modules, are left alone.
+    """
+    cpu = [m for m in modules if isinstance(m, torch.nn.Module) and module_device(m).type == "cpu"]
+    for m in cpu:
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in cpu:
+            m.to(memory_format=torch.contiguous_format)
