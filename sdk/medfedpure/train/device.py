@@ -57,8 +57,8 @@ def channels_last(*modules: object) -> Iterator[None]:
     """Run the block with each CPU module's 4-D weights and buffers in channels-last memory layout, and put them back
     in the ordinary layout afterwards (also on an error).
 
-    On the CPU oneDNN's convolutions run forward and backward passes 1.2-1.5x faster so (the classifier, the attack
-    detector and the purifier's UNets; benchmarks/RESULTS.md, "Where a site's classifier round goes"); every value is
+    On the CPU oneDNN's convolutions run a training step's passes 1.17-1.39x faster so (the classifier, the attack
+    detector and the purifier's UNets; benchmarks/layout_speed.py, benchmarks/RESULTS.md); every value is
     the same up to floating-point order. Modules on another device, and objects that are not modules, are left alone.
     """
     cpu = [m for m in modules if isinstance(m, torch.nn.Module) and module_device(m).type == "cpu"]
