@@ -338,3 +338,17 @@ def test_pipeline_attack_and_keyed_forward_on_cuda(bundle) -> None:
     assert xa.device.type == "cuda" and float((xa - xt).abs().max()) <= 8 / 255 + 1e-6
     xb, _ = pipeline_pgd(d, refs["cuda"], xt, y, 8 / 255, steps=3, eot=2, seed=0, progress=False)
     assert torch.equal(xa, xb)  # the same seed on the same device: the same attack
+
+
+def test_the_attackers_reference_pipeline_runs_channels_last_on_the_cpu(bundle) -> None:
+    """open_defender's torch reference (what every white-box rung differentiates): eval mode, no weight gradients,
+    its convolutions in channels-last on the CPU; the Defender's own engine is not touched."""
+    from medfedpure.eval.runner import EvalConfig, open_defender
+
+    d, ref = open_defender(EvalConfig(data="d", eps=(0.1,), eps_labels=("x",), bundle=str(bundle),
+                                      allow_unsigned=True))
+    convs = [c for m in ref.models.values() for c in m.modules()
+             if isinstance(c, torch.nn.Conv2d) and c.in_channels > 1 and c.kernel_size != (1, 1)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
+                         and not c.weight.is_contiguous() for c in convs)
+    assert all(not m.training and not any(p.requires_grad for p in m.parameters()) for m in ref.models.values())
