@@ -14,8 +14,8 @@ and evaluates once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -40,9 +40,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the timings as JSON here")
     args = ap.parse_args()
     if args.ordinary_layout:
-        from medfedpure.train import detector
-
-        detector.channels_last = lambda *modules: contextlib.nullcontext()  # type: ignore[assignment]
+        os.environ["MEDFEDPURE_CHANNELS_LAST"] = "0"
     if not args.classifier.is_file():
         ap.error(f"--classifier {args.classifier} does not exist")
     torch.set_num_threads(args.threads)

@@ -177,6 +177,20 @@ def test_channels_last_context_switches_cpu_modules_and_puts_them_back_on_an_err
     assert conv.weight.is_contiguous() and all(t.is_contiguous() for t in bn.state_dict().values())
 
 
+def test_channels_last_is_switched_off_by_the_environment_and_refuses_other_values(monkeypatch):
+    conv = torch.nn.Conv2d(3, 4, 3)
+    monkeypatch.setenv("MEDFEDPURE_CHANNELS_LAST", "0")
+    with channels_last(conv):
+        assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)
+    monkeypatch.setenv("MEDFEDPURE_CHANNELS_LAST", "no")
+    with pytest.raises(ValueError, match="MEDFEDPURE_CHANNELS_LAST='no'"):
+        with channels_last(conv):
+            pass
+    monkeypatch.setenv("MEDFEDPURE_CHANNELS_LAST", "1")
+    with channels_last(conv):
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_training_matches_the_ordinary_layout_to_rounding(monkeypatch):
     """One epoch from the same weights in both layouts: the convolutions see channels-last weights only in the
     first, and the trained models give the same scores up to floating-point order."""
@@ -194,13 +208,7 @@ def test_channels_last_training_matches_the_ordinary_layout_to_rounding(monkeypa
             return seen, model.eval()(torch.from_numpy(va[0]))
 
     seen_cl, p_cl = run(_model())
-    original = torch.nn.Module.to
-
-    def keep_layout(self, *args, **kwargs):  # the switch of train_classifier, forced off
-        kwargs.pop("memory_format", None)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "to", keep_layout)
+    monkeypatch.setenv("MEDFEDPURE_CHANNELS_LAST", "0")  # the switch, off
     seen_ref, p_ref = run(_model())
     assert True in seen_cl and True not in seen_ref
     assert torch.allclose(p_cl, p_ref, atol=1e-4), float((p_cl - p_ref).abs().max())

@@ -55,6 +55,7 @@ from medfedpure.eval.pipeline import NORMS
 from medfedpure.gate.calibration import auroc
 from medfedpure.progress import progress as progress_bar
 from medfedpure.train.attacks import pgd_l2, pgd_linf
+from medfedpure.train.device import channels_last_enabled
 
 __all__ = ["PAPER", "RUNGS", "Budget", "EvalConfig", "EvalError", "parse_attacks", "parse_eps", "run_eval",
            "judge", "auroc", "tpr_at_fpr"]
@@ -385,10 +386,11 @@ class Site:
 
 def _models(ref: Any) -> None:
     """The attacker's reference pipeline: eval mode, no weight gradients and, on the CPU, the channels-last layout
-    (oneDNN's convolutions take the attacks' forward and backward passes faster so; values equal to float order)."""
+    (oneDNN's convolutions take the attacks' forward and backward passes faster so; values equal to float order;
+    ``MEDFEDPURE_CHANNELS_LAST=0`` keeps the ordinary layout)."""
     for m in ref.models.values():
         m.eval().requires_grad_(False)
-        if all(p.device.type == "cpu" for p in m.parameters()):
+        if channels_last_enabled() and all(p.device.type == "cpu" for p in m.parameters()):
             m.to(memory_format=torch.channels_last)
 
 

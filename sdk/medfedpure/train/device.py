@@ -7,12 +7,13 @@ a device; asking for ``cuda`` where there is none is a :class:`DeviceError` nami
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["DEVICES", "DeviceError", "channels_last", "module_device", "resolve_device"]
+__all__ = ["DEVICES", "DeviceError", "channels_last", "channels_last_enabled", "module_device", "resolve_device"]
 
 #: what ``--device`` accepts
 DEVICES = ("cpu", "cuda", "auto")
@@ -60,7 +61,13 @@ def channels_last(*modules: object) -> Iterator[None]:
     On the CPU oneDNN's convolutions run a training step's passes 1.17-1.39x faster so (the classifier, the attack
     detector and the purifier's UNets; benchmarks/layout_speed.py, benchmarks/RESULTS.md); every value is
     the same up to floating-point order. Modules on another device, and objects that are not modules, are left alone.
+    ``MEDFEDPURE_CHANNELS_LAST=0`` in the environment switches it off (a CPU where the layout is slower, or the baseline
+    of a comparison: the setting reaches a federation's site processes, which inherit the environment); ``1`` or unset
+    leaves it on; any other value is a ``ValueError``.
     """
+    if not channels_last_enabled():
+        yield
+        return
     cpu = [m for m in modules if isinstance(m, torch.nn.Module) and module_device(m).type == "cpu"]
     for m in cpu:
         m.to(memory_format=torch.channels_last)
@@ -69,3 +76,12 @@ def channels_last(*modules: object) -> Iterator[None]:
     finally:
         for m in cpu:
             m.to(memory_format=torch.contiguous_format)
+
+
+def channels_last_enabled() -> bool:
+    """Whether :func:`channels_last` converts (``MEDFEDPURE_CHANNELS_LAST``: unset or ``1`` yes, ``0`` no)."""
+    value = os.environ.get("MEDFEDPURE_CHANNELS_LAST", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"MEDFEDPURE_CHANNELS_LAST={value!r}: use 1 (the channels-last layout on the CPU, the "
+                         "default) or 0 (the ordinary layout)")
+    return value == "1"
