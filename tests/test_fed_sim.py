@@ -258,12 +258,19 @@ def test_run_processes_stop_a_descendant_whose_environment_lost_the_marker(tmp_p
         assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
         run = procs.RunProcesses(token)
         deadline = time.monotonic() + 10
-        while len(run.alive()) < 2 and time.monotonic() < deadline:
+        child = None
+        # until the child runs `sleep`: before `env -i` has exec'd it, the child still carries the parent's environment
+        while child is None and time.monotonic() < deadline:
             run.poll()
+            for pid in set(run.alive()) - {parent.pid}:
+                try:
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == b"sleep":
+                        child = pid
+                except OSError:
+                    pass
             time.sleep(0.05)
+        assert child is not None and set(run.alive()) == {parent.pid, child}
         assert procs.marked_pids(token) == [parent.pid]
-        (child,) = set(run.alive()) - {parent.pid}
-        assert Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] == b"sleep"
         assert _marker(child) is None and _parent(child) == parent.pid
         # The parent goes first (its child is re-parented and keeps running): only the tracker still knows the child.
         parent.kill()
