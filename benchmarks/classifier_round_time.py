@@ -10,8 +10,8 @@ accuracy on the site's validation scans, PGD-10 on its 64 fixed ones), and the r
 and test splits. The script times each part on its own: one training epoch clean, one with the smoothing batches,
 one with smoothing and PGD (the recipe's), the robust validation, the clean validation and the round's evaluation;
 it prints a table and the round those parts add up to. Each training epoch starts from the same initial weights;
-what is timed is compute, not learning. Last, one training step's passes in the ordinary and the channels-last memory
-layout, interleaved in the same run (``train_classifier`` trains in channels-last on the CPU).
+what is timed is compute, not learning. ``train_classifier`` trains in the channels-last layout on the CPU
+(``MEDFEDPURE_CHANNELS_LAST=0``: the ordinary one); ``benchmarks/layout_speed.py`` compares the two step by step.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from medfedpure.train.classifier import (
     train_classifier,
 )
 from medfedpure.train.denoiser import load_denoiser
+from medfedpure.train.device import channels_last
 from medfedpure.train.loop import epoch_generator
 
 
@@ -78,21 +79,19 @@ def main() -> None:
     xv, yv = (torch.from_numpy(a) for a in val)
     sub = robust_val_subset(len(xv), args.robust_val, 0)
     init.eval()
-    init.to(memory_format=torch.channels_last)  # as inside train_classifier on the CPU, where it runs in a round
-    parts["robust_validation_s"] = _timed(lambda: robust_accuracy(init, xv[sub], yv[sub], 8 / 255, 10, "linf",
-                                                                  epoch_generator(0, 0, stream=8)))
-    init.to(memory_format=torch.contiguous_format)
+    with channels_last(init):  # as inside train_classifier, where it runs in a round
+        parts["robust_validation_s"] = _timed(lambda: robust_accuracy(init, xv[sub], yv[sub], 8 / 255, 10, "linf",
+                                                                      epoch_generator(0, 0, stream=8)))
     parts["round_evaluation_s"] = _timed(lambda: tasks.evaluate_classifier_site(init, data))
     # A round: two epochs, each validated (clean + robust); the kept model's clean validation once more; the round's
     # evaluation. Before the kept model's robust figure was read back from its epoch's row, one more robust
     # validation ran at the end.
-    layouts = _layouts(args.width)
     p = parts
     rnd = 2 * (p["epoch_recipe_s"] + p["clean_validation_s"] + p["robust_validation_s"]) + p["clean_validation_s"] \
         + p["round_evaluation_s"]
     result = {"site": args.site, "width": args.width, "threads": args.threads, "train_scans": len(data.x_train),
               "robust_val_scans": args.robust_val, "adv_steps": args.adv_steps, "sigmas": list(sigmas),
-              "machine": _machine(), "torch": torch.__version__, "parts": parts, "layouts": layouts,
+              "machine": _machine(), "torch": torch.__version__, "parts": parts,
               "round_s": rnd, "round_before_s": rnd + p["robust_validation_s"]}
     print(f"site {args.site}, width {args.width}, {len(data.x_train)} training scans, {args.threads} thread(s)")
     print(f"{'part':<44}{'seconds':>9}")
@@ -106,32 +105,9 @@ def main() -> None:
         print(f"{label:<44}{parts[k]:>9.1f}")
     print(f"{'a round (2 epochs), now':<44}{rnd:>9.1f}")
     print(f"{'a round, with the final robust validation':<44}{result['round_before_s']:>9.1f}")
-    print(f"forward + backward of 16 scans, best of 3 × 10 interleaved: ordinary layout {layouts['ordinary_ms']:.1f} ms, "
-          f"channels-last {layouts['channels_last_ms']:.1f} ms ({layouts['ratio']:.2f}×; train_classifier uses "
-          "channels-last on the CPU)")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))
-
-
-def _layouts(width: int, batch: int = 16, reps: int = 10) -> dict[str, float]:
-    """A training step's forward and backward passes (to the weights and the input, as PGD needs) in the ordinary
-    and the channels-last layout, interleaved in one run: the best of three rounds of ``reps`` steps each."""
-    x = torch.rand(batch, 1, 128, 128, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(batch) % 2
-    models = {"ordinary": build_model("classifier", "small", seed=0, width=width)[0].train(),
-              "channels_last": build_model("classifier", "small", seed=0, width=width)[0].train()
-              .to(memory_format=torch.channels_last)}
-    best = {k: float("inf") for k in models}
-    for _ in range(3):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                xx = x.clone().requires_grad_(True)
-                torch.nn.functional.nll_loss(model.log_probs(xx), y).backward()
-            best[name] = min(best[name], (time.perf_counter() - t0) / reps)
-    return {"ordinary_ms": 1e3 * best["ordinary"], "channels_last_ms": 1e3 * best["channels_last"],
-            "ratio": best["ordinary"] / best["channels_last"], "batch": batch}
 
 
 def _machine() -> str:

@@ -55,7 +55,7 @@ from medfedpure.eval.pipeline import NORMS
 from medfedpure.gate.calibration import auroc
 from medfedpure.progress import progress as progress_bar
 from medfedpure.train.attacks import pgd_l2, pgd_linf
-from medfedpure.train.device import channels_last_enabled
+from medfedpure.train.device import channels_last_enabled, module_device
 
 __all__ = ["PAPER", "RUNGS", "Budget", "EvalConfig", "EvalError", "parse_attacks", "parse_eps", "run_eval",
            "judge", "auroc", "tpr_at_fpr"]
@@ -390,7 +390,7 @@ def _models(ref: Any) -> None:
     ``MEDFEDPURE_CHANNELS_LAST=0`` keeps the ordinary layout)."""
     for m in ref.models.values():
         m.eval().requires_grad_(False)
-        if channels_last_enabled() and all(p.device.type == "cpu" for p in m.parameters()):
+        if channels_last_enabled() and module_device(m).type == "cpu":  # kept for the run: nothing to restore
             m.to(memory_format=torch.channels_last)
 
 

@@ -745,7 +745,7 @@ def _train_on_device(model: torch.nn.Module, train: tuple[torch.Tensor, torch.Te
     if cfg.robust_val > 0:
         # fit left the model holding its kept epoch's weights, whose robust accuracy that epoch's validation
         # measured with the same fixed subset and attack seed: read it back rather than attack again (a
-        # whole PGD run on the subset, up to a tenth of an adversarial round)
+        # whole PGD run on the subset, about 7 % of an adversarial round)
         kept = [r for r in out["history"] if r["epoch"] == out["best_epoch"] and "val_robust_accuracy" in r]
         if kept:
             robust = kept[-1]["val_robust_accuracy"]
